@@ -1,0 +1,225 @@
+"""Settings: read once at the edge from TOML, validated, and passed down typed and frozen.
+
+The file is `--config FILE`, else `$NEWSLETTER_CONFIG`, else `./config.toml` if present, else the
+embedded defaults (which `config.example.toml` repeats, key for key). `NEWSLETTER_DATABASE_URL` and
+`NEWSLETTER_SECRET` override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit
+
+from newsletter.errors import ConfigError
+
+PLACEHOLDER_SECRET = "change-me"
+MIN_SECRET_LENGTH = 32
+LANGUAGES = ("en", "be", "ru")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "sqlite:///newsletter.db"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8025
+    username: str = ""
+    password: str = ""
+    security: str = "none"
+    timeout_seconds: float = 30.0
+    pool_size: int = 4
+    batch_size: int = 200
+    lease_seconds: int = 300
+    retry_base_seconds: int = 60
+    retry_deadline_hours: int = 72
+
+
+@dataclass(frozen=True)
+class MailSettings:
+    from_address: str = "news@portal.example.org"
+    from_name: str = "News from Ales Bialiatski"
+    unsubscribe_address: str = "unsubscribe@portal.example.org"
+
+
+@dataclass(frozen=True)
+class FeedSource:
+    url: str
+    name: str = ""
+    lang: str = "en"
+
+
+@dataclass(frozen=True)
+class SourcesSettings:
+    feeds: tuple[FeedSource, ...] = ()
+    urgent_category: str = "urgent-action"
+    timeout_seconds: float = 20.0
+    max_bytes: int = 5_000_000
+
+
+@dataclass(frozen=True)
+class DigestSettings:
+    list: str = "weekly-digest"
+
+
+@dataclass(frozen=True)
+class AlertsSettings:
+    list: str = "urgent-actions"
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    default_language: str = "en"
+    languages: tuple[str, ...] = LANGUAGES
+
+
+@dataclass(frozen=True)
+class BrandSettings:
+    name: str = "News from Ales Bialiatski"
+    postal_address: str = "Human Rights Centre Viasna supporters, PO Box 000, 00-000 Example City"
+    mirror_url: str = ""
+    accent_color: str = "#b3261e"
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    base_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    secret: str = ""
+
+    def require_secret(self) -> str:
+        """Return the secret for signed links, or stop if none is configured."""
+        if not self.secret:
+            raise ConfigError(
+                "no secret for signed links: set [security] secret in config.toml "
+                "or NEWSLETTER_SECRET (32+ random characters)"
+            )
+        return self.secret
+
+
+@dataclass(frozen=True)
+class Settings:
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    mail: MailSettings = field(default_factory=MailSettings)
+    sources: SourcesSettings = field(default_factory=SourcesSettings)
+    digest: DigestSettings = field(default_factory=DigestSettings)
+    alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
+    brand: BrandSettings = field(default_factory=BrandSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    source_path: str = "(embedded defaults)"
+
+
+def find_config(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """Pick the config file: --config, else $NEWSLETTER_CONFIG, else ./config.toml, else none."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("NEWSLETTER_CONFIG"):
+        return Path(environ["NEWSLETTER_CONFIG"])
+    local = Path("config.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
+    """Read, validate and freeze the settings from a TOML file (or the defaults) and the env."""
+    where = str(path) if path else "(embedded defaults)"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    if environ.get("NEWSLETTER_DATABASE_URL"):
+        raw.setdefault("database", {})["url"] = environ["NEWSLETTER_DATABASE_URL"]
+    if environ.get("NEWSLETTER_SECRET"):
+        raw.setdefault("security", {})["secret"] = environ["NEWSLETTER_SECRET"]
+    settings = _build(Settings, raw, where, prefix="")
+    settings = dataclasses.replace(settings, source_path=where)
+    validate_settings(settings)
+    return settings
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Make dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_path"}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{prefix}{unknown[0]}'")
+    values = {}
+    for name in names & set(raw):
+        values[name] = _convert(hints[name], raw[name], where, f"{prefix}{name}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] {e}") from None
+
+
+def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
+    """Check one value against its declared type and convert TOML lists to tuples."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where, prefix=f"{key}.")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    origin = getattr(hint, "__origin__", None)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list")
+        inner = hint.__args__[0]
+        return tuple(_convert(inner, v, where, f"{key}[{i}]") for i, v in enumerate(value))
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be {hint.__name__}, not {value!r}")
+    return value
+
+
+def validate_settings(settings: Settings) -> None:
+    """Refuse values that are well-typed but unusable or unsafe."""
+    where = settings.source_path
+    secret = settings.security.secret
+    if secret and (secret == PLACEHOLDER_SECRET or len(secret) < MIN_SECRET_LENGTH):
+        raise ConfigError(
+            f"{where}: 'security.secret' must be at least {MIN_SECRET_LENGTH} random characters "
+            "(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    if settings.smtp.security not in ("none", "starttls", "tls"):
+        raise ConfigError(f"{where}: 'smtp.security' must be none, starttls or tls")
+    if not 0 < settings.smtp.port < 65536:
+        raise ConfigError(f"{where}: 'smtp.port' must be between 1 and 65535")
+    for key, value in (("smtp.pool_size", settings.smtp.pool_size),
+                       ("smtp.batch_size", settings.smtp.batch_size),
+                       ("smtp.lease_seconds", settings.smtp.lease_seconds)):
+        if value < 1:
+            raise ConfigError(f"{where}: '{key}' must be at least 1")
+    base = urlsplit(settings.web.base_url)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        raise ConfigError(f"{where}: 'web.base_url' must be an http(s) URL")
+    langs = settings.render.languages
+    if not langs or any(lang not in LANGUAGES for lang in langs):
+        raise ConfigError(f"{where}: 'render.languages' must be a non-empty subset of {LANGUAGES}")
+    if settings.render.default_language not in langs:
+        raise ConfigError(f"{where}: 'render.default_language' must be one of render.languages")
+    for i, feed in enumerate(settings.sources.feeds):
+        if feed.lang not in LANGUAGES:
+            raise ConfigError(f"{where}: 'sources.feeds[{i}].lang' must be one of {LANGUAGES}")
+    for key in ("from_address", "unsubscribe_address"):
+        if "@" not in getattr(settings.mail, key):
+            raise ConfigError(f"{where}: 'mail.{key}' must be an email address")

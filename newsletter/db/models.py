@@ -1,0 +1,272 @@
+"""The service's tables, as typed SQLAlchemy 2 models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every back end (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class SubscriberStatus(StrEnum):
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+class ListKind(StrEnum):
+    DIGEST = "digest"
+    ALERTS = "alerts"
+
+
+class CampaignKind(StrEnum):
+    DIGEST = "digest"
+    ALERT = "alert"
+
+
+class CampaignStatus(StrEnum):
+    DRAFT = "draft"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+
+
+def _enum(cls: type[StrEnum]) -> String:
+    return String(max(len(m.value) for m in cls))
+
+
+class Source(Base):
+    """A feed the service ingests: a URL or a file path."""
+
+    __tablename__ = "sources"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    lang: Mapped[str] = mapped_column(String(8), default="en")
+    etag: Mapped[str | None] = mapped_column(String(500))
+    last_modified: Mapped[str | None] = mapped_column(String(100))
+    last_fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Item(Base):
+    """One portal item, upserted by (source, guid)."""
+
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("source_id", "guid"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"))
+    guid: Mapped[str] = mapped_column(String(2000))
+    link: Mapped[str] = mapped_column(String(2000), default="")
+    title: Mapped[str] = mapped_column(String(500))
+    summary_html: Mapped[str] = mapped_column(Text, default="")
+    content_html: Mapped[str] = mapped_column(Text, default="")
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    categories: Mapped[list[str]] = mapped_column(JSON, default=list)
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    source: Mapped[Source] = relationship()
+
+
+class Subscriber(Base):
+    """A person who gets mail; the least personal data that does the job."""
+
+    __tablename__ = "subscribers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    country: Mapped[str] = mapped_column(String(2), default="")
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    attributes: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    status: Mapped[str] = mapped_column(_enum(SubscriberStatus), default=SubscriberStatus.ACTIVE)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class MailingList(Base):
+    """A list people subscribe to: the weekly digest or urgent actions."""
+
+    __tablename__ = "lists"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    names: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    kind: Mapped[str] = mapped_column(_enum(ListKind))
+    double_opt_in: Mapped[bool] = mapped_column(Boolean, default=True)
+    list_id: Mapped[str] = mapped_column(String(255))
+    # The last item id a digest of this list included: the digest window lives here, in the
+    # database, so a missed or repeated run neither skips nor repeats items.
+    digest_cursor: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Subscription(Base):
+    """A subscriber's membership of one list."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (UniqueConstraint("subscriber_id", "list_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(_enum(SubscriptionStatus))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Segment(Base):
+    """A named rule that narrows a list's audience."""
+
+    __tablename__ = "segments"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    rule: Mapped[str] = mapped_column(Text)
+
+
+class Campaign(Base):
+    """One digest or alert to one list (and optionally a segment)."""
+
+    __tablename__ = "campaigns"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(_enum(CampaignKind))
+    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id"))
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"))
+    status: Mapped[str] = mapped_column(_enum(CampaignStatus), default=CampaignStatus.DRAFT)
+    # Makes "the same campaign again" impossible: a digest window or an alert's item/text.
+    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    title: Mapped[str] = mapped_column(String(500), default="")
+    body_html: Mapped[str] = mapped_column(Text, default="")
+    url: Mapped[str] = mapped_column(String(2000), default="")
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    mailing_list: Mapped[MailingList] = relationship()
+    items: Mapped[list[Item]] = relationship(
+        secondary="campaign_items", order_by="desc(Item.published_at)"
+    )
+
+
+class CampaignItem(Base):
+    """Which items a campaign carries."""
+
+    __tablename__ = "campaign_items"
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    )
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+
+
+class Variant(Base):
+    """A campaign rendered once for one language; recipients only get a cheap substitution."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("campaign_id", "lang"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    lang: Mapped[str] = mapped_column(String(8))
+    subject: Mapped[str] = mapped_column(String(500))
+    html: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Delivery(Base):
+    """The outbox: one row per (campaign, subscriber), moved to sent only after SMTP accepts."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "subscriber_id"),
+        # The claim query walks this index: status first, then due time.
+        Index("ix_deliveries_claim", "status", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_reply: Mapped[str | None] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Suppression(Base):
+    """An address that must not be mailed, kept only as a keyed hash."""
+
+    __tablename__ = "suppressions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    reason: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """The audit trail: who did what, when."""
+
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(100))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -1,0 +1,88 @@
+"""The one exception tree of the service.
+
+Every error the service raises on purpose descends from NewsletterError and carries a one-line
+message that says what went wrong and, where it can, what to do about it::
+
+    NewsletterError
+    ├── ConfigError                 bad or missing setting (names the key and the file)
+    ├── DatabaseError               the database cannot be opened or migrated
+    ├── FeedError                   a source could not be ingested
+    │   ├── FeedFetchError          network / HTTP / file problem
+    │   └── FeedParseError          not a feed, malformed, hostile
+    ├── AudienceError               bad list, subscriber or CSV data
+    ├── CampaignError               nothing to send, unknown item or campaign, wrong state
+    ├── RenderError                 a template failed to render
+    ├── TokenError                  a forged, altered or expired signed token
+    └── DeliveryError               SMTP delivery failed
+        ├── TemporaryDeliveryError  4xx, dropped connection: retry later
+        └── PermanentDeliveryError  5xx: do not retry
+
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class NewsletterError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(NewsletterError):
+    """A setting is unknown, missing or has a bad value."""
+
+    exit_code = 2
+
+
+class DatabaseError(NewsletterError):
+    """The database cannot be reached or brought up to date."""
+
+
+class FeedError(NewsletterError):
+    """A source could not be ingested."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")
+
+
+class FeedFetchError(FeedError):
+    """The feed could not be fetched (network, HTTP status, missing file)."""
+
+
+class FeedParseError(FeedError):
+    """The document is not a feed we accept (malformed, hostile, wrong encoding)."""
+
+
+class AudienceError(NewsletterError):
+    """Bad list, segment or subscriber data."""
+
+
+class CampaignError(NewsletterError):
+    """A campaign cannot be made or changed as asked."""
+
+
+class RenderError(NewsletterError):
+    """A template could not be rendered."""
+
+
+class TokenError(NewsletterError):
+    """A signed token is forged, altered, expired or for another purpose."""
+
+
+class DeliveryError(NewsletterError):
+    """An SMTP delivery failed."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class TemporaryDeliveryError(DeliveryError):
+    """A 4xx reply or a dropped connection: try again later."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """A 5xx reply: do not try again."""
