@@ -80,3 +80,19 @@ def migrate(engine: Engine) -> None:
             command.upgrade(config, "head")
     except SQLAlchemyError as e:
         raise DatabaseError(f"cannot migrate {_redact(str(engine.url))}: {e}") from e
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to work on a database that `newsletter init` has not brought up to date."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as e:
+        raise DatabaseError(f"cannot open database {_redact(str(engine.url))}: {e}") from e
+    if current != head:
+        state = "is not initialised" if current is None else f"is at revision {current}"
+        raise DatabaseError(f"the database {state}: run `newsletter init`")

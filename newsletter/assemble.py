@@ -1,0 +1,101 @@
+"""Assemble campaigns: a weekly digest from the items since the last one, or one urgent alert."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from newsletter.audience import get_list
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item, ListKind
+from newsletter.db.queries import items_since
+from newsletter.errors import CampaignError
+from newsletter.sanitize import clean_html, clean_text, clean_url
+
+
+def assemble_digest(
+    *, session: Session, list_slug: str, now: datetime, actor: str
+) -> Campaign | None:
+    """Make a digest of the items since this list's last digest; None when nothing is new.
+
+    The list's cursor moves in the same transaction that creates the campaign, so a repeated run
+    finds nothing new and a missed run picks up everything since the last digest.
+    """
+    ml = get_list(session, list_slug)
+    if ml.kind != ListKind.DIGEST:
+        raise CampaignError(f"list '{list_slug}' is a {ml.kind} list, not a digest list")
+    items = list(items_since(session, ml.digest_cursor))
+    if not items:
+        return None
+    first, last = min(i.id for i in items), max(i.id for i in items)
+    campaign = Campaign(
+        kind=CampaignKind.DIGEST,
+        list_id=ml.id,
+        status=CampaignStatus.DRAFT,
+        dedupe_key=f"digest:{ml.id}:{first}-{last}",
+        created_by=actor,
+        created_at=now,
+        items=items,
+    )
+    ml.digest_cursor = last
+    session.add(campaign)
+    session.add(Event(at=now, actor=actor, action="digest.assembled",
+                      detail={"list": ml.slug, "items": len(items)}))
+    session.flush()
+    return campaign
+
+
+def find_item(session: Session, ref: str) -> Item:
+    """Find an ingested item by its guid or its link."""
+    items = session.scalars(
+        select(Item).where(or_(Item.guid == ref, Item.link == ref)).order_by(Item.id.desc())
+    ).all()
+    if not items:
+        raise CampaignError(f"no ingested item has the guid or link {ref!r}; run `newsletter ingest`")
+    return items[0]
+
+
+def assemble_alert(
+    *,
+    session: Session,
+    list_slug: str,
+    now: datetime,
+    actor: str,
+    item_ref: str | None = None,
+    title: str = "",
+    body_html: str = "",
+    url: str = "",
+    base_url: str = "",
+) -> tuple[Campaign, bool]:
+    """Make an urgent alert from an item or from staff text; returns (campaign, created).
+
+    The same alert to the same list is one campaign: asking again returns the existing one, so a
+    repeated command can finish a send but never doubles it.
+    """
+    ml = get_list(session, list_slug)
+    if item_ref:
+        item = find_item(session, item_ref)
+        key, items = f"alert:{ml.id}:item:{item.id}", [item]
+        title, body_html, url = "", "", ""
+    else:
+        title = clean_text(title, max_length=300)
+        if not title:
+            raise CampaignError("an alert needs --item, or --title and --body-file")
+        body_html = clean_html(body_html, base_url=base_url or url or "https://invalid/")
+        url = clean_url(url, base_url=base_url) if url else ""
+        digest = hashlib.sha256(f"{title}\0{body_html}\0{url}".encode()).hexdigest()[:40]
+        key, items = f"alert:{ml.id}:text:{digest}", []
+    existing = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
+    if existing is not None:
+        return existing, False
+    campaign = Campaign(
+        kind=CampaignKind.ALERT, list_id=ml.id, status=CampaignStatus.DRAFT, dedupe_key=key,
+        title=title, body_html=body_html, url=url, created_by=actor, created_at=now, items=items,
+    )
+    session.add(campaign)
+    session.add(Event(at=now, actor=actor, action="alert.created",
+                      detail={"list": ml.slug, "key": key}))
+    session.flush()
+    return campaign, True

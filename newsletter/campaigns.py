@@ -1,0 +1,105 @@
+"""A campaign's life: rendered once per language, queued, sent, finished (or paused, cancelled)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from newsletter.config import Settings
+from newsletter.db.models import Campaign, CampaignStatus, Event, MailingList, Variant
+from newsletter.db.queries import count_pending, enqueue_audience
+from newsletter.errors import CampaignError
+from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
+
+
+def campaign_view(campaign: Campaign, lang: str) -> CampaignView:
+    """The plain data a template needs, taken from a campaign and its items."""
+    ml: MailingList = campaign.mailing_list
+    return CampaignView(
+        kind=campaign.kind,
+        list_name=ml.names.get(lang) or ml.name,
+        items=tuple(
+            ItemView(
+                title=i.title,
+                link=i.link,
+                summary_html=i.summary_html,
+                published_at=i.published_at,
+                categories=tuple(i.categories or ()),
+            )
+            for i in campaign.items
+        ),
+        title=campaign.title,
+        body_html=campaign.body_html,
+        url=campaign.url,
+    )
+
+
+def render_campaign(campaign: Campaign, *, settings: Settings) -> list[RenderedVariant]:
+    """Render a campaign once for each configured language (never per recipient)."""
+    return [
+        render_variant(campaign_view(campaign, lang), lang=lang, settings=settings)
+        for lang in settings.render.languages
+    ]
+
+
+def store_variants(session: Session, campaign: Campaign, variants: Sequence[RenderedVariant]) -> None:
+    """Keep the rendered variants with the campaign, replacing any earlier rendering."""
+    session.execute(delete(Variant).where(Variant.campaign_id == campaign.id))
+    for v in variants:
+        session.add(Variant(campaign_id=campaign.id, lang=v.lang, subject=v.subject, html=v.html,
+                            text=v.text))
+    session.flush()
+
+
+def start_campaign(
+    *, session: Session, campaign: Campaign, settings: Settings, now: datetime, actor: str
+) -> int:
+    """Render (if not yet), queue one delivery per recipient and mark the campaign running.
+
+    Safe to repeat: deliveries are unique per (campaign, subscriber), so a second start queues
+    only people who joined since. Returns how many deliveries were added.
+    """
+    if campaign.status in (CampaignStatus.CANCELLED, CampaignStatus.PAUSED):
+        raise CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")
+    has_variants = session.scalar(select(Variant.id).where(Variant.campaign_id == campaign.id))
+    if has_variants is None:
+        store_variants(session, campaign, render_campaign(campaign, settings=settings))
+    added = enqueue_audience(session, campaign=campaign, now=now)
+    if campaign.status != CampaignStatus.RUNNING:
+        campaign.status = CampaignStatus.RUNNING
+        campaign.started_at = campaign.started_at or now
+        session.add(Event(at=now, actor=actor, action="campaign.started",
+                          detail={"campaign": campaign.id, "queued": added}))
+    session.flush()
+    return added
+
+
+def finish_if_done(*, session: Session, campaign_id: int, now: datetime) -> bool:
+    """Mark a running campaign finished once none of its deliveries is pending."""
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None or campaign.status != CampaignStatus.RUNNING:
+        return False
+    if count_pending(session, campaign_id):
+        return False
+    campaign.status = CampaignStatus.FINISHED
+    campaign.finished_at = now
+    session.add(Event(at=now, actor="sender", action="campaign.finished",
+                      detail={"campaign": campaign_id}))
+    return True
+
+
+def get_campaign(session: Session, campaign_id: int) -> Campaign:
+    """Find a campaign by id."""
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None:
+        raise CampaignError(f"no campaign {campaign_id}; see `newsletter campaigns list`")
+    return campaign
+
+
+def running_campaign_ids(session: Session) -> list[int]:
+    """Ids of campaigns that are sending."""
+    stmt = select(Campaign.id).where(Campaign.status == CampaignStatus.RUNNING)
+    return list(session.scalars(stmt))

@@ -1,0 +1,161 @@
+"""The command line: a thin skin over the step functions.
+
+Every command parses its input, opens a unit of work, calls one step and prints the result.
+A NewsletterError becomes one red line and a non-zero exit code; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter import __version__
+from newsletter.clock import Clock, SystemClock
+from newsletter.config import Settings, find_config, load_settings
+from newsletter.db import check_schema, make_engine, make_sessionmaker
+from newsletter.errors import NewsletterError
+from newsletter.send import SendReport
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="newsletter",
+    help="Newsletter and urgent-alert service for a human-rights news portal.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+
+
+@dataclass
+class State:
+    """What every command gets: the config location, the clock, and lazily the database."""
+
+    config: str | None = None
+    debug: bool = False
+    clock: Clock = field(default_factory=SystemClock)
+    _settings: Settings | None = None
+    _engine: Engine | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(find_config(self.config, os.environ), os.environ)
+        return self._settings
+
+    def engine(self, *, checked: bool = True) -> Engine:
+        """The database engine; by default refuse a database that is not initialised."""
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database.url)
+        if checked:
+            check_schema(self._engine)
+        return self._engine
+
+    def factory(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine())
+
+    @property
+    def actor(self) -> str:
+        try:
+            return f"cli:{getpass.getuser()}"
+        except (KeyError, OSError):
+            return "cli"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"newsletter {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        str | None, typer.Option("--config", help="Config file (default: $NEWSLETTER_CONFIG, "
+                                 "else ./config.toml, else embedded defaults).")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Newsletter and urgent-alert service for a human-rights news portal."""
+    ctx.obj = State(config=config, debug=debug)
+
+
+def main() -> None:
+    """Entry point: run the app, turning our errors into one line and an exit code."""
+    from newsletter.cli import alert, campaigns, digest, service, subscribers  # noqa: F401
+
+    try:
+        app()
+    except NewsletterError as e:
+        if "--debug" in sys.argv:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    except Exception as e:  # a bug: still one line unless asked for more
+        if "--debug" in sys.argv:
+            raise
+        err_console.print(
+            f"[red]internal error:[/red] {type(e).__name__}: {e} (run again with --debug)",
+            soft_wrap=True,
+        )
+        sys.exit(70)
+
+
+def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> SendReport:
+    """Deliver what is due (of one campaign, or all), with a progress bar and a summary line."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from newsletter.db import unit_of_work
+    from newsletter.db.queries import count_due
+    from newsletter.send import deliver_queued
+    from newsletter.smtp import SmtpPool
+
+    settings, factory = state.settings, state.factory()
+    with unit_of_work(factory) as session:
+        total = count_due(session, now=state.clock.now(), campaign_id=campaign_id)
+
+    async def run(progress: Progress, task: TaskID) -> SendReport:
+        pool = SmtpPool(settings.smtp)
+        try:
+            return await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=state.clock,
+                campaign_id=campaign_id,
+                on_batch=lambda b: progress.advance(task, b.sent + b.deferred + b.failed
+                                                    + b.suppressed),
+            )
+        finally:
+            await pool.close()
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True,
+                  disable=total == 0) as progress:
+        task = progress.add_task("sending", total=total)
+        report = asyncio.run(run(progress, task))
+    console.print(
+        f"sent {report.sent}, deferred {report.deferred}, failed {report.failed}, "
+        f"skipped (left the list) {report.suppressed}"
+        + (f"; finished campaign {', '.join(map(str, report.finished))}" if report.finished else "")
+    )
+    return report
