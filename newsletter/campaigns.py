@@ -34,6 +34,7 @@ def campaign_view(campaign: Campaign, lang: str) -> CampaignView:
         title=campaign.title,
         body_html=campaign.body_html,
         url=campaign.url,
+        issued_at=campaign.created_at,
     )
 
 
