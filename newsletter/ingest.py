@@ -1,0 +1,528 @@
+"""Ingest: fetch a source (conditional GET or a file), check and parse it, upsert its items.
+
+A document is checked in this order, and rejected whole with a FeedParseError at the first
+problem, so a bad feed is never half-ingested:
+
+1. shape: empty, an HTML page or JSON are named as such;
+2. encoding: a byte-order mark wins, else the XML declaration, else UTF-8. The bytes are decoded
+   strictly with that encoding (windows-1251, UTF-16 … are ingested correctly) and handed on as
+   UTF-8. A declared single-byte encoding whose bytes are in fact UTF-8 is refused, because
+   decoding it "as declared" would silently store mojibake;
+3. DTDs: any <!ENTITY declaration is refused before any XML parser runs (entity-expansion
+   bombs, external entities such as file:///etc/passwd), and defusedxml enforces the same
+   while checking the document is well-formed XML whose root is a feed (rss, RDF, Atom). A
+   bare DOCTYPE (old RSS 0.91) is fine: its DTD is never fetched. HTML entities such as
+   &nbsp; outside CDATA are undefined in XML, so such a feed is refused as malformed;
+4. feedparser reads the checked UTF-8 bytes from memory, never from a path or URL.
+
+Item identity is the guid (Atom id), else the link, else a hash of title and summary; a feed
+that repeats an identity keeps the last entry with it, as a run of upserts would.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import defusedxml.ElementTree as SafeET
+import feedparser
+import httpx
+from defusedxml import DefusedXmlException
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import Clock
+from newsletter.config import SourcesSettings
+from newsletter.db import unit_of_work
+from newsletter.db.models import Item, Source
+from newsletter.errors import FeedError, FeedFetchError, FeedParseError
+from newsletter.sanitize import clean_html, clean_text, clean_url, to_utc
+
+TITLE_MAX = 300
+CATEGORY_MAX = 100
+GUID_MAX = 500
+LINK_MAX = 2000  # the items.link column; PostgreSQL refuses longer values
+MAX_REDIRECTS = 5
+USER_AGENT = "newsletter-ingest/0.1 (+https://portal.example.org/)"
+FEED_ROOTS = frozenset(
+    {
+        "rss",
+        "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}RDF",
+        "{http://www.w3.org/2005/Atom}feed",
+        "{http://purl.org/atom/ns#}feed",
+    }
+)
+BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+# UTF-16 without a BOM still starts with "<?" (XML 1.0, appendix F).
+BOMLESS_UTF16 = ((b"<\x00?\x00", "utf-16-le"), (b"\x00<\x00?", "utf-16-be"))
+XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]+)[\"']")
+DECLARATION_ENCODING = re.compile(r"^(\s*<\?xml[^>]*?encoding\s*=\s*)[\"'][^\"']*[\"']")
+ENTITY_DECLARATION = re.compile(r"<!ENTITY", re.IGNORECASE)
+HTML_START = re.compile(r"^\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.IGNORECASE | re.S)
+UNICODE_FAMILY = ("utf-8", "utf-16", "utf-32")
+# feedparser flags these as "bozo" although the document is fine for us: we chose and applied
+# the encoding ourselves, and we never hand it an HTTP Content-Type. Anything else it flags
+# (a SAX error, an undeclared namespace, an unknown encoding) means it read the document
+# differently from how defusedxml did, so the feed is refused.
+HARMLESS_BOZO = (feedparser.CharacterEncodingOverride, feedparser.NonXMLContentType)
+
+
+@dataclass(frozen=True)
+class ParsedItem:
+    """One feed entry, cleaned and ready to upsert."""
+
+    guid: str
+    link: str
+    title: str
+    summary_html: str
+    content_html: str
+    published_at: datetime
+    categories: tuple[str, ...]
+    urgent: bool
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A fetched document (None when the server said 304 Not Modified) and its validators."""
+
+    content: bytes | None
+    etag: str | None
+    last_modified: str | None
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What ingesting one source did."""
+
+    source: str
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    not_modified: bool = False
+    error: str | None = None
+
+
+# --- parse -----------------------------------------------------------------------------------
+
+
+def parse_feed(
+    content: bytes, *, source: str, base_url: str, urgent_category: str, now: datetime
+) -> list[ParsedItem]:
+    """Check and parse a feed document into cleaned items, or raise FeedParseError."""
+    text = _decode(content, source)
+    _check_document(text, source)
+    parsed = feedparser.parse(io.BytesIO(_as_utf8_document(text)), sanitize_html=True)
+    if parsed.bozo and not isinstance(parsed.bozo_exception, HARMLESS_BOZO):
+        raise FeedParseError(source, f"malformed feed: {_one_line(parsed.bozo_exception)}")
+    site = clean_url(parsed.feed.get("link", ""), base_url=base_url) or base_url
+    items = (
+        _parse_entry(entry, base_url=site, urgent_category=urgent_category, now=now)
+        for entry in parsed.entries
+    )
+    return _last_per_guid(items)
+
+
+def _decode(content: bytes, source: str) -> str:
+    """Decode the document by BOM, else XML declaration, else UTF-8; refuse what does not fit."""
+    if not content.strip():
+        raise FeedParseError(source, "empty document, not a feed")
+    encoding, body = _sniff_encoding(content)
+    try:
+        text = body.decode(encoding)
+    except LookupError:
+        raise FeedParseError(source, f"unknown encoding {encoding!r} declared") from None
+    except UnicodeDecodeError as e:
+        raise FeedParseError(
+            source, f"bytes are not valid {encoding} (at byte {e.start})"
+        ) from None
+    if not encoding.lower().replace("_", "-").startswith(UNICODE_FAMILY) and _is_utf8(body):
+        raise FeedParseError(
+            source, f"declares encoding {encoding!r} but the bytes are UTF-8; fix the declaration"
+        )
+    return text
+
+
+def _sniff_encoding(content: bytes) -> tuple[str, bytes]:
+    """Return the encoding to decode with and the bytes without any byte-order mark."""
+    for bom, encoding in BOMS:
+        if content.startswith(bom):
+            return encoding, content[len(bom) :]
+    for prefix, encoding in BOMLESS_UTF16:
+        if content.startswith(prefix):
+            return encoding, content
+    declared = XML_DECLARATION.match(content)
+    return (declared.group(1).decode("ascii") if declared else "utf-8"), content
+
+
+def _is_utf8(body: bytes) -> bool:
+    """True when non-ASCII bytes decode as UTF-8 (practically never true of legacy text)."""
+    if body.isascii():
+        return False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_document(text: str, source: str) -> None:
+    """Refuse HTML, JSON, entity declarations, malformed XML and non-feed roots."""
+    if HTML_START.match(text):
+        raise FeedParseError(source, "an HTML page, not a feed")
+    if _is_json(text):
+        raise FeedParseError(source, "a JSON document, not an RSS or Atom feed")
+    if ENTITY_DECLARATION.search(text):
+        raise FeedParseError(source, "DTD entity declarations are refused (<!ENTITY)")
+    try:
+        root = SafeET.fromstring(
+            _as_utf8_document(text), forbid_dtd=False, forbid_entities=True, forbid_external=True
+        )
+    except DefusedXmlException as e:
+        raise FeedParseError(source, f"refused: {type(e).__name__}") from None
+    except SafeET.ParseError as e:
+        raise FeedParseError(source, f"not well-formed XML: {e}") from None
+    if root.tag not in FEED_ROOTS:
+        raise FeedParseError(source, f"not a feed: root element is <{_local(root.tag)}>")
+
+
+def _is_json(text: str) -> bool:
+    """True for a document that parses as a JSON object or array."""
+    if not text.lstrip().startswith(("{", "[")):
+        return False
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _as_utf8_document(text: str) -> bytes:
+    """Encode as UTF-8 and make the XML declaration say so."""
+    return DECLARATION_ENCODING.sub(r'\1"utf-8"', text, count=1).encode("utf-8")
+
+
+def _local(tag: str) -> str:
+    """An element name without its {namespace}, cleaned for an error line."""
+    return clean_text(tag.rpartition("}")[2], max_length=40)
+
+
+def _one_line(error: object) -> str:
+    """An exception as one short line."""
+    return clean_text(str(error) or type(error).__name__, max_length=200)
+
+
+def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: datetime) -> ParsedItem:
+    """Clean one feedparser entry into a ParsedItem."""
+    summary = clean_html(entry.get("summary", ""), base_url=base_url)
+    contents = entry.get("content") or [{}]
+    content = clean_html(contents[0].get("value", ""), base_url=base_url)
+    title = clean_text(entry.get("title", ""), max_length=TITLE_MAX)
+    link = clean_url(entry.get("link", ""), base_url=base_url)
+    link = link if len(link) <= LINK_MAX else ""
+    categories = _categories(entry)
+    fields = {
+        "link": link,
+        "title": title,
+        "summary_html": summary,
+        "content_html": content,
+        "published_at": to_utc(_entry_date(entry), fallback=now),
+        "categories": categories,
+        "urgent": urgent_category.casefold() in {c.casefold() for c in categories},
+    }
+    guid = _identity(entry.get("id", ""), link, title, summary)
+    return ParsedItem(guid=guid, content_hash=_hash_fields(fields), **fields)
+
+
+def _entry_date(entry: Any) -> Any:
+    """The entry's publication date, else its update date (feedparser's UTC struct_time)."""
+    return entry.get("published_parsed") or entry.get("updated_parsed")
+
+
+def _categories(entry: Any) -> tuple[str, ...]:
+    """Cleaned, de-duplicated category names in feed order."""
+    names = (
+        clean_text(tag.get("term") or "", max_length=CATEGORY_MAX) for tag in entry.get("tags", [])
+    )
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
+def _identity(guid: str, link: str, title: str, summary: str) -> str:
+    """The item's id: its guid, else its link, else a hash of its title and summary."""
+    guid = clean_text(guid, max_length=10_000)
+    if guid and len(guid) <= GUID_MAX:
+        return guid
+    if guid:
+        return "sha256:" + _sha256(guid)
+    return link or "sha256:" + _sha256(f"{title}\n{summary}")
+
+
+def _hash_fields(fields: dict[str, Any]) -> str:
+    """A stable hash of the cleaned fields, to tell changed items from unchanged ones."""
+    payload = {**fields, "published_at": fields["published_at"].isoformat()}
+    return _sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _last_per_guid(items: Iterator[ParsedItem]) -> list[ParsedItem]:
+    """Keep the last entry for each guid, in the order the guids first appeared."""
+    by_guid: dict[str, ParsedItem] = {}
+    for item in items:
+        by_guid[item.guid] = item
+    return list(by_guid.values())
+
+
+# --- fetch -----------------------------------------------------------------------------------
+
+
+def fetch_source(
+    url_or_path: str,
+    *,
+    etag: str | None,
+    last_modified: str | None,
+    settings: SourcesSettings,
+) -> FetchResult:
+    """Fetch an http(s) URL (conditional GET) or read a file, never more than max_bytes."""
+    scheme = urlsplit(url_or_path).scheme.lower()
+    if scheme in ("http", "https"):
+        return _fetch_http(url_or_path, etag=etag, last_modified=last_modified, settings=settings)
+    if scheme in ("", "file") or len(scheme) == 1:  # a one-letter scheme is a Windows drive
+        return FetchResult(_read_file(url_or_path, settings.max_bytes), None, None)
+    raise FeedFetchError(url_or_path, f"unsupported scheme {scheme!r}: use http(s) or a file")
+
+
+def _fetch_http(
+    url: str, *, etag: str | None, last_modified: str | None, settings: SourcesSettings
+) -> FetchResult:
+    """Conditional GET with a timeout, at most five redirects and a streamed size cap."""
+    headers = {"User-Agent": USER_AGENT}
+    if etag:
+        headers["If-None-Match"] = etag
+    if last_modified:
+        headers["If-Modified-Since"] = last_modified
+    try:
+        with (
+            httpx.Client(
+                timeout=settings.timeout_seconds,
+                follow_redirects=True,
+                max_redirects=MAX_REDIRECTS,
+            ) as client,
+            client.stream("GET", url, headers=headers) as response,
+        ):
+            if response.status_code == 304:
+                return FetchResult(None, etag, last_modified)
+            if not response.is_success:
+                raise FeedFetchError(url, f"HTTP {response.status_code} {response.reason_phrase}")
+            body = _read_capped(url, response, settings.max_bytes)
+            return FetchResult(
+                body, response.headers.get("etag"), response.headers.get("last-modified")
+            )
+    except httpx.HTTPError as e:
+        raise FeedFetchError(url, f"{type(e).__name__}: {_one_line(e)}") from e
+
+
+def _read_capped(url: str, response: httpx.Response, max_bytes: int) -> bytes:
+    """Read a streamed body, refusing it as soon as it grows past max_bytes."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise FeedFetchError(url, f"feed is {declared} bytes, more than max_bytes={max_bytes}")
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise FeedFetchError(url, f"feed is larger than max_bytes={max_bytes}")
+    return bytes(body)
+
+
+def _read_file(url_or_path: str, max_bytes: int) -> bytes:
+    """Read a local feed file, refusing one larger than max_bytes."""
+    path = _file_path(url_or_path)
+    try:
+        with path.open("rb") as f:
+            body = f.read(max_bytes + 1)
+    except OSError as e:
+        raise FeedFetchError(str(path), f"cannot read file: {e.strerror or e}") from e
+    if len(body) > max_bytes:
+        raise FeedFetchError(str(path), f"feed file is larger than max_bytes={max_bytes}")
+    return body
+
+
+def _file_path(url_or_path: str) -> Path:
+    """The absolute path of a file:// URL or a plain path."""
+    parts = urlsplit(url_or_path)
+    if parts.scheme.lower() == "file":
+        return Path(url2pathname(parts.path)).resolve()
+    return Path(url_or_path).expanduser().resolve()
+
+
+# --- store -----------------------------------------------------------------------------------
+
+
+def ingest_source(
+    *,
+    session: Session,
+    url_or_path: str,
+    settings: SourcesSettings,
+    clock: Clock,
+    name: str = "",
+    lang: str = "en",
+) -> IngestReport:
+    """Fetch, parse and upsert one source in the caller's transaction (flushes, never commits)."""
+    source = _get_or_create_source(session, _source_key(url_or_path), name=name, lang=lang)
+    now = clock.now()
+    try:
+        fetched = fetch_source(
+            source.url, etag=source.etag, last_modified=source.last_modified, settings=settings
+        )
+        if fetched.content is None:
+            return _record_fetch(
+                session, source, fetched, now, IngestReport(source.url, not_modified=True)
+            )
+        items = parse_feed(
+            fetched.content,
+            source=source.url,
+            base_url=_base_url(source.url),
+            urgent_category=settings.urgent_category,
+            now=now,
+        )
+    except FeedError as e:
+        source.last_error = str(e)
+        session.flush()
+        raise
+    report = _upsert_items(session, source, items, now)
+    return _record_fetch(session, source, fetched, now, report)
+
+
+def _source_key(url_or_path: str) -> str:
+    """How a source is stored: URLs as given, files as absolute paths."""
+    scheme = urlsplit(url_or_path).scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:
+        return str(_file_path(url_or_path))
+    return url_or_path
+
+
+def _base_url(key: str) -> str:
+    """The URL relative links resolve against when the feed names no site link."""
+    return key if urlsplit(key).scheme in ("http", "https") else Path(key).as_uri()
+
+
+def _get_or_create_source(session: Session, url: str, *, name: str, lang: str) -> Source:
+    """The Source row for url; a new row takes name and lang, an old one a new name if given."""
+    source = session.scalars(select(Source).where(Source.url == url)).one_or_none()
+    if source is None:
+        source = Source(url=url, name=name, lang=lang)
+        session.add(source)
+        session.flush()
+    elif name and source.name != name:
+        source.name = name
+    return source
+
+
+def _record_fetch(
+    session: Session, source: Source, fetched: FetchResult, now: datetime, report: IngestReport
+) -> IngestReport:
+    """Store the validators and fetch time after a successful fetch and parse."""
+    source.etag = fetched.etag
+    source.last_modified = fetched.last_modified
+    source.last_fetched_at = now
+    source.last_error = None
+    session.flush()
+    return report
+
+
+def _upsert_items(
+    session: Session, source: Source, items: list[ParsedItem], now: datetime
+) -> IngestReport:
+    """Insert new items, update changed ones, count the rest as unchanged."""
+    guids = [item.guid for item in items]
+    existing = {
+        row.guid: row
+        for row in session.scalars(
+            select(Item).where(Item.source_id == source.id, Item.guid.in_(guids))
+        )
+    }
+    counts = {"new": 0, "updated": 0, "unchanged": 0}
+    for item in items:
+        row = existing.get(item.guid)
+        if row is None:
+            session.add(Item(source_id=source.id, ingested_at=now, **_item_values(item, now)))
+            counts["new"] += 1
+        elif row.content_hash == item.content_hash:
+            counts["unchanged"] += 1
+        else:
+            for key, value in _item_values(item, now).items():
+                setattr(row, key, value)
+            counts["updated"] += 1
+    session.flush()
+    return IngestReport(source.url, **counts)
+
+
+def _item_values(item: ParsedItem, now: datetime) -> dict[str, Any]:
+    """The Item column values for a parsed item."""
+    return {
+        "guid": item.guid,
+        "link": item.link,
+        "title": item.title,
+        "summary_html": item.summary_html,
+        "content_html": item.content_html,
+        "published_at": item.published_at,
+        "categories": list(item.categories),
+        "urgent": item.urgent,
+        "content_hash": item.content_hash,
+        "updated_at": now,
+    }
+
+
+def ingest_all(
+    *,
+    factory: sessionmaker[Session],
+    sources: list[tuple[str, str, str]],
+    settings: SourcesSettings,
+    clock: Clock,
+) -> list[IngestReport]:
+    """Ingest each (url, name, lang) in its own transaction; a failing source is only reported."""
+    reports = []
+    for url, name, lang in sources:
+        try:
+            with unit_of_work(factory) as session:
+                report = ingest_source(
+                    session=session,
+                    url_or_path=url,
+                    settings=settings,
+                    clock=clock,
+                    name=name,
+                    lang=lang,
+                )
+        except FeedError as e:
+            _record_error(factory, url, name=name, lang=lang, error=str(e))
+            report = IngestReport(_source_key(url), error=str(e))
+        reports.append(report)
+    return reports
+
+
+def _record_error(
+    factory: sessionmaker[Session], url: str, *, name: str, lang: str, error: str
+) -> None:
+    """Keep a source's last error in a transaction of its own (the failed one rolled back)."""
+    with unit_of_work(factory) as session:
+        source = _get_or_create_source(session, _source_key(url), name=name, lang=lang)
+        source.last_error = error

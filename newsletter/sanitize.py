@@ -1,0 +1,149 @@
+"""Pure sanitisers for everything a feed hands us: HTML fragments, one-line text, URLs, dates.
+
+Feeds are untrusted input that ends up in people's inboxes, so the rules are allow-lists:
+a few text tags, links only to http/https/mailto (made absolute), no images (a remote image is
+a tracking pixel for whoever controls the feed), and header-safe single lines of text.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import unicodedata
+from datetime import UTC, datetime
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import nh3
+
+ALLOWED_TAGS = frozenset(
+    {"p", "br", "a", "strong", "b", "em", "i", "ul", "ol", "li", "blockquote", "h3", "h4"}
+)
+ALLOWED_ATTRIBUTES = {"a": {"href", "title"}}
+LINK_SCHEMES = frozenset({"http", "https", "mailto"})
+WEB_SCHEMES = frozenset({"http", "https"})
+# Elements whose *content* is dropped with them: code, styles, embedded documents and foreign
+# markup (svg/math) whose text would otherwise leak into the output as stray words.
+DROP_WITH_CONTENT = frozenset(
+    {
+        "script", "style", "iframe", "frame", "frameset", "object", "embed", "applet",
+        "noscript", "noembed", "noframes", "template", "svg", "math", "textarea", "select",
+        "title", "xmp", "head",
+    }
+)  # fmt: skip
+ELLIPSIS = "…"
+# Safe characters left as they are when re-quoting a URL's path, query and fragment; "%"
+# keeps existing escapes intact.
+URL_SAFE = "/:@!$&'()*+,;=-._~%?#[]"
+NETLOC_FORBIDDEN = frozenset(' "<>\\^`{|}')
+
+
+def clean_html(html_fragment: str, *, base_url: str) -> str:
+    """Reduce an HTML fragment to the allow-list, with absolute, safe, rel=noopener links."""
+
+    def keep_attribute(tag: str, attribute: str, value: str) -> str | None:
+        if tag == "a" and attribute == "href":
+            return _clean_link(value, base_url=base_url) or None
+        return value
+
+    cleaner = nh3.Cleaner(
+        tags=set(ALLOWED_TAGS),
+        clean_content_tags=set(DROP_WITH_CONTENT),
+        attributes={tag: set(names) for tag, names in ALLOWED_ATTRIBUTES.items()},
+        attribute_filter=keep_attribute,
+        url_schemes=set(LINK_SCHEMES),
+        link_rel="noopener noreferrer",
+        strip_comments=True,
+    )
+    return cleaner.clean(html_fragment).strip()
+
+
+def clean_text(value: str, *, max_length: int) -> str:
+    """Make one safe line of plain text: no tags, entities, controls or bidi tricks; truncated."""
+    text = value
+    # Unescaping can reveal markup that was escaped once more ("&lt;script&gt;"): repeat until
+    # nothing changes, so the line never carries tags into a subject or a plain-text part.
+    for _ in range(3):
+        stripped = html.unescape(
+            nh3.clean(text, tags=set(), clean_content_tags={"script", "style"})
+        )
+        if stripped == text:
+            break
+        text = stripped
+    return _truncate(_one_line(text), max_length)
+
+
+def _one_line(text: str) -> str:
+    """Turn all whitespace into single spaces and drop control, format and bidi characters."""
+    kept = []
+    for char in text:
+        if char.isspace():
+            kept.append(" ")
+        elif unicodedata.category(char) not in ("Cc", "Cf", "Cs"):
+            kept.append(char)
+    return " ".join("".join(kept).split())
+
+
+def _truncate(text: str, max_length: int) -> str:
+    """Cut text to max_length characters at a word boundary, marking the cut with an ellipsis."""
+    if len(text) <= max_length:
+        return text
+    cut = text[: max_length - len(ELLIPSIS)]
+    space = cut.rfind(" ")
+    if space > max_length // 2:
+        cut = cut[:space]
+    return cut.rstrip() + ELLIPSIS
+
+
+def clean_url(url: str, *, base_url: str) -> str:
+    """Return an absolute http(s) URL, or "" when the value is not a safe web link."""
+    return _absolute_url(url, base_url=base_url, schemes=WEB_SCHEMES)
+
+
+def _clean_link(url: str, *, base_url: str) -> str:
+    """Like clean_url, but mailto: links are allowed too (inside HTML bodies)."""
+    return _absolute_url(url, base_url=base_url, schemes=LINK_SCHEMES)
+
+
+def _absolute_url(url: str, *, base_url: str, schemes: frozenset[str]) -> str:
+    """Resolve url against base_url and keep it only if its scheme is allowed."""
+    # Browsers drop tabs and newlines anywhere in a URL ("java\tscript:"), so do the same
+    # before looking at the scheme; any other control character makes the URL unusable.
+    value = "".join(c for c in url if c not in "\t\n\r").strip(" \x0c\x00")
+    if not value or any(unicodedata.category(c) in ("Cc", "Cf") for c in value):
+        return ""
+    try:
+        # A URL with its own scheme is taken as it is: urljoin would treat "https:" or
+        # "https:\\host" as relative to a base of the same scheme.
+        parts = urlsplit(value)
+        if not parts.scheme:
+            parts = urlsplit(urljoin(base_url, value))
+    except ValueError:
+        return ""
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        return ""
+    if scheme == "mailto":
+        return urlunsplit(
+            ("mailto", "", quote(parts.path, safe=URL_SAFE), quote(parts.query, safe=URL_SAFE), "")
+        )
+    if not parts.netloc or NETLOC_FORBIDDEN & set(parts.netloc):
+        return ""
+    return urlunsplit(
+        (
+            scheme,
+            parts.netloc,
+            quote(parts.path, safe=URL_SAFE),
+            quote(parts.query, safe=URL_SAFE),
+            quote(parts.fragment, safe=URL_SAFE),
+        )
+    )
+
+
+def to_utc(parsed: time.struct_time | None, *, fallback: datetime) -> datetime:
+    """Turn feedparser's UTC struct_time into an aware UTC datetime, or return fallback."""
+    if parsed is None:
+        return fallback
+    try:
+        return datetime(*parsed[:6], tzinfo=UTC)
+    except (TypeError, ValueError, OverflowError):
+        return fallback
