@@ -41,8 +41,14 @@ def assemble_digest(
     )
     ml.digest_cursor = last
     session.add(campaign)
-    session.add(Event(at=now, actor=actor, action="digest.assembled",
-                      detail={"list": ml.slug, "items": len(items)}))
+    session.add(
+        Event(
+            at=now,
+            actor=actor,
+            action="digest.assembled",
+            detail={"list": ml.slug, "items": len(items)},
+        )
+    )
     session.flush()
     return campaign
 
@@ -53,7 +59,9 @@ def find_item(session: Session, ref: str) -> Item:
         select(Item).where(or_(Item.guid == ref, Item.link == ref)).order_by(Item.id.desc())
     ).all()
     if not items:
-        raise CampaignError(f"no ingested item has the guid or link {ref!r}; run `newsletter ingest`")
+        raise CampaignError(
+            f"no ingested item has the guid or link {ref!r}; run `newsletter ingest`"
+        )
     return items[0]
 
 
@@ -91,11 +99,20 @@ def assemble_alert(
     if existing is not None:
         return existing, False
     campaign = Campaign(
-        kind=CampaignKind.ALERT, list_id=ml.id, status=CampaignStatus.DRAFT, dedupe_key=key,
-        title=title, body_html=body_html, url=url, created_by=actor, created_at=now, items=items,
+        kind=CampaignKind.ALERT,
+        list_id=ml.id,
+        status=CampaignStatus.DRAFT,
+        dedupe_key=key,
+        title=title,
+        body_html=body_html,
+        url=url,
+        created_by=actor,
+        created_at=now,
+        items=items,
     )
     session.add(campaign)
-    session.add(Event(at=now, actor=actor, action="alert.created",
-                      detail={"list": ml.slug, "key": key}))
+    session.add(
+        Event(at=now, actor=actor, action="alert.created", detail={"list": ml.slug, "key": key})
+    )
     session.flush()
     return campaign, True

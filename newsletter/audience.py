@@ -110,7 +110,9 @@ def get_list(session: Session, slug: str) -> MailingList:
     """Find a list by slug or say which lists exist."""
     ml = session.scalar(select(MailingList).where(MailingList.slug == slug))
     if ml is None:
-        known = ", ".join(session.scalars(select(MailingList.slug))) or "none; run `newsletter init`"
+        known = (
+            ", ".join(session.scalars(select(MailingList.slug))) or "none; run `newsletter init`"
+        )
         raise AudienceError(f"no list '{slug}' (lists: {known})")
     return ml
 
@@ -126,7 +128,9 @@ def normalise_email(raw: str) -> str:
 def is_suppressed(session: Session, email: str, *, secret: str) -> bool:
     """Whether an address was forgotten or suppressed and must not be mailed again."""
     digest = hash_address(email, secret=secret)
-    return session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is not None
+    return (
+        session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,7 @@ class SubscriberRow:
 
 def parse_row(row: dict[str, str | None]) -> SubscriberRow:
     """Turn one CSV row (read by header) into a checked SubscriberRow."""
+
     def get(key: str) -> str:
         return (row.get(key) or "").strip()
 
@@ -154,8 +159,11 @@ def parse_row(row: dict[str, str | None]) -> SubscriberRow:
     country = get("country").upper()
     if country and (len(country) != 2 or not country.isalpha()):
         raise AudienceError(f"country must be a two-letter code, not {country!r}")
-    extra = {k.strip(): (v or "").strip() for k, v in row.items()
-             if k and k.strip() not in KNOWN_COLUMNS and (v or "").strip()}
+    extra = {
+        k.strip(): (v or "").strip()
+        for k, v in row.items()
+        if k and k.strip() not in KNOWN_COLUMNS and (v or "").strip()
+    }
     return SubscriberRow(
         email=email,
         name=get("name")[:200],
@@ -208,8 +216,9 @@ def upsert_subscriber(
     sub = session.scalar(select(Subscriber).where(Subscriber.email == row.email))
     outcome = "updated"
     if sub is None:
-        sub = Subscriber(email=row.email, created_at=now, status=SubscriberStatus.ACTIVE,
-                         tags=[], attributes={})
+        sub = Subscriber(
+            email=row.email, created_at=now, status=SubscriberStatus.ACTIVE, tags=[], attributes={}
+        )
         session.add(sub)
         outcome = "imported"
     before = (sub.name, sub.language, sub.country, sub.tags, sub.attributes)
@@ -219,8 +228,10 @@ def upsert_subscriber(
     sub.attributes = {**(sub.attributes or {}), **row.attributes}
     session.flush()
     changed = _subscribe(session, sub, [lists[s] for s in row.lists], confirmed, now)
-    if outcome == "updated" and not changed and before == (
-        sub.name, sub.language, sub.country, sub.tags, sub.attributes
+    if (
+        outcome == "updated"
+        and not changed
+        and before == (sub.name, sub.language, sub.country, sub.tags, sub.attributes)
     ):
         outcome = "unchanged"
     return outcome
@@ -230,18 +241,24 @@ def _subscribe(
     session: Session, sub: Subscriber, targets: list[MailingList], confirmed: bool, now: datetime
 ) -> bool:
     """Subscribe to lists; never resubscribes someone who left a list. True if anything changed."""
-    current = {s.list_id: s for s in session.scalars(
-        select(Subscription).where(Subscription.subscriber_id == sub.id))}
+    current = {
+        s.list_id: s
+        for s in session.scalars(select(Subscription).where(Subscription.subscriber_id == sub.id))
+    }
     changed = False
     for ml in targets:
         if ml.id in current:
             continue
         active = confirmed or not ml.double_opt_in
-        session.add(Subscription(
-            subscriber_id=sub.id, list_id=ml.id, created_at=now,
-            status=SubscriptionStatus.ACTIVE if active else SubscriptionStatus.PENDING,
-            confirmed_at=now if active else None,
-        ))
+        session.add(
+            Subscription(
+                subscriber_id=sub.id,
+                list_id=ml.id,
+                created_at=now,
+                status=SubscriptionStatus.ACTIVE if active else SubscriptionStatus.PENDING,
+                confirmed_at=now if active else None,
+            )
+        )
         changed = True
     session.flush()
     return changed
@@ -279,12 +296,23 @@ def import_rows(
         if _is_kept_out(session, row.email, secret):
             report.kept_out += 1
             continue
-        outcome = upsert_subscriber(session=session, row=row, lists=lists, confirmed=confirmed,
-                                    now=now)
+        outcome = upsert_subscriber(
+            session=session, row=row, lists=lists, confirmed=confirmed, now=now
+        )
         setattr(report, outcome, getattr(report, outcome) + 1)
-    session.add(Event(at=now, actor=actor, action="subscribers.import", detail={
-        "imported": report.imported, "updated": report.updated, "kept_out": report.kept_out,
-        "rejected": len(report.rejects)}))
+    session.add(
+        Event(
+            at=now,
+            actor=actor,
+            action="subscribers.import",
+            detail={
+                "imported": report.imported,
+                "updated": report.updated,
+                "kept_out": report.kept_out,
+                "rejected": len(report.rejects),
+            },
+        )
+    )
     return report
 
 

@@ -46,12 +46,17 @@ def render_campaign(campaign: Campaign, *, settings: Settings) -> list[RenderedV
     ]
 
 
-def store_variants(session: Session, campaign: Campaign, variants: Sequence[RenderedVariant]) -> None:
+def store_variants(
+    session: Session, campaign: Campaign, variants: Sequence[RenderedVariant]
+) -> None:
     """Keep the rendered variants with the campaign, replacing any earlier rendering."""
     session.execute(delete(Variant).where(Variant.campaign_id == campaign.id))
     for v in variants:
-        session.add(Variant(campaign_id=campaign.id, lang=v.lang, subject=v.subject, html=v.html,
-                            text=v.text))
+        session.add(
+            Variant(
+                campaign_id=campaign.id, lang=v.lang, subject=v.subject, html=v.html, text=v.text
+            )
+        )
     session.flush()
 
 
@@ -72,8 +77,14 @@ def start_campaign(
     if campaign.status != CampaignStatus.RUNNING:
         campaign.status = CampaignStatus.RUNNING
         campaign.started_at = campaign.started_at or now
-        session.add(Event(at=now, actor=actor, action="campaign.started",
-                          detail={"campaign": campaign.id, "queued": added}))
+        session.add(
+            Event(
+                at=now,
+                actor=actor,
+                action="campaign.started",
+                detail={"campaign": campaign.id, "queued": added},
+            )
+        )
     session.flush()
     return added
 
@@ -87,8 +98,9 @@ def finish_if_done(*, session: Session, campaign_id: int, now: datetime) -> bool
         return False
     campaign.status = CampaignStatus.FINISHED
     campaign.finished_at = now
-    session.add(Event(at=now, actor="sender", action="campaign.finished",
-                      detail={"campaign": campaign_id}))
+    session.add(
+        Event(at=now, actor="sender", action="campaign.finished", detail={"campaign": campaign_id})
+    )
     return True
 
 

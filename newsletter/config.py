@@ -176,7 +176,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
 
 def _convert(hint: Any, value: Any, where: str, key: str) -> Any:
     """Check one value against its declared type and convert TOML lists to tuples."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where, prefix=f"{key}.")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -204,9 +204,11 @@ def validate_settings(settings: Settings) -> None:
         raise ConfigError(f"{where}: 'smtp.security' must be none, starttls or tls")
     if not 0 < settings.smtp.port < 65536:
         raise ConfigError(f"{where}: 'smtp.port' must be between 1 and 65535")
-    for key, value in (("smtp.pool_size", settings.smtp.pool_size),
-                       ("smtp.batch_size", settings.smtp.batch_size),
-                       ("smtp.lease_seconds", settings.smtp.lease_seconds)):
+    for key, value in (
+        ("smtp.pool_size", settings.smtp.pool_size),
+        ("smtp.batch_size", settings.smtp.batch_size),
+        ("smtp.lease_seconds", settings.smtp.lease_seconds),
+    ):
         if value < 1:
             raise ConfigError(f"{where}: '{key}' must be at least 1")
     base = urlsplit(settings.web.base_url)

@@ -63,17 +63,28 @@ def run_demo(
     factory = make_sessionmaker(engine)
     with unit_of_work(factory) as session:
         sync_lists(session=session, specs=read_lists(PROJECT / "subscribers" / "lists.toml"))
-        imported = import_rows(session=session, rows=read_csv(PROJECT / "subscribers" / "example.csv"),
-                               default_list=None, confirmed=True,
-                               secret=settings.security.secret, now=clock.now(), actor=ACTOR)
+        imported = import_rows(
+            session=session,
+            rows=read_csv(PROJECT / "subscribers" / "example.csv"),
+            default_list=None,
+            confirmed=True,
+            secret=settings.security.secret,
+            now=clock.now(),
+            actor=ACTOR,
+        )
     say(f"subscribers imported: {imported.imported + imported.updated + imported.unchanged}")
-    [report] = ingest_all(factory=factory, sources=[(str(SAMPLE_FEED), "portal sample", "en")],
-                          settings=settings.sources, clock=clock)
+    [report] = ingest_all(
+        factory=factory,
+        sources=[(str(SAMPLE_FEED), "portal sample", "en")],
+        settings=settings.sources,
+        clock=clock,
+    )
     say(f"ingested {report.new} new items from the sample feed")
     maildir = directory / "maildir"
     handler = MaildirHandler(maildir)
-    controller = start_dev_smtp(host=settings.smtp.host, port=settings.smtp.port, maildir=maildir,
-                                handler=handler)
+    controller = start_dev_smtp(
+        host=settings.smtp.host, port=settings.smtp.port, maildir=maildir, handler=handler
+    )
     say(f"dev SMTP server on {settings.smtp.host}:{settings.smtp.port}")
     try:
         preview_dir = directory / "preview"
@@ -91,26 +102,37 @@ def run_demo(
             "messages accepted by the SMTP server": handler.count,
         }
     say(f"digest = campaign {digest_id}, alert = campaign {alert_id}")
-    return DemoSummary(counts=counts, paths={
-        "preview HTML": preview_dir / f"digest.{settings.render.default_language}.html",
-        "Maildir": maildir,
-        "database": directory / "newsletter.db",
-    })
+    return DemoSummary(
+        counts=counts,
+        paths={
+            "preview HTML": preview_dir / f"digest.{settings.render.default_language}.html",
+            "Maildir": maildir,
+            "database": directory / "newsletter.db",
+        },
+    )
 
 
-def _send_digest(factory: sessionmaker[Session], settings: Settings, clock: Clock,
-                 preview_dir: Path) -> int:
+def _send_digest(
+    factory: sessionmaker[Session], settings: Settings, clock: Clock, preview_dir: Path
+) -> int:
     with unit_of_work(factory) as session:
-        campaign = assemble_digest(session=session, list_slug=settings.digest.list,
-                                   now=clock.now(), actor=ACTOR)
+        campaign = assemble_digest(
+            session=session, list_slug=settings.digest.list, now=clock.now(), actor=ACTOR
+        )
         if campaign is None:
             raise RuntimeError("the sample feed gave no items")
         ml = campaign.mailing_list
-        write_previews(variants=render_campaign(campaign, settings=settings), out_dir=preview_dir,
-                       stem="digest", mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-                       settings=settings, now=clock.now())
-        start_campaign(session=session, campaign=campaign, settings=settings, now=clock.now(),
-                       actor=ACTOR)
+        write_previews(
+            variants=render_campaign(campaign, settings=settings),
+            out_dir=preview_dir,
+            stem="digest",
+            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
+            settings=settings,
+            now=clock.now(),
+        )
+        start_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
+        )
         return campaign.id
 
 
@@ -119,10 +141,16 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
         urgent = session.scalars(select(Item).where(Item.urgent.is_(True))).first()
         if urgent is None:
             raise RuntimeError("the sample feed has no urgent item")
-        campaign, _ = assemble_alert(session=session, list_slug=settings.alerts.list,
-                                     now=clock.now(), actor=ACTOR, item_ref=urgent.guid)
-        start_campaign(session=session, campaign=campaign, settings=settings, now=clock.now(),
-                       actor=ACTOR)
+        campaign, _ = assemble_alert(
+            session=session,
+            list_slug=settings.alerts.list,
+            now=clock.now(),
+            actor=ACTOR,
+            item_ref=urgent.guid,
+        )
+        start_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
+        )
         return campaign.id
 
 
@@ -130,8 +158,9 @@ def _deliver(factory: sessionmaker[Session], settings: Settings, clock: Clock) -
     async def run() -> SendReport:
         pool = SmtpPool(settings.smtp)
         try:
-            return await deliver_queued(factory=factory, settings=settings, transport=pool,
-                                        clock=clock)
+            return await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=clock
+            )
         finally:
             await pool.close()
 

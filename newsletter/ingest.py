@@ -237,7 +237,7 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     link = clean_url(entry.get("link", ""), base_url=base_url)
     link = link if len(link) <= LINK_MAX else ""
     categories = _categories(entry)
-    fields = {
+    fields: dict[str, Any] = {
         "link": link,
         "title": title,
         "summary_html": summary,
@@ -473,7 +473,9 @@ def _upsert_items(
                 setattr(row, key, value)
             counts["updated"] += 1
     session.flush()
-    return IngestReport(source.url, **counts)
+    return IngestReport(
+        source.url, new=counts["new"], updated=counts["updated"], unchanged=counts["unchanged"]
+    )
 
 
 def _item_values(item: ParsedItem, now: datetime) -> dict[str, Any]:

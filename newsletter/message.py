@@ -16,7 +16,6 @@ from newsletter.config import Settings
 from newsletter.render import RenderedVariant, personalise
 from newsletter.tokens import make_token
 
-
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
 # which mail clients then cannot read. That header is set raw, folded between its two URLs (a
 # line under RFC 5322's 998), and this policy leaves raw headers as they are.
@@ -47,14 +46,23 @@ def link_urls(*, recipient: Recipient, mlist: ListInfo, settings: Settings) -> d
     """The recipient's signed unsubscribe and preferences links (https and mailto)."""
     secret = settings.security.require_secret()
     base = settings.web.base_url.rstrip("/")
-    unsub = make_token(secret=secret, purpose="unsubscribe", subscriber_id=recipient.subscriber_id,
-                       list_id=mlist.id)
-    prefs = make_token(secret=secret, purpose="preferences", subscriber_id=recipient.subscriber_id,
-                       list_id=mlist.id)
+    unsub = make_token(
+        secret=secret,
+        purpose="unsubscribe",
+        subscriber_id=recipient.subscriber_id,
+        list_id=mlist.id,
+    )
+    prefs = make_token(
+        secret=secret,
+        purpose="preferences",
+        subscriber_id=recipient.subscriber_id,
+        list_id=mlist.id,
+    )
     return {
         "unsubscribe": f"{base}/u/{unsub}",
         "preferences": f"{base}/preferences/{prefs}",
-        "mailto": f"mailto:{settings.mail.unsubscribe_address}?subject={quote('unsubscribe ' + unsub)}",
+        "mailto": f"mailto:{settings.mail.unsubscribe_address}"
+        f"?subject={quote('unsubscribe ' + unsub)}",
     }
 
 
@@ -69,8 +77,9 @@ def build_message(
 ) -> EmailMessage:
     """Personalise a rendered variant for one recipient and wrap it with every header we promise."""
     urls = link_urls(recipient=recipient, mlist=mlist, settings=settings)
-    html, text = personalise(variant, unsubscribe_url=urls["unsubscribe"],
-                             preferences_url=urls["preferences"])
+    html, text = personalise(
+        variant, unsubscribe_url=urls["unsubscribe"], preferences_url=urls["preferences"]
+    )
     mail = settings.mail
     domain = mail.from_address.rpartition("@")[2]
     msg = EmailMessage(policy=POLICY)
@@ -78,8 +87,12 @@ def build_message(
     msg["To"] = Address(recipient.name, addr_spec=recipient.email)
     msg["Subject"] = " ".join(variant.subject.split())
     msg["Date"] = format_datetime(now)
-    msg["Message-ID"] = message_id(campaign_id=campaign_id, subscriber_id=recipient.subscriber_id,
-                                   secret=settings.security.require_secret(), domain=domain)
+    msg["Message-ID"] = message_id(
+        campaign_id=campaign_id,
+        subscriber_id=recipient.subscriber_id,
+        secret=settings.security.require_secret(),
+        domain=domain,
+    )
     msg["List-Id"] = f"{mlist.slug} <{mlist.list_id}>"
     msg.set_raw("List-Unsubscribe", f"<{urls['unsubscribe']}>,\r\n <{urls['mailto']}>")
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"

@@ -26,13 +26,20 @@ def write_previews(
 ) -> list[Path]:
     """Write STEM.LANG.html/.txt/.eml for each variant; the links in them are for looking only."""
     if not settings.security.secret:  # a preview must work before a secret is configured
-        settings = replace(settings, security=replace(settings.security,
-                                                      secret=secrets.token_urlsafe(32)))
+        settings = replace(
+            settings, security=replace(settings.security, secret=secrets.token_urlsafe(32))
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for v in variants:
-        msg = build_message(variant=v, campaign_id=0, recipient=PREVIEW_RECIPIENT, mlist=mlist,
-                            settings=settings, now=now)
+        msg = build_message(
+            variant=v,
+            campaign_id=0,
+            recipient=PREVIEW_RECIPIENT,
+            mlist=mlist,
+            settings=settings,
+            now=now,
+        )
         html_part = msg.get_body(("html",))
         text_part = msg.get_body(("plain",))
         assert html_part is not None and text_part is not None

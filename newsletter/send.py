@@ -78,17 +78,21 @@ class VariantCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[int, str], RenderedVariant] = {}
 
-    def get(self, session: Session, campaign_id: int, lang: str, default_lang: str) -> RenderedVariant:
+    def get(
+        self, session: Session, campaign_id: int, lang: str, default_lang: str
+    ) -> RenderedVariant:
         """The variant in this language, else the default language's."""
         for want in (lang, default_lang):
             key = (campaign_id, want)
             if key not in self._cache:
-                row = session.scalar(select(Variant).where(
-                    Variant.campaign_id == campaign_id, Variant.lang == want))
+                row = session.scalar(
+                    select(Variant).where(Variant.campaign_id == campaign_id, Variant.lang == want)
+                )
                 if row is None:
                     continue
-                self._cache[key] = RenderedVariant(lang=row.lang, subject=row.subject,
-                                                   html=row.html, text=row.text)
+                self._cache[key] = RenderedVariant(
+                    lang=row.lang, subject=row.subject, html=row.html, text=row.text
+                )
             return self._cache[key]
         raise LookupError(f"campaign {campaign_id} has no rendered variant")
 
@@ -102,8 +106,11 @@ def prepare_jobs(
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .join(Campaign, Campaign.id == Delivery.campaign_id)
         .join(MailingList, MailingList.id == Campaign.list_id)
-        .outerjoin(Subscription, (Subscription.subscriber_id == Subscriber.id)
-                   & (Subscription.list_id == Campaign.list_id))
+        .outerjoin(
+            Subscription,
+            (Subscription.subscriber_id == Subscriber.id)
+            & (Subscription.list_id == Campaign.list_id),
+        )
         .where(Delivery.id.in_(ids))
     ).all()
     jobs, gone = [], []
@@ -113,20 +120,36 @@ def prepare_jobs(
             continue
         variant = variants.get(session, campaign.id, sub.language, settings.render.default_language)
         recipient = Recipient(subscriber_id=sub.id, email=sub.email, name=sub.name)
-        msg = build_message(variant=variant, campaign_id=campaign.id, recipient=recipient,
-                            mlist=ListInfo(ml.id, ml.slug, ml.list_id), settings=settings, now=now)
+        msg = build_message(
+            variant=variant,
+            campaign_id=campaign.id,
+            recipient=recipient,
+            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
+            settings=settings,
+            now=now,
+        )
         jobs.append(Job(delivery.id, campaign.id, recipient, msg.as_bytes()))
     if gone:
-        session.execute(update(Delivery).where(Delivery.id.in_(gone)).values(
-            status=DeliveryStatus.SUPPRESSED, lease_until=None, last_reply="left before sending"))
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(gone))
+            .values(
+                status=DeliveryStatus.SUPPRESSED, lease_until=None, last_reply="left before sending"
+            )
+        )
     return jobs, len(gone)
 
 
 async def send_jobs(jobs: list[Job], *, transport: Transport, sender: str) -> list[Outcome]:
     """Send every job concurrently; the transport bounds how many are in flight."""
-    return list(await asyncio.gather(*(
-        transport.send(job.message, sender=sender, recipient=job.recipient.email) for job in jobs
-    )))
+    return list(
+        await asyncio.gather(
+            *(
+                transport.send(job.message, sender=sender, recipient=job.recipient.email)
+                for job in jobs
+            )
+        )
+    )
 
 
 def record_outcomes(
@@ -152,14 +175,16 @@ def record_outcomes(
         elif outcome.result is Result.TEMPORARY and now - delivery.created_at < deadline:
             delivery.status = DeliveryStatus.DEFERRED
             delivery.next_attempt_at = now + retry_delay(
-                delivery.attempts, base_seconds=settings.smtp.retry_base_seconds, rng=rng)
+                delivery.attempts, base_seconds=settings.smtp.retry_base_seconds, rng=rng
+            )
             report.deferred += 1
         else:
             delivery.status = DeliveryStatus.FAILED
             report.failed += 1
             if outcome.result is Result.PERMANENT and outcome.recipient_level:
-                suppress_bounced(session, job.recipient, settings=settings, now=now,
-                                 reply=outcome.reply)
+                suppress_bounced(
+                    session, job.recipient, settings=settings, now=now, reply=outcome.reply
+                )
     session.flush()
     return report
 
@@ -168,13 +193,22 @@ def suppress_bounced(
     session: Session, recipient: Recipient, *, settings: Settings, now: datetime, reply: str
 ) -> None:
     """Mark an address refused for good as bounced, so nothing is sent to it again."""
-    session.execute(update(Subscriber).where(Subscriber.id == recipient.subscriber_id)
-                    .values(status=SubscriberStatus.BOUNCED))
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == recipient.subscriber_id)
+        .values(status=SubscriberStatus.BOUNCED)
+    )
     digest = hash_address(recipient.email, secret=settings.security.require_secret())
     if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
         session.add(Suppression(email_hash=digest, reason="bounce", created_at=now))
-    session.add(Event(at=now, actor="sender", action="subscriber.bounced",
-                      detail={"subscriber": recipient.subscriber_id, "reply": reply[:200]}))
+    session.add(
+        Event(
+            at=now,
+            actor="sender",
+            action="subscriber.bounced",
+            detail={"subscriber": recipient.subscriber_id, "reply": reply[:200]},
+        )
+    )
 
 
 async def deliver_queued(
@@ -193,17 +227,28 @@ async def deliver_queued(
     total = SendReport()
     while True:
         with unit_of_work(factory) as session:
-            ids = claim_batch(session, now=clock.now(), lease_seconds=settings.smtp.lease_seconds,
-                              limit=settings.smtp.batch_size, campaign_id=campaign_id)
+            ids = claim_batch(
+                session,
+                now=clock.now(),
+                lease_seconds=settings.smtp.lease_seconds,
+                limit=settings.smtp.batch_size,
+                campaign_id=campaign_id,
+            )
         if not ids:
             break
         with unit_of_work(factory) as session:
-            jobs, gone = prepare_jobs(session, ids, settings=settings, variants=variants,
-                                      now=clock.now())
+            jobs, gone = prepare_jobs(
+                session, ids, settings=settings, variants=variants, now=clock.now()
+            )
         outcomes = await send_jobs(jobs, transport=transport, sender=settings.mail.from_address)
         with unit_of_work(factory) as session:
-            batch = record_outcomes(session, list(zip(jobs, outcomes, strict=True)),
-                                    settings=settings, now=clock.now(), rng=rng)
+            batch = record_outcomes(
+                session,
+                list(zip(jobs, outcomes, strict=True)),
+                settings=settings,
+                now=clock.now(),
+                rng=rng,
+            )
             batch.suppressed = gone
             for cid in sorted({job.campaign_id for job in jobs} | _campaigns_of(session, ids)):
                 if finish_if_done(session=session, campaign_id=cid, now=clock.now()):

@@ -78,7 +78,7 @@ class SmtpPool:
             port=s.port,
             timeout=s.timeout_seconds,
             use_tls=s.security == "tls",
-            start_tls=True if s.security == "starttls" else False,
+            start_tls=s.security == "starttls",
             tls_context=ssl.create_default_context() if s.security != "none" else None,
             username=s.username or None,
             password=s.password or None,
@@ -106,8 +106,10 @@ class SmtpPool:
         """Keep a connection after a plain refusal; drop it after anything else."""
         if client is None:
             return
-        if isinstance(error, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused) \
-                and client.is_connected:
+        if (
+            isinstance(error, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused)
+            and client.is_connected
+        ):
             self._idle.put_nowait(client)
             return
         self._all.discard(client)

@@ -57,4 +57,6 @@ def read_token(
 def hash_address(email: str, *, secret: str) -> str:
     """A keyed hash of an address, so suppressions keep no readable address."""
     key = secret.encode()
-    return hmac.new(key, b"suppression:" + email.strip().lower().encode(), hashlib.sha256).hexdigest()
+    return hmac.new(
+        key, b"suppression:" + email.strip().lower().encode(), hashlib.sha256
+    ).hexdigest()

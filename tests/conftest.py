@@ -112,7 +112,9 @@ def smtpd(tmp_path: Path) -> Iterator[SmtpServer]:
 
 def make_settings(database_url: str, smtp: SmtpServer | None = None) -> Settings:
     """Embedded defaults pointed at a test database and SMTP server."""
-    base = load_settings(None, {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": database_url})
+    base = load_settings(
+        None, {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": database_url}
+    )
     if smtp is not None:
         base = replace(base, smtp=replace(base.smtp, host=smtp.host, port=smtp.port))
     return base

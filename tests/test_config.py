@@ -17,8 +17,9 @@ def test_example_config_equals_embedded_defaults() -> None:
     """config.example.toml repeats every embedded default, key for key."""
     example = load_settings(ROOT / "config.example.toml", {})
     defaults = load_settings(None, {})
-    assert dataclasses.replace(example, source_path="") == dataclasses.replace(defaults,
-                                                                               source_path="")
+    assert dataclasses.replace(example, source_path="") == dataclasses.replace(
+        defaults, source_path=""
+    )
 
 
 def test_example_config_names_every_key() -> None:
@@ -47,7 +48,9 @@ def test_example_config_names_every_key() -> None:
         pytest.param("[smtp]\nsecurity = 'ssl'\n", "'smtp.security'", id="bad-security"),
     ],
 )
-def test_bad_config_is_refused_with_key_and_file(tmp_path: Path, content: str, expected: str) -> None:
+def test_bad_config_is_refused_with_key_and_file(
+    tmp_path: Path, content: str, expected: str
+) -> None:
     """A bad file stops loading with one line naming the file and the key."""
     path = tmp_path / "config.toml"
     path.write_text(content)

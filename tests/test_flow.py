@@ -1,10 +1,10 @@
-"""The whole flow, end to end, on SQLite and PostgreSQL: feed → digest/alert → a real SMTP server."""
+"""The whole flow end to end, on SQLite and PostgreSQL: feed → digest/alert → real SMTP server."""
 
 from __future__ import annotations
 
 import asyncio
-from html import escape as html_escape
 from email.message import EmailMessage
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -38,14 +38,25 @@ def prepare(factory: sessionmaker[Session], clock: FrozenClock) -> None:
     """Lists, the example subscribers and the sample feed, as `newsletter demo` does."""
     with unit_of_work(factory) as session:
         sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
-        import_rows(session=session, rows=read_csv(EXAMPLE_CSV), default_list=None,
-                    confirmed=True, secret=SECRET, now=clock.now(), actor="test")
+        import_rows(
+            session=session,
+            rows=read_csv(EXAMPLE_CSV),
+            default_list=None,
+            confirmed=True,
+            secret=SECRET,
+            now=clock.now(),
+            actor="test",
+        )
     ingest(factory, clock)
 
 
 def ingest(factory: sessionmaker[Session], clock: FrozenClock) -> None:
-    [report] = ingest_all(factory=factory, sources=[(str(SAMPLE_FEED), "sample", "en")],
-                          settings=Settings().sources, clock=clock)
+    [report] = ingest_all(
+        factory=factory,
+        sources=[(str(SAMPLE_FEED), "sample", "en")],
+        settings=Settings().sources,
+        clock=clock,
+    )
     assert report.error is None
 
 
@@ -53,22 +64,27 @@ def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClo
     async def run() -> SendReport:
         pool = SmtpPool(settings.smtp)
         try:
-            return await deliver_queued(factory=factory, settings=settings, transport=pool,
-                                        clock=clock)
+            return await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=clock
+            )
         finally:
             await pool.close()
 
     return asyncio.run(run())
 
 
-def send_digest(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> int | None:
+def send_digest(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock
+) -> int | None:
     with unit_of_work(factory) as session:
-        campaign = assemble_digest(session=session, list_slug="weekly-digest", now=clock.now(),
-                                   actor="test")
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
         if campaign is None:
             return None
-        start_campaign(session=session, campaign=campaign, settings=settings, now=clock.now(),
-                       actor="test")
+        start_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
         cid = campaign.id
     deliver(factory, settings, clock)
     return cid
@@ -76,8 +92,17 @@ def send_digest(factory: sessionmaker[Session], settings: Settings, clock: Froze
 
 def check_headers(msg: EmailMessage) -> None:
     """Every header DESIGN promises is there and well-formed."""
-    for name in ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "List-Id",
-                 "List-Unsubscribe", "List-Unsubscribe-Post"):
+    for name in (
+        "From",
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "List-Id",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+    ):
         assert msg[name], f"missing {name}"
     assert "\n" not in str(msg["Subject"]) and "\r" not in str(msg["Subject"])
     unsub = str(msg["List-Unsubscribe"])
@@ -91,7 +116,7 @@ def check_headers(msg: EmailMessage) -> None:
 def test_digest_reaches_each_subscriber_exactly_once(
     factory: sessionmaker[Session], smtpd: SmtpServer, clock: FrozenClock, database_url: str
 ) -> None:
-    """A digest of the sample feed arrives once per list member, with every header and both parts."""
+    """A digest of the sample feed reaches each list member once, with every header and part."""
     settings = make_settings(database_url, smtpd)
     prepare(factory, clock)
     cid = send_digest(factory, settings, clock)
@@ -138,10 +163,16 @@ def test_alert_goes_to_alert_list_once_even_if_asked_twice(
     for _ in range(2):
         with unit_of_work(factory) as session:
             urgent = session.scalars(select(Item).where(Item.urgent.is_(True))).one()
-            campaign, _created = assemble_alert(session=session, list_slug="urgent-actions",
-                                                now=clock.now(), actor="test", item_ref=urgent.link)
-            start_campaign(session=session, campaign=campaign, settings=settings,
-                           now=clock.now(), actor="test")
+            campaign, _created = assemble_alert(
+                session=session,
+                list_slug="urgent-actions",
+                now=clock.now(),
+                actor="test",
+                item_ref=urgent.link,
+            )
+            start_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+            )
         deliver(factory, settings, clock)
     rows = [r for _line, r, _err in read_csv(EXAMPLE_CSV) if r]
     expected = {r["email"] for r in rows if "urgent-actions" in (r["lists"] or "")}
@@ -159,13 +190,16 @@ def test_enqueue_twice_creates_no_duplicates(
     settings = make_settings(database_url)
     prepare(factory, clock)
     with unit_of_work(factory) as session:
-        campaign = assemble_digest(session=session, list_slug="weekly-digest", now=clock.now(),
-                                   actor="test")
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
         assert campaign is not None
-        first = start_campaign(session=session, campaign=campaign, settings=settings,
-                               now=clock.now(), actor="test")
-        second = start_campaign(session=session, campaign=campaign, settings=settings,
-                                now=clock.now(), actor="test")
+        first = start_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
+        second = start_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
         total = session.scalar(select(func.count()).select_from(Delivery))
     assert first == len(weekly_digest_people()) == total
     assert second == 0
@@ -173,16 +207,19 @@ def test_enqueue_twice_creates_no_duplicates(
 
 @pytest.mark.parametrize("reply", ["451 try later", "550 no such mailbox"])
 def test_smtp_refusal_is_recorded_not_lost(
-    factory: sessionmaker[Session], tmp_path: Path, clock: FrozenClock, database_url: str,
+    factory: sessionmaker[Session],
+    tmp_path: Path,
+    clock: FrozenClock,
+    database_url: str,
     reply: str,
 ) -> None:
-    """A 4xx defers every delivery for a retry; a 5xx at RCPT fails it and suppresses the address."""
+    """A 4xx defers each delivery for a retry; a 5xx at RCPT fails it and suppresses the address."""
     from aiosmtpd.controller import Controller
 
     from newsletter.devsmtp import free_port
 
     class Refuser:
-        async def handle_RCPT(self, server, session, envelope, address, options):  # noqa: ANN001
+        async def handle_RCPT(self, server, session, envelope, address, options):
             return reply
 
     port = free_port()
@@ -207,4 +244,5 @@ def test_smtp_refusal_is_recorded_not_lost(
         clock.advance(days=7)
         with unit_of_work(factory) as session:  # bounced people are not queued again
             from newsletter.db.queries import audience_size
+
             assert audience_size(session, campaign.list_id) == 0

@@ -85,8 +85,12 @@ def _version(value: bool) -> None:
 def root(
     ctx: typer.Context,
     config: Annotated[
-        str | None, typer.Option("--config", help="Config file (default: $NEWSLETTER_CONFIG, "
-                                 "else ./config.toml, else embedded defaults).")
+        str | None,
+        typer.Option(
+            "--config",
+            help="Config file (default: $NEWSLETTER_CONFIG, "
+            "else ./config.toml, else embedded defaults).",
+        ),
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[
@@ -140,17 +144,27 @@ def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> Se
         pool = SmtpPool(settings.smtp)
         try:
             return await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=state.clock,
+                factory=factory,
+                settings=settings,
+                transport=pool,
+                clock=state.clock,
                 campaign_id=campaign_id,
-                on_batch=lambda b: progress.advance(task, b.sent + b.deferred + b.failed
-                                                    + b.suppressed),
+                on_batch=lambda b: progress.advance(
+                    task, b.sent + b.deferred + b.failed + b.suppressed
+                ),
             )
         finally:
             await pool.close()
 
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=True,
-                  disable=total == 0) as progress:
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+        disable=total == 0,
+    ) as progress:
         task = progress.add_task("sending", total=total)
         report = asyncio.run(run(progress, task))
     console.print(

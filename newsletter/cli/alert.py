@@ -24,8 +24,12 @@ app.add_typer(alert_app, name="alert")
 
 Item = Annotated[str | None, typer.Option("--item", help="The portal item: its guid or link.")]
 Title = Annotated[str | None, typer.Option("--title", help="Alert title, for an alert from text.")]
-BodyFile = Annotated[Path | None, typer.Option(
-    "--body-file", help="Alert text: plain text (blank lines between paragraphs) or .html.")]
+BodyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--body-file", help="Alert text: plain text (blank lines between paragraphs) or .html."
+    ),
+]
 Url = Annotated[str | None, typer.Option("--url", help="Where the call to action points.")]
 ListSlug = Annotated[str | None, typer.Option("--list", help="List slug (default: [alerts] list).")]
 
@@ -44,22 +48,38 @@ def read_body(path: Path | None) -> str:
     return "".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs)
 
 
-def _assemble(state: State, session: Session, item: str | None, title: str | None,
-              body_file: Path | None, url: str | None, list_slug: str | None
-              ) -> tuple[Campaign, bool]:
+def _assemble(
+    state: State,
+    session: Session,
+    item: str | None,
+    title: str | None,
+    body_file: Path | None,
+    url: str | None,
+    list_slug: str | None,
+) -> tuple[Campaign, bool]:
     if not item and not (title and body_file):
         raise CampaignError("give --item GUID_OR_URL, or --title and --body-file")
     return assemble_alert(
-        session=session, list_slug=list_slug or state.settings.alerts.list, now=state.clock.now(),
-        actor=state.actor, item_ref=item, title=title or "", body_html=read_body(body_file),
-        url=url or "", base_url=state.settings.web.base_url,
+        session=session,
+        list_slug=list_slug or state.settings.alerts.list,
+        now=state.clock.now(),
+        actor=state.actor,
+        item_ref=item,
+        title=title or "",
+        body_html=read_body(body_file),
+        url=url or "",
+        base_url=state.settings.web.base_url,
     )
 
 
 @alert_app.command("preview")
 def preview(
-    ctx: typer.Context, item: Item = None, title: Title = None, body_file: BodyFile = None,
-    url: Url = None, list_slug: ListSlug = None,
+    ctx: typer.Context,
+    item: Item = None,
+    title: Title = None,
+    body_file: BodyFile = None,
+    url: Url = None,
+    list_slug: ListSlug = None,
     out: Annotated[Path, typer.Option(help="Folder to write the files to.")] = Path("preview"),
 ) -> None:
     """Write the alert as .html, .txt and .eml files per language; sends nothing."""
@@ -68,25 +88,36 @@ def preview(
     try:
         campaign, _ = _assemble(state, session, item, title, body_file, url, list_slug)
         ml = campaign.mailing_list
-        paths = write_previews(variants=render_campaign(campaign, settings=state.settings),
-                               out_dir=out, stem="alert", mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-                               settings=state.settings, now=state.clock.now())
-        n = audience_size(session, campaign.list_id)
+        paths = write_previews(
+            variants=render_campaign(campaign, settings=state.settings),
+            out_dir=out,
+            stem="alert",
+            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
+            settings=state.settings,
+            now=state.clock.now(),
+        )
+        n, slug = audience_size(session, campaign.list_id), ml.slug
     finally:
         session.rollback()
         session.close()
-    console.print(f"alert for '{ml.slug}' would reach {n} people; wrote:")
+    console.print(f"alert for '{slug}' would reach {n} people; wrote:")
     for path in paths:
         console.print(f"  {path}")
 
 
 @alert_app.command("send")
 def send(
-    ctx: typer.Context, item: Item = None, title: Title = None, body_file: BodyFile = None,
-    url: Url = None, list_slug: ListSlug = None,
+    ctx: typer.Context,
+    item: Item = None,
+    title: Title = None,
+    body_file: BodyFile = None,
+    url: Url = None,
+    list_slug: ListSlug = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-    queue_only: Annotated[bool, typer.Option("--queue-only", help="Queue only; leave the "
-                                             "sending to `newsletter send`.")] = False,
+    queue_only: Annotated[
+        bool,
+        typer.Option("--queue-only", help="Queue only; leave the sending to `newsletter send`."),
+    ] = False,
 ) -> None:
     """Send an urgent alert now; the same alert asked for twice is sent once."""
     state: State = ctx.obj
@@ -94,15 +125,23 @@ def send(
     try:
         campaign, created = _assemble(state, session, item, title, body_file, url, list_slug)
         if not created and campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
-            console.print(f"this alert was already sent as campaign {campaign.id} "
-                          f"({campaign.status}); nothing to do")
+            console.print(
+                f"this alert was already sent as campaign {campaign.id} "
+                f"({campaign.status}); nothing to do"
+            )
             return
         n = audience_size(session, campaign.list_id)
         if not yes and sys.stdin.isatty():
-            typer.confirm(f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?",
-                          abort=True)
-        queued = start_campaign(session=session, campaign=campaign, settings=state.settings,
-                                now=state.clock.now(), actor=state.actor)
+            typer.confirm(
+                f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?", abort=True
+            )
+        queued = start_campaign(
+            session=session,
+            campaign=campaign,
+            settings=state.settings,
+            now=state.clock.now(),
+            actor=state.actor,
+        )
         session.commit()
         campaign_id = campaign.id
     finally:

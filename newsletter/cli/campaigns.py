@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -28,24 +28,33 @@ def list_(
     """List campaigns, newest first, with their delivery counts."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for c in session.scalars(select(Campaign).order_by(Campaign.id.desc()).limit(limit)):
-            rows.append({"id": c.id, "kind": c.kind, "list": c.mailing_list.slug,
-                         "status": c.status, "created_at": c.created_at.isoformat(),
-                         **delivery_counts(session, c.id)})
+            rows.append(
+                {
+                    "id": c.id,
+                    "kind": c.kind,
+                    "list": c.mailing_list.slug,
+                    "status": c.status,
+                    "created_at": c.created_at.isoformat(),
+                    **delivery_counts(session, c.id),
+                }
+            )
     if as_json:
         console.print_json(json.dumps(rows))
         return
     table = Table("id", "kind", "list", "status", "created", "sent", "queued", "deferred", "failed")
     for r in rows:
-        table.add_row(str(r["id"]), r["kind"], r["list"], r["status"], r["created_at"][:16],
-                      *(str(r.get(k, 0)) for k in ("sent", "queued", "deferred", "failed")))
+        cells = [str(r.get(k, 0)) for k in ("id", "kind", "list", "status", "created_at")]
+        cells[4] = cells[4][:16]
+        table.add_row(*cells, *(str(r.get(k, 0)) for k in ("sent", "queued", "deferred", "failed")))
     console.print(table)
 
 
 @campaigns_app.command("show")
-def show(ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
-         ) -> None:
+def show(
+    ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
+) -> None:
     """Show one campaign: what it carries and how its deliveries stand."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:

@@ -17,7 +17,9 @@ from newsletter.preview import write_previews
 digest_app = typer.Typer(help="The weekly digest of new portal items.", no_args_is_help=True)
 app.add_typer(digest_app, name="digest")
 
-ListOption = Annotated[str | None, typer.Option("--list", help="List slug (default: [digest] list).")]
+ListOption = Annotated[
+    str | None, typer.Option("--list", help="List slug (default: [digest] list).")
+]
 
 
 @digest_app.command("preview")
@@ -32,21 +34,31 @@ def preview(
     slug = list_slug or state.settings.digest.list
     session = state.factory()()
     try:  # assemble inside a transaction that is rolled back: a preview changes nothing
-        campaign = assemble_digest(session=session, list_slug=slug, now=state.clock.now(),
-                                   actor=state.actor)
+        campaign = assemble_digest(
+            session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
+        )
         if campaign is None:
             console.print(f"nothing new since the last digest of '{slug}': nothing to preview")
             return
-        variants = [v for v in render_campaign(campaign, settings=state.settings)
-                    if lang is None or v.lang == lang]
+        variants = [
+            v
+            for v in render_campaign(campaign, settings=state.settings)
+            if lang is None or v.lang == lang
+        ]
         ml = campaign.mailing_list
-        paths = write_previews(variants=variants, out_dir=out, stem="digest",
-                               mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-                               settings=state.settings, now=state.clock.now())
+        paths = write_previews(
+            variants=variants,
+            out_dir=out,
+            stem="digest",
+            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
+            settings=state.settings,
+            now=state.clock.now(),
+        )
+        n_items = len(campaign.items)
     finally:
         session.rollback()
         session.close()
-    console.print(f"digest of {len(campaign.items)} items for '{slug}'; wrote:")
+    console.print(f"digest of {n_items} items for '{slug}'; wrote:")
     for path in paths:
         console.print(f"  {path}")
 
@@ -55,35 +67,49 @@ def preview(
 def send(
     ctx: typer.Context,
     list_slug: ListOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be sent; change "
-                                          "nothing.")] = False,
-    queue_only: Annotated[bool, typer.Option("--queue-only", help="Queue the deliveries and "
-                                             "leave the sending to `newsletter send`.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be sent; change nothing.")
+    ] = False,
+    queue_only: Annotated[
+        bool,
+        typer.Option(
+            "--queue-only", help="Queue the deliveries and leave the sending to `newsletter send`."
+        ),
+    ] = False,
 ) -> None:
     """Assemble the digest of new items, queue it for the list and deliver it."""
     state: State = ctx.obj
     slug = list_slug or state.settings.digest.list
     session = state.factory()()
     try:
-        campaign = assemble_digest(session=session, list_slug=slug, now=state.clock.now(),
-                                   actor=state.actor)
+        campaign = assemble_digest(
+            session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
+        )
         if campaign is None:
             console.print(f"nothing new since the last digest of '{slug}': no digest sent")
             return
         if dry_run:
             n = audience_size(session, campaign.list_id)
-            console.print(f"would send a digest of {len(campaign.items)} items to {n} people "
-                          f"on '{slug}' (dry run: nothing changed)")
+            console.print(
+                f"would send a digest of {len(campaign.items)} items to {n} people "
+                f"on '{slug}' (dry run: nothing changed)"
+            )
             session.rollback()
             return
-        queued = start_campaign(session=session, campaign=campaign, settings=state.settings,
-                                now=state.clock.now(), actor=state.actor)
+        queued = start_campaign(
+            session=session,
+            campaign=campaign,
+            settings=state.settings,
+            now=state.clock.now(),
+            actor=state.actor,
+        )
         session.commit()
-        campaign_id = campaign.id
+        campaign_id, n_items = campaign.id, len(campaign.items)
     finally:
         session.rollback()
         session.close()
-    console.print(f"campaign {campaign_id}: digest of {len(campaign.items)} items queued for "
-                  f"{queued} people on '{slug}'")
+    console.print(
+        f"campaign {campaign_id}: digest of {n_items} items queued for {queued} people on '{slug}'"
+    )
     if not queue_only:
         deliver_with_progress(state, campaign_id=campaign_id)

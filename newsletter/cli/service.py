@@ -28,8 +28,10 @@ def default_lists_file() -> Path:
 @app.command()
 def init(
     ctx: typer.Context,
-    lists: Annotated[Path | None, typer.Option(help="List declarations to apply "
-                                               "(default: subscribers/lists.toml).")] = None,
+    lists: Annotated[
+        Path | None,
+        typer.Option(help="List declarations to apply (default: subscribers/lists.toml)."),
+    ] = None,
 ) -> None:
     """Create or upgrade the database, then apply the list declarations."""
     state: State = ctx.obj
@@ -40,25 +42,34 @@ def init(
     console.print(f"database ready: {engine.url.render_as_string(hide_password=True)}")
     console.print(f"lists: created {len(report.created)}, updated {len(report.updated)}")
     for slug in report.missing:
-        err_console.print(f"[yellow]warning:[/yellow] list '{slug}' is in the database but no "
-                          "longer declared; it was kept with its subscriptions")
+        err_console.print(
+            f"[yellow]warning:[/yellow] list '{slug}' is in the database but no "
+            "longer declared; it was kept with its subscriptions"
+        )
 
 
 @app.command()
 def ingest(
     ctx: typer.Context,
-    sources: Annotated[list[str] | None, typer.Argument(
-        help="Feed URLs or files; none = every source in [sources] feeds.")] = None,
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(help="Feed URLs or files; none = every source in [sources] feeds."),
+    ] = None,
 ) -> None:
     """Fetch and store new portal items; one bad source never stops the others."""
     state: State = ctx.obj
     settings = state.settings
     feeds = [FeedSource(url=s) for s in sources] if sources else list(settings.sources.feeds)
     if not feeds:
-        raise ConfigError(f"{settings.source_path}: no sources: give a URL or file, or set "
-                          "[sources] feeds")
-    reports = ingest_all(factory=state.factory(), sources=[(f.url, f.name, f.lang) for f in feeds],
-                         settings=settings.sources, clock=state.clock)
+        raise ConfigError(
+            f"{settings.source_path}: no sources: give a URL or file, or set [sources] feeds"
+        )
+    reports = ingest_all(
+        factory=state.factory(),
+        sources=[(f.url, f.name, f.lang) for f in feeds],
+        settings=settings.sources,
+        clock=state.clock,
+    )
     table = Table("source", "new", "updated", "unchanged", "result")
     for r in reports:
         result = r.error or ("not modified" if r.not_modified else "ok")
@@ -82,14 +93,16 @@ def dev_smtp(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8025,
     maildir: Annotated[Path, typer.Option(help="Where to keep received messages.")] = Path(
-        "maildir"),
+        "maildir"
+    ),
 ) -> None:
     """Run a local SMTP server that keeps every message it receives in a Maildir."""
     from newsletter.devsmtp import start_dev_smtp
 
     controller = start_dev_smtp(host=host, port=port, maildir=maildir)
-    console.print(f"dev SMTP server on {host}:{port}, keeping mail in {maildir.resolve()}; "
-                  "Ctrl-C to stop")
+    console.print(
+        f"dev SMTP server on {host}:{port}, keeping mail in {maildir.resolve()}; Ctrl-C to stop"
+    )
     try:
         while True:
             time.sleep(3600)
@@ -101,8 +114,13 @@ def dev_smtp(
 
 @app.command()
 def demo(
-    directory: Annotated[Path | None, typer.Option("--dir", help="Folder for the demo's database, "
-                                                   "previews and Maildir (default: a new one).")] = None,
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Folder for the demo's database, previews and Maildir (default: a new one).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole flow once on embedded defaults and print a summary."""
     from newsletter.demo import run_demo

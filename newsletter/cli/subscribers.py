@@ -27,32 +27,54 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 @subscribers_app.command("import")
 def import_(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="CSV with an 'email' column; also name, language, "
-                                         "lists, tags, country and any custom columns.")],
-    list_slug: Annotated[str | None, typer.Option("--list", help="List for rows without a "
-                                                  "'lists' column.")] = None,
-    confirmed: Annotated[bool, typer.Option("--confirmed", help="The people already confirmed "
-                                            "(no opt-in mail).")] = False,
-    rejects: Annotated[Path | None, typer.Option(help="Where to write rejected rows "
-                                                 "(default: FILE.rejects.csv).")] = None,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with an 'email' column; also name, language, "
+            "lists, tags, country and any custom columns."
+        ),
+    ],
+    list_slug: Annotated[
+        str | None, typer.Option("--list", help="List for rows without a 'lists' column.")
+    ] = None,
+    confirmed: Annotated[
+        bool, typer.Option("--confirmed", help="The people already confirmed (no opt-in mail).")
+    ] = False,
+    rejects: Annotated[
+        Path | None, typer.Option(help="Where to write rejected rows (default: FILE.rejects.csv).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Import subscribers from CSV; bad rows go to a rejects file, good rows go in."""
     state: State = ctx.obj
     secret = state.settings.security.require_secret()
     with unit_of_work(state.factory()) as session:
-        report = import_rows(session=session, rows=read_csv(file), default_list=list_slug,
-                             confirmed=confirmed, secret=secret, now=state.clock.now(),
-                             actor=state.actor)
+        report = import_rows(
+            session=session,
+            rows=read_csv(file),
+            default_list=list_slug,
+            confirmed=confirmed,
+            secret=secret,
+            now=state.clock.now(),
+            actor=state.actor,
+        )
     if report.rejects:
         path = rejects or file.with_suffix(".rejects.csv")
-        path.write_text("line,reason\n" + "".join(
-            f'{line},"{reason.replace(chr(34), chr(39))}"\n' for line, reason in report.rejects),
-            encoding="utf-8")
+        path.write_text(
+            "line,reason\n"
+            + "".join(
+                f'{line},"{reason.replace(chr(34), chr(39))}"\n' for line, reason in report.rejects
+            ),
+            encoding="utf-8",
+        )
         err_console.print(f"{len(report.rejects)} rows rejected: see {path}")
-    counts = {"imported": report.imported, "updated": report.updated,
-              "unchanged": report.unchanged, "kept_out": report.kept_out,
-              "rejected": len(report.rejects)}
+    counts = {
+        "imported": report.imported,
+        "updated": report.updated,
+        "unchanged": report.unchanged,
+        "kept_out": report.kept_out,
+        "rejected": len(report.rejects),
+    }
     if as_json:
         console.print_json(json.dumps(counts))
     else:
@@ -74,8 +96,11 @@ def list_(
             stmt = stmt.join(Subscription).join(MailingList).where(MailingList.slug == list_slug)
         rows = [(s.email, s.name, s.language, s.status) for s in session.scalars(stmt)]
     if as_json:
-        console.print_json(json.dumps([dict(zip(("email", "name", "language", "status"), r,
-                                                strict=True)) for r in rows]))
+        console.print_json(
+            json.dumps(
+                [dict(zip(("email", "name", "language", "status"), r, strict=True)) for r in rows]
+            )
+        )
         return
     table = Table("email", "name", "language", "status")
     for r in rows:
@@ -88,14 +113,25 @@ def lists_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Show the lists with their kind and number of active subscribers."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        active = (select(func.count()).where(Subscription.list_id == MailingList.id,
-                                             Subscription.status == SubscriptionStatus.ACTIVE)
-                  .scalar_subquery())
-        rows = session.execute(select(MailingList.slug, MailingList.kind, MailingList.list_id,
-                                      active).order_by(MailingList.slug)).all()
+        active = (
+            select(func.count())
+            .where(
+                Subscription.list_id == MailingList.id,
+                Subscription.status == SubscriptionStatus.ACTIVE,
+            )
+            .scalar_subquery()
+        )
+        rows = session.execute(
+            select(MailingList.slug, MailingList.kind, MailingList.list_id, active).order_by(
+                MailingList.slug
+            )
+        ).all()
     if as_json:
-        console.print_json(json.dumps([{"slug": r[0], "kind": r[1], "list_id": r[2],
-                                        "active": r[3]} for r in rows]))
+        console.print_json(
+            json.dumps(
+                [{"slug": r[0], "kind": r[1], "list_id": r[2], "active": r[3]} for r in rows]
+            )
+        )
         return
     table = Table("slug", "kind", "List-Id", "active subscribers")
     for slug, kind, list_id, n in rows:
@@ -106,8 +142,9 @@ def lists_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
 @lists_app.command("sync")
 def lists_sync(
     ctx: typer.Context,
-    file: Annotated[Path | None, typer.Argument(help="Declarations (default: "
-                                                "subscribers/lists.toml).")] = None,
+    file: Annotated[
+        Path | None, typer.Argument(help="Declarations (default: subscribers/lists.toml).")
+    ] = None,
 ) -> None:
     """Apply the list declarations to the database."""
     state: State = ctx.obj

@@ -36,6 +36,10 @@ from newsletter.db.models import (
 PENDING_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.DEFERRED, DeliveryStatus.CLAIMED)
 
 
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
 def items_since(session: Session, cursor: int) -> Sequence[Item]:
     """Items ingested after the list's digest cursor, newest first.
 
@@ -46,7 +50,7 @@ def items_since(session: Session, cursor: int) -> Sequence[Item]:
     return session.scalars(stmt).all()
 
 
-def audience_query(list_id: int) -> Select[tuple[int]]:
+def audience_query(list_id: int) -> Select[int]:
     """Subscriber ids who should get a campaign to this list: active people, active subscription.
 
     Suppressed, unsubscribed and bounced people are excluded here once, and again at claim time.
@@ -85,8 +89,8 @@ def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> 
         "next_attempt_at",
         "created_at",
     ]
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(Delivery.__table__).from_select(columns, source).on_conflict_do_nothing()
+    insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
+    stmt = insert(Delivery).from_select(columns, source).on_conflict_do_nothing()
     # Counted before and after: psycopg reports no rowcount for INSERT ... SELECT here.
     before = count_deliveries(session, campaign.id)
     session.execute(stmt)
@@ -130,7 +134,7 @@ def claim_batch(
     )
     if campaign_id is not None:
         pick = pick.where(Delivery.campaign_id == campaign_id)
-    if session.bind.dialect.name == "postgresql":
+    if _dialect(session) == "postgresql":
         pick = pick.with_for_update(of=Delivery, skip_locked=True)
     stmt = (
         update(Delivery)
@@ -179,4 +183,6 @@ def count_due(session: Session, *, now: datetime, campaign_id: int | None) -> in
 
 def audience_size(session: Session, list_id: int) -> int:
     """How many people a campaign to this list would reach now."""
-    return int(session.scalar(select(func.count()).select_from(audience_query(list_id).subquery())) or 0)
+    return int(
+        session.scalar(select(func.count()).select_from(audience_query(list_id).subquery())) or 0
+    )

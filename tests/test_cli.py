@@ -1,0 +1,185 @@
+"""The command line as people use it: real processes, a real SMTP server, a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+
+from newsletter.cli import app
+from tests.conftest import SECRET, SmtpServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_FEED = ROOT / "newsletter" / "data" / "portal-feed.xml"
+
+
+def run(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None, ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `newsletter ARGS` in a fresh process."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    full_env.update(env or {})
+    result = subprocess.run(
+        [sys.executable, "-m", "newsletter", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    if ok:
+        assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+def all_commands() -> list[list[str]]:
+    """Every command and group path of the CLI, e.g. ['digest', 'send']."""
+    import newsletter.cli.alert
+    import newsletter.cli.campaigns
+    import newsletter.cli.digest
+    import newsletter.cli.service
+    import newsletter.cli.subscribers  # noqa: F401
+
+    root = typer.main.get_command(app)
+    paths: list[list[str]] = []
+
+    def walk(cmd: Any, path: list[str]) -> None:
+        paths.append(path)
+        if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+
+    walk(root, [])
+    return paths
+
+
+def test_every_command_has_help() -> None:
+    """Each command and group answers --help with a description (and the README names it)."""
+    readme = (ROOT / "README.md").read_text()
+    paths = all_commands()
+    assert ["demo"] in paths and ["digest", "send"] in paths and ["alert", "preview"] in paths
+    for path in paths:
+        result = subprocess.run(
+            [sys.executable, "-m", "newsletter", *path, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, (path, result.stderr)
+        assert "Usage:" in result.stdout
+        if path:
+            assert f"newsletter {' '.join(path)}" in readme, f"README lacks {path}"
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        pytest.param("[smtp]\nhots = 'x'\n", "unknown key 'smtp.hots'", id="unknown-key"),
+        pytest.param("[smtp]\nport = 'x'\n", "'smtp.port' must be int", id="bad-value"),
+        pytest.param("this is not toml", "not valid TOML", id="not-toml"),
+    ],
+)
+def test_broken_config_gives_one_line_and_nonzero_exit(
+    tmp_path: Path, config: str, expected: str
+) -> None:
+    """A broken config stops any command with one line, a non-zero code and no traceback."""
+    (tmp_path / "config.toml").write_text(config)
+    result = run(["ingest", str(SAMPLE_FEED)], cwd=tmp_path, ok=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "config.toml" in lines[0]
+
+
+def test_uninitialised_database_says_run_init(tmp_path: Path) -> None:
+    """A command on a database that was never set up says what to do, in one line."""
+    result = run(["ingest", str(SAMPLE_FEED)], cwd=tmp_path, ok=False)
+    assert result.returncode != 0
+    assert "newsletter init" in result.stderr and "Traceback" not in result.stderr
+
+
+def write_config(tmp_path: Path, smtpd: SmtpServer) -> dict[str, str]:
+    (tmp_path / "config.toml").write_text(
+        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n"
+        f"[smtp]\nhost = '{smtpd.host}'\nport = {smtpd.port}\n"
+    )
+    return {"NEWSLETTER_SECRET": SECRET}
+
+
+def test_cli_flow_from_feed_to_mailbox(tmp_path: Path, smtpd: SmtpServer) -> None:
+    """init → import → ingest → preview → digest send → alert send, each as a separate process."""
+    env = write_config(tmp_path, smtpd)
+    run(["init"], tmp_path, env)
+    out = run(
+        [
+            "subscribers",
+            "import",
+            str(ROOT / "subscribers" / "example.csv"),
+            "--confirmed",
+            "--json",
+        ],
+        tmp_path,
+        env,
+    ).stdout
+    assert '"imported": 12' in out
+    assert "10" in run(["ingest", str(SAMPLE_FEED)], tmp_path, env).stdout
+    run(["digest", "preview", "--out", "pv"], tmp_path, env)
+    for lang in ("en", "be", "ru"):
+        for suffix in ("html", "txt", "eml"):
+            assert (tmp_path / "pv" / f"digest.{lang}.{suffix}").stat().st_size > 500
+    assert smtpd.messages() == []  # a preview sends nothing
+
+    dry = run(["digest", "send", "--dry-run"], tmp_path, env).stdout
+    assert "would send" in dry and smtpd.messages() == []
+    sent = run(["digest", "send"], tmp_path, env).stdout
+    assert "sent 9" in sent
+    again = run(["digest", "send"], tmp_path, env).stdout
+    assert "nothing new" in again
+    assert len(smtpd.messages()) == 9
+
+    urgent = "https://portal.example.org/?p="  # the sample feed's guids
+    feed = SAMPLE_FEED.read_text()
+    start = feed.index("urgent-action")
+    guid_at = feed.rfind(urgent, 0, start)
+    guid = feed[guid_at : feed.index("<", guid_at)]
+    run(["alert", "send", "--item", guid, "--yes"], tmp_path, env)
+    assert len(smtpd.messages()) == 9 + 8
+    second = run(["alert", "send", "--item", guid, "--yes"], tmp_path, env).stdout
+    assert "already sent" in second
+    assert len(smtpd.messages()) == 17
+    listing = run(["campaigns", "list", "--json"], tmp_path, env).stdout
+    assert listing.count('"status": "finished"') == 2
+
+
+def test_alert_from_staff_text(tmp_path: Path, smtpd: SmtpServer) -> None:
+    """Staff write an alert in a text file; it is escaped, sent once, and previews first."""
+    env = write_config(tmp_path, smtpd)
+    run(["init"], tmp_path, env)
+    run(
+        ["subscribers", "import", str(ROOT / "subscribers" / "example.csv"), "--confirmed"],
+        tmp_path,
+        env,
+    )
+    body = tmp_path / "body.txt"
+    body.write_text("Write to the prosecutor today.\n\n<script>alert(1)</script> & thanks")
+    args = [
+        "--title",
+        "Act now for Viasna",
+        "--body-file",
+        str(body),
+        "--url",
+        "https://portal.example.org/act",
+    ]
+    run(["alert", "preview", *args, "--out", "pv"], tmp_path, env)
+    assert "Act now for Viasna" in (tmp_path / "pv" / "alert.en.html").read_text()
+    run(["alert", "send", *args, "--yes"], tmp_path, env)
+    messages = smtpd.messages()
+    assert len(messages) == 8
+    html = messages[0].get_body(("html",)).get_content()
+    assert "<script" not in html and "Write to the prosecutor today." in html
