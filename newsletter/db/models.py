@@ -172,6 +172,7 @@ class Subscription(Base):
     status: Mapped[str] = mapped_column(_enum(SubscriptionStatus))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Segment(Base):
@@ -198,6 +199,8 @@ class Campaign(Base):
     body_html: Mapped[str] = mapped_column(Text, default="")
     url: Mapped[str] = mapped_column(String(2000), default="")
     created_by: Mapped[str] = mapped_column(String(200), default="")
+    approved_by: Mapped[str] = mapped_column(String(200), default="")
+    pause_reason: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -247,6 +250,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_reply: Mapped[str | None] = mapped_column(String(1000))
+    relay: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -270,3 +274,12 @@ class Event(Base):
     actor: Mapped[str] = mapped_column(String(200))
     action: Mapped[str] = mapped_column(String(100))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ServiceLock(Base):
+    """A named lease held by one process (e.g. the scheduler), so a second one stays idle."""
+
+    __tablename__ = "service_locks"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
