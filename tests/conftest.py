@@ -6,6 +6,7 @@ import functools
 import mailbox
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -51,6 +53,40 @@ def require_postgres() -> None:
     if IN_CI:
         pytest.fail(reason + " — CI must provide it")
     pytest.skip(reason)
+
+
+def require_chromium() -> str:
+    """Debian's chromium for browser tests: skipped locally when absent, a failure in CI."""
+    path = os.environ.get("NEWSLETTER_TEST_CHROMIUM") or shutil.which("chromium") or ""
+    if path and os.access(path, os.X_OK):
+        return path
+    reason = "chromium not installed (apt-get install chromium)"
+    if IN_CI:
+        pytest.fail(reason + " — CI must provide it")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    """A headless Debian chromium driven by Playwright; nothing is downloaded."""
+    executable = require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        instance = pw.chromium.launch(
+            executable_path=executable,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+            ],
+        )
+        yield instance
+        instance.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
