@@ -28,6 +28,28 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
+class RelaySettings:
+    """One more SMTP server to share the sending with ([smtp] itself is the first)."""
+
+    host: str
+    port: int = 25
+    name: str = ""
+    username: str = ""
+    password: str = ""
+    security: str = "none"
+    timeout_seconds: float = 30.0
+    pool_size: int = 4
+    weight: int = 1
+    rate_per_second: float = 0.0
+    hourly_limit: int = 0
+
+    @property
+    def label(self) -> str:
+        """The name kept on each delivery this relay carried."""
+        return self.name or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class SmtpSettings:
     host: str = "127.0.0.1"
     port: int = 8025
@@ -40,6 +62,11 @@ class SmtpSettings:
     lease_seconds: int = 300
     retry_base_seconds: int = 60
     retry_deadline_hours: int = 72
+    rate_per_second: float = 0.0
+    hourly_limit: int = 0
+    weight: int = 1
+    failure_burst: int = 50
+    relays: tuple[RelaySettings, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,14 @@ class MailSettings:
     from_address: str = "news@portal.example.org"
     from_name: str = "News from Ales Bialiatski"
     unsubscribe_address: str = "unsubscribe@portal.example.org"
+    bounce_address: str = "bounces@portal.example.org"
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    selector: str = ""
+    domain: str = ""
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,7 @@ class FeedSource:
     url: str
     name: str = ""
     lang: str = "en"
+    poll_minutes: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,18 @@ class DigestSettings:
 @dataclass(frozen=True)
 class AlertsSettings:
     list: str = "urgent-actions"
+    mode: str = "approve"
+    webhook_secret: str = ""
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    timezone: str = "Europe/Minsk"
+    digest_cron: str = "0 9 * * mon"
+    grace_hours: int = 24
+    poll_minutes: int = 10
+    send_interval_seconds: int = 5
+    lock_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -117,10 +165,12 @@ class Settings:
     sources: SourcesSettings = field(default_factory=SourcesSettings)
     digest: DigestSettings = field(default_factory=DigestSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     render: RenderSettings = field(default_factory=RenderSettings)
     brand: BrandSettings = field(default_factory=BrandSettings)
     web: WebSettings = field(default_factory=WebSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
     source_path: str = "(embedded defaults)"
 
 
@@ -222,6 +272,46 @@ def validate_settings(settings: Settings) -> None:
     for i, feed in enumerate(settings.sources.feeds):
         if feed.lang not in LANGUAGES:
             raise ConfigError(f"{where}: 'sources.feeds[{i}].lang' must be one of {LANGUAGES}")
-    for key in ("from_address", "unsubscribe_address"):
+    _validate_schedule(settings)
+    _validate_delivery(settings)
+    for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
+
+
+def _validate_schedule(settings: Settings) -> None:
+    """The time zone, the digest's crontab line and the alert mode must be usable."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    where, sched = settings.source_path, settings.schedule
+    try:
+        CronTrigger.from_crontab(sched.digest_cron, timezone=sched.timezone)
+    except (ValueError, LookupError) as e:
+        raise ConfigError(f"{where}: 'schedule.digest_cron' or 'schedule.timezone': {e}") from None
+    if settings.alerts.mode not in ("auto", "approve"):
+        raise ConfigError(f"{where}: 'alerts.mode' must be auto or approve")
+    secret = settings.alerts.webhook_secret
+    if secret and len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(
+            f"{where}: 'alerts.webhook_secret' must be {MIN_SECRET_LENGTH}+ characters"
+        )
+    for key in ("grace_hours", "poll_minutes", "send_interval_seconds", "lock_seconds"):
+        if getattr(sched, key) < 1:
+            raise ConfigError(f"{where}: 'schedule.{key}' must be at least 1")
+
+
+def _validate_delivery(settings: Settings) -> None:
+    """Refuse sending settings that would stall or misroute delivery."""
+    where, smtp = settings.source_path, settings.smtp
+    if smtp.failure_burst < 0 or smtp.hourly_limit < 0 or smtp.rate_per_second < 0:
+        raise ConfigError(f"{where}: smtp rate, hourly_limit and failure_burst must be >= 0")
+    for i, relay in enumerate(smtp.relays):
+        key = f"smtp.relays[{i}]"
+        if relay.security not in ("none", "starttls", "tls"):
+            raise ConfigError(f"{where}: '{key}.security' must be none, starttls or tls")
+        if not 0 < relay.port < 65536 or relay.pool_size < 1 or relay.weight < 0:
+            raise ConfigError(f"{where}: '{key}' needs a port, pool_size >= 1 and weight >= 0")
+    if smtp.weight < 0 or (smtp.weight == 0 and not any(r.weight for r in smtp.relays)):
+        raise ConfigError(f"{where}: 'smtp.weight' must be >= 0 and some relay must weigh > 0")
+    if bool(settings.dkim.key_file) != bool(settings.dkim.selector):
+        raise ConfigError(f"{where}: 'dkim.key_file' and 'dkim.selector' must be set together")

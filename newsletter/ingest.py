@@ -387,7 +387,7 @@ def ingest_source(
     lang: str = "en",
 ) -> IngestReport:
     """Fetch, parse and upsert one source in the caller's transaction (flushes, never commits)."""
-    source = _get_or_create_source(session, _source_key(url_or_path), name=name, lang=lang)
+    source = _get_or_create_source(session, source_key(url_or_path), name=name, lang=lang)
     now = clock.now()
     try:
         fetched = fetch_source(
@@ -412,7 +412,7 @@ def ingest_source(
     return _record_fetch(session, source, fetched, now, report)
 
 
-def _source_key(url_or_path: str) -> str:
+def source_key(url_or_path: str) -> str:
     """How a source is stored: URLs as given, files as absolute paths."""
     scheme = urlsplit(url_or_path).scheme.lower()
     if scheme in ("", "file") or len(scheme) == 1:
@@ -516,7 +516,7 @@ def ingest_all(
                 )
         except FeedError as e:
             _record_error(factory, url, name=name, lang=lang, error=str(e))
-            report = IngestReport(_source_key(url), error=str(e))
+            report = IngestReport(source_key(url), error=str(e))
         reports.append(report)
     return reports
 
@@ -526,5 +526,5 @@ def _record_error(
 ) -> None:
     """Keep a source's last error in a transaction of its own (the failed one rolled back)."""
     with unit_of_work(factory) as session:
-        source = _get_or_create_source(session, _source_key(url), name=name, lang=lang)
+        source = _get_or_create_source(session, source_key(url), name=name, lang=lang)
         source.last_error = error

@@ -159,6 +159,9 @@ class MailingList(Base):
     # The last item id a digest of this list included: the digest window lives here, in the
     # database, so a missed or repeated run neither skips nor repeats items.
     digest_cursor: Mapped[int] = mapped_column(Integer, default=0)
+    # The scheduled weekly slot the last digest answered: one digest per slot, even when a
+    # restarted or second scheduler fires the same slot again.
+    last_digest_slot: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Subscription(Base):

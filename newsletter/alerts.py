@@ -1,0 +1,73 @@
+"""Urgent-action alerts from urgent items: sent at once in auto mode, else held for approval."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from newsletter.assemble import assemble_alert
+from newsletter.campaigns import get_campaign, start_campaign
+from newsletter.config import Settings
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item
+from newsletter.errors import CampaignError
+
+# An urgent item older than this when first seen is history, not a call to act now: the first
+# poll of a feed must not send alerts for last month's actions.
+MAX_ALERT_AGE = timedelta(hours=48)
+
+
+def alerts_for_urgent_items(
+    *, session: Session, settings: Settings, now: datetime, actor: str = "scheduler"
+) -> list[Campaign]:
+    """Make an alert for each recent urgent item that has none; start it in auto mode."""
+    recent = session.scalars(
+        select(Item)
+        .where(Item.urgent.is_(True), Item.published_at >= now - MAX_ALERT_AGE)
+        .order_by(Item.id)
+    ).all()
+    made = []
+    for item in recent:
+        campaign, created = assemble_alert(
+            session=session,
+            list_slug=settings.alerts.list,
+            now=now,
+            actor=actor,
+            item_ref=item.guid,
+        )
+        if not created:
+            continue
+        made.append(campaign)
+        if settings.alerts.mode == "auto":
+            start_campaign(
+                session=session, campaign=campaign, settings=settings, now=now, actor=actor
+            )
+        else:
+            session.add(
+                Event(
+                    at=now,
+                    actor=actor,
+                    action="alert.awaiting_approval",
+                    detail={"campaign": campaign.id},
+                )
+            )
+    return made
+
+
+def approve_alert(
+    *, session: Session, campaign_id: int, settings: Settings, now: datetime, actor: str
+) -> int:
+    """Approve a held alert and start it; returns how many deliveries were queued."""
+    campaign = get_campaign(session, campaign_id)
+    if campaign.kind != CampaignKind.ALERT:
+        raise CampaignError(f"campaign {campaign_id} is a {campaign.kind}, not an alert")
+    if campaign.status != CampaignStatus.DRAFT:
+        raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not awaiting approval")
+    campaign.approved_by = actor
+    session.add(
+        Event(at=now, actor=actor, action="alert.approved", detail={"campaign": campaign_id})
+    )
+    return start_campaign(
+        session=session, campaign=campaign, settings=settings, now=now, actor=actor
+    )

@@ -1,0 +1,194 @@
+"""The service's own timetable: poll sources, the weekly digest per list, send, tidy up.
+
+The logic lives in `Scheduler`, whose methods do whatever is due at `clock.now()` and are safe
+to call again: a digest belongs to a cron slot recorded on its list, so a restarted, repeated or
+second scheduler never sends the same slot twice, and a slot missed while the service was down
+is sent once when it comes back (within the grace). APScheduler only decides *when* to call them;
+its job store lives in our database so a restart keeps the timetable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.alerts import alerts_for_urgent_items
+from newsletter.assemble import assemble_digest
+from newsletter.campaigns import start_campaign
+from newsletter.clock import Clock
+from newsletter.config import FeedSource, Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import Delivery, DeliveryStatus, ListKind, MailingList, Source
+from newsletter.ingest import IngestReport, ingest_all, source_key
+from newsletter.lock import acquire_lock, release_lock
+
+log = logging.getLogger("newsletter.schedule")
+LOCK_NAME = "scheduler"
+
+
+def digest_trigger(settings: Settings) -> CronTrigger:
+    """The weekly digest's cron trigger, in the configured time zone."""
+    sched = settings.schedule
+    return CronTrigger.from_crontab(sched.digest_cron, timezone=sched.timezone)
+
+
+def latest_slot(trigger: CronTrigger, now: datetime, *, lookback: timedelta) -> datetime | None:
+    """The trigger's most recent fire time at or before `now`, at most `lookback` ago."""
+    slot, at = None, now - lookback
+    while True:
+        fire = trigger.get_next_fire_time(None, at)
+        if fire is None or fire > now:
+            return slot
+        slot, at = fire, fire + timedelta(seconds=1)
+
+
+def claim_digest_slot(session: Session, *, list_id: int, slot: datetime) -> bool:
+    """Record that this list's digest for `slot` is being made; False if it already was.
+
+    One conditional UPDATE, so two schedulers racing for the same slot cannot both win.
+    """
+    won = session.execute(
+        update(MailingList)
+        .where(
+            MailingList.id == list_id,
+            or_(MailingList.last_digest_slot.is_(None), MailingList.last_digest_slot < slot),
+        )
+        .values(last_digest_slot=slot)
+        .returning(MailingList.id)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    return won is not None
+
+
+def source_is_due(source: Source | None, feed: FeedSource, *, now: datetime, default: int) -> bool:
+    """A source is due when never fetched or when its poll interval has passed."""
+    if source is None or source.last_fetched_at is None:
+        return True
+    minutes = feed.poll_minutes or default
+    return now - source.last_fetched_at >= timedelta(minutes=minutes) - timedelta(seconds=5)
+
+
+@dataclass
+class Scheduler:
+    """Does what is due now; every method is safe to repeat and to run in two processes."""
+
+    factory: sessionmaker[Session]
+    settings: Settings
+    clock: Clock
+    holder: str
+    actor: str = "scheduler"
+    ingest_log: list[IngestReport] = field(default_factory=list)
+
+    def hold_lock(self) -> bool:
+        """Take or renew the scheduler lease; only its holder schedules."""
+        with unit_of_work(self.factory) as session:
+            return acquire_lock(
+                session,
+                name=LOCK_NAME,
+                holder=self.holder,
+                now=self.clock.now(),
+                seconds=self.settings.schedule.lock_seconds,
+            )
+
+    def let_go(self) -> None:
+        """Release the lease at a clean stop, so a standby takes over at once."""
+        with unit_of_work(self.factory) as session:
+            release_lock(session, name=LOCK_NAME, holder=self.holder)
+
+    def poll_sources(self, *, force: bool = False) -> list[IngestReport]:
+        """Ingest every source whose interval has passed, then make alerts for urgent items."""
+        now, settings = self.clock.now(), self.settings
+        with unit_of_work(self.factory) as session:
+            known = {s.url: s for s in session.scalars(select(Source))}
+            due = [
+                f
+                for f in settings.sources.feeds
+                if force
+                or source_is_due(
+                    known.get(source_key(f.url)), f, now=now, default=settings.schedule.poll_minutes
+                )
+            ]
+        reports = (
+            ingest_all(
+                factory=self.factory,
+                sources=[(f.url, f.name, f.lang) for f in due],
+                settings=settings.sources,
+                clock=self.clock,
+            )
+            if due
+            else []
+        )
+        for report in reports:
+            log.info(
+                "ingest %s: new %d, updated %d%s",
+                report.source,
+                report.new,
+                report.updated,
+                f", error: {report.error}" if report.error else "",
+            )
+        self.ingest_log = (self.ingest_log + reports)[-100:]
+        self.make_alerts()
+        return reports
+
+    def make_alerts(self) -> list[int]:
+        """Alerts for recent urgent items (started now in auto mode, else held)."""
+        with unit_of_work(self.factory) as session:
+            made = alerts_for_urgent_items(
+                session=session, settings=self.settings, now=self.clock.now(), actor=self.actor
+            )
+            ids = [c.id for c in made]
+        for cid in ids:
+            log.info("alert campaign %d made (%s mode)", cid, self.settings.alerts.mode)
+        return ids
+
+    def run_digests(self) -> list[int]:
+        """Send each digest list's digest if its weekly slot is due; returns new campaign ids."""
+        trigger = digest_trigger(self.settings)
+        grace = timedelta(hours=self.settings.schedule.grace_hours)
+        now, made = self.clock.now(), []
+        slot = latest_slot(trigger, now, lookback=grace)
+        if slot is None:
+            return []
+        with unit_of_work(self.factory) as session:
+            lists = session.scalars(select(MailingList).where(MailingList.kind == ListKind.DIGEST))
+            targets = [(ml.id, ml.slug) for ml in lists]
+        for list_id, slug in targets:
+            with unit_of_work(self.factory) as session:
+                if not claim_digest_slot(session, list_id=list_id, slot=slot):
+                    continue
+                campaign = assemble_digest(
+                    session=session, list_slug=slug, now=now, actor=self.actor
+                )
+                if campaign is None:
+                    log.info("digest %s for %s: nothing new", slug, slot.isoformat())
+                    continue
+                start_campaign(
+                    session=session,
+                    campaign=campaign,
+                    settings=self.settings,
+                    now=now,
+                    actor=self.actor,
+                )
+                made.append(campaign.id)
+                log.info("digest campaign %d for %s started", campaign.id, slug)
+        return made
+
+    def release_expired_claims(self) -> int:
+        """Put back claims whose lease ran out (their worker died), so counts stay true."""
+        with unit_of_work(self.factory) as session:
+            result: Any = session.execute(
+                update(Delivery)
+                .where(
+                    Delivery.status == DeliveryStatus.CLAIMED,
+                    Delivery.lease_until < self.clock.now(),
+                )
+                .values(status=DeliveryStatus.QUEUED, lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+            return int(result.rowcount or 0)
