@@ -8,6 +8,7 @@ embedded defaults (which `config.example.toml` repeats, key for key). `NEWSLETTE
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from newsletter.errors import ConfigError
 PLACEHOLDER_SECRET = "change-me"
 MIN_SECRET_LENGTH = 32
 LANGUAGES = ("en", "be", "ru")
+_HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,22 @@ class SmtpSettings:
     failure_burst: int = 50
     relays: tuple[RelaySettings, ...] = ()
 
+    def all_relays(self) -> tuple[RelaySettings, ...]:
+        """[smtp] itself as the first relay, then [smtp] relays."""
+        first = RelaySettings(
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            security=self.security,
+            timeout_seconds=self.timeout_seconds,
+            pool_size=self.pool_size,
+            weight=self.weight,
+            rate_per_second=self.rate_per_second,
+            hourly_limit=self.hourly_limit,
+        )
+        return (first, *self.relays)
+
 
 @dataclass(frozen=True)
 class MailSettings:
@@ -113,6 +131,12 @@ class AlertsSettings:
 
 
 @dataclass(frozen=True)
+class LoggingSettings:
+    format: str = "plain"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
 class ScheduleSettings:
     timezone: str = "Europe/Minsk"
     digest_cron: str = "0 9 * * mon"
@@ -126,6 +150,7 @@ class ScheduleSettings:
 class RenderSettings:
     default_language: str = "en"
     languages: tuple[str, ...] = LANGUAGES
+    summary_max_chars: int = 600
 
 
 @dataclass(frozen=True)
@@ -134,6 +159,27 @@ class BrandSettings:
     postal_address: str = "Human Rights Centre Viasna supporters, PO Box 000, 00-000 Example City"
     mirror_url: str = ""
     accent_color: str = "#b3261e"
+    logo_text: str = ""
+    logo_url: str = ""
+    footer_lines: tuple[str, ...] = ()
+    accent_text_color: str = "#ffffff"
+    background_color: str = "#f2f2f2"
+    card_color: str = "#ffffff"
+    text_color: str = "#1a1a1a"
+    muted_color: str = "#595959"
+    dark_accent_color: str = "#ff8a80"
+    dark_background_color: str = "#121212"
+    dark_card_color: str = "#1e1e1e"
+    dark_text_color: str = "#ececec"
+    dark_muted_color: str = "#b3b3b3"
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    require_https: bool = True
+    allowed_link_hosts: tuple[str, ...] = ()
+    max_html_kb: int = 100
+    max_subject_chars: int = 150
 
 
 @dataclass(frozen=True)
@@ -141,6 +187,15 @@ class WebSettings:
     base_url: str = "http://127.0.0.1:8000"
     host: str = "127.0.0.1"
     port: int = 8000
+    confirm_link_max_age_hours: int = 168
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 2525
+    max_message_bytes: int = 65536
 
 
 @dataclass(frozen=True)
@@ -166,9 +221,12 @@ class Settings:
     digest: DigestSettings = field(default_factory=DigestSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     render: RenderSettings = field(default_factory=RenderSettings)
     brand: BrandSettings = field(default_factory=BrandSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    inbound: InboundSettings = field(default_factory=InboundSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     source_path: str = "(embedded defaults)"
@@ -273,6 +331,7 @@ def validate_settings(settings: Settings) -> None:
         if feed.lang not in LANGUAGES:
             raise ConfigError(f"{where}: 'sources.feeds[{i}].lang' must be one of {LANGUAGES}")
     _validate_schedule(settings)
+    _validate_brand(settings)
     _validate_delivery(settings)
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
@@ -288,6 +347,10 @@ def _validate_schedule(settings: Settings) -> None:
         CronTrigger.from_crontab(sched.digest_cron, timezone=sched.timezone)
     except (ValueError, LookupError) as e:
         raise ConfigError(f"{where}: 'schedule.digest_cron' or 'schedule.timezone': {e}") from None
+    if settings.logging.format not in ("plain", "json"):
+        raise ConfigError(f"{where}: 'logging.format' must be plain or json")
+    if settings.logging.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{where}: 'logging.level' must be debug, info, warning or error")
     if settings.alerts.mode not in ("auto", "approve"):
         raise ConfigError(f"{where}: 'alerts.mode' must be auto or approve")
     secret = settings.alerts.webhook_secret
@@ -315,3 +378,20 @@ def _validate_delivery(settings: Settings) -> None:
         raise ConfigError(f"{where}: 'smtp.weight' must be >= 0 and some relay must weigh > 0")
     if bool(settings.dkim.key_file) != bool(settings.dkim.selector):
         raise ConfigError(f"{where}: 'dkim.key_file' and 'dkim.selector' must be set together")
+
+
+def _validate_brand(settings: Settings) -> None:
+    """Colours must be #rrggbb, the logo an https URL, the check's limits positive."""
+    where = settings.source_path
+    for f in dataclasses.fields(BrandSettings):
+        value = getattr(settings.brand, f.name)
+        if f.name.endswith("_color") and not _HEX_COLOR.fullmatch(value):
+            raise ConfigError(f"{where}: 'brand.{f.name}' must be a colour like #1a2b3c")
+    logo = settings.brand.logo_url
+    if logo and urlsplit(logo).scheme != "https":
+        raise ConfigError(f"{where}: 'brand.logo_url' must be an https URL (or empty)")
+    for key in ("max_html_kb", "max_subject_chars"):
+        if getattr(settings.check, key) < 1:
+            raise ConfigError(f"{where}: 'check.{key}' must be at least 1")
+    if settings.render.summary_max_chars < 80:
+        raise ConfigError(f"{where}: 'render.summary_max_chars' must be at least 80")

@@ -7,9 +7,11 @@ A NewsletterError becomes one red line and a non-zero exit code; --debug shows t
 from __future__ import annotations
 
 import getpass
+import importlib
 import os
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -101,10 +103,30 @@ def root(
     ctx.obj = State(config=config, debug=debug)
 
 
+# Each module adds its commands to `app` when imported; one line each, in any order.
+COMMAND_MODULES = (
+    "alert",
+    "bounces",
+    "campaigns",
+    "check",
+    "digest",
+    "run",
+    "segments",
+    "service",
+    "subscribers",
+    "web",
+)
+
+
+def load_commands() -> None:
+    """Import every command module, so that each registers its commands."""
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"newsletter.cli.{name}")
+
+
 def main() -> None:
     """Entry point: run the app, turning our errors into one line and an exit code."""
-    from newsletter.cli import alert, campaigns, digest, service, subscribers  # noqa: F401
-
+    load_commands()
     try:
         app()
     except NewsletterError as e:
@@ -126,22 +148,40 @@ def main() -> None:
 
 
 def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> SendReport:
-    """Deliver what is due (of one campaign, or all), with a progress bar and a summary line."""
+    """Deliver what is due (of one campaign, or all), with a progress bar and a summary.
+
+    SIGTERM and SIGINT stop gracefully: in-flight messages finish and are recorded, claims not
+    yet attempted are released, and the command exits 0.
+    """
     import asyncio
+    import signal
+    import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from newsletter.db import unit_of_work
-    from newsletter.db.queries import count_due
-    from newsletter.send import deliver_queued
+    from newsletter.dkim import load_signer
+    from newsletter.send import SendControl, deliver_queued
     from newsletter.smtp import SmtpPool
 
     settings, factory = state.settings, state.factory()
-    with unit_of_work(factory) as session:
-        total = count_due(session, now=state.clock.now(), campaign_id=campaign_id)
+    signer = load_signer(settings)
+    total, history = _due_and_history(state, factory, campaign_id)
+    control, started, seen = SendControl(), time.monotonic(), SendReport()
+
+    def advance(progress: Progress, task: TaskID, batch: SendReport) -> None:
+        seen.add(batch)
+        rate = seen.sent / max(time.monotonic() - started, 1e-6)
+        progress.update(
+            task,
+            completed=seen.sent + seen.deferred + seen.failed + seen.suppressed,
+            stats=f"sent {seen.sent} deferred {seen.deferred} failed {seen.failed} {rate:,.0f}/s",
+        )
 
     async def run(progress: Progress, task: TaskID) -> SendReport:
-        pool = SmtpPool(settings.smtp)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, control.request_stop)
+        pool = SmtpPool(settings.smtp, history=history)
         try:
             return await deliver_queued(
                 factory=factory,
@@ -149,9 +189,9 @@ def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> Se
                 transport=pool,
                 clock=state.clock,
                 campaign_id=campaign_id,
-                on_batch=lambda b: progress.advance(
-                    task, b.sent + b.deferred + b.failed + b.suppressed
-                ),
+                control=control,
+                signer=signer,
+                on_batch=lambda b: advance(progress, task, b),
             )
         finally:
             await pool.close()
@@ -160,16 +200,47 @@ def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> Se
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
         console=err_console,
         transient=True,
         disable=total == 0,
     ) as progress:
-        task = progress.add_task("sending", total=total)
+        task = progress.add_task("sending", total=total, stats="")
         report = asyncio.run(run(progress, task))
+    print_summary(report, seconds=time.monotonic() - started)
+    return report
+
+
+def _due_and_history(
+    state: State, factory: sessionmaker[Session], campaign_id: int | None
+) -> tuple[int, dict[str, list[datetime]]]:
+    """How many deliveries are due, and each capped relay's sends in the last hour."""
+    from newsletter.db import unit_of_work
+    from newsletter.db.queries import count_due, recent_sends
+    from newsletter.smtp import HOUR
+
+    now = state.clock.now()
+    with unit_of_work(factory) as session:
+        total = count_due(session, now=now, campaign_id=campaign_id)
+        history = {
+            r.label: recent_sends(session, relay=r.label, since=now - timedelta(seconds=HOUR))
+            for r in state.settings.smtp.all_relays()
+            if r.hourly_limit
+        }
+    return total, history
+
+
+def print_summary(report: SendReport, *, seconds: float) -> None:
+    """One line of counts, then one line per campaign paused, and a note after a stop."""
+    rate = report.sent / seconds if seconds > 0 else 0.0
     console.print(
         f"sent {report.sent}, deferred {report.deferred}, failed {report.failed}, "
-        f"skipped (left the list) {report.suppressed}"
+        f"skipped (left the list) {report.suppressed} in {seconds:.1f}s ({rate:,.0f}/s)"
         + (f"; finished campaign {', '.join(map(str, report.finished))}" if report.finished else "")
     )
-    return report
+    for cid, reason in report.paused.items():
+        err_console.print(f"[yellow]campaign {cid} paused:[/yellow] {reason}", soft_wrap=True)
+    if report.stopped:
+        err_console.print(
+            f"stopped on request; {report.released} claimed deliveries released for the next run"
+        )

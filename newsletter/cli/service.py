@@ -15,6 +15,7 @@ from newsletter.config import FeedSource
 from newsletter.db import make_sessionmaker, migrate, unit_of_work
 from newsletter.errors import ConfigError
 from newsletter.ingest import ingest_all
+from newsletter.segments import read_segments, sync_segments
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -33,14 +34,22 @@ def init(
         typer.Option(help="List declarations to apply (default: subscribers/lists.toml)."),
     ] = None,
 ) -> None:
-    """Create or upgrade the database, then apply the list declarations."""
+    """Create or upgrade the database, then apply the list and segment declarations."""
     state: State = ctx.obj
     engine = state.engine(checked=False)
     migrate(engine)
+    lists_file = lists or default_lists_file()
+    segments_file = lists_file.with_name("segments.toml")
     with unit_of_work(make_sessionmaker(engine)) as session:
-        report = sync_lists(session=session, specs=read_lists(lists or default_lists_file()))
+        report = sync_lists(session=session, specs=read_lists(lists_file))
+        segments = (
+            sync_segments(session=session, specs=read_segments(segments_file))
+            if segments_file.is_file()
+            else (0, 0, [])
+        )
     console.print(f"database ready: {engine.url.render_as_string(hide_password=True)}")
     console.print(f"lists: created {len(report.created)}, updated {len(report.updated)}")
+    console.print(f"segments: created {segments[0]}, updated {segments[1]}")
     for slug in report.missing:
         err_console.print(
             f"[yellow]warning:[/yellow] list '{slug}' is in the database but no "

@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.table import Table
 from sqlalchemy import func, select
 
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
+from newsletter.audience import (
+    ListSpec,
+    RawRow,
+    count_lines,
+    create_list,
+    export_columns,
+    export_rows,
+    get_list,
+    import_rows,
+    list_counts,
+    read_csv,
+    read_lists,
+    sync_lists,
+    write_csv,
+)
 from newsletter.cli import State, app, console, err_console
 from newsletter.cli.service import default_lists_file
 from newsletter.db import unit_of_work
-from newsletter.db.models import MailingList, Subscriber, Subscription, SubscriptionStatus
+from newsletter.db.models import (
+    Delivery,
+    MailingList,
+    Subscriber,
+    Subscription,
+    SubscriptionStatus,
+)
+from newsletter.errors import AudienceError
+from newsletter.segments import get_segment, read_segments, segment_filter, sync_segments
+from newsletter.subscriptions import find_subscriber, forget, memberships, subscribe, unsubscribe
 
 subscribers_app = typer.Typer(help="Manage subscribers.", no_args_is_help=True)
 lists_app = typer.Typer(help="Manage lists.", no_args_is_help=True)
@@ -22,6 +50,119 @@ app.add_typer(subscribers_app, name="subscribers")
 app.add_typer(lists_app, name="lists")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+EmailArg = Annotated[str, typer.Argument(help="The subscriber's email address.")]
+
+
+def print_json(value: Any) -> None:
+    """JSON on stdout, for scripts."""
+    console.print_json(json.dumps(value, default=str, ensure_ascii=False))
+
+
+def send_owed_confirmations(state: State) -> tuple[int, int]:
+    """Send the double opt-in emails still owed; returns (sent, not sent yet)."""
+    from newsletter.notices import send_confirmations
+    from newsletter.smtp import SmtpPool
+
+    async def run() -> tuple[int, int]:
+        pool = SmtpPool(state.settings.smtp)
+        try:
+            return await send_confirmations(
+                factory=state.factory(), settings=state.settings, transport=pool, clock=state.clock
+            )
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def say_confirmations(state: State) -> None:
+    """Send owed confirmation emails and say how it went, in one line."""
+    sent, unsent = send_owed_confirmations(state)
+    if sent or unsent:
+        err_console.print(
+            f"confirmation emails sent: {sent}"
+            + (
+                f"; {unsent} not sent (SMTP refused or unreachable), retried next time"
+                if unsent
+                else ""
+            )
+        )
+
+
+@subscribers_app.command("add")
+def add(
+    ctx: typer.Context,
+    email: EmailArg,
+    lists: Annotated[list[str], typer.Option("--list", help="A list to join (repeatable).")],
+    name: Annotated[str, typer.Option(help="Their name.")] = "",
+    language: Annotated[str, typer.Option(help="en, be or ru.")] = "",
+    country: Annotated[str, typer.Option(help="Two-letter country code.")] = "",
+    tags: Annotated[list[str] | None, typer.Option("--tag", help="A tag (repeatable).")] = None,
+    confirmed: Annotated[
+        bool, typer.Option("--confirmed", help="They already confirmed (no opt-in email).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a subscriber; double opt-in lists send a confirmation email first."""
+    state: State = ctx.obj
+    secret = state.settings.security.require_secret()
+    with unit_of_work(state.factory()) as session:
+        result = subscribe(
+            session=session,
+            email=email,
+            lists=[get_list(session, slug) for slug in lists],
+            secret=secret,
+            now=state.clock.now(),
+            actor=state.actor,
+            confirmed=confirmed,
+            name=name,
+            language=language.lower(),
+            country=country,
+            tags=tags or (),
+        )
+    if as_json:
+        print_json({"id": result.subscriber_id, "active": result.active, "pending": result.pending})
+    else:
+        console.print(
+            f"subscriber {result.subscriber_id}: active on {', '.join(result.active) or 'no list'}"
+            + (f"; awaiting confirmation on {', '.join(result.pending)}" if result.pending else "")
+        )
+    if result.pending:
+        say_confirmations(state)
+
+
+@contextmanager
+def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
+    """A sink for rejected rows: line, reason and the row's own columns, opened on first use."""
+    header = _header(source)
+    state: dict[str, Any] = {"n": 0}
+    handle: TextIO | None = None
+    try:
+
+        def write(line: int, reason: str, raw: RawRow | None) -> None:
+            nonlocal handle
+            if handle is None:
+                handle = path.open("w", encoding="utf-8", newline="")
+                state["writer"] = csv.DictWriter(
+                    handle, ["line", "reason", *header], extrasaction="ignore"
+                )
+                state["writer"].writeheader()
+            state["writer"].writerow({**(raw or {}), "line": line, "reason": reason})
+            state["n"] += 1
+
+        yield write
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _header(source: Path) -> list[str]:
+    try:
+        with source.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+            first = next(csv.reader(handle), [])
+    except (OSError, csv.Error):
+        return []
+    return [h.strip().lower() for h in first if h.strip().lower() not in ("line", "reason")]
 
 
 @subscribers_app.command("import")
@@ -46,45 +187,117 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import subscribers from CSV; bad rows go to a rejects file, good rows go in."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     state: State = ctx.obj
     secret = state.settings.security.require_secret()
-    with unit_of_work(state.factory()) as session:
-        report = import_rows(
-            session=session,
-            rows=read_csv(file),
-            default_list=list_slug,
-            confirmed=confirmed,
-            secret=secret,
-            now=state.clock.now(),
-            actor=state.actor,
-        )
-    if report.rejects:
-        path = rejects or file.with_suffix(".rejects.csv")
-        path.write_text(
-            "line,reason\n"
-            + "".join(
-                f'{line},"{reason.replace(chr(34), chr(39))}"\n' for line, reason in report.rejects
-            ),
-            encoding="utf-8",
-        )
-        err_console.print(f"{len(report.rejects)} rows rejected: see {path}")
-    counts = {
-        "imported": report.imported,
-        "updated": report.updated,
-        "unchanged": report.unchanged,
-        "kept_out": report.kept_out,
-        "rejected": len(report.rejects),
-    }
+    total = max(count_lines(file) - 1, 0)
+    rejects_path = rejects or file.with_suffix(".rejects.csv")
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    with progress, rejects_writer(rejects_path, file) as on_reject:
+        task = progress.add_task("importing", total=total)
+        with unit_of_work(state.factory()) as session:
+            report = import_rows(
+                session=session,
+                rows=read_csv(file),
+                default_list=list_slug,
+                confirmed=confirmed,
+                secret=secret,
+                now=state.clock.now(),
+                actor=state.actor,
+                source=file.name,
+                on_reject=on_reject,
+                on_progress=lambda line: progress.update(task, completed=min(line - 1, total)),
+            )
+    counts = report.counts()
     if as_json:
-        console.print_json(json.dumps(counts))
+        print_json({**counts, "rejects_file": str(rejects_path) if report.rejected else None})
     else:
         console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
+    if report.rejected:
+        err_console.print(f"{report.rejected} rows rejected: see {rejects_path}")
+    if report.kept_out:
+        err_console.print(
+            f"{report.kept_out} people kept out: they unsubscribed, bounced or were forgotten"
+        )
+    if report.pending:
+        say_confirmations(state)
+
+
+@subscribers_app.command("export")
+def export(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Option(help="File to write (default: stdout).")] = None,
+    list_slug: Annotated[str | None, typer.Option("--list", help="Only this list.")] = None,
+) -> None:
+    """Write active subscribers as CSV, with the columns `import` reads."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        list_id = get_list(session, list_slug).id if list_slug else None
+        columns = export_columns(session, list_id=list_id)
+        rows = export_rows(session, list_id=list_id)
+        if out is None:
+            n = write_csv(rows, columns, sys.stdout)
+        else:
+            with out.open("w", encoding="utf-8", newline="") as handle:
+                n = write_csv(rows, columns, handle)
+    if out is not None:
+        err_console.print(f"exported {n} subscribers to {out}")
+
+
+@subscribers_app.command("show")
+def show(ctx: typer.Context, email: EmailArg, as_json: JsonOption = False) -> None:
+    """Show one subscriber: details, lists and how many emails they were sent."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        sub = find_subscriber(session, email)
+        sent = session.scalar(
+            select(func.count()).where(
+                Delivery.subscriber_id == sub.id, Delivery.sent_at.is_not(None)
+            )
+        )
+        info = {
+            "id": sub.id,
+            "email": sub.email,
+            "name": sub.name,
+            "language": sub.language,
+            "country": sub.country,
+            "tags": sub.tags,
+            "attributes": sub.attributes,
+            "status": sub.status,
+            "created_at": sub.created_at.isoformat(),
+            "lists": {m.slug: m.status for m in memberships(session, sub.id) if m.status},
+            "emails_sent": int(sent or 0),
+        }
+    if as_json:
+        print_json(info)
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in info.items():
+        table.add_row(
+            key,
+            json.dumps(value, ensure_ascii=False)
+            if isinstance(value, (dict, list))
+            else str(value),
+        )
+    console.print(table)
 
 
 @subscribers_app.command("list")
 def list_(
     ctx: typer.Context,
     list_slug: Annotated[str | None, typer.Option("--list", help="Only this list.")] = None,
+    segment: Annotated[str | None, typer.Option(help="Only people in this segment.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only this status: active, unsubscribed, bounced.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
@@ -93,19 +306,108 @@ def list_(
     with unit_of_work(state.factory()) as session:
         stmt = select(Subscriber).order_by(Subscriber.id).limit(limit)
         if list_slug:
-            stmt = stmt.join(Subscription).join(MailingList).where(MailingList.slug == list_slug)
+            ml = get_list(session, list_slug)
+            stmt = stmt.join(Subscription).where(
+                Subscription.list_id == ml.id, Subscription.status == SubscriptionStatus.ACTIVE
+            )
+        if segment:
+            stmt = stmt.where(segment_filter(session, get_segment(session, segment).id))
+        if status:
+            stmt = stmt.where(Subscriber.status == status)
         rows = [(s.email, s.name, s.language, s.status) for s in session.scalars(stmt)]
     if as_json:
-        console.print_json(
-            json.dumps(
-                [dict(zip(("email", "name", "language", "status"), r, strict=True)) for r in rows]
-            )
-        )
+        keys = ("email", "name", "language", "status")
+        print_json([dict(zip(keys, r, strict=True)) for r in rows])
         return
     table = Table("email", "name", "language", "status")
     for r in rows:
         table.add_row(*r)
     console.print(table)
+
+
+@subscribers_app.command("unsubscribe")
+def unsubscribe_(
+    ctx: typer.Context,
+    email: EmailArg,
+    list_slug: Annotated[
+        str | None, typer.Option("--list", help="Only this list (default: every list).")
+    ] = None,
+    notify: Annotated[
+        bool, typer.Option("--notify", help="Send them a goodbye email (only when leaving all).")
+    ] = False,
+) -> None:
+    """Unsubscribe someone from one list or from everything; the sender honours it at once."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        sub = find_subscriber(session, email)
+        list_id = get_list(session, list_slug).id if list_slug else None
+        changed = unsubscribe(
+            session=session,
+            subscriber_id=sub.id,
+            list_id=list_id,
+            now=state.clock.now(),
+            actor=state.actor,
+        )
+        address, lang = sub.email, sub.language
+    what = f"'{list_slug}'" if list_slug else "every list"
+    console.print(f"unsubscribed from {what}" if changed else f"already off {what}; nothing to do")
+    if notify and list_id is None and changed:
+        _goodbye(state, address, lang, "unsubscribed")
+
+
+@subscribers_app.command("forget")
+def forget_(
+    ctx: typer.Context,
+    email: EmailArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    notify: Annotated[
+        bool, typer.Option("--notify", help="Tell them by email that their data was erased.")
+    ] = False,
+) -> None:
+    """Erase a person's data; only a keyed hash stays, so they are never mailed again."""
+    state: State = ctx.obj
+    secret = state.settings.security.require_secret()
+    if not yes and sys.stdin.isatty():
+        typer.confirm("Erase this person's data for good?", abort=True)
+    lang = "en"
+    with unit_of_work(state.factory()) as session:
+        with suppress(AudienceError):
+            lang = find_subscriber(session, email).language
+        found = forget(
+            session=session, email=email, secret=secret, now=state.clock.now(), actor=state.actor
+        )
+    console.print(
+        "forgotten: their data is erased; only a keyed hash of the address is kept"
+        if found
+        else "no such subscriber; the address's keyed hash is kept so it is never mailed"
+    )
+    if notify and found:
+        _goodbye(state, email, lang, "forgotten")
+
+
+def _goodbye(state: State, email: str, lang: str, reason: str) -> None:
+    from newsletter.notices import send_goodbye
+    from newsletter.smtp import SmtpPool
+
+    async def run() -> bool:
+        pool = SmtpPool(state.settings.smtp)
+        try:
+            return await send_goodbye(
+                email=email,
+                lang=lang,
+                reason=reason,
+                settings=state.settings,
+                transport=pool,
+                now=state.clock.now(),
+            )
+        finally:
+            await pool.close()
+
+    sent = asyncio.run(run())
+    err_console.print("goodbye email sent" if sent else "goodbye email NOT sent (SMTP refused it)")
+
+
+# --- lists -----------------------------------------------------------------------------------
 
 
 @lists_app.command("list")
@@ -127,16 +429,63 @@ def lists_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
             )
         ).all()
     if as_json:
-        console.print_json(
-            json.dumps(
-                [{"slug": r[0], "kind": r[1], "list_id": r[2], "active": r[3]} for r in rows]
-            )
-        )
+        print_json([{"slug": r[0], "kind": r[1], "list_id": r[2], "active": r[3]} for r in rows])
         return
     table = Table("slug", "kind", "List-Id", "active subscribers")
     for slug, kind, list_id, n in rows:
         table.add_row(slug, kind, list_id, str(n))
     console.print(table)
+
+
+@lists_app.command("show")
+def lists_show(ctx: typer.Context, slug: str, as_json: JsonOption = False) -> None:
+    """Show one list: names, kind, double opt-in, List-Id and subscriptions by status."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        ml = get_list(session, slug)
+        info = {
+            "slug": ml.slug,
+            "kind": ml.kind,
+            "double_opt_in": ml.double_opt_in,
+            "list_id": ml.list_id,
+            "names": ml.names,
+            "subscriptions": list_counts(session, ml.id),
+        }
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        console.print(
+            f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}"
+        )
+
+
+@lists_app.command("create")
+def lists_create(
+    ctx: typer.Context,
+    slug: str,
+    kind: Annotated[str, typer.Option(help="digest or alerts.")],
+    name: Annotated[
+        list[str] | None, typer.Option(help="LANG=NAME, e.g. en='Weekly digest' (repeatable).")
+    ] = None,
+    double_opt_in: Annotated[
+        bool, typer.Option("--double-opt-in/--no-double-opt-in", help="Ask new people to confirm.")
+    ] = True,
+    list_id: Annotated[str, typer.Option(help="The List-Id header (default: SLUG.<domain>).")] = "",
+) -> None:
+    """Create a list in the database (also declare it in subscribers/lists.toml to keep it)."""
+    state: State = ctx.obj
+    names = dict(part.split("=", 1) for part in name or [] if "=" in part)
+    domain = state.settings.mail.from_address.rpartition("@")[2]
+    spec = ListSpec(slug, kind, double_opt_in, list_id or f"{slug}.{domain}", names)
+    with unit_of_work(state.factory()) as session:
+        create_list(session=session, spec=spec, now=state.clock.now(), actor=state.actor)
+    console.print(f"list '{slug}' created; declare it in subscribers/lists.toml to keep it there")
+
+
+def default_segments_file(lists_file: Path) -> Path:
+    """segments.toml beside the lists file."""
+    return lists_file.with_name("segments.toml")
 
 
 @lists_app.command("sync")
@@ -145,11 +494,24 @@ def lists_sync(
     file: Annotated[
         Path | None, typer.Argument(help="Declarations (default: subscribers/lists.toml).")
     ] = None,
+    segments: Annotated[
+        Path | None, typer.Option(help="Segments (default: segments.toml beside the lists).")
+    ] = None,
 ) -> None:
-    """Apply the list declarations to the database."""
+    """Apply the list and segment declarations to the database."""
     state: State = ctx.obj
+    lists_file = file or default_lists_file()
+    segments_file = segments or default_segments_file(lists_file)
     with unit_of_work(state.factory()) as session:
-        report = sync_lists(session=session, specs=read_lists(file or default_lists_file()))
-    console.print(f"lists: created {len(report.created)}, updated {len(report.updated)}")
+        report = sync_lists(session=session, specs=read_lists(lists_file))
+        seg: tuple[int, int, list[str]] = (0, 0, [])
+        if segments_file.is_file():
+            seg = sync_segments(session=session, specs=read_segments(segments_file))
+    console.print(
+        f"lists: created {len(report.created)}, updated {len(report.updated)}; "
+        f"segments: created {seg[0]}, updated {seg[1]}"
+    )
     for slug in report.missing:
         err_console.print(f"[yellow]warning:[/yellow] list '{slug}' is no longer declared; kept")
+    for name in seg[2]:
+        err_console.print(f"[yellow]warning:[/yellow] segment '{name}' is no longer declared; kept")

@@ -55,6 +55,9 @@ class SubscriberStatus(StrEnum):
     ACTIVE = "active"
     UNSUBSCRIBED = "unsubscribed"
     BOUNCED = "bounced"
+    # `subscribers forget`: the row is kept, emptied of personal data, so its id (named by links
+    # already sent) is never reused for someone else.
+    FORGOTTEN = "forgotten"
 
 
 class SubscriptionStatus(StrEnum):
@@ -176,6 +179,8 @@ class Subscription(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the double opt-in email went out; pending rows without it are still to be mailed.
+    confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Segment(Base):
@@ -244,6 +249,9 @@ class Delivery(Base):
         UniqueConstraint("campaign_id", "subscriber_id"),
         # The claim query walks this index: status first, then due time.
         Index("ix_deliveries_claim", "status", "next_attempt_at"),
+        # claim_batch claims campaign by campaign (alerts first) and walks this index, so a claim
+        # reads only due rows instead of sorting every pending row of every campaign.
+        Index("ix_deliveries_due", "campaign_id", "status", "next_attempt_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
@@ -254,7 +262,11 @@ class Delivery(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_reply: Mapped[str | None] = mapped_column(String(1000))
     relay: Mapped[str | None] = mapped_column(String(100))
+    # Which sender process holds the claim: a graceful stop releases only its own rows.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # `campaigns retry` restarts the retry deadline from here instead of from created_at.
+    requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 

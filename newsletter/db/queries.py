@@ -26,6 +26,7 @@ from newsletter.db.models import (
     CampaignStatus,
     Delivery,
     DeliveryStatus,
+    Event,
     Item,
     Subscriber,
     SubscriberStatus,
@@ -50,12 +51,14 @@ def items_since(session: Session, cursor: int) -> Sequence[Item]:
     return session.scalars(stmt).all()
 
 
-def audience_query(list_id: int) -> Select[int]:
+def audience_query(list_id: int, segment: ColumnElement[bool] | None = None) -> Select[int]:
     """Subscriber ids who should get a campaign to this list: active people, active subscription.
 
     Suppressed, unsubscribed and bounced people are excluded here once, and again at claim time.
+    One list per campaign and a join on its unique (subscriber, list) row: nobody appears twice,
+    however many lists they share. `segment` (newsletter.segments) narrows it further.
     """
-    return (
+    stmt = (
         select(Subscriber.id)
         .join(Subscription, Subscription.subscriber_id == Subscriber.id)
         .where(
@@ -64,6 +67,15 @@ def audience_query(list_id: int) -> Select[int]:
             Subscriber.status == SubscriberStatus.ACTIVE,
         )
     )
+    return stmt if segment is None else stmt.where(segment)
+
+
+def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
+    """The audience of a campaign: its list, narrowed by its segment when it has one."""
+    from newsletter.segments import segment_filter  # the rule compiler; it imports only models
+
+    segment = segment_filter(session, campaign.segment_id) if campaign.segment_id else None
+    return audience_query(campaign.list_id, segment)
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:
@@ -72,7 +84,7 @@ def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> 
     ON CONFLICT DO NOTHING on (campaign_id, subscriber_id) makes a second enqueue harmless, and
     the audience never passes through Python, so memory does not grow with the list.
     """
-    audience = audience_query(campaign.list_id).subquery()
+    audience = campaign_audience(session, campaign).subquery()
     source = select(
         literal(campaign.id),
         audience.c.id,
@@ -115,39 +127,142 @@ def is_due(now: datetime) -> ColumnElement[bool]:
 
 
 def claim_batch(
-    session: Session, *, now: datetime, lease_seconds: int, limit: int, campaign_id: int | None
+    session: Session,
+    *,
+    now: datetime,
+    lease_seconds: int,
+    limit: int,
+    campaign_id: int | None,
+    worker: str = "",
 ) -> list[int]:
-    """Claim up to `limit` due deliveries of running campaigns; returns their ids.
+    """Claim up to `limit` due deliveries of running campaigns, alerts first; returns their ids.
 
-    One UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) ... RETURNING: on PostgreSQL
-    concurrent workers skip each other's rows instead of waiting; on SQLite the single statement
-    holds the write lock, so two workers never claim the same row. A claimed row whose lease has
-    run out (its worker died) is due again. Alerts are claimed before digests.
+    Campaign by campaign (a handful of rows, alerts first), each claim is one UPDATE ... WHERE id
+    IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) ... RETURNING that walks ix_deliveries_due:
+    it reads only due rows, so a claim costs the same at the end of a 100,000-row campaign as at
+    the start. On PostgreSQL concurrent workers skip each other's rows instead of waiting; on
+    SQLite the statement holds the write lock, so two workers never claim the same row. Rows whose
+    lease ran out (their worker died) are due again, after the waiting ones.
     """
     alert_first = case((Campaign.kind == CampaignKind.ALERT, 0), else_=1)
-    pick = (
-        select(Delivery.id)
-        .join(Campaign, Campaign.id == Delivery.campaign_id)
-        .where(is_due(now), Campaign.status == CampaignStatus.RUNNING)
-        .order_by(alert_first, Delivery.id)
-        .limit(limit)
-    )
+    pick = select(Campaign.id).where(Campaign.status == CampaignStatus.RUNNING)
     if campaign_id is not None:
-        pick = pick.where(Delivery.campaign_id == campaign_id)
+        pick = pick.where(Campaign.id == campaign_id)
+    claimed: list[int] = []
+    lease = now + timedelta(seconds=lease_seconds)
+    for cid in list(session.scalars(pick.order_by(alert_first, Campaign.id))):
+        for due in (_waiting_due(now), _lease_expired(now)):
+            if len(claimed) < limit:
+                claimed += _claim(session, cid, due, limit - len(claimed), lease, worker)
+    return sorted(claimed)
+
+
+def _waiting_due(now: datetime) -> ColumnElement[bool]:
+    return and_(
+        Delivery.status.in_((DeliveryStatus.QUEUED, DeliveryStatus.DEFERRED)),
+        Delivery.next_attempt_at <= now,
+    )
+
+
+def _lease_expired(now: datetime) -> ColumnElement[bool]:
+    return and_(Delivery.status == DeliveryStatus.CLAIMED, Delivery.lease_until < now)
+
+
+def _claim(
+    session: Session,
+    campaign_id: int,
+    due: ColumnElement[bool],
+    limit: int,
+    lease: datetime,
+    worker: str,
+) -> list[int]:
+    pick = select(Delivery.id).where(Delivery.campaign_id == campaign_id, due).limit(limit)
     if _dialect(session) == "postgresql":
-        pick = pick.with_for_update(of=Delivery, skip_locked=True)
+        pick = pick.with_for_update(skip_locked=True)
     stmt = (
         update(Delivery)
         .where(Delivery.id.in_(pick.scalar_subquery()))
         .values(
             status=DeliveryStatus.CLAIMED,
-            lease_until=now + timedelta(seconds=lease_seconds),
+            lease_until=lease,
+            claimed_by=worker or None,
             attempts=Delivery.attempts + 1,
         )
         .returning(Delivery.id)
         .execution_options(synchronize_session=False)
     )
-    return sorted(session.scalars(stmt).all())
+    return list(session.scalars(stmt).all())
+
+
+def release_claims(session: Session, ids: Sequence[int], *, worker: str) -> int:
+    """Give claimed rows that were never attempted back to the queue, as if never claimed.
+
+    Guarded by claimed_by, so a worker never releases rows another worker reclaimed meanwhile.
+    """
+    if not ids:
+        return 0
+    stmt = (
+        update(Delivery)
+        .where(
+            Delivery.id.in_(list(ids)),
+            Delivery.status == DeliveryStatus.CLAIMED,
+            Delivery.claimed_by == worker,
+        )
+        .values(
+            status=DeliveryStatus.QUEUED,
+            lease_until=None,
+            claimed_by=None,
+            attempts=Delivery.attempts - 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+
+
+def extend_leases(session: Session, *, worker: str, until: datetime) -> None:
+    """Keep a live worker's claims from running out while it is still sending them."""
+    session.execute(
+        update(Delivery)
+        .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by == worker)
+        .values(lease_until=until)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def requeue_failed(session: Session, *, campaign_id: int, now: datetime) -> int:
+    """Queue a campaign's failed deliveries again, only for people who may still be mailed.
+
+    The retry deadline restarts from now (requeued_at); sent, suppressed and bounced stay as
+    they are.
+    """
+    mailable = select(Subscriber.id).where(Subscriber.status == SubscriberStatus.ACTIVE)
+    stmt = (
+        update(Delivery)
+        .where(
+            Delivery.campaign_id == campaign_id,
+            Delivery.status == DeliveryStatus.FAILED,
+            Delivery.subscriber_id.in_(mailable.scalar_subquery()),
+        )
+        .values(
+            status=DeliveryStatus.QUEUED,
+            next_attempt_at=now,
+            requeued_at=now,
+            lease_until=None,
+            claimed_by=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+
+
+def recent_sends(session: Session, *, relay: str, since: datetime) -> list[datetime]:
+    """When each message a relay carried since `since` was accepted (for its hourly cap)."""
+    stmt = (
+        select(Delivery.sent_at)
+        .where(Delivery.relay == relay, Delivery.sent_at >= since)
+        .order_by(Delivery.sent_at)
+    )
+    return [t for t in session.scalars(stmt) if t is not None]
 
 
 def count_pending(session: Session, campaign_id: int) -> int:
@@ -181,8 +296,20 @@ def count_due(session: Session, *, now: datetime, campaign_id: int | None) -> in
     return int(session.scalar(stmt) or 0)
 
 
-def audience_size(session: Session, list_id: int) -> int:
-    """How many people a campaign to this list would reach now."""
-    return int(
-        session.scalar(select(func.count()).select_from(audience_query(list_id).subquery())) or 0
-    )
+def audience_size(session: Session, list_id: int, segment_id: int | None = None) -> int:
+    """How many people a campaign to this list (and segment) would reach now."""
+    from newsletter.segments import segment_filter
+
+    segment = segment_filter(session, segment_id) if segment_id else None
+    stmt = select(func.count()).select_from(audience_query(list_id, segment).subquery())
+    return int(session.scalar(stmt) or 0)
+
+
+def campaign_events(session: Session, campaign_id: int, *, action: str) -> list[Event]:
+    """A campaign's events of one kind (e.g. check overrides), oldest first.
+
+    Filtered by action in SQL and by campaign in Python: the campaign id sits in the JSON
+    detail, which SQLite and PostgreSQL query differently, and these events are few.
+    """
+    stmt = select(Event).where(Event.action == action).order_by(Event.id)
+    return [e for e in session.scalars(stmt) if (e.detail or {}).get("campaign") == campaign_id]

@@ -33,9 +33,15 @@ def upgrade() -> None:
 
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.add_column(sa.Column("relay", sa.String(length=100), nullable=True))
+        batch_op.add_column(sa.Column("claimed_by", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("requeued_at", sa.DateTime(), nullable=True))
+        batch_op.create_index(
+            "ix_deliveries_due", ["campaign_id", "status", "next_attempt_at"], unique=False
+        )
 
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("unsubscribed_at", sa.DateTime(), nullable=True))
+        batch_op.add_column(sa.Column("confirm_sent_at", sa.DateTime(), nullable=True))
 
     with op.batch_alter_table("lists", schema=None) as batch_op:
         batch_op.add_column(sa.Column("last_digest_slot", sa.DateTime(), nullable=True))
@@ -49,9 +55,13 @@ def downgrade() -> None:
         batch_op.drop_column("last_digest_slot")
 
     with op.batch_alter_table("subscriptions", schema=None) as batch_op:
+        batch_op.drop_column("confirm_sent_at")
         batch_op.drop_column("unsubscribed_at")
 
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_deliveries_due")
+        batch_op.drop_column("requeued_at")
+        batch_op.drop_column("claimed_by")
         batch_op.drop_column("relay")
 
     with op.batch_alter_table("campaigns", schema=None) as batch_op:

@@ -1,0 +1,78 @@
+"""Import a generated CSV of N made-up people into a fresh SQLite file and print rows per second.
+
+    .venv/bin/python benchmarks/import.py [ROWS] [--url DATABASE_URL]
+
+Run it twice on one database (--url) to see a re-import, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import random
+import secrets
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
+from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_people(path: Path, rows: int) -> None:
+    """A CSV of made-up people with every column import reads, and a custom one."""
+    rng = random.Random(1)
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["email", "name", "language", "lists", "tags", "country", "city"])
+        for i in range(rows):
+            out.writerow(
+                [
+                    f"person{i}@example.org",
+                    f"Person {i}",
+                    rng.choice(["en", "be", "ru"]),
+                    rng.choice(["weekly-digest", "urgent-actions", "weekly-digest;urgent-actions"]),
+                    rng.choice(["", "press", "volunteer;press"]),
+                    rng.choice(["LT", "PL", "DE", "BY"]),
+                    rng.choice(["Vilnius", "Warsaw", ""]),
+                ]
+            )
+
+
+def main() -> None:
+    """Generate, import, and print the figure."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("rows", nargs="?", type=int, default=100_000)
+    parser.add_argument("--url", default="")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="newsletter-import-"))
+    url = args.url or f"sqlite:///{folder / 'bench.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    factory = make_sessionmaker(engine)
+    with unit_of_work(factory) as session:
+        sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
+    path = folder / "people.csv"
+    write_people(path, args.rows)
+    started = time.perf_counter()
+    with unit_of_work(factory) as session:
+        report = import_rows(
+            session=session,
+            rows=read_csv(path),
+            default_list=None,
+            confirmed=True,
+            secret=secrets.token_urlsafe(32),
+            now=datetime.now(UTC),
+            actor="benchmark",
+        )
+    seconds = time.perf_counter() - started
+    backend = url.split(":")[0]
+    print(f"{args.rows} rows in {seconds:.1f} s = {args.rows / seconds:,.0f} rows/s ({backend})")
+    print(report.counts())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`newsletter web`: the unsubscribe, preferences and confirmation pages alone."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from newsletter.cli import State, app, console
+
+
+@app.command("web")
+def web(
+    ctx: typer.Context,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (default: [web] host).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (default: [web] port).")
+    ] = None,
+) -> None:
+    """Serve the supporters' pages (and the inbound SMTP unsubscribe when [inbound] is on)."""
+    import uvicorn
+
+    from newsletter.inbound import inbound_for
+    from newsletter.web import create_app
+
+    state: State = ctx.obj
+    settings, factory = state.settings, state.factory()
+    host, port = host or settings.web.host, port or settings.web.port
+    inbound = inbound_for(settings, factory, state.clock)
+    if inbound is not None:
+        console.print(f"inbound SMTP on {settings.inbound.host}:{settings.inbound.port}")
+    console.print(f"pages on http://{host}:{port} (links point at {settings.web.base_url})")
+    try:
+        uvicorn.run(
+            create_app(settings, factory, state.clock),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,  # access logs would keep who opened which personal link
+            server_header=False,
+            proxy_headers=True,
+        )
+    finally:
+        if inbound is not None:
+            inbound.stop()

@@ -1,0 +1,223 @@
+"""Notices to one person: the double opt-in confirmation email and the goodbye email.
+
+They and the web pages share the "web" gettext domain (templates/locale/<lang>/LC_MESSAGES/web.po,
+compiled in memory at first use). The HTML goes through render.py's compile_mjml and inline_css.
+"""
+
+from __future__ import annotations
+
+import functools
+import gettext
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+import jinja2
+from babel.messages.mofile import write_mo
+from babel.messages.pofile import read_po
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import Clock
+from newsletter.config import LANGUAGES, Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import (
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+)
+from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css
+from newsletter.smtp import Result, Transport
+from newsletter.tokens import make_token
+
+DOMAIN = "web"
+LOCALE_DIR = TEMPLATES_DIR / "locale"
+BATCH = 100
+
+
+@functools.cache
+def translations(lang: str) -> gettext.NullTranslations:
+    """The "web" catalogue of a language, compiled from its .po in memory; English is the source."""
+    po_path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
+    if lang == "en" or lang not in LANGUAGES or not po_path.is_file():
+        return gettext.NullTranslations()
+    with po_path.open("rb") as po_file:
+        catalog = read_po(po_file, locale=lang, domain=DOMAIN)
+    buffer = io.BytesIO()
+    write_mo(buffer, catalog)
+    buffer.seek(0)
+    return gettext.GNUTranslations(buffer)
+
+
+@functools.cache
+def environment(lang: str) -> jinja2.Environment:
+    """A Jinja2 environment per language for pages and notices (HTML autoescaped)."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        autoescape=lambda name: name is None or not name.endswith(".txt.j2"),
+        undefined=jinja2.StrictUndefined,
+        extensions=["jinja2.ext.i18n"],
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.install_gettext_translations(translations(lang), newstyle=True)  # type: ignore[attr-defined]
+    return env
+
+
+def gettext_for(lang: str) -> Callable[[str], str]:
+    """The gettext function of a language, for text made in Python."""
+    return translations(lang).gettext
+
+
+@dataclass(frozen=True)
+class Notice:
+    subject: str
+    html: str
+    text: str
+
+
+def render_notice(kind: str, *, lang: str, settings: Settings, **context: Any) -> Notice:
+    """Render a notice ("confirm" or "goodbye") in one language: subject, HTML and text."""
+    env = environment(lang)
+    values = {"lang": lang, "brand": settings.brand, **context}
+    _ = gettext_for(lang)
+    subjects = {
+        "confirm": _("Please confirm your subscription"),
+        "goodbye": _("You will not get any more emails from us"),
+    }
+    values["subject"] = f"{settings.brand.name}: {subjects[kind]}"
+    source = env.get_template(f"email/{kind}.mjml.j2").render(values)
+    text = env.get_template(f"text/{kind}.txt.j2").render(values)
+    return Notice(values["subject"], inline_css(compile_mjml(source)), text)
+
+
+def build_notice(notice: Notice, *, to: str, settings: Settings, now: datetime) -> EmailMessage:
+    """Wrap a notice for one address; marked auto-generated so auto-responders stay quiet."""
+    mail = settings.mail
+    msg = EmailMessage(policy=SMTP)  # CRLF line ends, as SMTP wants them
+    msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
+    msg["To"] = to
+    msg["Subject"] = " ".join(notice.subject.split())
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = make_msgid(domain=mail.from_address.rpartition("@")[2])
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(notice.text, subtype="plain", charset="utf-8")
+    msg.add_alternative(notice.html, subtype="html", charset="utf-8")
+    return msg
+
+
+@dataclass(frozen=True)
+class _Pending:
+    subscriber_id: int
+    email: str
+    language: str
+    list_ids: tuple[int, ...]
+    list_names: tuple[str, ...]
+
+
+def _unsent_confirmations(session: Session, limit: int) -> list[_Pending]:
+    """Subscribers with pending subscriptions whose confirmation email has not gone out."""
+    rows = session.execute(
+        select(Subscriber.id, Subscriber.email, Subscriber.language, MailingList)
+        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+        .join(MailingList, MailingList.id == Subscription.list_id)
+        .where(
+            Subscription.status == SubscriptionStatus.PENDING,
+            Subscription.confirm_sent_at.is_(None),
+            Subscriber.status != SubscriberStatus.FORGOTTEN,
+        )
+        .order_by(Subscriber.id, MailingList.slug)
+    ).all()
+    people: dict[int, _Pending] = {}
+    for sid, email, lang, ml in rows:
+        if sid not in people and len(people) >= limit:
+            break
+        name = ml.names.get(lang) or ml.name
+        was = people.get(sid) or _Pending(sid, email, lang, (), ())
+        people[sid] = _Pending(sid, email, lang, (*was.list_ids, ml.id), (*was.list_names, name))
+    return list(people.values())
+
+
+def confirmation_message(pending: _Pending, *, settings: Settings, now: datetime) -> EmailMessage:
+    """One confirmation email naming every list that waits for this person's click."""
+    token = make_token(
+        secret=settings.security.require_secret(),
+        purpose="confirm",
+        subscriber_id=pending.subscriber_id,
+        list_id=pending.list_ids[0],
+        issued_at=now,
+    )
+    url = f"{settings.web.base_url.rstrip('/')}/confirm/{token}"
+    notice = render_notice(
+        "confirm",
+        lang=pending.language,
+        settings=settings,
+        lists=pending.list_names,
+        confirm_url=url,
+        max_age_hours=settings.web.confirm_link_max_age_hours,
+    )
+    return build_notice(notice, to=pending.email, settings=settings, now=now)
+
+
+async def send_confirmations(
+    *, factory: sessionmaker[Session], settings: Settings, transport: Transport, clock: Clock
+) -> tuple[int, int]:
+    """Send every confirmation email still owed, in batches; returns (sent, not sent yet).
+
+    A confirmation is marked sent once the SMTP server accepts it or refuses it for good; a
+    temporary failure leaves it owed, for the next run.
+    """
+    sent = failed = 0
+    while True:
+        with unit_of_work(factory) as session:
+            batch = _unsent_confirmations(session, BATCH)
+        done: list[int] = []
+        for pending in batch:
+            msg = confirmation_message(pending, settings=settings, now=clock.now())
+            outcome = await transport.send(
+                msg.as_bytes(), sender=settings.mail.from_address, recipient=pending.email
+            )
+            if outcome.result is Result.SENT:
+                sent += 1
+            else:
+                failed += 1
+            if outcome.result is not Result.TEMPORARY:
+                done.append(pending.subscriber_id)
+        with unit_of_work(factory) as session:
+            _mark_sent(session, done, clock.now())
+        if len(done) < len(batch) or not batch:
+            return sent, failed
+
+
+def _mark_sent(session: Session, subscriber_ids: list[int], now: datetime) -> None:
+    if subscriber_ids:
+        session.execute(
+            update(Subscription)
+            .where(
+                Subscription.subscriber_id.in_(subscriber_ids),
+                Subscription.status == SubscriptionStatus.PENDING,
+                Subscription.confirm_sent_at.is_(None),
+            )
+            .values(confirm_sent_at=now)
+        )
+
+
+async def send_goodbye(
+    *, email: str, lang: str, reason: str, settings: Settings, transport: Transport, now: datetime
+) -> bool:
+    """Tell someone they will get nothing more ("unsubscribed") or were erased ("forgotten")."""
+    notice = render_notice("goodbye", lang=lang, settings=settings, reason=reason)
+    msg = build_notice(notice, to=email, settings=settings, now=now)
+    outcome = await transport.send(
+        msg.as_bytes(), sender=settings.mail.from_address, recipient=email
+    )
+    return outcome.result is Result.SENT

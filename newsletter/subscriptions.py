@@ -1,0 +1,313 @@
+"""A subscriber's life: subscribe, confirm, unsubscribe, preferences, forget.
+
+Shared by the command line, the web pages and the inbound mail handler. Every function takes a
+Session and never commits; the caller owns the transaction. Every change leaves an event naming
+the subscriber by id, never by address.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from newsletter.audience import KEPT_OUT_STATUSES, normalise_email
+from newsletter.config import LANGUAGES
+from newsletter.db.models import (
+    Delivery,
+    Event,
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+    Suppression,
+)
+from newsletter.errors import AudienceError
+from newsletter.tokens import hash_address
+
+LEFT = (SubscriptionStatus.UNSUBSCRIBED,)
+
+
+@dataclass(frozen=True)
+class SubscribeResult:
+    subscriber_id: int
+    active: tuple[str, ...]
+    pending: tuple[str, ...]
+    created: bool
+
+
+@dataclass(frozen=True)
+class Membership:
+    list_id: int
+    slug: str
+    names: dict[str, str]
+    kind: str
+    status: str | None  # None: never subscribed
+
+    def name(self, lang: str) -> str:
+        """The list's name in a language, else in English, else its slug."""
+        return self.names.get(lang) or self.names.get("en") or self.slug
+
+
+def _event(session: Session, now: datetime, actor: str, action: str, **detail: object) -> None:
+    session.add(Event(at=now, actor=actor, action=action, detail=dict(detail)))
+
+
+def find_subscriber(session: Session, email: str) -> Subscriber:
+    """The subscriber with this address; the error does not repeat the address."""
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == normalise_email(email)))
+    if sub is None:
+        raise AudienceError("no subscriber has that address")
+    return sub
+
+
+def subscribe(
+    *,
+    session: Session,
+    email: str,
+    lists: Sequence[MailingList],
+    secret: str,
+    now: datetime,
+    actor: str,
+    confirmed: bool = False,
+    name: str = "",
+    language: str = "",
+    country: str = "",
+    tags: Sequence[str] = (),
+) -> SubscribeResult:
+    """Add someone to lists; double opt-in lists wait for their click unless --confirmed.
+
+    Someone who left, bounced or was forgotten needs a fresh confirmation whatever the flags:
+    an admin cannot quietly bring them back.
+    """
+    address = normalise_email(email)
+    if language and language not in LANGUAGES:
+        raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    fresh = _is_suppressed(session, address, secret) or (
+        sub is not None and sub.status in KEPT_OUT_STATUSES
+    )
+    created = sub is None
+    if sub is None:
+        sub = Subscriber(
+            email=address, created_at=now, status=SubscriberStatus.ACTIVE, tags=[], attributes={}
+        )
+        session.add(sub)
+    sub.name = " ".join(name.split())[:200] or sub.name or ""
+    sub.language = language or sub.language or "en"
+    sub.country = country.upper()[:2] or sub.country or ""
+    sub.tags = sorted(set(sub.tags or []) | set(tags))
+    session.flush()
+    active: list[str] = []
+    pending: list[str] = []
+    for ml in lists:
+        state = _join(session, sub.id, ml, now, confirmed=confirmed and not fresh)
+        (active if state == SubscriptionStatus.ACTIVE else pending).append(ml.slug)
+    _event(
+        session, now, actor, "subscriber.added", subscriber=sub.id, active=active, pending=pending
+    )
+    return SubscribeResult(sub.id, tuple(active), tuple(pending), created)
+
+
+def _join(
+    session: Session, subscriber_id: int, ml: MailingList, now: datetime, *, confirmed: bool
+) -> str:
+    """Subscribe to one list; returns the subscription's status afterwards."""
+    row = session.scalar(
+        select(Subscription).where(
+            Subscription.subscriber_id == subscriber_id, Subscription.list_id == ml.id
+        )
+    )
+    if row is not None and row.status == SubscriptionStatus.ACTIVE:
+        return row.status
+    left_before = row is not None and row.status in LEFT
+    direct = (confirmed or not ml.double_opt_in) and not left_before
+    if row is None:
+        row = Subscription(subscriber_id=subscriber_id, list_id=ml.id, created_at=now)
+        session.add(row)
+    row.status = SubscriptionStatus.ACTIVE if direct else SubscriptionStatus.PENDING
+    row.confirmed_at = now if direct else None
+    row.confirm_sent_at = None  # asked again: a new confirmation email goes out
+    session.flush()
+    return row.status
+
+
+def _is_suppressed(session: Session, address: str, secret: str) -> bool:
+    digest = hash_address(address, secret=secret)
+    return (
+        session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is not None
+    )
+
+
+def memberships(session: Session, subscriber_id: int) -> list[Membership]:
+    """Every list, with this subscriber's status on it (None where never subscribed)."""
+    rows = session.execute(
+        select(Subscription.list_id, Subscription.status).where(
+            Subscription.subscriber_id == subscriber_id
+        )
+    )
+    status = {list_id: value for list_id, value in rows}
+    return [
+        Membership(ml.id, ml.slug, dict(ml.names or {}), ml.kind, status.get(ml.id))
+        for ml in session.scalars(select(MailingList).order_by(MailingList.kind, MailingList.slug))
+    ]
+
+
+def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime) -> list[str]:
+    """Confirm every pending subscription of a subscriber; returns the lists now active.
+
+    A fresh confirmation also lifts the address's suppression: the person asked again.
+    """
+    sub = session.get(Subscriber, subscriber_id)
+    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+        return []
+    pending = list(
+        session.scalars(
+            select(Subscription).where(
+                Subscription.subscriber_id == subscriber_id,
+                Subscription.status == SubscriptionStatus.PENDING,
+            )
+        )
+    )
+    for row in pending:
+        row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
+    if pending:
+        sub.status = SubscriberStatus.ACTIVE
+        digest = hash_address(sub.email, secret=secret)
+        session.execute(delete(Suppression).where(Suppression.email_hash == digest))
+        _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
+    session.flush()
+    return [m.slug for m in memberships(session, sub.id) if m.status == SubscriptionStatus.ACTIVE]
+
+
+def unsubscribe(
+    *, session: Session, subscriber_id: int, list_id: int | None, now: datetime, actor: str
+) -> bool:
+    """Leave one list (or, with list_id None, everything); repeating it is harmless.
+
+    Returns whether anything changed. The sender re-checks at claim time, so this holds for
+    every message not yet sent, including a campaign that is sending right now.
+    """
+    stmt = (
+        update(Subscription)
+        .where(
+            Subscription.subscriber_id == subscriber_id,
+            Subscription.status != SubscriptionStatus.UNSUBSCRIBED,
+        )
+        .values(status=SubscriptionStatus.UNSUBSCRIBED, unsubscribed_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if list_id is not None:
+        stmt = stmt.where(Subscription.list_id == list_id)
+    changed = _rowcount(session.execute(stmt)) > 0
+    if list_id is None:
+        result = session.execute(
+            update(Subscriber)
+            .where(Subscriber.id == subscriber_id, Subscriber.status == SubscriberStatus.ACTIVE)
+            .values(status=SubscriberStatus.UNSUBSCRIBED)
+            .execution_options(synchronize_session=False)
+        )
+        changed = changed or _rowcount(result) > 0
+    if changed:
+        _event(
+            session, now, actor, "subscriber.unsubscribed", subscriber=subscriber_id, list=list_id
+        )
+    session.expire_all()
+    return changed
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def set_preferences(
+    *,
+    session: Session,
+    subscriber_id: int,
+    list_ids: set[int],
+    language: str,
+    now: datetime,
+    actor: str,
+) -> bool:
+    """Save what a subscriber chose: their lists and language. Returns whether anything changed.
+
+    Ticking a list subscribes at once: the signed link came to their mailbox, which is the
+    confirmation double opt-in asks for.
+    """
+    sub = session.get(Subscriber, subscriber_id)
+    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+        raise AudienceError("no such subscriber")
+    if language not in LANGUAGES:
+        raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
+    changed = sub.language != language
+    sub.language = language
+    for m in memberships(session, subscriber_id):
+        wanted = m.list_id in list_ids
+        if wanted and m.status != SubscriptionStatus.ACTIVE:
+            _activate(session, subscriber_id, m.list_id, now)
+            sub.status = SubscriberStatus.ACTIVE
+            changed = True
+        elif not wanted and m.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING):
+            unsubscribe(
+                session=session,
+                subscriber_id=subscriber_id,
+                list_id=m.list_id,
+                now=now,
+                actor=actor,
+            )
+            changed = True
+    if changed:
+        _event(
+            session,
+            now,
+            actor,
+            "subscriber.preferences",
+            subscriber=subscriber_id,
+            lists=sorted(list_ids),
+            language=language,
+        )
+    session.flush()
+    return changed
+
+
+def _activate(session: Session, subscriber_id: int, list_id: int, now: datetime) -> None:
+    row = session.scalar(
+        select(Subscription).where(
+            Subscription.subscriber_id == subscriber_id, Subscription.list_id == list_id
+        )
+    )
+    if row is None:
+        row = Subscription(subscriber_id=subscriber_id, list_id=list_id, created_at=now)
+        session.add(row)
+    row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
+    session.flush()
+
+
+def forget(*, session: Session, email: str, secret: str, now: datetime, actor: str) -> bool:
+    """Erase a person and keep only a keyed hash of the address, so nothing reaches them again.
+
+    The subscriber row stays as an empty tombstone (status forgotten, no address, name, tags,
+    attributes, subscriptions or delivery history) so that its id, which links already sent
+    name, is never given to someone else. Returns whether the person was in the database; the
+    hash is kept either way.
+    """
+    address = normalise_email(email)
+    digest = hash_address(address, secret=secret)
+    if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
+        session.add(Suppression(email_hash=digest, reason="forgotten", created_at=now))
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    if sub is not None:
+        session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))
+        session.execute(delete(Delivery).where(Delivery.subscriber_id == sub.id))
+        sub.email = f"{sub.id}@forgotten.invalid"
+        sub.name, sub.country, sub.language = "", "", "en"
+        sub.tags, sub.attributes = [], {}
+        sub.status = SubscriberStatus.FORGOTTEN
+    _event(session, now, actor, "subscriber.forgotten", subscriber=sub.id if sub else None)
+    session.flush()
+    return sub is not None

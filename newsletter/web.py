@@ -1,0 +1,381 @@
+"""The supporters' pages: unsubscribe, preferences and confirmation, behind signed links.
+
+GET never changes state (mail scanners follow links); every change is a POST. The signed token in
+the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
+a mail client's RFC 8058 one-click POST works as it is. The forms also carry a signed per-form
+token bound to the URL's token, and a cross-site Origin or Sec-Fetch-Site is refused. A forged,
+altered or expired token gets the same 400 page, which names no one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from newsletter.clock import Clock
+from newsletter.config import LANGUAGES, Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import MailingList, Subscriber, SubscriberStatus, SubscriptionStatus
+from newsletter.errors import AudienceError, TokenError
+from newsletter.notices import environment
+from newsletter.render import TEMPLATES_DIR
+from newsletter.subscriptions import (
+    Membership,
+    confirm,
+    memberships,
+    set_preferences,
+    unsubscribe,
+)
+from newsletter.tokens import TokenClaims, make_token, read_token
+
+MAX_BODY_BYTES = 16 * 1024
+FORM_MAX_AGE_SECONDS = 24 * 3600
+AUTONYMS = {"en": "English", "be": "Беларуская", "ru": "Русский"}
+CSS = (TEMPLATES_DIR / "web" / "style.css").read_text(encoding="utf-8")
+CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; form-action 'self'; "
+        "base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "referrer-policy": "no-referrer",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+    "permissions-policy": "interest-cohort=(), camera=(), microphone=(), geolocation=()",
+    # The pages carry personal choices: no shared cache may keep them.
+    "cache-control": "no-store",
+}
+
+
+class SecurityHeaders:
+    """Adds the strict headers to every response, error pages included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, adding the headers as the response starts."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+@dataclass(frozen=True)
+class Person:
+    """What a page needs to know about the subscriber a token names."""
+
+    subscriber_id: int
+    language: str
+    gone: bool  # forgotten, or never existed
+    list_name: str
+    lists: tuple[Membership, ...]
+
+
+class Pages:
+    """The routes, with the settings, database and clock they share."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], clock: Clock) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.clock = clock
+        self.secret = settings.security.require_secret()
+        self.forms = URLSafeTimedSerializer(self.secret, salt="newsletter.web-form")
+        self.origin = _origin(settings.web.base_url)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def render(self, name: str, lang: str, status: int = 200, **context: Any) -> HTMLResponse:
+        """A page from templates/web in a language."""
+        page = environment(lang).get_template(f"web/{name}.html.j2")
+        body = page.render(
+            lang=lang, css=CSS, brand=self.settings.brand, languages=AUTONYMS, **context
+        )
+        return HTMLResponse(body, status_code=status)
+
+    def claims(self, request: Request, purpose: str) -> TokenClaims:
+        """Verify the URL's token for a purpose; confirmation links expire, others do not."""
+        max_age = None
+        if purpose == "confirm":
+            max_age = self.settings.web.confirm_link_max_age_hours * 3600
+        return read_token(
+            request.path_params["token"],
+            secret=self.secret,
+            purpose=purpose,
+            max_age_seconds=max_age,
+            now=self.clock.now(),
+        )
+
+    def load(self, claims: TokenClaims) -> Person:
+        """The subscriber and list a token names (run in a worker thread)."""
+        with unit_of_work(self.factory) as session:
+            sub = session.get(Subscriber, claims.subscriber_id)
+            ml = session.get(MailingList, claims.list_id)
+            if ml is None:
+                raise TokenError("this link is not valid")
+            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+                return Person(claims.subscriber_id, "en", True, ml.name, ())
+            lang = sub.language if sub.language in LANGUAGES else "en"
+            name = (ml.names or {}).get(lang) or ml.name
+            return Person(sub.id, lang, False, name, tuple(memberships(session, sub.id)))
+
+    def form_token(self, url_token: str) -> str:
+        """A signed token for a form, bound to the link it was served under."""
+        return str(self.forms.dumps(_digest(url_token)))
+
+    def check_form(self, request: Request, fields: dict[str, list[str]]) -> None:
+        """Refuse a cross-site post, or one without this page's form token."""
+        if _cross_site(request, self.origin, strict=True):
+            raise HTTPException(403)
+        sent = (fields.get("form_token") or [""])[0]
+        try:
+            value = self.forms.loads(sent, max_age=FORM_MAX_AGE_SECONDS)
+        except BadSignature:
+            raise HTTPException(403) from None
+        if not hmac.compare_digest(str(value), _digest(request.path_params["token"])):
+            raise HTTPException(403)
+
+    def preferences_url(self, person: Person, list_id: int) -> str:
+        """The preferences link for the subscriber on an unsubscribe page."""
+        token = make_token(
+            secret=self.secret,
+            purpose="preferences",
+            subscriber_id=person.subscriber_id,
+            list_id=list_id,
+        )
+        return f"/preferences/{token}"
+
+    # --- unsubscribe -----------------------------------------------------------------------
+
+    async def unsubscribe_page(self, request: Request) -> Response:
+        """What you are leaving, one button, and a link to preferences."""
+        claims = self.claims(request, "unsubscribe")
+        person = await run_in_threadpool(self.load, claims)
+        if person.gone:
+            return self.render("unsubscribed", person.language, list_name=person.list_name)
+        status = next((m.status for m in person.lists if m.list_id == claims.list_id), None)
+        return self.render(
+            "unsubscribe",
+            person.language,
+            list_name=person.list_name,
+            subscribed=status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING),
+            preferences_url=self.preferences_url(person, claims.list_id),
+        )
+
+    async def unsubscribe_post(self, request: Request) -> Response:
+        """Unsubscribe at once: the page's button and a mail client's one-click alike."""
+        if _cross_site(request, self.origin, strict=False):
+            raise HTTPException(403)
+        claims = self.claims(request, "unsubscribe")
+        await _read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
+        person = await run_in_threadpool(self._unsubscribe, claims)
+        return self.render("unsubscribed", person.language, list_name=person.list_name)
+
+    def _unsubscribe(self, claims: TokenClaims) -> Person:
+        person = self.load(claims)
+        if not person.gone:
+            with unit_of_work(self.factory) as session:
+                unsubscribe(
+                    session=session,
+                    subscriber_id=claims.subscriber_id,
+                    list_id=claims.list_id,
+                    now=self.clock.now(),
+                    actor="web",
+                )
+        return person
+
+    # --- preferences -----------------------------------------------------------------------
+
+    async def preferences_page(self, request: Request) -> Response:
+        """The lists and language a subscriber can choose, in a form saved with a POST."""
+        claims = self.claims(request, "preferences")
+        person = await run_in_threadpool(self.load, claims)
+        if person.gone:
+            raise TokenError("this link is not valid")
+        return self.render(
+            "preferences",
+            person.language,
+            person=person,
+            active=SubscriptionStatus.ACTIVE,
+            form_token=self.form_token(request.path_params["token"]),
+            saved=request.query_params.get("saved") == "1",
+        )
+
+    async def preferences_post(self, request: Request) -> Response:
+        """Save the chosen lists and language, then show the form again (post/redirect/get)."""
+        claims = self.claims(request, "preferences")
+        fields = parse_qs((await _read_body(request)).decode("utf-8", "replace"))
+        self.check_form(request, fields)
+        leave_all = (fields.get("action") or [""])[0] == "leave"
+        try:
+            list_ids = set() if leave_all else {int(v) for v in fields.get("lists", [])}
+        except ValueError:
+            raise HTTPException(400) from None
+        language = (fields.get("language") or [""])[0]
+        await run_in_threadpool(self._save, claims, list_ids, language, leave_all)
+        return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
+
+    def _save(self, claims: TokenClaims, list_ids: set[int], language: str, leave: bool) -> None:
+        with unit_of_work(self.factory) as session:
+            sub = session.get(Subscriber, claims.subscriber_id)
+            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+                raise TokenError("this link is not valid")
+            now = self.clock.now()
+            if leave:
+                unsubscribe(
+                    session=session, subscriber_id=sub.id, list_id=None, now=now, actor="web"
+                )
+                return
+            try:
+                set_preferences(
+                    session=session,
+                    subscriber_id=sub.id,
+                    list_ids=list_ids,
+                    language=language,
+                    now=now,
+                    actor="web",
+                )
+            except AudienceError:
+                raise HTTPException(400) from None
+
+    # --- confirmation ----------------------------------------------------------------------
+
+    async def confirm_page(self, request: Request) -> Response:
+        """Ask for the click that confirms; a mail scanner fetching the link confirms nothing."""
+        claims = self.claims(request, "confirm")
+        person = await run_in_threadpool(self.load, claims)
+        if person.gone:
+            raise TokenError("this link is not valid")
+        waiting = [m for m in person.lists if m.status == SubscriptionStatus.PENDING]
+        return self.render(
+            "confirm",
+            person.language,
+            waiting=waiting,
+            form_token=self.form_token(request.path_params["token"]),
+        )
+
+    async def confirm_post(self, request: Request) -> Response:
+        """Confirm every list waiting for this subscriber and say so."""
+        claims = self.claims(request, "confirm")
+        fields = parse_qs((await _read_body(request)).decode("utf-8", "replace"))
+        self.check_form(request, fields)
+        person = await run_in_threadpool(self._confirm, claims)
+        if person.gone:
+            raise TokenError("this link is not valid")
+        active = [m for m in person.lists if m.status == SubscriptionStatus.ACTIVE]
+        return self.render("confirmed", person.language, active=active)
+
+    def _confirm(self, claims: TokenClaims) -> Person:
+        with unit_of_work(self.factory) as session:
+            confirm(
+                session=session,
+                subscriber_id=claims.subscriber_id,
+                secret=self.secret,
+                now=self.clock.now(),
+            )
+        return self.load(claims)
+
+    # --- errors ----------------------------------------------------------------------------
+
+    async def token_error(self, request: Request, exc: Exception) -> Response:
+        """One page for every bad link, whatever was wrong with it."""
+        return self.render("error", _accepted_language(request), 400, kind="link")
+
+    async def http_error(self, request: Request, exc: Exception) -> Response:
+        """Plain pages for 4xx answers (not found, refused, too large)."""
+        code = exc.status_code if isinstance(exc, HTTPException) else 500
+        return self.render("error", _accepted_language(request), code, kind=str(code))
+
+
+async def healthz(request: Request) -> Response:
+    """A liveness answer for load balancers and tests."""
+    return PlainTextResponse("ok")
+
+
+def create_app(settings: Settings, factory: sessionmaker[Session], clock: Clock) -> Starlette:
+    """The web app: unsubscribe, preferences and confirmation pages, with strict headers."""
+    pages = Pages(settings, factory, clock)
+    routes = [
+        Route("/u/{token}", pages.unsubscribe_page, methods=["GET"]),
+        Route("/u/{token}", pages.unsubscribe_post, methods=["POST"]),
+        Route("/preferences/{token}", pages.preferences_page, methods=["GET"]),
+        Route("/preferences/{token}", pages.preferences_post, methods=["POST"]),
+        Route("/confirm/{token}", pages.confirm_page, methods=["GET"]),
+        Route("/confirm/{token}", pages.confirm_post, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        TokenError: pages.token_error,
+        HTTPException: pages.http_error,
+    }
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused past MAX_BODY_BYTES."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413)
+    return body
+
+
+def _cross_site(request: Request, origin: str, *, strict: bool) -> bool:
+    """Whether a post comes from another site (by Origin, and when strict, Sec-Fetch-Site).
+
+    Under Referrer-Policy no-referrer browsers send `Origin: null` for our own forms, so null
+    passes; the form token is what proves the post came from our page.
+    """
+    sent = request.headers.get("origin")
+    own = {origin, _origin(str(request.base_url))}
+    if sent and sent != "null" and sent not in own:
+        return True
+    site = request.headers.get("sec-fetch-site")
+    return strict and site is not None and site not in ("same-origin", "none")
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _digest(url_token: str) -> str:
+    return hashlib.sha256(url_token.encode()).hexdigest()[:32]
+
+
+def _accepted_language(request: Request) -> str:
+    """The first of en/be/ru the browser accepts, for pages that know no subscriber."""
+    for part in request.headers.get("accept-language", "").split(","):
+        tag = part.split(";")[0].strip().lower()[:2]
+        if tag in LANGUAGES:
+            return tag
+    return "en"
