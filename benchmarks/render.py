@@ -31,15 +31,15 @@ SUMMARY = (
 )
 
 
-def make_digest(n_items: int) -> CampaignView:
-    """A digest shaped like a busy week on the portal."""
+def make_digest(n_items: int, summary_repeat: int = 1) -> CampaignView:
+    """A digest shaped like a busy week on the portal (summaries `summary_repeat` times long)."""
     start = datetime(2014, 7, 2, 9, 0, tzinfo=UTC)
     categories = ("Viasna", "Statements", "Political prisoners", "International")
     items = tuple(
         ItemView(
             title=f"Ales Bialiatski visits Brussels and Strasbourg, day {i}",
             link=f"https://portal.example.org/2014/07/ales-bialiatski-visits-brussels-{i}/",
-            summary_html=SUMMARY,
+            summary_html=SUMMARY * summary_repeat,
             published_at=start - timedelta(hours=8 * i),
             categories=(categories[i % len(categories)],),
         )
@@ -79,9 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--items", type=int, default=20)
+    parser.add_argument(
+        "--long", type=int, default=1, help="Repeat each summary N times (shortening kicks in)."
+    )
     args = parser.parse_args()
-    view = make_digest(args.items)
-    print(f"{args.items}-item digest, median of {args.runs} runs")
+    view = make_digest(args.items, args.long)
+    print(f"{args.items}-item digest (summaries x{args.long}), median of {args.runs} runs")
     header = ("jinja2 ms", "mjml ms", "premailer ms", "total ms", "html KB")
     print(f"{'lang':<6}" + "".join(f"{name:>14}" for name in header))
     for lang in LANGUAGES:

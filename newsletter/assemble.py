@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import or_, select
@@ -13,6 +14,7 @@ from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, 
 from newsletter.db.queries import items_since
 from newsletter.errors import CampaignError
 from newsletter.sanitize import clean_html, clean_text, clean_url
+from newsletter.segments import get_segment
 
 
 def assemble_digest(
@@ -53,6 +55,21 @@ def assemble_digest(
     return campaign
 
 
+def items_for_language(items: Sequence[Item], *, lang: str, default_lang: str) -> list[Item]:
+    """The items a reader of `lang` gets: their language's feeds, else the default language's.
+
+    Sources are declared per language ([sources] feeds, lang = "be" ...). Where a language has
+    no feed, or its feeds had nothing new, the reader gets the default language's items as
+    published (the email around them is still in their language); failing that, every item,
+    so nobody gets an empty digest.
+    """
+    for want in (lang, default_lang):
+        chosen = [item for item in items if item.source.lang == want]
+        if chosen:
+            return chosen
+    return list(items)
+
+
 def find_item(session: Session, ref: str) -> Item:
     """Find an ingested item by its guid or its link."""
     items = session.scalars(
@@ -76,6 +93,7 @@ def assemble_alert(
     body_html: str = "",
     url: str = "",
     base_url: str = "",
+    segment: str | None = None,
 ) -> tuple[Campaign, bool]:
     """Make an urgent alert from an item or from staff text; returns (campaign, created).
 
@@ -95,12 +113,16 @@ def assemble_alert(
         url = clean_url(url, base_url=base_url) if url else ""
         digest = hashlib.sha256(f"{title}\0{body_html}\0{url}".encode()).hexdigest()[:40]
         key, items = f"alert:{ml.id}:text:{digest}", []
+    segment_id = get_segment(session, segment).id if segment else None
+    if segment_id is not None:
+        key += f":segment:{segment_id}"
     existing = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
     if existing is not None:
         return existing, False
     campaign = Campaign(
         kind=CampaignKind.ALERT,
         list_id=ml.id,
+        segment_id=segment_id,
         status=CampaignStatus.DRAFT,
         dedupe_key=key,
         title=title,

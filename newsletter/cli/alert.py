@@ -8,16 +8,29 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from newsletter.alerts import approve_alert
 from newsletter.assemble import assemble_alert
-from newsletter.campaigns import render_campaign, start_campaign
+from newsletter.campaigns import start_campaign
+from newsletter.check import CheckError
 from newsletter.cli import State, app, console, deliver_with_progress
-from newsletter.db.models import Campaign, CampaignStatus
+from newsletter.cli.check import (
+    ChromiumOption,
+    ForceOption,
+    ScreenshotOption,
+    guarded,
+    print_preview,
+    print_problems,
+)
+from newsletter.db import unit_of_work
+from newsletter.db.models import Campaign, CampaignStatus, Variant
 from newsletter.db.queries import audience_size
 from newsletter.errors import CampaignError
-from newsletter.message import ListInfo
-from newsletter.preview import write_previews
+from newsletter.preview import preview_campaign
+from newsletter.screenshot import find_chromium
 
 alert_app = typer.Typer(help="Urgent-action alerts.", no_args_is_help=True)
 app.add_typer(alert_app, name="alert")
@@ -32,6 +45,9 @@ BodyFile = Annotated[
 ]
 Url = Annotated[str | None, typer.Option("--url", help="Where the call to action points.")]
 ListSlug = Annotated[str | None, typer.Option("--list", help="List slug (default: [alerts] list).")]
+SegmentName = Annotated[
+    str | None, typer.Option("--segment", help="Only the list's members in this segment.")
+]
 
 
 def read_body(path: Path | None) -> str:
@@ -56,6 +72,7 @@ def _assemble(
     body_file: Path | None,
     url: str | None,
     list_slug: str | None,
+    segment: str | None,
 ) -> tuple[Campaign, bool]:
     if not item and not (title and body_file):
         raise CampaignError("give --item GUID_OR_URL, or --title and --body-file")
@@ -69,6 +86,7 @@ def _assemble(
         body_html=read_body(body_file),
         url=url or "",
         base_url=state.settings.web.base_url,
+        segment=segment,
     )
 
 
@@ -80,29 +98,33 @@ def preview(
     body_file: BodyFile = None,
     url: Url = None,
     list_slug: ListSlug = None,
+    segment: SegmentName = None,
     out: Annotated[Path, typer.Option(help="Folder to write the files to.")] = Path("preview"),
+    screenshot: ScreenshotOption = False,
+    chromium: ChromiumOption = None,
 ) -> None:
     """Write the alert as .html, .txt and .eml files per language; sends nothing."""
     state: State = ctx.obj
+    browser = find_chromium(chromium) if screenshot else None
     session = state.factory()()
     try:
-        campaign, _ = _assemble(state, session, item, title, body_file, url, list_slug)
-        ml = campaign.mailing_list
-        paths = write_previews(
-            variants=render_campaign(campaign, settings=state.settings),
+        campaign, _ = _assemble(state, session, item, title, body_file, url, list_slug, segment)
+        report = preview_campaign(
+            session,
+            campaign,
+            settings=state.settings,
             out_dir=out,
             stem="alert",
-            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-            settings=state.settings,
             now=state.clock.now(),
+            chromium=browser,
         )
-        n, slug = audience_size(session, campaign.list_id), ml.slug
+        n = audience_size(session, campaign.list_id, campaign.segment_id)
+        slug = campaign.mailing_list.slug
     finally:
         session.rollback()
         session.close()
     console.print(f"alert for '{slug}' would reach {n} people; wrote:")
-    for path in paths:
-        console.print(f"  {path}")
+    print_preview(report)
 
 
 @alert_app.command("send")
@@ -113,24 +135,30 @@ def send(
     body_file: BodyFile = None,
     url: Url = None,
     list_slug: ListSlug = None,
+    segment: SegmentName = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     queue_only: Annotated[
         bool,
         typer.Option("--queue-only", help="Queue only; leave the sending to `newsletter send`."),
     ] = False,
+    force: ForceOption = False,
 ) -> None:
     """Send an urgent alert now; the same alert asked for twice is sent once."""
     state: State = ctx.obj
     session = state.factory()()
     try:
-        campaign, created = _assemble(state, session, item, title, body_file, url, list_slug)
+        campaign, created = _assemble(
+            state, session, item, title, body_file, url, list_slug, segment
+        )
         if not created and campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
             console.print(
                 f"this alert was already sent as campaign {campaign.id} "
                 f"({campaign.status}); nothing to do"
             )
             return
-        n = audience_size(session, campaign.list_id)
+        guarded(state, session, campaign, force=force)
+        n = audience_size(session, campaign.list_id, campaign.segment_id)
+        show_summary(session, campaign, n, state.settings.render.default_language)
         if not yes and sys.stdin.isatty():
             typer.confirm(
                 f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?", abort=True
@@ -149,5 +177,47 @@ def send(
         session.close()
     again = "" if created else " (resuming the existing campaign)"
     console.print(f"campaign {campaign_id}: alert queued for {queued} people{again}")
+    if not queue_only:
+        deliver_with_progress(state, campaign_id=campaign_id)
+
+
+def show_summary(session: Session, campaign: Campaign, recipients: int, lang: str) -> None:
+    """What staff are about to send: subject, the first lines of the text, how many people."""
+    variant = session.scalar(
+        select(Variant).where(Variant.campaign_id == campaign.id, Variant.lang == lang)
+    )
+    if variant is not None:
+        console.print(f"subject: {escape(variant.subject)}")
+        lines = [line for line in variant.text.splitlines() if line.strip()][:8]
+        console.print("\n".join(f"  | {escape(line)}" for line in lines))
+    console.print(f"recipients: {recipients} on '{campaign.mailing_list.slug}'")
+
+
+@alert_app.command("approve")
+def approve(
+    ctx: typer.Context,
+    campaign_id: Annotated[int, typer.Argument(help="The held alert's campaign id.")],
+    force: ForceOption = False,
+    queue_only: Annotated[
+        bool,
+        typer.Option("--queue-only", help="Queue only; leave the sending to `newsletter send`."),
+    ] = False,
+) -> None:
+    """Approve an alert held for a person (alerts.mode = "approve") and send it."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        try:
+            queued = approve_alert(
+                session=session,
+                campaign_id=campaign_id,
+                settings=state.settings,
+                now=state.clock.now(),
+                actor=state.actor,
+                force=force,
+            )
+        except CheckError as e:
+            print_problems(e.problems)
+            raise
+    console.print(f"campaign {campaign_id}: approved by {state.actor}, queued for {queued} people")
     if not queue_only:
         deliver_with_progress(state, campaign_id=campaign_id)

@@ -8,11 +8,18 @@ from typing import Annotated
 import typer
 
 from newsletter.assemble import assemble_digest
-from newsletter.campaigns import render_campaign, start_campaign
+from newsletter.campaigns import start_campaign
 from newsletter.cli import State, app, console, deliver_with_progress
+from newsletter.cli.check import (
+    ChromiumOption,
+    ForceOption,
+    ScreenshotOption,
+    guarded,
+    print_preview,
+)
 from newsletter.db.queries import audience_size
-from newsletter.message import ListInfo
-from newsletter.preview import write_previews
+from newsletter.preview import preview_campaign
+from newsletter.screenshot import find_chromium
 
 digest_app = typer.Typer(help="The weekly digest of new portal items.", no_args_is_help=True)
 app.add_typer(digest_app, name="digest")
@@ -28,10 +35,13 @@ def preview(
     list_slug: ListOption = None,
     lang: Annotated[str | None, typer.Option(help="Only this language (en, be, ru).")] = None,
     out: Annotated[Path, typer.Option(help="Folder to write the files to.")] = Path("preview"),
+    screenshot: ScreenshotOption = False,
+    chromium: ChromiumOption = None,
 ) -> None:
     """Write the next digest as .html, .txt and .eml files per language; sends nothing."""
     state: State = ctx.obj
     slug = list_slug or state.settings.digest.list
+    browser = find_chromium(chromium) if screenshot else None
     session = state.factory()()
     try:  # assemble inside a transaction that is rolled back: a preview changes nothing
         campaign = assemble_digest(
@@ -40,27 +50,22 @@ def preview(
         if campaign is None:
             console.print(f"nothing new since the last digest of '{slug}': nothing to preview")
             return
-        variants = [
-            v
-            for v in render_campaign(campaign, settings=state.settings)
-            if lang is None or v.lang == lang
-        ]
-        ml = campaign.mailing_list
-        paths = write_previews(
-            variants=variants,
+        report = preview_campaign(
+            session,
+            campaign,
+            settings=state.settings,
             out_dir=out,
             stem="digest",
-            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-            settings=state.settings,
             now=state.clock.now(),
+            langs=None if lang is None else {lang},
+            chromium=browser,
         )
         n_items = len(campaign.items)
     finally:
         session.rollback()
         session.close()
     console.print(f"digest of {n_items} items for '{slug}'; wrote:")
-    for path in paths:
-        console.print(f"  {path}")
+    print_preview(report)
 
 
 @digest_app.command("send")
@@ -76,8 +81,9 @@ def send(
             "--queue-only", help="Queue the deliveries and leave the sending to `newsletter send`."
         ),
     ] = False,
+    force: ForceOption = False,
 ) -> None:
-    """Assemble the digest of new items, queue it for the list and deliver it."""
+    """Assemble the digest of new items, check it, queue it for the list and deliver it."""
     state: State = ctx.obj
     slug = list_slug or state.settings.digest.list
     session = state.factory()()
@@ -88,6 +94,8 @@ def send(
         if campaign is None:
             console.print(f"nothing new since the last digest of '{slug}': no digest sent")
             return
+        # A refused digest rolls back with its assembly: the next run finds the same items.
+        guarded(state, session, campaign, force=force)
         if dry_run:
             n = audience_size(session, campaign.list_id)
             console.print(

@@ -1,0 +1,388 @@
+"""The check before every send: refuse a campaign whose email would not arrive whole and safe.
+
+Each rendered variant is built into the message a real recipient would get (message.py, with
+signed links for a made-up subscriber), then checked for:
+
+- size: the HTML part over [check] max_html_kb (Gmail clips at about 102 KB, hiding the footer
+  with the unsubscribe link);
+- unsubscribing: a link to the recipient's unsubscribe URL in the HTML, the URL in the text, and
+  the List-Unsubscribe, List-Unsubscribe-Post (RFC 8058 one-click) and List-Id headers;
+- the subject: empty, over [check] max_subject_chars, or with a line break;
+- anything the sanitiser would have removed: scripts and other active elements, event handler
+  attributes, javascript:/vbscript:/data: URLs, CSS expressions;
+- links (and image sources) that are not https ([check] require_https) or point at a host
+  outside [check] allowed_link_hosts.
+
+Every problem is one line saying where (language, part, item) and what. The CLI edges and the
+scheduler call require_clean() before a campaign starts; --force records an override in events.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from email.message import EmailMessage
+from ipaddress import ip_address
+from urllib.parse import urlsplit
+
+from lxml import html as lxml_html
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from newsletter.campaigns import render_campaign, store_variants
+from newsletter.config import Settings
+from newsletter.db.models import Campaign, Event, Variant
+from newsletter.db.queries import campaign_events
+from newsletter.errors import CampaignError
+from newsletter.message import ListInfo, Recipient, build_message, link_urls
+from newsletter.render import RenderedVariant
+
+CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
+FORCED = "campaign.check_forced"
+PASSED = "campaign.checked"
+# Elements a sanitised email never needs; each can run code, submit data or load a document.
+ACTIVE_TAGS = frozenset(
+    {"script", "iframe", "frame", "frameset", "object", "embed", "applet", "form", "input"}
+    | {"button", "textarea", "select", "base", "svg", "math", "portal", "video", "audio"}
+)
+URL_ATTRIBUTES = ("href", "src", "action", "formaction", "background", "poster", "xlink:href")
+UNSAFE_SCHEMES = frozenset({"javascript", "vbscript", "data", "livescript"})
+SAFE_SCHEMES = frozenset({"mailto", "tel"})
+_TEXT_URL = re.compile(r"\b(?:https?|ftp|javascript|data):[^\s<>\"')]+", re.IGNORECASE)
+_LINE_BREAKS = re.compile(r"[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]")
+_CSS_DANGER = re.compile(r"expression\s*\(|javascript:|url\s*\(|@import|behavior\s*:", re.I)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason to refuse a campaign: where it is and what is wrong, for one line."""
+
+    code: str
+    where: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}"
+
+
+class CheckError(CampaignError):
+    """The check refused a campaign; `problems` lists every reason."""
+
+    def __init__(self, campaign_id: int | None, problems: Sequence[Problem]) -> None:
+        self.campaign_id = campaign_id
+        self.problems = list(problems)
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        name = f"campaign {campaign_id}" if campaign_id else "the campaign"
+        super().__init__(
+            f"{name} refused by the check: {problems[0]}{more}; fix it, or send with --force"
+        )
+
+
+def check_campaign(session: Session, campaign: Campaign, settings: Settings) -> list[Problem]:
+    """Every problem of the campaign's variants, one per line; [] means it may be sent.
+
+    The stored variants are what the sender will send; a campaign not rendered yet is rendered
+    and stored here (flushed, not committed), so what is checked is what goes out.
+    """
+    variants = stored_variants(session, campaign)
+    if not variants:
+        variants = render_campaign(campaign, settings=settings)
+        store_variants(session, campaign, variants)
+    ml = campaign.mailing_list
+    mlist = ListInfo(ml.id, ml.slug, ml.list_id)
+    found: list[Problem] = []
+    for variant in variants:
+        found.extend(
+            check_variant(variant, mlist=mlist, settings=settings, now=campaign.created_at)
+        )
+    return merge_languages(found)
+
+
+def stored_variants(session: Session, campaign: Campaign) -> list[RenderedVariant]:
+    """The variants stored for a campaign, in a stable order."""
+    rows = session.scalars(
+        select(Variant).where(Variant.campaign_id == campaign.id).order_by(Variant.lang)
+    )
+    return [RenderedVariant(r.lang, r.subject, r.html, r.text) for r in rows]
+
+
+def check_variant(
+    variant: RenderedVariant, *, mlist: ListInfo, settings: Settings, now: datetime
+) -> list[Problem]:
+    """The problems of one language's email, as a real recipient would get it."""
+    settings = _with_secret(settings)
+    message = build_message(
+        variant=variant,
+        campaign_id=0,
+        recipient=CHECK_RECIPIENT,
+        mlist=mlist,
+        settings=settings,
+        now=now,
+    )
+    urls = link_urls(recipient=CHECK_RECIPIENT, mlist=mlist, settings=settings)
+    return check_message(
+        message,
+        lang=variant.lang,
+        subject=variant.subject,
+        unsubscribe_url=urls["unsubscribe"],
+        settings=settings,
+    )
+
+
+def check_message(
+    message: EmailMessage, *, lang: str, subject: str, unsubscribe_url: str, settings: Settings
+) -> list[Problem]:
+    """The problems of one built message whose unsubscribe link should be unsubscribe_url."""
+    html, text = _bodies(message)
+    tree = lxml_html.document_fromstring(html or "<html></html>")
+    return [
+        *_check_size(html, lang, settings),
+        *_check_unsubscribe(tree, text, message, unsubscribe_url, lang),
+        *_check_subject(subject, lang, settings),
+        *_check_active_content(tree, lang),
+        *_check_links(_links(tree, text), lang, settings),
+    ]
+
+
+def require_clean(
+    session: Session,
+    campaign: Campaign,
+    settings: Settings,
+    *,
+    force: bool,
+    actor: str,
+    now: datetime,
+) -> list[Problem]:
+    """Stop a campaign that fails the check, unless forced now or before for these problems.
+
+    A pass, and an override, are recorded in events; an override made earlier (for example by
+    `newsletter check ID --force`) holds only while the problems stay the same.
+    """
+    problems = check_campaign(session, campaign, settings)
+    lines = [str(p) for p in problems]
+    if not problems:
+        _record(session, PASSED, campaign, actor, now, [])
+        return []
+    if force or _was_forced(session, campaign.id, lines):
+        _record(session, FORCED, campaign, actor, now, lines)
+        return problems
+    raise CheckError(campaign.id, problems)
+
+
+def merge_languages(problems: Iterable[Problem]) -> list[Problem]:
+    """Fold the same problem in several languages into one line ("en, be, ru HTML: ...")."""
+    merged: dict[tuple[str, str, str], list[str]] = {}
+    for p in problems:
+        lang, _, rest = p.where.partition(" ")
+        merged.setdefault((p.code, rest, p.what), []).append(lang)
+    return [
+        Problem(code, f"{', '.join(dict.fromkeys(langs))} {rest}".strip(), what)
+        for (code, rest, what), langs in merged.items()
+    ]
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+
+def _check_size(html: str, lang: str, settings: Settings) -> Iterator[Problem]:
+    size = len(html.encode("utf-8"))
+    limit = settings.check.max_html_kb
+    if size > limit * 1024:
+        yield Problem(
+            "html-too-big",
+            f"{lang} HTML",
+            f"{size / 1024:.1f} KB, over the {limit} KB limit (Gmail clips the rest, "
+            "unsubscribe link included): fewer or shorter items",
+        )
+
+
+def _check_unsubscribe(
+    tree: lxml_html.HtmlElement, text: str, message: EmailMessage, url: str, lang: str
+) -> Iterator[Problem]:
+    if url not in {a.get("href") for a in tree.iter("a")}:
+        yield Problem("no-unsubscribe", f"{lang} HTML", "no link to the unsubscribe page")
+    if url not in text:
+        yield Problem("no-unsubscribe", f"{lang} text", "no unsubscribe link")
+    list_unsubscribe = str(message.get("List-Unsubscribe", ""))
+    if not re.search(r"<https?://[^>]+>", list_unsubscribe):
+        yield Problem("headers", f"{lang} headers", "List-Unsubscribe has no https link")
+    if str(message.get("List-Unsubscribe-Post", "")) != "List-Unsubscribe=One-Click":
+        yield Problem(
+            "headers", f"{lang} headers", "List-Unsubscribe-Post is not List-Unsubscribe=One-Click"
+        )
+    if not str(message.get("List-Id", "")).strip():
+        yield Problem("headers", f"{lang} headers", "no List-Id")
+
+
+def _check_subject(subject: str, lang: str, settings: Settings) -> Iterator[Problem]:
+    where = f"{lang} subject"
+    limit = settings.check.max_subject_chars
+    if not subject.strip():
+        yield Problem("subject", where, "empty")
+    if len(subject) > limit:
+        yield Problem("subject", where, f"{len(subject)} characters, over {limit}")
+    if _LINE_BREAKS.search(subject):
+        yield Problem("subject", where, "contains a line break")
+
+
+def _check_active_content(tree: lxml_html.HtmlElement, lang: str) -> Iterator[Problem]:
+    for element in tree.iter():
+        if not isinstance(element.tag, str):  # comments (MSO conditionals), processing instr.
+            continue
+        tag = element.tag.lower()
+        where = f"{lang} HTML, {_locate(element)}"
+        if tag in ACTIVE_TAGS:
+            yield Problem("unsafe", where, f"a <{tag}> element")
+        if tag == "meta" and (element.get("http-equiv") or "").lower() == "refresh":
+            yield Problem("unsafe", where, "a <meta http-equiv=refresh> redirect")
+        yield from _unsafe_attributes(element, tag, where)
+
+
+def _unsafe_attributes(element: lxml_html.HtmlElement, tag: str, where: str) -> Iterator[Problem]:
+    for name, value in element.attrib.items():
+        name = name.lower()
+        if name.startswith("on"):
+            yield Problem("unsafe", where, f"an event handler <{tag} {name}=...>")
+        elif name in URL_ATTRIBUTES and _scheme(value) in UNSAFE_SCHEMES:
+            yield Problem("unsafe", where, f"a {_scheme(value)}: URL in <{tag} {name}>")
+        elif name == "style" and _CSS_DANGER.search(value):
+            yield Problem("unsafe", where, f"active or remote CSS in <{tag} style>")
+
+
+def _check_links(
+    links: Iterable[tuple[str, str]], lang: str, settings: Settings
+) -> Iterator[Problem]:
+    seen: set[str] = set()
+    for url, location in links:
+        if url in seen:
+            continue
+        seen.add(url)
+        what = _link_problem(url, settings)
+        if what:
+            code = "host" if what.startswith("host") else "link"
+            yield Problem(code, f"{lang} {location}", f"{what}: {_short(url)}")
+
+
+def _link_problem(url: str, settings: Settings) -> str:
+    """Why a link may not be sent, or ""."""
+    scheme = _scheme(url)
+    if scheme in SAFE_SCHEMES:
+        return ""
+    if scheme in UNSAFE_SCHEMES:
+        return ""  # reported by the active-content check
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    ours = host == (urlsplit(settings.web.base_url).hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        return "not a web link"
+    if scheme == "http" and settings.check.require_https and not (ours and _is_loopback(host)):
+        return "not https"
+    if not ours and not _host_allowed(host, settings.check.allowed_link_hosts):
+        return f"host {host} is not in [check] allowed_link_hosts"
+    return ""
+
+
+def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    if not allowed:
+        return True
+    for entry in (e.lower() for e in allowed):
+        if host == entry.lstrip(".") or (entry.startswith(".") and host.endswith(entry)):
+            return True
+    return False
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _links(tree: lxml_html.HtmlElement, text: str) -> Iterator[tuple[str, str]]:
+    """(url, where) for every link and resource in the HTML, then every URL in the text."""
+    for element in tree.iter():
+        if not isinstance(element.tag, str):
+            continue
+        for name in ("href", "src", "background"):
+            value = element.get(name)
+            if value is not None and element.tag.lower() not in ("base",):
+                yield value, f"HTML, {_locate(element)}"
+    for match in _TEXT_URL.finditer(text):
+        yield match.group(0).rstrip(".,;:!?"), "text"
+
+
+def _locate(element: lxml_html.HtmlElement) -> str:
+    """A reader's idea of where an element is: the item it belongs to, the footer, the body."""
+    ancestors = [(a, (a.get("class") or "").split()) for a in element.iterancestors()]
+    for ancestor, classes in ancestors:
+        if "item" in classes:
+            heading = ancestor.find(".//h3")
+            title = _readable_text(heading if heading is not None else ancestor)
+            return f"item «{_short(' '.join(title.split()), 60)}»"
+    if any("summary" in classes for _, classes in ancestors):
+        return "main text"
+    if element.tag == "a" and "fine" in (element.getparent().get("class") or "").split():
+        return "footer"
+    return "body"
+
+
+def _readable_text(element: lxml_html.HtmlElement) -> str:
+    """The text a reader sees in an element: what scripts and styles hold is left out."""
+    parts = []
+    for node in element.iter():
+        if isinstance(node.tag, str) and node.tag.lower() not in ("script", "style"):
+            parts.append(node.text or "")
+        if node is not element:
+            parts.append(node.tail or "")
+    return "".join(parts)
+
+
+def _bodies(message: EmailMessage) -> tuple[str, str]:
+    html_part = message.get_body(("html",))
+    text_part = message.get_body(("plain",))
+    html = str(html_part.get_content()) if html_part is not None else ""
+    text = str(text_part.get_content()) if text_part is not None else ""
+    return html, text
+
+
+def _scheme(url: str) -> str:
+    # Browsers ignore whitespace and control characters inside a scheme ("java\tscript:").
+    compact = "".join(ch for ch in url if ch > " ").lower()
+    return compact.split(":", 1)[0] if ":" in compact else ""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _short(value: str, limit: int = 100) -> str:
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def _with_secret(settings: Settings) -> Settings:
+    # The check signs links for a made-up subscriber only; it must work before a secret is set.
+    if settings.security.secret:
+        return settings
+    security = replace(settings.security, secret=secrets.token_urlsafe(32))
+    return replace(settings, security=security)
+
+
+def _was_forced(session: Session, campaign_id: int, lines: list[str]) -> bool:
+    return any(
+        event.detail.get("problems") == lines
+        for event in campaign_events(session, campaign_id, action=FORCED)
+    )
+
+
+def _record(
+    session: Session, action: str, campaign: Campaign, actor: str, now: datetime, lines: list[str]
+) -> None:
+    detail: dict[str, object] = {"campaign": campaign.id}
+    if lines:
+        detail["problems"] = lines
+    session.add(Event(at=now, actor=actor, action=action, detail=detail))
+    session.flush()
