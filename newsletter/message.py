@@ -1,11 +1,23 @@
-"""Build the message one recipient gets: headers, a text and an HTML part, stable Message-ID."""
+"""Build the message one recipient gets: headers, a text and an HTML part, stable Message-ID.
+
+Two ways to the same message. `build_message` uses the email package for one recipient (previews,
+tests). `MessageTemplate` is the sender's fast path: the email package builds each variant once
+(headers folded, parts declared quoted-printable), every fixed stretch of the bodies is
+quoted-printable encoded once, and per recipient only the links are encoded and spliced in between
+soft line breaks, with the per-recipient headers put in front. Every line stays within 76
+characters and decodes to exactly what `build_message` carries.
+"""
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
+import html
+import re
 from dataclasses import dataclass
 from datetime import datetime
+from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -13,7 +25,8 @@ from email.utils import format_datetime
 from urllib.parse import quote
 
 from newsletter.config import Settings
-from newsletter.render import RenderedVariant, personalise
+from newsletter.errors import PermanentDeliveryError
+from newsletter.render import PREFERENCES_URL, UNSUBSCRIBE_URL, RenderedVariant, personalise
 from newsletter.tokens import make_token
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
@@ -99,3 +112,124 @@ def build_message(
     msg.set_content(text, subtype="plain", charset="utf-8")
     msg.add_alternative(html, subtype="html", charset="utf-8")
     return msg
+
+
+# --- the sender's fast path ------------------------------------------------------------------
+
+TEXT_SLOT = "@@NEWSLETTER-TEXT-BODY@@"
+HTML_SLOT = "@@NEWSLETTER-HTML-BODY@@"
+SOFT_BREAK = b"=\r\n"
+_MARKER = re.compile(f"({re.escape(UNSUBSCRIBE_URL)}|{re.escape(PREFERENCES_URL)})")
+_MARKER_KEY = {UNSUBSCRIBE_URL: "unsubscribe", PREFERENCES_URL: "preferences"}
+_BAD_ADDRESS = re.compile(r"[\s<>()\[\],;:\"\\]|[^\x21-\x7e]")
+
+
+def _qp(data: str) -> bytes:
+    """Quoted-printable with CRLF line ends (binascii is C, and keeps lines within 76)."""
+    out = binascii.b2a_qp(data.encode("utf-8"), istext=True)
+    return out.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@dataclass(frozen=True)
+class _Body:
+    """One body part cut at its per-recipient markers, the fixed stretches encoded once."""
+
+    pieces: tuple[bytes, ...]
+    markers: tuple[str, ...]
+    escape: bool
+
+    @classmethod
+    def encode(cls, body: str, *, escape: bool) -> _Body:
+        """Cut a rendered body at its markers and encode each fixed stretch."""
+        body = body.replace("\r\n", "\n").removesuffix("\n").replace("\n", "\r\n")
+        parts = _MARKER.split(body)
+        return cls(tuple(_qp(p) for p in parts[::2]), tuple(parts[1::2]), escape)
+
+    def fill(self, urls: dict[str, str]) -> bytes:
+        """The encoded body with this recipient's links, each between soft line breaks."""
+        out = [self.pieces[0]]
+        for marker, piece in zip(self.markers, self.pieces[1:], strict=True):
+            value = urls[_MARKER_KEY[marker]]
+            out += (SOFT_BREAK, _qp(html.escape(value) if self.escape else value), SOFT_BREAK)
+            out.append(piece)
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class MessageTemplate:
+    """A variant made into message bytes once; `render` adds one recipient in well under 1 ms."""
+
+    head: bytes
+    middle: bytes
+    tail: bytes
+    text: _Body
+    html: _Body
+    mlist: ListInfo
+    campaign_id: int
+
+    @classmethod
+    def build(
+        cls, *, variant: RenderedVariant, campaign_id: int, mlist: ListInfo, settings: Settings
+    ) -> MessageTemplate:
+        """Build the variant's fixed headers and MIME structure once, with the email package."""
+        mail = settings.mail
+        msg = EmailMessage(policy=POLICY)
+        msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
+        msg["Subject"] = " ".join(variant.subject.split())
+        msg["List-Id"] = f"{mlist.slug} <{mlist.list_id}>"
+        msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        msg.set_content(TEXT_SLOT, subtype="plain", charset="utf-8", cte="quoted-printable")
+        msg.add_alternative(HTML_SLOT, subtype="html", charset="utf-8", cte="quoted-printable")
+        head, rest = msg.as_bytes().split(TEXT_SLOT.encode())
+        middle, tail = rest.split(HTML_SLOT.encode())
+        return cls(
+            head=head,
+            middle=middle,
+            tail=tail,
+            text=_Body.encode(variant.text, escape=False),
+            html=_Body.encode(variant.html, escape=True),
+            mlist=mlist,
+            campaign_id=campaign_id,
+        )
+
+    def render(self, recipient: Recipient, *, settings: Settings, now: datetime) -> bytes:
+        """One recipient's message: their headers in front, their links spliced into the parts."""
+        urls = link_urls(recipient=recipient, mlist=self.mlist, settings=settings)
+        domain = settings.mail.from_address.rpartition("@")[2]
+        mid = message_id(
+            campaign_id=self.campaign_id,
+            subscriber_id=recipient.subscriber_id,
+            secret=settings.security.require_secret(),
+            domain=domain,
+        )
+        headers = (
+            f"To: {format_to(recipient)}\r\n"
+            f"Date: {format_datetime(now)}\r\n"
+            f"Message-ID: {mid}\r\n"
+            f"List-Unsubscribe: <{urls['unsubscribe']}>,\r\n <{urls['mailto']}>\r\n"
+        )
+        return b"".join(
+            (
+                headers.encode("ascii"),
+                self.head,
+                self.text.fill(urls),
+                self.middle,
+                self.html.fill(urls),
+                self.tail,
+            )
+        )
+
+
+def format_to(recipient: Recipient) -> str:
+    """The To header's value: a quoted or RFC 2047-encoded name and the address."""
+    email = recipient.email
+    if not email or "@" not in email or _BAD_ADDRESS.search(email):
+        raise PermanentDeliveryError("unusable address (not plain ASCII)")
+    name = " ".join("".join(c for c in recipient.name if c.isprintable()).split())
+    if not name:
+        return email
+    if name.isascii():
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{email}>'
+    encoded = Header(name, "utf-8", header_name="To").encode(linesep="\r\n")
+    return f"{encoded} <{email}>"

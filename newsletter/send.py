@@ -1,214 +1,403 @@
 """The sender: claim a batch, re-check who may still be mailed, build, send, record.
 
-A batch is claimed in one short transaction, sent concurrently over the transport's
-connections, and its outcomes recorded in another. A row is marked sent only after the SMTP
-server accepted it; a worker that dies leaves its rows to be claimed again when the lease ends.
+A batch is claimed in one short transaction (with a lease, and this worker's name), then sent over
+as many lanes as the transport has connections. Each lane records its message's outcome, committed
+together with whatever other lanes finished meanwhile, before it sends the next one: a sender
+killed at any moment leaves at most one accepted-but-unrecorded message per connection, and that
+one goes again with the same Message-ID. A watcher re-reads the campaigns' states twice a second
+(pause, cancel) and renews the leases of live claims. Claims never attempted are released.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
-from collections.abc import Callable
+import socket
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.campaigns import finish_if_done, running_campaign_ids
+from newsletter.bounces import verp_address
+from newsletter.campaigns import finish_if_done, pause_campaign, running_campaign_ids
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     Campaign,
+    CampaignStatus,
     Delivery,
     DeliveryStatus,
-    Event,
     MailingList,
     Subscriber,
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
-    Suppression,
     Variant,
 )
-from newsletter.db.queries import claim_batch
-from newsletter.message import ListInfo, Recipient, build_message
+from newsletter.db.queries import claim_batch, extend_leases, release_claims
+from newsletter.dkim import DkimSigner
+from newsletter.errors import PermanentDeliveryError
+from newsletter.ledger import DELIVERIES, Job, SendReport, record_outcomes, retry_delay
+from newsletter.message import ListInfo, MessageTemplate, Recipient
 from newsletter.render import RenderedVariant
 from newsletter.smtp import Outcome, Result, Transport
-from newsletter.tokens import hash_address
 
-MAX_BACKOFF = timedelta(hours=6)
+__all__ = ["Job", "SendControl", "SendReport", "deliver_queued", "retry_delay", "worker_name"]
+
+WATCH_SECONDS = 0.5
+
+
+def worker_name() -> str:
+    """A name for this sender process, unique enough to tell its claims from others'."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 @dataclass
-class SendReport:
-    sent: int = 0
-    deferred: int = 0
-    failed: int = 0
-    suppressed: int = 0
-    finished: list[int] = field(default_factory=list)
+class SendControl:
+    """What may be sent right now: a stop request, and campaigns no longer running."""
 
-    def add(self, other: SendReport) -> None:
-        self.sent += other.sent
-        self.deferred += other.deferred
-        self.failed += other.failed
-        self.suppressed += other.suppressed
-        self.finished += other.finished
+    stopping: bool = False
+    held: set[int] = field(default_factory=set)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
+    def request_stop(self) -> None:
+        """Finish what is in flight, send nothing new (SIGTERM / SIGINT)."""
+        self.stopping = True
+        for callback in self.on_stop:
+            callback()
 
-@dataclass(frozen=True)
-class Job:
-    delivery_id: int
-    campaign_id: int
-    recipient: Recipient
-    message: bytes
+    def may_send(self, campaign_id: int) -> bool:
+        """Whether a message of this campaign may start now."""
+        return not self.stopping and campaign_id not in self.held
 
 
-def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> timedelta:
-    """Exponential back-off with jitter: base·2^(n-1), times 0.5–1.5, at most six hours."""
-    delay = timedelta(seconds=base_seconds * 2 ** max(attempts - 1, 0))
-    return min(delay, MAX_BACKOFF) * rng.uniform(0.5, 1.5)
+class TemplateCache:
+    """Message templates, built once per (campaign, language) for the life of a worker."""
 
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._cache: dict[tuple[int, str], MessageTemplate | None] = {}
 
-class VariantCache:
-    """Rendered variants, loaded once per (campaign, language) for the life of a worker."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[int, str], RenderedVariant] = {}
-
-    def get(
-        self, session: Session, campaign_id: int, lang: str, default_lang: str
-    ) -> RenderedVariant:
-        """The variant in this language, else the default language's."""
-        for want in (lang, default_lang):
+    def get(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate:
+        """The template in this language, else the default language's."""
+        for want in (lang, self._settings.render.default_language):
             key = (campaign_id, want)
             if key not in self._cache:
-                row = session.scalar(
-                    select(Variant).where(Variant.campaign_id == campaign_id, Variant.lang == want)
-                )
-                if row is None:
-                    continue
-                self._cache[key] = RenderedVariant(
-                    lang=row.lang, subject=row.subject, html=row.html, text=row.text
-                )
-            return self._cache[key]
+                self._cache[key] = self._build(session, campaign_id, want)
+            if (found := self._cache[key]) is not None:
+                return found
         raise LookupError(f"campaign {campaign_id} has no rendered variant")
+
+    def _build(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate | None:
+        row = session.execute(
+            select(Variant, MailingList)
+            .join(Campaign, Campaign.id == Variant.campaign_id)
+            .join(MailingList, MailingList.id == Campaign.list_id)
+            .where(Variant.campaign_id == campaign_id, Variant.lang == lang)
+        ).first()
+        if row is None:
+            return None
+        v, ml = row
+        return MessageTemplate.build(
+            variant=RenderedVariant(lang=v.lang, subject=v.subject, html=v.html, text=v.text),
+            campaign_id=campaign_id,
+            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
+            settings=self._settings,
+        )
 
 
 def prepare_jobs(
-    session: Session, ids: list[int], *, settings: Settings, variants: VariantCache, now: datetime
-) -> tuple[list[Job], int]:
-    """Build messages for claimed rows; people who left since enqueue are marked suppressed."""
-    rows = session.execute(
-        select(Delivery, Subscriber, Subscription.status, Campaign, MailingList)
+    session: Session,
+    ids: list[int],
+    *,
+    settings: Settings,
+    templates: TemplateCache,
+    signer: DkimSigner | None,
+    now: datetime,
+) -> tuple[list[Job], list[int]]:
+    """Build messages for claimed rows; returns the jobs and the rows of people who left."""
+    stmt = (
+        select(
+            Delivery.id,
+            Delivery.campaign_id,
+            Delivery.attempts,
+            Delivery.created_at,
+            Delivery.requeued_at,
+            Subscriber.id,
+            Subscriber.email,
+            Subscriber.name,
+            Subscriber.language,
+            Subscriber.status,
+            Subscription.status,
+        )
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .join(Campaign, Campaign.id == Delivery.campaign_id)
-        .join(MailingList, MailingList.id == Campaign.list_id)
         .outerjoin(
             Subscription,
             (Subscription.subscriber_id == Subscriber.id)
             & (Subscription.list_id == Campaign.list_id),
         )
         .where(Delivery.id.in_(ids))
-    ).all()
+        .order_by(Delivery.id)
+    )
     jobs, gone = [], []
-    for delivery, sub, sub_status, campaign, ml in rows:
-        if sub.status != SubscriberStatus.ACTIVE or sub_status != SubscriptionStatus.ACTIVE:
-            gone.append(delivery.id)
+    for (
+        did,
+        cid,
+        attempts,
+        created,
+        requeued,
+        sid,
+        email,
+        name,
+        lang,
+        status,
+        sub,
+    ) in session.execute(stmt):
+        if status != SubscriberStatus.ACTIVE or sub != SubscriptionStatus.ACTIVE:
+            gone.append(did)
             continue
-        variant = variants.get(session, campaign.id, sub.language, settings.render.default_language)
-        recipient = Recipient(subscriber_id=sub.id, email=sub.email, name=sub.name)
-        msg = build_message(
-            variant=variant,
-            campaign_id=campaign.id,
-            recipient=recipient,
-            mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-            settings=settings,
-            now=now,
+        message, error = b"", ""
+        try:
+            message = templates.get(session, cid, lang).render(
+                Recipient(sid, email, name), settings=settings, now=now
+            )
+            message = signer.sign(message) if signer else message
+        except PermanentDeliveryError as e:
+            error = str(e)
+        envelope = verp_address(did, settings=settings)
+        jobs.append(
+            Job(did, cid, sid, email, attempts, requeued or created, envelope, message, error)
         )
-        jobs.append(Job(delivery.id, campaign.id, recipient, msg.as_bytes()))
-    if gone:
+    return jobs, gone
+
+
+def mark_left(session: Session, ids: list[int]) -> None:
+    """Deliveries to people who left the list (or bounced) since enqueue are not sent."""
+    if ids:
         session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(gone))
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(ids))
             .values(
-                status=DeliveryStatus.SUPPRESSED, lease_until=None, last_reply="left before sending"
+                status=DeliveryStatus.SUPPRESSED,
+                lease_until=None,
+                claimed_by=None,
+                last_reply="left before sending",
             )
         )
-    return jobs, len(gone)
 
 
-async def send_jobs(jobs: list[Job], *, transport: Transport, sender: str) -> list[Outcome]:
-    """Send every job concurrently; the transport bounds how many are in flight."""
-    return list(
-        await asyncio.gather(
-            *(
-                transport.send(job.message, sender=sender, recipient=job.recipient.email)
-                for job in jobs
+class Recorder:
+    """Commits outcomes as they come, grouping those that arrive together into one transaction."""
+
+    def __init__(self, sender: Sender) -> None:
+        self._sender = sender
+        self._pending: list[tuple[Job, Outcome, asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def record(self, job: Job, outcome: Outcome) -> None:
+        """Return once this outcome is committed."""
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((job, outcome, done))
+        if not self._flushing:
+            self._flushing = True
+            try:
+                await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
+                while self._pending:
+                    group, self._pending = self._pending, []
+                    self._sender.write([(j, o) for j, o, _ in group])
+                    for _j, _o, fut in group:
+                        fut.set_result(None)
+            finally:
+                self._flushing = False
+        await done
+
+
+class Sender:
+    """One worker's delivery loop; `deliver_queued` is its public face."""
+
+    def __init__(
+        self,
+        *,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        transport: Transport,
+        clock: Clock,
+        control: SendControl,
+        worker: str,
+        campaign_id: int | None,
+        rng: random.Random,
+        signer: DkimSigner | None,
+        on_batch: Callable[[SendReport], None] | None,
+    ) -> None:
+        self.factory, self.settings, self.transport = factory, settings, transport
+        self.clock, self.control, self.worker = clock, control, worker
+        self.campaign_id, self.rng, self.signer, self.on_batch = campaign_id, rng, signer, on_batch
+        self.templates = TemplateCache(settings)
+        self.recorder = Recorder(self)
+        self.total = SendReport()
+        self.streaks: dict[int, int] = {}
+        self.active: set[int] = set()
+        self.lanes = sum(r.pool_size for r in settings.smtp.all_relays() if r.weight > 0)
+        control.on_stop.append(transport.interrupt)
+
+    async def run(self) -> SendReport:
+        """Claim, send and record batch after batch until nothing is due or a stop is asked."""
+        watcher = asyncio.create_task(self._watch())
+        try:
+            while not self.control.stopping and await self._one_batch():
+                pass
+        finally:
+            watcher.cancel()
+        with unit_of_work(self.factory) as session:  # campaigns with nothing left (or no audience)
+            for cid in running_campaign_ids(session):
+                if self.campaign_id in (None, cid) and self._finish(session, cid):
+                    self.total.finished.append(cid)
+        self.total.stopped = self.control.stopping
+        return self.total
+
+    async def _one_batch(self) -> bool:
+        limit = self.settings.smtp.batch_size
+        with unit_of_work(self.factory) as session:
+            ids = claim_batch(
+                session,
+                now=self.clock.now(),
+                lease_seconds=self.settings.smtp.lease_seconds,
+                limit=limit,
+                campaign_id=self.campaign_id,
+                worker=self.worker,
             )
-        )
-    )
+        if not ids:
+            return False
+        try:
+            jobs = self._prepare(ids)
+            unstarted = await self._send_all(jobs)
+        except BaseException:
+            self._release(ids)  # whatever is still claimed by us and was never attempted
+            raise
+        self._release([job.delivery_id for job in unstarted])
+        if len(ids) < limit:
+            self._finish_done({job.campaign_id for job in jobs})
+        return True
 
-
-def record_outcomes(
-    session: Session,
-    results: list[tuple[Job, Outcome]],
-    *,
-    settings: Settings,
-    now: datetime,
-    rng: random.Random,
-) -> SendReport:
-    """Write each outcome to its delivery row; suppress addresses refused for good."""
-    report = SendReport()
-    deadline = timedelta(hours=settings.smtp.retry_deadline_hours)
-    for job, outcome in results:
-        delivery = session.get(Delivery, job.delivery_id)
-        if delivery is None or delivery.status != DeliveryStatus.CLAIMED:
-            continue
-        delivery.last_reply = outcome.reply[:1000]
-        delivery.lease_until = None
-        if outcome.result is Result.SENT:
-            delivery.status, delivery.sent_at = DeliveryStatus.SENT, now
-            report.sent += 1
-        elif outcome.result is Result.TEMPORARY and now - delivery.created_at < deadline:
-            delivery.status = DeliveryStatus.DEFERRED
-            delivery.next_attempt_at = now + retry_delay(
-                delivery.attempts, base_seconds=settings.smtp.retry_base_seconds, rng=rng
+    def _prepare(self, ids: list[int]) -> list[Job]:
+        with unit_of_work(self.factory) as session:
+            jobs, gone = prepare_jobs(
+                session,
+                ids,
+                settings=self.settings,
+                templates=self.templates,
+                signer=self.signer,
+                now=self.clock.now(),
             )
-            report.deferred += 1
-        else:
-            delivery.status = DeliveryStatus.FAILED
-            report.failed += 1
-            if outcome.result is Result.PERMANENT and outcome.recipient_level:
-                suppress_bounced(
-                    session, job.recipient, settings=settings, now=now, reply=outcome.reply
+            mark_left(session, gone)
+        self.active = {job.campaign_id for job in jobs}
+        self._report(SendReport(suppressed=len(gone)))
+        return jobs
+
+    async def _send_all(self, jobs: list[Job]) -> list[Job]:
+        """Send over `lanes` concurrent lanes; returns the jobs never attempted."""
+        queue, unstarted = deque(jobs), []
+
+        async def lane() -> None:
+            while queue:
+                job = queue.popleft()
+                if not self.control.may_send(job.campaign_id):
+                    unstarted.append(job)
+                    continue
+                outcome = await self._attempt(job)
+                if outcome.result is Result.UNSENT:
+                    unstarted.append(job)
+                else:
+                    await self.recorder.record(job, outcome)
+
+        await asyncio.gather(*(lane() for _ in range(min(self.lanes, len(jobs)))))
+        return unstarted
+
+    async def _attempt(self, job: Job) -> Outcome:
+        if job.error:
+            return Outcome(Result.PERMANENT, job.error)
+        return await self.transport.send(job.message, sender=job.envelope_from, recipient=job.email)
+
+    def write(self, results: list[tuple[Job, Outcome]]) -> None:
+        """Commit a group of outcomes; pause a campaign whose failures run past the limit."""
+        now = self.clock.now()
+        with unit_of_work(self.factory) as session:
+            report = record_outcomes(
+                session, results, settings=self.settings, now=now, rng=self.rng
+            )
+            for cid, reason in self._bursts(results).items():
+                if cid not in self.control.held and self._pause(session, cid, reason, now):
+                    report.paused[cid] = reason
+        self._report(report)
+
+    def _bursts(self, results: Iterable[tuple[Job, Outcome]]) -> dict[int, str]:
+        """Campaigns whose run of consecutive failures reached [smtp] failure_burst."""
+        limit, tripped = self.settings.smtp.failure_burst, {}
+        for job, outcome in results:
+            ok = outcome.result is Result.SENT
+            streak = 0 if ok else self.streaks.get(job.campaign_id, 0) + 1
+            self.streaks[job.campaign_id] = streak
+            if limit and streak >= limit:
+                tripped[job.campaign_id] = (
+                    f"paused after {streak} failed deliveries in a row; last reply: "
+                    f"{outcome.reply[:200]}"
                 )
-    session.flush()
-    return report
+        return tripped
 
+    def _pause(self, session: Session, cid: int, reason: str, now: datetime) -> bool:
+        self.control.held.add(cid)
+        campaign = session.get(Campaign, cid)
+        if campaign is None or campaign.status != CampaignStatus.RUNNING:
+            return False
+        pause_campaign(session=session, campaign_id=cid, now=now, actor="sender", reason=reason)
+        return True
 
-def suppress_bounced(
-    session: Session, recipient: Recipient, *, settings: Settings, now: datetime, reply: str
-) -> None:
-    """Mark an address refused for good as bounced, so nothing is sent to it again."""
-    session.execute(
-        update(Subscriber)
-        .where(Subscriber.id == recipient.subscriber_id)
-        .values(status=SubscriberStatus.BOUNCED)
-    )
-    digest = hash_address(recipient.email, secret=settings.security.require_secret())
-    if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-        session.add(Suppression(email_hash=digest, reason="bounce", created_at=now))
-    session.add(
-        Event(
-            at=now,
-            actor="sender",
-            action="subscriber.bounced",
-            detail={"subscriber": recipient.subscriber_id, "reply": reply[:200]},
+    def _release(self, ids: list[int]) -> None:
+        if ids:
+            with unit_of_work(self.factory) as session:
+                released = release_claims(session, ids, worker=self.worker)
+            self._report(SendReport(released=released))
+
+    def _finish_done(self, cids: set[int]) -> None:
+        with unit_of_work(self.factory) as session:
+            done = [cid for cid in sorted(cids) if self._finish(session, cid)]
+        self._report(SendReport(finished=done))
+
+    def _finish(self, session: Session, cid: int) -> bool:
+        return finish_if_done(session=session, campaign_id=cid, now=self.clock.now())
+
+    def _report(self, report: SendReport) -> None:
+        self.total.add(report)
+        if self.on_batch:
+            self.on_batch(report)
+
+    async def _watch(self) -> None:
+        """Re-read campaign states (pause, cancel) and renew this worker's leases."""
+        lease = self.settings.smtp.lease_seconds
+        renew_every, since_renew = max(lease / 3, WATCH_SECONDS), 0.0
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            since_renew += WATCH_SECONDS
+            with unit_of_work(self.factory) as session:
+                self._hold_stopped(session)
+                if since_renew >= renew_every:
+                    until = self.clock.now() + timedelta(seconds=lease)
+                    extend_leases(session, worker=self.worker, until=until)
+                    since_renew = 0.0
+
+    def _hold_stopped(self, session: Session) -> None:
+        # Recomputed, not accumulated: a campaign resumed meanwhile may be sent again.
+        stmt = select(Campaign.id).where(
+            Campaign.id.in_(self.active), Campaign.status != CampaignStatus.RUNNING
         )
-    )
+        self.control.held = set(session.scalars(stmt)) if self.active else set()
 
 
 async def deliver_queued(
@@ -220,48 +409,21 @@ async def deliver_queued(
     campaign_id: int | None = None,
     on_batch: Callable[[SendReport], None] | None = None,
     rng: random.Random | None = None,
+    control: SendControl | None = None,
+    worker: str | None = None,
+    signer: DkimSigner | None = None,
 ) -> SendReport:
-    """Deliver every due delivery of running campaigns, batch by batch, then return."""
-    rng = rng or random.Random()
-    variants = VariantCache()
-    total = SendReport()
-    while True:
-        with unit_of_work(factory) as session:
-            ids = claim_batch(
-                session,
-                now=clock.now(),
-                lease_seconds=settings.smtp.lease_seconds,
-                limit=settings.smtp.batch_size,
-                campaign_id=campaign_id,
-            )
-        if not ids:
-            break
-        with unit_of_work(factory) as session:
-            jobs, gone = prepare_jobs(
-                session, ids, settings=settings, variants=variants, now=clock.now()
-            )
-        outcomes = await send_jobs(jobs, transport=transport, sender=settings.mail.from_address)
-        with unit_of_work(factory) as session:
-            batch = record_outcomes(
-                session,
-                list(zip(jobs, outcomes, strict=True)),
-                settings=settings,
-                now=clock.now(),
-                rng=rng,
-            )
-            batch.suppressed = gone
-            for cid in sorted({job.campaign_id for job in jobs} | _campaigns_of(session, ids)):
-                if finish_if_done(session=session, campaign_id=cid, now=clock.now()):
-                    batch.finished.append(cid)
-        total.add(batch)
-        if on_batch:
-            on_batch(batch)
-    with unit_of_work(factory) as session:  # campaigns whose audience was empty
-        for cid in running_campaign_ids(session):
-            if finish_if_done(session=session, campaign_id=cid, now=clock.now()):
-                total.finished.append(cid)
-    return total
-
-
-def _campaigns_of(session: Session, ids: list[int]) -> set[int]:
-    return set(session.scalars(select(Delivery.campaign_id).where(Delivery.id.in_(ids)).distinct()))
+    """Deliver every due delivery of running campaigns, then return what happened."""
+    sender = Sender(
+        factory=factory,
+        settings=settings,
+        transport=transport,
+        clock=clock,
+        control=control or SendControl(),
+        worker=worker or worker_name(),
+        campaign_id=campaign_id,
+        rng=rng or random.Random(),
+        signer=signer,
+        on_batch=on_batch,
+    )
+    return await sender.run()

@@ -1,25 +1,40 @@
-"""SMTP transport: a small pool of reused aiosmtplib connections and a reply classifier.
+"""SMTP transport: pools of reused connections per relay, rate limits, and a reply classifier.
 
-2xx is sent, 4xx and a dropped connection are temporary (retry later), 5xx is permanent.
+2xx is sent, 4xx and a dropped connection are temporary (retry later), 5xx is permanent; a 5xx
+at RCPT is about the mailbox, so the address is suppressed. Each relay ([smtp] and [smtp]
+relays) has its own pool of stdlib smtplib connections, each driven by one thread: on loopback
+the SMTP dialogue is CPU-bound, and smtplib on a reused connection outran aiosmtplib here. The
+sender stays asyncio; it awaits the threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import random
+import smtplib
 import ssl
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-import aiosmtplib
+from newsletter.config import RelaySettings, SmtpSettings
 
-from newsletter.config import SmtpSettings
+HOUR = 3600.0
 
 
 class Result(StrEnum):
     SENT = "sent"
     TEMPORARY = "temporary"
     PERMANENT = "permanent"
+    # Never handed to a server (stopped while waiting for a rate limit): release, do not count.
+    UNSENT = "unsent"
 
 
 @dataclass(frozen=True)
@@ -29,6 +44,7 @@ class Outcome:
     code: int | None = None
     # A recipient-level refusal (a bad mailbox at RCPT) suppresses the address; others do not.
     recipient_level: bool = False
+    relay: str = ""
 
 
 class Transport(Protocol):
@@ -36,11 +52,16 @@ class Transport(Protocol):
 
     async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome: ...
 
+    def interrupt(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
-def classify(code: int | None, reply: str, *, recipient_level: bool = False) -> Outcome:
+def classify(code: int | None, reply: str | bytes, *, recipient_level: bool = False) -> Outcome:
     """Turn an SMTP reply code into an Outcome."""
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    reply = " ".join(reply.split())
     text = f"{code} {reply}".strip() if code else reply
     if code is not None and 200 <= code < 300:
         return Outcome(Result.SENT, text, code)
@@ -51,79 +72,185 @@ def classify(code: int | None, reply: str, *, recipient_level: bool = False) -> 
 
 def classify_error(error: Exception) -> Outcome:
     """Classify an exception raised while sending one message."""
-    if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
-        first = error.recipients[0]
-        return classify(first.code, first.message, recipient_level=True)
-    if isinstance(error, aiosmtplib.SMTPResponseException):
-        return classify(error.code, error.message)
-    if isinstance(error, ValueError):  # an address aiosmtplib cannot put in an envelope
-        return Outcome(Result.PERMANENT, f"unusable address: {error}", None, True)
+    if isinstance(error, smtplib.SMTPResponseException):
+        return classify(error.smtp_code, error.smtp_error)
+    if isinstance(error, UnicodeEncodeError | ValueError):  # not a usable envelope address
+        return Outcome(Result.PERMANENT, f"unusable address: {type(error).__name__}")
     # Dropped connection, time-out, refused connection: the server said nothing final.
     return Outcome(Result.TEMPORARY, f"{type(error).__name__}: {error}".strip())
 
 
-class SmtpPool:
-    """Up to `pool_size` connections to one SMTP server, each reused for many messages."""
+class ConnectionPool:
+    """Up to `pool_size` connections to one relay, each used by one thread at a time."""
 
-    def __init__(self, settings: SmtpSettings) -> None:
-        self._settings = settings
-        self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
-        self._slots = asyncio.Semaphore(settings.pool_size)
-        self._all: set[aiosmtplib.SMTP] = set()
-
-    async def _connect(self) -> aiosmtplib.SMTP:
-        s = self._settings
-        client = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            timeout=s.timeout_seconds,
-            use_tls=s.security == "tls",
-            start_tls=s.security == "starttls",
-            tls_context=ssl.create_default_context() if s.security != "none" else None,
-            username=s.username or None,
-            password=s.password or None,
-            local_hostname="localhost",
-        )
-        await client.connect()
-        self._all.add(client)
-        return client
+    def __init__(self, relay: RelaySettings) -> None:
+        self.relay = relay
+        self._idle: queue.SimpleQueue[smtplib.SMTP] = queue.SimpleQueue()
+        self._executor = ThreadPoolExecutor(relay.pool_size, thread_name_prefix="smtp")
 
     async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome:
-        """Send one message to one recipient over a pooled connection."""
-        async with self._slots:
-            client = self._idle.get_nowait() if not self._idle.empty() else None
-            try:
-                if client is None or not client.is_connected:
-                    client = await self._connect()
-                _errors, reply = await client.sendmail(sender, [recipient], message)
-            except Exception as error:  # every failure becomes an Outcome, never a crash
-                await self._discard(client, error)
-                return classify_error(error)
-            self._idle.put_nowait(client)
-            return classify(250, reply)
+        """Send one message over a pooled connection, in the pool's threads."""
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(
+            self._executor, self._send_blocking, message, sender, recipient
+        )
+        return replace(outcome, relay=self.relay.label)
 
-    async def _discard(self, client: aiosmtplib.SMTP | None, error: Exception) -> None:
-        """Keep a connection after a plain refusal; drop it after anything else."""
-        if client is None:
-            return
-        if (
-            isinstance(error, aiosmtplib.SMTPResponseException | aiosmtplib.SMTPRecipientsRefused)
-            and client.is_connected
-        ):
-            self._idle.put_nowait(client)
-            return
-        self._all.discard(client)
-        client.close()
+    def _send_blocking(self, message: bytes, sender: str, recipient: str) -> Outcome:
+        conn = None
+        try:
+            conn = self._take()
+            outcome = _exchange(conn, message, sender, recipient)
+        except Exception as error:  # every failure becomes an Outcome, never a crash
+            _close_quietly(conn)
+            return classify_error(error)
+        if outcome.code == 421:  # the server is closing this connection
+            _close_quietly(conn)
+        else:
+            self._idle.put(conn)
+        return outcome
+
+    def _take(self) -> smtplib.SMTP:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def _connect(self) -> smtplib.SMTP:
+        r = self.relay
+        context = ssl.create_default_context() if r.security != "none" else None
+        conn: smtplib.SMTP
+        if r.security == "tls":
+            conn = smtplib.SMTP_SSL(
+                local_hostname="localhost", timeout=r.timeout_seconds, context=context
+            )
+        else:
+            conn = smtplib.SMTP(local_hostname="localhost", timeout=r.timeout_seconds)
+        conn.connect(r.host, r.port)
+        conn.ehlo()
+        if r.security == "starttls":
+            conn.starttls(context=context)
+            conn.ehlo()
+        if r.username:
+            conn.login(r.username, r.password)
+        return conn
+
+    def close_blocking(self) -> None:
+        """Say QUIT on every idle connection and stop the threads."""
+        self._executor.shutdown(wait=True)
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                _close_quietly(conn)
+
+
+def _exchange(conn: smtplib.SMTP, message: bytes, sender: str, recipient: str) -> Outcome:
+    """MAIL, RCPT, DATA on an open connection; a refusal resets it for the next message."""
+    code, reply = conn.mail(sender)
+    if code != 250:
+        return _refused(conn, classify(code, reply))
+    code, reply = conn.rcpt(recipient)
+    if code not in (250, 251):
+        return _refused(conn, classify(code, reply, recipient_level=True))
+    code, reply = conn.data(message)
+    return classify(code, reply)
+
+
+def _refused(conn: smtplib.SMTP, outcome: Outcome) -> Outcome:
+    if outcome.code != 421:
+        conn.rset()
+    return outcome
+
+
+def _close_quietly(conn: smtplib.SMTP | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(OSError):
+            conn.close()
+
+
+class Pace:
+    """A relay's rate per second and rolling hourly cap, on the monotonic clock."""
+
+    def __init__(self, relay: RelaySettings, sent_before: Iterable[float] = ()) -> None:
+        self.interval = 1.0 / relay.rate_per_second if relay.rate_per_second > 0 else 0.0
+        self.cap = relay.hourly_limit
+        self.next_slot = 0.0
+        self.recent: deque[float] = deque(sent_before if self.cap else ())
+
+    def wait_seconds(self, now: float) -> float:
+        """How long until this relay may take another message (0 = now)."""
+        while self.recent and self.recent[0] <= now - HOUR:
+            self.recent.popleft()
+        capped = self.recent[0] + HOUR - now if self.cap and len(self.recent) >= self.cap else 0.0
+        return max(capped, self.next_slot - now, 0.0)
+
+    def take(self, now: float) -> None:
+        """Count one message handed to the relay."""
+        self.next_slot = max(now, self.next_slot) + self.interval
+        if self.cap:
+            self.recent.append(now)
+
+
+class SmtpPool:
+    """Every configured relay, chosen by weight among those under their limits."""
+
+    def __init__(
+        self,
+        settings: SmtpSettings,
+        *,
+        history: dict[str, list[datetime]] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        relays = [r for r in settings.all_relays() if r.weight > 0]
+        self._pools = [ConnectionPool(r) for r in relays]
+        self._paces = [Pace(r, _to_monotonic((history or {}).get(r.label, []))) for r in relays]
+        self._rng = rng or random.Random()
+        self._interrupted = asyncio.Event()
+
+    @property
+    def labels(self) -> list[str]:
+        """The relays' names, as kept on deliveries."""
+        return [p.relay.label for p in self._pools]
+
+    async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome:
+        """Send through a relay under its limits; UNSENT if interrupted while waiting."""
+        index = await self._pick()
+        if index is None:
+            return Outcome(Result.UNSENT, "stopped before sending")
+        return await self._pools[index].send(message, sender=sender, recipient=recipient)
+
+    async def _pick(self) -> int | None:
+        while not self._interrupted.is_set():
+            now = time.monotonic()
+            waits = [pace.wait_seconds(now) for pace in self._paces]
+            ready = [i for i, w in enumerate(waits) if w == 0.0]
+            if ready:
+                weights = [self._pools[i].relay.weight for i in ready]
+                index = self._rng.choices(ready, weights)[0]
+                self._paces[index].take(now)
+                return index
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._interrupted.wait(), timeout=min(waits))
+        return None
+
+    def interrupt(self) -> None:
+        """Stop waiting for rate limits: sends not yet handed to a relay come back UNSENT."""
+        self._interrupted.set()
 
     async def close(self) -> None:
-        """Say QUIT on every open connection."""
-        while not self._idle.empty():
-            client = self._idle.get_nowait()
-            self._all.discard(client)
-            try:
-                await client.quit()
-            except aiosmtplib.SMTPException:
-                client.close()
-        for client in list(self._all):
-            client.close()
-        self._all.clear()
+        """Finish what is in flight, say QUIT, stop the threads."""
+        for pool in self._pools:
+            await asyncio.to_thread(pool.close_blocking)
+
+
+def _to_monotonic(times: list[datetime]) -> list[float]:
+    """Wall-clock send times (from the database) as points on the monotonic clock."""
+    if not times:
+        return []
+    wall, mono = time.time(), time.monotonic()
+    return [mono - (wall - t.timestamp()) for t in times]

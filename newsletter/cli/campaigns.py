@@ -1,15 +1,23 @@
-"""`newsletter campaigns list|show`: what was sent, to how many, how it went."""
+"""`newsletter campaigns list|show|pause|resume|cancel|retry`: watch and steer campaigns."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from newsletter.campaigns import get_campaign
+from newsletter.campaigns import (
+    cancel_campaign,
+    get_campaign,
+    pause_campaign,
+    resume_campaign,
+    retry_campaign,
+)
 from newsletter.cli import State, app, console
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign
@@ -61,9 +69,59 @@ def show(
         c = get_campaign(session, campaign_id)
         counts = delivery_counts(session, c.id)
         console.print(f"campaign {c.id}: {c.kind} to '{c.mailing_list.slug}', {c.status}")
+        if c.pause_reason:
+            console.print(f"paused: {c.pause_reason}")
         console.print(f"created {c.created_at:%Y-%m-%d %H:%M} UTC by {c.created_by}")
         for item in c.items:
             console.print(f"  - {item.title}")
         if c.title:
             console.print(f"  - {c.title}")
         console.print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no deliveries")
+
+
+def _change(ctx: typer.Context, campaign_id: int, verb: str, step: Callable[..., Campaign]) -> None:
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        c = step(session=session, campaign_id=campaign_id, now=state.clock.now(), actor=state.actor)
+        console.print(f"campaign {c.id} {verb}: {c.status}")
+
+
+@campaigns_app.command("pause")
+def pause(
+    ctx: typer.Context,
+    campaign_id: Annotated[int, typer.Argument(help="Campaign id.")],
+    reason: Annotated[str, typer.Option(help="Why, kept with the campaign.")] = "",
+) -> None:
+    """Pause a running campaign: senders stop claiming within a second, in-flight mail finishes."""
+    state: State = ctx.obj
+    why = reason or f"paused by {state.actor}"
+    _change(ctx, campaign_id, "paused", functools.partial(pause_campaign, reason=why))
+
+
+@campaigns_app.command("resume")
+def resume(
+    ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
+) -> None:
+    """Resume a paused campaign; only what was not sent goes out (run `newsletter send`)."""
+    _change(ctx, campaign_id, "resumed", resume_campaign)
+
+
+@campaigns_app.command("cancel")
+def cancel(
+    ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
+) -> None:
+    """Cancel a campaign for good; every delivery stays on record as it is."""
+    _change(ctx, campaign_id, "cancelled", cancel_campaign)
+
+
+@campaigns_app.command("retry")
+def retry(
+    ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
+) -> None:
+    """Queue a campaign's failed deliveries again (only those; bounced people stay out)."""
+    state: State = ctx.obj
+    with unit_of_work(state.factory()) as session:
+        count = retry_campaign(
+            session=session, campaign_id=campaign_id, now=state.clock.now(), actor=state.actor
+        )
+    console.print(f"campaign {campaign_id}: {count} failed deliveries queued again")
