@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from newsletter.assemble import assemble_alert
 from newsletter.campaigns import get_campaign, start_campaign
+from newsletter.check import CheckError, require_clean
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item
 from newsletter.errors import CampaignError
@@ -39,31 +40,36 @@ def alerts_for_urgent_items(
         if not created:
             continue
         made.append(campaign)
+        action = "alert.awaiting_approval"
         if settings.alerts.mode == "auto":
-            start_campaign(
-                session=session, campaign=campaign, settings=settings, now=now, actor=actor
-            )
-        else:
-            session.add(
-                Event(
-                    at=now,
-                    actor=actor,
-                    action="alert.awaiting_approval",
-                    detail={"campaign": campaign.id},
+            try:
+                require_clean(session, campaign, settings, force=False, actor=actor, now=now)
+                start_campaign(
+                    session=session, campaign=campaign, settings=settings, now=now, actor=actor
                 )
-            )
+                continue
+            except CheckError:  # held for a person, who sees why and may approve with --force
+                action = "alert.held_by_check"
+        session.add(Event(at=now, actor=actor, action=action, detail={"campaign": campaign.id}))
     return made
 
 
 def approve_alert(
-    *, session: Session, campaign_id: int, settings: Settings, now: datetime, actor: str
+    *,
+    session: Session,
+    campaign_id: int,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool = False,
 ) -> int:
-    """Approve a held alert and start it; returns how many deliveries were queued."""
+    """Check, approve and start a held alert; returns how many deliveries were queued."""
     campaign = get_campaign(session, campaign_id)
     if campaign.kind != CampaignKind.ALERT:
         raise CampaignError(f"campaign {campaign_id} is a {campaign.kind}, not an alert")
     if campaign.status != CampaignStatus.DRAFT:
         raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not awaiting approval")
+    require_clean(session, campaign, settings, force=force, actor=actor, now=now)
     campaign.approved_by = actor
     session.add(
         Event(at=now, actor=actor, action="alert.approved", detail={"campaign": campaign_id})

@@ -25,6 +25,7 @@ class MaildirHandler:
         maildir.parent.mkdir(parents=True, exist_ok=True)
         self.maildir = mailbox.Maildir(maildir, create=True)
         self.count = 0
+        self.keys: list[str] = []  # Maildir keys in the order the messages arrived
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
@@ -32,7 +33,7 @@ class MaildirHandler:
             f"Return-Path: <{envelope.mail_from}>\r\n"
             f"X-Delivered-To: {', '.join(envelope.rcpt_tos)}\r\n"
         ).encode()
-        self.maildir.add(head + content)
+        self.keys.append(self.maildir.add(head + content))
         self.count += 1
         return "250 Message accepted for delivery"
 

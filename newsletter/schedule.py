@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.alerts import alerts_for_urgent_items
 from newsletter.assemble import assemble_digest
 from newsletter.campaigns import start_campaign
+from newsletter.check import CheckError, require_clean
 from newsletter.clock import Clock
 from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
@@ -84,6 +85,7 @@ class Scheduler:
     holder: str
     actor: str = "scheduler"
     ingest_log: list[IngestReport] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)
 
     def hold_lock(self) -> bool:
         """Take or renew the scheduler lease; only its holder schedules."""
@@ -159,25 +161,37 @@ class Scheduler:
             lists = session.scalars(select(MailingList).where(MailingList.kind == ListKind.DIGEST))
             targets = [(ml.id, ml.slug) for ml in lists]
         for list_id, slug in targets:
-            with unit_of_work(self.factory) as session:
-                if not claim_digest_slot(session, list_id=list_id, slot=slot):
-                    continue
-                campaign = assemble_digest(
-                    session=session, list_slug=slug, now=now, actor=self.actor
-                )
-                if campaign is None:
-                    log.info("digest %s for %s: nothing new", slug, slot.isoformat())
-                    continue
-                start_campaign(
-                    session=session,
-                    campaign=campaign,
-                    settings=self.settings,
-                    now=now,
-                    actor=self.actor,
-                )
-                made.append(campaign.id)
-                log.info("digest campaign %d for %s started", campaign.id, slug)
+            try:
+                campaign_id = self._digest_for(list_id, slug, slot, now)
+            except CheckError as e:  # nothing moved: retried on the next tick, once fixed
+                if str(e) != self.refusals.get(slug):
+                    log.error("digest for %s refused: %s", slug, e)
+                    self.refusals[slug] = str(e)
+                continue
+            self.refusals.pop(slug, None)
+            if campaign_id is not None:
+                made.append(campaign_id)
         return made
+
+    def _digest_for(self, list_id: int, slug: str, slot: datetime, now: datetime) -> int | None:
+        """Claim the slot, assemble, check and start one list's digest, in one transaction."""
+        with unit_of_work(self.factory) as session:
+            if not claim_digest_slot(session, list_id=list_id, slot=slot):
+                return None
+            campaign = assemble_digest(session=session, list_slug=slug, now=now, actor=self.actor)
+            if campaign is None:
+                log.info("digest %s for %s: nothing new", slug, slot.isoformat())
+                return None
+            require_clean(session, campaign, self.settings, force=False, actor=self.actor, now=now)
+            start_campaign(
+                session=session,
+                campaign=campaign,
+                settings=self.settings,
+                now=now,
+                actor=self.actor,
+            )
+            log.info("digest campaign %d for %s started", campaign.id, slug)
+            return campaign.id
 
     def release_expired_claims(self) -> int:
         """Put back claims whose lease ran out (their worker died), so counts stay true."""

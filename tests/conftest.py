@@ -127,11 +127,11 @@ class SmtpServer:
     handler: MaildirHandler
 
     def messages(self) -> list[EmailMessage]:
-        """Every message received so far, parsed with the email package."""
+        """Every message received so far, in arrival order, parsed with the email package."""
         box = mailbox.Maildir(self.maildir, create=False)
         return [
             message_from_bytes(box.get_bytes(key), policy=policy.default)  # type: ignore[misc]
-            for key in sorted(box.keys())
+            for key in list(self.handler.keys)
         ]
 
 
@@ -167,3 +167,60 @@ def factory(database_url: str) -> Iterator[sessionmaker[Session]]:
 
 def random_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+@dataclass
+class FeedHttp:
+    """A real HTTP server on 127.0.0.1; set `documents[path] = bytes` to publish a feed."""
+
+    base: str
+    documents: dict[str, bytes]
+
+
+@pytest.fixture
+def feed_http() -> Iterator[FeedHttp]:
+    """Serve whatever the test puts in `documents`, as a portal would serve its feed."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    documents: dict[str, bytes] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = documents.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", "application/rss+xml")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield FeedHttp(f"http://127.0.0.1:{httpd.server_address[1]}", documents)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def rss(items: list[dict[str, Any]]) -> bytes:
+    """A small RSS 2.0 feed: each item has title, link, guid, date (aware) and categories."""
+    from email.utils import format_datetime
+    from html import escape
+
+    entries = "".join(
+        f"<item><title>{escape(i['title'])}</title><link>{escape(i['link'])}</link>"
+        f'<guid isPermaLink="false">{escape(i["guid"])}</guid>'
+        f"<pubDate>{format_datetime(i['date'])}</pubDate>"
+        + "".join(f"<category>{escape(c)}</category>" for c in i.get("categories", ()))
+        + f"<description>{escape(i.get('summary', 'Summary.'))}</description></item>"
+        for i in items
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><rss version="2.0"><channel>'
+        "<title>Portal</title><link>https://portal.example.org/</link>"
+        f"<description>test</description>{entries}</channel></rss>"
+    ).encode()

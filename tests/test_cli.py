@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import typer.main
 
-from newsletter.cli import app
+from newsletter.cli import app, load_commands
 from tests.conftest import SECRET, SmtpServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +40,7 @@ def run(
 
 def all_commands() -> list[list[str]]:
     """Every command and group path of the CLI, e.g. ['digest', 'send']."""
-    import newsletter.cli.alert
-    import newsletter.cli.campaigns
-    import newsletter.cli.digest
-    import newsletter.cli.service
-    import newsletter.cli.subscribers  # noqa: F401
+    load_commands()
 
     root = typer.main.get_command(app)
     paths: list[list[str]] = []

@@ -25,8 +25,9 @@ MINSK_MONDAY_9 = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)  # 09:00 in Minsk (UTC
 
 def settings_for(database_url: str, tz: str = "Europe/Minsk", **alerts: str) -> Settings:
     base = make_settings(database_url)
-    return replace(base, schedule=replace(base.schedule, timezone=tz),
-                   alerts=replace(base.alerts, **alerts))
+    return replace(
+        base, schedule=replace(base.schedule, timezone=tz), alerts=replace(base.alerts, **alerts)
+    )
 
 
 def digests(factory: sessionmaker[Session]) -> int:
@@ -35,38 +36,74 @@ def digests(factory: sessionmaker[Session]) -> int:
         return int(session.scalar(stmt) or 0)
 
 
-def add_item(factory: sessionmaker[Session], title: str, now: datetime, *,
-             urgent: bool = False) -> None:
+def add_item(
+    factory: sessionmaker[Session], title: str, now: datetime, *, urgent: bool = False
+) -> None:
     """A new item, as if just ingested from the first source."""
     with unit_of_work(factory) as session:
         source_id = session.scalar(select(Item.source_id).limit(1))
-        session.add(Item(source_id=source_id, guid=f"test:{title}", link=f"https://portal.example.org/{title}",
-                         title=title, summary_html="<p>x</p>", content_html="",
-                         published_at=now, categories=["urgent-action"] if urgent else [],
-                         urgent=urgent, content_hash=title, ingested_at=now, updated_at=now))
+        session.add(
+            Item(
+                source_id=source_id,
+                guid=f"test:{title}",
+                link=f"https://portal.example.org/{title}",
+                title=title,
+                summary_html="<p>x</p>",
+                content_html="",
+                published_at=now,
+                categories=["urgent-action"] if urgent else [],
+                urgent=urgent,
+                content_hash=title,
+                ingested_at=now,
+                updated_at=now,
+            )
+        )
 
 
 @pytest.mark.parametrize(
     ("tz", "now", "expected"),
     [
-        pytest.param("Europe/Minsk", datetime(2026, 11, 30, 6, 0, 30, tzinfo=UTC),
-                     datetime(2026, 11, 30, 6, 0, tzinfo=UTC), id="minsk-just-after"),
-        pytest.param("Europe/Minsk", datetime(2026, 11, 30, 5, 59, tzinfo=UTC), None,
-                     id="minsk-just-before"),
-        pytest.param("Europe/Minsk", datetime(2026, 12, 1, 5, 0, tzinfo=UTC),
-                     datetime(2026, 11, 30, 6, 0, tzinfo=UTC), id="minsk-within-grace"),
-        pytest.param("Europe/Minsk", datetime(2026, 12, 1, 7, 0, tzinfo=UTC), None,
-                     id="minsk-past-grace"),
-        pytest.param("Europe/Warsaw", datetime(2026, 3, 23, 9, 0, tzinfo=UTC),
-                     datetime(2026, 3, 23, 8, 0, tzinfo=UTC), id="warsaw-winter-time"),
-        pytest.param("Europe/Warsaw", datetime(2026, 3, 30, 9, 0, tzinfo=UTC),
-                     datetime(2026, 3, 30, 7, 0, tzinfo=UTC), id="warsaw-summer-time"),
-        pytest.param("Europe/Warsaw", datetime(2026, 10, 26, 8, 30, tzinfo=UTC),
-                     datetime(2026, 10, 26, 8, 0, tzinfo=UTC), id="warsaw-back-to-winter"),
+        pytest.param(
+            "Europe/Minsk",
+            datetime(2026, 11, 30, 6, 0, 30, tzinfo=UTC),
+            datetime(2026, 11, 30, 6, 0, tzinfo=UTC),
+            id="minsk-just-after",
+        ),
+        pytest.param(
+            "Europe/Minsk", datetime(2026, 11, 30, 5, 59, tzinfo=UTC), None, id="minsk-just-before"
+        ),
+        pytest.param(
+            "Europe/Minsk",
+            datetime(2026, 12, 1, 5, 0, tzinfo=UTC),
+            datetime(2026, 11, 30, 6, 0, tzinfo=UTC),
+            id="minsk-within-grace",
+        ),
+        pytest.param(
+            "Europe/Minsk", datetime(2026, 12, 1, 7, 0, tzinfo=UTC), None, id="minsk-past-grace"
+        ),
+        pytest.param(
+            "Europe/Warsaw",
+            datetime(2026, 3, 23, 9, 0, tzinfo=UTC),
+            datetime(2026, 3, 23, 8, 0, tzinfo=UTC),
+            id="warsaw-winter-time",
+        ),
+        pytest.param(
+            "Europe/Warsaw",
+            datetime(2026, 3, 30, 9, 0, tzinfo=UTC),
+            datetime(2026, 3, 30, 7, 0, tzinfo=UTC),
+            id="warsaw-summer-time",
+        ),
+        pytest.param(
+            "Europe/Warsaw",
+            datetime(2026, 10, 26, 8, 30, tzinfo=UTC),
+            datetime(2026, 10, 26, 8, 0, tzinfo=UTC),
+            id="warsaw-back-to-winter",
+        ),
     ],
 )
-def test_latest_slot_follows_local_time(tz: str, now: datetime, expected: datetime | None,
-                                        sqlite_url: str) -> None:
+def test_latest_slot_follows_local_time(
+    tz: str, now: datetime, expected: datetime | None, sqlite_url: str
+) -> None:
     """The due slot is Monday 09:00 local time, daylight saving included, within the grace."""
     trigger = digest_trigger(settings_for(sqlite_url, tz))
     slot = latest_slot(trigger, now, lookback=timedelta(hours=24))
@@ -180,8 +217,13 @@ def test_recent_urgent_item_becomes_an_alert(
     assert status == (CampaignStatus.RUNNING if mode == "auto" else CampaignStatus.DRAFT)
     if mode == "approve":
         with unit_of_work(factory) as session:
-            queued = approve_alert(session=session, campaign_id=campaign_id, settings=settings,
-                                   now=clock.now(), actor="cli:staff")
+            queued = approve_alert(
+                session=session,
+                campaign_id=campaign_id,
+                settings=settings,
+                now=clock.now(),
+                actor="cli:staff",
+            )
             campaign = session.get(Campaign, campaign_id)
             assert (campaign.status, campaign.approved_by) == (CampaignStatus.RUNNING, "cli:staff")
         assert queued == 8
@@ -193,8 +235,13 @@ def test_sources_are_polled_on_their_own_interval(
     """Each source is fetched when its interval has passed, not on every tick."""
     feed = Path(__file__).resolve().parents[1] / "newsletter" / "data" / "portal-feed.xml"
     base = settings_for(database_url)
-    settings = replace(base, sources=replace(base.sources, feeds=(
-        FeedSource(url=str(feed), name="portal", lang="en", poll_minutes=30),)))
+    settings = replace(
+        base,
+        sources=replace(
+            base.sources,
+            feeds=(FeedSource(url=str(feed), name="portal", lang="en", poll_minutes=30),),
+        ),
+    )
     scheduler = Scheduler(factory=factory, settings=settings, clock=clock, holder="a")
     assert [r.new for r in scheduler.poll_sources()] == [10]
     clock.advance(minutes=10)

@@ -1,0 +1,264 @@
+"""`newsletter run`: the scheduler, the sender and the web pages in one asyncio process.
+
+Only the holder of the scheduler lease schedules; any number of processes may send. A second
+`newsletter run` on the same database stands by, sending and serving pages, and takes over the
+schedule within one lease (`[schedule] lock_seconds`) if the holder stops renewing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from newsletter.clock import Clock
+from newsletter.config import Settings
+from newsletter.db import unit_of_work
+from newsletter.inbound import inbound_for
+from newsletter.metrics import render_metrics
+from newsletter.notices import send_confirmations
+from newsletter.schedule import Scheduler, digest_trigger
+from newsletter.send import SendReport, deliver_queued
+from newsletter.smtp import SmtpPool
+
+log = logging.getLogger("newsletter.service")
+JOBS_TABLE = "apscheduler_jobs"
+
+
+@dataclass
+class Service:
+    """Everything one `newsletter run` process shares between its tasks."""
+
+    settings: Settings
+    engine: Engine
+    factory: sessionmaker[Session]
+    clock: Clock
+    holder: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    active: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    last_send: SendReport | None = None
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(
+            factory=self.factory, settings=self.settings, clock=self.clock, holder=self.holder
+        )
+
+
+# APScheduler's job store keeps jobs as "module:function" references, so the jobs below find the
+# running service here rather than in their (pickled) arguments.
+_RUNNING: dict[str, Service] = {}
+
+
+def _service() -> Service:
+    return _RUNNING["service"]
+
+
+def job_poll() -> None:
+    """Scheduled: ingest due sources, make alerts, and retry a digest the check held back."""
+    if _service().active:
+        _service().scheduler.poll_sources()
+        _service().scheduler.run_digests()
+
+
+def job_digests() -> None:
+    """Scheduled: send each digest list's digest if its slot is due."""
+    if _service().active:
+        _service().scheduler.run_digests()
+
+
+def job_cleanup() -> None:
+    """Scheduled: put back claims whose worker died."""
+    if _service().active:
+        _service().scheduler.release_expired_claims()
+
+
+def make_apscheduler(service: Service) -> AsyncIOScheduler:
+    """The timetable, kept in the service's own database so a restart keeps it."""
+    sched = service.settings.schedule
+    apscheduler = AsyncIOScheduler(
+        jobstores={"default": SQLAlchemyJobStore(engine=service.engine, tablename=JOBS_TABLE)},
+        job_defaults={
+            "coalesce": True,
+            "max_instances": 1,
+            "misfire_grace_time": sched.grace_hours * 3600,
+        },
+        timezone=sched.timezone,
+    )
+    jobs = [
+        ("poll", job_poll, IntervalTrigger(minutes=1)),
+        ("digests", job_digests, digest_trigger(service.settings)),
+        ("cleanup", job_cleanup, IntervalTrigger(minutes=5)),
+    ]
+    for job_id, func, trigger in jobs:
+        apscheduler.add_job(
+            f"{__name__}:{func.__name__}", trigger, id=job_id, replace_existing=True
+        )
+    return apscheduler
+
+
+async def keep_lock(service: Service) -> None:
+    """Take or renew the scheduler lease every third of its length; catch up when gained."""
+    period = max(service.settings.schedule.lock_seconds / 3, 1)
+    while not service.stop.is_set():
+        held = await asyncio.to_thread(service.scheduler.hold_lock)
+        if held and not service.active:
+            log.info("scheduler lock taken by %s", service.holder)
+            service.active = True
+            await asyncio.to_thread(job_digests)  # a slot missed while nobody held the lock
+            await asyncio.to_thread(job_poll)
+        elif not held and service.active:
+            log.warning("scheduler lock lost; standing by")
+            service.active = False
+        await _sleep(service, period)
+    if service.active:
+        await asyncio.to_thread(service.scheduler.let_go)
+        service.active = False
+
+
+async def keep_sending(service: Service) -> None:
+    """Deliver whatever is due (alerts first) and owed confirmations; then wait and look again."""
+    interval = service.settings.schedule.send_interval_seconds
+    while not service.stop.is_set():
+        pool = SmtpPool(service.settings.smtp)
+        try:
+            await send_confirmations(
+                factory=service.factory,
+                settings=service.settings,
+                transport=pool,
+                clock=service.clock,
+            )
+            report = await deliver_queued(
+                factory=service.factory,
+                settings=service.settings,
+                transport=pool,
+                clock=service.clock,
+            )
+        except Exception:  # a database or network hiccup must not end the service
+            log.exception("sender failed; retrying in %ss", interval)
+            report = None
+        finally:
+            await pool.close()
+        if report and (report.sent or report.failed or report.deferred):
+            log.info("sent %d, deferred %d, failed %d", report.sent, report.deferred, report.failed)
+            service.last_send = report
+        await _sleep(service, interval)
+
+
+async def _sleep(service: Service, seconds: float) -> None:
+    """Sleep, but wake at once when the service is asked to stop."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(service.stop.wait(), timeout=seconds)
+
+
+def create_service_app(service: Service) -> Starlette:
+    """The web pages plus /healthz, /metrics and the portal's POST /hooks/ingest."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "scheduler": service.active})
+
+    async def metrics(request: Request) -> Response:
+        def render() -> str:
+            with unit_of_work(service.factory) as session:
+                return render_metrics(session, scheduler_active=service.active)
+
+        return PlainTextResponse(
+            await asyncio.to_thread(render), media_type="text/plain; version=0.0.4"
+        )
+
+    async def hook_ingest(request: Request) -> Response:
+        secret = service.settings.alerts.webhook_secret
+        given = request.headers.get("x-newsletter-secret", "")
+        if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+            return PlainTextResponse("not found", status_code=404)
+        reports = await asyncio.to_thread(service.scheduler.poll_sources, force=True)
+        return JSONResponse(
+            {
+                "sources": [
+                    {"source": r.source, "new": r.new, "updated": r.updated, "error": r.error}
+                    for r in reports
+                ]
+            }
+        )
+
+    routes: list[Any] = [
+        Route("/healthz", healthz),
+        Route("/metrics", metrics),
+        Route("/hooks/ingest", hook_ingest, methods=["POST"]),
+    ]
+    pages = _pages_app(service)
+    if pages is not None:
+        routes.append(Mount("/", app=pages))
+    return Starlette(routes=routes)
+
+
+def _pages_app(service: Service) -> Any:
+    """The supporters' pages (unsubscribe, preferences, confirm), when that module is present."""
+    try:
+        from newsletter.web import create_app
+    except ImportError:
+        return None
+    return create_app(settings=service.settings, factory=service.factory, clock=service.clock)
+
+
+def start_inbound_safely(service: Service) -> Any:
+    """The inbound SMTP server, if configured; a taken port is logged, not fatal."""
+    try:
+        return inbound_for(service.settings, service.factory, service.clock)
+    except Exception as e:  # e.g. a second `run` on the same machine: the first one receives
+        log.error("inbound SMTP not started: %s", e)
+        return None
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the service stops all its tasks together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_service(service: Service, *, host: str, port: int) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly: finish the batch, free the lock."""
+    _RUNNING["service"] = service
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop.set)
+    apscheduler = make_apscheduler(service)
+    apscheduler.start()
+    config = uvicorn.Config(
+        create_service_app(service), host=host, port=port, log_level="warning", lifespan="off"
+    )
+    server = _QuietServer(config)
+    tasks = [
+        asyncio.create_task(keep_lock(service)),
+        asyncio.create_task(keep_sending(service)),
+        asyncio.create_task(server.serve()),
+    ]
+    inbound = start_inbound_safely(service)
+    log.info("service %s listening on http://%s:%d", service.holder, host, port)
+    await service.stop.wait()
+    log.info("stopping")
+    server.should_exit = True
+    apscheduler.shutdown(wait=False)
+    await asyncio.gather(*tasks)
+    if inbound is not None:
+        inbound.stop()
+    _RUNNING.pop("service", None)

@@ -1,0 +1,269 @@
+"""The service that runs itself: a day of polling, digest and alert, a restart, two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
+from newsletter.clock import FrozenClock
+from newsletter.config import FeedSource, Settings
+from newsletter.db import unit_of_work
+from newsletter.db.queries import claim_batch
+from newsletter.devsmtp import free_port
+from newsletter.schedule import Scheduler
+from newsletter.send import SendReport, deliver_queued
+from newsletter.smtp import SmtpPool
+from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
+
+ROOT = Path(__file__).resolve().parents[1]
+MONDAY_8_MINSK = datetime(2026, 11, 30, 5, 0, tzinfo=UTC)
+
+
+def people(factory: sessionmaker[Session], clock: FrozenClock, extra: int) -> None:
+    """The example lists and people, plus `extra` made-up digest readers for a longer digest."""
+    rows = [
+        (n, {"email": f"reader{n}@example.org", "lists": "weekly-digest"}, "") for n in range(extra)
+    ]
+    with unit_of_work(factory) as session:
+        sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
+        for source in (read_csv(ROOT / "subscribers" / "example.csv"), iter(rows)):
+            import_rows(
+                session=session,
+                rows=source,
+                default_list=None,
+                confirmed=True,  # type: ignore[arg-type]
+                secret=SECRET,
+                now=clock.now(),
+                actor="test",
+            )
+
+
+def item(n: int, when: datetime, *, urgent: bool = False) -> dict[str, object]:
+    return {
+        "title": f"Item {n}",
+        "link": f"https://portal.example.org/item-{n}",
+        "guid": f"portal-{n}",
+        "date": when,
+        "categories": ["urgent-action"] if urgent else ["Viasna"],
+    }
+
+
+def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> SendReport:
+    async def go() -> SendReport:
+        pool = SmtpPool(settings.smtp)
+        try:
+            return await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=clock
+            )
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+def test_a_day_of_the_service_with_a_restart(
+    factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer, feed_http: FeedHttp
+) -> None:
+    """Poll, digest at nine, an urgent alert overtakes the digest, a restart sends nothing twice."""
+    clock = FrozenClock(MONDAY_8_MINSK)
+    base = make_settings(database_url, smtpd)
+    settings = replace(
+        base,
+        sources=replace(base.sources, feeds=(FeedSource(url=f"{feed_http.base}/feed"),)),
+        alerts=replace(base.alerts, mode="auto"),
+        smtp=replace(base.smtp, batch_size=5, pool_size=2),
+    )
+    people(factory, clock, extra=30)
+    yesterday = clock.now() - timedelta(days=1)
+    feed_http.documents["/feed"] = rss([item(n, yesterday) for n in range(3)])
+    scheduler = Scheduler(factory=factory, settings=settings, clock=clock, holder="one")
+    assert [r.new for r in scheduler.poll_sources()] == [3]
+    assert scheduler.run_digests() == []  # eight o'clock: not yet
+
+    clock.advance(hours=1, seconds=10)
+    [digest_id] = scheduler.run_digests()  # nine: the digest is queued for 39 readers
+    feed_http.documents["/feed"] = rss(
+        [item(n, yesterday) for n in range(3)] + [item(9, clock.now(), urgent=True)]
+    )
+    clock.advance(minutes=10)
+    scheduler.poll_sources()  # the urgent item arrives while the digest waits to be sent
+    report = deliver(factory, settings, clock)
+    messages = smtpd.messages()
+    kinds = ["alert" if "urgent-actions" in str(m["List-Id"]) else "digest" for m in messages]
+    # Claims take alerts first: the 8 alert messages fill the first two batches of 5 (inside a
+    # batch, messages go out concurrently, so the second batch's 2 digest ones may come between).
+    assert kinds[:5] == ["alert"] * 5 and kinds[:10].count("alert") == 8
+    assert Counter(kinds) == {"digest": 39, "alert": 8}
+    assert report.sent == 47 and digest_id in report.finished
+
+    restarted = Scheduler(factory=factory, settings=settings, clock=clock, holder="two")
+    clock.advance(minutes=10)
+    restarted.poll_sources()
+    assert restarted.run_digests() == []
+    assert deliver(factory, settings, clock).sent == 0
+    per_person = Counter((str(m["X-Delivered-To"]), str(m["List-Id"])) for m in smtpd.messages())
+    assert set(per_person.values()) == {1}
+
+
+def test_alerts_are_claimed_before_the_rest_of_a_digest(
+    factory: sessionmaker[Session], database_url: str, clock: FrozenClock
+) -> None:
+    """With a digest half-claimed, the next claim takes the new alert's deliveries first."""
+    from newsletter.assemble import assemble_alert, assemble_digest
+    from newsletter.campaigns import start_campaign
+    from tests.test_flow import ingest
+
+    settings = replace(
+        make_settings(database_url), smtp=replace(make_settings(database_url).smtp, batch_size=4)
+    )
+    people(factory, clock, extra=20)
+    ingest(factory, clock)
+    with unit_of_work(factory) as session:
+        digest = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="t"
+        )
+        assert digest is not None
+        start_campaign(
+            session=session, campaign=digest, settings=settings, now=clock.now(), actor="t"
+        )
+        first = claim_batch(session, now=clock.now(), lease_seconds=60, limit=4, campaign_id=None)
+        alert, _ = assemble_alert(
+            session=session,
+            list_slug="urgent-actions",
+            now=clock.now(),
+            actor="t",
+            item_ref="https://portal.example.org/?p=1221",
+        )
+        start_campaign(
+            session=session, campaign=alert, settings=settings, now=clock.now(), actor="t"
+        )
+        second = claim_batch(session, now=clock.now(), lease_seconds=60, limit=8, campaign_id=None)
+        from newsletter.db.models import Delivery
+
+        campaigns = {session.get(Delivery, i).campaign_id for i in second}
+        assert len(first) == 4 and campaigns == {alert.id}
+
+
+def wait_for(url: str, *, seconds: float = 30, expect: str | None = None) -> str:
+    """GET url until it answers (and contains `expect`), within a bounded time."""
+    deadline = time.monotonic() + seconds
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                last = response.read().decode()
+            if expect is None or expect in last:
+                return last
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer {expect!r} in time; last: {last!r}")
+
+
+def test_two_run_processes_one_scheduler_and_clean_takeover(
+    tmp_path: Path, smtpd: SmtpServer, feed_http: FeedHttp, database_url: str
+) -> None:
+    """Two `newsletter run`: one schedules; the webhook ingests; on SIGTERM the other takes over."""
+    hook_secret = "h" * 40
+    (tmp_path / "config.toml").write_text(
+        f"[database]\nurl = '{database_url}'\n"
+        f"[smtp]\nhost = '{smtpd.host}'\nport = {smtpd.port}\n"
+        f"[sources]\nfeeds = [{{ url = '{feed_http.base}/feed' }}]\n"
+        f"[alerts]\nmode = 'auto'\nwebhook_secret = '{hook_secret}'\n"
+        "[schedule]\nlock_seconds = 3\nsend_interval_seconds = 1\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+        "NEWSLETTER_SECRET": SECRET,
+    }
+    newsletter = [sys.executable, "-m", "newsletter"]
+    subprocess.run([*newsletter, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [
+            *newsletter,
+            "subscribers",
+            "import",
+            str(ROOT / "subscribers" / "example.csv"),
+            "--confirmed",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    feed_http.documents["/feed"] = rss([item(1, datetime.now(UTC) - timedelta(days=3))])
+    ports = [free_port(), free_port()]
+    procs: list[subprocess.Popen[str]] = []
+    logs = contextlib.ExitStack()
+    try:
+        for port, expect in zip(ports, ('"scheduler":true', None), strict=True):
+            # the first takes the schedule before the second starts
+            procs.append(
+                subprocess.Popen(
+                    [*newsletter, "run", "--port", str(port)],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=logs.enter_context((tmp_path / f"run-{port}.log").open("w")),
+                    text=True,
+                )
+            )
+            wait_for(f"http://127.0.0.1:{port}/healthz", expect=expect)
+        for _ in range(10):  # over three lease periods, never both, never the second
+            states = [
+                json.loads(wait_for(f"http://127.0.0.1:{p}/healthz"))["scheduler"] for p in ports
+            ]
+            assert states == [True, False]
+            time.sleep(0.5)
+
+        feed_http.documents["/feed"] = rss(
+            [
+                item(1, datetime.now(UTC) - timedelta(days=3)),
+                item(2, datetime.now(UTC), urgent=True),
+            ]
+        )
+        hook = f"http://127.0.0.1:{ports[1]}/hooks/ingest"
+        forged = urllib.request.Request(hook, method="POST", headers={"X-Newsletter-Secret": "x"})
+        try:
+            urllib.request.urlopen(forged, timeout=10)
+            raise AssertionError("a forged webhook call was accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 404
+        request = urllib.request.Request(
+            hook, method="POST", headers={"X-Newsletter-Secret": hook_secret}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read())["sources"][0]["new"] == 1
+        deadline = time.monotonic() + 30
+        while len(smtpd.messages()) < 8 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(smtpd.messages()) == 8  # the alert, to the urgent-actions list, once each
+        metrics = wait_for(f"http://127.0.0.1:{ports[0]}/metrics")
+        assert 'newsletter_deliveries{kind="alert",status="sent"} 8' in metrics
+
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=30) == 0
+        wait_for(f"http://127.0.0.1:{ports[1]}/healthz", expect='"scheduler":true', seconds=20)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+        logs.close()
+    assert procs[1].returncode == 0
+    assert len(smtpd.messages()) == 8
