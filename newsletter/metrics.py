@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from newsletter.db.models import Campaign, CampaignStatus, Delivery, Source
-from newsletter.db.queries import PENDING_STATUSES
+from newsletter.db.models import (
+    Campaign,
+    CampaignStatus,
+    Delivery,
+    DeliveryStatus,
+    Source,
+    Subscriber,
+)
+from newsletter.db.queries import PENDING_STATUSES, delivery_counts
 
 
 @dataclass(frozen=True)
@@ -80,3 +87,38 @@ def render_metrics(session: Session, *, scheduler_active: bool) -> str:
         f"newsletter_scheduler_active {int(scheduler_active)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class CampaignProgress:
+    counts: dict[str, int]
+    per_minute: int
+    time_left: timedelta | None
+
+    @property
+    def pending(self) -> int:
+        return sum(self.counts.get(s, 0) for s in PENDING_STATUSES)
+
+
+def campaign_progress(session: Session, campaign_id: int, *, now: datetime) -> CampaignProgress:
+    """A campaign's counts, its sending rate over the last minute and the time that leaves."""
+    counts = delivery_counts(session, campaign_id)
+    recent = select(func.count()).where(
+        Delivery.campaign_id == campaign_id, Delivery.sent_at >= now - timedelta(minutes=1)
+    )
+    per_minute = int(session.scalar(recent) or 0)
+    pending = sum(counts.get(s, 0) for s in PENDING_STATUSES)
+    left = timedelta(minutes=pending / per_minute) if per_minute and pending else None
+    return CampaignProgress(counts, per_minute, left)
+
+
+def campaign_failures(session: Session, campaign_id: int, *, limit: int) -> list[tuple[str, str]]:
+    """Failed deliveries of a campaign: the address and the last SMTP reply."""
+    stmt = (
+        select(Subscriber.email, Delivery.last_reply)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.campaign_id == campaign_id, Delivery.status == DeliveryStatus.FAILED)
+        .order_by(Delivery.id)
+        .limit(limit)
+    )
+    return [(email, reply or "") for email, reply in session.execute(stmt)]

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from newsletter.campaigns import (
     cancel_campaign,
@@ -20,8 +26,9 @@ from newsletter.campaigns import (
 )
 from newsletter.cli import State, app, console
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign
+from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.db.queries import delivery_counts
+from newsletter.metrics import campaign_failures, campaign_progress
 
 campaigns_app = typer.Typer(help="Campaigns: digests and alerts.", no_args_is_help=True)
 app.add_typer(campaigns_app, name="campaigns")
@@ -61,22 +68,76 @@ def list_(
 
 @campaigns_app.command("show")
 def show(
-    ctx: typer.Context, campaign_id: Annotated[int, typer.Argument(help="Campaign id.")]
+    ctx: typer.Context,
+    campaign_id: Annotated[int, typer.Argument(help="Campaign id.")],
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh every 2 s until it ends (Ctrl-C to stop).")
+    ] = False,
+    failures: Annotated[
+        bool, typer.Option("--failures", help="List failed addresses with the SMTP reply.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="At most this many failures.")] = 100,
 ) -> None:
-    """Show one campaign: what it carries and how its deliveries stand."""
+    """Show one campaign: what it carries, how its deliveries stand, rate and time left."""
     state: State = ctx.obj
-    with unit_of_work(state.factory()) as session:
-        c = get_campaign(session, campaign_id)
-        counts = delivery_counts(session, c.id)
-        console.print(f"campaign {c.id}: {c.kind} to '{c.mailing_list.slug}', {c.status}")
-        if c.pause_reason:
-            console.print(f"paused: {c.pause_reason}")
-        console.print(f"created {c.created_at:%Y-%m-%d %H:%M} UTC by {c.created_by}")
-        for item in c.items:
-            console.print(f"  - {item.title}")
-        if c.title:
-            console.print(f"  - {c.title}")
-        console.print(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no deliveries")
+    factory = state.factory()
+    if not watch:
+        with unit_of_work(factory) as session:
+            console.print(describe(session, campaign_id, state.clock.now()))
+            if failures:
+                console.print(failure_table(session, campaign_id, limit))
+        return
+    with Live(console=console, auto_refresh=False) as live:
+        while True:
+            with unit_of_work(factory) as session:
+                live.update(describe(session, campaign_id, state.clock.now()), refresh=True)
+                status = get_campaign(session, campaign_id).status
+            if status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
+                break
+            time.sleep(2)
+
+
+def describe(session: Session, campaign_id: int, now: datetime) -> Group:
+    """The campaign's header, items and a table of its progress."""
+    c = get_campaign(session, campaign_id)
+    progress = campaign_progress(session, c.id, now=now)
+    lines: list[Any] = [
+        Text(f"campaign {c.id}: {c.kind} to '{c.mailing_list.slug}', {c.status}"),
+        Text(
+            f"created {c.created_at:%Y-%m-%d %H:%M} UTC by {c.created_by}"
+            + (f", approved by {c.approved_by}" if c.approved_by else "")
+        ),
+    ]
+    if c.pause_reason:
+        lines.append(Text(f"paused: {c.pause_reason}"))
+    lines += [Text(f"  - {title}") for title in [i.title for i in c.items] or [c.title]]
+    table = Table(
+        "recipients",
+        "sent",
+        "queued",
+        "deferred",
+        "failed",
+        "suppressed",
+        "per minute",
+        "time left",
+    )
+    counts = progress.counts
+    left = progress.time_left
+    table.add_row(
+        str(sum(counts.values())),
+        *(str(counts.get(k, 0)) for k in ("sent", "queued", "deferred", "failed", "suppressed")),
+        str(progress.per_minute),
+        str(left).split(".")[0] if left else ("-" if progress.pending else "done"),
+    )
+    return Group(*lines, table)
+
+
+def failure_table(session: Session, campaign_id: int, limit: int) -> Table:
+    """Failed addresses of a campaign with the server's last reply."""
+    table = Table("address", "last SMTP reply", title="failed deliveries")
+    for email, reply in campaign_failures(session, campaign_id, limit=limit):
+        table.add_row(email, reply)
+    return table
 
 
 def _change(ctx: typer.Context, campaign_id: int, verb: str, step: Callable[..., Campaign]) -> None:
