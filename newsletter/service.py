@@ -32,11 +32,12 @@ from starlette.routing import Mount, Route
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
+from newsletter.dkim import load_signer
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
 from newsletter.schedule import Scheduler, digest_trigger
-from newsletter.send import SendReport, deliver_queued
+from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool
 
 log = logging.getLogger("newsletter.service")
@@ -55,6 +56,7 @@ class Service:
     active: bool = False
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     last_send: SendReport | None = None
+    control: SendControl = field(default_factory=SendControl)
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -136,6 +138,7 @@ async def keep_lock(service: Service) -> None:
 async def keep_sending(service: Service) -> None:
     """Deliver whatever is due (alerts first) and owed confirmations; then wait and look again."""
     interval = service.settings.schedule.send_interval_seconds
+    signer = load_signer(service.settings)
     while not service.stop.is_set():
         pool = SmtpPool(service.settings.smtp)
         try:
@@ -150,6 +153,8 @@ async def keep_sending(service: Service) -> None:
                 settings=service.settings,
                 transport=pool,
                 clock=service.clock,
+                control=service.control,
+                signer=signer,
             )
         except Exception:  # a database or network hiccup must not end the service
             log.exception("sender failed; retrying in %ss", interval)
@@ -256,6 +261,7 @@ async def run_service(service: Service, *, host: str, port: int) -> None:
     log.info("service %s listening on http://%s:%d", service.holder, host, port)
     await service.stop.wait()
     log.info("stopping")
+    service.control.request_stop()  # in-flight messages finish; nothing new starts
     server.should_exit = True
     apscheduler.shutdown(wait=False)
     await asyncio.gather(*tasks)

@@ -267,3 +267,65 @@ def test_two_run_processes_one_scheduler_and_clean_takeover(
         logs.close()
     assert procs[1].returncode == 0
     assert len(smtpd.messages()) == 8
+
+
+def test_sigterm_mid_send_stops_cleanly_and_loses_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGTERM while a digest sends: exit 0 soon, no claim left held, the rest sent later once."""
+    from sqlalchemy import func, select
+
+    from newsletter.db import make_engine, make_sessionmaker
+    from newsletter.db.models import Delivery, DeliveryStatus
+    from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
+
+    handler = FaultyHandler(faults=[Fault("DATA", stall_seconds=0.02)])  # a slow relay
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+        "NEWSLETTER_SECRET": SECRET,
+    }
+    newsletter = [sys.executable, "-m", "newsletter"]
+    with faulty_smtpd(handler) as smtp_port:
+        (tmp_path / "config.toml").write_text(
+            f"[database]\nurl = '{database_url}'\n[smtp]\nport = {smtp_port}\nbatch_size = 20\n"
+            "[schedule]\nsend_interval_seconds = 1\n"
+        )
+        rows = "email,lists\n" + "".join(f"r{n}@example.org,weekly-digest\n" for n in range(400))
+        (tmp_path / "people.csv").write_text(rows)
+        for args in (
+            ["init"],
+            ["subscribers", "import", "people.csv", "--confirmed"],
+            ["ingest", str(ROOT / "newsletter" / "data" / "portal-feed.xml")],
+            ["digest", "send", "--queue-only"],
+        ):
+            subprocess.run(
+                [*newsletter, *args], cwd=tmp_path, env=env, check=True, capture_output=True
+            )
+        with (tmp_path / "run.log").open("w") as log:
+            run = subprocess.Popen(
+                [*newsletter, "run", "--port", str(free_port())],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            deadline = time.monotonic() + 60
+            while len(handler.received) < 40 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(timeout=30) == 0
+        engine = make_engine(database_url)
+        with make_sessionmaker(engine)() as session:
+            statuses = dict(
+                session.execute(
+                    select(Delivery.status, func.count()).group_by(Delivery.status)
+                ).all()
+            )
+        engine.dispose()
+        assert DeliveryStatus.CLAIMED not in statuses  # every claim released or recorded
+        assert statuses.get(DeliveryStatus.SENT) == len(handler.received) < 400
+        subprocess.run(
+            [*newsletter, "send"], cwd=tmp_path, env=env, check=True, capture_output=True
+        )
+    received = Counter(to for _sender, tos, _raw in handler.received for to in tos)
+    assert len(received) == 400 and set(received.values()) == {1}
