@@ -1,13 +1,15 @@
 """The service's own SMTP inbound: mail to the List-Unsubscribe address unsubscribes.
 
 The handler only routes: each InboundRoute says which recipient addresses it takes and what to do
-with a message to one of them. The unsubscribe route is built here; a bounce route can be added
-by whoever builds it, with no change to this module::
+with a message to one of them::
 
     handler = InboundHandler([unsubscribe_route(...), bounce_route(...)])
 
-A recipient no route takes is refused at RCPT. A message with a bad or unknown token is accepted
-and dropped: answering differently would tell a stranger which tokens are real.
+Mail to the bounce address (plain, or VERP bounces+<delivery>-<signature>@) goes to
+newsletter.bounces: a hard bounce marks its delivery failed and suppresses the address.
+
+A recipient no route takes is refused at RCPT. A message with a bad or unknown token, or a forged
+VERP address, is accepted and dropped: answering differently would tell a stranger which are real.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
+from newsletter.bounces import handle_bounce
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
@@ -40,6 +43,7 @@ class InboundMail:
     recipient: str
     sender: str
     message: EmailMessage
+    raw: bytes = b""  # the message as received, for readers that parse it their own way
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class InboundHandler:
             for rcpt in envelope.rcpt_tos:
                 route = self.route_for(rcpt)
                 if route is not None:
-                    mail = InboundMail(rcpt, str(envelope.mail_from or ""), message)
+                    mail = InboundMail(rcpt, str(envelope.mail_from or ""), message, raw)
                     await route.handle(mail)
         except Exception:  # the database is away: the sending server will try again
             return "451 4.3.0 Try again later"
@@ -119,6 +123,33 @@ def unsubscribe_route(
     return InboundRoute("unsubscribe", lambda rcpt: rcpt.lower() == address, handle)
 
 
+def bounce_route(
+    *, settings: Settings, factory: sessionmaker[DbSession], clock: Clock
+) -> InboundRoute:
+    """Mail to [mail] bounce_address, plain or VERP, is read as a bounce and applied."""
+    local, _, domain = settings.mail.bounce_address.lower().rpartition("@")
+
+    def accepts(rcpt: str) -> bool:
+        # Forged VERP addresses are taken too, and dropped by handle_bounce: no oracle.
+        rcpt_local, _, rcpt_domain = rcpt.lower().rpartition("@")
+        return rcpt_domain == domain and (rcpt_local == local or rcpt_local.startswith(local + "+"))
+
+    def apply(mail: InboundMail) -> None:
+        with unit_of_work(factory) as session:
+            handle_bounce(
+                session=session,
+                raw=mail.raw or mail.message.as_bytes(),
+                envelope_recipients=[mail.recipient],
+                settings=settings,
+                now=clock.now(),
+            )
+
+    async def handle(mail: InboundMail) -> None:
+        await asyncio.to_thread(apply, mail)
+
+    return InboundRoute("bounces", accepts, handle)
+
+
 def start_inbound(
     *, routes: Sequence[InboundRoute], host: str, port: int, max_message_bytes: int
 ) -> Controller:
@@ -140,7 +171,10 @@ def inbound_for(settings: Settings, factory: sessionmaker[DbSession], clock: Clo
     if not settings.inbound.enabled:
         return None
     return start_inbound(
-        routes=[unsubscribe_route(settings=settings, factory=factory, clock=clock)],
+        routes=[
+            unsubscribe_route(settings=settings, factory=factory, clock=clock),
+            bounce_route(settings=settings, factory=factory, clock=clock),
+        ],
         host=settings.inbound.host,
         port=settings.inbound.port,
         max_message_bytes=settings.inbound.max_message_bytes,

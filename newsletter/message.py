@@ -97,8 +97,8 @@ def build_message(
     domain = mail.from_address.rpartition("@")[2]
     msg = EmailMessage(policy=POLICY)
     msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
-    msg["To"] = Address(recipient.name, addr_spec=recipient.email)
-    msg["Subject"] = " ".join(variant.subject.split())
+    msg.set_raw("To", format_to(recipient))  # as the fast path: names cleaned, never refolded
+    set_subject(msg, variant.subject)
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id(
         campaign_id=campaign_id,
@@ -175,7 +175,7 @@ class MessageTemplate:
         mail = settings.mail
         msg = EmailMessage(policy=POLICY)
         msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
-        msg["Subject"] = " ".join(variant.subject.split())
+        set_subject(msg, variant.subject)
         msg["List-Id"] = f"{mlist.slug} <{mlist.list_id}>"
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg.set_content(TEXT_SLOT, subtype="plain", charset="utf-8", cte="quoted-printable")
@@ -218,6 +218,20 @@ class MessageTemplate:
                 self.tail,
             )
         )
+
+
+def set_subject(msg: EmailMessage, subject: str) -> None:
+    """One line of subject; non-ASCII encoded here, as the email package folds it badly.
+
+    Python's folder puts the space between two encoded-words outside them when it folds a long
+    non-ASCII Subject, and decoders drop that space (RFC 2047 6.2): a long Belarusian subject
+    arrived with words run together. email.header keeps each space inside an encoded-word.
+    """
+    subject = " ".join(subject.split())
+    if subject.isascii():
+        msg["Subject"] = subject
+    else:
+        msg.set_raw("Subject", Header(subject, "utf-8", header_name="Subject").encode("\r\n"))
 
 
 def format_to(recipient: Recipient) -> str:

@@ -24,7 +24,9 @@ class Fault:
     reply: str = ""
     drop: bool = False
     stall_seconds: float = 0.0
-    only: str = ""  # only for recipients containing this text; empty = everyone
+    # Only for recipients containing this text; empty = everyone. At MAIL no recipient is known
+    # yet, so a MAIL fault with `only` never fires: pick its message with `times` instead.
+    only: str = ""
     times: int = -1  # how many times; -1 = always
 
 
