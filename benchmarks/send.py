@@ -1,16 +1,25 @@
 """Send a real digest campaign to N subscribers through a local SMTP sink and print figures.
 
     .venv/bin/python benchmarks/send.py [--n 100000] [--sink postfix|aiosmtpd]
+        [--database URL] [--workers 1,2] [--pool-size 4] [--batch-size 500]
 
 Prints messages per second end to end (enqueue to last accept), render time per variant, peak
-memory of this process, and the sink's own ceiling for the same message bytes measured in the same
-run with a minimal client (Postfix smtp-source, or one reused smtplib connection for aiosmtpd).
+memory, and the sink's own ceiling for the same message bytes measured in the same run with a
+minimal client (Postfix smtp-source, or one reused smtplib connection for aiosmtpd), before and
+after the sends; the ratio is against their mean.
+
+Without --workers the sender runs in this process (SQLite file by default). With --workers 1,2
+each count gets a fresh database, and `newsletter send --workers N` runs as a real command; a
+PostgreSQL --database URL names the server: the benchmark creates a database of its own there
+and drops it afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import resource
 import shutil
 import subprocess
@@ -22,15 +31,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "b" * 40
+NEWSLETTER = [sys.executable, "-m", "newsletter"]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import insert, select  # noqa: E402
+from sqlalchemy import create_engine, insert, make_url, select, text  # noqa: E402
 
 from newsletter.campaigns import render_campaign, start_campaign, store_variants  # noqa: E402
 from newsletter.clock import SystemClock  # noqa: E402
 from newsletter.config import load_settings  # noqa: E402
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work  # noqa: E402
-from newsletter.db.models import Campaign, Item, MailingList, Source, Subscriber, Subscription  # noqa: E402
+from newsletter.db.models import (  # noqa: E402
+    Campaign,
+    Delivery,
+    Item,
+    MailingList,
+    Source,
+    Subscriber,
+    Subscription,
+)
 from newsletter.devsmtp import free_port  # noqa: E402
 from newsletter.send import deliver_queued  # noqa: E402
 from newsletter.smtp import SmtpPool  # noqa: E402
@@ -140,6 +159,105 @@ def ceiling(kind: str, port: int, message: bytes, count: int) -> float:
     return rate
 
 
+def sample_message(factory, settings, cid: int) -> bytes:  # type: ignore[no-untyped-def]
+    """One recipient's message bytes, built as the sender builds them (nothing is claimed)."""
+    from newsletter.send import TemplateCache, prepare_jobs
+
+    with unit_of_work(factory) as s:
+        first = s.scalar(select(Delivery.id).where(Delivery.campaign_id == cid).limit(1))
+        jobs, _ = prepare_jobs(
+            s,
+            [first],
+            settings=settings,
+            templates=TemplateCache(settings),
+            signer=None,
+            now=datetime.now(UTC),
+        )
+    return jobs[0].message
+
+
+def start_sending(factory, settings, cid: int) -> float:  # type: ignore[no-untyped-def]
+    """Render the campaign once per language and enqueue it; returns ms per variant."""
+    with unit_of_work(factory) as s:
+        campaign = s.get(Campaign, cid)
+        r = time.perf_counter()
+        variants = render_campaign(campaign, settings=settings)
+        render_ms = (time.perf_counter() - r) * 1000 / len(variants)
+        store_variants(s, campaign, variants)
+        start_campaign(
+            session=s, campaign=campaign, settings=settings, now=datetime.now(UTC), actor="bench"
+        )
+    return render_ms
+
+
+def send_in_process(factory, settings, n: int) -> None:  # type: ignore[no-untyped-def]
+    async def run() -> None:
+        pool = SmtpPool(settings.smtp)
+        try:
+            report = await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=SystemClock()
+            )
+            assert report.sent == n, report
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def send_with_workers(work: Path, settings, workers: int, n: int) -> None:  # type: ignore[no-untyped-def]
+    """`newsletter send --workers N` as the operator would run it."""
+    smtp = settings.smtp
+    config = work / f"config-{workers}.toml"
+    config.write_text(
+        f"[database]\nurl = '{settings.database.url}'\n"
+        f"[smtp]\nhost = '{smtp.host}'\nport = {smtp.port}\npool_size = {smtp.pool_size}\n"
+        f"batch_size = {smtp.batch_size}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env["NEWSLETTER_SECRET"] = SECRET
+    done = subprocess.run(
+        [*NEWSLETTER, "--config", str(config), "send", "--workers", str(workers)],
+        cwd=work,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or f"sent {n}," not in done.stdout:
+        raise SystemExit(f"newsletter send failed: {done.stdout}{done.stderr}")
+
+
+class Database:
+    """A fresh database per run: a SQLite file, or a database of its own on a PostgreSQL server."""
+
+    def __init__(self, url: str | None, work: Path) -> None:
+        self.server, self.work, self.made = url, work, []
+
+    def fresh(self, tag: str) -> str:
+        if not self.server or self.server.startswith("sqlite"):
+            return f"sqlite:///{self.work / f'bench-{tag}.db'}"
+        name = f"nl_bench_{os.getpid()}_{tag}"
+        with self._admin() as conn:
+            conn.execute(text(f'create database "{name}"'))
+        self.made.append(name)
+        return str(make_url(self.server).set(database=name).render_as_string(hide_password=False))
+
+    def drop_all(self) -> None:
+        for name in self.made:
+            with self._admin() as conn:
+                conn.execute(text(f'drop database if exists "{name}" with (force)'))
+
+    @contextlib.contextmanager
+    def _admin(self):  # type: ignore[no-untyped-def]
+        engine = create_engine(self.server, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                yield conn
+        finally:
+            engine.dispose()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
@@ -150,67 +268,81 @@ def main() -> None:
         if shutil.which("smtp-sink") or Path("/usr/sbin/smtp-sink").exists()
         else "aiosmtpd",
     )
+    ap.add_argument("--database", help="SQLAlchemy URL (PostgreSQL: the server to use)")
+    ap.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2")
+    ap.add_argument("--pool-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=500)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="nl-bench-"))
-    url = f"sqlite:///{work / 'bench.db'}"
     port = free_port()
     sink = start_sink(args.sink, port)
     time.sleep(0.5)
-    settings = load_settings(None, {"NEWSLETTER_SECRET": "b" * 40, "NEWSLETTER_DATABASE_URL": url})
-    settings = replace(
-        settings, smtp=replace(settings.smtp, host="127.0.0.1", port=port, batch_size=500)
-    )
-    engine = make_engine(url)
-    migrate(engine)
-    factory = make_sessionmaker(engine)
-    cid = seed(factory, args.n)
-    clock = SystemClock()
-    t0 = time.perf_counter()
-    with unit_of_work(factory) as s:
-        campaign = s.get(Campaign, cid)
-        r = time.perf_counter()
-        variants = render_campaign(campaign, settings=settings)
-        render_ms = (time.perf_counter() - r) * 1000 / len(variants)
-        store_variants(s, campaign, variants)
-        start_campaign(
-            session=s, campaign=campaign, settings=settings, now=clock.now(), actor="bench"
-        )
-
-    captured: list[bytes] = []
-
-    async def run() -> None:
-        pool = SmtpPool(settings.smtp)
-        orig = pool.send
-
-        async def send(message: bytes, *, sender: str, recipient: str):  # type: ignore[no-untyped-def]
-            if not captured:
-                captured.append(message)
-            return await orig(message, sender=sender, recipient=recipient)
-
-        pool.send = send  # type: ignore[method-assign]
-        try:
-            report = await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=clock
+    databases = Database(args.database, work)
+    counts = [int(w) for w in args.workers.split(",")] if args.workers else [0]
+    results, message, render_ms = [], b"", 0.0
+    try:
+        for workers in counts:
+            url = databases.fresh(f"w{workers}")
+            settings = load_settings(
+                None, {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": url}
             )
-            assert report.sent == args.n, report
-        finally:
-            await pool.close()
-
-    asyncio.run(run())
-    elapsed = time.perf_counter() - t0
-    rate = args.n / elapsed
-    top = ceiling(args.sink, port, captured[0], min(args.n, 20000))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"sink {args.sink}; recipients {args.n}; message {len(captured[0]) / 1024:.1f} KB")
-    print(f"end to end (enqueue to last accept): {rate:,.0f} msg/s in {elapsed:.1f} s")
+            smtp = replace(
+                settings.smtp,
+                host="127.0.0.1",
+                port=port,
+                batch_size=args.batch_size,
+                pool_size=args.pool_size,
+            )
+            settings = replace(settings, smtp=smtp)
+            engine = make_engine(url)
+            migrate(engine)
+            factory = make_sessionmaker(engine)
+            cid = seed(factory, args.n)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            t0 = time.perf_counter()
+            render_ms = start_sending(factory, settings, cid)
+            queued = time.perf_counter() - t0
+            if not message:  # the ceiling is measured outside the timed stretches
+                message = sample_message(factory, settings, cid)
+                top_before = ceiling(args.sink, port, message, min(args.n, 20000))
+            t0 = time.perf_counter() - queued
+            if workers:
+                send_with_workers(work, settings, workers, args.n)
+                peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+            else:
+                send_in_process(factory, settings, args.n)
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            elapsed = time.perf_counter() - t0
+            engine.dispose()
+            results.append((workers, args.n / elapsed, elapsed, peak, before))
+        top_after = ceiling(args.sink, port, message, min(args.n, 20000))
+    finally:
+        if hasattr(sink, "terminate"):
+            sink.terminate()  # type: ignore[union-attr]
+            sink.wait()  # type: ignore[union-attr]
+        else:
+            sink.stop()  # type: ignore[attr-defined]
+        databases.drop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    top = (top_before + top_after) / 2
+    where = "SQLite" if not args.database or args.database.startswith("sqlite") else "PostgreSQL"
+    print(
+        f"sink {args.sink}; {where}; recipients {args.n}; message {len(message) / 1024:.1f} KB; "
+        f"pool_size {args.pool_size}; batch_size {args.batch_size}"
+    )
     print(f"render per variant: {render_ms:.1f} ms")
-    print(f"sink ceiling, same bytes, minimal client: {top:,.0f} msg/s; ratio {rate / top:.0%}")
-    print(f"peak memory (ru_maxrss): {peak:.0f} MB")
-    if hasattr(sink, "terminate"):
-        sink.terminate()  # type: ignore[union-attr]
-    else:
-        sink.stop()  # type: ignore[attr-defined]
-    shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"sink ceiling, same bytes, minimal client: {top_before:,.0f} msg/s before, "
+        f"{top_after:,.0f} after; mean {top:,.0f}"
+    )
+    base = results[0][1]
+    for workers, rate, elapsed, peak, before in results:
+        who = f"{workers} worker process(es)" if workers else "in-process sender"
+        print(
+            f"{who}: end to end (enqueue to last accept) {rate:,.0f} msg/s in {elapsed:.1f} s; "
+            f"ratio {rate / top:.0%} of ceiling; x{rate / base:.2f} of the first; "
+            f"peak memory {peak:.0f} MB (benchmark process before sending: {before:.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import items_for_language
@@ -109,14 +109,25 @@ def start_campaign(
 
 
 def finish_if_done(*, session: Session, campaign_id: int, now: datetime) -> bool:
-    """Mark a running campaign finished once none of its deliveries is pending."""
-    campaign = session.get(Campaign, campaign_id)
-    if campaign is None or campaign.status != CampaignStatus.RUNNING:
-        return False
+    """Mark a running campaign finished once none of its deliveries is pending.
+
+    The change is one conditional UPDATE, so of two workers finishing together only one wins
+    and writes the event.
+    """
     if count_pending(session, campaign_id):
         return False
-    campaign.status = CampaignStatus.FINISHED
-    campaign.finished_at = now
+    won = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
+        .values(status=CampaignStatus.FINISHED, finished_at=now)
+        .returning(Campaign.id)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if won is None:
+        return False
+    loaded = session.get(Campaign, campaign_id)
+    if loaded is not None:
+        session.refresh(loaded)
     session.add(
         Event(at=now, actor="sender", action="campaign.finished", detail={"campaign": campaign_id})
     )

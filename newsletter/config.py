@@ -195,7 +195,7 @@ class InboundSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 2525
-    max_message_bytes: int = 65536
+    max_message_bytes: int = 1_048_576  # a bounce may carry the whole original digest
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,9 @@ def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> time
 
 def scrub(reply: str, email: str) -> str:
     """An SMTP reply without the recipient's address in it, cut to the column's size."""
-    if email:
+    # Checked first: most replies ("250 2.0.0 Ok: queued") never name the recipient, and
+    # compiling a pattern per address (none is ever in re's cache) cost more than the insert.
+    if email and email.lower() in reply.lower():
         reply = re.sub(re.escape(email), "<recipient>", reply, flags=re.IGNORECASE)
     return reply[:1000]
 
@@ -153,10 +155,12 @@ def record_outcomes(
                     now=now,
                     reply=str(row["b_reply"]),
                 )
+    # On the session's connection: the same transaction, without the ORM's per-statement work
+    # (a third of the cost of recording at a few rows per commit).
     if sent:
-        session.execute(_SENT, sent)
+        session.connection().execute(_SENT, sent)
     if other:
-        session.execute(_RETRY, other)
+        session.connection().execute(_RETRY, other)
     return report
 
 

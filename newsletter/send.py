@@ -17,10 +17,11 @@ import socket
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.bounces import verp_address
@@ -30,6 +31,7 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     Campaign,
+    CampaignKind,
     CampaignStatus,
     Delivery,
     DeliveryStatus,
@@ -194,7 +196,11 @@ def mark_left(session: Session, ids: list[int]) -> None:
 
 
 class Recorder:
-    """Commits outcomes as they come, grouping those that arrive together into one transaction."""
+    """Commits outcomes as they come, in a database thread, grouping those that arrive together.
+
+    While one group is being written, the outcomes that arrive meanwhile wait for the next
+    commit, so the event loop keeps serving the connections and commits grow with the load.
+    """
 
     def __init__(self, sender: Sender) -> None:
         self._sender = sender
@@ -211,16 +217,39 @@ class Recorder:
                 await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
                 while self._pending:
                     group, self._pending = self._pending, []
-                    self._sender.write([(j, o) for j, o, _ in group])
+                    try:
+                        await self._sender.write([(j, o) for j, o, _ in group])
+                    except BaseException as error:
+                        self._fail(group + self._pending, error, done)
+                        self._pending = []
+                        raise
                     for _j, _o, fut in group:
                         fut.set_result(None)
             finally:
                 self._flushing = False
         await done
 
+    @staticmethod
+    def _fail(
+        waiting: list[tuple[Job, Outcome, asyncio.Future[None]]],
+        error: BaseException,
+        own: asyncio.Future[None],
+    ) -> None:
+        for _j, _o, fut in waiting:
+            if fut is not own and not fut.done():
+                fut.set_exception(RecordError(error))
+
+
+class RecordError(Exception):
+    """Another lane's commit failed; this lane's outcome was not recorded either."""
+
 
 class Sender:
-    """One worker's delivery loop; `deliver_queued` is its public face."""
+    """One worker's delivery loop; `deliver_queued` is its public face.
+
+    A producer claims and prepares the next batch (in a database thread) while the lanes are
+    still sending the current one, so the connections never wait for a claim.
+    """
 
     def __init__(
         self,
@@ -243,18 +272,44 @@ class Sender:
         self.recorder = Recorder(self)
         self.total = SendReport()
         self.streaks: dict[int, int] = {}
+        self.pausing: set[int] = set()  # paused for a failure burst, not yet committed
         self.active: set[int] = set()
-        self.lanes = sum(r.pool_size for r in settings.smtp.all_relays() if r.weight > 0)
+        self.lanes = max(sum(r.pool_size for r in settings.smtp.all_relays() if r.weight > 0), 1)
+        self.queue: deque[Job] = deque()
+        self.unstarted: list[Job] = []
+        self.outstanding: set[int] = set()  # claimed by this run, not yet recorded or released
+        self.in_flight = 0
+        self.producing = True
+        self.changed = asyncio.Condition()
+        # Outcomes are written by one thread through one long-lived session: a new session per
+        # commit cost twice the commit itself at thousands of commits a second.
+        self.ledger = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self.ledger_session: Session | None = None
+        self.ledger_connection: Connection
         control.on_stop.append(transport.interrupt)
+        control.on_stop.append(self._poke_threadsafe)
 
     async def run(self) -> SendReport:
         """Claim, send and record batch after batch until nothing is due or a stop is asked."""
+        self.loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(self._watch())
         try:
-            while not self.control.stopping and await self._one_batch():
-                pass
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._produce())
+                for _ in range(self.lanes):
+                    group.create_task(self._lane())
+        except BaseExceptionGroup as failed:
+            self._release(sorted(self.outstanding))  # claimed by us and never recorded
+            raise _first_cause(failed) from None
+        except BaseException:
+            self._release(sorted(self.outstanding))
+            raise
         finally:
             watcher.cancel()
+            self.control.on_stop.remove(self._poke_threadsafe)
+            await self.loop.run_in_executor(self.ledger, self._close_ledger)
+            self.ledger.shutdown(wait=True)
+        self._release_unstarted()
         with unit_of_work(self.factory) as session:  # campaigns with nothing left (or no audience)
             for cid in running_campaign_ids(session):
                 if self.campaign_id in (None, cid) and self._finish(session, cid):
@@ -262,8 +317,37 @@ class Sender:
         self.total.stopped = self.control.stopping
         return self.total
 
-    async def _one_batch(self) -> bool:
+    # --- the producer: claim and prepare ahead of the lanes ---------------------------------
+
+    async def _produce(self) -> None:
         limit = self.settings.smtp.batch_size
+        try:
+            while not self.control.stopping:
+                self._release_unstarted()  # e.g. a campaign resumed meanwhile: claim them again
+                ids, jobs, gone, alerts = await asyncio.to_thread(self._claim_and_prepare, limit)
+                if not ids:
+                    return
+                self._report(SendReport(suppressed=gone))
+                async with self.changed:
+                    self.queue.extend(jobs)
+                    self.changed.notify_all()
+                    # Nothing more due: let them finish, then close campaigns. An alert's batch
+                    # goes out whole before anything claimed after it starts.
+                    if len(ids) < limit or alerts:
+                        await self.changed.wait_for(self._idle)
+                    else:  # claim the next batch when half of this one has gone out
+                        await self.changed.wait_for(
+                            lambda: len(self.queue) <= limit // 2 or self.control.stopping
+                        )
+                if len(ids) < limit:
+                    self._finish_done({job.campaign_id for job in jobs})
+        finally:
+            async with self.changed:
+                self.producing = False
+                self.changed.notify_all()
+
+    def _claim_and_prepare(self, limit: int) -> tuple[list[int], list[Job], int, bool]:
+        """Claim a batch in one short transaction, then build its messages (a database thread)."""
         with unit_of_work(self.factory) as session:
             ids = claim_batch(
                 session,
@@ -273,20 +357,9 @@ class Sender:
                 campaign_id=self.campaign_id,
                 worker=self.worker,
             )
+        self.outstanding.update(ids)
         if not ids:
-            return False
-        try:
-            jobs = self._prepare(ids)
-            unstarted = await self._send_all(jobs)
-        except BaseException:
-            self._release(ids)  # whatever is still claimed by us and was never attempted
-            raise
-        self._release([job.delivery_id for job in unstarted])
-        if len(ids) < limit:
-            self._finish_done({job.campaign_id for job in jobs})
-        return True
-
-    def _prepare(self, ids: list[int]) -> list[Job]:
+            return ids, [], 0, False
         with unit_of_work(self.factory) as session:
             jobs, gone = prepare_jobs(
                 session,
@@ -297,45 +370,113 @@ class Sender:
                 now=self.clock.now(),
             )
             mark_left(session, gone)
-        self.active = {job.campaign_id for job in jobs}
-        self._report(SendReport(suppressed=len(gone)))
-        return jobs
+            cids = {job.campaign_id for job in jobs}
+            is_alert = Campaign.kind == CampaignKind.ALERT
+            alerts = session.scalar(select(Campaign.id).where(Campaign.id.in_(cids), is_alert))
+        self.outstanding.difference_update(gone)
+        self.active |= cids
+        return ids, jobs, len(gone), alerts is not None
 
-    async def _send_all(self, jobs: list[Job]) -> list[Job]:
-        """Send over `lanes` concurrent lanes; returns the jobs never attempted."""
-        queue, unstarted = deque(jobs), []
+    def _idle(self) -> bool:
+        return not self.queue and self.in_flight == 0
 
-        async def lane() -> None:
-            while queue:
-                job = queue.popleft()
-                if not self.control.may_send(job.campaign_id):
-                    unstarted.append(job)
-                    continue
-                outcome = await self._attempt(job)
-                if outcome.result is Result.UNSENT:
-                    unstarted.append(job)
-                else:
-                    await self.recorder.record(job, outcome)
+    # --- the lanes: one message at a time each, recorded before the next --------------------
 
-        await asyncio.gather(*(lane() for _ in range(min(self.lanes, len(jobs)))))
-        return unstarted
+    async def _lane(self) -> None:
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: bool(self.queue) or not self.producing)
+                if not self.queue:
+                    return
+                job = self.queue.popleft()
+                self.in_flight += 1
+                self.changed.notify_all()
+            try:
+                await self._one(job)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0 and not self.queue:
+                    async with self.changed:
+                        self.changed.notify_all()
+
+    async def _one(self, job: Job) -> None:
+        if not self.control.may_send(job.campaign_id):
+            self.unstarted.append(job)
+            return
+        outcome = await self._attempt(job)
+        if outcome.result is Result.UNSENT:
+            self.unstarted.append(job)
+        else:
+            await self.recorder.record(job, outcome)
 
     async def _attempt(self, job: Job) -> Outcome:
         if job.error:
             return Outcome(Result.PERMANENT, job.error)
         return await self.transport.send(job.message, sender=job.envelope_from, recipient=job.email)
 
-    def write(self, results: list[tuple[Job, Outcome]]) -> None:
+    def _poke_threadsafe(self) -> None:
+        """Wake the producer and the lanes (a stop was asked), from any thread."""
+
+        async def poke() -> None:
+            async with self.changed:
+                self.changed.notify_all()
+
+        loop = getattr(self, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: loop.create_task(poke()))
+
+    # --- the ledger side ---------------------------------------------------------------------
+
+    async def write(self, results: list[tuple[Job, Outcome]]) -> None:
         """Commit a group of outcomes; pause a campaign whose failures run past the limit."""
+        bursts = {
+            cid: reason
+            for cid, reason in self._bursts(results).items()
+            if cid not in self.control.held
+        }
+        self.pausing |= bursts.keys()
+        self.control.held |= bursts.keys()
+        try:
+            report = await self.loop.run_in_executor(
+                self.ledger, self._write_blocking, results, bursts
+            )
+        finally:
+            self.pausing -= bursts.keys()
+        self.outstanding.difference_update(job.delivery_id for job, _ in results)
+        self._report(report)
+
+    def _write_blocking(
+        self, results: list[tuple[Job, Outcome]], bursts: dict[int, str]
+    ) -> SendReport:
         now = self.clock.now()
-        with unit_of_work(self.factory) as session:
+        if self.ledger_session is None:
+            # Held for the sender's life: a pool checkout per commit (with PostgreSQL's
+            # pre-ping, one more round trip) cost as much as the commit.
+            self.ledger_connection = self.factory.kw["bind"].connect()
+            self.ledger_session = Session(bind=self.ledger_connection, expire_on_commit=False)
+        session = self.ledger_session
+        try:
             report = record_outcomes(
                 session, results, settings=self.settings, now=now, rng=self.rng
             )
-            for cid, reason in self._bursts(results).items():
-                if cid not in self.control.held and self._pause(session, cid, reason, now):
+            for cid, reason in bursts.items():
+                if self._pause(session, cid, reason, now):
                     report.paused[cid] = reason
-        self._report(report)
+            session.commit()  # the connection was idle: the session's transaction is its own
+        except BaseException:
+            session.rollback()
+            self._close_ledger()  # a broken connection is not reused
+            raise
+        finally:
+            if self.ledger_session is not None:
+                self.ledger_session.expunge_all()  # read afresh (a campaign may be resumed)
+        return report
+
+    def _close_ledger(self) -> None:
+        if self.ledger_session is not None:
+            self.ledger_session.close()
+            self.ledger_connection.close()
+            self.ledger_session = None
 
     def _bursts(self, results: Iterable[tuple[Job, Outcome]]) -> dict[int, str]:
         """Campaigns whose run of consecutive failures reached [smtp] failure_burst."""
@@ -352,17 +493,21 @@ class Sender:
         return tripped
 
     def _pause(self, session: Session, cid: int, reason: str, now: datetime) -> bool:
-        self.control.held.add(cid)
         campaign = session.get(Campaign, cid)
         if campaign is None or campaign.status != CampaignStatus.RUNNING:
             return False
         pause_campaign(session=session, campaign_id=cid, now=now, actor="sender", reason=reason)
         return True
 
+    def _release_unstarted(self) -> None:
+        jobs, self.unstarted = self.unstarted, []
+        self._release([job.delivery_id for job in jobs])
+
     def _release(self, ids: list[int]) -> None:
         if ids:
             with unit_of_work(self.factory) as session:
                 released = release_claims(session, ids, worker=self.worker)
+            self.outstanding.difference_update(ids)
             self._report(SendReport(released=released))
 
     def _finish_done(self, cids: set[int]) -> None:
@@ -394,10 +539,28 @@ class Sender:
 
     def _hold_stopped(self, session: Session) -> None:
         # Recomputed, not accumulated: a campaign resumed meanwhile may be sent again.
+        active = set(self.active)
         stmt = select(Campaign.id).where(
-            Campaign.id.in_(self.active), Campaign.status != CampaignStatus.RUNNING
+            Campaign.id.in_(active), Campaign.status != CampaignStatus.RUNNING
         )
-        self.control.held = set(session.scalars(stmt)) if self.active else set()
+        stopped = set(session.scalars(stmt)) if active else set()
+        self.control.held = stopped | self.pausing
+
+
+def _first_cause(group: BaseExceptionGroup) -> BaseException:
+    """The error that stopped the sender, not the lanes that stopped because of it."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    causes = [e for e in leaves if not isinstance(e, RecordError | asyncio.CancelledError)]
+    return (causes or leaves)[0]
 
 
 async def deliver_queued(

@@ -6,6 +6,7 @@ purpose-specific salt, so a token made for one purpose cannot be used for anothe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class TokenClaims:
     list_id: int
 
 
+@functools.lru_cache(maxsize=16)
 def _serializer(secret: str, purpose: str) -> URLSafeSerializer:
     if purpose not in PURPOSES:
         raise ValueError(f"unknown token purpose {purpose!r}")

@@ -17,23 +17,36 @@ def newsletter(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     env["NEWSLETTER_SECRET"] = SECRET
     env["COLUMNS"] = "200"
-    result = subprocess.run([sys.executable, "-m", "newsletter", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", "newsletter", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
 
 def test_show_lists_failures_with_the_smtp_reply(tmp_path: Path, database_url: str) -> None:
     """`campaigns show --failures` names each refused address and the server's reply."""
-    handler = FaultyHandler(faults=[Fault("RCPT", reply="550 5.1.1 no such mailbox",
-                                          only="bob.placeholder")])
+    handler = FaultyHandler(
+        faults=[Fault("RCPT", reply="550 5.1.1 no such mailbox", only="bob.placeholder")]
+    )
     with faulty_smtpd(handler) as port:
         (tmp_path / "config.toml").write_text(
             f"[database]\nurl = '{database_url}'\n[smtp]\nhost = '127.0.0.1'\nport = {port}\n"
         )
         newsletter(tmp_path, "init")
-        newsletter(tmp_path, "subscribers", "import", str(ROOT / "subscribers" / "example.csv"),
-                   "--confirmed")
+        newsletter(
+            tmp_path,
+            "subscribers",
+            "import",
+            str(ROOT / "subscribers" / "example.csv"),
+            "--confirmed",
+        )
         newsletter(tmp_path, "ingest", str(ROOT / "newsletter" / "data" / "portal-feed.xml"))
         newsletter(tmp_path, "digest", "send")
     shown = newsletter(tmp_path, "campaigns", "show", "1", "--failures").stdout

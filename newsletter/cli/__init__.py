@@ -10,9 +10,10 @@ import getpass
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,9 +26,6 @@ from newsletter.config import Settings, find_config, load_settings
 from newsletter.db import check_schema, make_engine, make_sessionmaker
 from newsletter.errors import NewsletterError
 from newsletter.send import SendReport
-
-if TYPE_CHECKING:
-    from rich.progress import TaskID
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -147,37 +145,78 @@ def main() -> None:
         sys.exit(70)
 
 
-def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> SendReport:
+def deliver_with_progress(
+    state: State, *, campaign_id: int | None = None, workers: int = 1
+) -> SendReport:
     """Deliver what is due (of one campaign, or all), with a progress bar and a summary.
 
     SIGTERM and SIGINT stop gracefully: in-flight messages finish and are recorded, claims not
-    yet attempted are released, and the command exits 0.
+    yet attempted are released, and the command exits 0. With `workers` > 1 that many sender
+    processes share the work (newsletter.cli.workers) under this one progress bar.
     """
-    import asyncio
-    import signal
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    if workers > 1:
+        from newsletter.cli.workers import deliver_with_workers
+
+        return deliver_with_workers(state, campaign_id=campaign_id, workers=workers)
+    total, history = _due_and_history(state, state.factory(), campaign_id)
+    started, seen = time.monotonic(), SendReport()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=err_console,
+        transient=True,
+        disable=total == 0,
+    ) as progress:
+        task = progress.add_task("sending", total=total, stats="")
+
+        def advance(batch: SendReport) -> None:
+            seen.add(batch)
+            progress.update(task, completed=done_count(seen), stats=progress_stats(seen, started))
+
+        report = run_sender(state, campaign_id=campaign_id, history=history, on_batch=advance)
+    print_summary(report, seconds=time.monotonic() - started)
+    return report
+
+
+def done_count(report: SendReport) -> int:
+    """Deliveries that reached an outcome (for the progress bar)."""
+    return report.sent + report.deferred + report.failed + report.suppressed
+
+
+def progress_stats(report: SendReport, started: float) -> str:
+    """The progress bar's counts and rate."""
+    import time
+
+    rate = report.sent / max(time.monotonic() - started, 1e-6)
+    return f"sent {report.sent} deferred {report.deferred} failed {report.failed} {rate:,.0f}/s"
+
+
+def run_sender(
+    state: State,
+    *,
+    campaign_id: int | None,
+    history: dict[str, list[datetime]],
+    on_batch: Callable[[SendReport], None],
+    settings: Settings | None = None,
+) -> SendReport:
+    """One sender in this process until nothing is due; SIGTERM / SIGINT stop it gracefully."""
+    import asyncio
+    import signal
 
     from newsletter.dkim import load_signer
     from newsletter.send import SendControl, deliver_queued
     from newsletter.smtp import SmtpPool
 
-    settings, factory = state.settings, state.factory()
-    signer = load_signer(settings)
-    total, history = _due_and_history(state, factory, campaign_id)
-    control, started, seen = SendControl(), time.monotonic(), SendReport()
+    settings = settings or state.settings
+    factory, signer, control = state.factory(), load_signer(settings), SendControl()
 
-    def advance(progress: Progress, task: TaskID, batch: SendReport) -> None:
-        seen.add(batch)
-        rate = seen.sent / max(time.monotonic() - started, 1e-6)
-        progress.update(
-            task,
-            completed=seen.sent + seen.deferred + seen.failed + seen.suppressed,
-            stats=f"sent {seen.sent} deferred {seen.deferred} failed {seen.failed} {rate:,.0f}/s",
-        )
-
-    async def run(progress: Progress, task: TaskID) -> SendReport:
+    async def run() -> SendReport:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, control.request_stop)
@@ -191,24 +230,12 @@ def deliver_with_progress(state: State, *, campaign_id: int | None = None) -> Se
                 campaign_id=campaign_id,
                 control=control,
                 signer=signer,
-                on_batch=lambda b: advance(progress, task, b),
+                on_batch=on_batch,
             )
         finally:
             await pool.close()
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=err_console,
-        transient=True,
-        disable=total == 0,
-    ) as progress:
-        task = progress.add_task("sending", total=total, stats="")
-        report = asyncio.run(run(progress, task))
-    print_summary(report, seconds=time.monotonic() - started)
-    return report
+    return asyncio.run(run())
 
 
 def _due_and_history(

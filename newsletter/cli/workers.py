@@ -1,0 +1,197 @@
+"""`newsletter send --workers N`: N sender processes on this machine under one progress bar.
+
+Each worker is a `newsletter send` process of its own (its own event loop, GIL and connection
+pool) that claims batches from the shared database exactly as a worker on another machine
+would: PostgreSQL's `FOR UPDATE SKIP LOCKED` (or SQLite's write lock) keeps them apart, and a
+worker that dies leaves its claims to the lease. Workers report each batch as one JSON line on
+stdout; this parent adds them up for the progress bar and the summary, and passes SIGTERM and
+SIGINT on, so a stop is as graceful as with one process.
+
+A relay's `rate_per_second` and `hourly_limit` hold for the whole group: each of N workers takes
+1/N of them (and 1/N of the last hour's sends, for the hourly cap).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, replace
+from types import FrameType
+from typing import IO, Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from newsletter.cli import (
+    State,
+    _due_and_history,
+    done_count,
+    err_console,
+    print_summary,
+    progress_stats,
+    run_sender,
+)
+from newsletter.config import Settings
+from newsletter.errors import NewsletterError
+from newsletter.send import SendReport
+
+
+class WorkerError(NewsletterError):
+    """A sender worker process ended with an error; its own message is on stderr above."""
+
+
+def report_to_json(report: SendReport) -> str:
+    """One line of JSON for a report."""
+    return json.dumps(asdict(report), separators=(",", ":"))
+
+
+def report_from_json(data: dict[str, Any]) -> SendReport:
+    """The report a worker printed."""
+    report = SendReport(**{k: v for k, v in data.items() if k not in ("finished", "paused")})
+    report.finished = [int(c) for c in data.get("finished", [])]
+    report.paused = {int(c): str(r) for c, r in data.get("paused", {}).items()}
+    return report
+
+
+def share_of(settings: Settings, index: int, count: int) -> Settings:
+    """Settings with every relay's rate and hourly cap cut to worker `index`'s share of `count`."""
+
+    def part(limit: int) -> int:
+        return limit // count + (1 if index < limit % count else 0)
+
+    smtp = settings.smtp
+    relays = tuple(
+        replace(r, rate_per_second=r.rate_per_second / count, hourly_limit=part(r.hourly_limit))
+        for r in smtp.relays
+    )
+    smtp = replace(
+        smtp,
+        rate_per_second=smtp.rate_per_second / count,
+        hourly_limit=part(smtp.hourly_limit),
+        relays=relays,
+    )
+    return replace(settings, smtp=smtp)
+
+
+def deliver_as_worker(
+    state: State, *, campaign_id: int | None, index: int, count: int
+) -> SendReport:
+    """Run as worker `index` of `count`: each batch's report and then the total, as JSON lines."""
+    settings = share_of(state.settings, index, count)
+    _total, history = _due_and_history(state, state.factory(), campaign_id)
+    history = {label: times[index::count] for label, times in history.items()}
+
+    def emit(batch: SendReport) -> None:
+        sys.stdout.write(report_to_json(batch) + "\n")
+        sys.stdout.flush()
+
+    report = run_sender(
+        state, campaign_id=campaign_id, history=history, on_batch=emit, settings=settings
+    )
+    sys.stdout.write(json.dumps({"final": asdict(report)}) + "\n")
+    sys.stdout.flush()
+    return report
+
+
+def worker_argv(state: State, *, campaign_id: int | None, index: int, count: int) -> list[str]:
+    """The command line of one worker process."""
+    argv = [sys.executable, "-m", "newsletter"]
+    if state.config:
+        argv += ["--config", state.config]
+    if state.debug:
+        argv.append("--debug")
+    argv += ["send", "--worker-of", f"{index}/{count}"]
+    if campaign_id is not None:
+        argv += ["--campaign", str(campaign_id)]
+    return argv
+
+
+Lines = queue.SimpleQueue[tuple[int, str | None]]
+
+
+def _read_lines(index: int, stream: IO[str], into: Lines) -> None:
+    for line in stream:
+        into.put((index, line))
+    into.put((index, None))
+
+
+def deliver_with_workers(state: State, *, campaign_id: int | None, workers: int) -> SendReport:
+    """Start `workers` sender processes, show their progress as one, and sum up what they did."""
+    total, _history = _due_and_history(state, state.factory(), campaign_id)
+    started, seen, finals = time.monotonic(), SendReport(), SendReport()
+    lines: Lines = queue.SimpleQueue()
+    procs = [
+        subprocess.Popen(
+            worker_argv(state, campaign_id=campaign_id, index=i, count=workers),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(workers)
+    ]
+    readers = [
+        threading.Thread(target=_read_lines, args=(i, p.stdout, lines), daemon=True)
+        for i, p in enumerate(procs)
+    ]
+    for reader in readers:
+        reader.start()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    for sig in previous:
+        signal.signal(sig, pass_on)
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=err_console,
+            transient=True,
+            disable=total == 0,
+        ) as progress:
+            task = progress.add_task(f"sending ({workers} workers)", total=total, stats="")
+            open_streams = workers
+            while open_streams:
+                try:
+                    _index, line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    open_streams -= 1
+                    continue
+                data = json.loads(line)
+                if "final" in data:
+                    finals.add(report_from_json(data["final"]))
+                    continue
+                seen.add(report_from_json(data))
+                progress.update(
+                    task, completed=done_count(seen), stats=progress_stats(seen, started)
+                )
+        codes = [proc.wait() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print_summary(finals, seconds=time.monotonic() - started)
+    failed = [(i, code) for i, code in enumerate(codes) if code != 0]
+    if failed:
+        raise WorkerError(
+            "sender worker(s) failed: "
+            + ", ".join(f"#{i} exited {code}" for i, code in failed)
+            + "; what they sent is recorded, run `newsletter send` again for the rest"
+        )
+    return finals

@@ -1,0 +1,243 @@
+"""The SMTP transport: its dialogue (pipelined when offered, dot-stuffed), stalls, refusals.
+
+Stalls and refused connections defer instead of hanging; the reply classifier as a table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import threading
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import FrozenClock
+from newsletter.config import load_settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import Delivery
+from newsletter.devsmtp import free_port
+from newsletter.ledger import SendReport
+from newsletter.smtp import Outcome, Result, SmtpPool, classify, classify_error
+from tests.conftest import SECRET
+from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
+from tests.test_send import deliver, seed, settings_for
+
+BODY = (
+    b"Subject: dots\r\nMIME-Version: 1.0\r\n\r\n.starts with a dot\r\n..two dots\r\n.\r\n"
+    b"a line\r\nlast line without an end"
+)
+
+
+class PipeliningHandler(FaultyHandler):
+    """Offers PIPELINING in its EHLO reply and counts the connections it accepted."""
+
+    connections: int = 0
+
+    async def handle_EHLO(  # type: ignore[no-untyped-def]
+        self, server, session, envelope, hostname, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        self.connections += 1
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
+class PlainHandler(FaultyHandler):
+    """No PIPELINING: the transport speaks one command at a time."""
+
+    connections: int = 0
+
+    async def handle_EHLO(  # type: ignore[no-untyped-def]
+        self, server, session, envelope, hostname, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        self.connections += 1
+        return responses
+
+
+def send_all(port: int, recipients: list[str]) -> list[Outcome]:
+    base = load_settings(None, {"NEWSLETTER_SECRET": SECRET})
+    settings = replace(base.smtp, host="127.0.0.1", port=port, pool_size=1)
+
+    async def go() -> list[Outcome]:
+        pool = SmtpPool(settings)
+        try:
+            return [
+                await pool.send(BODY, sender="bounces@example.org", recipient=r) for r in recipients
+            ]
+        finally:
+            await pool.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("handler_type", [PipeliningHandler, PlainHandler], ids=["pipe", "plain"])
+@pytest.mark.parametrize(
+    ("fault", "expected", "recipient_level"),
+    [
+        pytest.param(None, Result.SENT, False, id="accepted"),
+        pytest.param(
+            Fault("MAIL", "451 4.3.0 try later", times=1), Result.TEMPORARY, False, id="mail-451"
+        ),
+        pytest.param(
+            Fault("RCPT", "550 5.1.1 no such user"), Result.PERMANENT, True, id="rcpt-550"
+        ),
+        pytest.param(
+            Fault("RCPT", "452 4.2.2 mailbox full"), Result.TEMPORARY, False, id="rcpt-452"
+        ),
+        pytest.param(Fault("DATA", "554 5.7.1 refused"), Result.PERMANENT, False, id="data-554"),
+        pytest.param(Fault("RCPT", drop=True), Result.TEMPORARY, False, id="rcpt-drop"),
+    ],
+)
+def test_each_reply_is_classified_and_the_connection_serves_the_next_message(
+    handler_type: type[FaultyHandler],
+    fault: Fault | None,
+    expected: Result,
+    recipient_level: bool,
+) -> None:
+    """Pipelined or not: the first message gets the reply's outcome, the second is accepted."""
+    handler: Any = handler_type(faults=[replace(fault, only="first")] if fault else [])
+    if fault and fault.stage == "MAIL":
+        handler.faults = [replace(fault)]  # MAIL knows no recipient: `times=1` picks the first
+    with faulty_smtpd(handler) as port:
+        first, second = send_all(port, ["first@example.net", "second@example.net"])
+    assert first.result is expected
+    assert first.recipient_level is recipient_level
+    assert second.result is Result.SENT
+    assert [rcpts for _s, rcpts, _raw in handler.received][-1] == ["second@example.net"]
+    # A refusal resets the connection for the next message; only a drop needs a new one.
+    assert handler.connections == (2 if fault and fault.drop else 1)
+
+
+@pytest.mark.parametrize("handler_type", [PipeliningHandler, PlainHandler], ids=["pipe", "plain"])
+def test_lines_starting_with_a_dot_arrive_unchanged(handler_type: type[FaultyHandler]) -> None:
+    """Dot-stuffing is undone by the server: the message arrives exactly as built, plus CRLF."""
+    handler = handler_type()
+    with faulty_smtpd(handler) as port:
+        (outcome,) = send_all(port, ["someone@example.net"])
+    assert outcome.result is Result.SENT
+    assert handler.received[0][2] == BODY + b"\r\n"
+
+
+# --- stalls and refusals: deferred, never a hang ---------------------------------------------
+
+
+def rows(factory: sessionmaker[Session]) -> list[tuple[str, str]]:
+    with unit_of_work(factory) as session:
+        stmt = select(Delivery.status, Delivery.last_reply).order_by(Delivery.id)
+        return [(str(s), r or "") for s, r in session.execute(stmt)]
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("MAIL", id="stall-at-mail"),
+        pytest.param("RCPT", id="stall-at-rcpt"),
+        pytest.param("DATA", id="stall-after-data"),
+    ],
+)
+def test_a_stalling_server_is_a_temporary_failure_after_the_timeout(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str, stage: str
+) -> None:
+    """A server that stops answering costs [smtp] timeout_seconds, then the mail is deferred."""
+    seed(factory, clock, 3)
+    # Stall the first message past the 1 s timeout, then refuse it: the late answer delivers
+    # nothing. One connection, so the messages go in order and the first is person0's.
+    handler = FaultyHandler([Fault(stage, "451 4.3.0 too late", stall_seconds=3, times=1)])
+    reports: list[SendReport] = []
+    with faulty_smtpd(handler) as port:
+        settings = settings_for(database_url, port, timeout_seconds=1, pool_size=1)
+        worker = threading.Thread(target=lambda: reports.append(deliver(factory, settings, clock)))
+        worker.start()
+        worker.join(timeout=20)  # bounded: a hang fails here instead of blocking the suite
+        assert not worker.is_alive(), "the sender hung on a stalled server"
+    got = rows(factory)
+    assert [s for s, _ in got] == ["deferred", "sent", "sent"]
+    assert "timed out" in got[0][1].lower() and reports[0].deferred == 1
+    assert sorted(r[0] for _f, r, _b in handler.received) == [
+        "person1@example.net",
+        "person2@example.net",
+    ]
+
+
+def test_a_refused_connection_defers_every_message(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Nothing listening at [smtp] host:port: each message is deferred, none failed or lost."""
+    seed(factory, clock, 4)
+    report = deliver(factory, settings_for(database_url, free_port(), timeout_seconds=1), clock)
+    got = rows(factory)
+    assert [s for s, _ in got] == ["deferred"] * 4 and report.deferred == 4
+    assert all("ConnectionRefusedError" in reply for _, reply in got)
+
+
+@pytest.mark.parametrize(
+    ("code", "reply", "recipient_level", "expected"),
+    [
+        pytest.param(250, "2.0.0 OK", False, (Result.SENT, "250 2.0.0 OK", False), id="250"),
+        pytest.param(
+            251, b"user not local", False, (Result.SENT, "251 user not local", False), id="251"
+        ),
+        pytest.param(
+            421, "4.3.2 closing", False, (Result.TEMPORARY, "421 4.3.2 closing", False), id="421"
+        ),
+        pytest.param(
+            451,
+            "4.7.1 greylisted,\r\n try again",
+            True,
+            (Result.TEMPORARY, "451 4.7.1 greylisted, try again", False),
+            id="451-folded-never-recipient-level",
+        ),
+        pytest.param(
+            550,
+            "5.1.1 no such user",
+            True,
+            (Result.PERMANENT, "550 5.1.1 no such user", True),
+            id="550-at-rcpt",
+        ),
+        pytest.param(
+            554, "5.7.1 spam", False, (Result.PERMANENT, "554 5.7.1 spam", False), id="554-at-data"
+        ),
+        pytest.param(
+            354, "go ahead", False, (Result.TEMPORARY, "354 go ahead", False), id="unexpected-3xx"
+        ),
+        pytest.param(
+            None, "connection lost", False, (Result.TEMPORARY, "connection lost", False), id="none"
+        ),
+        pytest.param(
+            550,
+            b"\xff\xfe bad bytes",
+            True,
+            (Result.PERMANENT, "550 \ufffd\ufffd bad bytes", True),
+            id="undecodable-bytes",
+        ),
+    ],
+)
+def test_classify_maps_reply_codes_to_outcomes(
+    code: int | None, reply: str | bytes, recipient_level: bool, expected: tuple[Result, str, bool]
+) -> None:
+    """2xx is sent, 4xx (and no code) temporary, 5xx permanent; only 5xx keeps recipient level."""
+    outcome = classify(code, reply, recipient_level=recipient_level)
+    assert (outcome.result, outcome.reply, outcome.recipient_level) == expected
+    assert outcome.code == code
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        pytest.param(
+            smtplib.SMTPResponseException(552, b"5.3.4 too big"), Result.PERMANENT, id="5xx"
+        ),
+        pytest.param(smtplib.SMTPResponseException(421, b"4.4.2 idle"), Result.TEMPORARY, id="4xx"),
+        pytest.param(smtplib.SMTPServerDisconnected("gone"), Result.TEMPORARY, id="disconnected"),
+        pytest.param(ConnectionRefusedError(111, "refused"), Result.TEMPORARY, id="refused"),
+        pytest.param(TimeoutError("timed out"), Result.TEMPORARY, id="timeout"),
+        pytest.param(UnicodeEncodeError("ascii", "ä", 0, 1, "x"), Result.PERMANENT, id="non-ascii"),
+    ],
+)
+def test_classify_error_maps_exceptions_to_outcomes(error: Exception, expected: Result) -> None:
+    """A dropped or slow connection is temporary; an SMTP 5xx or an unusable address permanent."""
+    assert classify_error(error).result is expected

@@ -1,0 +1,166 @@
+"""`newsletter send --workers N`: real worker processes sharing one campaign through the database.
+
+PostgreSQL keeps the workers apart with `FOR UPDATE SKIP LOCKED`, SQLite with its write lock (WAL
+and a busy timeout). Each worker records a message's outcome before its connection takes the
+next one, so a worker killed with SIGKILL leaves at most one accepted-but-unrecorded message per
+connection; its claims come back when their (here 2-second) lease runs out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import defaultdict
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import FrozenClock
+from newsletter.db import unit_of_work
+from newsletter.db.models import Campaign, CampaignStatus, Delivery
+from tests.sender_cli import NewsletterCli, wait_until
+from tests.smtp_faults import FaultyHandler, faulty_smtpd
+from tests.test_send import seed
+
+RECIPIENTS = 1200
+POOL_SIZE = 2
+LEASE_SECONDS = 2
+
+
+class PeerHandler(FaultyHandler):
+    """Also notes which client connection delivered each message."""
+
+    peers: set[tuple[str, int]]
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.peers.add(tuple(session.peer))
+        return str(await super().handle_DATA(server, session, envelope))
+
+
+def worker_config(database_url: str, port: int) -> str:
+    return (
+        f"[database]\nurl = '{database_url}'\n"
+        f"[smtp]\nhost = '127.0.0.1'\nport = {port}\npool_size = {POOL_SIZE}\n"
+        f"batch_size = 40\nlease_seconds = {LEASE_SECONDS}\n"
+    )
+
+
+def copies_by_recipient(handler: FaultyHandler) -> dict[str, list[str]]:
+    """Message-IDs each recipient received, in arrival order."""
+    copies: dict[str, list[str]] = defaultdict(list)
+    for _sender, rcpts, raw in list(handler.received):
+        message = message_from_bytes(raw, policy=policy.default)
+        copies[rcpts[0]].append(str(message["Message-ID"]))
+    return copies
+
+
+def statuses(factory: sessionmaker[Session]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    with unit_of_work(factory) as session:
+        for status in session.scalars(select(Delivery.status)):
+            counts[str(status)] += 1
+    return dict(counts)
+
+
+def campaign_status(factory: sessionmaker[Session], cid: int) -> str:
+    with unit_of_work(factory) as session:
+        return str(session.scalar(select(Campaign.status).where(Campaign.id == cid)))
+
+
+def everyone() -> set[str]:
+    return {f"person{i}@example.net" for i in range(RECIPIENTS)}
+
+
+def child_pids(pid: int) -> list[int]:
+    """The worker processes a `newsletter send --workers N` parent started."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_three_workers_on_postgresql_send_each_recipient_exactly_one_message(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Three worker processes share one campaign: everyone gets one message, the campaign ends."""
+    cid = seed(factory, clock, RECIPIENTS)
+    handler = PeerHandler()
+    handler.peers = set()
+    with faulty_smtpd(handler) as port:
+        cli = NewsletterCli(tmp_path, worker_config(database_url, port))
+        out = cli.run("send", "--workers", "3", timeout=60)
+    copies = copies_by_recipient(handler)
+    assert set(copies) == everyone()
+    assert all(len(ids) == 1 for ids in copies.values())
+    assert statuses(factory) == {"sent": RECIPIENTS}
+    assert campaign_status(factory, cid) == CampaignStatus.FINISHED
+    assert f"sent {RECIPIENTS}," in out  # the parent's summary adds up its workers
+    # More connections delivered mail than one process opens: several workers took part.
+    assert len(handler.peers) > POOL_SIZE
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_worker_killed_9_halfway_loses_nobody_and_duplicates_only_its_in_flight_mail(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """SIGKILL one of three workers halfway: all are sent, second copies ≤ its connections."""
+    cid = seed(factory, clock, RECIPIENTS)
+    handler = FaultyHandler()
+    with faulty_smtpd(handler) as port:
+        cli = NewsletterCli(tmp_path, worker_config(database_url, port))
+        parent = cli.start("send", "--workers", "3")
+        try:
+            assert wait_until(lambda: len(child_pids(parent.pid)) == 3, seconds=30)
+            victim = child_pids(parent.pid)[1]
+            assert wait_until(lambda: len(handler.received) >= RECIPIENTS // 2, seconds=60)
+            os.kill(victim, signal.SIGKILL)
+            parent.wait(timeout=60)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait(timeout=30)
+        assert parent.returncode != 0  # the parent says a worker failed
+        assert f"exited {-signal.SIGKILL}" in (tmp_path / "01-send.log").read_text()
+        # The killed worker's claims come back after their lease; a plain run sends the rest.
+        for _attempt in range(10):
+            if campaign_status(factory, cid) == CampaignStatus.FINISHED:
+                break
+            time.sleep(LEASE_SECONDS)
+            cli.run("send")
+    assert campaign_status(factory, cid) == CampaignStatus.FINISHED
+    assert statuses(factory) == {"sent": RECIPIENTS}
+    copies = copies_by_recipient(handler)
+    assert set(copies) == everyone()
+    duplicates = len(handler.received) - len(copies)
+    assert duplicates <= POOL_SIZE, f"{duplicates} second copies from one killed worker"
+    assert all(len(set(ids)) == 1 for ids in copies.values())  # a resend keeps its Message-ID
+
+
+def test_two_workers_on_sqlite_send_exactly_once_without_locking_errors(
+    tmp_path: Path, sqlite_url: str, clock: FrozenClock
+) -> None:
+    """Two workers on one SQLite file (WAL, busy timeout): exactly once, no "database is locked"."""
+    from newsletter.db import make_engine, make_sessionmaker, migrate
+
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    factory = make_sessionmaker(engine)
+    try:
+        cid = seed(factory, clock, RECIPIENTS)
+        handler = FaultyHandler()
+        with faulty_smtpd(handler) as port:
+            cli = NewsletterCli(tmp_path, worker_config(sqlite_url, port))
+            cli.run("send", "--workers", "2", timeout=60)
+        logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+        assert "locked" not in logs
+        copies = copies_by_recipient(handler)
+        assert set(copies) == everyone()
+        assert all(len(ids) == 1 for ids in copies.values())
+        assert statuses(factory) == {"sent": RECIPIENTS}
+        assert campaign_status(factory, cid) == CampaignStatus.FINISHED
+    finally:
+        engine.dispose()
