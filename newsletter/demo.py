@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import tempfile
 from collections.abc import Callable
@@ -24,8 +23,7 @@ from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
 from newsletter.ingest import ingest_all
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
-from newsletter.send import SendReport, deliver_queued
-from newsletter.smtp import SmtpPool
+from newsletter.send import deliver_all
 
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = Path(__file__).resolve().parent / "data" / "portal-feed.xml"
@@ -91,7 +89,7 @@ def run_demo(
         preview_dir = directory / "preview"
         digest_id = _send_digest(factory, settings, clock, preview_dir)
         alert_id = _send_alert(factory, settings, clock)
-        sent = _deliver(factory, settings, clock)
+        sent = deliver_all(factory=factory, settings=settings, clock=clock)
     finally:
         controller.stop()
     with unit_of_work(factory) as session:
@@ -155,19 +153,6 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
         )
         return campaign.id
-
-
-def _deliver(factory: sessionmaker[Session], settings: Settings, clock: Clock) -> SendReport:
-    async def run() -> SendReport:
-        pool = SmtpPool(settings.smtp)
-        try:
-            return await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=clock
-            )
-        finally:
-            await pool.close()
-
-    return asyncio.run(run())
 
 
 def _count(session: Session, model: type) -> int:

@@ -48,7 +48,7 @@ from newsletter.errors import PermanentDeliveryError
 from newsletter.ledger import DELIVERIES, Job, SendReport, record_outcomes, retry_delay
 from newsletter.message import ListInfo, MessageTemplate, Recipient
 from newsletter.render import RenderedVariant
-from newsletter.smtp import Outcome, Result, Transport
+from newsletter.smtp import Outcome, Result, SmtpPool, Transport
 
 __all__ = ["Job", "SendControl", "SendReport", "deliver_queued", "retry_delay", "worker_name"]
 
@@ -590,3 +590,18 @@ async def deliver_queued(
         on_batch=on_batch,
     )
     return await sender.run()
+
+
+def deliver_all(*, factory: sessionmaker[Session], settings: Settings, clock: Clock) -> SendReport:
+    """Deliver everything due now over a fresh connection pool, from synchronous code."""
+
+    async def run() -> SendReport:
+        pool = SmtpPool(settings.smtp)
+        try:
+            return await deliver_queued(
+                factory=factory, settings=settings, transport=pool, clock=clock
+            )
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())

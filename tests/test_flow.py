@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from email.message import EmailMessage
 from html import escape as html_escape
 from pathlib import Path
@@ -19,8 +18,7 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
 from newsletter.ingest import ingest_all
-from newsletter.send import SendReport, deliver_queued
-from newsletter.smtp import SmtpPool
+from newsletter.send import SendReport, deliver_all
 from tests.conftest import SECRET, SmtpServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,16 +59,7 @@ def ingest(factory: sessionmaker[Session], clock: FrozenClock) -> None:
 
 
 def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> SendReport:
-    async def run() -> SendReport:
-        pool = SmtpPool(settings.smtp)
-        try:
-            return await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=clock
-            )
-        finally:
-            await pool.close()
-
-    return asyncio.run(run())
+    return deliver_all(factory=factory, settings=settings, clock=clock)
 
 
 def send_digest(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -26,8 +25,7 @@ from newsletter.db import unit_of_work
 from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
 from newsletter.schedule import Scheduler
-from newsletter.send import SendReport, deliver_queued
-from newsletter.smtp import SmtpPool
+from newsletter.send import SendReport, deliver_all
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +62,7 @@ def item(n: int, when: datetime, *, urgent: bool = False) -> dict[str, object]:
 
 
 def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> SendReport:
-    async def go() -> SendReport:
-        pool = SmtpPool(settings.smtp)
-        try:
-            return await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=clock
-            )
-        finally:
-            await pool.close()
-
-    return asyncio.run(go())
+    return deliver_all(factory=factory, settings=settings, clock=clock)
 
 
 def test_a_day_of_the_service_with_a_restart(

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -145,6 +146,19 @@ def main() -> None:
         sys.exit(70)
 
 
+def send_progress(total: int) -> Progress:
+    """The sending progress bar: done of total, then sent/deferred/failed and the rate."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=err_console,
+        transient=True,
+        disable=total == 0,
+    )
+
+
 def deliver_with_progress(
     state: State, *, campaign_id: int | None = None, workers: int = 1
 ) -> SendReport:
@@ -156,23 +170,13 @@ def deliver_with_progress(
     """
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     if workers > 1:
         from newsletter.cli.workers import deliver_with_workers
 
         return deliver_with_workers(state, campaign_id=campaign_id, workers=workers)
     total, history = _due_and_history(state, state.factory(), campaign_id)
     started, seen = time.monotonic(), SendReport()
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
-        console=err_console,
-        transient=True,
-        disable=total == 0,
-    ) as progress:
+    with send_progress(total) as progress:
         task = progress.add_task("sending", total=total, stats="")
 
         def advance(batch: SendReport) -> None:

@@ -24,16 +24,14 @@ from dataclasses import asdict, replace
 from types import FrameType
 from typing import IO, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
 from newsletter.cli import (
     State,
     _due_and_history,
     done_count,
-    err_console,
     print_summary,
     progress_stats,
     run_sender,
+    send_progress,
 )
 from newsletter.config import Settings
 from newsletter.errors import NewsletterError
@@ -149,15 +147,7 @@ def deliver_with_workers(state: State, *, campaign_id: int | None, workers: int)
     for sig in previous:
         signal.signal(sig, pass_on)
     try:
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=err_console,
-            transient=True,
-            disable=total == 0,
-        ) as progress:
+        with send_progress(total) as progress:
             task = progress.add_task(f"sending ({workers} workers)", total=total, stats="")
             open_streams = workers
             while open_streams:
