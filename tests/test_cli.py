@@ -100,17 +100,18 @@ def test_uninitialised_database_says_run_init(tmp_path: Path) -> None:
     assert "newsletter init" in result.stderr and "Traceback" not in result.stderr
 
 
-def write_config(tmp_path: Path, smtpd: SmtpServer) -> dict[str, str]:
+def write_config(tmp_path: Path, smtpd: SmtpServer, database_url: str) -> dict[str, str]:
     (tmp_path / "config.toml").write_text(
-        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n"
-        f"[smtp]\nhost = '{smtpd.host}'\nport = {smtpd.port}\n"
+        f"[database]\nurl = '{database_url}'\n[smtp]\nhost = '{smtpd.host}'\nport = {smtpd.port}\n"
     )
     return {"NEWSLETTER_SECRET": SECRET}
 
 
-def test_cli_flow_from_feed_to_mailbox(tmp_path: Path, smtpd: SmtpServer) -> None:
+def test_cli_flow_from_feed_to_mailbox(
+    tmp_path: Path, smtpd: SmtpServer, database_url: str
+) -> None:
     """init → import → ingest → preview → digest send → alert send, each as a separate process."""
-    env = write_config(tmp_path, smtpd)
+    env = write_config(tmp_path, smtpd, database_url)
     run(["init"], tmp_path, env)
     out = run(
         [
@@ -153,9 +154,9 @@ def test_cli_flow_from_feed_to_mailbox(tmp_path: Path, smtpd: SmtpServer) -> Non
     assert listing.count('"status": "finished"') == 2
 
 
-def test_alert_from_staff_text(tmp_path: Path, smtpd: SmtpServer) -> None:
+def test_alert_from_staff_text(tmp_path: Path, smtpd: SmtpServer, database_url: str) -> None:
     """Staff write an alert in a text file; it is escaped, sent once, and previews first."""
-    env = write_config(tmp_path, smtpd)
+    env = write_config(tmp_path, smtpd, database_url)
     run(["init"], tmp_path, env)
     run(
         ["subscribers", "import", str(ROOT / "subscribers" / "example.csv"), "--confirmed"],

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings, SourcesSettings
-from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
+from newsletter.db import unit_of_work
 from newsletter.db.models import Item
 from newsletter.ingest import ingest_source
 from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
@@ -40,15 +40,6 @@ def accepted_cases() -> list[Any]:
         if "rejected" not in expected:
             cases.append(pytest.param(case, expected, id=case.name))
     return cases
-
-
-@pytest.fixture
-def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated SQLite database file in tmp_path."""
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    migrate(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def ingested_views(factory: sessionmaker[Session], feed: Path) -> list[ItemView]:

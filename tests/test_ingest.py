@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
 from newsletter.config import SourcesSettings
-from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
+from newsletter.db import unit_of_work
 from newsletter.db.models import Item, Source
 from newsletter.errors import FeedFetchError, FeedParseError
 from newsletter.ingest import (
@@ -277,15 +277,6 @@ def test_fetch_file_is_size_capped(tmp_path: Path) -> None:
 
 
 # --- storing: real SQLite files --------------------------------------------------------------
-
-
-@pytest.fixture
-def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated SQLite database file in tmp_path."""
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    migrate(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture
