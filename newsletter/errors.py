@@ -10,9 +10,13 @@ message that says what went wrong and, where it can, what to do about it::
     │   ├── FeedFetchError          network / HTTP / file problem
     │   └── FeedParseError          not a feed, malformed, hostile
     ├── AudienceError               bad list, subscriber or CSV data
+    │   └── SegmentError            a segment rule that does not parse (segments.py; with position)
     ├── CampaignError               nothing to send, unknown item or campaign, wrong state
+    │   └── CheckError              the pre-send check refused a campaign (check.py; all problems)
     ├── RenderError                 a template failed to render
+    │   └── ScreenshotError         no chromium, or it failed (screenshot.py)
     ├── TokenError                  a forged, altered or expired signed token
+    ├── WorkerError                 a `send --workers` child process failed (cli/workers.py)
     └── DeliveryError               SMTP delivery failed
         ├── TemporaryDeliveryError  4xx, dropped connection: retry later
         └── PermanentDeliveryError  5xx: do not retry
