@@ -45,6 +45,9 @@ from newsletter.db.models import (  # noqa: E402
 )
 from newsletter.devsmtp import free_port  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sinks import start_sink, stop_sink  # noqa: E402
+
 SECRET = "benchmark-secret-" + "s" * 32
 HOOK = "benchmark-hook-" + "h" * 32
 
@@ -83,25 +86,6 @@ def serve_feed(documents: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/feed"
-
-
-def start_sink(kind: str, port: int) -> Any:
-    """Postfix's smtp-sink, or an aiosmtpd server that accepts and forgets."""
-    if kind == "postfix":
-        return subprocess.Popen(
-            ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "256"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    from aiosmtpd.controller import Controller
-
-    class Sink:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            return "250 OK"
-
-    controller = Controller(Sink(), hostname="127.0.0.1", port=port)
-    controller.start()
-    return controller
 
 
 def seed(url: str, digest: int, alert: int) -> None:
@@ -249,7 +233,7 @@ def main() -> None:
         run.send_signal(signal.SIGTERM)
         run.wait(timeout=60)
         log.close()
-        sink.terminate() if hasattr(sink, "terminate") else sink.stop()
+        stop_sink(sink)
         httpd.shutdown()
     assert last is not None
     print(f"sink: {args.sink}; digest readers {args.digest:,}, alert readers {args.alert:,}")

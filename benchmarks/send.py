@@ -51,6 +51,10 @@ from newsletter.db.models import (  # noqa: E402
     Subscription,
 )
 from newsletter.devsmtp import free_port  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sinks import start_sink, stop_sink  # noqa: E402
+
 from newsletter.send import deliver_queued  # noqa: E402
 from newsletter.smtp import SmtpPool  # noqa: E402
 
@@ -107,24 +111,6 @@ def seed(factory, n: int) -> int:  # type: ignore[no-untyped-def]
         s.add(c)
         s.flush()
         return c.id
-
-
-def start_sink(kind: str, port: int) -> subprocess.Popen[bytes] | object:
-    if kind == "postfix":
-        return subprocess.Popen(
-            ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "256"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    from aiosmtpd.controller import Controller
-
-    class Sink:
-        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-            return "250 OK"
-
-    c = Controller(Sink(), hostname="127.0.0.1", port=port)
-    c.start()
-    return c
 
 
 def ceiling(kind: str, port: int, message: bytes, count: int) -> float:
@@ -317,11 +303,7 @@ def main() -> None:
             results.append((workers, args.n / elapsed, elapsed, peak, before))
         top_after = ceiling(args.sink, port, message, min(args.n, 20000))
     finally:
-        if hasattr(sink, "terminate"):
-            sink.terminate()  # type: ignore[union-attr]
-            sink.wait()  # type: ignore[union-attr]
-        else:
-            sink.stop()  # type: ignore[attr-defined]
+        stop_sink(sink)
         databases.drop_all()
         shutil.rmtree(work, ignore_errors=True)
     top = (top_before + top_after) / 2

@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import smtplib
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiosmtplib
 
 from newsletter.devsmtp import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sinks import start_sink, stop_sink
 
 
 def message(size: int) -> bytes:
@@ -56,24 +57,6 @@ def with_aiosmtplib(port: int, data: bytes, count: int) -> float:
     return asyncio.run(run())
 
 
-def start_sink(kind: str, port: int) -> Any:
-    if kind == "postfix":
-        return subprocess.Popen(
-            ["/usr/sbin/smtp-sink", "-u", "nobody", f"127.0.0.1:{port}", "256"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    from aiosmtpd.controller import Controller
-
-    class Sink:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            return "250 OK"
-
-    controller = Controller(Sink(), hostname="127.0.0.1", port=port)
-    controller.start()
-    return controller
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=5000)
@@ -89,7 +72,7 @@ def main() -> None:
             rate = client(port, data, args.count)
             print(f"{name:>10}: {rate:7.0f} msg/s ({len(data):,} bytes, one connection)")
     finally:
-        sink.terminate() if hasattr(sink, "terminate") else sink.stop()
+        stop_sink(sink)
 
 
 if __name__ == "__main__":
