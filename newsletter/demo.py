@@ -107,8 +107,22 @@ def run_demo(
             "preview HTML": preview_dir / f"digest.{settings.render.default_language}.html",
             "Maildir": maildir,
             "database": directory / "newsletter.db",
+            "config, for `newsletter --config FILE web`": write_config(directory, settings),
         },
     )
+
+
+def write_config(directory: Path, settings: Settings) -> Path:
+    """The demo's database and secret as a config file, so its links work with `web`."""
+    path = directory / "config.toml"
+    path.write_text(
+        "# Written by `newsletter demo`: its database and the secret that signed its links.\n"
+        f'[database]\nurl = "{settings.database.url}"\n'
+        f'[security]\nsecret = "{settings.security.secret}"\n',
+        encoding="utf-8",
+    )
+    path.chmod(0o600)
+    return path
 
 
 def _send_digest(

@@ -1,0 +1,49 @@
+"""`newsletter demo`, the README's first command, does the whole flow and says what it did."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from email import message_from_bytes, policy
+from pathlib import Path
+
+from newsletter.tokens import read_token
+
+
+def test_demo_runs_the_whole_flow_and_its_links_verify(tmp_path: Path) -> None:
+    """The demo ingests, sends digest and alert to its SMTP server, and keeps what it needs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    env["COLUMNS"] = "200"
+    folder = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "newsletter", "demo", "--dir", str(folder)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    counts = dict(re.findall(r"│ ([A-Za-z ()]+?)\s+│ (\d+)\s+│", result.stdout))
+    assert counts == {
+        "items ingested": "10",
+        "campaigns": "2",
+        "recipients (deliveries)": "17",
+        "messages sent": "17",
+        "messages accepted by the SMTP server": "17",
+    }
+    assert (folder / "preview" / "digest.en.html").stat().st_size > 10_000
+    box = mailbox.Maildir(folder / "maildir", create=False)
+    messages = [message_from_bytes(box.get_bytes(k), policy=policy.default) for k in box.iterkeys()]
+    assert len(messages) == 17
+    secret = tomllib.loads((folder / "config.toml").read_text())["security"]["secret"]
+    for msg in messages:
+        token = re.search(r"/u/([^>]+)>", str(msg["List-Unsubscribe"]))
+        assert token is not None
+        claims = read_token(token.group(1), secret=secret, purpose="unsubscribe")
+        assert claims.subscriber_id > 0
