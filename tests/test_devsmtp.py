@@ -28,7 +28,7 @@ def send_one(maildir: Path) -> list[bytes]:
     finally:
         controller.stop()
     box = mailbox.Maildir(maildir, create=False)
-    return [box.get_bytes(key) for key in box.keys()]
+    return [box.get_bytes(key) for key in box.iterkeys()]
 
 
 @pytest.mark.parametrize(

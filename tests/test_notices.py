@@ -1,4 +1,4 @@
-"""Tests for notices.py: every notice, in every language, as it arrives through a real SMTP server."""
+"""Tests for notices.py: every notice in every language, as it arrives through real SMTP."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def parse_style(style: str) -> dict[str, str]:
 
 
 def check_preheader(page: str, preview: str | None = None) -> None:
-    """The page has one hidden preheader (with the preview text, if given), of no colour of its own."""
+    """The page has one hidden preheader (with the given preview text) and no colour of its own."""
     finder = _Hidden()
     finder.feed(page)
     finder.close()
@@ -179,7 +179,7 @@ def check_preheader(page: str, preview: str | None = None) -> None:
 
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_confirmation_preheader_is_hidden_without_a_colour(lang: str) -> None:
-    """The confirmation's preheader is hidden by display:none, not by text coloured like the page."""
+    """The confirmation's preheader is hidden by display:none, not by a colour like the page's."""
     notice = render_notice(
         "confirm",
         lang=lang,
