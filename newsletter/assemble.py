@@ -10,7 +10,15 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.audience import get_list
-from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item, ListKind
+from newsletter.db.models import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    Event,
+    Item,
+    ListKind,
+    MailingList,
+)
 from newsletter.db.queries import items_since
 from newsletter.errors import CampaignError
 from newsletter.sanitize import clean_html, clean_text, clean_url
@@ -25,9 +33,7 @@ def assemble_digest(
     The list's cursor moves in the same transaction that creates the campaign, so a repeated run
     finds nothing new and a missed run picks up everything since the last digest.
     """
-    ml = get_list(session, list_slug)
-    if ml.kind != ListKind.DIGEST:
-        raise CampaignError(f"list '{list_slug}' is a {ml.kind} list, not a digest list")
+    ml = _digest_list(session, list_slug)
     items = list(items_since(session, ml.digest_cursor))
     if not items:
         return None
@@ -53,6 +59,28 @@ def assemble_digest(
     )
     session.flush()
     return campaign
+
+
+def last_digest(*, session: Session, list_slug: str) -> Campaign | None:
+    """The list's digest that went out last (its sending started), or None before the first."""
+    ml = _digest_list(session, list_slug)
+    return session.scalar(
+        select(Campaign)
+        .where(
+            Campaign.kind == CampaignKind.DIGEST,
+            Campaign.list_id == ml.id,
+            Campaign.started_at.is_not(None),
+        )
+        .order_by(Campaign.started_at.desc(), Campaign.id.desc())
+        .limit(1)
+    )
+
+
+def _digest_list(session: Session, list_slug: str) -> MailingList:
+    ml = get_list(session, list_slug)
+    if ml.kind != ListKind.DIGEST:
+        raise CampaignError(f"list '{list_slug}' is a {ml.kind} list, not a digest list")
+    return ml
 
 
 def items_for_language(items: Sequence[Item], *, lang: str, default_lang: str) -> list[Item]:

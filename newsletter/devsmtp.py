@@ -10,6 +10,10 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from newsletter.errors import ConfigError
+
+MAILDIR_FOLDERS = ("tmp", "new", "cur")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (aiosmtpd cannot bind port 0 and report it)."""
@@ -22,8 +26,8 @@ class MaildirHandler:
     """Stores each received message in a Maildir, with its envelope in two headers."""
 
     def __init__(self, maildir: Path) -> None:
-        maildir.parent.mkdir(parents=True, exist_ok=True)
-        self.maildir = mailbox.Maildir(maildir, create=True)
+        make_maildir(maildir)
+        self.maildir = mailbox.Maildir(maildir, create=False)
         self.count = 0
         self.keys: list[str] = []  # Maildir keys in the order the messages arrived
 
@@ -36,6 +40,17 @@ class MaildirHandler:
         self.keys.append(self.maildir.add(head + content))
         self.count += 1
         return "250 Message accepted for delivery"
+
+
+def make_maildir(path: Path) -> None:
+    """Make `path` a Maildir, also when it exists already (empty, or missing a folder)."""
+    # mailbox.Maildir(create=True) only creates a folder that does not exist: given an existing
+    # empty one it adds nothing, and every message is refused for want of tmp/.
+    try:
+        for folder in MAILDIR_FOLDERS:
+            (path / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot keep mail there ({e.strerror})") from None
 
 
 def start_dev_smtp(*, host: str, port: int, maildir: Path, handler: Any = None) -> Controller:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 from typing import Any
 
@@ -34,7 +33,8 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css
+from newsletter.message import POLICY, set_subject
+from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css, wrap_text
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_token
 
@@ -96,17 +96,18 @@ def render_notice(kind: str, *, lang: str, settings: Settings, **context: Any) -
     }
     values["subject"] = f"{settings.brand.name}: {subjects[kind]}"
     source = env.get_template(f"email/{kind}.mjml.j2").render(values)
-    text = env.get_template(f"text/{kind}.txt.j2").render(values)
+    # Wrapped here, not in each template, so no notice (or translation) can carry a long line.
+    text = wrap_text(env.get_template(f"text/{kind}.txt.j2").render(values))
     return Notice(values["subject"], inline_css(compile_mjml(source)), text)
 
 
 def build_notice(notice: Notice, *, to: str, settings: Settings, now: datetime) -> EmailMessage:
     """Wrap a notice for one address; marked auto-generated so auto-responders stay quiet."""
     mail = settings.mail
-    msg = EmailMessage(policy=SMTP)  # CRLF line ends, as SMTP wants them
+    msg = EmailMessage(policy=POLICY)  # CRLF line ends; the raw Subject is never refolded
     msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
     msg["To"] = to
-    msg["Subject"] = " ".join(notice.subject.split())
+    set_subject(msg, notice.subject)  # folded as campaign subjects are, spaces kept
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = make_msgid(domain=mail.from_address.rpartition("@")[2])
     msg["Auto-Submitted"] = "auto-generated"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -180,3 +181,29 @@ def test_alert_from_staff_text(tmp_path: Path, smtpd: SmtpServer, database_url: 
     assert len(messages) == 8
     html = messages[0].get_body(("html",)).get_content()
     assert "<script" not in html and "Write to the prosecutor today." in html
+
+
+def urgent_guid() -> str:
+    """The guid of the sample feed's urgent-action item."""
+    feed = SAMPLE_FEED.read_text()
+    guid_at = feed.rfind("https://portal.example.org/?p=", 0, feed.index("urgent-action"))
+    return feed[guid_at : feed.index("<", guid_at)]
+
+
+def test_alert_send_without_a_terminal_needs_yes(
+    tmp_path: Path, smtpd: SmtpServer, database_url: str
+) -> None:
+    """No --yes and stdin not a terminal: one line, non-zero exit, nothing queued or sent."""
+    env = write_config(tmp_path, smtpd, database_url)
+    run(["init"], tmp_path, env)
+    example = str(ROOT / "subscribers" / "example.csv")
+    run(["subscribers", "import", example, "--confirmed"], tmp_path, env)
+    run(["ingest", str(SAMPLE_FEED)], tmp_path, env)
+    result = run(["alert", "send", "--item", urgent_guid()], tmp_path, env, ok=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--yes" in lines[0] and "Traceback" not in result.stderr
+    assert json.loads(run(["campaigns", "list", "--json"], tmp_path, env).stdout) == []
+    assert smtpd.messages() == []
+    run(["alert", "send", "--item", urgent_guid(), "--yes"], tmp_path, env)
+    assert len(smtpd.messages()) == 8

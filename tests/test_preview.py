@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from email import message_from_bytes, policy
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from newsletter.screenshot import ScreenshotError, find_chromium, measure_page
-from tests.conftest import SECRET, require_chromium
-from tests.test_cli import run
+from tests.conftest import SECRET, SmtpServer, require_chromium
+from tests.test_cli import ROOT, run, write_config
+from tests.test_notices import check_preheader, parse_style
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = ROOT / "newsletter" / "data" / "portal-feed.xml"
 
 
@@ -126,3 +128,101 @@ def test_measure_page_lays_out_at_the_given_width() -> None:
     assert measure_page(page, 375, chromium)[0] == 375
     wide = "<html><body style='margin:0'><div style='width:900px'>x</div></body></html>"
     assert measure_page(wide, 375, chromium)[0] == 900
+
+
+class _Images(HTMLParser):
+    """Collects the attributes of every <img>."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.images: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append({name: value or "" for name, value in attrs})
+
+
+def test_logo_keeps_its_pixel_width_after_css_inlining(tmp_path: Path) -> None:
+    """With [brand] logo_url the <img> says width="180", not the 100% premailer copied from CSS."""
+    logo = "https://portal.example.org/logo.png"
+    (tmp_path / "config.toml").write_text(
+        f'[database]\nurl = "sqlite:///{tmp_path / "n.db"}"\n[security]\nsecret = "{SECRET}"\n'
+        f'[brand]\nlogo_url = "{logo}"\n'
+    )
+    run(["init"], tmp_path)
+    run(["ingest", str(SAMPLE_FEED)], tmp_path)
+    run(["digest", "preview", "--out", "out"], tmp_path)
+    for lang in ("en", "be", "ru"):
+        finder = _Images()
+        finder.feed((tmp_path / "out" / f"digest.{lang}.html").read_text())
+        [img] = [attrs for attrs in finder.images if attrs.get("src") == logo]
+        assert img["width"] == "180", img
+        assert parse_style(img.get("style", "")).get("width", "180px") == "180px", img
+        assert img["alt"]
+
+
+@pytest.mark.parametrize(
+    ("command", "stem"),
+    [
+        pytest.param(["digest", "preview"], "digest", id="digest"),
+        pytest.param(
+            [
+                "alert",
+                "preview",
+                "--item",
+                "https://portal.example.org/2014/06/ales-bialiatski-released/",
+            ],
+            "alert",
+            id="alert",
+        ),
+    ],
+)
+def test_preheader_is_hidden_without_text_coloured_like_the_page(
+    project: Path, command: list[str], stem: str
+) -> None:
+    """The preheader is display:none and sets no colour (SpamAssassin's HTML_FONT_LOW_CONTRAST)."""
+    run([*command, "--out", "out"], project)
+    for lang in ("en", "be", "ru"):
+        check_preheader((project / "out" / f"{stem}.{lang}.html").read_text())
+
+
+def without_links(text: str) -> str:
+    """A text part with LF line ends and each recipient's own links taken out."""
+    return re.sub(r"https?://\S+/(?:u|preferences)/\S+", "LINK", "\n".join(text.splitlines()))
+
+
+def test_preview_last_writes_the_digest_that_went_out(
+    tmp_path: Path, smtpd: SmtpServer, database_url: str
+) -> None:
+    """After a send, plain preview points to --last; --last writes that digest's files."""
+    env = write_config(tmp_path, smtpd, database_url)
+    run(["init"], tmp_path, env)
+    example = str(ROOT / "subscribers" / "example.csv")
+    run(["subscribers", "import", example, "--confirmed"], tmp_path, env)
+    before = run(["digest", "preview", "--last", "--out", "out"], tmp_path, env).stdout
+    assert "nothing to preview" in before and not (tmp_path / "out").exists()
+    run(["ingest", str(SAMPLE_FEED)], tmp_path, env)
+    run(["digest", "send"], tmp_path, env)
+    sent = smtpd.messages()
+    assert len(sent) == 9
+
+    nothing = run(["digest", "preview", "--out", "out"], tmp_path, env).stdout
+    assert "nothing to preview" in nothing and "--last" in nothing
+    assert not (tmp_path / "out").exists()
+    result = run(["digest", "preview", "--last", "--out", "out"], tmp_path, env).stdout
+    assert "last digest (campaign 1" in result and "of 10 items" in result
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"digest.{lang}.{ext}" for lang in ("en", "be", "ru") for ext in ("html", "txt", "eml")
+    )
+    previews = {}
+    for lang in ("en", "be", "ru"):
+        eml = message_from_bytes((out / f"digest.{lang}.eml").read_bytes(), policy=policy.default)
+        text = (out / f"digest.{lang}.txt").read_text()
+        previews[eml["Subject"]] = without_links(text)
+    for msg in sent:  # each reader's email is the preview of their language, links aside
+        text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert without_links(text) == previews[msg["Subject"]]
+    # Looking changed nothing: no new campaign, nothing more sent, still nothing new to send.
+    assert "nothing new" in run(["digest", "send"], tmp_path, env).stdout
+    assert len(smtpd.messages()) == 9

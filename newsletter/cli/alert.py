@@ -145,6 +145,11 @@ def send(
 ) -> None:
     """Send an urgent alert now; the same alert asked for twice is sent once."""
     state: State = ctx.obj
+    if not yes and not sys.stdin.isatty():  # a script or a pipe: nobody to ask
+        raise CampaignError(
+            "not sent: there is no terminal to confirm on; add --yes to send "
+            "(see it first with `newsletter alert preview`)"
+        )
     session = state.factory()()
     try:
         campaign, created = _assemble(
@@ -159,7 +164,7 @@ def send(
         guarded(state, session, campaign, force=force)
         n = audience_size(session, campaign.list_id, campaign.segment_id)
         show_summary(session, campaign, n, state.settings.render.default_language)
-        if not yes and sys.stdin.isatty():
+        if not yes:
             typer.confirm(
                 f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?", abort=True
             )

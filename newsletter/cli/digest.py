@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from sqlalchemy.orm import Session
 
-from newsletter.assemble import assemble_digest
+from newsletter.assemble import assemble_digest, last_digest
 from newsletter.campaigns import start_campaign
 from newsletter.cli import State, app, console, deliver_with_progress
 from newsletter.cli.check import (
@@ -17,6 +18,7 @@ from newsletter.cli.check import (
     guarded,
     print_preview,
 )
+from newsletter.db.models import Campaign
 from newsletter.db.queries import audience_size
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium
@@ -35,20 +37,21 @@ def preview(
     list_slug: ListOption = None,
     lang: Annotated[str | None, typer.Option(help="Only this language (en, be, ru).")] = None,
     out: Annotated[Path, typer.Option(help="Folder to write the files to.")] = Path("preview"),
+    last: Annotated[
+        bool, typer.Option("--last", help="The digest that went out last, not the next one.")
+    ] = False,
     screenshot: ScreenshotOption = False,
     chromium: ChromiumOption = None,
 ) -> None:
-    """Write the next digest as .html, .txt and .eml files per language; sends nothing."""
+    """Write the next digest (or the last one sent) as .html, .txt and .eml per language."""
     state: State = ctx.obj
     slug = list_slug or state.settings.digest.list
     browser = find_chromium(chromium) if screenshot else None
     session = state.factory()()
     try:  # assemble inside a transaction that is rolled back: a preview changes nothing
-        campaign = assemble_digest(
-            session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
-        )
+        campaign = _to_preview(state, session, slug, last=last)
         if campaign is None:
-            console.print(f"nothing new since the last digest of '{slug}': nothing to preview")
+            console.print(_nothing_to_preview(session, slug, last=last))
             return
         report = preview_campaign(
             session,
@@ -56,16 +59,39 @@ def preview(
             settings=state.settings,
             out_dir=out,
             stem="digest",
-            now=state.clock.now(),
+            now=campaign.started_at or state.clock.now(),
             langs=None if lang is None else {lang},
             chromium=browser,
         )
+        what = _describe(campaign) if last else "digest"
         n_items = len(campaign.items)
     finally:
         session.rollback()
         session.close()
-    console.print(f"digest of {n_items} items for '{slug}'; wrote:")
+    console.print(f"{what} of {n_items} items for '{slug}'; wrote:")
     print_preview(report)
+
+
+def _to_preview(state: State, session: Session, slug: str, *, last: bool) -> Campaign | None:
+    if last:
+        return last_digest(session=session, list_slug=slug)
+    return assemble_digest(
+        session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
+    )
+
+
+def _nothing_to_preview(session: Session, slug: str, *, last: bool) -> str:
+    if last:
+        return f"no digest of '{slug}' has gone out yet: nothing to preview"
+    message = f"nothing new since the last digest of '{slug}': nothing to preview"
+    if last_digest(session=session, list_slug=slug) is not None:
+        message += "; `digest preview --last` shows the digest that went out"
+    return message
+
+
+def _describe(campaign: Campaign) -> str:
+    sent = f"{campaign.started_at:%Y-%m-%d %H:%M} UTC" if campaign.started_at else "?"
+    return f"last digest (campaign {campaign.id}, sent {sent})"
 
 
 @digest_app.command("send")
