@@ -110,7 +110,7 @@ def file_path(url_or_path: str) -> Path:
     return Path(url_or_path).expanduser().resolve()
 
 
-# --- the policy: pure functions ----------------------------------------------------------------
+# --- the policy: pure functions ------------------------------------------------------------------
 
 
 def address_kind(address: IPAddress) -> str | None:
@@ -129,6 +129,8 @@ def address_kind(address: IPAddress) -> str | None:
         return "link-local"
     if address.is_multicast:
         return "multicast"
+    if address.is_reserved:
+        return "reserved"
     if address.is_private or address in SHARED_SPACE or address in SITE_LOCAL:
         return "private"
     return None if address.is_global else "reserved"
@@ -155,7 +157,8 @@ def address_refusal(addresses: list[IPAddress], allowed: frozenset[str]) -> str 
     for address in addresses:
         kind = address_kind(address)
         if kind is not None and kind not in allowed:
-            return f"it resolves to {address}, a {kind} address"
+            article = "an" if kind[0] in "aeiou" else "a"
+            return f"it resolves to {address}, {article} {kind} address"
     return None
 
 
@@ -181,7 +184,9 @@ def shown(url: object) -> str:
 # --- the fetch -----------------------------------------------------------------------------------
 
 
-async def _fetch_http(url: str, *, headers: dict[str, str], settings: SourcesSettings) -> FetchResult:
+async def _fetch_http(
+    url: str, *, headers: dict[str, str], settings: SourcesSettings
+) -> FetchResult:
     """Fetch `url` and its redirects, all within one deadline."""
     trail = [url]  # the URLs asked for, so a timeout can say where it was
     try:
@@ -309,7 +314,7 @@ async def _result(
 
 
 def _where(trail: list[str]) -> str:
-    """ ' (at URL, after N redirects)' when the fetch was redirected, else nothing."""
+    """' (at URL, after N redirects)' when the fetch was redirected, else nothing."""
     if len(trail) < 2:
         return ""
     hops = len(trail) - 1

@@ -455,7 +455,9 @@ def ingest_all(
     workers = min(settings.concurrent_fetches, len(sources))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="newsletter-ingest") as pool:
         futures = [
-            pool.submit(_ingest_one, factory, url, name=name, lang=lang, settings=settings, clock=clock)
+            pool.submit(
+                _ingest_one, factory, url, name=name, lang=lang, settings=settings, clock=clock
+            )
             for url, name, lang in sources
         ]
         return [future.result() for future in futures]
