@@ -81,7 +81,7 @@ def fetch_source(
     settings: SourcesSettings,
 ) -> FetchResult:
     """Fetch an http(s) URL (conditional GET) or read a file, never more than max_bytes."""
-    scheme = urlsplit(url_or_path).scheme.lower()
+    scheme = _scheme(url_or_path)
     if scheme in ("http", "https"):
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING}
         if etag:
@@ -93,13 +93,23 @@ def fetch_source(
         return asyncio.run(_fetch_http(url_or_path, headers=headers, settings=settings))
     if is_file_source(url_or_path):
         return FetchResult(_read_file(url_or_path, settings.max_bytes), None, None)
+    if scheme == "<invalid>":
+        raise FeedFetchError(shown(url_or_path), "not a usable URL")
     raise FeedFetchError(url_or_path, f"unsupported scheme {scheme!r}: use http(s) or a file")
 
 
 def is_file_source(url_or_path: str) -> bool:
     """True for a plain path or a file:// URL (a one-letter scheme is a Windows drive)."""
-    scheme = urlsplit(url_or_path).scheme.lower()
+    scheme = _scheme(url_or_path)
     return scheme in ("", "file") or len(scheme) == 1
+
+
+def _scheme(url_or_path: str) -> str:
+    """The URL's scheme in lower case; "<invalid>" for text urllib cannot split ("http://[::1")."""
+    try:
+        return urlsplit(url_or_path).scheme.lower()
+    except ValueError:
+        return "<invalid>"
 
 
 def file_path(url_or_path: str) -> Path:
@@ -164,10 +174,10 @@ def address_refusal(addresses: list[IPAddress], allowed: frozenset[str]) -> str 
 
 def redirect_refusal(current: str, target: str, *, hops: int) -> str | None:
     """Why following a redirect from `current` to `target` (hop number `hops`) is refused."""
-    scheme = urlsplit(target).scheme.lower()
+    scheme = _scheme(target)
     if scheme not in ("http", "https"):
         return "only http(s) redirects are followed"
-    if urlsplit(current).scheme.lower() == "https" and scheme == "http":
+    if _scheme(current) == "https" and scheme == "http":
         return "it leaves https for plain http"
     if not urlsplit(target).hostname:
         return "it names no host"
@@ -200,6 +210,8 @@ async def _fetch_http(
         ) from None
     except httpx.HTTPError as e:
         raise FeedFetchError(url, f"{type(e).__name__}: {shown(e)}{_where(trail)}") from e
+    except httpx.InvalidURL as e:  # the configured URL itself (a redirect's is checked apart)
+        raise FeedFetchError(url, f"not a usable URL: {shown(e)}") from None
 
 
 async def _follow(
@@ -362,10 +374,13 @@ class _Inflater:
         if self.inflater.eof:
             return b""  # bytes after the end of the stream are counted as received, and dropped
         try:
-            return self.inflater.decompress(data, limit)
+            out = self.inflater.decompress(data, limit)
         except zlib.error:
             if not self.raw_fallback:
                 raise FeedFetchError(self.source, "compressed body is corrupt") from None
+        else:
+            self.raw_fallback = False  # the header was fine: no second guess later
+            return out
         self.raw_fallback = False
         self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         return self.decode(data, limit=limit)

@@ -494,7 +494,7 @@ def _fetch_and_store(
     clock: Clock,
 ) -> IngestReport:
     """Read the validators, fetch outside any transaction, then store in one transaction."""
-    now = clock.now()
+    now, fetched = clock.now(), None
     with unit_of_work(factory) as session:
         etag, last_modified = stored_validators(session, key)
     try:
@@ -509,9 +509,11 @@ def _fetch_and_store(
                 name=name,
                 lang=lang,
             )
-    except FeedError as e:
-        _record_error(factory, key, name=name, lang=lang, error=str(e))
-        return IngestReport(key, error=str(e))
+    except FeedError as e:  # a document refused after redirects names where they led
+        redirected = fetched.redirected_to if fetched else None
+        error = str(e) + (f" (redirected to {redirected})" if redirected else "")
+        _record_error(factory, key, name=name, lang=lang, error=error)
+        return IngestReport(key, error=error, redirected_to=redirected)
 
 
 def _record_error(

@@ -341,6 +341,8 @@ def redirects() -> Iterator[Server]:
         "/to-private": redirect("http://10.11.12.13/feed", 301),
         "/to-nowhere": lambda h, s: send(h, 302, {}, b""),
         "/to-missing": redirect("/missing", 307),
+        "/page": feed(b"<!doctype html><html><body>a page</body></html>"),
+        "/to-page": redirect("/page"),
     }
     with serve(routes) as server:
         server.routes["/to-zero"] = redirect(f"http://0.0.0.0:{server.port}/feed")
@@ -398,6 +400,30 @@ def test_redirect_within_loopback_is_followed_and_reported(
         )
     assert report.new == 10 and report.redirected_to == target
     assert describe_report(report) == f"ok (redirected to {target})"
+
+
+def test_a_refused_document_names_where_the_redirect_led(
+    redirects: Server, factory: sessionmaker[Session]
+) -> None:
+    """A redirect to something that is not a feed: the error and last_error say where it went."""
+    url = f"{redirects.base}/to-page"
+    [report] = ingest_all(
+        factory=factory, sources=[(url, "", "en")], settings=SETTINGS, clock=FrozenClock(NOW)
+    )
+    expected = f"an HTML page, not a feed (redirected to {redirects.base}/page)"
+    assert expected in (report.error or "")
+    with factory() as session:
+        assert expected in (session.scalars(select(Source)).one().last_error or "")
+
+
+@pytest.mark.parametrize(
+    "url", ["http://exa mple.org/feed", "http://[::1/feed", "http://example.org:99999/"]
+)
+def test_an_unusable_configured_url_is_one_line(url: str) -> None:
+    """A malformed source URL is refused with one line, not a crash."""
+    with pytest.raises(FeedFetchError) as caught:
+        fetch(url)
+    assert "\n" not in str(caught.value)
 
 
 def test_cli_ingest_says_where_redirects_went(redirects: Server, tmp_path: Path) -> None:
@@ -504,17 +530,25 @@ print(json.dumps({"error": error, "peak_kb": after - before}))
 """
 
 
+@cache
+def double_gzip_bomb() -> bytes:
+    """The gzip bomb gzipped again: 2 KB that inflate to 1 MB, then to 1 GB."""
+    return gzip.compress(gzip_bomb(), 9)
+
+
 @pytest.mark.parametrize(
-    ("bomb", "encoding"),
+    ("bomb", "encoding", "reason"),
     [
-        pytest.param(gzip_bomb, "gzip", id="gzip"),
-        pytest.param(deflate_bomb, "deflate", id="deflate"),
+        pytest.param(gzip_bomb, "gzip", "larger than max_bytes=5000000", id="gzip"),
+        pytest.param(deflate_bomb, "deflate", "larger than max_bytes=5000000", id="deflate"),
+        pytest.param(double_gzip_bomb, "gzip, gzip", "stacked", id="stacked-gzip"),
     ],
 )
 def test_compression_bomb_is_refused_with_bounded_memory(
-    bomb: Callable[[], bytes], encoding: str
+    bomb: Callable[[], bytes], encoding: str, reason: str
 ) -> None:
-    """1 MB that inflates to 1 GB is refused at max_bytes, the process growing by < 100 MB."""
+    """A bomb (1 GB once inflated) is refused while the process grows by < 40 MB: the cap is
+    5 MB, so only the capped document and one bounded step of inflation are ever in memory."""
     with serve({"/bomb": feed(bomb(), Content_Encoding=encoding)}) as server:
         done = subprocess.run(
             [sys.executable, "-c", PEAK_SCRIPT, f"{server.base}/bomb"],
@@ -525,8 +559,9 @@ def test_compression_bomb_is_refused_with_bounded_memory(
         )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert "larger than max_bytes=5000000" in (result["error"] or ""), result
-    assert result["peak_kb"] < 100 * 1024, result
+    assert result["error"] and "\n" not in result["error"], result
+    assert result["peak_kb"] < 40 * 1024, result
+    assert reason in result["error"], result
 
 
 @pytest.mark.parametrize(
