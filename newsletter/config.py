@@ -347,8 +347,9 @@ def _validate_sources(settings: Settings) -> None:
         raise ConfigError(f"{where}: 'sources.timeout_seconds' must be more than 0")
     if sources.max_bytes < 1:
         raise ConfigError(f"{where}: 'sources.max_bytes' must be at least 1")
-    if not 1 <= sources.concurrent_fetches <= 64:
-        raise ConfigError(f"{where}: 'sources.concurrent_fetches' must be between 1 and 64")
+    # 16 at most: each fetch briefly takes database connections (the pool holds 15 by default).
+    if not 1 <= sources.concurrent_fetches <= 16:
+        raise ConfigError(f"{where}: 'sources.concurrent_fetches' must be between 1 and 16")
 
 
 def _validate_schedule(settings: Settings) -> None:

@@ -228,6 +228,25 @@ def test_a_slow_source_does_not_delay_the_others(factory: sessionmaker[Session])
         assert "within timeout_seconds=5" in (row.last_error or "")
 
 
+@pytest.mark.parametrize(
+    ("content", "key"),
+    [
+        pytest.param("timeout_seconds = 0\n", "sources.timeout_seconds", id="no-deadline"),
+        pytest.param("max_bytes = 0\n", "sources.max_bytes", id="no-size"),
+        pytest.param("concurrent_fetches = 0\n", "sources.concurrent_fetches", id="none-at-once"),
+        pytest.param("concurrent_fetches = 99\n", "sources.concurrent_fetches", id="too-many"),
+    ],
+)
+def test_unusable_fetch_settings_are_refused(tmp_path: Path, content: str, key: str) -> None:
+    """A fetch needs a deadline, a size cap and between 1 and 16 fetches at once."""
+    from newsletter.config import load_settings
+    from newsletter.errors import ConfigError
+
+    (tmp_path / "config.toml").write_text("[sources]\n" + content)
+    with pytest.raises(ConfigError, match=key):
+        load_settings(tmp_path / "config.toml", {})
+
+
 # --- item 8: redirects ---------------------------------------------------------------------------
 
 
