@@ -116,6 +116,7 @@ class SourcesSettings:
     urgent_category: str = "urgent-action"
     timeout_seconds: float = 20.0
     max_bytes: int = 5_000_000
+    concurrent_fetches: int = 4
 
 
 @dataclass(frozen=True)
@@ -330,12 +331,25 @@ def validate_settings(settings: Settings) -> None:
     for i, feed in enumerate(settings.sources.feeds):
         if feed.lang not in LANGUAGES:
             raise ConfigError(f"{where}: 'sources.feeds[{i}].lang' must be one of {LANGUAGES}")
+    _validate_sources(settings)
     _validate_schedule(settings)
     _validate_brand(settings)
     _validate_delivery(settings)
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
+
+
+def _validate_sources(settings: Settings) -> None:
+    """A fetch needs a positive deadline and size cap, and at least one fetch at a time."""
+    where, sources = settings.source_path, settings.sources
+    if not sources.timeout_seconds > 0:
+        raise ConfigError(f"{where}: 'sources.timeout_seconds' must be more than 0")
+    if sources.max_bytes < 1:
+        raise ConfigError(f"{where}: 'sources.max_bytes' must be at least 1")
+    # 16 at most: each fetch briefly takes database connections (the pool holds 15 by default).
+    if not 1 <= sources.concurrent_fetches <= 16:
+        raise ConfigError(f"{where}: 'sources.concurrent_fetches' must be between 1 and 16")
 
 
 def _validate_schedule(settings: Settings) -> None:

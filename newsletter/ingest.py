@@ -22,38 +22,43 @@ that repeats an identity keeps the last entry with it, as a run of upserts would
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import io
 import json
+import math
+import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 import defusedxml.ElementTree as SafeET
 import feedparser
-import httpx
 from defusedxml import DefusedXmlException
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import Clock
 from newsletter.config import SourcesSettings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Item, Source
-from newsletter.errors import FeedError, FeedFetchError, FeedParseError
+from newsletter.errors import FeedError, FeedParseError
+from newsletter.fetch import FetchResult, fetch_source, file_path, is_file_source
+from newsletter.lock import acquire_lock, release_lock
 from newsletter.sanitize import clean_html, clean_text, clean_url, to_utc
 
 TITLE_MAX = 300
 CATEGORY_MAX = 100
 GUID_MAX = 500
 LINK_MAX = 2000  # the items.link column; PostgreSQL refuses longer values
-MAX_REDIRECTS = 5
-USER_AGENT = "newsletter-ingest/0.1 (+https://portal.example.org/)"
 FEED_ROOTS = frozenset(
     {
         "rss",
@@ -99,15 +104,6 @@ class ParsedItem:
 
 
 @dataclass(frozen=True)
-class FetchResult:
-    """A fetched document (None when the server said 304 Not Modified) and its validators."""
-
-    content: bytes | None
-    etag: str | None
-    last_modified: str | None
-
-
-@dataclass(frozen=True)
 class IngestReport:
     """What ingesting one source did."""
 
@@ -117,6 +113,8 @@ class IngestReport:
     unchanged: int = 0
     not_modified: bool = False
     error: str | None = None
+    redirected_to: str | None = None  # where the feed's redirects led, when it had any
+    busy: bool = False  # skipped: another ingest of this source was running
 
 
 # --- parse -----------------------------------------------------------------------------------
@@ -291,89 +289,6 @@ def _last_per_guid(items: Iterator[ParsedItem]) -> list[ParsedItem]:
     return list(by_guid.values())
 
 
-# --- fetch -----------------------------------------------------------------------------------
-
-
-def fetch_source(
-    url_or_path: str,
-    *,
-    etag: str | None,
-    last_modified: str | None,
-    settings: SourcesSettings,
-) -> FetchResult:
-    """Fetch an http(s) URL (conditional GET) or read a file, never more than max_bytes."""
-    scheme = urlsplit(url_or_path).scheme.lower()
-    if scheme in ("http", "https"):
-        return _fetch_http(url_or_path, etag=etag, last_modified=last_modified, settings=settings)
-    if scheme in ("", "file") or len(scheme) == 1:  # a one-letter scheme is a Windows drive
-        return FetchResult(_read_file(url_or_path, settings.max_bytes), None, None)
-    raise FeedFetchError(url_or_path, f"unsupported scheme {scheme!r}: use http(s) or a file")
-
-
-def _fetch_http(
-    url: str, *, etag: str | None, last_modified: str | None, settings: SourcesSettings
-) -> FetchResult:
-    """Conditional GET with a timeout, at most five redirects and a streamed size cap."""
-    headers = {"User-Agent": USER_AGENT}
-    if etag:
-        headers["If-None-Match"] = etag
-    if last_modified:
-        headers["If-Modified-Since"] = last_modified
-    try:
-        with (
-            httpx.Client(
-                timeout=settings.timeout_seconds,
-                follow_redirects=True,
-                max_redirects=MAX_REDIRECTS,
-            ) as client,
-            client.stream("GET", url, headers=headers) as response,
-        ):
-            if response.status_code == 304:
-                return FetchResult(None, etag, last_modified)
-            if not response.is_success:
-                raise FeedFetchError(url, f"HTTP {response.status_code} {response.reason_phrase}")
-            body = _read_capped(url, response, settings.max_bytes)
-            return FetchResult(
-                body, response.headers.get("etag"), response.headers.get("last-modified")
-            )
-    except httpx.HTTPError as e:
-        raise FeedFetchError(url, f"{type(e).__name__}: {_one_line(e)}") from e
-
-
-def _read_capped(url: str, response: httpx.Response, max_bytes: int) -> bytes:
-    """Read a streamed body, refusing it as soon as it grows past max_bytes."""
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise FeedFetchError(url, f"feed is {declared} bytes, more than max_bytes={max_bytes}")
-    body = bytearray()
-    for chunk in response.iter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            raise FeedFetchError(url, f"feed is larger than max_bytes={max_bytes}")
-    return bytes(body)
-
-
-def _read_file(url_or_path: str, max_bytes: int) -> bytes:
-    """Read a local feed file, refusing one larger than max_bytes."""
-    path = _file_path(url_or_path)
-    try:
-        with path.open("rb") as f:
-            body = f.read(max_bytes + 1)
-    except OSError as e:
-        raise FeedFetchError(str(path), f"cannot read file: {e.strerror or e}") from e
-    if len(body) > max_bytes:
-        raise FeedFetchError(str(path), f"feed file is larger than max_bytes={max_bytes}")
-    return body
-
-
-def _file_path(url_or_path: str) -> Path:
-    """The absolute path of a file:// URL or a plain path."""
-    parts = urlsplit(url_or_path)
-    if parts.scheme.lower() == "file":
-        return Path(url2pathname(parts.path)).resolve()
-    return Path(url_or_path).expanduser().resolve()
-
-
 # --- store -----------------------------------------------------------------------------------
 
 
@@ -387,16 +302,43 @@ def ingest_source(
     lang: str = "en",
 ) -> IngestReport:
     """Fetch, parse and upsert one source in the caller's transaction (flushes, never commits)."""
-    source = _get_or_create_source(session, source_key(url_or_path), name=name, lang=lang)
-    now = clock.now()
+    key, now = source_key(url_or_path), clock.now()
+    etag, last_modified = stored_validators(session, key)
     try:
-        fetched = fetch_source(
-            source.url, etag=source.etag, last_modified=source.last_modified, settings=settings
-        )
-        if fetched.content is None:
-            return _record_fetch(
-                session, source, fetched, now, IngestReport(source.url, not_modified=True)
-            )
+        fetched = fetch_source(key, etag=etag, last_modified=last_modified, settings=settings)
+    except FeedError as e:
+        _get_or_create_source(session, key, name=name, lang=lang).last_error = str(e)
+        session.flush()
+        raise
+    return store_fetched(
+        session=session, key=key, fetched=fetched, settings=settings, now=now, name=name, lang=lang
+    )
+
+
+def stored_validators(session: Session, key: str) -> tuple[str | None, str | None]:
+    """The ETag and Last-Modified stored for a source (a read only: nothing is written)."""
+    row = session.execute(
+        select(Source.etag, Source.last_modified).where(Source.url == key)
+    ).one_or_none()
+    return (row.etag, row.last_modified) if row else (None, None)
+
+
+def store_fetched(
+    *,
+    session: Session,
+    key: str,
+    fetched: FetchResult,
+    settings: SourcesSettings,
+    now: datetime,
+    name: str = "",
+    lang: str = "en",
+) -> IngestReport:
+    """Parse a fetched document and upsert its items in the caller's transaction."""
+    source = _get_or_create_source(session, key, name=name, lang=lang)
+    if fetched.content is None:
+        report = IngestReport(source.url, not_modified=True, redirected_to=fetched.redirected_to)
+        return _record_fetch(session, source, fetched, now, report)
+    try:
         items = parse_feed(
             fetched.content,
             source=source.url,
@@ -409,15 +351,13 @@ def ingest_source(
         session.flush()
         raise
     report = _upsert_items(session, source, items, now)
+    report = dataclasses.replace(report, redirected_to=fetched.redirected_to)
     return _record_fetch(session, source, fetched, now, report)
 
 
 def source_key(url_or_path: str) -> str:
     """How a source is stored: URLs as given, files as absolute paths."""
-    scheme = urlsplit(url_or_path).scheme.lower()
-    if scheme in ("", "file") or len(scheme) == 1:
-        return str(_file_path(url_or_path))
-    return url_or_path
+    return str(file_path(url_or_path)) if is_file_source(url_or_path) else url_or_path
 
 
 def _base_url(key: str) -> str:
@@ -494,6 +434,9 @@ def _item_values(item: ParsedItem, now: datetime) -> dict[str, Any]:
     }
 
 
+# --- every source at once ----------------------------------------------------------------------
+
+
 def ingest_all(
     *,
     factory: sessionmaker[Session],
@@ -501,30 +444,134 @@ def ingest_all(
     settings: SourcesSettings,
     clock: Clock,
 ) -> list[IngestReport]:
-    """Ingest each (url, name, lang) in its own transaction; a failing source is only reported."""
-    reports = []
-    for url, name, lang in sources:
-        try:
-            with unit_of_work(factory) as session:
-                report = ingest_source(
-                    session=session,
-                    url_or_path=url,
-                    settings=settings,
-                    clock=clock,
-                    name=name,
-                    lang=lang,
-                )
-        except FeedError as e:
-            _record_error(factory, url, name=name, lang=lang, error=str(e))
-            report = IngestReport(source_key(url), error=str(e))
-        reports.append(report)
-    return reports
+    """Ingest each (url, name, lang) at the same time; a failing or busy source is only reported.
+
+    Each source is fetched on a thread of its own ([sources] concurrent_fetches at most), with no
+    transaction open while it waits on the network, and stored in a transaction of its own, so a
+    slow source delays none of the others and a bad one stops none of them.
+    """
+    if not sources:
+        return []
+    workers = min(settings.concurrent_fetches, len(sources))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="newsletter-ingest") as pool:
+        futures = [
+            pool.submit(
+                _ingest_one, factory, url, name=name, lang=lang, settings=settings, clock=clock
+            )
+            for url, name, lang in sources
+        ]
+        return [future.result() for future in futures]
+
+
+def _ingest_one(
+    factory: sessionmaker[Session],
+    url: str,
+    *,
+    name: str,
+    lang: str,
+    settings: SourcesSettings,
+    clock: Clock,
+) -> IngestReport:
+    """Ingest one source unless another ingest of it holds its lease (then report it busy)."""
+    key, holder = source_key(url), _holder()
+    if not _take_lease(factory, key, holder=holder, clock=clock, settings=settings):
+        return IngestReport(key, busy=True)
+    try:
+        return _fetch_and_store(factory, key, name=name, lang=lang, settings=settings, clock=clock)
+    except IntegrityError:  # another process stored this source at the same moment (lease ran out)
+        return IngestReport(key, busy=True)
+    finally:
+        _release_lease(factory, key, holder=holder)
+
+
+def _fetch_and_store(
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    name: str,
+    lang: str,
+    settings: SourcesSettings,
+    clock: Clock,
+) -> IngestReport:
+    """Read the validators, fetch outside any transaction, then store in one transaction."""
+    now, fetched = clock.now(), None
+    with unit_of_work(factory) as session:
+        etag, last_modified = stored_validators(session, key)
+    try:
+        fetched = fetch_source(key, etag=etag, last_modified=last_modified, settings=settings)
+        with unit_of_work(factory) as session:
+            return store_fetched(
+                session=session,
+                key=key,
+                fetched=fetched,
+                settings=settings,
+                now=now,
+                name=name,
+                lang=lang,
+            )
+    except FeedError as e:  # a document refused after redirects names where they led
+        redirected = fetched.redirected_to if fetched else None
+        error = str(e) + (f" (redirected to {redirected})" if redirected else "")
+        _record_error(factory, key, name=name, lang=lang, error=error)
+        return IngestReport(key, error=error, redirected_to=redirected)
 
 
 def _record_error(
-    factory: sessionmaker[Session], url: str, *, name: str, lang: str, error: str
+    factory: sessionmaker[Session], key: str, *, name: str, lang: str, error: str
 ) -> None:
     """Keep a source's last error in a transaction of its own (the failed one rolled back)."""
     with unit_of_work(factory) as session:
-        source = _get_or_create_source(session, source_key(url), name=name, lang=lang)
+        source = _get_or_create_source(session, key, name=name, lang=lang)
         source.last_error = error
+
+
+# One ingest per source at a time, in this process and across processes: a lease per source in
+# service_locks (the scheduler's table). Its holder names the thread too, so two threads of one
+# process exclude each other the same way two processes do. A holder that dies mid-ingest
+# frees the source when the lease runs out: the fetch deadline plus time to parse and store.
+LEASE_MARGIN_SECONDS = 120
+
+
+def lease_name(key: str) -> str:
+    """The service_locks name of a source's ingest lease (a hash: keys can be long URLs)."""
+    return "ingest:" + _sha256(key)[:40]
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def _take_lease(
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    holder: str,
+    clock: Clock,
+    settings: SourcesSettings,
+) -> bool:
+    """Take the source's lease; False while another holder's lease on it runs."""
+    seconds = math.ceil(settings.timeout_seconds) + LEASE_MARGIN_SECONDS
+    try:
+        with unit_of_work(factory) as session:
+            return acquire_lock(
+                session, name=lease_name(key), holder=holder, now=clock.now(), seconds=seconds
+            )
+    except IntegrityError:  # two first-time takers raced on the insert: the other one won
+        return False
+
+
+def _release_lease(factory: sessionmaker[Session], key: str, *, holder: str) -> None:
+    with unit_of_work(factory) as session:
+        release_lock(session, name=lease_name(key), holder=holder)
+
+
+def describe_report(report: IngestReport) -> str:
+    """One line for a report: its error, busy, not modified or ok, and where it was redirected."""
+    if report.error:
+        return report.error
+    if report.busy:
+        return "busy: another ingest of this source is running; skipped"
+    outcome = "not modified" if report.not_modified else "ok"
+    if report.redirected_to:
+        outcome += f" (redirected to {report.redirected_to})"
+    return outcome

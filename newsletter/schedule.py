@@ -10,12 +10,14 @@ its job store lives in our database so a restart keeps the timetable.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.alerts import alerts_for_urgent_items
@@ -26,7 +28,7 @@ from newsletter.clock import Clock
 from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery, DeliveryStatus, ListKind, MailingList, Source
-from newsletter.ingest import IngestReport, ingest_all, source_key
+from newsletter.ingest import IngestReport, describe_report, ingest_all, source_key
 from newsletter.lock import acquire_lock, release_lock
 
 log = logging.getLogger("newsletter.schedule")
@@ -86,6 +88,8 @@ class Scheduler:
     actor: str = "scheduler"
     ingest_log: list[IngestReport] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
+    # A poll and a webhook call may run at once on two threads: they make alerts one at a time.
+    alerts_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def hold_lock(self) -> bool:
         """Take or renew the scheduler lease; only its holder schedules."""
@@ -126,13 +130,13 @@ class Scheduler:
             if due
             else []
         )
-        for report in reports:
+        for report in reports:  # busy and failing sources are news, not errors of the service
             log.info(
-                "ingest %s: new %d, updated %d%s",
+                "ingest %s: new %d, updated %d, %s",
                 report.source,
                 report.new,
                 report.updated,
-                f", error: {report.error}" if report.error else "",
+                describe_report(report),
             )
         self.ingest_log = (self.ingest_log + reports)[-100:]
         self.make_alerts()
@@ -140,14 +144,23 @@ class Scheduler:
 
     def make_alerts(self) -> list[int]:
         """Alerts for recent urgent items (started now in auto mode, else held)."""
+        with self.alerts_lock:
+            try:
+                ids = self._make_alerts()
+            except IntegrityError:  # another process made one of them at the same moment
+                log.info("another process made alerts at the same time; looking again")
+                ids = self._make_alerts()
+        for cid in ids:
+            log.info("alert campaign %d made (%s mode)", cid, self.settings.alerts.mode)
+        return ids
+
+    def _make_alerts(self) -> list[int]:
+        """One transaction of alerts_for_urgent_items (an alert's unique key rolls it back)."""
         with unit_of_work(self.factory) as session:
             made = alerts_for_urgent_items(
                 session=session, settings=self.settings, now=self.clock.now(), actor=self.actor
             )
-            ids = [c.id for c in made]
-        for cid in ids:
-            log.info("alert campaign %d made (%s mode)", cid, self.settings.alerts.mode)
-        return ids
+            return [c.id for c in made]
 
     def run_digests(self) -> list[int]:
         """Send each digest list's digest if its weekly slot is due; returns new campaign ids."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import os
 import signal
 import socket
@@ -119,20 +120,32 @@ def make_apscheduler(service: Service) -> AsyncIOScheduler:
 async def keep_lock(service: Service) -> None:
     """Take or renew the scheduler lease every third of its length; catch up when gained."""
     period = max(service.settings.schedule.lock_seconds / 3, 1)
+    catch_up: asyncio.Task[None] | None = None
     while not service.stop.is_set():
         held = await asyncio.to_thread(service.scheduler.hold_lock)
         if held and not service.active:
             log.info("scheduler lock taken by %s", service.holder)
             service.active = True
             await asyncio.to_thread(job_digests)  # a slot missed while nobody held the lock
-            await asyncio.to_thread(job_poll)
+            # Not awaited here: a slow source must not hold up renewing the lease.
+            catch_up = asyncio.create_task(_catch_up_poll())
         elif not held and service.active:
             log.warning("scheduler lock lost; standing by")
             service.active = False
         await _sleep(service, period)
+    if catch_up is not None:
+        await catch_up  # bounded by the fetch deadline
     if service.active:
         await asyncio.to_thread(service.scheduler.let_go)
         service.active = False
+
+
+async def _catch_up_poll() -> None:
+    """The poll owed when the lease is gained, on a worker thread."""
+    try:
+        await asyncio.to_thread(job_poll)
+    except Exception:  # a database hiccup: the next scheduled poll tries again
+        log.exception("catch-up poll failed")
 
 
 async def keep_sending(service: Service) -> None:
@@ -173,6 +186,37 @@ async def _sleep(service: Service, seconds: float) -> None:
         await asyncio.wait_for(service.stop.wait(), timeout=seconds)
 
 
+async def ingest_now(service: Service) -> Response:
+    """POST /hooks/ingest: ingest every source now and answer with what each one did.
+
+    The ingest runs on worker threads (the event loop keeps serving) and answers within about
+    [sources] timeout_seconds, since all sources are fetched at once under that deadline. One
+    ingest per source at a time: when a source is already being ingested (another call, a
+    scheduled poll, `newsletter ingest`, another process), it is skipped and the answer is
+    409 Conflict with Retry-After, as the running ingest may have started before the caller's
+    news was published. The other sources are still ingested and listed.
+    """
+    reports = await asyncio.to_thread(service.scheduler.poll_sources, force=True)
+    body: dict[str, Any] = {
+        "sources": [
+            {
+                "source": r.source,
+                "new": r.new,
+                "updated": r.updated,
+                "error": r.error,
+                "busy": r.busy,
+                "redirected_to": r.redirected_to,
+            }
+            for r in reports
+        ]
+    }
+    if not any(r.busy for r in reports):
+        return JSONResponse(body)
+    body["error"] = "an ingest of a source is already running; retry shortly"
+    retry = str(math.ceil(service.settings.sources.timeout_seconds))
+    return JSONResponse(body, status_code=409, headers={"Retry-After": retry})
+
+
 def create_service_app(service: Service) -> Starlette:
     """The web pages plus /healthz, /metrics and the portal's POST /hooks/ingest."""
 
@@ -193,15 +237,7 @@ def create_service_app(service: Service) -> Starlette:
         given = request.headers.get("x-newsletter-secret", "")
         if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
             return PlainTextResponse("not found", status_code=404)
-        reports = await asyncio.to_thread(service.scheduler.poll_sources, force=True)
-        return JSONResponse(
-            {
-                "sources": [
-                    {"source": r.source, "new": r.new, "updated": r.updated, "error": r.error}
-                    for r in reports
-                ]
-            }
-        )
+        return await ingest_now(service)
 
     routes: list[Any] = [
         Route("/healthz", healthz),

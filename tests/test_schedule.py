@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -248,3 +250,71 @@ def test_sources_are_polled_on_their_own_interval(
     assert scheduler.poll_sources() == []
     clock.advance(minutes=20)
     assert [r.unchanged for r in scheduler.poll_sources()] == [10]
+
+
+def run_at_once(count: int, work: Callable[[int], object]) -> list[object]:
+    """Run work(0) … work(count - 1) on threads released together; exceptions are returned."""
+    barrier = threading.Barrier(count)
+    results: list[object] = []
+
+    def one(n: int) -> None:
+        barrier.wait()
+        try:
+            results.append(work(n))
+        except Exception as e:  # the assertion below shows it
+            results.append(e)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
+
+
+def test_two_polls_at_once_ingest_a_source_once(
+    factory: sessionmaker[Session], database_url: str, clock: FrozenClock
+) -> None:
+    """Two schedulers polling one slow source at the same moment: one ingests it, the other
+    reports it busy; neither fails, and each item is stored once."""
+    from tests.test_fetch import SAMPLE, send, serve
+
+    def slow(handler: Any, server: Any) -> None:
+        server.stop.wait(1.0)
+        send(handler, 200, {}, SAMPLE.read_bytes())
+
+    base = settings_for(database_url)
+    with serve({"/feed": slow}) as server:
+        settings = replace(
+            base, sources=replace(base.sources, feeds=(FeedSource(url=f"{server.base}/feed"),))
+        )
+        schedulers = [
+            Scheduler(factory=factory, settings=settings, clock=clock, holder=f"h{n}")
+            for n in range(2)
+        ]
+        results = run_at_once(2, lambda n: schedulers[n].poll_sources(force=True))
+    assert not [r for r in results if isinstance(r, Exception)], results
+    reports = sorted((r for rs in results for r in rs), key=lambda r: r.busy)  # type: ignore[attr-defined]
+    assert [(r.new, r.busy, r.error) for r in reports] == [(10, False, None), (0, True, None)]
+    assert len(server.requests) == 1
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(func.count()).select_from(Item)) == 10
+
+
+def test_alerts_made_at_once_make_one_alert(
+    factory: sessionmaker[Session], database_url: str, clock: FrozenClock
+) -> None:
+    """Four alert makers at once (a poll and webhook calls, in several processes): one alert,
+    no error."""
+    prepare(factory, clock)
+    settings = settings_for(database_url, mode="auto")
+    add_item(factory, "act-now", clock.now() - timedelta(hours=1), urgent=True)
+    schedulers = [
+        Scheduler(factory=factory, settings=settings, clock=clock, holder=f"h{n}") for n in range(4)
+    ]
+    results = run_at_once(4, lambda n: schedulers[n].make_alerts())
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert sum(len(r) for r in results if isinstance(r, list)) == 1
+    with unit_of_work(factory) as session:
+        stmt = select(func.count()).where(Campaign.kind == CampaignKind.ALERT)
+        assert session.scalar(stmt) == 1

@@ -14,7 +14,7 @@ from newsletter.cli import State, app, console, deliver_with_progress, err_conso
 from newsletter.config import FeedSource
 from newsletter.db import make_sessionmaker, migrate, unit_of_work
 from newsletter.errors import ConfigError
-from newsletter.ingest import ingest_all
+from newsletter.ingest import describe_report, ingest_all
 from newsletter.segments import read_segments, sync_segments
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def ingest(
     )
     table = Table("source", "new", "updated", "unchanged", "result")
     for r in reports:
-        result = r.error or ("not modified" if r.not_modified else "ok")
+        result = describe_report(r)  # an error, busy, not modified or ok; and any redirect
         table.add_row(r.source, str(r.new), str(r.updated), str(r.unchanged), result)
     console.print(table)
     if any(r.error for r in reports):
