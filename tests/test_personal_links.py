@@ -17,17 +17,20 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from lxml import html as lxml_html
 from sqlalchemy import select
+from sqlalchemy import text as sa_text
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import read_lists, sync_lists
-from newsletter.campaigns import start_campaign
+from newsletter.campaigns import start_campaign, store_variants
 from newsletter.check import check_campaign, check_variant, require_clean
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
-from newsletter.db import unit_of_work
+from newsletter.db import MIGRATIONS, make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import (
     Campaign,
     Delivery,
@@ -521,3 +524,31 @@ def test_a_feed_title_that_looks_encoded_adds_no_header(
     for msg in messages:
         assert "Bcc" not in msg and "X-Evil" not in msg
         assert title in str(msg["Subject"]) and "\n" not in str(msg["Subject"])
+
+
+def test_downgrade_gives_the_older_version_its_markers_and_nothing_more(database_url: str) -> None:
+    """Migrating down to 0002 turns a render's markers into the fixed ones, feed lookalikes not."""
+    from newsletter.render import misplaced_links  # (imported here: the base commit lacks it)
+
+    engine = make_engine(database_url)
+    migrate(engine)
+    variant = with_text("Win: %%%UNSUBSCRIBE_URL%%%")(with_html(f"<p>{U} {P}</p>")(rendered()))
+    with unit_of_work(make_sessionmaker(engine)) as session:
+        ml = MailingList(slug="l", name="L", kind="digest", list_id="l.example.org")
+        session.add(ml)
+        session.flush()
+        campaign = Campaign(kind="digest", list_id=ml.id, dedupe_key="k", created_at=NOW)
+        session.add(campaign)
+        session.flush()
+        store_variants(session, campaign, [variant])
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+    with engine.connect() as connection:
+        html, text = connection.execute(sa_text("select html, text from variants")).one()
+    engine.dispose()
+    old = RenderedVariant("en", variant.subject, html, text)  # what the older version reads
+    assert misplaced_links(old, expect_all=True) == []  # each once, in the footer, as rendered
+    assert "Win: %%%UNSUBSCRIBE-URL%%%" in text

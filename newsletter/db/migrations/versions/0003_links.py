@@ -23,12 +23,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Back to the fixed markers the older version looks for, so its variants still send.
+    # Back to the fixed markers the older version looks for, so its variants still send. Feed
+    # text that looks like them is inert now, but would not be then: first every such name is
+    # changed (none is left to form a marker), then only this render's markers become them.
     for name in ("UNSUBSCRIBE_URL", "PREFERENCES_URL"):
+        inert = name.replace("_", "-")
         for column in ("html", "text"):
             op.execute(
+                f"UPDATE variants SET {column} = replace({column}, '{name}', '{inert}') "
+                "WHERE link_nonce <> ''"
+            )
+            op.execute(
                 f"UPDATE variants SET {column} = replace({column}, "
-                f"'%%{name}_' || link_nonce || '%%', '%%{name}%%') WHERE link_nonce <> ''"
+                f"'%%{inert}_' || link_nonce || '%%', '%%{name}%%') WHERE link_nonce <> ''"
             )
     with op.batch_alter_table("variants", schema=None) as batch_op:
         batch_op.drop_column("link_nonce")
