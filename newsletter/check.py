@@ -45,8 +45,8 @@ from newsletter.render import PERSONAL_LINKS, RenderedVariant, misplaced_links
 
 CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
 FORCED = "campaign.check_forced"
-SMUGGLED = "a feed or text may be redirecting readers' links"
 PASSED = "campaign.checked"
+SMUGGLED = "a feed or text may be redirecting readers' links"
 # Elements a sanitised email never needs; each can run code, submit data or load a document.
 ACTIVE_TAGS = frozenset(
     {"script", "iframe", "frame", "frameset", "object", "embed", "applet", "form", "input"}
