@@ -73,7 +73,12 @@ def store_variants(
     for v in variants:
         session.add(
             Variant(
-                campaign_id=campaign.id, lang=v.lang, subject=v.subject, html=v.html, text=v.text
+                campaign_id=campaign.id,
+                lang=v.lang,
+                subject=v.subject,
+                html=v.html,
+                text=v.text,
+                link_nonce=v.nonce,
             )
         )
     session.flush()

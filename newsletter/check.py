@@ -5,6 +5,9 @@ signed links for a made-up subscriber), then checked for:
 
 - size: the HTML part over [check] max_html_kb (Gmail clips at about 102 KB, hiding the footer
   with the unsubscribe link);
+- the reader's personal links (unsubscribe, preferences): each exactly once in each part, in the
+  place the templates give it (the whole href of a link; a word of its own in the text), and
+  nowhere else: not in another attribute, not inside a URL, not twice;
 - unsubscribing: a link to the recipient's unsubscribe URL in the HTML, the URL in the text, and
   the List-Unsubscribe, List-Unsubscribe-Post (RFC 8058 one-click) and List-Id headers;
 - the subject: empty, over [check] max_subject_chars, or with a line break;
@@ -38,11 +41,12 @@ from newsletter.db.models import Campaign, Event, Variant
 from newsletter.db.queries import campaign_events
 from newsletter.errors import CampaignError
 from newsletter.message import ListInfo, Recipient, build_message, link_urls
-from newsletter.render import RenderedVariant
+from newsletter.render import PERSONAL_LINKS, RenderedVariant, misplaced_links
 
 CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
 FORCED = "campaign.check_forced"
 PASSED = "campaign.checked"
+SMUGGLED = "a feed or text may be redirecting readers' links"
 # Elements a sanitised email never needs; each can run code, submit data or load a document.
 ACTIVE_TAGS = frozenset(
     {"script", "iframe", "frame", "frameset", "object", "embed", "applet", "form", "input"}
@@ -85,10 +89,12 @@ def check_campaign(session: Session, campaign: Campaign, settings: Settings) -> 
     """Every problem of the campaign's variants, one per line; [] means it may be sent.
 
     The stored variants are what the sender will send; a campaign not rendered yet is rendered
-    and stored here (flushed, not committed), so what is checked is what goes out.
+    and stored here (flushed, not committed), so what is checked is what goes out. So is one not
+    started whose variants an older version stored, with the fixed link markers.
     """
     variants = stored_variants(session, campaign)
-    if not variants:
+    old = any(not v.nonce for v in variants) and campaign.started_at is None
+    if not variants or old:
         variants = render_campaign(campaign, settings=settings)
         store_variants(session, campaign, variants)
     ml = campaign.mailing_list
@@ -106,7 +112,7 @@ def stored_variants(session: Session, campaign: Campaign) -> list[RenderedVarian
     rows = session.scalars(
         select(Variant).where(Variant.campaign_id == campaign.id).order_by(Variant.lang)
     )
-    return [RenderedVariant(r.lang, r.subject, r.html, r.text) for r in rows]
+    return [RenderedVariant(r.lang, r.subject, r.html, r.text, r.link_nonce) for r in rows]
 
 
 def check_variant(
@@ -123,13 +129,16 @@ def check_variant(
         now=now,
     )
     urls = link_urls(recipient=CHECK_RECIPIENT, mlist=mlist, settings=settings)
-    return check_message(
+    found = check_message(
         message,
         lang=variant.lang,
         subject=variant.subject,
         unsubscribe_url=urls["unsubscribe"],
         settings=settings,
     )
+    misplaced = list(_check_markers(variant))
+    placed = _check_personal_links(message, urls, variant.lang, settings)
+    return [*found, *(misplaced or placed)]
 
 
 def check_message(
@@ -215,6 +224,56 @@ def _check_unsubscribe(
         )
     if not str(message.get("List-Id", "")).strip():
         yield Problem("headers", f"{lang} headers", "no List-Id")
+
+
+def _check_markers(variant: RenderedVariant) -> Iterator[Problem]:
+    """Markers the sender would refuse (out of place, or twice), and missing preferences links."""
+    for part, what in misplaced_links(variant):
+        yield Problem("links", f"{variant.lang} {part}", f"{what} ({SMUGGLED}; never sent)")
+    marker = variant.markers["preferences"]
+    for part, body in (("HTML", variant.html), ("text", variant.text)):
+        if marker not in body:
+            yield Problem("links", f"{variant.lang} {part}", "no link to the preferences page")
+
+
+def _check_personal_links(
+    message: EmailMessage, urls: dict[str, str], lang: str, settings: Settings
+) -> list[Problem]:
+    """Each personal link, as the reader gets it, once in each part and only in its own place.
+
+    Looked for by its signed token and by its page (so a link to someone's unsubscribe page,
+    pasted into an alert, is refused as well): in the HTML only as the whole href of one <a>, in
+    the text only as a word of its own.
+    """
+    html, text = _bodies(message)
+    tree = lxml_html.document_fromstring(html or "<html></html>")
+    base = settings.web.base_url.rstrip("/")
+    found = []
+    for key, page in zip(PERSONAL_LINKS, ("/u/", "/preferences/"), strict=True):
+        url = urls[key]
+        for needle in (url.rpartition("/")[2], base + page):
+            where = _html_places(tree, needle)
+            if html.count(needle) > 1 or len(where) > 1:
+                found.append(Problem("links", f"{lang} HTML", f"the {key} link appears twice"))
+            elif where and where != [("a", "href", url)]:
+                found.append(Problem("links", f"{lang} HTML", f"the {key} link is out of place"))
+            if text.count(needle) > 1:
+                found.append(Problem("links", f"{lang} text", f"the {key} link appears twice"))
+            elif needle in text and url not in text.split():
+                found.append(Problem("links", f"{lang} text", f"the {key} link is out of place"))
+    return [replace(p, what=f"{p.what} ({SMUGGLED})") for p in dict.fromkeys(found)]
+
+
+def _html_places(tree: lxml_html.HtmlElement, needle: str) -> list[tuple[str, str, str]]:
+    """(tag, attribute or "text", value) for each occurrence of needle in the parsed HTML."""
+    places = []
+    for node in tree.iter():
+        tag = node.tag if isinstance(node.tag, str) else "comment"
+        values = [("text", node.text or ""), ("text", node.tail or "")]
+        if isinstance(node.tag, str):
+            values += node.attrib.items()
+        places += [(tag, name, value) for name, value in values for _ in range(value.count(needle))]
+    return places
 
 
 def _check_subject(subject: str, lang: str, settings: Settings) -> Iterator[Problem]:

@@ -6,6 +6,10 @@ tests). `MessageTemplate` is the sender's fast path: the email package builds ea
 quoted-printable encoded once, and per recipient only the links are encoded and spliced in between
 soft line breaks, with the per-recipient headers put in front. Every line stays within 76
 characters and decodes to exactly what `build_message` carries.
+
+Links go only where the variant's own markers are (render.link_markers: a nonce per render, so
+feed text cannot carry them), and the fast path refuses a variant whose markers are not each once
+in its own place (render.misplaced_links), as an old variant with the fixed markers may be.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from urllib.parse import quote
 
 from newsletter.config import Settings
 from newsletter.errors import PermanentDeliveryError
-from newsletter.render import PREFERENCES_URL, UNSUBSCRIBE_URL, RenderedVariant, personalise
+from newsletter.render import RenderedVariant, misplaced_links, personalise
 from newsletter.tokens import make_token
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
@@ -119,8 +123,6 @@ def build_message(
 TEXT_SLOT = "@@NEWSLETTER-TEXT-BODY@@"
 HTML_SLOT = "@@NEWSLETTER-HTML-BODY@@"
 SOFT_BREAK = b"=\r\n"
-_MARKER = re.compile(f"({re.escape(UNSUBSCRIBE_URL)}|{re.escape(PREFERENCES_URL)})")
-_MARKER_KEY = {UNSUBSCRIBE_URL: "unsubscribe", PREFERENCES_URL: "preferences"}
 _BAD_ADDRESS = re.compile(r"[\s<>()\[\],;:\"\\]|[^\x21-\x7e]")
 
 
@@ -135,21 +137,25 @@ class _Body:
     """One body part cut at its per-recipient markers, the fixed stretches encoded once."""
 
     pieces: tuple[bytes, ...]
-    markers: tuple[str, ...]
+    links: tuple[str, ...]  # the link ("unsubscribe", "preferences") between two pieces
     escape: bool
 
     @classmethod
-    def encode(cls, body: str, *, escape: bool) -> _Body:
+    def encode(cls, body: str, *, markers: dict[str, str], escape: bool) -> _Body:
         """Cut a rendered body at its markers and encode each fixed stretch."""
         body = body.replace("\r\n", "\n").removesuffix("\n").replace("\n", "\r\n")
-        parts = _MARKER.split(body)
-        return cls(tuple(_qp(p) for p in parts[::2]), tuple(parts[1::2]), escape)
+        # Linear: an alternation of literal strings, no quantifier.
+        cut = re.compile("(" + "|".join(re.escape(m) for m in markers.values()) + ")")
+        parts = cut.split(body)
+        key = {marker: name for name, marker in markers.items()}
+        links = tuple(key[marker] for marker in parts[1::2])
+        return cls(tuple(_qp(p) for p in parts[::2]), links, escape)
 
     def fill(self, urls: dict[str, str]) -> bytes:
         """The encoded body with this recipient's links, each between soft line breaks."""
         out = [self.pieces[0]]
-        for marker, piece in zip(self.markers, self.pieces[1:], strict=True):
-            value = urls[_MARKER_KEY[marker]]
+        for link, piece in zip(self.links, self.pieces[1:], strict=True):
+            value = urls[link]
             out += (SOFT_BREAK, _qp(html.escape(value) if self.escape else value), SOFT_BREAK)
             out.append(piece)
         return b"".join(out)
@@ -171,7 +177,17 @@ class MessageTemplate:
     def build(
         cls, *, variant: RenderedVariant, campaign_id: int, mlist: ListInfo, settings: Settings
     ) -> MessageTemplate:
-        """Build the variant's fixed headers and MIME structure once, with the email package."""
+        """Build the variant's fixed headers and MIME structure once, with the email package.
+
+        A variant with a marker out of place is refused: the sender never splices a reader's
+        links anywhere the templates did not put them, not even when the check was forced.
+        """
+        misplaced = misplaced_links(variant)
+        if misplaced:
+            part, what = misplaced[0]
+            raise PermanentDeliveryError(
+                f"not sent, as a reader's links would go astray: {variant.lang} {part}: {what}"
+            )
         mail = settings.mail
         msg = EmailMessage(policy=POLICY)
         msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
@@ -186,8 +202,8 @@ class MessageTemplate:
             head=head,
             middle=middle,
             tail=tail,
-            text=_Body.encode(variant.text, escape=False),
-            html=_Body.encode(variant.html, escape=True),
+            text=_Body.encode(variant.text, markers=variant.markers, escape=False),
+            html=_Body.encode(variant.html, markers=variant.markers, escape=True),
             mlist=mlist,
             campaign_id=campaign_id,
         )
@@ -226,24 +242,38 @@ def set_subject(msg: EmailMessage, subject: str) -> None:
     Python's folder puts the space between two encoded-words outside them when it folds a long
     non-ASCII Subject, and decoders drop that space (RFC 2047 6.2): a long Belarusian subject
     arrived with words run together. email.header keeps each space inside an encoded-word.
+    Text that looks like an encoded-word is encoded too: given as it is, the email package
+    decodes it, and "=?utf-8?q?x=0D=0ABcc:_y?=" in a feed's title would become a header.
     """
     subject = " ".join(subject.split())
-    if subject.isascii():
+    if subject.isascii() and not _looks_encoded(subject):
         msg["Subject"] = subject
     else:
         msg.set_raw("Subject", Header(subject, "utf-8", header_name="Subject").encode("\r\n"))
 
 
 def format_to(recipient: Recipient) -> str:
-    """The To header's value: a quoted or RFC 2047-encoded name and the address."""
+    """The To header's value: a quoted or RFC 2047-encoded name and the address.
+
+    A name that looks like an encoded-word is encoded, never quoted as it is: mail clients (and
+    the email package) decode encoded-words even inside quotes, and "=?utf-8?q?=0D=0A?=" would
+    show them a line break. An address cannot be encoded, so one that looks so is refused.
+    """
     email = recipient.email
     if not email or "@" not in email or _BAD_ADDRESS.search(email):
         raise PermanentDeliveryError("unusable address (not plain ASCII)")
+    if _looks_encoded(email):
+        raise PermanentDeliveryError("unusable address (looks like an RFC 2047 encoded-word)")
     name = " ".join("".join(c for c in recipient.name if c.isprintable()).split())
     if not name:
         return email
-    if name.isascii():
+    if name.isascii() and not _looks_encoded(name):
         quoted = name.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{quoted}" <{email}>'
     encoded = Header(name, "utf-8", header_name="To").encode(linesep="\r\n")
     return f"{encoded} <{email}>"
+
+
+def _looks_encoded(value: str) -> bool:
+    # Every RFC 2047 encoded-word starts with "=?"; decoders are lenient about the rest.
+    return "=?" in value

@@ -1,8 +1,8 @@
 """Render a campaign once per language: Jinja2 fills MJML, mjml-python compiles, premailer inlines.
 
 This is the only module that imports mjml (two distributions install a top-level ``mjml``; we pin
-mjml-python) and premailer. Per-recipient data never reaches the templates: the output carries the
-UNSUBSCRIBE_URL and PREFERENCES_URL markers, and personalise() swaps them in at send time.
+mjml-python) and premailer. Per-recipient data never reaches the templates: where they put a
+reader's links, the output carries markers (link_markers), and personalise() puts the links in.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import html
 import io
 import logging
 import re
+import secrets
 import textwrap
 from collections.abc import Iterable
 from datetime import date, datetime
@@ -36,8 +37,13 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 LOCALE_DIR = TEMPLATES_DIR / "locale"
 DOMAIN = "newsletter"
 
+# The markers of variants stored before variants.link_nonce (0003): one fixed pair, which feed text
+# could smuggle in. Such variants are still sent, but only when each marker stands once, in its own
+# place (misplaced_links); every variant rendered now carries markers with a nonce instead.
 UNSUBSCRIBE_URL = "%%UNSUBSCRIBE_URL%%"
 PREFERENCES_URL = "%%PREFERENCES_URL%%"
+# The personal links, in the order the templates put them (each once in each part, in the footer).
+PERSONAL_LINKS = ("unsubscribe", "preferences")
 
 KINDS = ("digest", "alert")
 SUBJECT_MAX_CHARS = 150
@@ -92,6 +98,28 @@ class RenderedVariant:
     subject: str
     html: str
     text: str
+    # The random nonce of this render's link markers; "" for a variant stored before there was one.
+    nonce: str = ""
+
+    @property
+    def markers(self) -> dict[str, str]:
+        """Each personal link's marker in this variant, by name ("unsubscribe", "preferences")."""
+        return link_markers(self.nonce)
+
+
+def link_markers(nonce: str) -> dict[str, str]:
+    """The markers of a render with this nonce ("" gives the fixed markers of old variants).
+
+    A nonce is drawn for each render, after the feed and staff text it carries was written, so no
+    such text can contain the markers (in any form): a reader's links go only where the templates
+    put them. Letters, digits and underscores: nothing in Jinja2, MJML or premailer alters them.
+    """
+    if not nonce:
+        return {"unsubscribe": UNSUBSCRIBE_URL, "preferences": PREFERENCES_URL}
+    return {
+        "unsubscribe": f"%%UNSUBSCRIBE_URL_{nonce}%%",
+        "preferences": f"%%PREFERENCES_URL_{nonce}%%",
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,17 +161,31 @@ def render_variant(view: CampaignView, *, lang: str, settings: Settings) -> Rend
 def _render_once(
     view: CampaignView, *, lang: str, settings: Settings, summary_chars: int | None
 ) -> RenderedVariant:
+    nonce = secrets.token_hex(16)
     context = _context(view, lang=lang, settings=settings, summary_chars=summary_chars)
+    context |= _link_context(nonce)
     source = _render_template(f"email/{view.kind}.mjml.j2", lang, context)
     page = inline_css(compile_mjml(source))
     text = _tidy_text(_render_template(f"text/{view.kind}.txt.j2", lang, context))
-    return RenderedVariant(lang=lang, subject=context["subject"], html=page, text=text)
+    variant = RenderedVariant(lang, context["subject"], page, text, nonce)
+    misplaced = misplaced_links(variant, expect_all=True)
+    if misplaced:  # a template (or MJML, or premailer) broke the one rule the sender relies on
+        part, what = misplaced[0]
+        raise RenderError(f"the {view.kind} template ({lang} {part}) misplaces a link: {what}")
+    return variant
 
 
 def render_mjml_source(view: CampaignView, *, lang: str, settings: Settings) -> str:
     """Fill the campaign's MJML template, before compilation (for previews and benchmarks)."""
     context = _context(view, lang=lang, settings=settings, summary_chars=None)
+    context |= _link_context(secrets.token_hex(16))
     return _render_template(f"email/{view.kind}.mjml.j2", lang, context)
+
+
+def _link_context(nonce: str) -> dict[str, str]:
+    """The template variables where a reader's links go: this render's markers."""
+    markers = link_markers(nonce)
+    return {"unsubscribe_url": markers["unsubscribe"], "preferences_url": markers["preferences"]}
 
 
 def compile_mjml(source: str) -> str:
@@ -179,15 +221,52 @@ def personalise(
     variant: RenderedVariant, *, unsubscribe_url: str, preferences_url: str
 ) -> tuple[str, str]:
     """Put one recipient's links into a rendered variant; returns (html, text)."""
-    page = _replace_markers(
-        variant.html, html.escape(unsubscribe_url), html.escape(preferences_url)
-    )
-    text = _replace_markers(variant.text, unsubscribe_url, preferences_url)
+    urls = {"unsubscribe": unsubscribe_url, "preferences": preferences_url}
+    page, text = variant.html, variant.text
+    for key, marker in variant.markers.items():
+        page = page.replace(marker, html.escape(urls[key]))
+        text = text.replace(marker, urls[key])
     return page, text
 
 
-def _replace_markers(body: str, unsubscribe_url: str, preferences_url: str) -> str:
-    return body.replace(UNSUBSCRIBE_URL, unsubscribe_url).replace(PREFERENCES_URL, preferences_url)
+def misplaced_links(variant: RenderedVariant, *, expect_all: bool = False) -> list[tuple[str, str]]:
+    """(part, what) for each marker that is not where the templates put it.
+
+    The templates put each marker once in each part: in the HTML as the whole href of a link, in
+    the text as a word of its own. More than once, or anywhere else (another attribute, inside a
+    URL), means the marker did not come from them. With expect_all, a missing marker counts too.
+    """
+    found = []
+    for key, marker in variant.markers.items():
+        for part, body, placed in (
+            ("HTML", variant.html, _is_href),
+            ("text", variant.text, _is_word),
+        ):
+            count = body.count(marker)
+            at = body.find(marker)
+            if count > 1 or (count == 0 and expect_all):
+                found.append((part, f"the {key} link's marker appears {count} times, not once"))
+            elif count == 1 and not placed(body, at, at + len(marker)):
+                found.append((part, f"the {key} link's marker is not where the template puts it"))
+    return found
+
+
+def _is_href(page: str, start: int, end: int) -> bool:
+    """Whether page[start:end] is the whole value of the href of an <a> tag."""
+    tag = page[page.rfind("<", 0, start) : start]
+    return (
+        tag.startswith("<a ")
+        and ">" not in tag
+        and tag.endswith(' href="')
+        and page[end : end + 1] == '"'
+    )
+
+
+def _is_word(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] stands between whitespace (or the ends of the text)."""
+    before = text[start - 1 : start] or " "
+    after = text[end : end + 1] or " "
+    return before.isspace() and after.isspace()
 
 
 def _refuse_include(path: str) -> str:
@@ -203,7 +282,7 @@ def _context(
 ) -> dict[str, Any]:
     """Everything the templates of one campaign and language need."""
     _check_view(view, lang)
-    view = _without_markers(view)
+    view = _without_trailing_links(view)
     lead = _lead(view) if view.kind == "alert" else None
     issue_date = view.issued_at or max((i.published_at for i in view.items), default=None)
     subject = _subject(view, lead, lang=lang, brand=settings.brand.name, on=issue_date)
@@ -219,8 +298,6 @@ def _context(
         "issue_date": issue_date,
         "subject": _truncate(subject, settings.check.max_subject_chars - 1),
         "summary_chars": limit,
-        "unsubscribe_url": UNSUBSCRIBE_URL,
-        "preferences_url": PREFERENCES_URL,
     }
 
 
@@ -235,28 +312,17 @@ def _check_view(view: CampaignView, lang: str) -> None:
         raise RenderError("an alert needs an item or a title")
 
 
-def _without_markers(view: CampaignView) -> CampaignView:
-    """Drop marker strings from feed and staff text, so only our links get the recipient's URLs."""
-    # Otherwise a feed could send a reader's signed unsubscribe token to a link of its choosing.
+def _without_trailing_links(view: CampaignView) -> CampaignView:
+    """The view with each summary's own closing link to its item dropped (see below).
+
+    Feed and staff text is otherwise left as it is: text that looks like a marker (of any render,
+    old or new) stays inert text, as no render's markers can be known before it is drawn.
+    """
     items = tuple(
-        ItemView(
-            title=_unmark(item.title),
-            link=_unmark(item.link),
-            summary_html=_drop_trailing_link(_unmark(item.summary_html), item.link),
-            published_at=item.published_at,
-            categories=tuple(_unmark(name) for name in item.categories),
-            lang=item.lang,
-        )
+        dataclasses.replace(item, summary_html=_drop_trailing_link(item.summary_html, item.link))
         for item in view.items
     )
-    return dataclasses.replace(
-        view,
-        list_name=_unmark(view.list_name),
-        items=items,
-        title=_unmark(view.title),
-        body_html=_unmark(view.body_html),
-        url=_unmark(view.url),
-    )
+    return dataclasses.replace(view, items=items)
 
 
 def _drop_trailing_link(summary: str, link: str) -> str:
@@ -266,10 +332,6 @@ def _drop_trailing_link(summary: str, link: str) -> str:
     href = re.escape(html.escape(link, quote=True))
     pattern = rf'\s*<a [^>]*href="{href}"[^>]*>[^<]*</a>(\s*(?:</p>)?\s*)$'
     return re.sub(pattern, r"\1", summary, count=1)
-
-
-def _unmark(value: str) -> str:
-    return value.replace(UNSUBSCRIBE_URL, "").replace(PREFERENCES_URL, "")
 
 
 def _lead(view: CampaignView) -> _Lead:

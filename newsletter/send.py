@@ -107,7 +107,7 @@ class TemplateCache:
             return None
         v, ml = row
         return MessageTemplate.build(
-            variant=RenderedVariant(lang=v.lang, subject=v.subject, html=v.html, text=v.text),
+            variant=RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce),
             campaign_id=campaign_id,
             mlist=ListInfo(ml.id, ml.slug, ml.list_id),
             settings=self._settings,

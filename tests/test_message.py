@@ -24,15 +24,17 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, MailingList, Subscriber, Subscription, Variant
 from newsletter.db.queries import enqueue_audience
+from newsletter.errors import PermanentDeliveryError
 from newsletter.message import (
     ListInfo,
     MessageTemplate,
     Recipient,
     build_message,
+    format_to,
     link_urls,
     message_id,
 )
-from newsletter.render import PREFERENCES_URL, UNSUBSCRIBE_URL, RenderedVariant
+from newsletter.render import RenderedVariant, link_markers
 from tests.smtp_faults import FaultyHandler, faulty_smtpd
 from tests.test_send import deliver, settings_for
 
@@ -47,10 +49,17 @@ NAMES = {
     "long-ascii": "Long " * 39 + "Name",
     "long-cyrillic": "Жыве " * 39 + "Вясна",
     "header-injection": "Evil\r\nBcc: victim@example.org\r\n",
+    # Encoded-word lookalikes: sent as they are, a decoding client would see a line break.
+    "encoded-word-q": "=?utf-8?q?Evil=0D=0ABcc:_victim@example.org?=",
+    "encoded-word-b": "=?utf-8?b?RXZpbA0KQmNjOiB2aWN0aW1AZXhhbXBsZS5vcmc=?=",
+    "encoded-word-inside": "Ann =?UTF-8?Q?=0D=0AReply-To:_x@example.org?= Lee",
 }
 LANGS = ["en", "be", "ru"]
+# be and ru carry markers with a nonce, as rendered now; en the fixed markers of a variant stored
+# by an older version (link_nonce ""): both kinds must send alike.
+NONCES = {"en": "", "be": "0123456789abcdef0123456789abcdef", "ru": "fedcba9876543210" * 2}
 SUBJECTS = {
-    "en": 'Weekly: "Viasna", prisoners & the = sign',
+    "en": 'Weekly: "Viasna", prisoners & the = sign =?utf-8?q?=0D=0ABcc:_victim@example.org?=',
     "be": "Штотыднёвы дайджэст: палітвязні, «Вясна» і Алесь Бяляцкі",
     "ru": "Еженедельный дайджест: " + "очень длинная тема письма " * 6,
 }
@@ -61,16 +70,21 @@ TEXT = (
     "From the desk of the editor (a line starting with From)\n"
     "trailing spaces   \n"
     f"Read more: {LONG_URL}\n\n"
-    f"Unsubscribe: {UNSUBSCRIBE_URL}\n"
-    f"{PREFERENCES_URL}{UNSUBSCRIBE_URL}\n"
-    f"Preferences (in the middle of a long line {'x' * 70}): {PREFERENCES_URL} end.\n"
+    "{preferences}\n"
+    f"Unsubscribe (in the middle of a long line {'x' * 70}): {{unsubscribe}} end.\n"
 )
 HTML = (
     "<html><body><p>Новости — {lang}: " + "доўгі радок " * 40 + "</p>\n"
     f'<p><a href="{LONG_URL.replace("&", "&amp;")}">read</a></p>\n'
-    f'<a href="{UNSUBSCRIBE_URL}">unsubscribe</a><a href="{PREFERENCES_URL}">prefs</a>'
+    '<a href="{unsubscribe}">unsubscribe</a><a href="{preferences}">prefs</a>'
     "</body></html>\n"
 )
+
+
+def body(template: str, lang: str) -> str:
+    """TEXT or HTML in one language, with that language's markers."""
+    markers = link_markers(NONCES[lang])
+    return template.replace("{lang}", lang).format_map(markers)
 
 
 def seed_campaign(factory: sessionmaker[Session], clock: FrozenClock) -> int:
@@ -102,8 +116,9 @@ def seed_campaign(factory: sessionmaker[Session], clock: FrozenClock) -> int:
                     campaign_id=campaign.id,
                     lang=lang,
                     subject=SUBJECTS[lang],
-                    html=HTML.replace("{lang}", lang),
-                    text=TEXT.replace("{lang}", lang),
+                    html=body(HTML, lang),
+                    text=body(TEXT, lang),
+                    link_nonce=NONCES[lang],
                 )
             )
         enqueue_audience(session, campaign=campaign, now=now)
@@ -145,7 +160,7 @@ def reference(
         ).one()
         recipient = Recipient(person.id, person.email, person.name)
         mlist = ListInfo(ml.id, ml.slug, ml.list_id)
-        variant = RenderedVariant(lang=v.lang, subject=v.subject, html=v.html, text=v.text)
+        variant = RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce)
     built = build_message(
         variant=variant,
         campaign_id=cid,
@@ -201,8 +216,9 @@ def test_headers_decode_to_the_names_subjects_and_links_promised(
         expected_name = " ".join("".join(c for c in name if c.isprintable()).split())
         (to,) = msg["To"].addresses
         assert (case, to.addr_spec, msg["To"].defects) == (case, email, ())
+        assert not {"\r", "\n"} & set(to.display_name), case
         assert (case, *rfc2047_to(raws_by_email[email])) == (case, expected_name, email)
-        assert "Bcc" not in msg and len(msg.get_all("To", [])) == 1
+        assert "Bcc" not in msg and "Reply-To" not in msg and len(msg.get_all("To", [])) == 1
         assert msg["Subject"] == " ".join(variant.subject.split()) == ref["Subject"]
         for header in ("From", "Message-ID", "List-Id", "List-Unsubscribe-Post", "MIME-Version"):
             assert msg[header] == ref[header], header
@@ -275,3 +291,54 @@ def test_message_id_is_stable_across_builds_and_times(
     assert [
         a for a, b in zip(first.split(b"\r\n"), again.split(b"\r\n"), strict=True) if a != b
     ] == [line for line in first.split(b"\r\n") if line.startswith(b"Date:")]
+
+
+ENCODED_LOOKALIKES = [
+    pytest.param(NAMES["encoded-word-q"], id="q"),
+    pytest.param(NAMES["encoded-word-b"], id="b"),
+    pytest.param(NAMES["encoded-word-inside"], id="inside"),
+    pytest.param("Алесь =?utf-8?q?=0D=0ABcc:_x@example.org?=", id="non-ascii-too"),
+]
+
+
+@pytest.mark.parametrize("text", ENCODED_LOOKALIKES)
+def test_encoded_word_lookalikes_decode_to_themselves_on_both_paths(text: str) -> None:
+    """A name or subject like "=?utf-8?q?=0D=0A...?=" is encoded: it decodes to itself."""
+    settings = settings_for("sqlite://", 25)
+    variant = RenderedVariant("en", f"Urgent: {text}", body(HTML, "en"), body(TEXT, "en"))
+    recipient = Recipient(7, "reader@example.org", text)
+    mlist = ListInfo(1, "weekly", "weekly.example.org")
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    slow = build_message(
+        variant=variant, campaign_id=1, recipient=recipient, mlist=mlist, settings=settings, now=now
+    ).as_bytes()
+    template = MessageTemplate.build(variant=variant, campaign_id=1, mlist=mlist, settings=settings)
+    fast = template.render(recipient, settings=settings, now=now)
+    for raw in (slow, fast):
+        msg = message_from_bytes(raw, policy=policy.default)
+        (to,) = msg["To"].addresses
+        assert to.addr_spec == "reader@example.org" and not {"\r", "\n"} & set(to.display_name)
+        assert rfc2047_to(raw) == (text, "reader@example.org")  # decodes to itself, as clients do
+        assert str(msg["Subject"]) == f"Urgent: {text}"
+        assert sorted(msg.keys()) == sorted(HEADERS), msg.keys()
+
+
+HEADERS = (
+    "To",
+    "Date",
+    "Message-ID",
+    "List-Unsubscribe",
+    "From",
+    "Subject",
+    "List-Id",
+    "List-Unsubscribe-Post",
+    "Content-Type",
+    "MIME-Version",
+)
+
+
+def test_an_address_that_looks_encoded_is_refused() -> None:
+    """An address cannot be RFC 2047 encoded: one with "=?" in it is never sent."""
+    recipient = Recipient(7, "=?utf-8?q?=0D=0A?=@example.org", "")
+    with pytest.raises(PermanentDeliveryError, match="encoded-word"):
+        format_to(recipient)

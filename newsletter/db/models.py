@@ -239,6 +239,9 @@ class Variant(Base):
     subject: Mapped[str] = mapped_column(String(500))
     html: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
+    # The nonce in this render's link markers (render.link_markers); "" for a variant rendered
+    # before 0003, which carries the fixed markers.
+    link_nonce: Mapped[str] = mapped_column(String(64), default="")
 
 
 class Delivery(Base):
