@@ -353,11 +353,10 @@ def process_maildir(
         if "S" in flags and not again:
             continue
         try:
-            with path.open("rb") as f:
-                raw = f.read(MAX_READ_BYTES)
+            raw = _read_head(path)
+            if raw is None:
+                continue  # another reader took it meanwhile
             outcome = apply(raw)
-        except FileNotFoundError:
-            continue  # another reader took it meanwhile
         except UnreadableMailError as e:
             os.replace(path, _unreadable_folder(root) / f"{name}:2,{flags}")
             yield MaildirResult(name, "unreadable", e.reason)
@@ -365,6 +364,17 @@ def process_maildir(
         seen = "".join(sorted(set(flags + "S")))
         os.replace(path, root / "cur" / f"{name}:2,{seen}")
         yield MaildirResult(name, outcome)
+
+
+def _read_head(path: Path) -> bytes | None:
+    """The part of a message file that read_mail looks at; None when the file is gone."""
+    try:
+        with path.open("rb") as f:
+            return f.read(MAX_READ_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # permissions, I/O errors: this file only
+        raise UnreadableMailError(f"the file cannot be read ({type(e).__name__})") from None
 
 
 def _maildir_files(root: Path) -> list[Path]:

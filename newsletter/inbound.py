@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 SUBJECT = re.compile(r"^\s*unsubscribe\s+([A-Za-z0-9_\-.]+)\s*$", re.IGNORECASE)
 MAX_SUBJECT = 1000  # a token is about a hundred characters
 MAX_HEADER_BYTES = 64 * 1024  # of a message, read for its headers
+MAX_RECIPIENTS = 20  # per message: each is applied on its own (a bounce names one)
 UNREADABLE = "554 5.6.0 Message could not be read; it was not applied"
 TOO_MANY = b"421 4.7.0 Too many connections, try again later\r\n"
 
@@ -86,7 +87,9 @@ class InboundHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        """Take only recipients some route handles."""
+        """Take only recipients some route handles, and a few per message."""
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
         if self.route_for(address) is None:
             return "550 5.1.1 No such mailbox here"
         envelope.rcpt_tos.append(address)

@@ -27,7 +27,13 @@ from newsletter.clock import FrozenClock
 from newsletter.db import make_engine, make_sessionmaker, unit_of_work
 from newsletter.db.models import Subscription, SubscriptionStatus
 from newsletter.devsmtp import free_port
-from newsletter.inbound import InboundMail, InboundRoute, start_inbound, unsubscribe_route
+from newsletter.inbound import (
+    MAX_RECIPIENTS,
+    InboundMail,
+    InboundRoute,
+    start_inbound,
+    unsubscribe_route,
+)
 from newsletter.subscriptions import subscribe
 from newsletter.tokens import make_token
 from tests.conftest import SECRET, make_settings
@@ -249,12 +255,15 @@ def test_a_client_that_never_reads_its_replies_loses_its_place(sqlite_url: str) 
     with serve([], sqlite_url, idle_timeout_seconds=0.5, max_connections_per_client=1) as port:
         hog = socket.socket()
         hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         hog.connect(("127.0.0.1", port))
         with hog:
             hog.settimeout(1)
-            with contextlib.suppress(OSError):  # a timeout once every buffer is full
+            # EHLO's reply is long, so the server's buffers fill soon; sending stops with a
+            # timeout once every buffer is full, or a reset once the server drops us.
+            with contextlib.suppress(OSError):
                 while True:
-                    hog.sendall(b"NOOP\r\n" * 1000)
+                    hog.sendall(b"EHLO x\r\n" * 1000)
             assert served_within(port, 60)  # generous: the server first works off the backlog
 
 
@@ -284,3 +293,12 @@ def test_connections_are_bounded_per_client_and_in_total(
         first[0].close()
         with second[0]:
             assert served_within(port, 10)
+
+
+def test_a_message_takes_a_bounded_number_of_recipients(inbound: Inbound) -> None:
+    """Each recipient is applied on its own, so one message cannot name a thousand of them."""
+    with smtplib.SMTP("127.0.0.1", inbound.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("")
+        codes = [client.rcpt(f"bounces+{i}-ab@portal.example.org")[0] for i in range(25)]
+    assert codes == [250] * MAX_RECIPIENTS + [452] * (25 - MAX_RECIPIENTS)
