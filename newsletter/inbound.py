@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from email.header import decode_header, make_header
+from email.header import decode_header
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -139,13 +139,27 @@ def read_headers(raw: bytes) -> Message:
 
 def token_from_subject(message: Message) -> str | None:
     """The token of an "unsubscribe TOKEN" subject, or None; UnreadableMailError if undecodable."""
-    subject = str(message.get("Subject", ""))[:MAX_SUBJECT]
-    try:
-        subject = str(make_header(decode_header(subject)))  # a client may encode it (RFC 2047)
-    except Exception as e:  # an unknown charset, a broken encoded word
-        raise UnreadableMailError(f"subject not decodable ({type(e).__name__})") from None
+    subject = _decoded(str(message.get("Subject", ""))[:MAX_SUBJECT])
     match = SUBJECT.match(subject[:MAX_SUBJECT])
     return match.group(1) if match else None
+
+
+def _decoded(subject: str) -> str:
+    """A subject with its RFC 2047 encoded words decoded; unknown charsets read as ASCII."""
+    try:
+        chunks = decode_header(subject)
+    except Exception as e:  # a broken encoded word (bad base64)
+        raise UnreadableMailError(f"subject not decodable ({type(e).__name__})") from None
+    text = []
+    for chunk, charset in chunks:
+        if isinstance(chunk, str):
+            text.append(chunk)
+            continue
+        try:
+            text.append(chunk.decode(charset or "ascii", "replace"))
+        except LookupError:
+            text.append(chunk.decode("ascii", "replace"))
+    return "".join(text)
 
 
 def unsubscribe_route(

@@ -6,6 +6,7 @@ database that fails, idle connections, clients that never read, and too many con
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import smtplib
@@ -302,3 +303,21 @@ def test_a_message_takes_a_bounded_number_of_recipients(inbound: Inbound) -> Non
         client.mail("")
         codes = [client.rcpt(f"bounces+{i}-ab@portal.example.org")[0] for i in range(25)]
     assert codes == [250] * MAX_RECIPIENTS + [452] * (25 - MAX_RECIPIENTS)
+
+
+def test_an_undecodable_subject_gets_554_and_the_session_goes_on(
+    inbound: Inbound, factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A subject whose encoded word cannot be decoded is answered 554; the next message of the
+    same session, an RFC 2047-encoded "unsubscribe TOKEN", is applied."""
+    sid, token = reader(factory, clock)
+    encoded = base64.b64encode(f"unsubscribe {token}".encode()).decode()
+    with smtplib.SMTP("127.0.0.1", inbound.port, timeout=10) as client:
+        client.ehlo()
+        client.mail("reader@example.org")
+        client.rcpt("unsubscribe@portal.example.org")
+        assert client.data(b"Subject: =?utf-8?b?AAAAA?=\r\n\r\nplease\r\n")[0] == 554
+        assert inbound.status(sid) == SubscriptionStatus.ACTIVE
+        message = f"Subject: =?utf-8?b?{encoded}?=\r\n\r\nplease\r\n"
+        client.sendmail("reader@example.org", ["unsubscribe@portal.example.org"], message)
+    assert inbound.status(sid) == SubscriptionStatus.UNSUBSCRIBED
