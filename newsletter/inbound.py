@@ -253,8 +253,9 @@ class BoundedSMTP(SMTP):
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if peer else ""
             if not self.limits.admit(client):
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(TOO_MANY)
+                log.info("inbound: refused a connection from %s, too many open", client)
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(TOO_MANY)
                 transport.close()
                 return
             self.client = client
@@ -271,6 +272,7 @@ class BoundedSMTP(SMTP):
     def _timeout_cb(self) -> None:
         # aiosmtpd's idle timeout calls close(), which first waits to send the replies still
         # buffered, forever for a peer that reads none (half-open, or on purpose): abort instead.
+        log.info("inbound: closed a connection from %s, idle too long", self.client)
         if isinstance(self.transport, asyncio.WriteTransport):
             self.transport.abort()
 
