@@ -4,39 +4,84 @@ Each delivery goes out with its own signed envelope sender, bounces+<delivery>-<
 (VERP), so a bounce names the delivery it is about whatever the remote server writes in it. A
 bounce is read with the email package: RFC 3464 message/delivery-status parts give the action and
 status per recipient; the original message's Message-ID (text/rfc822-headers or message/rfc822) is
-the fallback when the bounce lost the VERP address. A hard bounce (action failed, status 5.x.x)
-marks the delivery failed and suppresses the address; a delay (4.x.x) is noted on the delivery.
+the fallback when the bounce lost the VERP address.
+
+A hard bounce (action failed, status 5.x.x) with a valid VERP signature marks the delivery failed
+and suppresses the address at once. When only the returned Message-ID names the delivery, anyone
+who saw that message could have written the bounce: it is counted (an event and a note on the
+delivery) and suppresses only when a second such bounce arrives for another delivery of the same
+person, that is from another campaign. Bounces repeated for the same delivery never count twice,
+however far apart in time: a forger can repeat one bounce, but cannot make a second Message-ID. A
+delay (4.x.x) is noted on the delivery.
+
+Mail from outside is read with limits (read_mail): only its first MAX_READ_BYTES, at most
+MAX_CONTENT_TYPES Content-Type fields (which bounds how deep MIME can nest before the recursive
+parser sees it), parts walked at most MAX_DEPTH deep. A message that cannot be read raises
+UnreadableMailError, and its reader sets it aside (a Maildir folder, an SMTP answer) and goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes, policy
 from email.message import Message
+from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from newsletter.config import Settings
 from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber
+from newsletter.errors import NewsletterError
 from newsletter.ledger import scrub, suppress_bounced
 from newsletter.message import message_id
 
-_VERP = re.compile(r"^(?P<local>[^+@]+)\+(?P<id>\d+)-(?P<sig>[0-9a-f]{10})@(?P<domain>[^@>]+)$")
-_MESSAGE_ID = re.compile(r"<(?P<cid>\d+)\.(?P<sid>\d+)\.[0-9a-f]{16}@[^>]+>")
+# Linear: anchored (match), each quantified class is disjoint from the literal after it ([^+@]
+# from "+", digits from "-", [^@>] from the end), so a failed attempt gives characters back at
+# most once each; and parse_verp never feeds it more than MAX_ADDRESS characters.
+_VERP = re.compile(
+    r"^(?P<local>[^+@]+)\+(?P<id>\d{1,18})-(?P<sig>[0-9a-f]{10})@(?P<domain>[^@>]+)$"
+)
+# Linear: every match starts at a literal "<" and every quantifier after it is bounded (at most
+# 18 + 18 + 16 + 255 characters), so each start position costs a bounded number of steps whatever
+# follows; the text is cut to MAX_HEADERS_TEXT first anyway.
+_MESSAGE_ID = re.compile(r"<(?P<cid>\d{1,18})\.(?P<sid>\d{1,18})\.[0-9a-f]{16}@[^<>@\s]{1,255}>")
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")  # fullmatch on at most 20 characters
 _ADDRESS_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
+# Address candidates are the words between these characters; str.translate and str.split are
+# single passes, where a regex scan for "x@y" re-scanned every long run once per start position.
+_NOT_IN_ADDRESS = str.maketrans({c: " " for c in '<>,"'})
+
+MAX_READ_BYTES = 256 * 1024  # a report and the original's headers come first; the rest is body
+MAX_CONTENT_TYPES = 32  # Content-Type fields in what is read: nesting is at most 2 * 32 + 1 deep
+MAX_CONTENT_TYPE_BYTES = 2000  # one field, folding included: the parser's params are quadratic
+MAX_DEPTH = 8  # how deep the walk looks for the report and the returned original
+MAX_PARTS = 200  # how many parts the walk looks at
+MAX_ADDRESS = 320
+MAX_CANDIDATES = 100  # address words tried as VERP addresses
+MAX_HEADER_CHARS = 2000  # one header value as read
+MAX_HEADERS_TEXT = 64 * 1024  # of a returned original's headers
+
+
+class UnreadableMailError(NewsletterError):
+    """A message that cannot be read safely; it is set aside, never retried as is."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"unreadable message: {reason}")
 
 
 @dataclass(frozen=True)
 class Bounce:
     """What a bounce says: which delivery, and whether the failure is for good."""
 
-    delivery_id: int | None
+    delivery_id: int | None  # from a VERP address whose signature is valid
     message_key: tuple[int, int] | None  # (campaign, subscriber) from the original Message-ID
     hard: bool
     status: str
@@ -58,7 +103,8 @@ def verp_address(delivery_id: int, *, settings: Settings) -> str:
 
 def parse_verp(address: str, *, settings: Settings) -> int | None:
     """The delivery a VERP address names, or None if it is not ours or the signature is wrong."""
-    match = _VERP.match(address.strip().strip("<>").lower())
+    address = address.strip().strip("<>").lower()
+    match = _VERP.match(address) if len(address) <= MAX_ADDRESS else None
     local, _, domain = settings.mail.bounce_address.lower().rpartition("@")
     if not match or match["local"] != local or match["domain"] != domain:
         return None
@@ -67,63 +113,135 @@ def parse_verp(address: str, *, settings: Settings) -> int | None:
     return delivery_id if hmac.compare_digest(expected, match["sig"]) else None
 
 
+def read_mail(raw: bytes) -> Message:
+    """Parse mail from outside within the limits above; UnreadableMailError when it cannot be."""
+    head = raw[:MAX_READ_BYTES]
+    _check_shape(head)
+    try:
+        # compat32 keeps header values as plain strings: the structured header parser of
+        # policy.default took 40 s, or all memory, on one hostile megabyte-long header.
+        return message_from_bytes(head, policy=policy.compat32)
+    except Exception as e:  # RecursionError, MemoryError and the parser's own errors alike
+        raise UnreadableMailError(f"the email package failed ({type(e).__name__})") from None
+
+
+def _check_shape(head: bytes) -> None:
+    """Refuse, before parsing, MIME that nests too deep or has an oversized Content-Type."""
+    count, length = 0, -1  # length of the Content-Type field being read; -1 outside one
+    # Lines as the email package splits them (CR, LF or CRLF); only a Content-Type field can
+    # open a nested part, so counting them bounds the parser's recursion.
+    for line in head.splitlines():
+        if length >= 0 and line[:1] in (b" ", b"\t"):
+            length += len(line)
+        else:
+            length = len(line) if line[:13].lower() == b"content-type:" else -1
+            count += length >= 0
+        if count > MAX_CONTENT_TYPES:
+            raise UnreadableMailError(f"more than {MAX_CONTENT_TYPES} MIME parts")
+        if length > MAX_CONTENT_TYPE_BYTES:
+            raise UnreadableMailError(f"a Content-Type over {MAX_CONTENT_TYPE_BYTES} bytes")
+
+
+def _parts(msg: Message) -> Iterator[Message]:
+    """The message and its parts in order, at most MAX_DEPTH deep and MAX_PARTS in all."""
+    stack, seen = [(msg, 0)], 0
+    while stack and seen < MAX_PARTS:
+        part, depth = stack.pop()
+        seen += 1
+        yield part
+        children = part.get_payload()
+        if isinstance(children, list) and depth < MAX_DEPTH:
+            stack += [
+                (c, depth + 1) for c in reversed(children[:MAX_PARTS]) if isinstance(c, Message)
+            ]
+
+
+def _text(part: Message, name: str) -> str:
+    """One header as printable one-line text: raw bytes decoded as UTF-8, controls blanked."""
+    value = part.get(name)
+    text = "" if value is None else str(value)[:MAX_HEADER_CHARS]
+    # compat32 keeps undecodable bytes as surrogates; back to bytes, then UTF-8 or U+FFFD.
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
 def parse_bounce(
     raw: bytes, *, envelope_recipients: Sequence[str] = (), settings: Settings
 ) -> Bounce | None:
-    """Read a delivery status notification; None when it is not one (an auto-reply, spam)."""
-    msg = message_from_bytes(raw, policy=policy.default)
+    """Read a delivery status notification; None when it is not one (an auto-reply, spam).
+
+    Raises UnreadableMailError when the message cannot be read, whatever the reason.
+    """
+    msg = read_mail(raw)
+    try:
+        return _bounce_of(msg, envelope_recipients, settings)
+    except NewsletterError:
+        raise
+    except Exception as e:  # any surprise in a hostile message sets it aside, not the run
+        raise UnreadableMailError(f"unexpected content ({type(e).__name__})") from None
+
+
+def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bounce | None:
     report = _delivery_status(msg)
     if report is None:
         return None
     action, status, diagnostic = report
-    if action not in ("failed", "delayed"):
-        return None
     return Bounce(
-        delivery_id=_find_delivery(msg, envelope_recipients, settings),
+        delivery_id=_find_delivery(msg, envelope, settings),
         message_key=_original_key(msg, settings),
         hard=action == "failed" and status.startswith("5"),
         status=status,
-        diagnostic=" ".join(diagnostic.split())[:500],
+        diagnostic=diagnostic[:500],
     )
 
 
 def _delivery_status(msg: Message) -> tuple[str, str, str] | None:
     """(action, status, diagnostic) of the first recipient block that failed or was delayed."""
-    for part in msg.walk():
+    for part in _parts(msg):
         if part.get_content_type() != "message/delivery-status":
             continue
         blocks = part.get_payload()
-        for block in blocks[1:] if isinstance(blocks, list) else []:
+        for block in blocks[1:MAX_PARTS] if isinstance(blocks, list) else []:
             if not isinstance(block, Message):
                 continue
-            action = str(block.get("Action", "")).strip().lower()
+            action = _text(block, "Action").lower()
             if action in ("failed", "delayed"):
-                status = str(block.get("Status", "")).strip()
-                return action, status, str(block.get("Diagnostic-Code", ""))
+                status = _text(block, "Status")[:20]
+                status = status if _STATUS.fullmatch(status) else ""
+                return action, status, _text(block, "Diagnostic-Code")
     return None
 
 
 def _find_delivery(msg: Message, envelope: Sequence[str], settings: Settings) -> int | None:
-    candidates = list(envelope)
+    """The delivery of the first VERP address, with a valid signature, in envelope or headers."""
+    candidates = [address[:MAX_HEADER_CHARS] for address in envelope]
     for name in _ADDRESS_HEADERS:
-        candidates += [str(v) for v in msg.get_all(name, [])]
-    for candidate in candidates:
-        for address in re.findall(r"[^\s<>,\"]+@[^\s<>,\"]+", candidate):
-            if (found := parse_verp(address, settings=settings)) is not None:
-                return found
+        candidates += [str(v)[:MAX_HEADER_CHARS] for v in msg.get_all(name, [])[:MAX_PARTS]]
+    words = (w for c in candidates for w in c.translate(_NOT_IN_ADDRESS).split() if "@" in w)
+    for _, word in zip(range(MAX_CANDIDATES), words, strict=False):
+        if (found := parse_verp(word, settings=settings)) is not None:
+            return found
     return None
 
 
 def _original_key(msg: Message, settings: Settings) -> tuple[int, int] | None:
     """(campaign, subscriber) from the returned original's Message-ID, if it is one of ours."""
-    for part in msg.walk():
+    for part in _parts(msg):
         kind = part.get_content_type()
-        if kind not in ("text/rfc822-headers", "message/rfc822"):
+        if kind == "message/rfc822":
+            payload = part.get_payload()
+            original = payload[0] if isinstance(payload, list) and payload else None
+            text = str(original.get("Message-ID", "")) if isinstance(original, Message) else ""
+        elif kind == "text/rfc822-headers":
+            body = part.get_payload(decode=True)  # it may come base64-encoded
+            text = (
+                body[:MAX_HEADERS_TEXT].decode("ascii", "replace")
+                if isinstance(body, bytes)
+                else ""
+            )
+        else:
             continue
-        payload = part.get_payload()
-        original = payload[0] if isinstance(payload, list) else payload
-        text = original.as_string() if isinstance(original, Message) else str(original)
-        for match in _MESSAGE_ID.finditer(text):
+        for match in _MESSAGE_ID.finditer(text[:MAX_HEADERS_TEXT]):
             cid, sid = int(match["cid"]), int(match["sid"])
             if _is_ours(match.group(0), cid, sid, settings):
                 return cid, sid
@@ -145,7 +263,10 @@ def handle_bounce(
     settings: Settings,
     now: datetime,
 ) -> str:
-    """Apply one incoming bounce; returns "hard", "soft", "not a bounce" or "unknown delivery"."""
+    """Apply one incoming bounce: "hard", "unconfirmed", "soft", "not a bounce", "unknown delivery".
+
+    Raises UnreadableMailError, before touching the database, when the message cannot be read.
+    """
     bounce = parse_bounce(raw, envelope_recipients=envelope_recipients, settings=settings)
     if bounce is None:
         return "not a bounce"
@@ -155,9 +276,13 @@ def handle_bounce(
     subscriber = session.get(Subscriber, delivery.subscriber_id)
     email = subscriber.email if subscriber else ""
     reply = scrub(f"bounce {bounce.status} {bounce.diagnostic}".strip(), email)
-    delivery.last_reply = reply
     if not bounce.hard:
+        delivery.last_reply = reply
         return "soft"
+    if bounce.delivery_id is None and not _bounced_elsewhere(session, delivery):
+        _count_unconfirmed(session, delivery, reply, now=now)
+        return "unconfirmed"
+    delivery.last_reply = reply
     delivery.status = DeliveryStatus.FAILED
     if subscriber is not None:
         suppress_bounced(session, subscriber.id, email, settings=settings, now=now, reply=reply)
@@ -166,6 +291,27 @@ def handle_bounce(
     )
     session.flush()
     return "hard"
+
+
+UNCONFIRMED = "delivery.bounce_unconfirmed"
+
+
+def _count_unconfirmed(session: Session, delivery: Delivery, reply: str, *, now: datetime) -> None:
+    """Note a hard bounce named only by Message-ID: an event, and a line on the delivery."""
+    delivery.last_reply = f"{reply[:900]} (unconfirmed: Message-ID only, no VERP signature)"
+    detail = {"delivery": delivery.id, "subscriber": delivery.subscriber_id}
+    session.add(Event(at=now, actor="bounces", action=UNCONFIRMED, detail=detail))
+    session.flush()
+
+
+def _bounced_elsewhere(session: Session, delivery: Delivery) -> bool:
+    """Whether an unconfirmed hard bounce came for another delivery (campaign) of this person."""
+    others = select(func.count()).where(
+        Event.action == UNCONFIRMED,
+        Event.detail["subscriber"].as_integer() == delivery.subscriber_id,
+        Event.detail["delivery"].as_integer() != delivery.id,
+    )
+    return bool(session.scalar(others))
 
 
 def _delivery_for(session: Session, bounce: Bounce) -> Delivery | None:
@@ -177,3 +323,76 @@ def _delivery_for(session: Session, bounce: Bounce) -> Delivery | None:
             select(Delivery).where(Delivery.campaign_id == cid, Delivery.subscriber_id == sid)
         )
     return None
+
+
+# Reading a Maildir: the layout is simple enough to walk by hand, and mailbox.Maildir would parse
+# every message (get_message) just to read its flags, which is where a hostile one crashed the run.
+UNREADABLE = ".unreadable"
+
+
+@dataclass(frozen=True)
+class MaildirResult:
+    """What became of one message file: its unique name, the outcome and, if set aside, why."""
+
+    name: str
+    outcome: str
+    reason: str = ""
+
+
+def process_maildir(
+    root: Path, *, apply: Callable[[bytes], str], again: bool = False
+) -> Iterator[MaildirResult]:
+    """Apply each new message of a Maildir in arrival order, marking it seen (S) once applied.
+
+    A message that cannot be read is moved to the Maildir++ folder .unreadable and reported as
+    "unreadable"; an error of apply itself (the database) stops the run, the message unmarked.
+    """
+    for path in _maildir_files(root):
+        name, _, info = path.name.partition(":")
+        flags = info[2:] if info.startswith("2,") else ""
+        if "S" in flags and not again:
+            continue
+        try:
+            raw = _read_head(path)
+            if raw is None:
+                continue  # another reader took it meanwhile
+            outcome = apply(raw)
+        except UnreadableMailError as e:
+            os.replace(path, _unreadable_folder(root) / f"{name}:2,{flags}")
+            yield MaildirResult(name, "unreadable", e.reason)
+            continue
+        seen = "".join(sorted(set(flags + "S")))
+        os.replace(path, root / "cur" / f"{name}:2,{seen}")
+        yield MaildirResult(name, outcome)
+
+
+def _read_head(path: Path) -> bytes | None:
+    """The part of a message file that read_mail looks at; None when the file is gone."""
+    try:
+        with path.open("rb") as f:
+            return f.read(MAX_READ_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # permissions, I/O errors: this file only
+        raise UnreadableMailError(f"the file cannot be read ({type(e).__name__})") from None
+
+
+def _maildir_files(root: Path) -> list[Path]:
+    """The message files in new/ and cur/, oldest name first (names start with the time)."""
+    files = [
+        path
+        for sub in ("new", "cur")
+        if (root / sub).is_dir()
+        for path in (root / sub).iterdir()
+        if not path.name.startswith(".") and path.is_file()
+    ]
+    return sorted(files, key=lambda path: path.name)
+
+
+def _unreadable_folder(root: Path) -> Path:
+    """The cur/ of the .unreadable folder, made as a Maildir++ folder when it is missing."""
+    folder = root / UNREADABLE
+    for sub in ("tmp", "new", "cur"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "maildirfolder").touch()
+    return folder / "cur"

@@ -197,6 +197,9 @@ class InboundSettings:
     host: str = "127.0.0.1"
     port: int = 2525
     max_message_bytes: int = 1_048_576  # a bounce may carry the whole original digest
+    idle_timeout_seconds: float = 60.0  # no command for this long closes the connection
+    max_connections: int = 100  # open at once, all clients together
+    max_connections_per_client: int = 10  # open at once from one client address
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,7 @@ def validate_settings(settings: Settings) -> None:
     _validate_schedule(settings)
     _validate_brand(settings)
     _validate_delivery(settings)
+    _validate_inbound(settings)
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
@@ -392,6 +396,16 @@ def _validate_delivery(settings: Settings) -> None:
         raise ConfigError(f"{where}: 'smtp.weight' must be >= 0 and some relay must weigh > 0")
     if bool(settings.dkim.key_file) != bool(settings.dkim.selector):
         raise ConfigError(f"{where}: 'dkim.key_file' and 'dkim.selector' must be set together")
+
+
+def _validate_inbound(settings: Settings) -> None:
+    """The inbound server's limits must let at least one connection in, for some time."""
+    where, inbound = settings.source_path, settings.inbound
+    if inbound.idle_timeout_seconds <= 0:
+        raise ConfigError(f"{where}: 'inbound.idle_timeout_seconds' must be more than 0")
+    for key in ("max_message_bytes", "max_connections", "max_connections_per_client"):
+        if getattr(inbound, key) < 1:
+            raise ConfigError(f"{where}: 'inbound.{key}' must be at least 1")
 
 
 def _validate_brand(settings: Settings) -> None:

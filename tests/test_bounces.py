@@ -3,12 +3,16 @@
 Mail is first really sent through aiosmtpd (so each delivery has its real VERP envelope sender and
 Message-ID); the returns are then built from what the server received, and fed in either through
 `newsletter bounces process MAILDIR` on a real Maildir or through the service's inbound SMTP.
+Hostile returns (MIME nested ten thousand deep, a megabyte of parentheses in a header, bytes that
+are not UTF-8, a cut-off message) sit between real ones: the real ones must still be applied.
 """
 
 from __future__ import annotations
 
+import logging
 import mailbox
 import smtplib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,10 +20,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.bounces import parse_verp, verp_address
+from newsletter.bounces import UNCONFIRMED, handle_bounce, parse_verp, verp_address
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Delivery, Event, Subscriber, Suppression
+from newsletter.db.models import Campaign, Delivery, Event, Subscriber, Suppression, Variant
+from newsletter.db.queries import enqueue_audience
 from newsletter.devsmtp import free_port
 from newsletter.inbound import inbound_for
 from tests.conftest import make_settings
@@ -86,8 +91,9 @@ GARBAGE = b"\x89PNG\r\n\x1a\n\x00\x01\x02 not mail at all \xff\xfe\r\n\r\n\x80\x
 CASES = {
     "hard-with-verp": ("hard", "verp", "hard", "failed", "bounced"),
     "soft-with-verp": ("soft", "verp", "soft", "sent", "active"),
-    "hard-only-message-id": ("hard-headers", "plain", "hard", "failed", "bounced"),
-    "hard-only-full-original": ("hard-original", "plain", "hard", "failed", "bounced"),
+    # Only the Message-ID names the delivery: counted, not suppressed (anyone could forge it).
+    "hard-only-message-id": ("hard-headers", "plain", "unconfirmed", "sent", "active"),
+    "hard-only-full-original": ("hard-original", "plain", "unconfirmed", "sent", "active"),
     "hard-large-original": ("hard-large", "verp", "hard", "failed", "bounced"),
     "garbage": ("garbage", "plain", "not a bounce", "sent", "active"),
     "out-of-office": ("ooo", "verp", "not a bounce", "sent", "active"),
@@ -120,19 +126,34 @@ def envelope_to(kind: str, sent: Sent) -> str:
     return BOUNCE_ADDRESS
 
 
-def send_everyone(factory: sessionmaker[Session], clock: FrozenClock, database_url: str) -> dict:
-    """Seed one person per case and really send them the campaign; returns case -> Sent."""
-    seed(factory, clock, len(CASES))
+def send_everyone(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    cases: Sequence[str] = tuple(CASES),
+) -> dict[str, Sent]:
+    """Seed person<i> for the i-th case and really send them the campaign; returns case -> Sent."""
+    seed(factory, clock, len(cases))
+    return send_queued(factory, clock, database_url, cases)
+
+
+def send_queued(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str, cases: Sequence[str]
+) -> dict[str, Sent]:
+    """Send what is queued through aiosmtpd; the last delivery of person<i> is cases[i]'s."""
     handler = FaultyHandler()
     with faulty_smtpd(handler) as port:
         deliver(factory, settings_for(database_url, port), clock)
-    with unit_of_work(factory) as session:
-        ids = dict(session.execute(select(Subscriber.email, Delivery.id).join(Delivery)).all())
     by_rcpt = {rcpts[0]: (sender, raw) for sender, rcpts, raw in handler.received}
     out = {}
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(cases):
         sender, raw = by_rcpt[f"person{i}@example.net"]
-        out[case] = Sent(ids[f"person{i}@example.net"], sender, raw.split(b"\r\n\r\n")[0], raw)
+        out[case] = Sent(
+            parse_verp(sender, settings=make_settings(database_url)) or 0,
+            sender,
+            raw.split(b"\r\n\r\n")[0],
+            raw,
+        )
     return out
 
 
@@ -153,6 +174,10 @@ def assert_outcomes(factory: sessionmaker[Session], sent: dict[str, Sent]) -> No
             assert (case, d.status, person.status) == (case, delivery_status, person_status)
             if case.startswith(("hard", "soft")):
                 assert "bounce" in (d.last_reply or "") and person.email not in d.last_reply
+        unconfirmed = session.scalars(select(Event).where(Event.action == UNCONFIRMED)).all()
+        assert sorted(e.detail["delivery"] for e in unconfirmed) == sorted(
+            sent[c].delivery_id for c, v in CASES.items() if v[2] == "unconfirmed"
+        )
         hard = [c for c, v in CASES.items() if v[2] == "hard"]
         assert session.scalar(select(func.count()).select_from(Suppression)) == len(hard)
         bounced = session.scalars(select(Event).where(Event.action == "delivery.bounced")).all()
@@ -186,7 +211,7 @@ def test_bounces_process_applies_a_maildir_of_returns(
         box.add(f"Delivered-To: {to}\r\n".encode() + raw if raw != GARBAGE else raw)
     cli = NewsletterCli(tmp_path, f"[database]\nurl = '{database_url}'\n")
     summary = cli.run("bounces", "process", str(tmp_path / "bounces"))
-    assert summary.strip() == "hard 4, not a bounce 2, soft 1, unknown delivery 1"
+    assert summary.strip() == "hard 2, not a bounce 2, soft 1, unconfirmed 2, unknown delivery 1"
     assert_outcomes(factory, sent)
     assert cli.run("bounces", "process", str(tmp_path / "bounces")).strip() == "no new messages"
     assert all("S" in box.get_message(key).get_flags() for key in box.iterkeys())
@@ -209,3 +234,192 @@ def test_inbound_smtp_applies_returns_to_the_bounce_addresses(
     finally:
         controller.stop()
     assert_outcomes(factory, sent)
+
+
+def nested_multiparts(levels: int, inner: bytes) -> bytes:
+    """A message whose MIME nests `levels` multiparts deep around `inner`."""
+    opens = b"".join(
+        b'Content-Type: multipart/mixed; boundary="n%d"\r\n\r\n--n%d\r\n' % (i, i)
+        for i in range(levels)
+    )
+    closes = b"".join(b"\r\n--n%d--" % i for i in reversed(range(levels)))
+    return b"MIME-Version: 1.0\r\n" + opens + inner + closes + b"\r\n"
+
+
+def nested_messages(levels: int, inner: bytes) -> bytes:
+    """A message wrapping `inner` in `levels` message/rfc822 parts."""
+    return b"MIME-Version: 1.0\r\n" + b"Content-Type: message/rfc822\r\n\r\n" * levels + inner
+
+
+def long_content_type(inner: bytes) -> bytes:
+    """A DSN whose top Content-Type is folded out to 3,000 bytes of quoted parameters."""
+    params = b"".join(
+        b';\r\n x%d="a;b;c;d;e;f;g;h;i;j;k;l;m;n;o;p;q;r;s;t;u;v"' % i for i in range(75)
+    )
+    return inner.replace(b'boundary="B0UND"', b'boundary="B0UND"' + params, 1)
+
+
+def parens_header(inner: bytes) -> bytes:
+    """A DSN with a To header of 108,000 opening parentheses (folded into legal lines)."""
+    return b"To: " + b"\r\n ".join([b"(" * 900] * 120) + b"\r\n" + inner
+
+
+def not_utf8(inner: bytes) -> bytes:
+    """A DSN whose subject and diagnostic are Latin-1 and raw bytes, with a NUL among them."""
+    return inner.replace(b"Subject: ", b"Subject: Unzustellbar \xfc ", 1).replace(
+        b"mailbox says no", b"mailbox \xff\xfe says \x00 no \xc3(", 1
+    )
+
+
+def truncated(inner: bytes) -> bytes:
+    """A DSN cut off inside the returned original's headers."""
+    return inner[: inner.index(b"Content-Type: message/rfc822") + 120]
+
+
+# case id: (how to spoil a real hard VERP bounce, outcome: set aside or still applied)
+HOSTILE = {
+    "nested-10000-multiparts": (lambda raw: nested_multiparts(10_000, raw), "unreadable"),
+    "nested-2000-messages": (lambda raw: nested_messages(2_000, raw), "unreadable"),
+    "content-type-3000-bytes": (long_content_type, "unreadable"),
+    "header-of-100k-parens": (parens_header, "hard"),
+    "not-utf-8-with-nul": (not_utf8, "hard"),
+    "truncated": (truncated, "hard"),
+}
+HOSTILE_CASES = ["real-first", *HOSTILE, "real-last"]
+
+
+def hostile_returns(sent: dict[str, Sent]) -> list[tuple[str, str, bytes, str]]:
+    """(case, envelope recipient, bytes, outcome): real hard bounces around the hostile ones."""
+    out = []
+    for i, case in enumerate(HOSTILE_CASES):
+        to = sent[case].envelope_from
+        raw = dsn(to, f"person{i}@example.net", "failed", "5.1.1", sent[case].raw, "message/rfc822")
+        spoil, outcome = HOSTILE.get(case, (lambda r: r, "hard"))
+        out.append((case, to, spoil(raw), outcome))
+    return out
+
+
+def assert_hostile_outcomes(factory: sessionmaker[Session], sent: dict[str, Sent]) -> None:
+    """Every readable return applied (NUL and bad bytes kept out); every unreadable one not."""
+    with unit_of_work(factory) as session:
+        for case, *_rest, outcome in hostile_returns(sent):
+            d = session.get(Delivery, sent[case].delivery_id)
+            person = session.get(Subscriber, d.subscriber_id)
+            expected = ("failed", "bounced") if outcome == "hard" else ("sent", "active")
+            assert (case, d.status, person.status) == (case, *expected)
+        reply = session.get(Delivery, sent["not-utf-8-with-nul"].delivery_id).last_reply
+        assert "\ufffd" in reply and "\x00" not in reply and "says" in reply
+
+
+def test_bounces_process_sets_unreadable_mail_aside_and_applies_the_rest(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Hostile returns between real ones: real ones applied, unreadable ones set aside, one line
+    each; a second run does not meet them again."""
+    sent = send_everyone(factory, clock, database_url, HOSTILE_CASES)
+    root = tmp_path / "bounces"
+    box = mailbox.Maildir(root, create=True)
+    for _case, to, raw, _outcome in hostile_returns(sent):
+        box.add(f"Delivered-To: {to}\r\n".encode() + raw)
+    cli = NewsletterCli(tmp_path, f"[database]\nurl = '{database_url}'\n")
+    lines = cli.run("bounces", "process", str(root), timeout=120).strip().splitlines()
+    unreadable = [c for c, (_spoil, outcome) in HOSTILE.items() if outcome == "unreadable"]
+    assert lines[-1] == f"hard {len(HOSTILE_CASES) - len(unreadable)}, unreadable {len(unreadable)}"
+    assert len(lines) == len(unreadable) + 1
+    assert all(line.startswith("set aside ") and "@" not in line for line in lines[:-1])
+    assert_hostile_outcomes(factory, sent)
+    assert len(list((root / ".unreadable" / "cur").iterdir())) == len(unreadable)
+    assert cli.run("bounces", "process", str(root)).strip() == "no new messages"
+    assert cli.run("bounces", "process", "--all", str(root)).strip().startswith("hard ")
+
+
+def test_inbound_smtp_answers_unreadable_mail_and_the_session_goes_on(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Over one SMTP session: unreadable returns get 554 and one log line, readable ones 250, and
+    the real bounce after them is applied."""
+    caplog.set_level(logging.WARNING, logger="newsletter.inbound")
+    sent = send_everyone(factory, clock, database_url, HOSTILE_CASES)
+    base = make_settings(database_url)
+    settings = replace(base, inbound=replace(base.inbound, enabled=True, port=free_port()))
+    controller = inbound_for(settings, factory, clock)
+    answers = []
+    try:
+        with smtplib.SMTP("127.0.0.1", settings.inbound.port, timeout=60) as client:
+            client.ehlo()
+            for case, to, raw, outcome in hostile_returns(sent):
+                assert client.mail("")[0] == 250, case
+                assert client.rcpt(to)[0] == 250, case
+                answers.append((case, client.data(raw)[0], outcome))
+    finally:
+        controller.stop()
+    assert [(case, code) for case, code, _ in answers] == [
+        (case, 554 if outcome == "unreadable" else 250) for case, _code, outcome in answers
+    ]
+    assert_hostile_outcomes(factory, sent)
+    logged = [r for r in caplog.records if r.name == "newsletter.inbound"]
+    assert len(logged) == sum(outcome == "unreadable" for *_r, outcome in answers)
+    assert all("unreadable" in r.getMessage() and "@" not in r.getMessage() for r in logged)
+
+
+def second_campaign(factory: sessionmaker[Session], clock: FrozenClock) -> None:
+    """Another running campaign to the same list, its deliveries queued."""
+    with unit_of_work(factory) as session:
+        first = session.scalars(select(Campaign)).one()
+        campaign = Campaign(
+            kind="digest", list_id=first.list_id, dedupe_key="next", created_at=clock.now()
+        )
+        campaign.status = "running"
+        session.add(campaign)
+        session.flush()
+        for variant in session.scalars(select(Variant).where(Variant.campaign_id == first.id)):
+            session.add(
+                Variant(
+                    campaign_id=campaign.id,
+                    lang=variant.lang,
+                    subject=variant.subject,
+                    html=variant.html,
+                    text=variant.text,
+                )
+            )
+        enqueue_audience(session, campaign=campaign, now=clock.now())
+
+
+def test_a_message_id_alone_suppresses_only_with_a_second_campaign(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A hard bounce naming a delivery only by its Message-ID (a forgery needs no more) is
+    counted; repeating it changes nothing; one for another campaign of that person suppresses."""
+    first = send_everyone(factory, clock, database_url, ["first"])["first"]
+    second_campaign(factory, clock)
+    second = send_queued(factory, clock, database_url, ["second"])["second"]
+    settings = make_settings(database_url)
+    forged_verp = f"bounces+{first.delivery_id}-0123456789@portal.example.org"
+
+    def bounce(sent: Sent, to: str) -> tuple[str, str, int]:
+        raw = dsn(to, "person0@example.net", "failed", "5.1.1", sent.headers, "text/rfc822-headers")
+        with unit_of_work(factory) as session:
+            outcome = handle_bounce(
+                session=session,
+                raw=raw,
+                envelope_recipients=[to],
+                settings=settings,
+                now=clock.now(),
+            )
+        with unit_of_work(factory) as session:
+            person = session.scalars(select(Subscriber)).one()
+            held = session.scalar(select(func.count()).select_from(Suppression))
+            return outcome, str(person.status), held
+
+    assert bounce(first, BOUNCE_ADDRESS) == ("unconfirmed", "active", 0)
+    assert bounce(first, forged_verp) == ("unconfirmed", "active", 0)
+    clock.advance(days=30)
+    assert bounce(first, BOUNCE_ADDRESS) == ("unconfirmed", "active", 0)
+    assert bounce(second, BOUNCE_ADDRESS) == ("hard", "bounced", 1)
+    with unit_of_work(factory) as session:
+        note = session.get(Delivery, first.delivery_id)
+        assert note.status == "sent" and "unconfirmed" in (note.last_reply or "")
+        assert session.get(Delivery, second.delivery_id).status == "failed"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import mailbox
 from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from newsletter.bounces import handle_bounce
+from newsletter.bounces import UNREADABLE, handle_bounce, process_maildir
 from newsletter.cli import State, app, console
 from newsletter.db import unit_of_work
 from newsletter.errors import ConfigError
@@ -26,27 +25,26 @@ def process(
         bool, typer.Option("--all", help="Also messages already processed (marked seen).")
     ] = False,
 ) -> None:
-    """Mark bounced deliveries failed and suppress hard bounces; processed mail is marked seen."""
+    """Mark bounced deliveries failed and suppress hard bounces; processed mail is marked seen.
+
+    A message that cannot be read is moved to the Maildir's .unreadable folder, one line each.
+    """
     state: State = ctx.obj
     if not (maildir / "cur").is_dir() and not (maildir / "new").is_dir():
         raise ConfigError(f"{maildir}: not a Maildir (no cur/ or new/)")
-    box = mailbox.Maildir(maildir, factory=None, create=False)
     factory, counts = state.factory(), Counter[str]()
-    for key in list(box.keys()):
-        msg = box.get_message(key)
-        if "S" in msg.get_flags() and not again:
-            continue
+
+    def apply(raw: bytes) -> str:
         with unit_of_work(factory) as session:
-            result = handle_bounce(
-                session=session,
-                raw=box.get_bytes(key),
-                settings=state.settings,
-                now=state.clock.now(),
+            return handle_bounce(
+                session=session, raw=raw, settings=state.settings, now=state.clock.now()
             )
-        counts[result] += 1
-        msg.add_flag("S")
-        msg.set_subdir("cur")
-        box[key] = msg
+
+    for result in process_maildir(maildir, apply=apply, again=again):
+        counts[result.outcome] += 1
+        if result.outcome == "unreadable":
+            line = f"set aside {result.name} in {UNREADABLE}: {result.reason}"
+            console.print(line, markup=False, soft_wrap=True)
     console.print(
         ", ".join(f"{what} {n}" for what, n in sorted(counts.items())) or "no new messages"
     )
