@@ -88,15 +88,23 @@ class Guard:
 
 
 class _CountingConnection(h11.Connection):
-    """h11's connection, counting the body bytes of the request being received."""
+    """h11's connection, measuring the header block and the body of the request being received.
 
+    h11's own cap applies only to a header block still incomplete; one that arrives whole in a
+    single read is parsed whatever its size, so it is measured here.
+    """
+
+    header_bytes = 0
     body_bytes = 0
 
     def next_event(self) -> Any:
-        """The next event, as h11 gives it, with the body bytes added up."""
+        """The next event, as h11 gives it, with the header and body bytes added up."""
         event = super().next_event()
         if isinstance(event, h11.Request):
             self.body_bytes = 0
+            self.header_bytes = len(event.target) + sum(
+                len(n) + len(v) + 4 for n, v in event.headers
+            )
         elif isinstance(event, h11.Data):
             self.body_bytes += len(event.data)
         return event
@@ -161,6 +169,8 @@ class GuardedH11Protocol(H11Protocol):
         web = self.guard.web
         if self.transport.is_closing():
             self.stop_timers()
+        elif self.counting.header_bytes > web.max_header_bytes:
+            self.refuse(431)
         elif self.counting.body_bytes > web.max_body_bytes or (
             state is h11.SEND_BODY and self.declared_length() > web.max_body_bytes
         ):
@@ -193,11 +203,12 @@ class GuardedH11Protocol(H11Protocol):
         self.stop_timers()
         if self.transport.is_closing():
             return
-        started = self.cycle is not None and self.cycle.response_started
-        if self.cycle is not None:  # the app's late reply is dropped, its receive() ends
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
-        if not started:
+        cycle = self.cycle  # the request's, or the previous one's on a kept-alive connection
+        replying = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None:  # the app's late reply is dropped, its receive() ends
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not replying:
             self.transport.write(canned_reply(status))
         if self.transport.get_write_buffer_size():  # a client that does not read
             self.transport.abort()
