@@ -363,49 +363,45 @@ def test_metrics_need_the_token_and_are_absent_without_one(
     assert right.status_code == 200 and "newsletter_deliveries" in right.text
 
 
-@pytest.mark.parametrize("make", APPS)
-def test_every_reply_carries_the_security_headers(
-    make: AppMaker, sqlite_factory: sessionmaker[Session], sqlite_url: str, clock: FrozenClock
+def test_every_reply_of_the_service_carries_the_security_headers(
+    sqlite_factory: sessionmaker[Session], sqlite_url: str, clock: FrozenClock
 ) -> None:
-    """/healthz, /metrics, 404, 405, the webhook's replies: strict headers, no server header."""
-    with listening(make, sqlite_factory, clock, sqlite_url) as site, normal_client() as client:
+    """`run`'s /healthz, /metrics, 404, 405, webhook replies: strict headers, no server header."""
+    with (
+        listening(service_app, sqlite_factory, clock, sqlite_url) as site,
+        normal_client() as client,
+    ):
         auth = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+        hook = f"{site.url}/hooks/ingest"
         replies = {
             "healthz": client.get(f"{site.url}/healthz"),
             "404": client.get(f"{site.url}/nothing-here"),
             "405": client.put(f"{site.url}/healthz"),
+            "metrics": client.get(f"{site.url}/metrics", headers=auth),
+            "metrics 401": client.get(f"{site.url}/metrics"),
+            "hook forged": client.post(hook, headers={"X-Newsletter-Secret": "x"}),
+            "hook": client.post(hook, headers={"X-Newsletter-Secret": HOOK_SECRET}),
         }
-        if make is service_app:
-            replies |= {
-                "metrics": client.get(f"{site.url}/metrics", headers=auth),
-                "metrics 401": client.get(f"{site.url}/metrics"),
-                "hook forged": client.post(
-                    f"{site.url}/hooks/ingest", headers={"X-Newsletter-Secret": "x"}
-                ),
-                "hook": client.post(
-                    f"{site.url}/hooks/ingest", headers={"X-Newsletter-Secret": HOOK_SECRET}
-                ),
-            }
     expected = {"healthz": 200, "404": 404, "405": 405, "metrics": 200, "metrics 401": 401}
     expected |= {"hook forged": 404}
     for name, reply in replies.items():
-        if name in expected:
-            assert reply.status_code == expected[name], name
+        assert reply.status_code == expected.get(name, reply.status_code), name
         assert_strict_headers(reply.headers, name)
 
 
+@pytest.mark.parametrize("make", APPS)
 def test_a_server_error_carries_the_security_headers(
-    sqlite_url: str, tmp_path: Path, clock: FrozenClock
+    make: AppMaker, sqlite_url: str, tmp_path: Path, clock: FrozenClock
 ) -> None:
-    """A 500 (here: /metrics on a database without tables) carries the headers too."""
+    """A 500 (here: a page or /metrics on a database without tables) carries the headers too."""
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # never migrated
+    token = make_token(secret=SECRET, purpose="unsubscribe", subscriber_id=1, list_id=1)
+    path = f"/u/{token}" if make is pages_app else "/metrics"
     with (
-        listening(service_app, make_sessionmaker(engine), clock, sqlite_url) as site,
+        listening(make, make_sessionmaker(engine), clock, sqlite_url) as site,
         normal_client() as client,
     ):
-        reply = client.get(
-            f"{site.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
-        )
+        reply = client.get(site.url + path, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     engine.dispose()
     assert reply.status_code == 500
     assert_strict_headers(reply.headers, "500")
