@@ -8,6 +8,7 @@ embedded defaults (which `config.example.toml` repeats, key for key). `NEWSLETTE
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -189,6 +190,19 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     confirm_link_max_age_hours: int = 168
+    max_connections: int = 1000
+    max_connections_per_client: int = 20
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 20.0
+    keep_alive_seconds: int = 5
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 16384
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,7 @@ class Settings:
     brand: BrandSettings = field(default_factory=BrandSettings)
     check: CheckSettings = field(default_factory=CheckSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
@@ -336,6 +351,7 @@ def validate_settings(settings: Settings) -> None:
             raise ConfigError(f"{where}: 'sources.feeds[{i}].lang' must be one of {LANGUAGES}")
     _validate_sources(settings)
     _validate_schedule(settings)
+    _validate_web(settings)
     _validate_brand(settings)
     _validate_delivery(settings)
     _validate_inbound(settings)
@@ -379,6 +395,32 @@ def _validate_schedule(settings: Settings) -> None:
     for key in ("grace_hours", "poll_minutes", "send_interval_seconds", "lock_seconds"):
         if getattr(sched, key) < 1:
             raise ConfigError(f"{where}: 'schedule.{key}' must be at least 1")
+
+
+def _validate_web(settings: Settings) -> None:
+    """The listener's limits must be positive, its proxies addresses, a metrics token long."""
+    where, web = settings.source_path, settings.web
+    for key in (
+        "max_connections",
+        "max_connections_per_client",
+        "header_timeout_seconds",
+        "body_timeout_seconds",
+        "keep_alive_seconds",
+        "max_header_bytes",
+        "max_body_bytes",
+    ):
+        if getattr(web, key) <= 0:
+            raise ConfigError(f"{where}: 'web.{key}' must be greater than 0")
+    for i, proxy in enumerate(web.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: 'web.trusted_proxies[{i}]' must be an IP address or network"
+            ) from None
+    token = settings.metrics.token
+    if token and len(token) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"{where}: 'metrics.token' must be {MIN_SECRET_LENGTH}+ characters")
 
 
 def _validate_delivery(settings: Settings) -> None:

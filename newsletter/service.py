@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import math
@@ -40,6 +41,7 @@ from newsletter.notices import send_confirmations
 from newsletter.schedule import Scheduler, digest_trigger
 from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool
+from newsletter.webserver import listener_config
 
 log = logging.getLogger("newsletter.service")
 JOBS_TABLE = "apscheduler_jobs"
@@ -218,12 +220,20 @@ async def ingest_now(service: Service) -> Response:
 
 
 def create_service_app(service: Service) -> Starlette:
-    """The web pages plus /healthz, /metrics and the portal's POST /hooks/ingest."""
+    """The web pages plus /healthz, /metrics (behind [metrics] token) and POST /hooks/ingest."""
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "scheduler": service.active})
 
     async def metrics(request: Request) -> Response:
+        token = service.settings.metrics.token
+        if not token:  # not configured: not there
+            return PlainTextResponse("not found", status_code=404)
+        if not _bearer_matches(request.headers.get("authorization", ""), token):
+            return PlainTextResponse(
+                "unauthorized", status_code=401, headers={"www-authenticate": "Bearer"}
+            )
+
         def render() -> str:
             with unit_of_work(service.factory) as session:
                 return render_metrics(session, scheduler_active=service.active)
@@ -248,6 +258,15 @@ def create_service_app(service: Service) -> Starlette:
     if pages is not None:
         routes.append(Mount("/", app=pages))
     return Starlette(routes=routes)
+
+
+def _bearer_matches(authorization: str, token: str) -> bool:
+    """Whether an Authorization header carries the token, compared in constant time."""
+    scheme, _, given = authorization.partition(" ")
+    # Hashing first makes the comparison's time independent of the lengths as well.
+    sent = hashlib.sha256(given.strip().encode()).digest()
+    expected = hashlib.sha256(token.encode()).digest()
+    return hmac.compare_digest(sent, expected) and scheme.lower() == "bearer"
 
 
 def _pages_app(service: Service) -> Any:
@@ -284,9 +303,7 @@ async def run_service(service: Service, *, host: str, port: int) -> None:
         loop.add_signal_handler(sig, service.stop.set)
     apscheduler = make_apscheduler(service)
     apscheduler.start()
-    config = uvicorn.Config(
-        create_service_app(service), host=host, port=port, log_level="warning", lifespan="off"
-    )
+    config = listener_config(create_service_app(service), service.settings, host=host, port=port)
     server = _QuietServer(config)
     tasks = [
         asyncio.create_task(keep_lock(service)),

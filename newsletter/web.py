@@ -3,8 +3,10 @@
 GET never changes state (mail scanners follow links); every change is a POST. The signed token in
 the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
 a mail client's RFC 8058 one-click POST works as it is. The forms also carry a signed per-form
-token bound to the URL's token, and a cross-site Origin or Sec-Fetch-Site is refused. A forged,
-altered or expired token gets the same 400 page, which names no one.
+token bound to the URL's token, and an Origin other than [web] base_url's (never the Host header,
+which the client writes) or a cross-site Sec-Fetch-Site is refused. A forged, altered or expired
+link gets the same 400 page, which names no one; a form left open too long is shown again with
+the choices it carried, to be sent once more.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -44,7 +46,6 @@ from newsletter.subscriptions import (
 )
 from newsletter.tokens import TokenClaims, make_token, read_token
 
-MAX_BODY_BYTES = 16 * 1024
 FORM_MAX_AGE_SECONDS = 24 * 3600
 AUTONYMS = {"en": "English", "be": "Беларуская", "ru": "Русский"}
 CSS = (TEMPLATES_DIR / "web" / "style.css").read_text(encoding="utf-8")
@@ -106,7 +107,7 @@ class Pages:
         self.factory = factory
         self.clock = clock
         self.secret = settings.security.require_secret()
-        self.forms = URLSafeTimedSerializer(self.secret, salt="newsletter.web-form")
+        self.forms = URLSafeSerializer(self.secret, salt="newsletter.web-form")
         self.origin = _origin(settings.web.base_url)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -146,20 +147,27 @@ class Pages:
             return Person(sub.id, lang, False, name, tuple(memberships(session, sub.id)))
 
     def form_token(self, url_token: str) -> str:
-        """A signed token for a form, bound to the link it was served under."""
-        return str(self.forms.dumps(_digest(url_token)))
+        """A signed token for a form, bound to the link it was served under, dated by the clock."""
+        return str(self.forms.dumps([_digest(url_token), int(self.clock.now().timestamp())]))
 
-    def check_form(self, request: Request, fields: dict[str, list[str]]) -> None:
-        """Refuse a cross-site post, or one without this page's form token."""
+    def check_form(self, request: Request, fields: dict[str, list[str]]) -> bool:
+        """Refuse a cross-site post, or one without this page's form token; True if it expired."""
         if _cross_site(request, self.origin, strict=True):
             raise HTTPException(403)
         sent = (fields.get("form_token") or [""])[0]
         try:
-            value = self.forms.loads(sent, max_age=FORM_MAX_AGE_SECONDS)
+            value = self.forms.loads(sent)
         except BadSignature:
             raise HTTPException(403) from None
-        if not hmac.compare_digest(str(value), _digest(request.path_params["token"])):
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], str)
+            and isinstance(value[1], int)
+            and hmac.compare_digest(value[0], _digest(request.path_params["token"]))
+        ):
             raise HTTPException(403)
+        return self.clock.now().timestamp() - value[1] > FORM_MAX_AGE_SECONDS
 
     def preferences_url(self, person: Person, list_id: int) -> str:
         """The preferences link for the subscriber on an unsubscribe page."""
@@ -170,6 +178,15 @@ class Pages:
             list_id=list_id,
         )
         return f"/preferences/{token}"
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused past [web] max_body_bytes."""
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.settings.web.max_body_bytes:
+                raise HTTPException(413)
+        return body
 
     # --- unsubscribe -----------------------------------------------------------------------
 
@@ -193,7 +210,7 @@ class Pages:
         if _cross_site(request, self.origin, strict=False):
             raise HTTPException(403)
         claims = self.claims(request, "unsubscribe")
-        await _read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
+        await self.read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
         person = await run_in_threadpool(self._unsubscribe, claims)
         return self.render("unsubscribed", person.language, list_name=person.list_name)
 
@@ -218,26 +235,50 @@ class Pages:
         person = await run_in_threadpool(self.load, claims)
         if person.gone:
             raise TokenError("this link is not valid")
+        active = {m.list_id for m in person.lists if m.status == SubscriptionStatus.ACTIVE}
+        return self.preferences_form(
+            request, person, active, person.language, saved=request.query_params.get("saved") == "1"
+        )
+
+    def preferences_form(
+        self,
+        request: Request,
+        person: Person,
+        checked: set[int],
+        language: str,
+        *,
+        saved: bool = False,
+        expired: bool = False,
+    ) -> Response:
+        """The preferences form with these lists and this language marked."""
         return self.render(
             "preferences",
             person.language,
             person=person,
-            active=SubscriptionStatus.ACTIVE,
+            checked=checked,
+            checked_language=language,
             form_token=self.form_token(request.path_params["token"]),
-            saved=request.query_params.get("saved") == "1",
+            saved=saved,
+            expired=expired,
         )
 
     async def preferences_post(self, request: Request) -> Response:
         """Save the chosen lists and language, then show the form again (post/redirect/get)."""
         claims = self.claims(request, "preferences")
-        fields = parse_qs((await _read_body(request)).decode("utf-8", "replace"))
-        self.check_form(request, fields)
-        leave_all = (fields.get("action") or [""])[0] == "leave"
+        fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
+        expired = self.check_form(request, fields)
         try:
-            list_ids = set() if leave_all else {int(v) for v in fields.get("lists", [])}
+            chosen = {int(v) for v in fields.get("lists", [])}
         except ValueError:
             raise HTTPException(400) from None
         language = (fields.get("language") or [""])[0]
+        if expired:  # nothing saved: the same choices again, under a fresh form token
+            person = await run_in_threadpool(self.load, claims)
+            if person.gone:
+                raise TokenError("this link is not valid")
+            return self.preferences_form(request, person, chosen, language, expired=True)
+        leave_all = (fields.get("action") or [""])[0] == "leave"
+        list_ids = set() if leave_all else chosen
         await run_in_threadpool(self._save, claims, list_ids, language, leave_all)
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
 
@@ -272,19 +313,28 @@ class Pages:
         person = await run_in_threadpool(self.load, claims)
         if person.gone:
             raise TokenError("this link is not valid")
+        return self.confirm_form(request, person)
+
+    def confirm_form(self, request: Request, person: Person, *, expired: bool = False) -> Response:
+        """The page with the one button that confirms the waiting lists."""
         waiting = [m for m in person.lists if m.status == SubscriptionStatus.PENDING]
         return self.render(
             "confirm",
             person.language,
             waiting=waiting,
             form_token=self.form_token(request.path_params["token"]),
+            expired=expired,
         )
 
     async def confirm_post(self, request: Request) -> Response:
         """Confirm every list waiting for this subscriber and say so."""
         claims = self.claims(request, "confirm")
-        fields = parse_qs((await _read_body(request)).decode("utf-8", "replace"))
-        self.check_form(request, fields)
+        fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
+        if self.check_form(request, fields):  # left open too long: ask for the click again
+            person = await run_in_threadpool(self.load, claims)
+            if person.gone:
+                raise TokenError("this link is not valid")
+            return self.confirm_form(request, person, expired=True)
         person = await run_in_threadpool(self._confirm, claims)
         if person.gone:
             raise TokenError("this link is not valid")
@@ -339,33 +389,30 @@ def create_app(settings: Settings, factory: sessionmaker[Session], clock: Clock)
     return app
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused past MAX_BODY_BYTES."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413)
-    return body
-
-
 def _cross_site(request: Request, origin: str, *, strict: bool) -> bool:
     """Whether a post comes from another site (by Origin, and when strict, Sec-Fetch-Site).
 
-    Under Referrer-Policy no-referrer browsers send `Origin: null` for our own forms, so null
-    passes; the form token is what proves the post came from our page.
+    `origin` is [web] base_url's: the Host header is the client's to write, so a forged Host with
+    a matching Origin proves nothing. Under Referrer-Policy no-referrer browsers send
+    `Origin: null` for our own forms, so null passes; the form token is what proves the post came
+    from our page.
     """
     sent = request.headers.get("origin")
-    own = {origin, _origin(str(request.base_url))}
-    if sent and sent != "null" and sent not in own:
+    if sent and sent != "null" and sent != origin:
         return True
     site = request.headers.get("sec-fetch-site")
     return strict and site is not None and site not in ("same-origin", "none")
 
 
 def _origin(url: str) -> str:
+    """A URL's origin as browsers write it: lower case, no default port, no user or path."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    port = f":{parts.port}" if parts.port and parts.port != default else ""
+    return f"{parts.scheme}://{host}{port}"
 
 
 def _digest(url_token: str) -> str:

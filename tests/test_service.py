@@ -148,13 +148,20 @@ def test_alerts_are_claimed_before_the_rest_of_a_digest(
         assert len(first) == 4 and campaigns == {alert.id}
 
 
-def wait_for(url: str, *, seconds: float = 30, expect: str | None = None) -> str:
+def wait_for(
+    url: str,
+    *,
+    seconds: float = 30,
+    expect: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> str:
     """GET url until it answers (and contains `expect`), within a bounded time."""
     deadline = time.monotonic() + seconds
     last = ""
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            request = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(request, timeout=2) as response:
                 last = response.read().decode()
             if expect is None or expect in last:
                 return last
@@ -168,13 +175,14 @@ def test_two_run_processes_one_scheduler_and_clean_takeover(
     tmp_path: Path, smtpd: SmtpServer, feed_http: FeedHttp, database_url: str
 ) -> None:
     """Two `newsletter run`: one schedules; the webhook ingests; on SIGTERM the other takes over."""
-    hook_secret = "h" * 40
+    hook_secret, metrics_token = "h" * 40, "m" * 40
     (tmp_path / "config.toml").write_text(
         f"[database]\nurl = '{database_url}'\n"
         f"[smtp]\nhost = '{smtpd.host}'\nport = {smtpd.port}\n"
         f"[sources]\nfeeds = [{{ url = '{feed_http.base}/feed' }}]\n"
         f"[alerts]\nmode = 'auto'\nwebhook_secret = '{hook_secret}'\n"
         "[schedule]\nlock_seconds = 3\nsend_interval_seconds = 1\n"
+        f"[metrics]\ntoken = '{metrics_token}'\n"
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
@@ -242,7 +250,10 @@ def test_two_run_processes_one_scheduler_and_clean_takeover(
         while len(smtpd.messages()) < 8 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(smtpd.messages()) == 8  # the alert, to the urgent-actions list, once each
-        metrics = wait_for(f"http://127.0.0.1:{ports[0]}/metrics")
+        metrics = wait_for(
+            f"http://127.0.0.1:{ports[0]}/metrics",
+            headers={"Authorization": f"Bearer {metrics_token}"},
+        )
         assert 'newsletter_deliveries{kind="alert",status="sent"} 8' in metrics
 
         procs[0].send_signal(signal.SIGTERM)

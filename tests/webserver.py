@@ -15,26 +15,22 @@ from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.devsmtp import free_port
 from newsletter.web import create_app
+from newsletter.webserver import listener_config
 
 
 @contextmanager
 def serve_pages(
     settings: Settings, factory: sessionmaker[Session], clock: Clock
 ) -> Iterator[tuple[str, Settings]]:
-    """Serve create_app() with uvicorn until the block ends; yields its URL and settings.
+    """Serve create_app() as `newsletter web` does until the block ends; yields URL and settings.
 
     The settings' [web] base_url is the server's own URL, so links in emails reach it.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = replace(settings, web=replace(settings.web, base_url=url))
-    config = uvicorn.Config(
-        create_app(settings, factory, clock),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
+    config = listener_config(
+        create_app(settings, factory, clock), settings, host="127.0.0.1", port=port
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

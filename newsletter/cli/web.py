@@ -24,6 +24,7 @@ def web(
 
     from newsletter.inbound import inbound_for
     from newsletter.web import create_app
+    from newsletter.webserver import listener_config
 
     state: State = ctx.obj
     settings, factory = state.settings, state.factory()
@@ -33,15 +34,8 @@ def web(
         console.print(f"inbound SMTP on {settings.inbound.host}:{settings.inbound.port}")
     console.print(f"pages on http://{host}:{port} (links point at {settings.web.base_url})")
     try:
-        uvicorn.run(
-            create_app(settings, factory, state.clock),
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,  # access logs would keep who opened which personal link
-            server_header=False,
-            proxy_headers=True,
-        )
+        app = create_app(settings, factory, state.clock)
+        uvicorn.Server(listener_config(app, settings, host=host, port=port)).run()
     finally:
         if inbound is not None:
             inbound.stop()
