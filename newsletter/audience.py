@@ -317,10 +317,10 @@ def parse_row(row: RawRow) -> SubscriberRow:
     country = get("country").upper()
     if country and (len(country) != 2 or not country.isalpha() or not country.isascii()):
         raise AudienceError(f"country must be a two-letter code, not {country!r}")
-    extra = {
-        k.strip(): restore_cell((v or "").strip())
+    extra = {  # header names arrive stripped and restored (see _read_rows)
+        k: restore_cell((v or "").strip())
         for k, v in row.items()
-        if k and k.strip() not in KNOWN_COLUMNS and (v or "").strip()
+        if k and k not in KNOWN_COLUMNS and (v or "").strip()
     }
     return SubscriberRow(
         email=forms[0],
@@ -758,7 +758,9 @@ def export_rows(
 
 def write_csv(rows: Iterable[dict[str, str]], columns: list[str], handle: Any) -> int:
     """Write rows under a header, every cell neutralised; returns how many rows were written."""
-    writer = csv.writer(handle, lineterminator="\n")
+    # CRLF line ends (RFC 4180): the csv module quotes a cell holding either, so a lone CR in a
+    # value cannot end its row early.
+    writer = csv.writer(handle, lineterminator="\r\n")
     writer.writerow([neutralise_cell(c) for c in columns])
     n = 0
     for row in rows:
