@@ -147,6 +147,14 @@ def _is_suppressed(session: Session, forms: Sequence[str], secret: str) -> bool:
     return session.scalar(stmt) is not None
 
 
+def _stored_forms(address: str) -> tuple[str, ...]:
+    """An address from the database in every form it may have had; itself if it is odd."""
+    try:
+        return (address, *lookup_forms(address))
+    except AudienceError:
+        return (address,)
+
+
 def memberships(session: Session, subscriber_id: int) -> list[Membership]:
     """Every list, with this subscriber's status on it (None where never subscribed)."""
     rows = session.execute(
@@ -181,7 +189,7 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
         row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
     if pending:
         sub.status = SubscriberStatus.ACTIVE
-        digests = [hash_address(form, secret=secret) for form in lookup_forms(sub.email)]
+        digests = [hash_address(form, secret=secret) for form in _stored_forms(sub.email)]
         session.execute(delete(Suppression).where(Suppression.email_hash.in_(digests)))
         _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
     session.flush()
