@@ -3,6 +3,14 @@
 CSV import streams: rows are parsed one at a time and written in chunks, each with a handful of
 bulk statements (look up the chunk's addresses and suppression hashes, insert the new people,
 update the known ones, add missing subscriptions), so time grows with the file and memory does not.
+Each chunk is written in a savepoint: if the database refuses it, its rows are written one by one
+and only the refused row is rejected. No reason or error names anyone but the row's own values.
+
+Spreadsheets run cells that look like formulas (OWASP "CSV injection"). Every cell we write
+(export, rejects file, header included) that starts with = + - @ (or their fullwidth forms), a
+tab, CR or LF, also after leading spaces, or with ' itself, gets one leading ' (which
+spreadsheets show as "text"); import removes exactly that one ', so an export reads back
+unchanged.
 """
 
 from __future__ import annotations
@@ -10,14 +18,16 @@ from __future__ import annotations
 import csv
 import io
 import tomllib
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
+from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
 from newsletter.config import LANGUAGES
@@ -63,6 +73,15 @@ class ImportReport:
     rejected: int = 0
     pending: int = 0
     rejects: list[tuple[int, str]] = field(default_factory=list)
+
+    def absorb(self, part: ImportReport) -> None:
+        """Add the figures of one written chunk."""
+        self.imported += part.imported
+        self.updated += part.updated
+        self.unchanged += part.unchanged
+        self.kept_out += part.kept_out
+        self.duplicates += part.duplicates
+        self.pending += part.pending
 
     def counts(self) -> dict[str, int]:
         """The figures people and scripts want, by name."""
@@ -139,20 +158,59 @@ def get_list(session: Session, slug: str) -> MailingList:
     return ml
 
 
-def normalise_email(raw: str) -> str:
-    """Check an address's syntax (no DNS) and return its normalised form."""
+# What an address may hold once normalised: printable ASCII without the characters a header
+# would need to quote (message.py's format_to refuses the same, so nothing accepted here is
+# refused at send time).
+_ADDRESS_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - frozenset('<>()[],;:"\\')
+NEEDS_SMTPUTF8 = (
+    "the part before @ is not plain ASCII: such an address needs SMTPUTF8, "
+    "which this service does not send"
+)
+
+
+def _validated(raw: str) -> ValidatedEmail:
+    """email-validator's verdict on an address (syntax only, no DNS)."""
     try:
-        return validate_email(raw.strip(), check_deliverability=False).normalized.lower()
+        return validate_email(raw.strip(), check_deliverability=False)
     except EmailNotValidError as e:
-        raise AudienceError(f"invalid address {raw.strip()!r}: {e}") from None
+        raise AudienceError(f"invalid address: {e}") from None
+
+
+def address_forms(raw: str) -> tuple[str, ...]:
+    """The deliverable form of an address, then the older form it may be stored under.
+
+    An internationalised domain becomes its IDNA A-label (xn--...), which plain SMTP carries.
+    Before that rule the Unicode form was stored; it is returned second, so that lookups and
+    suppression checks still find people imported then.
+    """
+    info = _validated(raw)
+    if info.ascii_email is None:
+        raise AudienceError(NEEDS_SMTPUTF8)
+    address = info.ascii_email.lower()
+    if not _ADDRESS_CHARS.issuperset(address):
+        raise AudienceError("invalid address: it has characters a mail header cannot carry")
+    older = info.normalized.lower()
+    return (address,) if older == address else (address, older)
+
+
+def normalise_email(raw: str) -> str:
+    """Check an address (no DNS) and return the form the sender delivers, or say why not."""
+    return address_forms(raw)[0]
+
+
+def lookup_forms(raw: str) -> tuple[str, ...]:
+    """Every form an address may be stored under, also one no longer accepted (to find,
+    unsubscribe or forget someone added before the rules above)."""
+    info = _validated(raw)
+    forms = [info.ascii_email.lower()] if info.ascii_email else []
+    return tuple(dict.fromkeys([*forms, info.normalized.lower()]))
 
 
 def is_suppressed(session: Session, email: str, *, secret: str) -> bool:
-    """Whether an address was forgotten or suppressed and must not be mailed again."""
-    digest = hash_address(email, secret=secret)
-    return (
-        session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is not None
-    )
+    """Whether an address (in any form it was stored under) must not be mailed again."""
+    digests = [hash_address(form, secret=secret) for form in lookup_forms(email)]
+    stmt = select(Suppression.id).where(Suppression.email_hash.in_(digests)).limit(1)
+    return session.scalar(stmt) is not None
 
 
 def create_list(*, session: Session, spec: ListSpec, now: datetime, actor: str) -> MailingList:
@@ -197,6 +255,9 @@ KEPT_OUT_STATUSES = (
     SubscriberStatus.FORGOTTEN,
 )
 CHUNK_ROWS = 1000
+MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
+# A database error that is about one row's values; any other (connection lost, a bug) stops.
+ROW_REFUSALS = (DataError, IntegrityError)
 
 RawRow = dict[str, str | None]
 RowResult = tuple[int, RawRow | None, str]
@@ -212,6 +273,29 @@ class SubscriberRow:
     lists: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     attributes: dict[str, str] = field(default_factory=dict)
+    older_forms: tuple[str, ...] = ()  # forms of the address stored before (see address_forms)
+
+
+# Cells a spreadsheet may take for a formula begin with one of these (OWASP's list: = + - @ tab
+# CR; LF and the fullwidth forms, which some spreadsheets fold to ASCII, too).
+FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
+
+
+def _needs_quote(value: str) -> bool:
+    return value[:1] == "'" or value.lstrip(" ")[:1] in FORMULA_STARTS
+
+
+def neutralise_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: one leading ' before anything that may start a formula.
+
+    A value that starts with ' itself gets one too, so restore_cell removes exactly what was added.
+    """
+    return "'" + value if _needs_quote(value) else value
+
+
+def restore_cell(value: str) -> str:
+    """The value neutralise_cell was given: its one added leading ' removed, nothing else."""
+    return value[1:] if value[:1] == "'" and _needs_quote(value[1:]) else value
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -222,10 +306,10 @@ def parse_row(row: RawRow) -> SubscriberRow:
     """Turn one CSV row (read by header) into a checked SubscriberRow."""
 
     def get(key: str) -> str:
-        return (row.get(key) or "").strip()
+        return restore_cell((row.get(key) or "").strip())
 
-    email = normalise_email(get("email")) if get("email") else ""
-    if not email:
+    forms = address_forms(get("email")) if get("email") else ()
+    if not forms:
         raise AudienceError("missing email")
     language = get("language").lower()
     if language and language not in LANGUAGES:
@@ -233,19 +317,20 @@ def parse_row(row: RawRow) -> SubscriberRow:
     country = get("country").upper()
     if country and (len(country) != 2 or not country.isalpha() or not country.isascii()):
         raise AudienceError(f"country must be a two-letter code, not {country!r}")
-    extra = {
-        k.strip(): (v or "").strip()
+    extra = {  # header names arrive stripped and restored (see _read_rows)
+        k: restore_cell((v or "").strip())
         for k, v in row.items()
-        if k and k.strip() not in KNOWN_COLUMNS and (v or "").strip()
+        if k and k not in KNOWN_COLUMNS and (v or "").strip()
     }
     return SubscriberRow(
-        email=email,
+        email=forms[0],
         name=" ".join(get("name").split())[:200],
         language=language,
         country=country,
         lists=_split(get("lists")),
         tags=_split(get("tags")),
         attributes=extra,
+        older_forms=forms[1:],
     )
 
 
@@ -259,6 +344,7 @@ def merge_rows(first: SubscriberRow, later: SubscriberRow) -> SubscriberRow:
         lists=tuple(dict.fromkeys(first.lists + later.lists)),
         tags=tuple(dict.fromkeys(first.tags + later.tags)),
         attributes={**first.attributes, **later.attributes},
+        older_forms=first.older_forms,
     )
 
 
@@ -291,9 +377,12 @@ def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
         header = reader.fieldnames
     except csv.Error as e:
         raise AudienceError(f"{where}: cannot read the header: {e}") from None
-    names = [h.strip().lower() for h in header or []]
-    if "email" not in names or _has_surrogates(",".join(names)):
-        raise AudienceError(f"{where}: the header must be UTF-8 and have an 'email' column")
+    names = [restore_cell(h.strip()).lower() for h in header or []]
+    if "email" not in names or any(_cell_problem(n) for n in names):
+        raise AudienceError(
+            f"{where}: the header must be UTF-8 text without control characters "
+            "and have an 'email' column"
+        )
     reader.fieldnames = names
     line = reader.line_num
     while True:
@@ -307,16 +396,33 @@ def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
             yield start, None, f"unreadable row: {e}"
             continue
         line = reader.line_num
-        if None in row:
-            yield start, None, "more fields than the header has"
-        elif any(_has_surrogates(v) for v in row.values() if v):
-            yield start, None, "not UTF-8 text (save the file as UTF-8)"
-        else:
-            yield start, row, ""
+        yield start, row, _row_problem(row)
 
 
-def _has_surrogates(value: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+def _row_problem(row: dict[str | None, Any]) -> str:
+    """Why a row cannot be stored as it is ("" when it can), naming the column, not the value."""
+    if None in row:
+        return "more fields than the header has"
+    for key, value in row.items():
+        problem = _cell_problem(value) if value else ""
+        if problem:
+            return f"column {key!r}: {problem}"
+    return ""
+
+
+def _cell_problem(value: str) -> str:
+    """What no database should be given: bytes that were not UTF-8, control characters
+    (PostgreSQL refuses NUL outright), or a cell longer than MAX_CELL_CHARS."""
+    if len(value) > MAX_CELL_CHARS:
+        return f"longer than {MAX_CELL_CHARS} characters"
+    if value.isprintable():  # the common case, checked in C
+        return ""
+    for ch in value:
+        if "\udc80" <= ch <= "\udcff":
+            return "not UTF-8 text (save the file as UTF-8)"
+        if ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cs"):
+            return f"control character U+{ord(ch):04X}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -326,6 +432,9 @@ class _Target:
     confirmed: bool
     secret: str
     now: datetime
+
+
+Checked = tuple[int, RawRow | None, SubscriberRow]  # line, row as read, row as parsed
 
 
 def import_rows(
@@ -352,6 +461,11 @@ def import_rows(
         get_list(session, default_list)  # raises with the known lists
     target = _Target(lists, default_list, confirmed, secret, now)
     report = ImportReport()
+    event = Event(at=now, actor=actor, action="subscribers.import", detail={"source": source})
+    session.add(event)
+    # A write first: SQLite's driver begins the transaction only at a write, and a savepoint
+    # taken before that would commit on release instead of nesting in the import's transaction.
+    session.flush()
 
     def reject(line: int, reason: str, raw: RawRow | None) -> None:
         report.rejected += 1
@@ -360,7 +474,7 @@ def import_rows(
         else:
             on_reject(line, reason, raw)
 
-    chunk: list[SubscriberRow] = []
+    chunk: list[Checked] = []
     last_line = 0
     for line, raw, error in rows:
         last_line = line
@@ -368,24 +482,24 @@ def import_rows(
         if isinstance(row, str):
             reject(line, row, raw)
             continue
-        chunk.append(row)
+        chunk.append((line, raw, row))
         if len(chunk) >= chunk_rows:
-            _import_chunk(session, chunk, target, report)
+            _write_chunk(session, chunk, target, report, reject)
             chunk = []
             if on_progress:
                 on_progress(line)
     if chunk:
-        _import_chunk(session, chunk, target, report)
+        _write_chunk(session, chunk, target, report, reject)
     if on_progress:
         on_progress(last_line)
-    detail: dict[str, Any] = {"source": source, **report.counts()}
-    session.add(Event(at=now, actor=actor, action="subscribers.import", detail=detail))
+    event.detail = {"source": source, **report.counts()}
+    session.flush()
     return report
 
 
 def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow | str:
     """The row, parsed and with its lists resolved, or the reason it is rejected."""
-    if raw is None:
+    if raw is None or error:
         return error
     try:
         row = parse_row(raw)
@@ -396,6 +510,35 @@ def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow |
     if unknown:
         return f"unknown list {unknown[0]!r}"
     return replace(row, lists=tuple(wanted))
+
+
+def _write_chunk(
+    session: Session,
+    chunk: list[Checked],
+    target: _Target,
+    report: ImportReport,
+    reject: RejectSink,
+) -> None:
+    """Write a chunk in a savepoint; if the database refuses it, write its rows one at a time.
+
+    So a value the checks above did not foresee rejects only its own row. The reason names the
+    error's kind only: a database error's text may quote other rows' values.
+    """
+    part = ImportReport()
+    try:
+        with session.begin_nested():
+            _import_chunk(session, [row for _, _, row in chunk], target, part)
+    except StatementError as e:
+        if isinstance(e, DBAPIError) and not isinstance(e, ROW_REFUSALS):
+            raise
+        if len(chunk) > 1:
+            for one in chunk:
+                _write_chunk(session, [one], target, report, reject)
+            return
+        line, raw, _ = chunk[0]
+        reject(line, f"the database refused this row ({type(e).__name__})", raw)
+        return
+    report.absorb(part)
 
 
 def _import_chunk(
@@ -409,8 +552,10 @@ def _import_chunk(
             merged[row.email] = merge_rows(merged[row.email], row)
         else:
             merged[row.email] = row
+    forms = {form: row.email for row in merged.values() for form in row.older_forms}
+    forms.update({email: email for email in merged})
     known = {
-        r.email: r
+        forms[r.email]: r
         for r in session.execute(
             select(
                 Subscriber.id,
@@ -420,27 +565,30 @@ def _import_chunk(
                 Subscriber.country,
                 Subscriber.tags,
                 Subscriber.attributes,
-            ).where(Subscriber.email.in_(list(merged)))
+            ).where(Subscriber.email.in_(list(forms)))
         )
     }
-    hashes = {email: hash_address(email, secret=target.secret) for email in merged}
-    suppressed = set(
-        session.scalars(
-            select(Suppression.email_hash).where(Suppression.email_hash.in_(list(hashes.values())))
+    hashes = {hash_address(form, secret=target.secret): forms[form] for form in forms}
+    suppressed = {
+        hashes[digest]
+        for digest in session.scalars(
+            select(Suppression.email_hash).where(Suppression.email_hash.in_(list(hashes)))
         )
-    )
+    }
     ids: dict[str, int] = {}
     new: list[SubscriberRow] = []
     changes: list[dict[str, Any]] = []
     for email, row in merged.items():
         old = known.get(email)
-        if hashes[email] in suppressed or (old is not None and old.status in KEPT_OUT_STATUSES):
+        if email in suppressed or (old is not None and old.status in KEPT_OUT_STATUSES):
             report.kept_out += 1
         elif old is None:
             new.append(row)
         else:
             ids[email] = old.id
             change = _fill_in(old, row)
+            if old.email != email:  # stored in an older form: now the deliverable one
+                change["email"] = email
             if change:
                 changes.append({"id": old.id, **change})
     ids.update(_insert_subscribers(session, new, target.now))
@@ -609,11 +757,17 @@ def export_rows(
 
 
 def write_csv(rows: Iterable[dict[str, str]], columns: list[str], handle: Any) -> int:
-    """Write rows under a header; returns how many rows were written."""
-    writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    """Write rows under a header, every cell neutralised; returns how many rows were written."""
+    # CRLF line ends (RFC 4180): the csv module quotes a cell holding either, so a lone CR in a
+    # value cannot end its row early.
+    writer = csv.writer(handle, lineterminator="\r\n")
+    writer.writerow([neutralise_cell(c) for c in columns])
     n = 0
     for row in rows:
-        writer.writerow(row)
+        writer.writerow([neutralise_cell(_text(row.get(c))) for c in columns])
         n += 1
     return n
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)

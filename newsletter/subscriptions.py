@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from newsletter.audience import KEPT_OUT_STATUSES, normalise_email
+from newsletter.audience import KEPT_OUT_STATUSES, address_forms, lookup_forms
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
     Delivery,
@@ -59,8 +59,10 @@ def _event(session: Session, now: datetime, actor: str, action: str, **detail: o
 
 
 def find_subscriber(session: Session, email: str) -> Subscriber:
-    """The subscriber with this address; the error does not repeat the address."""
-    sub = session.scalar(select(Subscriber).where(Subscriber.email == normalise_email(email)))
+    """The subscriber with this address (in any form it was stored under); the error does not
+    repeat the address."""
+    stmt = select(Subscriber).where(Subscriber.email.in_(lookup_forms(email))).limit(1)
+    sub = session.scalar(stmt)
     if sub is None:
         raise AudienceError("no subscriber has that address")
     return sub
@@ -85,11 +87,12 @@ def subscribe(
     Someone who left, bounced or was forgotten needs a fresh confirmation whatever the flags:
     an admin cannot quietly bring them back.
     """
-    address = normalise_email(email)
+    forms = address_forms(email)  # refuses what can never be delivered, says why
+    address = forms[0]
     if language and language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
-    sub = session.scalar(select(Subscriber).where(Subscriber.email == address))
-    fresh = _is_suppressed(session, address, secret) or (
+    sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
+    fresh = _is_suppressed(session, forms, secret) or (
         sub is not None and sub.status in KEPT_OUT_STATUSES
     )
     created = sub is None
@@ -98,6 +101,7 @@ def subscribe(
             email=address, created_at=now, status=SubscriberStatus.ACTIVE, tags=[], attributes={}
         )
         session.add(sub)
+    sub.email = address  # one stored in an older form becomes deliverable
     sub.name = " ".join(name.split())[:200] or sub.name or ""
     sub.language = language or sub.language or "en"
     sub.country = country.upper()[:2] or sub.country or ""
@@ -137,11 +141,18 @@ def _join(
     return row.status
 
 
-def _is_suppressed(session: Session, address: str, secret: str) -> bool:
-    digest = hash_address(address, secret=secret)
-    return (
-        session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is not None
-    )
+def _is_suppressed(session: Session, forms: Sequence[str], secret: str) -> bool:
+    digests = [hash_address(form, secret=secret) for form in forms]
+    stmt = select(Suppression.id).where(Suppression.email_hash.in_(digests)).limit(1)
+    return session.scalar(stmt) is not None
+
+
+def _stored_forms(address: str) -> tuple[str, ...]:
+    """An address from the database in every form it may have had; itself if it is odd."""
+    try:
+        return (address, *lookup_forms(address))
+    except AudienceError:
+        return (address,)
 
 
 def memberships(session: Session, subscriber_id: int) -> list[Membership]:
@@ -178,8 +189,8 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
         row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
     if pending:
         sub.status = SubscriberStatus.ACTIVE
-        digest = hash_address(sub.email, secret=secret)
-        session.execute(delete(Suppression).where(Suppression.email_hash == digest))
+        digests = [hash_address(form, secret=secret) for form in _stored_forms(sub.email)]
+        session.execute(delete(Suppression).where(Suppression.email_hash.in_(digests)))
         _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
     session.flush()
     return [m.slug for m in memberships(session, sub.id) if m.status == SubscriptionStatus.ACTIVE]
@@ -296,11 +307,12 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     name, is never given to someone else. Returns whether the person was in the database; the
     hash is kept either way.
     """
-    address = normalise_email(email)
-    digest = hash_address(address, secret=secret)
-    if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-        session.add(Suppression(email_hash=digest, reason="forgotten", created_at=now))
-    sub = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    forms = lookup_forms(email)  # also someone stored in a form no longer accepted
+    for form in forms:
+        digest = hash_address(form, secret=secret)
+        if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
+            session.add(Suppression(email_hash=digest, reason="forgotten", created_at=now))
+    sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
     if sub is not None:
         session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))
         session.execute(delete(Delivery).where(Delivery.subscriber_id == sub.id))

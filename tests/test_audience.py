@@ -124,7 +124,7 @@ def test_messy_csv_counts_rejects_and_keeps_out(
         10: "language must be one of en, be, ru, not 'fr'",
         11: "more fields than the header has",
         12: "missing email",
-        15: "not UTF-8 text (save the file as UTF-8)",
+        15: "column 'name': not UTF-8 text (save the file as UTF-8)",
     }
     assert "invalid address" in rejects[0][1]
     assert counts["rejected"] == 7

@@ -2,23 +2,30 @@
 
 Every command parses its input, opens a unit of work, calls one step and prints the result.
 A NewsletterError becomes one red line and a non-zero exit code; --debug shows the traceback.
+
+Much of what is printed comes from outside (feed titles, HTTP and SMTP replies, names). The
+consoles print every string as text: Rich markup and emoji codes are not read, and characters
+that could drive a terminal are shown escaped. Colour is given only by `style`, never by markup.
 """
 
 from __future__ import annotations
 
 import getpass
 import importlib
+import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.text import Text
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter import __version__
@@ -28,8 +35,53 @@ from newsletter.db import check_schema, make_engine, make_sessionmaker
 from newsletter.errors import NewsletterError
 from newsletter.send import SendReport
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Never sent to a terminal as they are: C0 and C1 controls and DEL (ESC starts the sequences
+# that move the cursor, retitle the window or write links), lone surrogates (undecodable bytes),
+# the line and paragraph separators, and the bidi controls that reorder what is shown.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0xD800, 0xE000)]
+_BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+_ESCAPED = {cp: f"\\u{cp:04x}" for cp in [*_CONTROLS, *_BIDI] if chr(cp) not in "\n\t"}
+_ESCAPED_ONE_LINE = {**_ESCAPED, ord("\n"): "\\n", ord("\t"): "\\t"}
+
+
+def printable(text: str) -> str:
+    """Text safe for a terminal: each control character shown as a \\uXXXX escape.
+
+    Line breaks and tabs stay; the escapes are valid inside a JSON string too.
+    """
+    return text.translate(_ESCAPED)
+
+
+def one_line(text: object) -> str:
+    """Outside text for one line of output: as printable(), with line breaks and tabs escaped."""
+    return str(text).translate(_ESCAPED_ONE_LINE)
+
+
+class PlainConsole(Console):
+    """A Rich console that prints every string as text: no markup, no emoji, no controls."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        """Every string printed, in a table cell or a title too, passes here."""
+        kwargs.update(markup=False, emoji=False)
+        return super().render_str(printable(text), **kwargs)
+
+
+console = PlainConsole(highlight=False, markup=False, emoji=False)
+err_console = PlainConsole(stderr=True, highlight=False, markup=False, emoji=False)
+
+
+def say(label: str, style: str, message: object = "") -> None:
+    """One line on stderr: a coloured label, then (outside) text shown as text on one line."""
+    line = Text(label, style=style)
+    if message != "":
+        line.append(" " + one_line(message))
+    err_console.print(line, soft_wrap=True)
+
+
+def print_json(value: Any) -> None:
+    """JSON on stdout for scripts; characters unsafe for a terminal become \\u escapes."""
+    console.out(json.dumps(value, default=str, ensure_ascii=False, indent=2), highlight=False)
+
 
 app = typer.Typer(
     name="newsletter",
@@ -131,28 +183,38 @@ def main() -> None:
     except NewsletterError as e:
         if "--debug" in sys.argv:
             raise
-        err_console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        say("error:", "red", e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/yellow]")
+        say("interrupted", "yellow")
         sys.exit(130)
     except Exception as e:  # a bug: still one line unless asked for more
         if "--debug" in sys.argv:
             raise
-        err_console.print(
-            f"[red]internal error:[/red] {type(e).__name__}: {e} (run again with --debug)",
-            soft_wrap=True,
-        )
+        say("internal error:", "red", f"{describe_error(e)} (run again with --debug)")
         sys.exit(70)
+
+
+def describe_error(e: BaseException) -> str:
+    """An unexpected error in a line; a database error by its kind and code only.
+
+    The text of a database error can quote the values of the statement it refused (an address,
+    a name), so it is never shown without --debug.
+    """
+    if not isinstance(e, SQLAlchemyError):
+        return f"{type(e).__name__}: {e}"
+    orig = getattr(e, "orig", None)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None)
+    return f"database error {type(e).__name__}" + (f" ({code})" if code else "")
 
 
 def send_progress(total: int) -> Progress:
     """The sending progress bar: done of total, then sent/deferred/failed and the rate."""
     return Progress(
-        "[progress.description]{task.description}",
+        TextColumn("{task.description}", style="progress.description", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[stats]}"),
+        TextColumn("{task.fields[stats]}", markup=False),
         console=err_console,
         transient=True,
         disable=total == 0,
@@ -270,7 +332,7 @@ def print_summary(report: SendReport, *, seconds: float) -> None:
         + (f"; finished campaign {', '.join(map(str, report.finished))}" if report.finished else "")
     )
     for cid, reason in report.paused.items():
-        err_console.print(f"[yellow]campaign {cid} paused:[/yellow] {reason}", soft_wrap=True)
+        say(f"campaign {cid} paused:", "yellow", reason)
     if report.stopped:
         err_console.print(
             f"stopped on request; {report.released} claimed deliveries released for the next run"

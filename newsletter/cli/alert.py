@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,7 +15,7 @@ from newsletter.alerts import approve_alert
 from newsletter.assemble import assemble_alert
 from newsletter.campaigns import start_campaign
 from newsletter.check import CheckError
-from newsletter.cli import State, app, console, deliver_with_progress
+from newsletter.cli import State, app, console, deliver_with_progress, one_line
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
@@ -192,9 +191,9 @@ def show_summary(session: Session, campaign: Campaign, recipients: int, lang: st
         select(Variant).where(Variant.campaign_id == campaign.id, Variant.lang == lang)
     )
     if variant is not None:
-        console.print(f"subject: {escape(variant.subject)}")
+        console.print(f"subject: {one_line(variant.subject)}")
         lines = [line for line in variant.text.splitlines() if line.strip()][:8]
-        console.print("\n".join(f"  | {escape(line)}" for line in lines))
+        console.print("\n".join(f"  | {one_line(line)}" for line in lines))
     console.print(f"recipients: {recipients} on '{campaign.mailing_list.slug}'")
 
 

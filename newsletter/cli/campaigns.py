@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -13,7 +12,6 @@ import typer
 from rich.console import Group
 from rich.live import Live
 from rich.table import Table
-from rich.text import Text
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,7 +22,7 @@ from newsletter.campaigns import (
     resume_campaign,
     retry_campaign,
 )
-from newsletter.cli import State, app, console
+from newsletter.cli import State, app, console, one_line, print_json
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.db.queries import delivery_counts
@@ -56,7 +54,7 @@ def list_(
                 }
             )
     if as_json:
-        console.print_json(json.dumps(rows))
+        print_json(rows)
         return
     table = Table("id", "kind", "list", "status", "created", "sent", "queued", "deferred", "failed")
     for r in rows:
@@ -101,16 +99,15 @@ def describe(session: Session, campaign_id: int, now: datetime) -> Group:
     """The campaign's header, items and a table of its progress."""
     c = get_campaign(session, campaign_id)
     progress = campaign_progress(session, c.id, now=now)
+    # Plain strings, not Text: the console prints them literally, controls escaped.
     lines: list[Any] = [
-        Text(f"campaign {c.id}: {c.kind} to '{c.mailing_list.slug}', {c.status}"),
-        Text(
-            f"created {c.created_at:%Y-%m-%d %H:%M} UTC by {c.created_by}"
-            + (f", approved by {c.approved_by}" if c.approved_by else "")
-        ),
+        f"campaign {c.id}: {c.kind} to '{c.mailing_list.slug}', {c.status}",
+        f"created {c.created_at:%Y-%m-%d %H:%M} UTC by {one_line(c.created_by)}"
+        + (f", approved by {one_line(c.approved_by)}" if c.approved_by else ""),
     ]
     if c.pause_reason:
-        lines.append(Text(f"paused: {c.pause_reason}"))
-    lines += [Text(f"  - {title}") for title in [i.title for i in c.items] or [c.title]]
+        lines.append(f"paused: {one_line(c.pause_reason)}")
+    lines += [f"  - {one_line(title)}" for title in [i.title for i in c.items] or [c.title]]
     table = Table(
         "recipients",
         "sent",
@@ -136,7 +133,7 @@ def failure_table(session: Session, campaign_id: int, limit: int) -> Table:
     """Failed addresses of a campaign with the server's last reply."""
     table = Table("address", "last SMTP reply", title="failed deliveries")
     for email, reply in campaign_failures(session, campaign_id, limit=limit):
-        table.add_row(email, reply)
+        table.add_row(email, one_line(reply or ""))
     return table
 
 

@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from sqlalchemy.orm import Session
 
 from newsletter.campaigns import get_campaign
 from newsletter.check import CheckError, Problem, check_campaign, require_clean
-from newsletter.cli import State, app, console, err_console
+from newsletter.cli import State, app, console, say
 from newsletter.db.models import Campaign
 from newsletter.preview import PreviewReport
 
@@ -71,9 +70,9 @@ def guarded(state: State, session: Session, campaign: Campaign, *, force: bool) 
 
 def print_problems(problems: Sequence[Problem], *, overridden: bool = False) -> None:
     """One line per problem on stderr."""
-    label = "[yellow]overridden:[/yellow]" if overridden else "[red]refused:[/red]"
+    label, style = ("overridden:", "yellow") if overridden else ("refused:", "red")
     for problem in problems:
-        err_console.print(f"{label} {escape(str(problem))}", soft_wrap=True)
+        say(label, style, problem)
 
 
 ScreenshotOption = Annotated[
@@ -95,9 +94,11 @@ def print_preview(report: PreviewReport) -> None:
         console.print(f"  {path}")
     for shot in report.screenshots:
         if shot.overflows:
-            err_console.print(
-                f"[yellow]warning:[/yellow] {escape(shot.path.name)} is {shot.page_width} px "
-                f"wide in a {shot.width} px window: readers would scroll sideways"
+            say(
+                "warning:",
+                "yellow",
+                f"{shot.path.name} is {shot.page_width} px wide in a {shot.width} px window: "
+                "readers would scroll sideways",
             )
     if report.problems:
         print_problems(report.problems)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 from typing import Annotated
 
@@ -11,7 +10,7 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from newsletter.cli import State, app, console
+from newsletter.cli import State, app, console, one_line, print_json
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.db.queries import delivery_counts
@@ -89,7 +88,7 @@ def status(
         ],
     }
     if as_json:
-        console.print_json(json.dumps(report))
+        print_json(report)
         return
     console.print(f"scheduler: {report['scheduler']}")
     console.print(f"next digest: {next_digest:%Y-%m-%d %H:%M %Z}" if next_digest else "no digest")
@@ -117,5 +116,7 @@ def status(
         when = f"{s.last_fetched_at:%Y-%m-%d %H:%M}" if s.last_fetched_at else "never"
         age = now - s.last_fetched_at if s.last_fetched_at else None
         stale = age is not None and age > timedelta(hours=1)
-        sources_table.add_row(s.url, when + (" (stale)" if stale else ""), s.last_error or "")
+        sources_table.add_row(
+            s.url, when + (" (stale)" if stale else ""), one_line(s.last_error or "")
+        )
     console.print(sources_table)

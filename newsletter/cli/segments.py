@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -11,7 +10,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from newsletter.audience import get_list
-from newsletter.cli import State, app, console
+from newsletter.cli import State, app, console, print_json
 from newsletter.db import unit_of_work
 from newsletter.db.models import Segment, Subscriber
 from newsletter.db.queries import audience_query
@@ -49,7 +48,7 @@ def list_(ctx: typer.Context, as_json: JsonOption = False) -> None:
     with unit_of_work(state.factory()) as session:
         rows = [(s.name, s.rule) for s in session.scalars(select(Segment).order_by(Segment.name))]
     if as_json:
-        console.print_json(json.dumps([{"name": n, "rule": r} for n, r in rows]))
+        print_json([{"name": n, "rule": r} for n, r in rows])
         return
     table = Table("name", "rule")
     for name, rule in rows:
@@ -70,7 +69,7 @@ def count(
     with unit_of_work(state.factory()) as session:
         people = _people(session, _where(session, name, rule), list_slug).subquery()
         n = int(session.scalar(select(func.count()).select_from(people)) or 0)
-    console.print_json(json.dumps({"count": n})) if as_json else console.print(str(n))
+    print_json({"count": n}) if as_json else console.print(str(n))
 
 
 @segments_app.command("show")
@@ -90,7 +89,7 @@ def show(
         rows = [(s.email, s.name, s.language, s.country) for s in subs]
     if as_json:
         keys = ("email", "name", "language", "country")
-        console.print_json(json.dumps([dict(zip(keys, r, strict=True)) for r in rows]))
+        print_json([dict(zip(keys, r, strict=True)) for r in rows])
         return
     table = Table("email", "name", "language", "country")
     for r in rows:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from newsletter.audience import read_lists, sync_lists
-from newsletter.cli import State, app, console, deliver_with_progress, err_console
+from newsletter.cli import State, app, console, deliver_with_progress, one_line, say
 from newsletter.config import FeedSource
 from newsletter.db import make_sessionmaker, migrate, unit_of_work
 from newsletter.errors import ConfigError
@@ -51,9 +51,11 @@ def init(
     console.print(f"lists: created {len(report.created)}, updated {len(report.updated)}")
     console.print(f"segments: created {segments[0]}, updated {segments[1]}")
     for slug in report.missing:
-        err_console.print(
-            f"[yellow]warning:[/yellow] list '{slug}' is in the database but no "
-            "longer declared; it was kept with its subscriptions"
+        say(
+            "warning:",
+            "yellow",
+            f"list '{slug}' is in the database but no longer declared; "
+            "it was kept with its subscriptions",
         )
 
 
@@ -82,7 +84,7 @@ def ingest(
     table = Table("source", "new", "updated", "unchanged", "result")
     for r in reports:
         result = describe_report(r)  # an error, busy, not modified or ok; and any redirect
-        table.add_row(r.source, str(r.new), str(r.updated), str(r.unchanged), result)
+        table.add_row(r.source, str(r.new), str(r.updated), str(r.unchanged), one_line(result))
     console.print(table)
     if any(r.error for r in reports):
         raise typer.Exit(1)

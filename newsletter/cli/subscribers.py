@@ -6,6 +6,7 @@ import asyncio
 import csv
 import json
 import sys
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -25,12 +26,14 @@ from newsletter.audience import (
     get_list,
     import_rows,
     list_counts,
+    neutralise_cell,
     read_csv,
     read_lists,
+    restore_cell,
     sync_lists,
     write_csv,
 )
-from newsletter.cli import State, app, console, err_console
+from newsletter.cli import State, app, console, err_console, print_json, say
 from newsletter.cli.service import default_lists_file
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
@@ -51,11 +54,6 @@ app.add_typer(lists_app, name="lists")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EmailArg = Annotated[str, typer.Argument(help="The subscriber's email address.")]
-
-
-def print_json(value: Any) -> None:
-    """JSON on stdout, for scripts."""
-    console.print_json(json.dumps(value, default=str, ensure_ascii=False))
 
 
 def send_owed_confirmations(state: State) -> tuple[int, int]:
@@ -133,7 +131,11 @@ def add(
 
 @contextmanager
 def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
-    """A sink for rejected rows: line, reason and the row's own columns, opened on first use."""
+    """A sink for rejected rows: line, reason and the row's own columns, opened on first use.
+
+    Cells are written as import would read them, neutralised against spreadsheet formulas, with
+    control characters and undecodable bytes shown as U+FFFD.
+    """
     header = _header(source)
     state: dict[str, Any] = {"n": 0}
     handle: TextIO | None = None
@@ -143,11 +145,10 @@ def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
             nonlocal handle
             if handle is None:
                 handle = path.open("w", encoding="utf-8", newline="")
-                state["writer"] = csv.DictWriter(
-                    handle, ["line", "reason", *header], extrasaction="ignore"
-                )
-                state["writer"].writeheader()
-            state["writer"].writerow({**(raw or {}), "line": line, "reason": reason})
+                state["writer"] = csv.writer(handle)
+                state["writer"].writerow([_reject_cell(c) for c in ["line", "reason", *header]])
+            cells = [str(line), reason, *((raw or {}).get(h) or "" for h in header)]
+            state["writer"].writerow([_reject_cell(c) for c in cells])
             state["n"] += 1
 
         yield write
@@ -162,7 +163,17 @@ def _header(source: Path) -> list[str]:
             first = next(csv.reader(handle), [])
     except (OSError, csv.Error):
         return []
-    return [h.strip().lower() for h in first if h.strip().lower() not in ("line", "reason")]
+    names = [restore_cell(h.strip()).lower() for h in first]
+    return [h for h in names if h not in ("line", "reason")]
+
+
+def _reject_cell(value: str) -> str:
+    """A cell of the rejects file: readable, safe to open, and read back as it was read."""
+    shown = "".join(
+        "\ufffd" if ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cs") else ch
+        for ch in value
+    )
+    return neutralise_cell(restore_cell(shown))
 
 
 @subscribers_app.command("import")
@@ -512,6 +523,6 @@ def lists_sync(
         f"segments: created {seg[0]}, updated {seg[1]}"
     )
     for slug in report.missing:
-        err_console.print(f"[yellow]warning:[/yellow] list '{slug}' is no longer declared; kept")
+        say("warning:", "yellow", f"list '{slug}' is no longer declared; kept")
     for name in seg[2]:
-        err_console.print(f"[yellow]warning:[/yellow] segment '{name}' is no longer declared; kept")
+        say("warning:", "yellow", f"segment '{name}' is no longer declared; kept")
