@@ -34,12 +34,8 @@ from newsletter.cli import (
     send_progress,
 )
 from newsletter.config import Settings
-from newsletter.errors import NewsletterError
+from newsletter.errors import WorkerError
 from newsletter.send import SendReport
-
-
-class WorkerError(NewsletterError):
-    """A sender worker process ended with an error; its own message is on stderr above."""
 
 
 def report_to_json(report: SendReport) -> str:
