@@ -20,7 +20,7 @@ from newsletter.config import load_settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery
 from newsletter.devsmtp import free_port
-from newsletter.ledger import SendReport
+from newsletter.send import SendReport
 from newsletter.smtp import Outcome, Result, SmtpPool, classify, classify_error
 from tests.conftest import SECRET
 from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd

@@ -13,7 +13,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    distinct,
     func,
     literal,
     or_,
@@ -286,8 +285,10 @@ def claim_holders(session: Session) -> list[str]:
     DISTINCT over the claimed rows only (ix_deliveries_claim has status first): a handful of
     batches, however large the table.
     """
-    stmt = select(distinct(Delivery.claimed_by)).where(
-        Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by.is_not(None)
+    stmt = (
+        select(Delivery.claimed_by)
+        .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by.is_not(None))
+        .distinct()
     )
     return [name for name in session.scalars(stmt) if name]
 
