@@ -433,7 +433,7 @@ class Sender:
         """Claim, send and record batch after batch until nothing is due or a stop is asked."""
         watcher = asyncio.create_task(self._watch())
         try:
-            await asyncio.to_thread(self._free_dead_claims)
+            await self._look(renew=True)  # before the first claim: dead claims, stale holds
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._produce())
                 for _ in range(self.lanes):
@@ -603,25 +603,33 @@ class Sender:
     # --- the watcher ----------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Re-read campaign states (pause, cancel); renew this worker's leases, free dead ones."""
+        """Look at the database twice a second; renew leases six times per lease."""
         renew_every = max(self.settings.smtp.lease_seconds / RENEWALS_PER_LEASE, WATCH_SECONDS)
         since_renew = 0.0
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             since_renew += WATCH_SECONDS
             renew = since_renew >= renew_every
-            committed = self.guard.committed_ones()
-            try:
-                stopped = await asyncio.to_thread(self._look, set(self.active), renew)
-            except Exception as error:  # a database hiccup: the lease outlasts a few misses
-                log.warning("sender could not read campaign states: %s", _first_line(error))
-                continue
-            since_renew = 0.0 if renew else since_renew
-            # Recomputed, not accumulated: a campaign resumed meanwhile may be sent again.
-            self.control.held = stopped
-            self.guard.settle(committed)
+            if await self._look(renew=renew) and renew:
+                since_renew = 0.0
 
-    def _look(self, active: set[int], renew: bool) -> set[int]:
+    async def _look(self, *, renew: bool) -> bool:
+        """Campaign states into `control.held` (its one writer); False after a database error.
+
+        Recomputed, not accumulated: a campaign resumed meanwhile may be sent again. With
+        `renew`, this worker's leases are renewed and dead processes' claims put back.
+        """
+        committed = self.guard.committed_ones()
+        try:
+            stopped = await asyncio.to_thread(self._read_states, set(self.active), renew)
+        except Exception as error:  # a database hiccup: the lease outlasts a few misses
+            log.warning("sender could not read campaign states: %s", _first_line(error))
+            return False
+        self.control.held = stopped
+        self.guard.settle(committed)
+        return True
+
+    def _read_states(self, active: set[int], renew: bool) -> set[int]:
         """The watcher's one transaction (a database thread)."""
         with unit_of_work(self.factory) as session:
             stopped = stopped_campaigns(session, active)
@@ -630,10 +638,6 @@ class Sender:
                 extend_leases(session, worker=self.worker, until=until)
                 self._put_back_dead(session)
         return stopped
-
-    def _free_dead_claims(self) -> None:
-        with unit_of_work(self.factory) as session:
-            self._put_back_dead(session)
 
     def _put_back_dead(self, session: Session) -> None:
         """Claims of sender processes on this host that no longer exist go back at once."""
