@@ -270,7 +270,11 @@ def _unclaim(session: Session, which: ColumnElement[bool], *, worker: str) -> in
 
 
 def extend_leases(session: Session, *, worker: str, until: datetime) -> None:
-    """Keep a live worker's claims from running out while it is still sending them."""
+    """Keep a live worker's claims from running out while it is still sending them.
+
+    One UPDATE by claimed_by over the claimed rows (ix_deliveries_claim, status first), not by
+    id: the database knows which rows the worker holds, whatever its queue looks like.
+    """
     session.execute(
         update(Delivery)
         .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by == worker)
