@@ -471,7 +471,6 @@ def test_a_campaign_without_a_variant_is_paused_once_and_the_others_still_go(
         service = service_for(database_url, port, clock)
         with send_loop(service):
             assert wait_until(lambda: campaign_state(factory, fine) == "finished", seconds=30)
-            rounds = len(caplog.records)
             time.sleep(2)  # two more rounds of the loop: nothing more is said about it
         service.engine.dispose()
     assert len(handler.received) == 3 and campaign_state(factory, broken) == "paused"
@@ -479,7 +478,6 @@ def test_a_campaign_without_a_variant_is_paused_once_and_the_others_still_go(
     assert len(about) == 1 and about[0].levelno == logging.WARNING, about
     assert "no rendered variant" in about[0].getMessage()
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
-    assert len(caplog.records) >= rounds
     with unit_of_work(factory) as session:
         from newsletter.db.models import Campaign
 
