@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import items_for_language
@@ -18,7 +18,7 @@ from newsletter.db.models import (
     MailingList,
     Variant,
 )
-from newsletter.db.queries import count_pending, enqueue_audience
+from newsletter.db.queries import enqueue_audience, finish_campaign, running_campaigns
 from newsletter.errors import CampaignError
 from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
 
@@ -119,20 +119,8 @@ def finish_if_done(*, session: Session, campaign_id: int, now: datetime) -> bool
     The change is one conditional UPDATE, so of two workers finishing together only one wins
     and writes the event.
     """
-    if count_pending(session, campaign_id):
+    if not finish_campaign(session, campaign_id=campaign_id, now=now):
         return False
-    won = session.execute(
-        update(Campaign)
-        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
-        .values(status=CampaignStatus.FINISHED, finished_at=now)
-        .returning(Campaign.id)
-        .execution_options(synchronize_session=False)
-    ).scalar()
-    if won is None:
-        return False
-    loaded = session.get(Campaign, campaign_id)
-    if loaded is not None:
-        session.refresh(loaded)
     session.add(
         Event(at=now, actor="sender", action="campaign.finished", detail={"campaign": campaign_id})
     )
@@ -149,8 +137,7 @@ def get_campaign(session: Session, campaign_id: int) -> Campaign:
 
 def running_campaign_ids(session: Session) -> list[int]:
     """Ids of campaigns that are sending."""
-    stmt = select(Campaign.id).where(Campaign.status == CampaignStatus.RUNNING)
-    return list(session.scalars(stmt))
+    return running_campaigns(session)
 
 
 # --- pause, resume, cancel, retry (from another terminal while a sender runs) ---------------

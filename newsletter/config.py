@@ -62,7 +62,7 @@ class SmtpSettings:
     timeout_seconds: float = 30.0
     pool_size: int = 4
     batch_size: int = 200
-    lease_seconds: int = 300
+    lease_seconds: int = 60
     retry_base_seconds: int = 60
     retry_deadline_hours: int = 72
     rate_per_second: float = 0.0

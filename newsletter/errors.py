@@ -12,14 +12,21 @@ message that says what went wrong and, where it can, what to do about it::
     ├── AudienceError               bad list, subscriber or CSV data
     │   └── SegmentError            a segment rule that does not parse (segments.py; with position)
     ├── CampaignError               nothing to send, unknown item or campaign, wrong state
-    │   └── CheckError              the pre-send check refused a campaign (check.py; all problems)
+    │   ├── CheckError              the pre-send check refused a campaign (check.py; all problems)
+    │   └── MissingVariantError     a sending campaign has no rendered variant: the sender pauses
+    │                               it with this as the reason (send.py)
     ├── RenderError                 a template failed to render
     │   └── ScreenshotError         no chromium, or it failed (screenshot.py)
     ├── TokenError                  a forged, altered or expired signed token
-    ├── WorkerError                 a `send --workers` child process failed (cli/workers.py)
-    └── DeliveryError               SMTP delivery failed
-        ├── TemporaryDeliveryError  4xx, dropped connection: retry later
-        └── PermanentDeliveryError  5xx: do not retry
+    ├── WorkerError                 a `send --workers` child process failed
+    └── DeliveryError               one message cannot be delivered
+        ├── TemporaryDeliveryError  try later (reserved: the transport returns such outcomes)
+        └── PermanentDeliveryError  never: e.g. a message that cannot be built (message.py); the
+                                    sender records it failed without sending
+
+SMTP replies and transport failures (refused connection, time-out, TLS) are values, not
+exceptions: `smtp.Outcome` (sent, temporary, permanent) is what the sender records. A bug in the
+transport (a TypeError, an AttributeError) is not a delivery outcome: it raises.
 
 The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
 """
@@ -68,12 +75,29 @@ class CampaignError(NewsletterError):
     """A campaign cannot be made or changed as asked."""
 
 
+class MissingVariantError(CampaignError):
+    """A sending campaign has no rendered variant in a reader's language nor the default one."""
+
+    def __init__(self, campaign_id: int, lang: str, default: str) -> None:
+        self.campaign_id = campaign_id
+        self.lang = lang
+        super().__init__(
+            f"campaign {campaign_id} has no rendered variant in '{lang}' nor in the default "
+            f"language '{default}': check [render] default_language (a language the campaign "
+            f"was rendered in), then `newsletter campaigns resume {campaign_id}`"
+        )
+
+
 class RenderError(NewsletterError):
     """A template could not be rendered."""
 
 
 class TokenError(NewsletterError):
     """A signed token is forged, altered, expired or for another purpose."""
+
+
+class WorkerError(NewsletterError):
+    """A sender worker process ended with an error; its own message is on stderr above."""
 
 
 class DeliveryError(NewsletterError):

@@ -1,74 +1,66 @@
 """The ledger: record each delivery's outcome, back off on 4xx, suppress refused mailboxes.
 
-Every write here runs in the caller's transaction. Outcomes are written with one executemany per
-kind, so recording stays cheap at thousands of messages a second. SMTP replies are stored with the
-recipient's address blanked out: the record says what happened, not to whom in clear.
+`record_outcomes` writes in the caller's transaction, with one executemany per kind of outcome
+(db/queries.py), so recording stays cheap at thousands of messages a second. `LedgerWriter` is
+the sender's one writer: it owns a thread and a long-lived connection and commits outcomes as
+they come. SMTP replies are stored with the recipient's address blanked out: the record says
+what happened, not to whom in clear.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
-from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.campaigns import pause_campaign
+from newsletter.clock import Clock
 from newsletter.config import Settings
-from newsletter.db.models import (
-    Delivery,
-    DeliveryStatus,
-    Event,
-    Subscriber,
-    SubscriberStatus,
-    Suppression,
-)
+from newsletter.db.models import Campaign, CampaignStatus, DeliveryStatus, Event
+from newsletter.db.queries import add_suppression, mark_bounced, record_sent, record_unsent
 from newsletter.smtp import Outcome, Result
 from newsletter.tokens import hash_address
 
 MAX_BACKOFF = timedelta(hours=6)
-DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+
+
+class Attempt(Protocol):
+    """What the ledger needs to know of a message it records (send.Job is one)."""
+
+    @property
+    def delivery_id(self) -> int: ...
+
+    @property
+    def campaign_id(self) -> int: ...
+
+    @property
+    def subscriber_id(self) -> int: ...
+
+    @property
+    def email(self) -> str: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def retry_from(self) -> datetime: ...
 
 
 @dataclass
-class SendReport:
-    """What a sender did: counts by outcome, and campaigns finished or paused on the way."""
+class Recorded:
+    """What one commit wrote: deliveries by outcome, and campaigns paused on the way."""
 
     sent: int = 0
     deferred: int = 0
     failed: int = 0
-    suppressed: int = 0
-    released: int = 0
-    finished: list[int] = field(default_factory=list)
     paused: dict[int, str] = field(default_factory=dict)
-    stopped: bool = False
-
-    def add(self, other: SendReport) -> None:
-        """Fold another report into this one."""
-        self.sent += other.sent
-        self.deferred += other.deferred
-        self.failed += other.failed
-        self.suppressed += other.suppressed
-        self.released += other.released
-        self.finished += other.finished
-        self.paused |= other.paused
-        self.stopped = self.stopped or other.stopped
-
-
-@dataclass(frozen=True)
-class Job:
-    """One claimed delivery made ready to send."""
-
-    delivery_id: int
-    campaign_id: int
-    subscriber_id: int
-    email: str
-    attempts: int
-    retry_from: datetime
-    envelope_from: str
-    message: bytes
-    error: str = ""  # set when no message could be built: fail without sending
 
 
 def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> timedelta:
@@ -81,53 +73,22 @@ def scrub(reply: str, email: str) -> str:
     """An SMTP reply without the recipient's address in it, cut to the column's size."""
     # Checked first: most replies ("250 2.0.0 Ok: queued") never name the recipient, and
     # compiling a pattern per address (none is ever in re's cache) cost more than the insert.
+    # re.escape makes the pattern a literal: matching it is linear in the reply's length.
     if email and email.lower() in reply.lower():
         reply = re.sub(re.escape(email), "<recipient>", reply, flags=re.IGNORECASE)
     return reply[:1000]
 
 
-_SENT = (
-    update(DELIVERIES)
-    .where(
-        DELIVERIES.c.id == bindparam("b_id"),
-        DELIVERIES.c.status == DeliveryStatus.CLAIMED,
-    )
-    .values(
-        status=DeliveryStatus.SENT,
-        sent_at=bindparam("b_at"),
-        last_reply=bindparam("b_reply"),
-        relay=bindparam("b_relay"),
-        lease_until=None,
-        claimed_by=None,
-    )
-)
-_RETRY = (
-    update(DELIVERIES)
-    .where(
-        DELIVERIES.c.id == bindparam("b_id"),
-        DELIVERIES.c.status == DeliveryStatus.CLAIMED,
-    )
-    .values(
-        status=bindparam("b_status"),
-        next_attempt_at=bindparam("b_next"),
-        last_reply=bindparam("b_reply"),
-        relay=bindparam("b_relay"),
-        lease_until=None,
-        claimed_by=None,
-    )
-)
-
-
 def record_outcomes(
     session: Session,
-    results: list[tuple[Job, Outcome]],
+    results: list[tuple[Attempt, Outcome]],
     *,
     settings: Settings,
     now: datetime,
     rng: random.Random,
-) -> SendReport:
+) -> Recorded:
     """Write each outcome to its delivery row; suppress addresses refused for good."""
-    report = SendReport()
+    report = Recorded()
     sent: list[dict[str, object]] = []
     other: list[dict[str, object]] = []
     deadline = timedelta(hours=settings.smtp.retry_deadline_hours)
@@ -155,12 +116,8 @@ def record_outcomes(
                     now=now,
                     reply=str(row["b_reply"]),
                 )
-    # On the session's connection: the same transaction, without the ORM's per-statement work
-    # (a third of the cost of recording at a few rows per commit).
-    if sent:
-        session.connection().execute(_SENT, sent)
-    if other:
-        session.connection().execute(_RETRY, other)
+    record_sent(session, sent)
+    record_unsent(session, other)
     return report
 
 
@@ -174,14 +131,9 @@ def suppress_bounced(
     reply: str,
 ) -> None:
     """Mark an address refused for good as bounced, so nothing is sent to it again."""
-    session.execute(
-        update(Subscriber)
-        .where(Subscriber.id == subscriber_id)
-        .values(status=SubscriberStatus.BOUNCED)
-    )
+    mark_bounced(session, subscriber_id)
     digest = hash_address(email, secret=settings.security.require_secret())
-    if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-        session.add(Suppression(email_hash=digest, reason="bounce", created_at=now))
+    add_suppression(session, email_hash=digest, reason="bounce", now=now)
     session.add(
         Event(
             at=now,
@@ -190,3 +142,135 @@ def suppress_bounced(
             detail={"subscriber": subscriber_id, "reply": scrub(reply, email)[:200]},
         )
     )
+
+
+def pause_running(session: Session, *, campaign_id: int, reason: str, now: datetime) -> bool:
+    """Pause a campaign the sender cannot go on with, if it is still running; True if paused."""
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None or campaign.status != CampaignStatus.RUNNING:
+        return False
+    pause_campaign(session=session, campaign_id=campaign_id, now=now, actor="sender", reason=reason)
+    return True
+
+
+Submitted = tuple[Attempt, Outcome, str | None, asyncio.Future[None]]
+
+
+class LedgerWriter:
+    """The sender's one writer of outcomes: its own thread, its own long-lived connection.
+
+    `submit` returns once the outcome is committed. Outcomes that arrive while a commit is under
+    way wait for the next one, so the event loop keeps serving the connections and commits grow
+    with the load. An outcome may carry a pause (a failure burst): it is written in the same
+    transaction as the outcomes it came with.
+    """
+
+    def __init__(
+        self,
+        *,
+        factory: sessionmaker[Session],
+        settings: Settings,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self._factory, self._settings, self._clock, self._rng = factory, settings, clock, rng
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        self._pending: list[Submitted] = []
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Outcomes are written by one thread through one long-lived session: a new session per
+        # commit cost twice the commit itself at thousands of commits a second.
+        self._session: Session | None = None
+        self._connection: Connection | None = None
+
+    async def submit(
+        self, attempt: Attempt, outcome: Outcome, *, pause: str | None = None
+    ) -> list[Recorded]:
+        """Return once this outcome is committed, with what the commits this call made wrote."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append((attempt, outcome, pause, done))
+        written: list[Recorded] = []
+        if self._idle.is_set():
+            self._idle.clear()
+            try:
+                await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
+                while self._pending:
+                    group, self._pending = self._pending, []
+                    try:
+                        written.append(
+                            await loop.run_in_executor(self._executor, self._write, group)
+                        )
+                    except BaseException as error:
+                        _fail(group + self._pending, error, done)
+                        self._pending = []
+                        raise
+                    for *_, fut in group:
+                        fut.set_result(None)
+            finally:
+                self._idle.set()
+        await done
+        return written
+
+    async def flush(self) -> None:
+        """Wait until every outcome submitted so far is committed (or its commit failed)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Flush, then close the connection and stop the thread."""
+        await self.flush()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
+
+    def _write(self, group: list[Submitted]) -> Recorded:
+        """Commit a group of outcomes and the pauses they carry (in the writer's thread)."""
+        now = self._clock.now()
+        session = self._open()
+        try:
+            report = record_outcomes(
+                session,
+                [(attempt, outcome) for attempt, outcome, _p, _f in group],
+                settings=self._settings,
+                now=now,
+                rng=self._rng,
+            )
+            for attempt, _o, reason, _f in group:
+                if reason and pause_running(
+                    session, campaign_id=attempt.campaign_id, reason=reason, now=now
+                ):
+                    report.paused[attempt.campaign_id] = reason
+            session.commit()  # the connection was idle: the session's transaction is its own
+        except BaseException:
+            session.rollback()
+            self._close()  # a broken connection is not reused
+            raise
+        finally:
+            if self._session is not None:
+                self._session.expunge_all()  # read afresh (a campaign may be resumed)
+        return report
+
+    def _open(self) -> Session:
+        if self._session is None:
+            # Held for the writer's life: a pool checkout per commit (with PostgreSQL's
+            # pre-ping, one more round trip) cost as much as the commit.
+            self._connection = self._factory.kw["bind"].connect()
+            self._session = Session(bind=self._connection, expire_on_commit=False)
+        return self._session
+
+    def _close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class RecordError(Exception):
+    """Another lane's commit failed; this lane's outcome was not recorded either."""
+
+
+def _fail(waiting: list[Submitted], error: BaseException, own: asyncio.Future[None]) -> None:
+    for *_, fut in waiting:
+        if fut is not own and not fut.done():
+            fut.set_exception(RecordError(error))

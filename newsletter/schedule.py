@@ -13,7 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import or_, select, update
@@ -27,7 +26,8 @@ from newsletter.check import CheckError, require_clean
 from newsletter.clock import Clock
 from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import Delivery, DeliveryStatus, ListKind, MailingList, Source
+from newsletter.db.models import ListKind, MailingList, Source
+from newsletter.db.queries import release_expired
 from newsletter.ingest import IngestReport, describe_report, ingest_all, source_key
 from newsletter.lock import acquire_lock, release_lock
 
@@ -209,13 +209,4 @@ class Scheduler:
     def release_expired_claims(self) -> int:
         """Put back claims whose lease ran out (their worker died), so counts stay true."""
         with unit_of_work(self.factory) as session:
-            result: Any = session.execute(
-                update(Delivery)
-                .where(
-                    Delivery.status == DeliveryStatus.CLAIMED,
-                    Delivery.lease_until < self.clock.now(),
-                )
-                .values(status=DeliveryStatus.QUEUED, lease_until=None)
-                .execution_options(synchronize_session=False)
-            )
-            return int(result.rowcount or 0)
+            return release_expired(session, now=self.clock.now())

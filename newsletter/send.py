@@ -1,18 +1,25 @@
 """The sender: claim a batch, re-check who may still be mailed, build, send, record.
 
 A batch is claimed in one short transaction (with a lease, and this worker's name), then sent over
-as many lanes as the transport has connections. Each lane records its message's outcome, committed
-together with whatever other lanes finished meanwhile, before it sends the next one: a sender
-killed at any moment leaves at most one accepted-but-unrecorded message per connection, and that
-one goes again with the same Message-ID. A watcher re-reads the campaigns' states twice a second
-(pause, cancel) and renews the leases of live claims. Claims never attempted are released.
+as many lanes as the transport has connections. Each lane records its message's outcome through
+the ledger's writer, committed together with whatever other lanes finished meanwhile, before it
+sends the next one: a sender killed at any moment leaves at most one accepted-but-unrecorded
+message per connection, and that one goes again with the same Message-ID. A watcher re-reads
+the campaigns' states twice a second (pause, cancel), renews the leases of live claims and puts
+back the claims of sender processes on this host that no longer exist. Whatever this worker
+still holds when it stops (the database knows: claimed by it) is released.
+
+Every database call runs in a thread (the producer's, the watcher's, the writer's), never on the
+event loop that drives the connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
+import signal
 import socket
 import uuid
 from collections import deque
@@ -20,49 +27,162 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
-from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.bounces import verp_address
-from newsletter.campaigns import finish_if_done, pause_campaign, running_campaign_ids
+from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import (
-    Campaign,
-    CampaignKind,
-    CampaignStatus,
-    Delivery,
-    DeliveryStatus,
-    MailingList,
-    Subscriber,
-    SubscriberStatus,
-    Subscription,
-    SubscriptionStatus,
-    Variant,
+from newsletter.db.queries import (
+    any_alert,
+    claim_batch,
+    claim_holders,
+    count_due,
+    extend_leases,
+    load_claimed,
+    load_variant,
+    release_claims,
+    release_claims_of,
+    release_own_claims,
+    running_campaigns,
+    skip_left,
+    stopped_campaigns,
 )
-from newsletter.db.queries import claim_batch, extend_leases, release_claims
-from newsletter.dkim import DkimSigner
-from newsletter.errors import PermanentDeliveryError
-from newsletter.ledger import DELIVERIES, Job, SendReport, record_outcomes, retry_delay
+from newsletter.dkim import DkimSigner, load_signer
+from newsletter.errors import MissingVariantError, PermanentDeliveryError
+from newsletter.ledger import LedgerWriter, Recorded, RecordError, pause_running, retry_delay
 from newsletter.message import ListInfo, MessageTemplate, Recipient
 from newsletter.render import RenderedVariant
-from newsletter.smtp import Outcome, Result, SmtpPool, Transport
+from newsletter.smtp import Outcome, Result, Transport, open_pool
 
-__all__ = ["Job", "SendControl", "SendReport", "deliver_queued", "retry_delay", "worker_name"]
+__all__ = [
+    "BurstGuard",
+    "Job",
+    "JobQueue",
+    "SendControl",
+    "SendReport",
+    "count_due_now",
+    "deliver_all",
+    "deliver_queued",
+    "retry_delay",
+    "worker_name",
+]
+
+log = logging.getLogger("newsletter.send")
 
 WATCH_SECONDS = 0.5
+# A live worker renews its leases this many times per [smtp] lease_seconds, so a lease runs out
+# only after that many renewals in a row were missed (a database hiccup, not a slow message).
+RENEWALS_PER_LEASE = 6
+
+
+@dataclass
+class SendReport:
+    """What a sender did: counts by outcome, and campaigns finished or paused on the way."""
+
+    sent: int = 0
+    deferred: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    released: int = 0
+    finished: list[int] = field(default_factory=list)
+    paused: dict[int, str] = field(default_factory=dict)
+    stopped: bool = False
+
+    def add(self, other: SendReport) -> None:
+        """Fold another report into this one."""
+        self.sent += other.sent
+        self.deferred += other.deferred
+        self.failed += other.failed
+        self.suppressed += other.suppressed
+        self.released += other.released
+        self.finished += other.finished
+        self.paused |= other.paused
+        self.stopped = self.stopped or other.stopped
+
+    @classmethod
+    def of(cls, recorded: Recorded) -> SendReport:
+        """The report of one commit of the ledger's writer."""
+        return cls(
+            sent=recorded.sent,
+            deferred=recorded.deferred,
+            failed=recorded.failed,
+            paused=recorded.paused,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One claimed delivery made ready to send."""
+
+    delivery_id: int
+    campaign_id: int
+    subscriber_id: int
+    email: str
+    attempts: int
+    retry_from: datetime
+    envelope_from: str
+    message: bytes
+    error: str = ""  # set when no message could be built: fail without sending
+
+
+# --- who holds a claim: worker names name the host and the process --------------------------
 
 
 def worker_name() -> str:
     """A name for this sender process, unique enough to tell its claims from others'."""
-    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{_host_id()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _host_id() -> str:
+    """This host as claims name it: the host name, and on Linux the PID namespace.
+
+    Two containers may share a host name but not a PID namespace; a worker only judges the
+    processes it can see.
+    """
+    host = socket.gethostname()[:30].replace(":", "_")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    return f"{host}/{''.join(c for c in namespace if c.isdigit())}"
+
+
+def is_gone(worker: str) -> bool:
+    """Whether a claim holder was a process on this host that no longer runs."""
+    host, _, rest = worker.partition(":")
+    pid, _, _tag = rest.partition(":")
+    if host != _host_id() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    return not _process_runs(int(pid))
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) sends nothing more
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+# --- what may be sent ---------------------------------------------------------------------
 
 
 @dataclass
 class SendControl:
-    """What may be sent right now: a stop request, and campaigns no longer running."""
+    """What may be sent right now: a stop request, and campaigns no longer running.
+
+    `held` is written by one hand only: the sender's watcher, from the database.
+    """
 
     stopping: bool = False
     held: set[int] = field(default_factory=set)
@@ -71,12 +191,118 @@ class SendControl:
     def request_stop(self) -> None:
         """Finish what is in flight, send nothing new (SIGTERM / SIGINT)."""
         self.stopping = True
-        for callback in self.on_stop:
+        for callback in list(self.on_stop):
             callback()
 
     def may_send(self, campaign_id: int) -> bool:
         """Whether a message of this campaign may start now."""
         return not self.stopping and campaign_id not in self.held
+
+
+class BurstGuard:
+    """Holds back a campaign whose deliveries fail [smtp] failure_burst times in a row.
+
+    The outcome that trips it carries the pause to the ledger's writer, which commits both
+    together; the campaign is held from that moment. The hold ends once the watcher has read the
+    campaign's state after that commit: paused by then (held by the watcher), or resumed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._streaks: dict[int, int] = {}
+        self._holding: dict[int, bool] = {}  # campaign -> its pause is committed
+
+    def observe(self, campaign_id: int, outcome: Outcome, *, held: bool) -> str | None:
+        """Count one outcome; the pause's reason when it trips the campaign, else None."""
+        failed = outcome.result is not Result.SENT
+        streak = self._streaks.get(campaign_id, 0) + 1 if failed else 0
+        self._streaks[campaign_id] = streak
+        if not self.limit or streak < self.limit or held or campaign_id in self._holding:
+            return None
+        self._holding[campaign_id] = False
+        return (
+            f"paused after {streak} failed deliveries in a row; last reply: {outcome.reply[:200]}"
+        )
+
+    def holds(self, campaign_id: int) -> bool:
+        """Whether this campaign is held for a failure burst."""
+        return campaign_id in self._holding
+
+    def committed(self, campaign_id: int) -> None:
+        """The pause that tripped this campaign is in the database."""
+        if campaign_id in self._holding:
+            self._holding[campaign_id] = True
+
+    def committed_ones(self) -> set[int]:
+        """Campaigns held whose pause is committed (taken before the watcher reads states)."""
+        return {cid for cid, done in self._holding.items() if done}
+
+    def settle(self, read_after_commit: set[int]) -> None:
+        """The watcher read these campaigns' states after their pause: its word holds now."""
+        for cid in read_after_commit:
+            self._holding.pop(cid, None)
+
+
+class JobQueue:
+    """Messages built and waiting for a lane, and how many lanes are sending one.
+
+    The producer puts a batch and waits for the queue to drain enough (half the batch, or
+    idle); each lane takes one job at a time and says when it is done with it.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self._changed = asyncio.Condition()
+        self._in_flight = 0
+        self._open = True
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing being sent."""
+        return not self._jobs and self._in_flight == 0
+
+    async def put(self, jobs: Iterable[Job]) -> None:
+        """Add a batch's jobs for the lanes."""
+        async with self._changed:
+            self._jobs.extend(jobs)
+            self._changed.notify_all()
+
+    async def take(self) -> Job | None:
+        """The next job, counted in flight; None once the queue is closed and empty."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._jobs) or not self._open)
+            if not self._jobs:
+                return None
+            self._in_flight += 1
+            self._changed.notify_all()
+            return self._jobs.popleft()
+
+    async def done(self) -> None:
+        """A job taken is finished with (recorded, or set aside)."""
+        self._in_flight -= 1
+        if self.idle():
+            await self.wake()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until the predicate holds; it is checked whenever the queue changes."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def wake(self) -> None:
+        """Let every waiter look again (a stop was asked)."""
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def close(self) -> None:
+        """No more jobs will come: each lane ends once the queue is empty."""
+        async with self._changed:
+            self._open = False
+            self._changed.notify_all()
+
+
+# --- building messages --------------------------------------------------------------------
 
 
 class TemplateCache:
@@ -88,24 +314,20 @@ class TemplateCache:
 
     def get(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate:
         """The template in this language, else the default language's."""
-        for want in (lang, self._settings.render.default_language):
+        default = self._settings.render.default_language
+        for want in (lang, default):
             key = (campaign_id, want)
             if key not in self._cache:
                 self._cache[key] = self._build(session, campaign_id, want)
             if (found := self._cache[key]) is not None:
                 return found
-        raise LookupError(f"campaign {campaign_id} has no rendered variant")
+        raise MissingVariantError(campaign_id, lang, default)
 
     def _build(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate | None:
-        row = session.execute(
-            select(Variant, MailingList)
-            .join(Campaign, Campaign.id == Variant.campaign_id)
-            .join(MailingList, MailingList.id == Campaign.list_id)
-            .where(Variant.campaign_id == campaign_id, Variant.lang == lang)
-        ).first()
-        if row is None:
+        found = load_variant(session, campaign_id, lang)
+        if found is None:
             return None
-        v, ml = row
+        v, ml = found
         return MessageTemplate.build(
             variant=RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce),
             campaign_id=campaign_id,
@@ -123,132 +345,59 @@ def prepare_jobs(
     signer: DkimSigner | None,
     now: datetime,
 ) -> tuple[list[Job], list[int]]:
-    """Build messages for claimed rows; returns the jobs and the rows of people who left."""
-    stmt = (
-        select(
-            Delivery.id,
-            Delivery.campaign_id,
-            Delivery.attempts,
-            Delivery.created_at,
-            Delivery.requeued_at,
-            Subscriber.id,
-            Subscriber.email,
-            Subscriber.name,
-            Subscriber.language,
-            Subscriber.status,
-            Subscription.status,
-        )
-        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-        .join(Campaign, Campaign.id == Delivery.campaign_id)
-        .outerjoin(
-            Subscription,
-            (Subscription.subscriber_id == Subscriber.id)
-            & (Subscription.list_id == Campaign.list_id),
-        )
-        .where(Delivery.id.in_(ids))
-        .order_by(Delivery.id)
-    )
+    """Build messages for claimed rows; returns the jobs and the rows of people who left.
+
+    Raises MissingVariantError when a campaign has no variant to build a message from.
+    """
     jobs, gone = [], []
-    for (
-        did,
-        cid,
-        attempts,
-        created,
-        requeued,
-        sid,
-        email,
-        name,
-        lang,
-        status,
-        sub,
-    ) in session.execute(stmt):
-        if status != SubscriberStatus.ACTIVE or sub != SubscriptionStatus.ACTIVE:
-            gone.append(did)
+    for row in load_claimed(session, ids):
+        if not row.may_be_mailed:
+            gone.append(row.delivery_id)
             continue
         message, error = b"", ""
         try:
-            message = templates.get(session, cid, lang).render(
-                Recipient(sid, email, name), settings=settings, now=now
+            message = templates.get(session, row.campaign_id, row.language).render(
+                Recipient(row.subscriber_id, row.email, row.name), settings=settings, now=now
             )
             message = signer.sign(message) if signer else message
         except PermanentDeliveryError as e:
             error = str(e)
-        envelope = verp_address(did, settings=settings)
+        envelope = verp_address(row.delivery_id, settings=settings)
         jobs.append(
-            Job(did, cid, sid, email, attempts, requeued or created, envelope, message, error)
+            Job(
+                row.delivery_id,
+                row.campaign_id,
+                row.subscriber_id,
+                row.email,
+                row.attempts,
+                row.requeued_at or row.created_at,
+                envelope,
+                message,
+                error,
+            )
         )
     return jobs, gone
 
 
-def mark_left(session: Session, ids: list[int]) -> None:
-    """Deliveries to people who left the list (or bounced) since enqueue are not sent."""
-    if ids:
-        session.execute(
-            update(DELIVERIES)
-            .where(DELIVERIES.c.id.in_(ids))
-            .values(
-                status=DeliveryStatus.SUPPRESSED,
-                lease_until=None,
-                claimed_by=None,
-                last_reply="left before sending",
-            )
-        )
+@dataclass
+class Batch:
+    """One claim: its rows, the messages built from them, and what was set aside."""
+
+    ids: list[int]
+    jobs: list[Job] = field(default_factory=list)
+    alerts: bool = False
+    report: SendReport = field(default_factory=SendReport)
 
 
-class Recorder:
-    """Commits outcomes as they come, in a database thread, grouping those that arrive together.
-
-    While one group is being written, the outcomes that arrive meanwhile wait for the next
-    commit, so the event loop keeps serving the connections and commits grow with the load.
-    """
-
-    def __init__(self, sender: Sender) -> None:
-        self._sender = sender
-        self._pending: list[tuple[Job, Outcome, asyncio.Future[None]]] = []
-        self._flushing = False
-
-    async def record(self, job: Job, outcome: Outcome) -> None:
-        """Return once this outcome is committed."""
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((job, outcome, done))
-        if not self._flushing:
-            self._flushing = True
-            try:
-                await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
-                while self._pending:
-                    group, self._pending = self._pending, []
-                    try:
-                        await self._sender.write([(j, o) for j, o, _ in group])
-                    except BaseException as error:
-                        self._fail(group + self._pending, error, done)
-                        self._pending = []
-                        raise
-                    for _j, _o, fut in group:
-                        fut.set_result(None)
-            finally:
-                self._flushing = False
-        await done
-
-    @staticmethod
-    def _fail(
-        waiting: list[tuple[Job, Outcome, asyncio.Future[None]]],
-        error: BaseException,
-        own: asyncio.Future[None],
-    ) -> None:
-        for _j, _o, fut in waiting:
-            if fut is not own and not fut.done():
-                fut.set_exception(RecordError(error))
-
-
-class RecordError(Exception):
-    """Another lane's commit failed; this lane's outcome was not recorded either."""
+# --- the sender -----------------------------------------------------------------------------
 
 
 class Sender:
     """One worker's delivery loop; `deliver_queued` is its public face.
 
     A producer claims and prepares the next batch (in a database thread) while the lanes are
-    still sending the current one, so the connections never wait for a claim.
+    still sending the current one, so the connections never wait for a claim. Made inside the
+    running event loop, which it keeps for waking itself from other threads.
     """
 
     def __init__(
@@ -265,55 +414,48 @@ class Sender:
         signer: DkimSigner | None,
         on_batch: Callable[[SendReport], None] | None,
     ) -> None:
+        self.loop = asyncio.get_running_loop()
         self.factory, self.settings, self.transport = factory, settings, transport
         self.clock, self.control, self.worker = clock, control, worker
-        self.campaign_id, self.rng, self.signer, self.on_batch = campaign_id, rng, signer, on_batch
+        self.campaign_id, self.signer, self.on_batch = campaign_id, signer, on_batch
         self.templates = TemplateCache(settings)
-        self.recorder = Recorder(self)
+        self.writer = LedgerWriter(factory=factory, settings=settings, clock=clock, rng=rng)
+        self.guard = BurstGuard(settings.smtp.failure_burst)
+        self.jobs = JobQueue()
         self.total = SendReport()
-        self.streaks: dict[int, int] = {}
-        self.pausing: set[int] = set()  # paused for a failure burst, not yet committed
-        self.active: set[int] = set()
+        self.active: set[int] = set()  # campaigns this run has claimed rows of
+        self.unstarted: list[Job] = []  # taken by a lane but held back: released before a claim
         self.lanes = max(sum(r.pool_size for r in settings.smtp.all_relays() if r.weight > 0), 1)
-        self.queue: deque[Job] = deque()
-        self.unstarted: list[Job] = []
-        self.outstanding: set[int] = set()  # claimed by this run, not yet recorded or released
-        self.in_flight = 0
-        self.producing = True
-        self.changed = asyncio.Condition()
-        # Outcomes are written by one thread through one long-lived session: a new session per
-        # commit cost twice the commit itself at thousands of commits a second.
-        self.ledger = ThreadPoolExecutor(1, thread_name_prefix="ledger")
-        self.ledger_session: Session | None = None
-        self.ledger_connection: Connection
+        # Claims and message building always run on this one thread, so the batches' buffers
+        # reuse one malloc arena: spread over the shared pool's threads (to_thread), they raised
+        # benchmarks/send.py's peak memory by 20-35 MB.
+        self.builder = ThreadPoolExecutor(1, thread_name_prefix="claim")
+        self._pokes: set[asyncio.Task[None]] = set()
         control.on_stop.append(transport.interrupt)
         control.on_stop.append(self._poke_threadsafe)
 
     async def run(self) -> SendReport:
         """Claim, send and record batch after batch until nothing is due or a stop is asked."""
-        self.loop = asyncio.get_running_loop()
         watcher = asyncio.create_task(self._watch())
         try:
+            await self._look(renew=True)  # before the first claim: dead claims, stale holds
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._produce())
                 for _ in range(self.lanes):
                     group.create_task(self._lane())
         except BaseExceptionGroup as failed:
-            self._release(sorted(self.outstanding))  # claimed by us and never recorded
             raise _first_cause(failed) from None
-        except BaseException:
-            self._release(sorted(self.outstanding))
-            raise
         finally:
             watcher.cancel()
+            await asyncio.to_thread(self.builder.shutdown)  # a claim under way ends first
             self.control.on_stop.remove(self._poke_threadsafe)
-            await self.loop.run_in_executor(self.ledger, self._close_ledger)
-            self.ledger.shutdown(wait=True)
-        self._release_unstarted()
-        with unit_of_work(self.factory) as session:  # campaigns with nothing left (or no audience)
-            for cid in running_campaign_ids(session):
-                if self.campaign_id in (None, cid) and self._finish(session, cid):
-                    self.total.finished.append(cid)
+            self.control.on_stop.remove(self.transport.interrupt)
+            await self.writer.close()  # every outcome in hand is committed before the release
+            # Whatever this worker still holds: never attempted, or attempted and unrecorded.
+            released = await asyncio.to_thread(self._release_own)
+            self._report(SendReport(released=released))
+        # Campaigns with nothing left (or no audience) are finished.
+        self.total.finished += await asyncio.to_thread(self._finish_running)
         self.total.stopped = self.control.stopping
         return self.total
 
@@ -323,30 +465,31 @@ class Sender:
         limit = self.settings.smtp.batch_size
         try:
             while not self.control.stopping:
-                self._release_unstarted()  # e.g. a campaign resumed meanwhile: claim them again
-                ids, jobs, gone, alerts = await asyncio.to_thread(self._claim_and_prepare, limit)
-                if not ids:
+                await self._release_unstarted()  # e.g. a campaign resumed meanwhile: claim again
+                batch = await self.loop.run_in_executor(
+                    self.builder, self._claim_and_prepare, limit
+                )
+                if not batch.ids:
                     return
-                self._report(SendReport(suppressed=gone))
-                async with self.changed:
-                    self.queue.extend(jobs)
-                    self.changed.notify_all()
-                    # Nothing more due: let them finish, then close campaigns. An alert's batch
-                    # goes out whole before anything claimed after it starts.
-                    if len(ids) < limit or alerts:
-                        await self.changed.wait_for(self._idle)
-                    else:  # claim the next batch when half of this one has gone out
-                        await self.changed.wait_for(
-                            lambda: len(self.queue) <= limit // 2 or self.control.stopping
-                        )
-                if len(ids) < limit:
-                    self._finish_done({job.campaign_id for job in jobs})
+                self._report(batch.report)
+                cids = {job.campaign_id for job in batch.jobs}
+                self.active |= cids
+                await self.jobs.put(batch.jobs)
+                short = len(batch.ids) < limit
+                # Nothing more due: let them finish, then close campaigns. An alert's batch goes
+                # out whole before anything claimed after it starts.
+                if short or batch.alerts:
+                    await self.jobs.wait_until(self.jobs.idle)
+                else:  # claim the next batch when half of this one has gone out
+                    await self.jobs.wait_until(
+                        lambda: len(self.jobs) <= limit // 2 or self.control.stopping
+                    )
+                if short:
+                    await self._finish_done(cids)
         finally:
-            async with self.changed:
-                self.producing = False
-                self.changed.notify_all()
+            await self.jobs.close()
 
-    def _claim_and_prepare(self, limit: int) -> tuple[list[int], list[Job], int, bool]:
+    def _claim_and_prepare(self, limit: int) -> Batch:
         """Claim a batch in one short transaction, then build its messages (a database thread)."""
         with unit_of_work(self.factory) as session:
             ids = claim_batch(
@@ -357,57 +500,60 @@ class Sender:
                 campaign_id=self.campaign_id,
                 worker=self.worker,
             )
-        self.outstanding.update(ids)
         if not ids:
-            return ids, [], 0, False
-        with unit_of_work(self.factory) as session:
-            jobs, gone = prepare_jobs(
-                session,
-                ids,
-                settings=self.settings,
-                templates=self.templates,
-                signer=self.signer,
-                now=self.clock.now(),
-            )
-            mark_left(session, gone)
-            cids = {job.campaign_id for job in jobs}
-            is_alert = Campaign.kind == CampaignKind.ALERT
-            alerts = session.scalar(select(Campaign.id).where(Campaign.id.in_(cids), is_alert))
-        self.outstanding.difference_update(gone)
-        self.active |= cids
-        return ids, jobs, len(gone), alerts is not None
+            return Batch(ids)
+        try:
+            with unit_of_work(self.factory) as session:
+                jobs, gone = prepare_jobs(
+                    session,
+                    ids,
+                    settings=self.settings,
+                    templates=self.templates,
+                    signer=self.signer,
+                    now=self.clock.now(),
+                )
+                skip_left(session, gone)
+                alerts = any_alert(session, {job.campaign_id for job in jobs})
+        except MissingVariantError as error:
+            return self._set_aside(ids, error)
+        return Batch(ids, jobs, alerts, SendReport(suppressed=len(gone)))
 
-    def _idle(self) -> bool:
-        return not self.queue and self.in_flight == 0
+    def _set_aside(self, ids: list[int], error: MissingVariantError) -> Batch:
+        """A campaign no message can be built for is paused, with why; the batch goes back."""
+        with unit_of_work(self.factory) as session:
+            cid, reason = error.campaign_id, str(error)
+            paused = pause_running(session, campaign_id=cid, reason=reason, now=self.clock.now())
+            released = release_claims(session, ids, worker=self.worker)
+        return Batch(
+            ids, report=SendReport(released=released, paused={cid: reason} if paused else {})
+        )
 
     # --- the lanes: one message at a time each, recorded before the next --------------------
 
     async def _lane(self) -> None:
-        while True:
-            async with self.changed:
-                await self.changed.wait_for(lambda: bool(self.queue) or not self.producing)
-                if not self.queue:
-                    return
-                job = self.queue.popleft()
-                self.in_flight += 1
-                self.changed.notify_all()
+        while (job := await self.jobs.take()) is not None:
             try:
                 await self._one(job)
             finally:
-                self.in_flight -= 1
-                if self.in_flight == 0 and not self.queue:
-                    async with self.changed:
-                        self.changed.notify_all()
+                await self.jobs.done()
 
     async def _one(self, job: Job) -> None:
-        if not self.control.may_send(job.campaign_id):
+        if not self._may_send(job.campaign_id):
             self.unstarted.append(job)
             return
         outcome = await self._attempt(job)
         if outcome.result is Result.UNSENT:
             self.unstarted.append(job)
-        else:
-            await self.recorder.record(job, outcome)
+            return
+        held = job.campaign_id in self.control.held
+        pause = self.guard.observe(job.campaign_id, outcome, held=held)
+        for recorded in await self.writer.submit(job, outcome, pause=pause):
+            self._report(SendReport.of(recorded))
+        if pause:
+            self.guard.committed(job.campaign_id)
+
+    def _may_send(self, campaign_id: int) -> bool:
+        return self.control.may_send(campaign_id) and not self.guard.holds(campaign_id)
 
     async def _attempt(self, job: Job) -> Outcome:
         if job.error:
@@ -416,135 +562,96 @@ class Sender:
 
     def _poke_threadsafe(self) -> None:
         """Wake the producer and the lanes (a stop was asked), from any thread."""
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._poke)
 
-        async def poke() -> None:
-            async with self.changed:
-                self.changed.notify_all()
+    def _poke(self) -> None:
+        task = self.loop.create_task(self.jobs.wake())
+        self._pokes.add(task)  # kept until done: the loop holds tasks only weakly
+        task.add_done_callback(self._pokes.discard)
 
-        loop = getattr(self, "loop", None)
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: loop.create_task(poke()))
+    # --- claims handed back, campaigns closed (each in a database thread) ---------------------
 
-    # --- the ledger side ---------------------------------------------------------------------
-
-    async def write(self, results: list[tuple[Job, Outcome]]) -> None:
-        """Commit a group of outcomes; pause a campaign whose failures run past the limit."""
-        bursts = {
-            cid: reason
-            for cid, reason in self._bursts(results).items()
-            if cid not in self.control.held
-        }
-        self.pausing |= bursts.keys()
-        self.control.held |= bursts.keys()
-        try:
-            report = await self.loop.run_in_executor(
-                self.ledger, self._write_blocking, results, bursts
-            )
-        finally:
-            self.pausing -= bursts.keys()
-        self.outstanding.difference_update(job.delivery_id for job, _ in results)
-        self._report(report)
-
-    def _write_blocking(
-        self, results: list[tuple[Job, Outcome]], bursts: dict[int, str]
-    ) -> SendReport:
-        now = self.clock.now()
-        if self.ledger_session is None:
-            # Held for the sender's life: a pool checkout per commit (with PostgreSQL's
-            # pre-ping, one more round trip) cost as much as the commit.
-            self.ledger_connection = self.factory.kw["bind"].connect()
-            self.ledger_session = Session(bind=self.ledger_connection, expire_on_commit=False)
-        session = self.ledger_session
-        try:
-            report = record_outcomes(
-                session, results, settings=self.settings, now=now, rng=self.rng
-            )
-            for cid, reason in bursts.items():
-                if self._pause(session, cid, reason, now):
-                    report.paused[cid] = reason
-            session.commit()  # the connection was idle: the session's transaction is its own
-        except BaseException:
-            session.rollback()
-            self._close_ledger()  # a broken connection is not reused
-            raise
-        finally:
-            if self.ledger_session is not None:
-                self.ledger_session.expunge_all()  # read afresh (a campaign may be resumed)
-        return report
-
-    def _close_ledger(self) -> None:
-        if self.ledger_session is not None:
-            self.ledger_session.close()
-            self.ledger_connection.close()
-            self.ledger_session = None
-
-    def _bursts(self, results: Iterable[tuple[Job, Outcome]]) -> dict[int, str]:
-        """Campaigns whose run of consecutive failures reached [smtp] failure_burst."""
-        limit, tripped = self.settings.smtp.failure_burst, {}
-        for job, outcome in results:
-            ok = outcome.result is Result.SENT
-            streak = 0 if ok else self.streaks.get(job.campaign_id, 0) + 1
-            self.streaks[job.campaign_id] = streak
-            if limit and streak >= limit:
-                tripped[job.campaign_id] = (
-                    f"paused after {streak} failed deliveries in a row; last reply: "
-                    f"{outcome.reply[:200]}"
-                )
-        return tripped
-
-    def _pause(self, session: Session, cid: int, reason: str, now: datetime) -> bool:
-        campaign = session.get(Campaign, cid)
-        if campaign is None or campaign.status != CampaignStatus.RUNNING:
-            return False
-        pause_campaign(session=session, campaign_id=cid, now=now, actor="sender", reason=reason)
-        return True
-
-    def _release_unstarted(self) -> None:
+    async def _release_unstarted(self) -> None:
         jobs, self.unstarted = self.unstarted, []
-        self._release([job.delivery_id for job in jobs])
-
-    def _release(self, ids: list[int]) -> None:
-        if ids:
-            with unit_of_work(self.factory) as session:
-                released = release_claims(session, ids, worker=self.worker)
-            self.outstanding.difference_update(ids)
+        if jobs:
+            ids = [job.delivery_id for job in jobs]
+            released = await asyncio.to_thread(self._release, ids)
             self._report(SendReport(released=released))
 
-    def _finish_done(self, cids: set[int]) -> None:
+    def _release(self, ids: list[int]) -> int:
         with unit_of_work(self.factory) as session:
-            done = [cid for cid in sorted(cids) if self._finish(session, cid)]
+            return release_claims(session, ids, worker=self.worker)
+
+    def _release_own(self) -> int:
+        with unit_of_work(self.factory) as session:
+            return release_own_claims(session, worker=self.worker)
+
+    async def _finish_done(self, cids: set[int]) -> None:
+        done = await asyncio.to_thread(self._finish, sorted(cids))
         self._report(SendReport(finished=done))
 
-    def _finish(self, session: Session, cid: int) -> bool:
-        return finish_if_done(session=session, campaign_id=cid, now=self.clock.now())
+    def _finish(self, cids: list[int]) -> list[int]:
+        with unit_of_work(self.factory) as session:
+            now = self.clock.now()
+            return [
+                cid for cid in cids if finish_if_done(session=session, campaign_id=cid, now=now)
+            ]
+
+    def _finish_running(self) -> list[int]:
+        with unit_of_work(self.factory) as session:
+            ours = [c for c in running_campaigns(session) if self.campaign_id in (None, c)]
+        return self._finish(ours)
 
     def _report(self, report: SendReport) -> None:
         self.total.add(report)
         if self.on_batch:
             self.on_batch(report)
 
+    # --- the watcher ----------------------------------------------------------------------------
+
     async def _watch(self) -> None:
-        """Re-read campaign states (pause, cancel) and renew this worker's leases."""
-        lease = self.settings.smtp.lease_seconds
-        renew_every, since_renew = max(lease / 3, WATCH_SECONDS), 0.0
+        """Look at the database twice a second; renew leases six times per lease."""
+        renew_every = max(self.settings.smtp.lease_seconds / RENEWALS_PER_LEASE, WATCH_SECONDS)
+        since_renew = 0.0
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             since_renew += WATCH_SECONDS
-            with unit_of_work(self.factory) as session:
-                self._hold_stopped(session)
-                if since_renew >= renew_every:
-                    until = self.clock.now() + timedelta(seconds=lease)
-                    extend_leases(session, worker=self.worker, until=until)
-                    since_renew = 0.0
+            renew = since_renew >= renew_every
+            if await self._look(renew=renew) and renew:
+                since_renew = 0.0
 
-    def _hold_stopped(self, session: Session) -> None:
-        # Recomputed, not accumulated: a campaign resumed meanwhile may be sent again.
-        active = set(self.active)
-        stmt = select(Campaign.id).where(
-            Campaign.id.in_(active), Campaign.status != CampaignStatus.RUNNING
-        )
-        stopped = set(session.scalars(stmt)) if active else set()
-        self.control.held = stopped | self.pausing
+    async def _look(self, *, renew: bool) -> bool:
+        """Campaign states into `control.held` (its one writer); False after a database error.
+
+        Recomputed, not accumulated: a campaign resumed meanwhile may be sent again. With
+        `renew`, this worker's leases are renewed and dead processes' claims put back.
+        """
+        committed = self.guard.committed_ones()
+        try:
+            stopped = await asyncio.to_thread(self._read_states, set(self.active), renew)
+        except Exception as error:  # a database hiccup: the lease outlasts a few misses
+            log.warning("sender could not read campaign states: %s", _first_line(error))
+            return False
+        self.control.held = stopped
+        self.guard.settle(committed)
+        return True
+
+    def _read_states(self, active: set[int], renew: bool) -> set[int]:
+        """The watcher's one transaction (a database thread)."""
+        with unit_of_work(self.factory) as session:
+            stopped = stopped_campaigns(session, active)
+            if renew:
+                until = self.clock.now() + timedelta(seconds=self.settings.smtp.lease_seconds)
+                extend_leases(session, worker=self.worker, until=until)
+                self._put_back_dead(session)
+        return stopped
+
+    def _put_back_dead(self, session: Session) -> None:
+        """Claims of sender processes on this host that no longer exist go back at once."""
+        dead = [name for name in claim_holders(session) if is_gone(name)]
+        if dead and (count := release_claims_of(session, dead)):
+            log.info("put back %d claims of %d stopped sender process(es)", count, len(dead))
 
 
 def _first_cause(group: BaseExceptionGroup) -> BaseException:
@@ -561,6 +668,11 @@ def _first_cause(group: BaseExceptionGroup) -> BaseException:
     walk(group)
     causes = [e for e in leaves if not isinstance(e, RecordError | asyncio.CancelledError)]
     return (causes or leaves)[0]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 async def deliver_queued(
@@ -592,16 +704,47 @@ async def deliver_queued(
     return await sender.run()
 
 
-def deliver_all(*, factory: sessionmaker[Session], settings: Settings, clock: Clock) -> SendReport:
-    """Deliver everything due now over a fresh connection pool, from synchronous code."""
+def count_due_now(
+    *, factory: sessionmaker[Session], clock: Clock, campaign_id: int | None = None
+) -> int:
+    """How many deliveries a sender would claim now (for a progress bar's total)."""
+    with unit_of_work(factory) as session:
+        return count_due(session, now=clock.now(), campaign_id=campaign_id)
+
+
+def deliver_all(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    clock: Clock,
+    campaign_id: int | None = None,
+    on_batch: Callable[[SendReport], None] | None = None,
+    share: tuple[int, int] = (0, 1),
+    handle_signals: bool = False,
+) -> SendReport:
+    """Deliver everything due now (of one campaign, or all) over a fresh pool, from sync code.
+
+    The pool is seeded with each capped relay's last hour; `share` = (i, n) for worker i of n.
+    With `handle_signals`, SIGTERM and SIGINT stop gracefully: in-flight messages finish and are
+    recorded, claims not yet attempted are released.
+    """
+    signer, control = load_signer(settings), SendControl()
 
     async def run() -> SendReport:
-        pool = SmtpPool(settings.smtp)
-        try:
+        if handle_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, control.request_stop)
+        async with open_pool(settings, factory, clock, share=share) as pool:
             return await deliver_queued(
-                factory=factory, settings=settings, transport=pool, clock=clock
+                factory=factory,
+                settings=settings,
+                transport=pool,
+                clock=clock,
+                campaign_id=campaign_id,
+                control=control,
+                signer=signer,
+                on_batch=on_batch,
             )
-        finally:
-            await pool.close()
 
     return asyncio.run(run())

@@ -34,13 +34,13 @@ from starlette.routing import Mount, Route
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.dkim import load_signer
+from newsletter.dkim import DkimSigner, load_signer
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
 from newsletter.schedule import Scheduler, digest_trigger
 from newsletter.send import SendControl, SendReport, deliver_queued
-from newsletter.smtp import SmtpPool
+from newsletter.smtp import SmtpPool, open_pool
 from newsletter.webserver import listener_config
 
 log = logging.getLogger("newsletter.service")
@@ -151,35 +151,44 @@ async def _catch_up_poll() -> None:
 
 
 async def keep_sending(service: Service) -> None:
-    """Deliver whatever is due (alerts first) and owed confirmations; then wait and look again."""
+    """Deliver whatever is due (alerts first) and owed confirmations; then wait and look again.
+
+    One pool serves every round, so each relay's hourly cap counts what this service sent, on
+    top of the last hour's sends it was seeded with from the database when it opened (at start,
+    and again after a failure). Idle connections are closed between rounds.
+    """
     interval = service.settings.schedule.send_interval_seconds
     signer = load_signer(service.settings)
     while not service.stop.is_set():
-        pool = SmtpPool(service.settings.smtp)
         try:
-            await send_confirmations(
-                factory=service.factory,
-                settings=service.settings,
-                transport=pool,
-                clock=service.clock,
-            )
-            report = await deliver_queued(
-                factory=service.factory,
-                settings=service.settings,
-                transport=pool,
-                clock=service.clock,
-                control=service.control,
-                signer=signer,
-            )
+            async with open_pool(service.settings, service.factory, service.clock) as pool:
+                while not service.stop.is_set():
+                    await send_round(service, pool, signer)
+                    await pool.close_idle()
+                    await _sleep(service, interval)
         except Exception:  # a database or network hiccup must not end the service
             log.exception("sender failed; retrying in %ss", interval)
-            report = None
-        finally:
-            await pool.close()
-        if report and (report.sent or report.failed or report.deferred):
-            log.info("sent %d, deferred %d, failed %d", report.sent, report.deferred, report.failed)
-            service.last_send = report
-        await _sleep(service, interval)
+            await _sleep(service, interval)
+
+
+async def send_round(service: Service, pool: SmtpPool, signer: DkimSigner | None) -> None:
+    """One round: owed confirmations, then every due delivery; logs what happened."""
+    await send_confirmations(
+        factory=service.factory, settings=service.settings, transport=pool, clock=service.clock
+    )
+    report = await deliver_queued(
+        factory=service.factory,
+        settings=service.settings,
+        transport=pool,
+        clock=service.clock,
+        control=service.control,
+        signer=signer,
+    )
+    for cid, reason in report.paused.items():
+        log.warning("campaign %d paused: %s", cid, reason)
+    if report.sent or report.failed or report.deferred:
+        log.info("sent %d, deferred %d, failed %d", report.sent, report.deferred, report.failed)
+        service.last_send = report
 
 
 async def _sleep(service: Service, seconds: float) -> None:

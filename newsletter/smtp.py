@@ -1,10 +1,15 @@
 """SMTP transport: pools of reused connections per relay, rate limits, and a reply classifier.
 
 2xx is sent, 4xx and a dropped connection are temporary (retry later), 5xx is permanent; a 5xx
-at RCPT is about the mailbox, so the address is suppressed. Each relay ([smtp] and [smtp]
-relays) has its own pool of stdlib smtplib connections, each driven by one thread: on loopback
-the SMTP dialogue is CPU-bound, and smtplib on a reused connection outran aiosmtplib here. The
-sender stays asyncio; it awaits the threads.
+at RCPT is about the mailbox, so the address is suppressed. Transport failures (refused or
+dropped connections, time-outs, TLS errors) are outcomes too; a bug (a TypeError, an
+AttributeError) is not, and raises. Each relay ([smtp] and [smtp] relays) has its own pool of
+stdlib smtplib connections, each driven by one thread: on loopback the SMTP dialogue is
+CPU-bound, and smtplib on a reused connection outran aiosmtplib here. The sender stays asyncio;
+it awaits the threads.
+
+Every sender opens its pool with `open_pool`, which seeds each capped relay with its sends of
+the last hour from the database, so an `hourly_limit` holds across runs and restarts.
 """
 
 from __future__ import annotations
@@ -17,16 +22,24 @@ import smtplib
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
-from newsletter.config import RelaySettings, SmtpSettings
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import Clock
+from newsletter.config import RelaySettings, Settings, SmtpSettings
+from newsletter.db import unit_of_work
+from newsletter.db.queries import recent_sends
 
 HOUR = 3600.0
+# What can go wrong on the wire: smtplib.SMTPException, ssl.SSLError, TimeoutError and
+# ConnectionError are all OSErrors. An address smtplib cannot encode is the mail's fault.
+TRANSPORT_ERRORS = (OSError, UnicodeEncodeError)
 
 
 class Result(StrEnum):
@@ -70,14 +83,26 @@ def classify(code: int | None, reply: str | bytes, *, recipient_level: bool = Fa
     return Outcome(Result.TEMPORARY, text, code)
 
 
-def classify_error(error: Exception) -> Outcome:
-    """Classify an exception raised while sending one message."""
+def classify_error(error: BaseException) -> Outcome:
+    """Turn a transport error raised while sending one message into an Outcome; a bug raises."""
     if isinstance(error, smtplib.SMTPResponseException):
         return classify(error.smtp_code, error.smtp_error)
-    if isinstance(error, UnicodeEncodeError | ValueError):  # not a usable envelope address
+    if isinstance(error, UnicodeEncodeError):  # not a usable envelope address
         return Outcome(Result.PERMANENT, f"unusable address: {type(error).__name__}")
-    # Dropped connection, time-out, refused connection: the server said nothing final.
-    return Outcome(Result.TEMPORARY, f"{type(error).__name__}: {error}".strip())
+    if isinstance(error, OSError):
+        # Dropped connection, time-out, refused connection, TLS: the server said nothing final.
+        return Outcome(Result.TEMPORARY, f"{type(error).__name__}: {error}".strip())
+    raise error  # a TypeError or AttributeError is a bug in the sender, not a delivery outcome
+
+
+def unusable_envelope(sender: str, recipient: str) -> Outcome | None:
+    """A permanent failure for an address no SMTP command can carry, else None."""
+    for address in (sender, recipient):
+        if not address.isascii():  # SMTPUTF8 is not used: the command would not encode
+            return Outcome(Result.PERMANENT, "unusable address: not ASCII")
+        if "\r" in address or "\n" in address:
+            return Outcome(Result.PERMANENT, "unusable address: a line break")
+    return None
 
 
 class ConnectionPool:
@@ -97,13 +122,19 @@ class ConnectionPool:
         return replace(outcome, relay=self.relay.label)
 
     def _send_blocking(self, message: bytes, sender: str, recipient: str) -> Outcome:
+        refused = unusable_envelope(sender, recipient)
+        if refused is not None:
+            return refused
         conn = None
         try:
             conn = self._take()
             outcome = _exchange(conn, message, sender, recipient)
-        except Exception as error:  # every failure becomes an Outcome, never a crash
+        except TRANSPORT_ERRORS as error:  # a failure on the wire is an Outcome, not a crash
             _close_quietly(conn)
             return classify_error(error)
+        except BaseException:  # a bug: the connection's state is unknown, so it goes too
+            _close_quietly(conn)
+            raise
         if outcome.code == 421:  # the server is closing this connection
             _close_quietly(conn)
         else:
@@ -138,6 +169,10 @@ class ConnectionPool:
     def close_blocking(self) -> None:
         """Say QUIT on every idle connection and stop the threads."""
         self._executor.shutdown(wait=True)
+        self.quit_idle()
+
+    def quit_idle(self) -> None:
+        """Say QUIT on every idle connection; the next message opens a new one."""
         while True:
             try:
                 conn = self._idle.get_nowait()
@@ -167,9 +202,10 @@ def _exchange(conn: smtplib.SMTP, message: bytes, sender: str, recipient: str) -
 
 
 def _exchange_pipelined(conn: smtplib.SMTP, message: bytes, sender: str, recipient: str) -> Outcome:
-    """MAIL, RCPT and DATA in one write (RFC 2920), then the body: two round trips, not four."""
-    if any(c in "\r\n" for c in sender + recipient):
-        raise ValueError("prohibited newline in an envelope address")
+    """MAIL, RCPT and DATA in one write (RFC 2920), then the body: two round trips, not four.
+
+    The addresses were checked first (unusable_envelope): no line break can end a command.
+    """
     conn.send(
         f"MAIL FROM:{smtplib.quoteaddr(sender)}\r\n"
         f"RCPT TO:{smtplib.quoteaddr(recipient)}\r\nDATA\r\n"
@@ -240,6 +276,19 @@ class Pace:
             self.recent.append(now)
 
 
+@dataclass(frozen=True)
+class SendHistory:
+    """Each capped relay's sends of the last hour (from the database), as of a clock reading."""
+
+    as_of: datetime
+    sends: dict[str, list[datetime]] = field(default_factory=dict)
+
+    def monotonic(self, label: str) -> list[float]:
+        """A relay's send times as points on the monotonic clock the pacing runs on."""
+        mono = time.monotonic()
+        return [mono - (self.as_of - t).total_seconds() for t in self.sends.get(label, [])]
+
+
 class SmtpPool:
     """Every configured relay, chosen by weight among those under their limits."""
 
@@ -247,12 +296,12 @@ class SmtpPool:
         self,
         settings: SmtpSettings,
         *,
-        history: dict[str, list[datetime]] | None = None,
+        history: SendHistory | None = None,
         rng: random.Random | None = None,
     ) -> None:
         relays = [r for r in settings.all_relays() if r.weight > 0]
         self._pools = [ConnectionPool(r) for r in relays]
-        self._paces = [Pace(r, _to_monotonic((history or {}).get(r.label, []))) for r in relays]
+        self._paces = [Pace(r, history.monotonic(r.label) if history else ()) for r in relays]
         self._rng = rng or random.Random()
         self._interrupted = asyncio.Event()
 
@@ -286,15 +335,56 @@ class SmtpPool:
         """Stop waiting for rate limits: sends not yet handed to a relay come back UNSENT."""
         self._interrupted.set()
 
+    async def close_idle(self) -> None:
+        """Say QUIT on idle connections (a long wait ahead); the limits keep their count."""
+        for pool in self._pools:
+            await asyncio.to_thread(pool.quit_idle)
+
     async def close(self) -> None:
         """Finish what is in flight, say QUIT, stop the threads."""
         for pool in self._pools:
             await asyncio.to_thread(pool.close_blocking)
 
 
-def _to_monotonic(times: list[datetime]) -> list[float]:
-    """Wall-clock send times (from the database) as points on the monotonic clock."""
-    if not times:
-        return []
-    wall, mono = time.time(), time.monotonic()
-    return [mono - (wall - t.timestamp()) for t in times]
+def load_history(
+    factory: sessionmaker[Session],
+    settings: SmtpSettings,
+    clock: Clock,
+    *,
+    share: tuple[int, int] = (0, 1),
+) -> SendHistory:
+    """Each capped relay's sends in the last hour, by the injected clock.
+
+    Worker i of n takes every n-th of them, as its settings carry 1/n of each cap.
+    """
+    now = clock.now()
+    capped = [r.label for r in settings.all_relays() if r.hourly_limit]
+    if not capped:
+        return SendHistory(as_of=now)
+    index, count = share
+    since = now - timedelta(seconds=HOUR)
+    with unit_of_work(factory) as session:
+        sends = {
+            label: recent_sends(session, relay=label, since=since)[index::count] for label in capped
+        }
+    return SendHistory(as_of=now, sends=sends)
+
+
+@contextlib.asynccontextmanager
+async def open_pool(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    clock: Clock,
+    *,
+    share: tuple[int, int] = (0, 1),
+) -> AsyncIterator[SmtpPool]:
+    """The relays' pool, seeded with each capped relay's last hour of sends; closed on exit.
+
+    `share` is (i, n) for worker i of n, whose settings carry 1/n of each cap (cli/workers.py).
+    """
+    history = await asyncio.to_thread(load_history, factory, settings.smtp, clock, share=share)
+    pool = SmtpPool(settings.smtp, history=history)
+    try:
+        yield pool
+    finally:
+        await pool.close()

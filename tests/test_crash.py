@@ -15,14 +15,14 @@ from collections import defaultdict
 from email import message_from_bytes, policy
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign, CampaignStatus, Delivery
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Delivery
 from tests.sender_cli import NewsletterCli, wait_until
-from tests.smtp_faults import FaultyHandler, faulty_smtpd
+from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
 from tests.test_send import seed
 
 RECIPIENTS = 3000
@@ -95,3 +95,44 @@ def test_kill_9_at_random_moments_loses_nobody_and_duplicates_only_in_flight_mai
     assert duplicates <= POOL_SIZE * KILLS, f"{duplicates} second copies after {KILLS} kills"
     twice = {rcpt: ids for rcpt, ids in copies.items() if len(ids) > 1}
     assert all(len(set(ids)) == 1 for ids in twice.values()), twice
+
+
+def test_kill_9_mid_alert_then_a_new_sender_sends_every_message_within_a_minute(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """With the default lease, a sender restarted on the same host takes the dead one's claims.
+
+    The relay is slow, so the kill lands while the alert's first batch is in flight; the new
+    `newsletter send` puts the dead process's claims back at once instead of waiting for their
+    lease, and everyone has the alert within a minute of the kill.
+    """
+    recipients, pool = 300, 4
+    cid = seed(factory, clock, recipients)
+    with unit_of_work(factory) as session:
+        session.execute(update(Campaign).values(kind=CampaignKind.ALERT))
+    handler = FaultyHandler([Fault("DATA", stall_seconds=0.05)])
+    with faulty_smtpd(handler) as port:
+        config = (  # no lease_seconds: the default
+            f"[database]\nurl = '{database_url}'\n"
+            f"[smtp]\nhost = '127.0.0.1'\nport = {port}\npool_size = {pool}\nbatch_size = 100\n"
+        )
+        cli = NewsletterCli(tmp_path, config)
+        proc = cli.start("send")
+        try:
+            assert wait_until(lambda: len(handler.received) >= 20, seconds=60), "no mail flowed"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        killed, at_kill = time.monotonic(), len(handler.received)
+        cli.run("send", timeout=60)
+        took = time.monotonic() - killed
+    assert at_kill < recipients and proc.returncode == -signal.SIGKILL
+    assert took < 60, f"the alert took {took:.0f}s after the kill"
+    assert campaign_status(factory, cid) == CampaignStatus.FINISHED
+    copies: dict[str, set[str]] = defaultdict(set)
+    for _sender, rcpts, raw in handler.received:
+        copies[rcpts[0]].add(str(message_from_bytes(raw, policy=policy.default)["Message-ID"]))
+    assert set(copies) == {f"person{i}@example.net" for i in range(recipients)}
+    assert len(handler.received) - recipients <= pool  # at most one in flight per connection
+    assert all(len(ids) == 1 for ids in copies.values())  # a second copy keeps its Message-ID

@@ -29,9 +29,8 @@ from newsletter.db.models import (
     Variant,
 )
 from newsletter.db.queries import enqueue_audience
-from newsletter.ledger import SendReport
 from newsletter.render import PREFERENCES_URL, UNSUBSCRIBE_URL
-from newsletter.send import SendControl, deliver_queued
+from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool
 from tests.conftest import make_settings
 from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd

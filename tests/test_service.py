@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,10 +13,12 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
@@ -26,7 +29,9 @@ from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
 from newsletter.schedule import Scheduler
 from newsletter.send import SendReport, deliver_all
+from newsletter.service import Service, keep_sending
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
+from tests.sender_cli import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MONDAY_8_MINSK = datetime(2026, 11, 30, 5, 0, tzinfo=UTC)
@@ -329,3 +334,172 @@ def test_sigterm_mid_send_stops_cleanly_and_loses_nothing(
         )
     received = Counter(to for _sender, tos, _raw in handler.received for to in tos)
     assert len(received) == 400 and set(received.values()) == {1}
+
+
+# --- the send loop of `newsletter run`: one pool, its hourly cap kept across rounds and restarts
+
+
+def second_campaign(factory: sessionmaker[Session], clock: FrozenClock, *, rendered: bool) -> int:
+    """Another running campaign to the list tests.test_send.seed made, queued for everyone."""
+    from sqlalchemy import select
+
+    from newsletter.db.models import Campaign, MailingList, Variant
+    from newsletter.db.queries import enqueue_audience
+    from tests.test_send import HTML, TEXT
+
+    with unit_of_work(factory) as session:
+        ml = session.scalars(select(MailingList)).one()
+        campaign = Campaign(
+            kind="digest", list_id=ml.id, dedupe_key="second", created_at=clock.now()
+        )
+        campaign.status = "running"
+        session.add(campaign)
+        session.flush()
+        for lang in ("en", "ru") if rendered else ():
+            session.add(
+                Variant(campaign_id=campaign.id, lang=lang, subject="Second", html=HTML, text=TEXT)
+            )
+        enqueue_audience(session, campaign=campaign, now=clock.now())
+        return campaign.id
+
+
+def claimed(factory: sessionmaker[Session]) -> int:
+    from sqlalchemy import func, select
+
+    from newsletter.db.models import Delivery, DeliveryStatus
+
+    with unit_of_work(factory) as session:
+        stmt = select(func.count()).where(Delivery.status == DeliveryStatus.CLAIMED)
+        return int(session.scalar(stmt) or 0)
+
+
+def holds_for(predicate: Callable[[], bool], *, quiet: float, seconds: float) -> bool:
+    """Whether the predicate comes to hold and keeps holding for `quiet` seconds, in time."""
+    deadline, since = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        if not predicate():
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@contextlib.contextmanager
+def send_loop(service: Service) -> Iterator[None]:
+    """The send loop of `newsletter run` (keep_sending) in a thread, stopped as SIGTERM does."""
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(keep_sending(service))
+    thread = threading.Thread(target=loop.run_until_complete, args=(task,))
+    thread.start()
+    try:
+        yield
+    finally:
+
+        def stop() -> None:
+            service.stop.set()
+            service.control.request_stop()
+
+        loop.call_soon_threadsafe(stop)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the send loop did not stop"
+        loop.close()
+    task.result()
+
+
+def service_for(database_url: str, port: int, clock: FrozenClock, **smtp: object) -> Service:
+    from newsletter.db import make_engine, make_sessionmaker
+    from tests.test_send import settings_for
+
+    settings = settings_for(database_url, port, **smtp)
+    settings = replace(settings, schedule=replace(settings.schedule, send_interval_seconds=1))
+    engine = make_engine(database_url)
+    return Service(settings=settings, engine=engine, factory=make_sessionmaker(engine), clock=clock)
+
+
+def test_two_campaigns_under_run_never_pass_the_hourly_cap_nor_after_a_restart(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Rounds of `newsletter run` share one relay's hourly cap; a new service counts it too.
+
+    A relay takes 6 an hour. The first campaign (4) goes out; the second (4) then gets 2, and
+    its other 2 wait, claimed, for the cap. After a restart on the same database they still
+    wait: the new service counted the last hour's sends from the database.
+    """
+    from tests.smtp_faults import FaultyHandler, faulty_smtpd
+    from tests.test_send import seed
+
+    first = seed(factory, clock, 4)
+    handler = FaultyHandler()
+    with faulty_smtpd(handler) as port:
+        service = service_for(database_url, port, clock, hourly_limit=6)
+        with send_loop(service):
+            assert wait_until(lambda: len(handler.received) == 4, seconds=30)
+            assert wait_until(lambda: campaign_state(factory, first) == "finished", seconds=30)
+            second = second_campaign(factory, clock, rendered=True)
+            waiting = holds_for(
+                lambda: len(handler.received) == 6 and claimed(factory) == 2, quiet=1, seconds=30
+            )
+            assert waiting, f"{len(handler.received)} sent through a relay that takes 6 an hour"
+        assert claimed(factory) == 0  # the stop released the two that waited
+        restarted = service_for(database_url, port, clock, hourly_limit=6)
+        with send_loop(restarted):
+            waiting = holds_for(
+                lambda: len(handler.received) == 6 and claimed(factory) == 2, quiet=1, seconds=30
+            )
+            assert waiting, f"after a restart, {len(handler.received)} sent; the cap is 6"
+        service.engine.dispose()
+        restarted.engine.dispose()
+    assert len(handler.received) == 6
+    assert campaign_state(factory, second) == "running"
+
+
+def test_a_campaign_without_a_variant_is_paused_once_and_the_others_still_go(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`newsletter run` pauses a campaign it cannot build, says so in one line, sends the rest."""
+    from sqlalchemy import delete
+
+    from newsletter.db.models import Variant
+    from tests.smtp_faults import FaultyHandler, faulty_smtpd
+    from tests.test_send import seed
+
+    broken = seed(factory, clock, 3)
+    with unit_of_work(factory) as session:
+        session.execute(delete(Variant).where(Variant.campaign_id == broken))
+    fine = second_campaign(factory, clock, rendered=True)
+    handler = FaultyHandler()
+    caplog.set_level(logging.INFO, logger="newsletter")
+    with faulty_smtpd(handler) as port:
+        service = service_for(database_url, port, clock)
+        with send_loop(service):
+            assert wait_until(lambda: campaign_state(factory, fine) == "finished", seconds=30)
+            time.sleep(2)  # two more rounds of the loop: nothing more is said about it
+        service.engine.dispose()
+    assert len(handler.received) == 3 and campaign_state(factory, broken) == "paused"
+    about = [r for r in caplog.records if f"campaign {broken}" in r.getMessage()]
+    assert len(about) == 1 and about[0].levelno == logging.WARNING, about
+    assert "no rendered variant" in about[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    with unit_of_work(factory) as session:
+        from newsletter.db.models import Campaign
+
+        paused = session.get(Campaign, broken)
+        assert paused is not None and "campaigns resume" in paused.pause_reason
+
+
+def campaign_state(factory: sessionmaker[Session], cid: int) -> str:
+    from sqlalchemy import select
+
+    from newsletter.db.models import Campaign
+
+    with unit_of_work(factory) as session:
+        return str(session.scalar(select(Campaign.status).where(Campaign.id == cid)))

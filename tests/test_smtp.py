@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
+import ssl
 import threading
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,8 +23,8 @@ from newsletter.config import load_settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery
 from newsletter.devsmtp import free_port
-from newsletter.ledger import SendReport
-from newsletter.smtp import Outcome, Result, SmtpPool, classify, classify_error
+from newsletter.send import SendReport
+from newsletter.smtp import Outcome, Result, SmtpPool, classify, classify_error, open_pool
 from tests.conftest import SECRET
 from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
 from tests.test_send import deliver, seed, settings_for
@@ -241,3 +244,108 @@ def test_classify_maps_reply_codes_to_outcomes(
 def test_classify_error_maps_exceptions_to_outcomes(error: Exception, expected: Result) -> None:
     """A dropped or slow connection is temporary; an SMTP 5xx or an unusable address permanent."""
     assert classify_error(error).result is expected
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(ssl.SSLError(1, "wrong version number"), id="tls"),
+        pytest.param(socket.gaierror(-2, "Name or service not known"), id="dns"),
+        pytest.param(smtplib.SMTPNotSupportedError("STARTTLS not offered"), id="not-supported"),
+        pytest.param(ConnectionResetError(104, "reset by peer"), id="reset"),
+        pytest.param(smtplib.SMTPAuthenticationError(535, b"5.7.8 bad login"), id="auth-5xx"),
+    ],
+)
+def test_transport_errors_become_outcomes(error: Exception) -> None:
+    """TLS, DNS, a missing extension, a reset: outcomes with the error named, never a crash."""
+    outcome = classify_error(error)
+    assert outcome.result in (Result.TEMPORARY, Result.PERMANENT)
+    assert outcome.reply
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(TypeError("a str where bytes belong"), id="type"),
+        pytest.param(AttributeError("'NoneType' object has no attribute 'send'"), id="attribute"),
+        pytest.param(KeyError("relay"), id="key"),
+        pytest.param(ValueError("a bug, not an address"), id="value"),
+    ],
+)
+def test_programming_errors_are_not_delivery_outcomes(error: Exception) -> None:
+    """A bug in the transport raises: it must not be recorded as a failed or deferred message."""
+    with pytest.raises(type(error)):
+        classify_error(error)
+
+
+def test_a_bug_on_the_wire_raises_out_of_the_pool_and_the_next_message_goes() -> None:
+    """A message of the wrong type raises TypeError from send; the pool still serves the next."""
+    handler = PipeliningHandler()
+    base = load_settings(None, {"NEWSLETTER_SECRET": SECRET})
+
+    async def go() -> Outcome:
+        with faulty_smtpd(handler) as port:
+            pool = SmtpPool(replace(base.smtp, host="127.0.0.1", port=port, pool_size=1))
+            try:
+                with pytest.raises(TypeError):
+                    await pool.send("text, not bytes", sender="b@example.org", recipient="x@y.net")  # type: ignore[arg-type]
+                return await pool.send(BODY, sender="b@example.org", recipient="x@y.net")
+            finally:
+                await pool.close()
+
+    assert asyncio.run(go()).result is Result.SENT
+    assert len(handler.received) == 1
+
+
+@pytest.mark.parametrize("handler_type", [PipeliningHandler, PlainHandler], ids=["pipe", "plain"])
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        pytest.param("someone@example.net\r\nRCPT TO:<other@example.net>", id="crlf-injection"),
+        pytest.param("someone@example.net\nDATA", id="lf"),
+        pytest.param("алесь@example.net", id="non-ascii"),
+    ],
+)
+def test_an_envelope_no_command_can_carry_fails_for_good_before_any_command(
+    handler_type: type[FaultyHandler], recipient: str
+) -> None:
+    """A line break or non-ASCII in an address fails that message; nothing reaches the server."""
+    handler: Any = handler_type()
+    with faulty_smtpd(handler) as port:
+        bad, good = send_all(port, [recipient, "second@example.net"])
+    assert bad.result is Result.PERMANENT and "unusable address" in bad.reply
+    assert good.result is Result.SENT
+    assert [rcpts for _s, rcpts, _raw in handler.received] == [["second@example.net"]]
+
+
+def test_the_pool_counts_the_last_hour_of_sends_by_the_injected_clock(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """open_pool seeds a capped relay from the database, aging sends by the clock it is given.
+
+    The clock stands days away from the wall clock: three sends half an hour before it count
+    against an hourly cap of four, three sends two hours before it do not.
+    """
+    seed(factory, clock, 6)
+    handler = FaultyHandler()
+    with faulty_smtpd(handler) as port:
+        settings = settings_for(database_url, port, hourly_limit=4)
+        label = settings.smtp.all_relays()[0].label
+        with unit_of_work(factory) as session:
+            for i, delivery in enumerate(session.scalars(select(Delivery).order_by(Delivery.id))):
+                delivery.status, delivery.relay = "sent", label
+                delivery.sent_at = clock.now() - timedelta(minutes=30 if i < 3 else 120)
+
+        async def go() -> list[Outcome]:
+            async with open_pool(settings, factory, clock) as pool:
+                first = await pool.send(BODY, sender="b@example.org", recipient="a@example.net")
+                over = asyncio.create_task(
+                    pool.send(BODY, sender="b@example.org", recipient="b@example.net")
+                )
+                await asyncio.sleep(1)  # the cap is half an hour away: it waits, then is stopped
+                pool.interrupt()
+                return [first, await over]
+
+        first, over = asyncio.run(go())
+    assert (first.result, over.result) == (Result.SENT, Result.UNSENT)
+    assert [rcpts for _s, rcpts, _raw in handler.received] == [["a@example.net"]]

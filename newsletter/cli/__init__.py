@@ -15,9 +15,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
@@ -232,11 +230,14 @@ def deliver_with_progress(
     """
     import time
 
+    from newsletter.send import count_due_now, deliver_all
+
     if workers > 1:
         from newsletter.cli.workers import deliver_with_workers
 
         return deliver_with_workers(state, campaign_id=campaign_id, workers=workers)
-    total, history = _due_and_history(state, state.factory(), campaign_id)
+    factory = state.factory()
+    total = count_due_now(factory=factory, clock=state.clock, campaign_id=campaign_id)
     started, seen = time.monotonic(), SendReport()
     with send_progress(total) as progress:
         task = progress.add_task("sending", total=total, stats="")
@@ -245,7 +246,14 @@ def deliver_with_progress(
             seen.add(batch)
             progress.update(task, completed=done_count(seen), stats=progress_stats(seen, started))
 
-        report = run_sender(state, campaign_id=campaign_id, history=history, on_batch=advance)
+        report = deliver_all(
+            factory=factory,
+            settings=state.settings,
+            clock=state.clock,
+            campaign_id=campaign_id,
+            on_batch=advance,
+            handle_signals=True,
+        )
     print_summary(report, seconds=time.monotonic() - started)
     return report
 
@@ -261,66 +269,6 @@ def progress_stats(report: SendReport, started: float) -> str:
 
     rate = report.sent / max(time.monotonic() - started, 1e-6)
     return f"sent {report.sent} deferred {report.deferred} failed {report.failed} {rate:,.0f}/s"
-
-
-def run_sender(
-    state: State,
-    *,
-    campaign_id: int | None,
-    history: dict[str, list[datetime]],
-    on_batch: Callable[[SendReport], None],
-    settings: Settings | None = None,
-) -> SendReport:
-    """One sender in this process until nothing is due; SIGTERM / SIGINT stop it gracefully."""
-    import asyncio
-    import signal
-
-    from newsletter.dkim import load_signer
-    from newsletter.send import SendControl, deliver_queued
-    from newsletter.smtp import SmtpPool
-
-    settings = settings or state.settings
-    factory, signer, control = state.factory(), load_signer(settings), SendControl()
-
-    async def run() -> SendReport:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, control.request_stop)
-        pool = SmtpPool(settings.smtp, history=history)
-        try:
-            return await deliver_queued(
-                factory=factory,
-                settings=settings,
-                transport=pool,
-                clock=state.clock,
-                campaign_id=campaign_id,
-                control=control,
-                signer=signer,
-                on_batch=on_batch,
-            )
-        finally:
-            await pool.close()
-
-    return asyncio.run(run())
-
-
-def _due_and_history(
-    state: State, factory: sessionmaker[Session], campaign_id: int | None
-) -> tuple[int, dict[str, list[datetime]]]:
-    """How many deliveries are due, and each capped relay's sends in the last hour."""
-    from newsletter.db import unit_of_work
-    from newsletter.db.queries import count_due, recent_sends
-    from newsletter.smtp import HOUR
-
-    now = state.clock.now()
-    with unit_of_work(factory) as session:
-        total = count_due(session, now=now, campaign_id=campaign_id)
-        history = {
-            r.label: recent_sends(session, relay=r.label, since=now - timedelta(seconds=HOUR))
-            for r in state.settings.smtp.all_relays()
-            if r.hourly_limit
-        }
-    return total, history
 
 
 def print_summary(report: SendReport, *, seconds: float) -> None:

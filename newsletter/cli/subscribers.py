@@ -59,16 +59,14 @@ EmailArg = Annotated[str, typer.Argument(help="The subscriber's email address.")
 def send_owed_confirmations(state: State) -> tuple[int, int]:
     """Send the double opt-in emails still owed; returns (sent, not sent yet)."""
     from newsletter.notices import send_confirmations
-    from newsletter.smtp import SmtpPool
+    from newsletter.smtp import open_pool
 
     async def run() -> tuple[int, int]:
-        pool = SmtpPool(state.settings.smtp)
-        try:
+        factory = state.factory()
+        async with open_pool(state.settings, factory, state.clock) as pool:
             return await send_confirmations(
-                factory=state.factory(), settings=state.settings, transport=pool, clock=state.clock
+                factory=factory, settings=state.settings, transport=pool, clock=state.clock
             )
-        finally:
-            await pool.close()
 
     return asyncio.run(run())
 
@@ -398,11 +396,10 @@ def forget_(
 
 def _goodbye(state: State, email: str, lang: str, reason: str) -> None:
     from newsletter.notices import send_goodbye
-    from newsletter.smtp import SmtpPool
+    from newsletter.smtp import open_pool
 
     async def run() -> bool:
-        pool = SmtpPool(state.settings.smtp)
-        try:
+        async with open_pool(state.settings, state.factory(), state.clock) as pool:
             return await send_goodbye(
                 email=email,
                 lang=lang,
@@ -411,8 +408,6 @@ def _goodbye(state: State, email: str, lang: str, reason: str) -> None:
                 transport=pool,
                 now=state.clock.now(),
             )
-        finally:
-            await pool.close()
 
     sent = asyncio.run(run())
     err_console.print("goodbye email sent" if sent else "goodbye email NOT sent (SMTP refused it)")

@@ -24,22 +24,10 @@ from dataclasses import asdict, replace
 from types import FrameType
 from typing import IO, Any
 
-from newsletter.cli import (
-    State,
-    _due_and_history,
-    done_count,
-    print_summary,
-    progress_stats,
-    run_sender,
-    send_progress,
-)
+from newsletter.cli import State, done_count, print_summary, progress_stats, send_progress
 from newsletter.config import Settings
-from newsletter.errors import NewsletterError
-from newsletter.send import SendReport
-
-
-class WorkerError(NewsletterError):
-    """A sender worker process ended with an error; its own message is on stderr above."""
+from newsletter.errors import WorkerError
+from newsletter.send import SendReport, count_due_now, deliver_all
 
 
 def report_to_json(report: SendReport) -> str:
@@ -79,16 +67,19 @@ def deliver_as_worker(
     state: State, *, campaign_id: int | None, index: int, count: int
 ) -> SendReport:
     """Run as worker `index` of `count`: each batch's report and then the total, as JSON lines."""
-    settings = share_of(state.settings, index, count)
-    _total, history = _due_and_history(state, state.factory(), campaign_id)
-    history = {label: times[index::count] for label, times in history.items()}
 
     def emit(batch: SendReport) -> None:
         sys.stdout.write(report_to_json(batch) + "\n")
         sys.stdout.flush()
 
-    report = run_sender(
-        state, campaign_id=campaign_id, history=history, on_batch=emit, settings=settings
+    report = deliver_all(
+        factory=state.factory(),
+        settings=share_of(state.settings, index, count),
+        clock=state.clock,
+        campaign_id=campaign_id,
+        on_batch=emit,
+        share=(index, count),
+        handle_signals=True,
     )
     sys.stdout.write(json.dumps({"final": asdict(report)}) + "\n")
     sys.stdout.flush()
@@ -119,7 +110,7 @@ def _read_lines(index: int, stream: IO[str], into: Lines) -> None:
 
 def deliver_with_workers(state: State, *, campaign_id: int | None, workers: int) -> SendReport:
     """Start `workers` sender processes, show their progress as one, and sum up what they did."""
-    total, _history = _due_and_history(state, state.factory(), campaign_id)
+    total = count_due_now(factory=state.factory(), clock=state.clock, campaign_id=campaign_id)
     started, seen, finals = time.monotonic(), SendReport(), SendReport()
     lines: Lines = queue.SimpleQueue()
     procs = [

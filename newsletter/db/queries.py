@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import (
     ColumnElement,
     Select,
+    Table,
     and_,
+    bindparam,
     case,
     func,
     literal,
@@ -28,13 +31,18 @@ from newsletter.db.models import (
     DeliveryStatus,
     Event,
     Item,
+    MailingList,
     Subscriber,
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
+    Suppression,
+    Variant,
 )
 
 PENDING_STATUSES = (DeliveryStatus.QUEUED, DeliveryStatus.DEFERRED, DeliveryStatus.CLAIMED)
+# The deliveries table itself, for the executemany updates below (no ORM work per row).
+DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 
 
 def _dialect(session: Session) -> str:
@@ -229,10 +237,24 @@ def release_claims(session: Session, ids: Sequence[int], *, worker: str) -> int:
     """
     if not ids:
         return 0
+    return _unclaim(session, Delivery.id.in_(list(ids)), worker=worker)
+
+
+def release_own_claims(session: Session, *, worker: str) -> int:
+    """Give back every row this worker still holds: what it claimed and did not record.
+
+    The database, not the sender, knows which rows these are (status claimed, claimed_by this
+    worker): rows whose outcome was committed are no longer claimed. Served by
+    ix_deliveries_claim (status first), so it reads only the few rows claimed right now.
+    """
+    return _unclaim(session, true(), worker=worker)
+
+
+def _unclaim(session: Session, which: ColumnElement[bool], *, worker: str) -> int:
     stmt = (
         update(Delivery)
         .where(
-            Delivery.id.in_(list(ids)),
+            which,
             Delivery.status == DeliveryStatus.CLAIMED,
             Delivery.claimed_by == worker,
         )
@@ -248,13 +270,280 @@ def release_claims(session: Session, ids: Sequence[int], *, worker: str) -> int:
 
 
 def extend_leases(session: Session, *, worker: str, until: datetime) -> None:
-    """Keep a live worker's claims from running out while it is still sending them."""
+    """Keep a live worker's claims from running out while it is still sending them.
+
+    One UPDATE by claimed_by over the claimed rows (ix_deliveries_claim, status first), not by
+    id: the database knows which rows the worker holds, whatever its queue looks like.
+    """
     session.execute(
         update(Delivery)
         .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by == worker)
         .values(lease_until=until)
         .execution_options(synchronize_session=False)
     )
+
+
+def claim_holders(session: Session) -> list[str]:
+    """The workers that hold claims now: one name per sender process, live or dead.
+
+    DISTINCT over the claimed rows only (ix_deliveries_claim has status first): a handful of
+    batches, however large the table.
+    """
+    stmt = (
+        select(Delivery.claimed_by)
+        .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by.is_not(None))
+        .distinct()
+    )
+    return [name for name in session.scalars(stmt) if name]
+
+
+def release_expired(session: Session, *, now: datetime) -> int:
+    """Put back claims whose lease ran out (their worker died), as queued and due.
+
+    The same condition the claim uses for expired leases (_lease_expired); attempts stay
+    counted, since the dead worker may have tried them.
+    """
+    return _put_back(session, _lease_expired(now))
+
+
+def release_claims_of(session: Session, workers: Iterable[str]) -> int:
+    """Put back, at once, every claim of workers known to be gone, as an expired lease would be."""
+    names = list(workers)
+    if not names:
+        return 0
+    return _put_back(
+        session, and_(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by.in_(names))
+    )
+
+
+def _put_back(session: Session, which: ColumnElement[bool]) -> int:
+    stmt = (
+        update(Delivery)
+        .where(which)
+        .values(status=DeliveryStatus.QUEUED, lease_until=None, claimed_by=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+
+
+# --- what the sender reads and writes around each batch ---------------------------------------
+
+
+class ClaimedRow(NamedTuple):
+    """A claimed delivery with what the sender needs to address and build its message."""
+
+    delivery_id: int
+    campaign_id: int
+    attempts: int
+    created_at: datetime
+    requeued_at: datetime | None
+    subscriber_id: int
+    email: str
+    name: str
+    language: str
+    subscriber_status: str
+    subscription_status: str | None  # None: no subscription row for the campaign's list
+
+    @property
+    def may_be_mailed(self) -> bool:
+        """Still an active person with an active subscription to the campaign's list."""
+        return (
+            self.subscriber_status == SubscriberStatus.ACTIVE
+            and self.subscription_status == SubscriptionStatus.ACTIVE
+        )
+
+
+def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
+    """The claimed rows with their person and subscription, read at send time, in id order.
+
+    Read after the claim, not at enqueue: an unsubscribe or bounce made a second ago shows here.
+    The outer join to the subscription keeps rows whose subscription row is gone, so they are
+    skipped (see skip_left) rather than silently left claimed. Reached by primary key.
+    """
+    stmt = (
+        select(
+            Delivery.id,
+            Delivery.campaign_id,
+            Delivery.attempts,
+            Delivery.created_at,
+            Delivery.requeued_at,
+            Subscriber.id,
+            Subscriber.email,
+            Subscriber.name,
+            Subscriber.language,
+            Subscriber.status,
+            Subscription.status,
+        )
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .join(Campaign, Campaign.id == Delivery.campaign_id)
+        .outerjoin(
+            Subscription,
+            (Subscription.subscriber_id == Subscriber.id)
+            & (Subscription.list_id == Campaign.list_id),
+        )
+        .where(Delivery.id.in_(list(ids)))
+        .order_by(Delivery.id)
+    )
+    return [ClaimedRow._make(row) for row in session.execute(stmt)]
+
+
+def skip_left(session: Session, ids: Sequence[int]) -> None:
+    """Deliveries to people who left the list (or bounced) since enqueue are not sent.
+
+    Marked suppressed with the reason, not deleted: the record says who was skipped and why.
+    """
+    if ids:
+        session.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.in_(list(ids)))
+            .values(
+                status=DeliveryStatus.SUPPRESSED,
+                lease_until=None,
+                claimed_by=None,
+                last_reply="left before sending",
+            )
+        )
+
+
+def any_alert(session: Session, campaign_ids: Iterable[int]) -> bool:
+    """Whether any of these campaigns is an alert (its batch goes out whole before the next).
+
+    By primary key over the few campaigns of one batch.
+    """
+    ids = list(campaign_ids)
+    if not ids:
+        return False
+    stmt = select(Campaign.id).where(Campaign.id.in_(ids), Campaign.kind == CampaignKind.ALERT)
+    return session.scalar(stmt.limit(1)) is not None
+
+
+def stopped_campaigns(session: Session, campaign_ids: Iterable[int]) -> set[int]:
+    """Which of these campaigns are no longer running (paused, cancelled, finished).
+
+    Polled twice a second by every sender, so it reads only the campaigns the sender has in
+    hand, by primary key, and nothing when it has none.
+    """
+    ids = list(campaign_ids)
+    if not ids:
+        return set()
+    stmt = select(Campaign.id).where(
+        Campaign.id.in_(ids), Campaign.status != CampaignStatus.RUNNING
+    )
+    return set(session.scalars(stmt))
+
+
+def load_variant(
+    session: Session, campaign_id: int, lang: str
+) -> tuple[Variant, MailingList] | None:
+    """A campaign's rendered variant in one language, with its list; once per worker and language.
+
+    One row by the variants' (campaign, lang) pair and two primary keys.
+    """
+    row = session.execute(
+        select(Variant, MailingList)
+        .join(Campaign, Campaign.id == Variant.campaign_id)
+        .join(MailingList, MailingList.id == Campaign.list_id)
+        .where(Variant.campaign_id == campaign_id, Variant.lang == lang)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+# The ledger's writes: one executemany per kind of outcome, on the session's connection (the
+# same transaction, without the ORM's per-statement work: a third of the cost of recording at a
+# few rows per commit). Each is guarded by status = claimed, so an outcome never overwrites a
+# row that was released and recorded elsewhere meanwhile.
+_SENT = (
+    update(DELIVERIES)
+    .where(
+        DELIVERIES.c.id == bindparam("b_id"),
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED,
+    )
+    .values(
+        status=DeliveryStatus.SENT,
+        sent_at=bindparam("b_at"),
+        last_reply=bindparam("b_reply"),
+        relay=bindparam("b_relay"),
+        lease_until=None,
+        claimed_by=None,
+    )
+)
+_RETRY = (
+    update(DELIVERIES)
+    .where(
+        DELIVERIES.c.id == bindparam("b_id"),
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED,
+    )
+    .values(
+        status=bindparam("b_status"),
+        next_attempt_at=bindparam("b_next"),
+        last_reply=bindparam("b_reply"),
+        relay=bindparam("b_relay"),
+        lease_until=None,
+        claimed_by=None,
+    )
+)
+
+
+def record_sent(session: Session, rows: list[dict[str, object]]) -> None:
+    """Mark deliveries sent: rows of b_id, b_at, b_reply, b_relay."""
+    if rows:
+        session.connection().execute(_SENT, rows)
+
+
+def record_unsent(session: Session, rows: list[dict[str, object]]) -> None:
+    """Mark deliveries deferred or failed: rows of b_id, b_status, b_next, b_reply, b_relay."""
+    if rows:
+        session.connection().execute(_RETRY, rows)
+
+
+def mark_bounced(session: Session, subscriber_id: int) -> None:
+    """A person whose mailbox was refused for good is bounced: never claimed for mail again."""
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == subscriber_id)
+        .values(status=SubscriberStatus.BOUNCED)
+    )
+
+
+def add_suppression(session: Session, *, email_hash: str, reason: str, now: datetime) -> bool:
+    """Suppress a keyed address hash unless it already is; returns whether it was added.
+
+    Looked up by the unique email_hash index first, so a second bounce adds no duplicate.
+    """
+    found = session.scalar(select(Suppression.id).where(Suppression.email_hash == email_hash))
+    if found is not None:
+        return False
+    session.add(Suppression(email_hash=email_hash, reason=reason, created_at=now))
+    return True
+
+
+def running_campaigns(session: Session) -> list[int]:
+    """Ids of campaigns that are sending (a handful; campaigns are few)."""
+    stmt = select(Campaign.id).where(Campaign.status == CampaignStatus.RUNNING)
+    return list(session.scalars(stmt))
+
+
+def finish_campaign(session: Session, *, campaign_id: int, now: datetime) -> bool:
+    """Mark a running campaign finished if none of its deliveries is pending; True if this won.
+
+    The pending count walks ix_deliveries_due (campaign first). The change is one conditional
+    UPDATE ... RETURNING, so of two workers finishing together only one wins.
+    """
+    if count_pending(session, campaign_id):
+        return False
+    won = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id, Campaign.status == CampaignStatus.RUNNING)
+        .values(status=CampaignStatus.FINISHED, finished_at=now)
+        .returning(Campaign.id)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    if won is None:
+        return False
+    loaded = session.get(Campaign, campaign_id)
+    if loaded is not None:
+        session.refresh(loaded)  # a Campaign already in this session shows the new status
+    return True
 
 
 def requeue_failed(session: Session, *, campaign_id: int, now: datetime) -> int:
@@ -284,7 +573,11 @@ def requeue_failed(session: Session, *, campaign_id: int, now: datetime) -> int:
 
 
 def recent_sends(session: Session, *, relay: str, since: datetime) -> list[datetime]:
-    """When each message a relay carried since `since` was accepted (for its hourly cap)."""
+    """When each message a relay carried since `since` was accepted (for its hourly cap).
+
+    No index serves (relay, sent_at), so this reads the table: it runs once when a pool opens
+    (smtp.open_pool), and only for relays that have an hourly cap.
+    """
     stmt = (
         select(Delivery.sent_at)
         .where(Delivery.relay == relay, Delivery.sent_at >= since)
