@@ -31,13 +31,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
+from xml.parsers import expat
 
 import defusedxml.ElementTree as SafeET
 import feedparser
 import httpx
 from defusedxml import DefusedXmlException
+from feedparser.sanitizer import _HTMLSanitizer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,16 +73,36 @@ BOMS = (
 )
 # UTF-16 without a BOM still starts with "<?" (XML 1.0, appendix F).
 BOMLESS_UTF16 = ((b"<\x00?\x00", "utf-16-le"), (b"\x00<\x00?", "utf-16-be"))
-XML_DECLARATION = re.compile(rb"^\s*<\?xml[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._:-]+)[\"']")
-DECLARATION_ENCODING = re.compile(r"^(\s*<\?xml[^>]*?encoding\s*=\s*)[\"'][^\"']*[\"']")
+# An XML declaration is a few dozen characters; one that does not close (">") within this many
+# is refused, so nothing ever searches a whole document for the end of one.
+DECLARATION_MAX = 1024
+# Both expressions run on the declaration alone (at most DECLARATION_MAX characters), and are
+# linear anyway: one literal, then single character-class loops each followed by a character
+# outside its class, so a failed attempt backtracks over one run at most once.
+DECLARED_ENCODING = re.compile(r"encoding\s*=\s*[\"']([A-Za-z0-9._:-]+)[\"']")
+ENCODING_VALUE = re.compile(r"(encoding\s*=\s*)[\"'][^\"']*[\"']")
+# A literal: re compares at most eight characters at each position, so the search is linear.
 ENTITY_DECLARATION = re.compile(r"<!ENTITY", re.IGNORECASE)
-HTML_START = re.compile(r"^\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.IGNORECASE | re.S)
+# One character-class loop anchored where it is applied: linear, with nothing after it to retry.
+SPACE = re.compile(r"\s*")
+# What feedparser reads instead of the document's own prolog (see _for_feedparser).
+FEEDPARSER_DECLARATION = b'<?xml version="1.0" encoding="utf-8"?>\n'
+# feedparser looks each attribute up by a linear scan of the element's attributes (quadratic in
+# their number); no feed element needs more than a dozen.
+MAX_ATTRIBUTES = 32
+# Elements naming people, which feedparser splits with an expression quadratic in their length;
+# the newsletter never uses them, so feedparser does not get them.
+PEOPLE_ELEMENTS = frozenset(
+    {"author", "creator", "managingeditor", "webmaster", "publisher", "owner"}
+)
 UNICODE_FAMILY = ("utf-8", "utf-16", "utf-32")
 # feedparser flags these as "bozo" although the document is fine for us: we chose and applied
 # the encoding ourselves, and we never hand it an HTTP Content-Type. Anything else it flags
 # (a SAX error, an undeclared namespace, an unknown encoding) means it read the document
 # differently from how defusedxml did, so the feed is refused.
 HARMLESS_BOZO = (feedparser.CharacterEncodingOverride, feedparser.NonXMLContentType)
+# The content types feedparser sanitises as HTML.
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 
 
 @dataclass(frozen=True)
@@ -128,7 +150,12 @@ def parse_feed(
     """Check and parse a feed document into cleaned items, or raise FeedParseError."""
     text = _decode(content, source)
     _check_document(text, source)
-    parsed = feedparser.parse(io.BytesIO(_as_utf8_document(text)), sanitize_html=True)
+    document = _for_feedparser(_as_utf8_document(text), source)
+    # feedparser's own sanitiser is quadratic in two steps: it runs below as _FirstPass, with
+    # those two made linear. nh3 resolves links, against each field's xml:base.
+    parsed = feedparser.parse(
+        io.BytesIO(document), sanitize_html=False, resolve_relative_uris=False
+    )
     if parsed.bozo and not isinstance(parsed.bozo_exception, HARMLESS_BOZO):
         raise FeedParseError(source, f"malformed feed: {_one_line(parsed.bozo_exception)}")
     site = clean_url(parsed.feed.get("link", ""), base_url=base_url) or base_url
@@ -143,7 +170,7 @@ def _decode(content: bytes, source: str) -> str:
     """Decode the document by BOM, else XML declaration, else UTF-8; refuse what does not fit."""
     if not content.strip():
         raise FeedParseError(source, "empty document, not a feed")
-    encoding, body = _sniff_encoding(content)
+    encoding, body = _sniff_encoding(content, source)
     try:
         text = body.decode(encoding)
     except LookupError:
@@ -159,7 +186,7 @@ def _decode(content: bytes, source: str) -> str:
     return text
 
 
-def _sniff_encoding(content: bytes) -> tuple[str, bytes]:
+def _sniff_encoding(content: bytes, source: str) -> tuple[str, bytes]:
     """Return the encoding to decode with and the bytes without any byte-order mark."""
     for bom, encoding in BOMS:
         if content.startswith(bom):
@@ -167,8 +194,23 @@ def _sniff_encoding(content: bytes) -> tuple[str, bytes]:
     for prefix, encoding in BOMLESS_UTF16:
         if content.startswith(prefix):
             return encoding, content
-    declared = XML_DECLARATION.match(content)
-    return (declared.group(1).decode("ascii") if declared else "utf-8"), content
+    start = len(content) - len(content.lstrip())
+    # The declaration is ASCII in every ASCII-compatible encoding; latin-1 decodes any byte.
+    head = content[start : start + DECLARATION_MAX + 1].decode("latin-1")
+    declared = DECLARED_ENCODING.search(_declaration(head, source))
+    return (declared.group(1) if declared else "utf-8"), content
+
+
+def _declaration(head: str, source: str) -> str:
+    """The XML declaration head starts with, up to its first ">" ("" when there is none)."""
+    if not head.startswith("<?xml") or not head[5:6].isspace():
+        return ""
+    end = head.find(">", 0, DECLARATION_MAX)
+    if end < 0:
+        raise FeedParseError(
+            source, f"the XML declaration does not end within {DECLARATION_MAX} characters"
+        )
+    return head[: end + 1]
 
 
 def _is_utf8(body: bytes) -> bool:
@@ -184,7 +226,7 @@ def _is_utf8(body: bytes) -> bool:
 
 def _check_document(text: str, source: str) -> None:
     """Refuse HTML, JSON, entity declarations, malformed XML and non-feed roots."""
-    if HTML_START.match(text):
+    if _is_html(text):
         raise FeedParseError(source, "an HTML page, not a feed")
     if _is_json(text):
         raise FeedParseError(source, "a JSON document, not an RSS or Atom feed")
@@ -202,20 +244,109 @@ def _check_document(text: str, source: str) -> None:
         raise FeedParseError(source, f"not a feed: root element is <{_local(root.tag)}>")
 
 
+def _is_html(text: str) -> bool:
+    """True when, after whitespace and comments, the text opens with <!doctype html or <html."""
+    # A scan, not one expression: "(<!--.*?-->\s*)*<html" backtracks exponentially on a few
+    # hundred bytes of comments. Each comment ends at its first "-->", as in HTML.
+    pos = SPACE.match(text).end()
+    while text.startswith("<!--", pos):
+        end = text.find("-->", pos + 4)
+        if end < 0:
+            return False
+        pos = SPACE.match(text, end + 3).end()
+    head = text[pos : pos + 9].lower()
+    if head == "<!doctype":
+        rest = SPACE.match(text, pos + 9).end()
+        return rest > pos + 9 and text[rest : rest + 4].lower() == "html"
+    return head[:5] == "<html" and (head[5:6].isspace() or head[5:6] == ">")
+
+
 def _is_json(text: str) -> bool:
     """True for a document that parses as a JSON object or array."""
     if not text.lstrip().startswith(("{", "[")):
         return False
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[…" deeper than the interpreter's stack
         return False
     return True
 
 
 def _as_utf8_document(text: str) -> bytes:
     """Encode as UTF-8 and make the XML declaration say so."""
-    return DECLARATION_ENCODING.sub(r'\1"utf-8"', text, count=1).encode("utf-8")
+    start = len(text) - len(text.lstrip())
+    declaration = _declaration(text[start : start + DECLARATION_MAX + 1], "")
+    if not declaration:
+        return text.encode("utf-8")
+    end = start + len(declaration)
+    declaration = ENCODING_VALUE.sub(r'\1"utf-8"', declaration, count=1)
+    return (text[:start] + declaration + text[end:]).encode("utf-8")
+
+
+def _for_feedparser(document: bytes, source: str) -> bytes:
+    """The checked document as feedparser reads it: a fresh declaration, the root element on.
+
+    feedparser searches the prolog with expressions that are quadratic on runs of blank lines
+    and break on comments naming a DOCTYPE, and splits people's names quadratically; none of
+    that is needed, so the prolog and PEOPLE_ELEMENTS are left out. The document was already
+    checked (no entity declarations, well-formed), so expat reads it safely here.
+    """
+    scan = _ElementScan(source)
+    scan.run(document)
+    pieces = [FEEDPARSER_DECLARATION]
+    keep_from = scan.root
+    for cut_start, cut_end in scan.cuts:
+        pieces.append(document[keep_from:cut_start])
+        keep_from = cut_end
+    pieces.append(document[keep_from:])
+    return b"".join(pieces)
+
+
+class _ElementScan:
+    """One expat pass: where the root starts, which byte ranges to leave out, attribute counts."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.root = -1
+        self.cuts: list[tuple[int, int]] = []
+        self._cut_start = -1
+        self._skip_depth = 0
+        self._cut_pending = False
+        self._parser = expat.ParserCreate()
+
+    def run(self, document: bytes) -> None:
+        parser = self._parser
+        parser.StartElementHandler = self._start
+        parser.EndElementHandler = self._end
+        for name in ("CharacterData", "Comment", "ProcessingInstruction", "StartCdataSection"):
+            setattr(parser, f"{name}Handler", self._event)
+        parser.Parse(document, True)
+
+    def _event(self, *_: object) -> None:
+        """Any event after a left-out element's end marks where that element ended."""
+        if self._cut_pending:
+            self.cuts.append((self._cut_start, self._parser.CurrentByteIndex))
+            self._cut_pending = False
+
+    def _start(self, name: str, attributes: dict[str, str]) -> None:
+        self._event()
+        if len(attributes) > MAX_ATTRIBUTES:
+            raise FeedParseError(
+                self.source, f"<{_local(name)}> has more than {MAX_ATTRIBUTES} attributes"
+            )
+        if self.root < 0:
+            self.root = self._parser.CurrentByteIndex
+        if self._skip_depth:
+            self._skip_depth += 1
+        elif name.rpartition(":")[2].lower() in PEOPLE_ELEMENTS:
+            self._skip_depth = 1
+            self._cut_start = self._parser.CurrentByteIndex
+
+    def _end(self, name: str) -> None:
+        self._event()
+        if self._skip_depth:
+            self._skip_depth -= 1
+            self._cut_pending = self._skip_depth == 0
 
 
 def _local(tag: str) -> str:
@@ -230,10 +361,12 @@ def _one_line(error: object) -> str:
 
 def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: datetime) -> ParsedItem:
     """Clean one feedparser entry into a ParsedItem."""
-    summary = clean_html(entry.get("summary", ""), base_url=base_url)
+    summary = _clean_field(entry.get("summary", ""), entry.get("summary_detail"), base_url)
     contents = entry.get("content") or [{}]
-    content = clean_html(contents[0].get("value", ""), base_url=base_url)
-    title = clean_text(entry.get("title", ""), max_length=TITLE_MAX)
+    content = _clean_field(contents[0].get("value", ""), contents[0], base_url)
+    title = clean_text(
+        _first_pass(entry.get("title", ""), entry.get("title_detail")), max_length=TITLE_MAX
+    )
     link = clean_url(entry.get("link", ""), base_url=base_url)
     link = link if len(link) <= LINK_MAX else ""
     categories = _categories(entry)
@@ -248,6 +381,50 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     }
     guid = _identity(entry.get("id", ""), link, title, summary)
     return ParsedItem(guid=guid, content_hash=_hash_fields(fields), **fields)
+
+
+def _clean_field(value: str, detail: Any, base_url: str) -> str:
+    """Sanitise an HTML field; its relative links resolve against its xml:base, else the site."""
+    base = urljoin(base_url, (detail or {}).get("base") or "")
+    return clean_html(_first_pass(value, detail), base_url=base)
+
+
+def _first_pass(value: str, detail: Any) -> str:
+    """feedparser's sanitiser over an HTML field, as feedparser would run it; others unchanged."""
+    if (detail or {}).get("type") not in HTML_TYPES:
+        return value
+    # Its sgmllib tokeniser reads broken markup ("<scr<script>ipt>") differently from nh3's
+    # HTML5 one, so what either would leave as text, the other removes.
+    sanitizer = _FirstPass("utf-8", detail["type"])
+    sanitizer.feed(value.replace("<![CDATA[", "&lt;![CDATA["))
+    return str(sanitizer.output()).strip().replace("\r\n", "\n")
+
+
+class _FirstPass(_HTMLSanitizer):  # type: ignore[misc]
+    """feedparser's sanitiser without its two quadratic steps."""
+
+    def __init__(self, encoding: str, content_type: str) -> None:
+        super().__init__(encoding, content_type)
+        self._unclosed_in: str | None = None
+        self._unclosed_from = 0
+
+    def sanitize_style(self, style: str) -> str:
+        # Its checks backtrack quadratically on a long style value; nh3 drops style attributes.
+        return ""
+
+    def parse_comment(self, i: int, report: int = 1) -> int:
+        # As feedparser ends a comment: at "--" [space] ">", else at "--" and the next ">", else
+        # never. Searching the whole rest again for each unclosed comment was quadratic, so a
+        # search that found no close is remembered, and the fallback is two find() calls.
+        rawdata = self.rawdata
+        if rawdata is not self._unclosed_in or i < self._unclosed_from:
+            end = int(super(_HTMLSanitizer, self).parse_comment(i, report))
+            if end >= 0:
+                return end
+            self._unclosed_in, self._unclosed_from = rawdata, i
+        dashes = rawdata.find("--", i + 4)
+        close = rawdata.find(">", dashes + 2) if dashes >= 0 else -1
+        return close + 1 if close >= 0 else len(rawdata)
 
 
 def _entry_date(entry: Any) -> Any:
