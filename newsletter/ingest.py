@@ -248,17 +248,23 @@ def _is_html(text: str) -> bool:
     """True when, after whitespace and comments, the text opens with <!doctype html or <html."""
     # A scan, not one expression: "(<!--.*?-->\s*)*<html" backtracks exponentially on a few
     # hundred bytes of comments. Each comment ends at its first "-->", as in HTML.
-    pos = SPACE.match(text).end()
+    pos = _after_space(text, 0)
     while text.startswith("<!--", pos):
         end = text.find("-->", pos + 4)
         if end < 0:
             return False
-        pos = SPACE.match(text, end + 3).end()
+        pos = _after_space(text, end + 3)
     head = text[pos : pos + 9].lower()
     if head == "<!doctype":
-        rest = SPACE.match(text, pos + 9).end()
-        return rest > pos + 9 and text[rest : rest + 4].lower() == "html"
+        name = _after_space(text, pos + 9)
+        return name > pos + 9 and text[name : name + 4].lower() == "html"
     return head[:5] == "<html" and (head[5:6].isspace() or head[5:6] == ">")
+
+
+def _after_space(text: str, pos: int) -> int:
+    """The position of the first non-whitespace character at or after pos."""
+    match = SPACE.match(text, pos)
+    return match.end() if match else pos
 
 
 def _is_json(text: str) -> bool:
