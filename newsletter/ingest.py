@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import html
 import io
 import json
 import re
@@ -48,7 +49,16 @@ from newsletter.config import SourcesSettings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Item, Source
 from newsletter.errors import FeedError, FeedFetchError, FeedParseError
-from newsletter.sanitize import clean_html, clean_text, clean_url, to_utc
+from newsletter.sanitize import (
+    ALLOWED_ATTRIBUTES,
+    MAX_HTML_DEPTH,
+    VOID_TAGS,
+    clean_html,
+    clean_text,
+    clean_url,
+    html_depth,
+    to_utc,
+)
 
 TITLE_MAX = 300
 CATEGORY_MAX = 100
@@ -85,6 +95,8 @@ ENCODING_VALUE = re.compile(r"(encoding\s*=\s*)[\"'][^\"']*[\"']")
 ENTITY_DECLARATION = re.compile(r"<!ENTITY", re.IGNORECASE)
 # One character-class loop anchored where it is applied: linear, with nothing after it to retry.
 SPACE = re.compile(r"\s*")
+# Two fixed characters: no quantifier at all, so findall is one linear pass.
+TAG_START = re.compile(r"<[A-Za-z]")
 # What feedparser reads instead of the document's own prolog (see _for_feedparser).
 FEEDPARSER_DECLARATION = b'<?xml version="1.0" encoding="utf-8"?>\n'
 # feedparser looks each attribute up by a linear scan of the element's attributes (quadratic in
@@ -103,6 +115,39 @@ UNICODE_FAMILY = ("utf-8", "utf-16", "utf-32")
 HARMLESS_BOZO = (feedparser.CharacterEncodingOverride, feedparser.NonXMLContentType)
 # The content types feedparser sanitises as HTML.
 HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# html5ever's "special" elements and scope boundaries, as its tree builder uses them for end tags
+# (the HTML standard, 13.2.4.2 and 13.2.4.3): _FirstPass mirrors them to follow its nesting.
+SPECIAL = frozenset(
+    {
+        "address", "applet", "area", "article", "aside", "base", "basefont", "bgsound",
+        "blockquote", "body", "br", "button", "caption", "center", "col", "colgroup", "dd",
+        "details", "dialog", "dir", "div", "dl", "dt", "embed", "fieldset", "figcaption",
+        "figure", "footer", "form", "frame", "frameset", "h1", "h2", "h3", "h4", "h5", "h6",
+        "head", "header", "hgroup", "hr", "html", "iframe", "img", "input", "keygen", "li",
+        "link", "listing", "main", "marquee", "menu", "meta", "nav", "noembed", "noframes",
+        "noscript", "object", "ol", "p", "param", "plaintext", "pre", "script", "search",
+        "section", "select", "source", "style", "summary", "table", "tbody", "td", "template",
+        "textarea", "tfoot", "th", "thead", "title", "tr", "track", "ul", "wbr", "xmp",
+        "mi", "mo", "mn", "ms", "mtext", "annotation-xml", "foreignobject", "desc",
+    }
+)  # fmt: skip
+SCOPE_BOUNDARIES = frozenset(
+    {"applet", "caption", "html", "table", "td", "th", "marquee", "object", "template"}
+    | {"mi", "mo", "mn", "ms", "mtext", "annotation-xml", "foreignobject", "desc", "title"}
+)
+SCOPE_EXTRA = {"p": {"button"}, "li": {"ol", "ul"}}
+# A start tag that closes an open element of these names when it is the innermost one, as
+# HTML does: feeds often leave <p> and <li> unclosed.
+IMPLIED_END = {
+    "p": {"p"},
+    "li": {"li"},
+    "dt": {"dt", "dd"},
+    "dd": {"dt", "dd"},
+    "tr": {"tr", "td", "th"},
+    "td": {"td", "th"},
+    "th": {"td", "th"},
+    "option": {"option"},
+}
 
 
 @dataclass(frozen=True)
@@ -163,7 +208,10 @@ def parse_feed(
         _parse_entry(entry, base_url=site, urgent_category=urgent_category, now=now)
         for entry in parsed.entries
     )
-    return _last_per_guid(items)
+    try:
+        return _last_per_guid(items)
+    except _TooDeep as e:
+        raise FeedParseError(source, str(e)) from None
 
 
 def _decode(content: bytes, source: str) -> str:
@@ -370,9 +418,7 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     summary = _clean_field(entry.get("summary", ""), entry.get("summary_detail"), base_url)
     contents = entry.get("content") or [{}]
     content = _clean_field(contents[0].get("value", ""), contents[0], base_url)
-    title = clean_text(
-        _first_pass(entry.get("title", ""), entry.get("title_detail")), max_length=TITLE_MAX
-    )
+    title = _text_field(_first_pass(entry.get("title", ""), entry.get("title_detail")), TITLE_MAX)
     link = clean_url(entry.get("link", ""), base_url=base_url)
     link = link if len(link) <= LINK_MAX else ""
     categories = _categories(entry)
@@ -392,7 +438,11 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
 def _clean_field(value: str, detail: Any, base_url: str) -> str:
     """Sanitise an HTML field; its relative links resolve against its xml:base, else the site."""
     base = urljoin(base_url, (detail or {}).get("base") or "")
-    return clean_html(_first_pass(value, detail), base_url=base)
+    cleaned = clean_html(_first_pass(value, detail), base_url=base)
+    # The first pass estimates nesting as sgmllib reads it; this is nh3's exact result.
+    if html_depth(cleaned) > MAX_HTML_DEPTH:
+        raise _TooDeep(f"an item's HTML nests more than {MAX_HTML_DEPTH} elements deep")
+    return cleaned
 
 
 def _first_pass(value: str, detail: Any) -> str:
@@ -406,13 +456,47 @@ def _first_pass(value: str, detail: Any) -> str:
     return str(sanitizer.output()).strip().replace("\r\n", "\n")
 
 
+class _TooDeep(ValueError):
+    """An HTML field nests its elements more than MAX_HTML_DEPTH deep."""
+
+
 class _FirstPass(_HTMLSanitizer):  # type: ignore[misc]
-    """feedparser's sanitiser without its two quadratic steps."""
+    """feedparser's sanitiser without its two quadratic steps, and two guards for nh3.
+
+    nh3's parser (html5ever) is quadratic in nesting depth, and given formatting elements that
+    differ only in attributes (<b title=1><b title=2>…) misnested, it rebuilds each again and
+    again: 120 KB of such markup became 224 MB. So a field nested deeper than MAX_HTML_DEPTH is
+    refused here, and attributes nh3 would drop anyway are dropped first.
+    """
 
     def __init__(self, encoding: str, content_type: str) -> None:
         super().__init__(encoding, content_type)
         self._unclosed_in: str | None = None
         self._unclosed_from = 0
+        self._open: list[str] = []
+
+    def unknown_starttag(self, tag: str, attrs: list[tuple[str, str]]) -> None:
+        kept = ALLOWED_ATTRIBUTES.get(tag, set())
+        super().unknown_starttag(tag, [(k, v) for k, v in attrs if k.lower() in kept])
+        if tag in VOID_TAGS or tag in self.elements_no_end_tag:
+            return
+        if self._open and self._open[-1] in IMPLIED_END.get(tag, ()):
+            self._open.pop()
+        self._open.append(tag)
+        if len(self._open) > MAX_HTML_DEPTH:
+            raise _TooDeep(f"an item's HTML nests more than {MAX_HTML_DEPTH} elements deep")
+
+    def unknown_endtag(self, tag: str) -> None:
+        super().unknown_endtag(tag)
+        # As html5ever does: a special element (div, p …) or, for a special end tag, a scope
+        # boundary (table …) between here and the element makes the end tag a no-op.
+        stops = SCOPE_BOUNDARIES | SCOPE_EXTRA.get(tag, set()) if tag in SPECIAL else SPECIAL
+        for depth in range(len(self._open) - 1, -1, -1):
+            if self._open[depth] == tag:
+                del self._open[depth:]
+                return
+            if self._open[depth] in stops:
+                return
 
     def sanitize_style(self, style: str) -> str:
         # Its checks backtrack quadratically on a long style value; nh3 drops style attributes.
@@ -433,6 +517,18 @@ class _FirstPass(_HTMLSanitizer):  # type: ignore[misc]
         return close + 1 if close >= 0 else len(rawdata)
 
 
+def _text_field(value: str, max_length: int) -> str:
+    """clean_text, for a field with at most MAX_HTML_DEPTH tags however often it is unescaped."""
+    # clean_text strips tags with nh3 (quadratic in nesting), unescaping up to three times; a
+    # title, id or category never needs a hundred tags.
+    unescaped = value
+    for _ in range(3):
+        if len(TAG_START.findall(unescaped)) > MAX_HTML_DEPTH:
+            raise _TooDeep(f"an item's title, id or category has more than {MAX_HTML_DEPTH} tags")
+        unescaped = html.unescape(unescaped)
+    return clean_text(value, max_length=max_length)
+
+
 def _entry_date(entry: Any) -> Any:
     """The entry's publication date, else its update date (feedparser's UTC struct_time)."""
     return entry.get("published_parsed") or entry.get("updated_parsed")
@@ -440,15 +536,13 @@ def _entry_date(entry: Any) -> Any:
 
 def _categories(entry: Any) -> tuple[str, ...]:
     """Cleaned, de-duplicated category names in feed order."""
-    names = (
-        clean_text(tag.get("term") or "", max_length=CATEGORY_MAX) for tag in entry.get("tags", [])
-    )
+    names = (_text_field(tag.get("term") or "", CATEGORY_MAX) for tag in entry.get("tags", []))
     return tuple(dict.fromkeys(name for name in names if name))
 
 
 def _identity(guid: str, link: str, title: str, summary: str) -> str:
     """The item's id: its guid, else its link, else a hash of its title and summary."""
-    guid = clean_text(guid, max_length=10_000)
+    guid = _text_field(guid, 10_000)
     if guid and len(guid) <= GUID_MAX:
         return guid
     if guid:
