@@ -27,8 +27,11 @@ from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber
 from newsletter.ledger import scrub, suppress_bounced
 from newsletter.message import message_id
 
+# Linear: anchored at the start (match); each run is followed by a character outside its class.
 _VERP = re.compile(r"^(?P<local>[^+@]+)\+(?P<id>\d+)-(?P<sig>[0-9a-f]{10})@(?P<domain>[^@>]+)$")
-_MESSAGE_ID = re.compile(r"<(?P<cid>\d+)\.(?P<sid>\d+)\.[0-9a-f]{16}@[^>]+>")
+# Linear: digit runs each followed by a fixed character, then a run that stops at "<" or ">", so
+# attempts from different "<" never rescan the same text ([^>]+ made unclosed ids quadratic).
+_MESSAGE_ID = re.compile(r"<(?P<cid>\d+)\.(?P<sid>\d+)\.[0-9a-f]{16}@[^<>]+>")
 _ADDRESS_HEADERS = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
 
 
@@ -108,7 +111,10 @@ def _find_delivery(msg: Message, envelope: Sequence[str], settings: Settings) ->
     for name in _ADDRESS_HEADERS:
         candidates += [str(v) for v in msg.get_all(name, [])]
     for candidate in candidates:
-        for address in re.findall(r"[^\s<>,\"]+@[^\s<>,\"]+", candidate):
+        # Split on one character class (linear); findall("[^…]+@[^…]+") was quadratic in a long
+        # run without "@". A token counts, as it did, when an "@" has a character on each side.
+        tokens = re.split(r"[\s<>,\"]", candidate)
+        for address in (token for token in tokens if "@" in token[1:-1]):
             if (found := parse_verp(address, settings=settings)) is not None:
                 return found
     return None
