@@ -220,12 +220,12 @@ def _render_summary(summary: str) -> str:
 
 
 def _render_whitespace() -> str:
-    return _render_summary("<p>Freed." + " " * 100_000 + f'<a href="{LINK}">Read more</a></p>')
+    return _render_summary("<p>Freed." + " " * 100_000 + "More.</p>")
 
 
 def _list_unsubscribe_header() -> str:
     message = EmailMessage()
-    message["List-Unsubscribe"] = "<https://" * 50_000
+    message["List-Unsubscribe"] = "<https://" * 150_000
     message.set_content("text")
     config = check_settings()
     found = check_message(message, lang="en", subject="Hi", unsubscribe_url="x", settings=config)
@@ -241,9 +241,9 @@ KNOWN: dict[str, tuple[Callable[..., str], tuple[Any, ...]]] = {
     "long-author": (_parse_summary, (rss(extra="<author>" + "a." * 100_000 + "</author>"),)),
     "many-attributes": (
         _parse_summary,
-        (rss(extra="<x " + " ".join(f"a{i}=''" for i in range(50_000)) + "/>"),),
+        (rss(extra="<x " + " ".join(f"a{i}=''" for i in range(100_000)) + "/>"),),
     ),
-    "deep-divs": (_parse_summary, (rss("<div>" * 80_000),)),
+    "deep-divs": (_parse_summary, (rss("<div>" * 300_000),)),
     "rebuilt-formatting": (
         _parse_summary,
         (rss("".join(f'<p><b title="{i}"></p>' for i in range(8_000))),),
