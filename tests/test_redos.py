@@ -11,7 +11,9 @@ import dataclasses
 import multiprocessing
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -19,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from newsletter import bounces
 from newsletter.check import check_message, check_variant
 from newsletter.config import Settings
 from newsletter.errors import FeedParseError, RenderError
@@ -232,6 +235,18 @@ def _list_unsubscribe_header() -> str:
     return f"{len(found)} problems"
 
 
+def _dsn_recipient_run() -> str:
+    message = Message()
+    message["To"] = "a" * 300_000
+    return str(bounces._find_delivery(message, [], check_settings()))
+
+
+def _dsn_unclosed_message_ids() -> str:
+    message = MIMEMultipart("report")
+    message.attach(MIMEText("<1.1.0123456789abcdef@x " * 40_000, "rfc822-headers"))
+    return str(bounces._original_key(message, check_settings()))
+
+
 KNOWN: dict[str, tuple[Callable[..., str], tuple[Any, ...]]] = {
     "nested-comments-before-html": (_parse_summary, (b"<!-- a -->" * 40 + b"<x",)),
     "comments-and-space-before-html": (_parse_summary, (b"<!---->  " * 40 + b"<htm",)),
@@ -252,6 +267,8 @@ KNOWN: dict[str, tuple[Callable[..., str], tuple[Any, ...]]] = {
     "whitespace-in-summary-render": (_render_whitespace, ()),
     "deep-summary-render": (_render_summary, ("<b>" * 20_000 + "x",)),
     "list-unsubscribe-header": (_list_unsubscribe_header, ()),
+    "dsn-recipient-run": (_dsn_recipient_run, ()),
+    "dsn-unclosed-message-ids": (_dsn_unclosed_message_ids, ()),
 }
 
 
