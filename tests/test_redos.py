@@ -18,7 +18,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from newsletter import bounces
@@ -187,10 +187,13 @@ contents = st.lists(chunks, min_size=1, max_size=6).map(
 )
 
 
+# No shrinking: each failing try costs a whole time budget. No example database: derandomized.
 @settings(
     max_examples=30,
     deadline=None,
     derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(contents)
@@ -199,7 +202,13 @@ def test_generated_hostile_text_goes_through_ingest_render_and_check(content: st
     within(EXAMPLE_BUDGET, ingest_render_check, content)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+)
 @given(
     st.sampled_from(("<!-- a -->", "<!---->", "<!-- <!-- -->", " <!-- --> ")),
     st.integers(min_value=1, max_value=3_000),
