@@ -279,6 +279,7 @@ KNOWN: dict[str, tuple[Callable[..., str], tuple[Any, ...]]] = {
         (rss("".join(f'<p><b title="{i}"></p>' for i in range(8_000))),),
     ),
     "deep-json": (_parse_summary, (b"[" * 100_000,)),
+    "many-named-references": (_parse_summary, (rss("&zz;" * 1_200_000),)),
     "whitespace-in-summary-render": (_render_whitespace, ()),
     "deep-summary-render": (_render_summary, ("<b>" * 20_000 + "x",)),
     "list-unsubscribe-header": (_list_unsubscribe_header, ()),
