@@ -22,6 +22,7 @@ from newsletter.errors import ConfigError
 PLACEHOLDER_SECRET = "change-me"
 MIN_SECRET_LENGTH = 32
 LANGUAGES = ("en", "be", "ru")
+# Fixed length (seven characters), used with fullmatch: constant time, whatever the value.
 _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 
 

@@ -32,6 +32,7 @@ from mjml import mjml2html
 
 from newsletter.config import LANGUAGES, Settings
 from newsletter.errors import RenderError
+from newsletter.sanitize import MAX_HTML_DEPTH, html_depth
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 LOCALE_DIR = TEMPLATES_DIR / "locale"
@@ -61,10 +62,15 @@ def N_(message: str) -> str:
 
 _PUBLISHED_IN = {"en": N_("in English"), "be": N_("in Belarusian"), "ru": N_("in Russian")}
 
+# Each expression below is linear on any text: none nests a quantifier, and each repeated part
+# is one character class followed by nothing that could match the same character.
 # premailer keeps the doctype only when it is spelled as lxml spells it ("<!DOCTYPE html>").
+# Anchored at the start (re tries position 0 only), on mjml's output, not on outside text.
 _DOCTYPE = re.compile(r"^\s*<!doctype html>", re.IGNORECASE)
+# One character, repeated: a run of newlines is matched once, from its first character.
 _BLANK_LINES = re.compile(r"\n{3,}")
 # HTML collapses ASCII whitespace only: no-break spaces in summaries are kept on purpose.
+# One class, repeated: each run is matched once and consumed, so sub() is a single pass.
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 
 
@@ -310,6 +316,14 @@ def _check_view(view: CampaignView, lang: str) -> None:
         raise RenderError("a digest needs at least one item")
     if view.kind == "alert" and not (view.items or view.title):
         raise RenderError("an alert needs an item or a title")
+    _check_depth(view)
+
+
+def _check_depth(view: CampaignView) -> None:
+    # mjml overflows its stack (the process dies) on HTML nested some thousands deep.
+    fragments = [view.body_html, *(item.summary_html for item in view.items)]
+    if any(html_depth(fragment) > MAX_HTML_DEPTH for fragment in fragments):
+        raise RenderError(f"an item's HTML nests more than {MAX_HTML_DEPTH} elements deep")
 
 
 def _without_trailing_links(view: CampaignView) -> CampaignView:
@@ -327,11 +341,27 @@ def _without_trailing_links(view: CampaignView) -> CampaignView:
 
 def _drop_trailing_link(summary: str, link: str) -> str:
     """Drop the feed's own closing "Read More" link to the item: the template adds one."""
+    # String operations, where an expression with a leading \s* was quadratic in a run of
+    # whitespace. What goes: <a …href="LINK"…>text without "<"</a>, the whitespace before it,
+    # when only whitespace and one </p> follow. The <a is the first after the last ">" that
+    # precedes the start tag's own ">", so a "<a " inside an attribute value cannot be taken.
     if not link:
         return summary
-    href = re.escape(html.escape(link, quote=True))
-    pattern = rf'\s*<a [^>]*href="{href}"[^>]*>[^<]*</a>(\s*(?:</p>)?\s*)$'
-    return re.sub(pattern, r"\1", summary, count=1)
+    body = summary.rstrip()
+    if body.endswith("</p>"):
+        body = body[: -len("</p>")].rstrip()
+    if not body.endswith("</a>"):
+        return summary
+    rest = body[: -len("</a>")]
+    last_lt = rest.rfind("<")
+    tag_end = rest.find(">", last_lt)
+    if last_lt < 0 or tag_end < 0:
+        return summary
+    start = rest.find("<a ", rest.rfind(">", 0, tag_end) + 1, last_lt + 3)
+    href = f'href="{html.escape(link, quote=True)}"'
+    if start < 0 or href not in rest[start + 3 : tag_end]:
+        return summary
+    return rest[:start].rstrip() + summary[len(body) :]
 
 
 def _lead(view: CampaignView) -> _Lead:
@@ -439,6 +469,8 @@ def _translations(lang: str) -> gettext.NullTranslations:
 # --- shortening summaries ----------------------------------------------------------------------
 
 # A sentence ends with . ! ? or … (and any closing quotes or brackets), then a space.
+# Linear: it starts only at a punctuation mark, and the quote run after it can hold no mark, so
+# no character is scanned by two attempts; it is applied to max_chars + 1 characters only.
 _SENTENCE_END = re.compile(r"[.!?…][\"'»”’)\]]*(?=\s)")
 _VOID_TAGS = frozenset({"br", "hr", "img"})
 

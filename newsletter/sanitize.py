@@ -11,6 +11,7 @@ import html
 import time
 import unicodedata
 from datetime import UTC, datetime
+from html.parser import HTMLParser
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import nh3
@@ -35,6 +36,12 @@ ELLIPSIS = "…"
 # keeps existing escapes intact.
 URL_SAFE = "/:@!$&'()*+,;=-._~%?#[]"
 NETLOC_FORBIDDEN = frozenset(' "<>\\^`{|}')
+# HTML nested deeper than this is refused: nh3's parser (html5ever) takes time quadratic in the
+# nesting depth, and mjml's compiler overflows its stack (a crash, not an error) near 10,000.
+MAX_HTML_DEPTH = 100
+VOID_TAGS = frozenset(
+    {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
+)
 
 
 def clean_html(html_fragment: str, *, base_url: str) -> str:
@@ -147,3 +154,28 @@ def to_utc(parsed: time.struct_time | None, *, fallback: datetime) -> datetime:
         return datetime(*parsed[:6], tzinfo=UTC)
     except (TypeError, ValueError, OverflowError):
         return fallback
+
+
+class _DepthCounter(HTMLParser):
+    """Counts how deep the elements of well-formed HTML nest."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # text in one piece: fewer calls
+        self.depth = 0
+        self.deepest = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in VOID_TAGS:
+            self.depth += 1
+            self.deepest = max(self.deepest, self.depth)
+
+    def handle_endtag(self, tag: str) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+
+def html_depth(fragment: str) -> int:
+    """How deep the elements of sanitised (well-formed, all tags closed) HTML nest."""
+    counter = _DepthCounter()
+    counter.feed(fragment)
+    counter.close()
+    return counter.deepest

@@ -27,6 +27,8 @@ SCHEMES = ("light", "dark")
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 MAX_HEIGHT_PX = 16_000
 TIMEOUT_SECONDS = 60
+# Linear: a literal, then digit runs each followed by a fixed non-digit character; the title is
+# our harness's, searched in the browser's DOM dump.
 _SIZE = re.compile(r"<title>size:(\d+)x(\d+)</title>")
 _HARNESS = """<!DOCTYPE html><html><head><title>measuring</title></head>
 <body style="margin:0"><iframe id="email" style="border:0;width:{width}px;height:100px"

@@ -37,7 +37,15 @@ from newsletter.db.models import Segment, Subscriber
 from newsletter.errors import AudienceError
 
 FIELDS = ("lang", "country", "subscribed_before", "subscribed_after", "attr.NAME", "tag:NAME")
+# Limits that keep a rule quick to parse and compile, and well within Python's recursion limit.
+MAX_RULE_CHARS = 4096
+MAX_TERMS = 200  # comparisons and tags
+MAX_DEPTH = 32  # parentheses and 'not', nested
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_\-]*"
+# Linear: it is matched at one position at a time (match, not search), each alternative starts
+# with a different character, and no quantifier nests another except in strings, where the two
+# inner alternatives start differently ([^"\\] or \\), so each character is read once; an
+# unclosed string is scanned to the end once, and then the rule is refused.
 _TOKEN = re.compile(
     rf"""(?P<space>\s+)
     |(?P<lparen>\()|(?P<rparen>\))|(?P<comma>,)
@@ -98,9 +106,13 @@ class _Parser:
     """Recursive descent over the tokens, building the expression as it goes."""
 
     def __init__(self, rule: str) -> None:
+        if len(rule) > MAX_RULE_CHARS:
+            raise SegmentError(rule, MAX_RULE_CHARS, f"longer than {MAX_RULE_CHARS} characters")
         self.rule = rule
         self.tokens = tokenize(rule)
         self.i = 0
+        self.depth = 0
+        self.terms = 0
 
     @property
     def tok(self) -> _Tok:
@@ -136,19 +148,33 @@ class _Parser:
         return parts[0] if len(parts) == 1 else and_(*parts)
 
     def not_(self) -> ColumnElement[bool]:
-        if self.take("keyword", "not"):
-            return not_(self.not_())
+        if tok := self.take("keyword", "not"):
+            self.enter(tok)
+            expr = not_(self.not_())
+            self.depth -= 1
+            return expr
         return self.atom()
 
+    def enter(self, tok: _Tok) -> None:
+        """Go one level deeper (a parenthesis or a 'not'), within MAX_DEPTH."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise SegmentError(self.rule, tok.pos, f"nested more than {MAX_DEPTH} deep")
+
     def atom(self) -> ColumnElement[bool]:
-        if self.take("lparen"):
+        if tok := self.take("lparen"):
+            self.enter(tok)
             expr = self.or_()
             if not self.take("rparen"):
                 raise self.fail("')'")
+            self.depth -= 1
             return expr
         tok = self.take("word")
         if tok is None:
             raise self.fail("a field (lang, country, attr.NAME …), tag:NAME, 'not' or '('")
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise SegmentError(self.rule, tok.pos, f"more than {MAX_TERMS} terms")
         if tok.text.startswith("tag:"):
             return has_tag(tok.text.removeprefix("tag:"))
         return self.comparison(tok)
@@ -198,6 +224,7 @@ def _field_kind(name: str) -> str | None:
 def _text(rule: str, tok: _Tok) -> str:
     if tok.kind != "string":
         raise SegmentError(rule, tok.pos, f'expected a "text" value, found {tok.text!r}')
+    # Linear: a fixed backslash, then one character; each match is consumed, never retried.
     return re.sub(r"\\(.)", r"\1", tok.text[1:-1])
 
 

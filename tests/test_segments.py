@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -142,3 +143,31 @@ def test_a_bad_rule_in_the_file_names_the_segment(tmp_path: Path) -> None:
     with pytest.raises(AudienceError) as info:
         read_segments(path)
     assert "segment 'oops'" in str(info.value) and "column 16" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        pytest.param("(" * 40 + "tag:a" + ")" * 40, "nested more than 32 deep", id="deep-parens"),
+        pytest.param("(" * 5000 + "tag:a" + ")" * 5000, "longer than 4096", id="very-deep"),
+        pytest.param("not " * 900 + "tag:a", "nested more than 32 deep", id="deep-not"),
+        pytest.param(" or ".join(["tag:a"] * 300), "more than 200 terms", id="300-terms"),
+        pytest.param(" or ".join(["tag:a"] * 5000), "longer than 4096", id="5000-terms"),
+        pytest.param('attr.x = "' + "a" * 100_000 + '"', "longer than 4096", id="100k-chars"),
+        pytest.param('attr.x = "' + "\\" * 4000, "unexpected", id="unclosed-escapes"),
+    ],
+)
+def test_pathological_rule_is_refused_in_one_line(rule: str, message: str) -> None:
+    """Deep nesting, thousands of terms or a huge rule: a quick one-line SegmentError."""
+    started = time.monotonic()
+    with pytest.raises(SegmentError) as info:
+        compile_rule(rule)
+    assert time.monotonic() - started < 5  # generous: it takes milliseconds
+    text = str(info.value)
+    assert "\n" not in text and message in text, text
+
+
+def test_rules_at_the_limits_still_compile() -> None:
+    """32 levels of parentheses and 200 terms are still fine."""
+    compile_rule("(" * 32 + "tag:a" + ")" * 32)
+    compile_rule(" or ".join(["tag:a"] * 200))
