@@ -164,3 +164,44 @@ def test_two_workers_on_sqlite_send_exactly_once_without_locking_errors(
         assert campaign_status(factory, cid) == CampaignStatus.FINISHED
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+@pytest.mark.parametrize("limit", [0, 1, 2, 7, 100])
+def test_worker_shares_of_an_hourly_cap_add_up_and_none_is_left_uncapped(
+    limit: int, count: int
+) -> None:
+    """Each worker's share of a cap is at least 1 and the shares add up to the cap, or refused."""
+    from dataclasses import replace
+
+    from newsletter.cli.workers import check_shares, share_of
+    from newsletter.config import Settings
+    from newsletter.errors import ConfigError
+
+    settings = Settings()
+    settings = replace(settings, smtp=replace(settings.smtp, hourly_limit=limit))
+    if 0 < limit < count:
+        with pytest.raises(ConfigError, match="use at most"):
+            check_shares(settings, count)
+        return
+    check_shares(settings, count)
+    parts = [share_of(settings, i, count).smtp.hourly_limit for i in range(count)]
+    assert sum(parts) == limit
+    assert all(p > 0 for p in parts) or limit == 0
+
+
+def test_send_with_more_workers_than_an_hourly_cap_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """`send --workers 2` with hourly_limit = 1 stops before sending (a 0 share means no cap)."""
+    from tests.test_cli import run
+
+    (tmp_path / "config.toml").write_text(
+        f"[database]\nurl = 'sqlite:///{tmp_path}/n.db'\n[smtp]\nhourly_limit = 1\n"
+    )
+    env = {"NEWSLETTER_SECRET": "s" * 40}
+    run(["init"], tmp_path, env)
+    result = run(["send", "--workers", "2"], tmp_path, env, ok=False)
+    assert result.returncode != 0
+    assert "use at most 1 workers" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

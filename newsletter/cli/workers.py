@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from newsletter.cli import State, done_count, print_summary, progress_stats, send_progress
 from newsletter.config import Settings
-from newsletter.errors import WorkerError
+from newsletter.errors import ConfigError, WorkerError
 from newsletter.send import SendReport, count_due_now, deliver_all
 
 
@@ -41,6 +41,21 @@ def report_from_json(data: dict[str, Any]) -> SendReport:
     report.finished = [int(c) for c in data.get("finished", [])]
     report.paused = {int(c): str(r) for c, r in data.get("paused", {}).items()}
     return report
+
+
+def check_shares(settings: Settings, count: int) -> None:
+    """Refuse a worker count that would leave a worker no share of a relay's hourly cap.
+
+    A share of 0 would read as "no cap" in that worker, so the group could pass the cap.
+    """
+    smtp = settings.smtp
+    caps = [("[smtp] hourly_limit", smtp.hourly_limit)]
+    caps += [(f"relay {r.label} hourly_limit", r.hourly_limit) for r in smtp.relays]
+    for name, limit in caps:
+        if 0 < limit < count:
+            raise ConfigError(
+                f"{name} = {limit} is smaller than --workers {count}: use at most {limit} workers"
+            )
 
 
 def share_of(settings: Settings, index: int, count: int) -> Settings:
@@ -110,6 +125,7 @@ def _read_lines(index: int, stream: IO[str], into: Lines) -> None:
 
 def deliver_with_workers(state: State, *, campaign_id: int | None, workers: int) -> SendReport:
     """Start `workers` sender processes, show their progress as one, and sum up what they did."""
+    check_shares(state.settings, workers)
     total = count_due_now(factory=state.factory(), clock=state.clock, campaign_id=campaign_id)
     started, seen, finals = time.monotonic(), SendReport(), SendReport()
     lines: Lines = queue.SimpleQueue()
