@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
-from newsletter.campaigns import start_campaign
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
+from newsletter.enqueue import launch_campaign
 from newsletter.ingest import ingest_all
 from newsletter.send import SendReport, deliver_all
 from tests.conftest import SECRET, SmtpServer, make_settings
@@ -71,7 +71,7 @@ def send_digest(
         )
         if campaign is None:
             return None
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
         )
         cid = campaign.id
@@ -159,7 +159,7 @@ def test_alert_goes_to_alert_list_once_even_if_asked_twice(
                 actor="test",
                 item_ref=urgent.link,
             )
-            start_campaign(
+            launch_campaign(
                 session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
             )
         deliver(factory, settings, clock)
@@ -183,10 +183,10 @@ def test_enqueue_twice_creates_no_duplicates(
             session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
         )
         assert campaign is not None
-        first = start_campaign(
+        first = launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
         )
-        second = start_campaign(
+        second = launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
         )
         total = session.scalar(select(func.count()).select_from(Delivery))
