@@ -172,28 +172,6 @@ def test_alert_goes_to_alert_list_once_even_if_asked_twice(
         assert "urgent-actions.portal.example.org" in str(msg["List-Id"])
 
 
-def test_enqueue_twice_creates_no_duplicates(
-    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
-) -> None:
-    """Starting the same campaign twice queues each recipient once."""
-    settings = make_settings(database_url)
-    prepare(factory, clock)
-    with unit_of_work(factory) as session:
-        campaign = assemble_digest(
-            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
-        )
-        assert campaign is not None
-        first = launch_campaign(
-            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
-        )
-        second = launch_campaign(
-            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
-        )
-        total = session.scalar(select(func.count()).select_from(Delivery))
-    assert first == len(weekly_digest_people()) == total
-    assert second == 0
-
-
 @pytest.mark.parametrize("reply", ["451 try later", "550 no such mailbox"])
 def test_smtp_refusal_is_recorded_not_lost(
     factory: sessionmaker[Session],
