@@ -71,25 +71,26 @@ def test_digest_of_an_alert_list_is_refused(
         assemble_digest(session=s, list_slug="urgent-actions", now=clock.now(), actor="t")
 
 
+def alert(
+    factory: sessionmaker[Session], clock: FrozenClock, **what: str
+) -> tuple[int, bool, list[str], str]:
+    """Ask for an urgent-actions alert: (campaign id, created, item guids, body)."""
+    with unit_of_work(factory) as session:
+        campaign, created = assemble_alert(
+            session=session, list_slug="urgent-actions", now=clock.now(), actor="test", **what
+        )
+        return campaign.id, created, [i.guid for i in campaign.items], campaign.body_html
+
+
 def test_alert_from_an_item_and_asked_twice_is_one_campaign(
     factory: sessionmaker[Session], clock: FrozenClock
 ) -> None:
     """An alert names its item; asking again for the same item returns the same campaign."""
     prepare(factory, clock)
     add_item(factory, "act-now", clock.now(), urgent=True)
-    made = []
-    for _ in range(2):
-        with unit_of_work(factory) as session:
-            campaign, created = assemble_alert(
-                session=session,
-                list_slug="urgent-actions",
-                now=clock.now(),
-                actor="test",
-                item_ref="test:act-now",
-            )
-            made.append((campaign.id, created, [i.guid for i in campaign.items]))
-    assert made[0][1:] == (True, ["test:act-now"])
-    assert made[1] == (made[0][0], False, ["test:act-now"])
+    first, second = (alert(factory, clock, item_ref="test:act-now") for _ in range(2))
+    assert first[1:3] == (True, ["test:act-now"])
+    assert second[:3] == (first[0], False, ["test:act-now"])
     with unit_of_work(factory) as session:
         events = session.scalars(select(Event).where(Event.action == "alert.created")).all()
     assert len(events) == 1 and events[0].detail["list"] == "urgent-actions"
@@ -100,32 +101,12 @@ def test_alert_from_text_is_cleaned_and_the_same_text_is_one_campaign(
 ) -> None:
     """Staff text is sanitised; the same title, text and link twice are one campaign."""
     prepare(factory, clock)
-    ids = []
-    for _ in range(2):
-        with unit_of_work(factory) as session:
-            campaign, _created = assemble_alert(
-                session=session,
-                list_slug="urgent-actions",
-                now=clock.now(),
-                actor="test",
-                title="Write today",
-                body_html="<p>Now.</p><script>alert(1)</script>",
-                url="https://portal.example.org/act",
-            )
-            ids.append(campaign.id)
-            assert "<script" not in campaign.body_html and "Now." in campaign.body_html
-            assert campaign.items == []
-    assert ids[0] == ids[1]
-    with unit_of_work(factory) as session:
-        other, created = assemble_alert(
-            session=session,
-            list_slug="urgent-actions",
-            now=clock.now(),
-            actor="test",
-            title="Write tomorrow",
-            body_html="<p>Now.</p>",
-        )
-    assert created and other.id != ids[0]
+    text = {"body_html": "<p>Now.</p><script>alert(1)</script>", "url": "https://x.example/"}
+    first, second = (alert(factory, clock, title="Write today", **text) for _ in range(2))
+    assert first[:3] == (first[0], True, []) and second[:2] == (first[0], False)
+    assert "<script" not in first[3] and "Now." in first[3]
+    other = alert(factory, clock, title="Write tomorrow", **text)
+    assert other[1] and other[0] != first[0]
 
 
 def test_alert_needs_an_item_or_a_title(factory: sessionmaker[Session], clock: FrozenClock) -> None:
