@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import create_engine, insert, make_url, select, text  # noqa: E402
 
-from newsletter.campaigns import render_campaign, start_campaign, store_variants  # noqa: E402
 from newsletter.clock import SystemClock  # noqa: E402
 from newsletter.config import load_settings  # noqa: E402
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work  # noqa: E402
@@ -51,6 +50,8 @@ from newsletter.db.models import (  # noqa: E402
     Subscription,
 )
 from newsletter.devsmtp import free_port  # noqa: E402
+from newsletter.enqueue import launch_campaign  # noqa: E402
+from newsletter.variants import render_campaign, store_variants  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sinks import start_sink, stop_sink  # noqa: E402
@@ -163,14 +164,14 @@ def sample_message(factory, settings, cid: int) -> bytes:  # type: ignore[no-unt
 
 
 def start_sending(factory, settings, cid: int) -> float:  # type: ignore[no-untyped-def]
-    """Render the campaign once per language and enqueue it; returns ms per variant."""
+    """Render the campaign once per language, check and enqueue it; returns ms per variant."""
     with unit_of_work(factory) as s:
         campaign = s.get(Campaign, cid)
         r = time.perf_counter()
         variants = render_campaign(campaign, settings=settings)
         render_ms = (time.perf_counter() - r) * 1000 / len(variants)
         store_variants(s, campaign, variants)
-        start_campaign(
+        launch_campaign(
             session=s, campaign=campaign, settings=settings, now=datetime.now(UTC), actor="bench"
         )
     return render_ms

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import assemble_alert
-from newsletter.campaigns import get_campaign, start_campaign
-from newsletter.check import CheckError, require_clean
+from newsletter.audit import record_event
+from newsletter.campaigns import get_campaign
+from newsletter.check import CheckError, Problem
 from newsletter.config import Settings
-from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Item
+from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError
 
 # An urgent item older than this when first seen is history, not a call to act now: the first
@@ -43,14 +46,13 @@ def alerts_for_urgent_items(
         action = "alert.awaiting_approval"
         if settings.alerts.mode == "auto":
             try:
-                require_clean(session, campaign, settings, force=False, actor=actor, now=now)
-                start_campaign(
+                launch_campaign(
                     session=session, campaign=campaign, settings=settings, now=now, actor=actor
                 )
                 continue
             except CheckError:  # held for a person, who sees why and may approve with --force
                 action = "alert.held_by_check"
-        session.add(Event(at=now, actor=actor, action=action, detail={"campaign": campaign.id}))
+        record_event(session, now=now, actor=actor, action=action, campaign=campaign.id)
     return made
 
 
@@ -69,11 +71,17 @@ def approve_alert(
         raise CampaignError(f"campaign {campaign_id} is a {campaign.kind}, not an alert")
     if campaign.status != CampaignStatus.DRAFT:
         raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not awaiting approval")
-    require_clean(session, campaign, settings, force=force, actor=actor, now=now)
-    campaign.approved_by = actor
-    session.add(
-        Event(at=now, actor=actor, action="alert.approved", detail={"campaign": campaign_id})
-    )
-    return start_campaign(
-        session=session, campaign=campaign, settings=settings, now=now, actor=actor
+
+    def approve(_overridden: Sequence[Problem]) -> None:
+        campaign.approved_by = actor
+        record_event(session, now=now, actor=actor, action="alert.approved", campaign=campaign_id)
+
+    return launch_campaign(
+        session=session,
+        campaign=campaign,
+        settings=settings,
+        now=now,
+        actor=actor,
+        force=force,
+        on_checked=approve,
     )

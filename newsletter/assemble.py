@@ -10,11 +10,11 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.audience import get_list
+from newsletter.audit import record_event
 from newsletter.db.models import (
     Campaign,
     CampaignKind,
     CampaignStatus,
-    Event,
     Item,
     ListKind,
     MailingList,
@@ -49,13 +49,8 @@ def assemble_digest(
     )
     ml.digest_cursor = last
     session.add(campaign)
-    session.add(
-        Event(
-            at=now,
-            actor=actor,
-            action="digest.assembled",
-            detail={"list": ml.slug, "items": len(items)},
-        )
+    record_event(
+        session, now=now, actor=actor, action="digest.assembled", list=ml.slug, items=len(items)
     )
     session.flush()
     return campaign
@@ -161,8 +156,6 @@ def assemble_alert(
         items=items,
     )
     session.add(campaign)
-    session.add(
-        Event(at=now, actor=actor, action="alert.created", detail={"list": ml.slug, "key": key})
-    )
+    record_event(session, now=now, actor=actor, action="alert.created", list=ml.slug, key=key)
     session.flush()
     return campaign, True

@@ -36,6 +36,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from newsletter.audit import record_event
 from newsletter.config import Settings
 from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber
 from newsletter.errors import NewsletterError
@@ -286,9 +287,7 @@ def handle_bounce(
     delivery.status = DeliveryStatus.FAILED
     if subscriber is not None:
         suppress_bounced(session, subscriber.id, email, settings=settings, now=now, reply=reply)
-    session.add(
-        Event(at=now, actor="bounces", action="delivery.bounced", detail={"delivery": delivery.id})
-    )
+    record_event(session, now=now, actor="bounces", action="delivery.bounced", delivery=delivery.id)
     session.flush()
     return "hard"
 
@@ -299,8 +298,14 @@ UNCONFIRMED = "delivery.bounce_unconfirmed"
 def _count_unconfirmed(session: Session, delivery: Delivery, reply: str, *, now: datetime) -> None:
     """Note a hard bounce named only by Message-ID: an event, and a line on the delivery."""
     delivery.last_reply = f"{reply[:900]} (unconfirmed: Message-ID only, no VERP signature)"
-    detail = {"delivery": delivery.id, "subscriber": delivery.subscriber_id}
-    session.add(Event(at=now, actor="bounces", action=UNCONFIRMED, detail=detail))
+    record_event(
+        session,
+        now=now,
+        actor="bounces",
+        action=UNCONFIRMED,
+        delivery=delivery.id,
+        subscriber=delivery.subscriber_id,
+    )
     session.flush()
 
 

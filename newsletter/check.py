@@ -16,8 +16,9 @@ signed links for a made-up subscriber), then checked for:
 - links (and image sources) that are not https ([check] require_https) or point at a host
   outside [check] allowed_link_hosts.
 
-Every problem is one line saying where (language, part, item) and what. The CLI edges and the
-scheduler call require_clean() before a campaign starts; --force records an override in events.
+Every problem is one line saying where (language, part, item) and what. Every edge starts a
+campaign through enqueue.launch_campaign, which calls require_clean(); --force records an
+override in events.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ from lxml import html as lxml_html
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from newsletter.campaigns import render_campaign, store_variants
+from newsletter.audit import record_event
 from newsletter.config import Settings
-from newsletter.db.models import Campaign, Event, Variant
+from newsletter.db.models import Campaign, Variant
 from newsletter.db.queries import campaign_events
 from newsletter.errors import CampaignError
 from newsletter.message import ListInfo, Recipient, build_message, link_urls
 from newsletter.render import PERSONAL_LINKS, RenderedVariant, misplaced_links
+from newsletter.variants import render_campaign, store_variants
 
 CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
 FORCED = "campaign.check_forced"
@@ -182,10 +184,14 @@ def require_clean(
     problems = check_campaign(session, campaign, settings)
     lines = [str(p) for p in problems]
     if not problems:
-        _record(session, PASSED, campaign, actor, now, [])
+        record_event(session, now=now, actor=actor, action=PASSED, campaign=campaign.id)
+        session.flush()
         return []
     if force or _was_forced(session, campaign.id, lines):
-        _record(session, FORCED, campaign, actor, now, lines)
+        record_event(
+            session, now=now, actor=actor, action=FORCED, campaign=campaign.id, problems=lines
+        )
+        session.flush()
         return problems
     raise CheckError(campaign.id, problems)
 
@@ -444,13 +450,3 @@ def _was_forced(session: Session, campaign_id: int, lines: list[str]) -> bool:
         event.detail.get("problems") == lines
         for event in campaign_events(session, campaign_id, action=FORCED)
     )
-
-
-def _record(
-    session: Session, action: str, campaign: Campaign, actor: str, now: datetime, lines: list[str]
-) -> None:
-    detail: dict[str, object] = {"campaign": campaign.id}
-    if lines:
-        detail["problems"] = lines
-    session.add(Event(at=now, actor=actor, action=action, detail=detail))
-    session.flush()

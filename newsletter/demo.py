@@ -13,17 +13,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
-from newsletter.campaigns import render_campaign, start_campaign
-from newsletter.check import require_clean
 from newsletter.clock import Clock, SystemClock
 from newsletter.config import Settings, load_settings
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Campaign, Delivery, Item
 from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
+from newsletter.enqueue import launch_campaign
 from newsletter.ingest import ingest_all
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
 from newsletter.send import deliver_all
+from newsletter.variants import render_campaign
 
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = Path(__file__).resolve().parent / "data" / "portal-feed.xml"
@@ -143,8 +143,7 @@ def _send_digest(
             settings=settings,
             now=clock.now(),
         )
-        require_clean(session, campaign, settings, force=False, actor=ACTOR, now=clock.now())
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
         )
         return campaign.id
@@ -162,8 +161,7 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
             actor=ACTOR,
             item_ref=urgent.guid,
         )
-        require_clean(session, campaign, settings, force=False, actor=ACTOR, now=clock.now())
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR
         )
         return campaign.id

@@ -20,10 +20,11 @@ from typing import Protocol
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.audit import record_event
 from newsletter.campaigns import pause_campaign
 from newsletter.clock import Clock
 from newsletter.config import Settings
-from newsletter.db.models import Campaign, CampaignStatus, DeliveryStatus, Event
+from newsletter.db.models import Campaign, CampaignStatus, DeliveryStatus
 from newsletter.db.queries import add_suppression, mark_bounced, record_sent, record_unsent
 from newsletter.smtp import Outcome, Result
 from newsletter.tokens import hash_address
@@ -136,13 +137,13 @@ def suppress_bounced(
     mark_bounced(session, subscriber_id)
     digest = hash_address(email, secret=settings.security.require_secret())
     add_suppression(session, email_hash=digest, reason="bounce", now=now)
-    session.add(
-        Event(
-            at=now,
-            actor="sender",
-            action="subscriber.bounced",
-            detail={"subscriber": subscriber_id, "reply": scrub(reply, email)[:200]},
-        )
+    record_event(
+        session,
+        now=now,
+        actor="sender",
+        action="subscriber.bounced",
+        subscriber=subscriber_id,
+        reply=scrub(reply, email)[:200],
     )
 
 

@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.alerts import alerts_for_urgent_items
 from newsletter.assemble import assemble_digest
-from newsletter.campaigns import start_campaign
-from newsletter.check import CheckError, require_clean
+from newsletter.check import CheckError
 from newsletter.clock import Clock
 from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import ListKind, MailingList, Source
 from newsletter.db.queries import release_expired
+from newsletter.enqueue import launch_campaign
 from newsletter.ingest import IngestReport, describe_report, ingest_all, source_key
 from newsletter.lock import acquire_lock, release_lock
 
@@ -195,8 +195,7 @@ class Scheduler:
             if campaign is None:
                 log.info("digest %s for %s: nothing new", slug, slot.isoformat())
                 return None
-            require_clean(session, campaign, self.settings, force=False, actor=self.actor, now=now)
-            start_campaign(
+            launch_campaign(
                 session=session,
                 campaign=campaign,
                 settings=self.settings,

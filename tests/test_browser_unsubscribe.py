@@ -15,11 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert
 from newsletter.audience import get_list
-from newsletter.campaigns import start_campaign
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery, DeliveryStatus, Subscriber, Subscription
+from newsletter.enqueue import launch_campaign
 from tests.conftest import SmtpServer, make_settings
 from tests.test_flow import deliver, prepare
 from tests.webserver import serve_pages
@@ -49,7 +49,7 @@ def send_alert(
             title=title,
             body_html="<p>Write to the prison today.</p>",
         )
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
         )
         cid = campaign.id
@@ -163,7 +163,7 @@ def test_in_flight_campaign_honours_an_unsubscribe_made_after_enqueue(
             title="Queued alert",
             body_html="<p>Now.</p>",
         )
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="t"
         )
         cid = campaign.id

@@ -12,11 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
-from newsletter.campaigns import start_campaign
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
+from newsletter.enqueue import launch_campaign
 from newsletter.ingest import ingest_all
 from newsletter.send import SendReport, deliver_all
 from tests.conftest import SECRET, SmtpServer, make_settings
@@ -71,7 +71,7 @@ def send_digest(
         )
         if campaign is None:
             return None
-        start_campaign(
+        launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
         )
         cid = campaign.id
@@ -159,7 +159,7 @@ def test_alert_goes_to_alert_list_once_even_if_asked_twice(
                 actor="test",
                 item_ref=urgent.link,
             )
-            start_campaign(
+            launch_campaign(
                 session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
             )
         deliver(factory, settings, clock)
@@ -170,28 +170,6 @@ def test_alert_goes_to_alert_list_once_even_if_asked_twice(
     for msg in smtpd.messages():
         check_headers(msg)
         assert "urgent-actions.portal.example.org" in str(msg["List-Id"])
-
-
-def test_enqueue_twice_creates_no_duplicates(
-    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
-) -> None:
-    """Starting the same campaign twice queues each recipient once."""
-    settings = make_settings(database_url)
-    prepare(factory, clock)
-    with unit_of_work(factory) as session:
-        campaign = assemble_digest(
-            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
-        )
-        assert campaign is not None
-        first = start_campaign(
-            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
-        )
-        second = start_campaign(
-            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
-        )
-        total = session.scalar(select(func.count()).select_from(Delivery))
-    assert first == len(weekly_digest_people()) == total
-    assert second == 0
 
 
 @pytest.mark.parametrize("reply", ["451 try later", "550 no such mailbox"])

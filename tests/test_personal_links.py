@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
 from newsletter.audience import read_lists, sync_lists
-from newsletter.campaigns import start_campaign, store_variants
 from newsletter.check import check_campaign, check_variant, require_clean
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
@@ -40,6 +39,7 @@ from newsletter.db.models import (
     Subscription,
     Variant,
 )
+from newsletter.enqueue import launch_campaign
 from newsletter.errors import PermanentDeliveryError
 from newsletter.ingest import ingest_all
 from newsletter.message import ListInfo, MessageTemplate, Recipient, link_urls
@@ -52,6 +52,7 @@ from newsletter.render import (
     render_variant,
 )
 from newsletter.send import deliver_all
+from newsletter.variants import store_variants
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def test_markers_smuggled_by_a_feed_never_receive_a_readers_links(
         )
         assert campaign is not None
         assert require_clean(session, campaign, settings, force=False, actor="t", now=now) == []
-        start_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
+        launch_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
     report = deliver_all(factory=factory, settings=settings, clock=clock)
     messages = smtpd.messages()
     assert report.sent == len(messages) == 3
@@ -250,7 +251,7 @@ def test_markers_in_a_staff_alert_never_receive_a_readers_links(
             url=url,
         )
         assert require_clean(session, campaign, settings, force=False, actor="t", now=now) == []
-        start_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
+        launch_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
     deliver_all(factory=factory, settings=settings, clock=clock)
     messages = smtpd.messages()
     assert len(messages) == 3
@@ -517,7 +518,7 @@ def test_a_feed_title_that_looks_encoded_adds_no_header(
         campaign, _ = assemble_alert(
             session=session, list_slug="urgent-actions", now=now, actor="t", item_ref=f"{EVIL}a"
         )
-        start_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
+        launch_campaign(session=session, campaign=campaign, settings=settings, now=now, actor="t")
     deliver_all(factory=factory, settings=settings, clock=clock)
     messages = smtpd.messages()
     assert len(messages) == 3

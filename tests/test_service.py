@@ -119,7 +119,7 @@ def test_alerts_are_claimed_before_the_rest_of_a_digest(
 ) -> None:
     """With a digest half-claimed, the next claim takes the new alert's deliveries first."""
     from newsletter.assemble import assemble_alert, assemble_digest
-    from newsletter.campaigns import start_campaign
+    from newsletter.enqueue import launch_campaign
     from tests.test_flow import ingest
 
     settings = replace(
@@ -132,7 +132,7 @@ def test_alerts_are_claimed_before_the_rest_of_a_digest(
             session=session, list_slug="weekly-digest", now=clock.now(), actor="t"
         )
         assert digest is not None
-        start_campaign(
+        launch_campaign(
             session=session, campaign=digest, settings=settings, now=clock.now(), actor="t"
         )
         first = claim_batch(session, now=clock.now(), lease_seconds=60, limit=4, campaign_id=None)
@@ -143,7 +143,7 @@ def test_alerts_are_claimed_before_the_rest_of_a_digest(
             actor="t",
             item_ref="https://portal.example.org/?p=1221",
         )
-        start_campaign(
+        launch_campaign(
             session=session, campaign=alert, settings=settings, now=clock.now(), actor="t"
         )
         second = claim_batch(session, now=clock.now(), lease_seconds=60, limit=8, campaign_id=None)

@@ -13,14 +13,13 @@ from sqlalchemy.orm import Session
 
 from newsletter.alerts import approve_alert
 from newsletter.assemble import assemble_alert
-from newsletter.campaigns import start_campaign
 from newsletter.check import CheckError
 from newsletter.cli import State, app, console, deliver_with_progress, one_line
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
     ScreenshotOption,
-    guarded,
+    launch,
     print_preview,
     print_problems,
 )
@@ -160,20 +159,17 @@ def send(
                 f"({campaign.status}); nothing to do"
             )
             return
-        guarded(state, session, campaign, force=force)
-        n = audience_size(session, campaign.list_id, campaign.segment_id)
-        show_summary(session, campaign, n, state.settings.render.default_language)
-        if not yes:
-            typer.confirm(
-                f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?", abort=True
-            )
-        queued = start_campaign(
-            session=session,
-            campaign=campaign,
-            settings=state.settings,
-            now=state.clock.now(),
-            actor=state.actor,
-        )
+
+        def confirm() -> None:
+            n = audience_size(session, campaign.list_id, campaign.segment_id)
+            show_summary(session, campaign, n, state.settings.render.default_language)
+            if not yes:
+                typer.confirm(
+                    f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?",
+                    abort=True,
+                )
+
+        queued = launch(state, session, campaign, force=force, confirm=confirm)
         session.commit()
         campaign_id = campaign.id
     finally:

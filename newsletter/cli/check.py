@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated
 
 import typer
@@ -12,6 +12,7 @@ from newsletter.campaigns import get_campaign
 from newsletter.check import CheckError, Problem, check_campaign, require_clean
 from newsletter.cli import State, app, console, say
 from newsletter.db.models import Campaign
+from newsletter.enqueue import launch_campaign
 from newsletter.preview import PreviewReport
 
 ForceOption = Annotated[
@@ -66,6 +67,40 @@ def guarded(state: State, session: Session, campaign: Campaign, *, force: bool) 
     if problems:
         print_problems(problems, overridden=True)
     return problems
+
+
+def launch(
+    state: State,
+    session: Session,
+    campaign: Campaign,
+    *,
+    force: bool,
+    confirm: Callable[[], None] | None = None,
+) -> int:
+    """Launch a campaign from a CLI edge through the gate: print every problem, stop unless forced.
+
+    confirm runs once the check lets the campaign through, before anything is queued.
+    """
+
+    def checked(overridden: Sequence[Problem]) -> None:
+        if overridden:
+            print_problems(overridden, overridden=True)
+        if confirm is not None:
+            confirm()
+
+    try:
+        return launch_campaign(
+            session=session,
+            campaign=campaign,
+            settings=state.settings,
+            now=state.clock.now(),
+            actor=state.actor,
+            force=force,
+            on_checked=checked,
+        )
+    except CheckError as e:
+        print_problems(e.problems)
+        raise
 
 
 def print_problems(problems: Sequence[Problem], *, overridden: bool = False) -> None:

@@ -9,13 +9,13 @@ import typer
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import assemble_digest, last_digest
-from newsletter.campaigns import start_campaign
 from newsletter.cli import State, app, console, deliver_with_progress
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
     ScreenshotOption,
     guarded,
+    launch,
     print_preview,
 )
 from newsletter.db.models import Campaign
@@ -121,8 +121,8 @@ def send(
             console.print(f"nothing new since the last digest of '{slug}': no digest sent")
             return
         # A refused digest rolls back with its assembly: the next run finds the same items.
-        guarded(state, session, campaign, force=force)
         if dry_run:
+            guarded(state, session, campaign, force=force)
             n = audience_size(session, campaign.list_id)
             console.print(
                 f"would send a digest of {len(campaign.items)} items to {n} people "
@@ -130,13 +130,7 @@ def send(
             )
             session.rollback()
             return
-        queued = start_campaign(
-            session=session,
-            campaign=campaign,
-            settings=state.settings,
-            now=state.clock.now(),
-            actor=state.actor,
-        )
+        queued = launch(state, session, campaign, force=force)
         session.commit()
         campaign_id, n_items = campaign.id, len(campaign.items)
     finally:

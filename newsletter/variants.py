@@ -1,0 +1,74 @@
+"""A campaign rendered once per language: the template data, the rendering, the stored variants."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from newsletter.assemble import items_for_language
+from newsletter.config import Settings
+from newsletter.db.models import Campaign, CampaignKind, MailingList, Variant
+from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
+
+
+def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> CampaignView:
+    """The plain data a template needs in one language, taken from a campaign and its items.
+
+    A digest carries the items of the reader's language's feeds (see items_for_language).
+    """
+    ml: MailingList = campaign.mailing_list
+    items = list(campaign.items)
+    if campaign.kind == CampaignKind.DIGEST:
+        items = items_for_language(items, lang=lang, default_lang=default_lang)
+    return CampaignView(
+        kind=campaign.kind,
+        list_name=ml.names.get(lang) or ml.name,
+        items=tuple(
+            ItemView(
+                title=i.title,
+                link=i.link,
+                summary_html=i.summary_html,
+                published_at=i.published_at,
+                categories=tuple(i.categories or ()),
+                lang=i.source.lang,
+            )
+            for i in items
+        ),
+        title=campaign.title,
+        body_html=campaign.body_html,
+        url=campaign.url,
+        issued_at=campaign.created_at,
+    )
+
+
+def render_campaign(campaign: Campaign, *, settings: Settings) -> list[RenderedVariant]:
+    """Render a campaign once for each configured language (never per recipient)."""
+    return [
+        render_variant(
+            campaign_view(campaign, lang, settings.render.default_language),
+            lang=lang,
+            settings=settings,
+        )
+        for lang in settings.render.languages
+    ]
+
+
+def store_variants(
+    session: Session, campaign: Campaign, variants: Sequence[RenderedVariant]
+) -> None:
+    """Keep the rendered variants with the campaign, replacing any earlier rendering."""
+    session.execute(delete(Variant).where(Variant.campaign_id == campaign.id))
+    for v in variants:
+        session.add(
+            Variant(
+                campaign_id=campaign.id,
+                lang=v.lang,
+                subject=v.subject,
+                html=v.html,
+                text=v.text,
+                link_nonce=v.nonce,
+            )
+        )
+    session.flush()

@@ -1,0 +1,118 @@
+"""assemble: a digest of what is new since the list's cursor, an alert from an item or text."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.assemble import assemble_alert, assemble_digest
+from newsletter.clock import FrozenClock
+from newsletter.db import unit_of_work
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item, MailingList
+from newsletter.errors import CampaignError
+from tests.test_flow import prepare
+from tests.test_schedule import add_item
+
+
+def digest(factory: sessionmaker[Session], clock: FrozenClock) -> tuple[int, int] | None:
+    """(campaign id, number of items) of a new digest of weekly-digest, or None."""
+    with unit_of_work(factory) as session:
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        return None if campaign is None else (campaign.id, len(campaign.items))
+
+
+def cursor(factory: sessionmaker[Session]) -> int | None:
+    with unit_of_work(factory) as session:
+        return session.scalar(
+            select(MailingList.digest_cursor).where(MailingList.slug == "weekly-digest")
+        )
+
+
+def test_digest_takes_the_items_since_the_cursor_then_nothing_new_is_none(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """The first digest has every item; the cursor moves; a repeat is None; a new item follows."""
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        total, last_id = session.execute(select(func.count(), func.max(Item.id))).one()
+    made = digest(factory, clock)
+    assert made is not None and made[1] == total
+    assert cursor(factory) == last_id
+    assert digest(factory, clock) is None
+    add_item(factory, "later", clock.now() + timedelta(days=1))
+    again = digest(factory, clock)
+    assert again is not None and again[1] == 1
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, again[0])
+        assert campaign is not None
+        assert [i.title for i in campaign.items] == ["later"]
+        assert (campaign.kind, campaign.status) == (CampaignKind.DIGEST, CampaignStatus.DRAFT)
+        details = [
+            e.detail
+            for e in session.scalars(select(Event).where(Event.action == "digest.assembled"))
+        ]
+    assert details == [
+        {"list": "weekly-digest", "items": total},
+        {"list": "weekly-digest", "items": 1},
+    ]
+
+
+def test_digest_of_an_alert_list_is_refused(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A digest is made only for a digest list."""
+    prepare(factory, clock)
+    with pytest.raises(CampaignError, match="not a digest list"), unit_of_work(factory) as s:
+        assemble_digest(session=s, list_slug="urgent-actions", now=clock.now(), actor="t")
+
+
+def alert(
+    factory: sessionmaker[Session], clock: FrozenClock, **what: str
+) -> tuple[int, bool, list[str], str]:
+    """Ask for an urgent-actions alert: (campaign id, created, item guids, body)."""
+    with unit_of_work(factory) as session:
+        campaign, created = assemble_alert(
+            session=session, list_slug="urgent-actions", now=clock.now(), actor="test", **what
+        )
+        return campaign.id, created, [i.guid for i in campaign.items], campaign.body_html
+
+
+def test_alert_from_an_item_and_asked_twice_is_one_campaign(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """An alert names its item; asking again for the same item returns the same campaign."""
+    prepare(factory, clock)
+    add_item(factory, "act-now", clock.now(), urgent=True)
+    first, second = (alert(factory, clock, item_ref="test:act-now") for _ in range(2))
+    assert first[1:3] == (True, ["test:act-now"])
+    assert second[:3] == (first[0], False, ["test:act-now"])
+    with unit_of_work(factory) as session:
+        events = session.scalars(select(Event).where(Event.action == "alert.created")).all()
+    assert len(events) == 1 and events[0].detail["list"] == "urgent-actions"
+
+
+def test_alert_from_text_is_cleaned_and_the_same_text_is_one_campaign(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Staff text is sanitised; the same title, text and link twice are one campaign."""
+    prepare(factory, clock)
+    text = {"body_html": "<p>Now.</p><script>alert(1)</script>", "url": "https://x.example/"}
+    first, second = (alert(factory, clock, title="Write today", **text) for _ in range(2))
+    assert first[:3] == (first[0], True, []) and second[:2] == (first[0], False)
+    assert "<script" not in first[3] and "Now." in first[3]
+    other = alert(factory, clock, title="Write tomorrow", **text)
+    assert other[1] and other[0] != first[0]
+
+
+def test_alert_needs_an_item_or_a_title(factory: sessionmaker[Session], clock: FrozenClock) -> None:
+    """Neither an item nor a title is a one-line CampaignError, and nothing is made."""
+    prepare(factory, clock)
+    with pytest.raises(CampaignError, match="needs --item"), unit_of_work(factory) as session:
+        assemble_alert(session=session, list_slug="urgent-actions", now=clock.now(), actor="t")
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(func.count()).select_from(Campaign)) == 0

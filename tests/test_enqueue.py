@@ -1,0 +1,197 @@
+"""The one gate: launch_campaign checks, queues each recipient once and records the start once.
+
+Every edge that starts a campaign (the scheduler's digest, auto alerts, approval, the CLI's
+digest and alert send) goes through it: a campaign the check refuses is queued by none of them,
+unless forced, and then the override is in the events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.alerts import alerts_for_urgent_items, approve_alert
+from newsletter.assemble import assemble_digest
+from newsletter.check import FORCED, CheckError
+from newsletter.clock import FrozenClock
+from newsletter.config import Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import Campaign, CampaignStatus, Delivery, Event
+from newsletter.enqueue import launch_campaign
+from newsletter.schedule import Scheduler
+from tests.conftest import SECRET, make_settings
+from tests.test_cli import SAMPLE_FEED, run
+from tests.test_flow import ROOT, prepare, weekly_digest_people
+from tests.test_schedule import MINSK_MONDAY_9, add_item, settings_for
+
+ELSEWHERE = "elsewhere.example.org"  # the only host links may point at: the portal's are refused
+
+
+def refusing(settings: Settings) -> Settings:
+    """Settings whose check refuses every campaign made of the portal's items."""
+    return replace(settings, check=replace(settings.check, allowed_link_hosts=(ELSEWHERE,)))
+
+
+def deliveries(factory: sessionmaker[Session]) -> int:
+    with unit_of_work(factory) as session:
+        return int(session.scalar(select(func.count()).select_from(Delivery)) or 0)
+
+
+def events(factory: sessionmaker[Session], action: str) -> list[Event]:
+    with unit_of_work(factory) as session:
+        return list(session.scalars(select(Event).where(Event.action == action)))
+
+
+def test_enqueue_twice_creates_no_duplicates(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Starting the same campaign twice queues each recipient once and records the start once."""
+    settings = make_settings(database_url)
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        assert campaign is not None
+        first = launch_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
+        second = launch_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
+        total = session.scalar(select(func.count()).select_from(Delivery))
+        campaign_id = campaign.id
+    assert first == len(weekly_digest_people()) == total
+    assert second == 0
+    [started] = events(factory, "campaign.started")
+    assert started.detail == {"campaign": campaign_id, "queued": first}
+
+
+def test_launch_refuses_an_unchecked_campaign_unless_forced(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """The check runs inside the gate: refused means nothing queued; force is audited once."""
+    settings = refusing(make_settings(database_url))
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        assert campaign is not None
+        with pytest.raises(CheckError, match="not in \\[check\\] allowed_link_hosts"):
+            launch_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="t"
+            )
+        assert campaign.status == CampaignStatus.DRAFT
+        assert session.scalar(select(func.count()).select_from(Delivery)) == 0
+        queued = launch_campaign(
+            session=session,
+            campaign=campaign,
+            settings=settings,
+            now=clock.now(),
+            actor="staff",
+            force=True,
+        )
+    assert queued == len(weekly_digest_people()) == deliveries(factory)
+    [forced] = events(factory, FORCED)
+    assert forced.actor == "staff" and forced.detail["campaign"] == campaign.id
+    assert any("allowed_link_hosts" in line for line in forced.detail["problems"])
+    assert len(events(factory, "campaign.started")) == 1
+
+
+def test_scheduler_digest_refused_by_the_check_is_not_queued(
+    factory: sessionmaker[Session], database_url: str
+) -> None:
+    """The scheduler's digest job goes through the gate: a refused digest leaves nothing behind."""
+    clock = FrozenClock(MINSK_MONDAY_9)
+    prepare(factory, clock)
+    scheduler = Scheduler(
+        factory=factory, settings=refusing(settings_for(database_url)), clock=clock, holder="a"
+    )
+    assert scheduler.run_digests() == []
+    assert deliveries(factory) == 0
+    assert "allowed_link_hosts" in scheduler.refusals["weekly-digest"]
+    assert events(factory, "campaign.started") == []
+
+
+def test_auto_alert_refused_by_the_check_is_held_then_approved_only_with_force(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Auto mode holds a refused alert; approve refuses it too, and --force is recorded."""
+    settings = refusing(settings_for(database_url, mode="auto"))
+    prepare(factory, clock)
+    add_item(factory, "act-now", clock.now() - timedelta(hours=1), urgent=True)
+    with unit_of_work(factory) as session:
+        [alert] = alerts_for_urgent_items(session=session, settings=settings, now=clock.now())
+        assert alert.status == CampaignStatus.DRAFT
+        alert_id = alert.id
+    assert deliveries(factory) == 0
+    [held] = events(factory, "alert.held_by_check")
+    assert held.detail == {"campaign": alert_id}
+
+    def approve(session: Session, force: bool) -> int:
+        return approve_alert(
+            session=session,
+            campaign_id=alert_id,
+            settings=settings,
+            now=clock.now(),
+            actor="cli:staff",
+            force=force,
+        )
+
+    with pytest.raises(CheckError), unit_of_work(factory) as session:
+        approve(session, force=False)
+    assert deliveries(factory) == 0 and events(factory, "alert.approved") == []
+    with unit_of_work(factory) as session:
+        queued = approve(session, force=True)
+        assert session.get(Campaign, alert_id).approved_by == "cli:staff"  # type: ignore[union-attr]
+    assert queued == deliveries(factory) > 0
+    assert [e.actor for e in events(factory, FORCED)] == ["cli:staff"]
+    assert len(events(factory, "alert.approved")) == len(events(factory, "campaign.started")) == 1
+
+
+def cli_config(tmp_path: Path, database_url: str) -> dict[str, str]:
+    """A CLI config on the test database whose check refuses the sample feed's links."""
+    (tmp_path / "config.toml").write_text(
+        f"[database]\nurl = '{database_url}'\n[check]\nallowed_link_hosts = ['{ELSEWHERE}']\n"
+    )
+    return {"NEWSLETTER_SECRET": SECRET}
+
+
+def urgent_guid() -> str:
+    """The guid of the sample feed's urgent item."""
+    feed = SAMPLE_FEED.read_text()
+    start = feed.rfind("https://portal.example.org/?p=", 0, feed.index("urgent-action"))
+    return feed[start : feed.index("<", start)]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["digest", "send", "--queue-only"], id="digest-send"),
+        pytest.param(["alert", "send", "--item", "GUID", "--yes", "--queue-only"], id="alert-send"),
+    ],
+)
+def test_cli_send_refused_by_the_check_queues_nothing_unless_forced(
+    tmp_path: Path, factory: sessionmaker[Session], database_url: str, command: list[str]
+) -> None:
+    """`digest send` and `alert send` refuse with the problems; --force queues, audited once."""
+    command = [urgent_guid() if arg == "GUID" else arg for arg in command]
+    env = cli_config(tmp_path, database_url)
+    run(["init"], tmp_path, env)
+    csv = str(ROOT / "subscribers" / "example.csv")
+    run(["subscribers", "import", csv, "--confirmed"], tmp_path, env)
+    run(["ingest", str(SAMPLE_FEED)], tmp_path, env)
+    refused = run(command, tmp_path, env, ok=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "refused:" in refused.stderr and "allowed_link_hosts" in refused.stderr
+    assert deliveries(factory) == 0 and events(factory, "campaign.started") == []
+    forced = run([*command, "--force"], tmp_path, env)
+    assert "overridden:" in forced.stderr and "queued for" in forced.stdout
+    assert deliveries(factory) > 0
+    assert len(events(factory, FORCED)) == len(events(factory, "campaign.started")) == 1
