@@ -19,6 +19,7 @@ from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Campaign, Delivery, Item
 from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
 from newsletter.enqueue import launch_campaign
+from newsletter.errors import CampaignError, ConfigError
 from newsletter.ingest import ingest_all
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
@@ -54,7 +55,15 @@ def run_demo(
     """Run every step once and return what happened; `say` reports progress."""
     clock = clock or SystemClock()
     directory = (directory or Path(tempfile.mkdtemp(prefix="newsletter-demo-"))).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / ".write-test").touch()
+        (directory / ".write-test").unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot use {directory} as the demo folder ({e.strerror}): pass --dir with a "
+            "folder you can write to"
+        ) from None
     say(f"demo folder: {directory}")
     settings = demo_settings(directory)
     engine = make_engine(settings.database.url)
@@ -133,7 +142,9 @@ def _send_digest(
             session=session, list_slug=settings.digest.list, now=clock.now(), actor=ACTOR
         )
         if campaign is None:
-            raise RuntimeError("the sample feed gave no items")
+            raise CampaignError(
+                f"the sample feed {SAMPLE_FEED} gave no items: reinstall the package"
+            )
         ml = campaign.mailing_list
         write_previews(
             variants=render_campaign(campaign, settings=settings),
@@ -153,7 +164,9 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
     with unit_of_work(factory) as session:
         urgent = session.scalars(select(Item).where(Item.urgent.is_(True))).first()
         if urgent is None:
-            raise RuntimeError("the sample feed has no urgent item")
+            raise CampaignError(
+                f"the sample feed {SAMPLE_FEED} has no urgent item: reinstall the package"
+            )
         campaign, _ = assemble_alert(
             session=session,
             list_slug=settings.alerts.list,

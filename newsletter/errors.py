@@ -19,6 +19,8 @@ message that says what went wrong and, where it can, what to do about it::
     │   └── ScreenshotError         no chromium, or it failed (screenshot.py)
     ├── TokenError                  a forged, altered or expired signed token
     ├── WorkerError                 a `send --workers` child process failed
+    ├── UnreadableMailError         a received message that cannot be read safely (bounces.py):
+    │                               set aside, never retried as is
     └── DeliveryError               one message cannot be delivered
         ├── TemporaryDeliveryError  try later (reserved: the transport returns such outcomes)
         └── PermanentDeliveryError  never: e.g. a message that cannot be built (message.py); the

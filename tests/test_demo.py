@@ -47,3 +47,23 @@ def test_demo_runs_the_whole_flow_and_its_links_verify(tmp_path: Path) -> None:
         assert token is not None
         claims = read_token(token.group(1), secret=secret, purpose="unsubscribe")
         assert claims.subscriber_id > 0
+
+
+def test_demo_in_a_folder_it_cannot_use_says_so_in_one_line(tmp_path: Path) -> None:
+    """A --dir that cannot be a folder is one line with advice, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = subprocess.run(
+        [sys.executable, "-m", "newsletter", "demo", "--dir", str(blocker / "demo")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pass --dir" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
