@@ -25,8 +25,8 @@ from newsletter import bounces
 from newsletter.check import check_message, check_variant
 from newsletter.config import Settings
 from newsletter.errors import FeedParseError, RenderError
-from newsletter.ingest import ParsedItem, parse_feed
 from newsletter.message import ListInfo
+from newsletter.parse import ParsedItem, parse_feed
 from newsletter.render import (
     CampaignView,
     ItemView,
