@@ -33,8 +33,9 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.htmltext import wrap_text
 from newsletter.message import POLICY, set_subject
-from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css, wrap_text
+from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_token
 

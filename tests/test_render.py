@@ -14,6 +14,7 @@ from lxml import html as lxml_html
 
 from newsletter.config import Settings
 from newsletter.errors import RenderError
+from newsletter.htmltext import html_to_text, shorten_html
 from newsletter.render import (
     LOCALE_DIR,
     PREFERENCES_URL,
@@ -22,10 +23,8 @@ from newsletter.render import (
     ItemView,
     RenderedVariant,
     compile_mjml,
-    html_to_text,
     personalise,
     render_variant,
-    shorten_html,
 )
 
 LANGS = ("en", "be", "ru")
