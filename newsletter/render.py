@@ -3,39 +3,34 @@
 This is the only module that imports mjml (two distributions install a top-level ``mjml``; we pin
 mjml-python) and premailer. Per-recipient data never reaches the templates: where they put a
 reader's links, the output carries markers (link_markers), and personalise() puts the links in.
+The templates and catalogues are set up in i18n.py, the HTML-to-text filters live in htmltext.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gettext
 import html
-import io
 import logging
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import premailer
 from babel import Locale
 from babel.dates import format_date
-from babel.messages.mofile import write_mo
-from babel.messages.pofile import read_po
 from mjml import mjml2html
 
 from newsletter.config import LANGUAGES, Settings
 from newsletter.errors import RenderError
 from newsletter.htmltext import html_to_text, shorten_html, tidy_text, wrap_text
+from newsletter.i18n import CAMPAIGN_DOMAIN, gettext_for, make_environment
+from newsletter.i18n import LOCALE_DIR as LOCALE_DIR  # re-exported: imported from here before i18n
+from newsletter.i18n import TEMPLATES_DIR as TEMPLATES_DIR
 from newsletter.sanitize import MAX_HTML_DEPTH, html_depth
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-LOCALE_DIR = TEMPLATES_DIR / "locale"
-DOMAIN = "newsletter"
 
 # The markers of variants stored before variants.link_nonce (0003): one fixed pair, which feed text
 # could smuggle in. Such variants are still sent, but only when each marker stands once, in its own
@@ -375,7 +370,7 @@ def _subject(
     view: CampaignView, lead: _Lead | None, *, lang: str, brand: str, on: datetime | None
 ) -> str:
     """One line, under SUBJECT_MAX_CHARS, in the reader's language."""
-    _ = _translations(lang).gettext
+    _ = gettext_for(lang, CAMPAIGN_DOMAIN)
     if lead is None:
         day = _format_day(on, lang) if on else ""
         subject = _("%(brand)s: weekly digest, %(date)s") % {"brand": brand, "date": day}
@@ -406,10 +401,10 @@ def _published_in(item_lang: str, lang: str) -> str:
     """ "in English" in the reader's language, or "" when the item is in the reader's language."""
     if not item_lang or item_lang == lang or item_lang not in _PUBLISHED_IN:
         return ""
-    return _translations(lang).gettext(_PUBLISHED_IN[item_lang])
+    return gettext_for(lang, CAMPAIGN_DOMAIN)(_PUBLISHED_IN[item_lang])
 
 
-# --- Jinja2 and gettext ----------------------------------------------------------------------
+# --- Jinja2 --------------------------------------------------------------------------------
 
 
 def _render_template(name: str, lang: str, context: dict[str, Any]) -> str:
@@ -421,38 +416,12 @@ def _render_template(name: str, lang: str, context: dict[str, Any]) -> str:
 
 @functools.cache
 def _environment(lang: str) -> jinja2.Environment:
-    """One Jinja2 environment per language and process, with that language's catalogue."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=_is_html_template,
-        undefined=jinja2.StrictUndefined,
-        extensions=["jinja2.ext.i18n"],
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.install_gettext_translations(_translations(lang), newstyle=True)  # type: ignore[attr-defined]
-    env.filters["day"] = functools.partial(_format_day, lang=lang)
-    env.filters["published_in"] = functools.partial(_published_in, lang=lang)
-    env.filters["to_text"] = html_to_text
-    env.filters["wrap"] = wrap_text
-    env.filters["shorten"] = shorten_html
-    return env
-
-
-def _is_html_template(name: str | None) -> bool:
-    return name is None or not name.endswith(".txt.j2")
-
-
-@functools.cache
-def _translations(lang: str) -> gettext.NullTranslations:
-    """Compile the language's .po catalogue in memory; English is the source language."""
-    po_path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
-    if lang == "en" or not po_path.is_file():
-        return gettext.NullTranslations()
-    with po_path.open("rb") as po_file:
-        catalog = read_po(po_file, locale=lang, domain=DOMAIN)
-    buffer = io.BytesIO()
-    write_mo(buffer, catalog)
-    buffer.seek(0)
-    return gettext.GNUTranslations(buffer)
+    """The campaign templates' environment, one per language and process, with their filters."""
+    filters: dict[str, Callable[..., str]] = {
+        "day": functools.partial(_format_day, lang=lang),
+        "published_in": functools.partial(_published_in, lang=lang),
+        "to_text": html_to_text,
+        "wrap": wrap_text,
+        "shorten": shorten_html,
+    }
+    return make_environment(lang, CAMPAIGN_DOMAIN, filters)
