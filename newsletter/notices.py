@@ -1,15 +1,11 @@
 """Notices to one person: the double opt-in confirmation email and the goodbye email.
 
-They and the web pages share the "web" gettext domain (templates/locale/<lang>/LC_MESSAGES/web.po,
-compiled in memory at first use). The HTML goes through render.py's compile_mjml and inline_css.
+They and the web pages share the "web" gettext domain and its Jinja2 environment (i18n.py). The
+HTML goes through render.py's compile_mjml and inline_css.
 """
 
 from __future__ import annotations
 
-import functools
-import gettext
-import io
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
@@ -17,14 +13,11 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from typing import Any
 
-import jinja2
-from babel.messages.mofile import write_mo
-from babel.messages.pofile import read_po
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import Clock
-from newsletter.config import LANGUAGES, Settings
+from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     MailingList,
@@ -33,49 +26,14 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.htmltext import wrap_text
+from newsletter.i18n import gettext_for, web_environment
 from newsletter.message import POLICY, set_subject
-from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css, wrap_text
+from newsletter.render import compile_mjml, inline_css
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_token
 
-DOMAIN = "web"
-LOCALE_DIR = TEMPLATES_DIR / "locale"
 BATCH = 100
-
-
-@functools.cache
-def translations(lang: str) -> gettext.NullTranslations:
-    """The "web" catalogue of a language, compiled from its .po in memory; English is the source."""
-    po_path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
-    if lang == "en" or lang not in LANGUAGES or not po_path.is_file():
-        return gettext.NullTranslations()
-    with po_path.open("rb") as po_file:
-        catalog = read_po(po_file, locale=lang, domain=DOMAIN)
-    buffer = io.BytesIO()
-    write_mo(buffer, catalog)
-    buffer.seek(0)
-    return gettext.GNUTranslations(buffer)
-
-
-@functools.cache
-def environment(lang: str) -> jinja2.Environment:
-    """A Jinja2 environment per language for pages and notices (HTML autoescaped)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=lambda name: name is None or not name.endswith(".txt.j2"),
-        undefined=jinja2.StrictUndefined,
-        extensions=["jinja2.ext.i18n"],
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.install_gettext_translations(translations(lang), newstyle=True)  # type: ignore[attr-defined]
-    return env
-
-
-def gettext_for(lang: str) -> Callable[[str], str]:
-    """The gettext function of a language, for text made in Python."""
-    return translations(lang).gettext
 
 
 @dataclass(frozen=True)
@@ -87,7 +45,7 @@ class Notice:
 
 def render_notice(kind: str, *, lang: str, settings: Settings, **context: Any) -> Notice:
     """Render a notice ("confirm" or "goodbye") in one language: subject, HTML and text."""
-    env = environment(lang)
+    env = web_environment(lang)
     values = {"lang": lang, "brand": settings.brand, **context}
     _ = gettext_for(lang)
     subjects = {

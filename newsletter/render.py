@@ -3,40 +3,34 @@
 This is the only module that imports mjml (two distributions install a top-level ``mjml``; we pin
 mjml-python) and premailer. Per-recipient data never reaches the templates: where they put a
 reader's links, the output carries markers (link_markers), and personalise() puts the links in.
+The templates and catalogues are set up in i18n.py, the HTML-to-text filters live in htmltext.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gettext
 import html
-import io
 import logging
 import re
 import secrets
-import textwrap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
-from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import premailer
 from babel import Locale
 from babel.dates import format_date
-from babel.messages.mofile import write_mo
-from babel.messages.pofile import read_po
 from mjml import mjml2html
 
 from newsletter.config import LANGUAGES, Settings
 from newsletter.errors import RenderError
+from newsletter.htmltext import html_to_text, shorten_html, tidy_text, wrap_text
+from newsletter.i18n import CAMPAIGN_DOMAIN, gettext_for, make_environment
+from newsletter.i18n import LOCALE_DIR as LOCALE_DIR  # re-exported: imported from here before i18n
+from newsletter.i18n import TEMPLATES_DIR as TEMPLATES_DIR
 from newsletter.sanitize import MAX_HTML_DEPTH, html_depth
-
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-LOCALE_DIR = TEMPLATES_DIR / "locale"
-DOMAIN = "newsletter"
 
 # The markers of variants stored before variants.link_nonce (0003): one fixed pair, which feed text
 # could smuggle in. Such variants are still sent, but only when each marker stands once, in its own
@@ -48,7 +42,6 @@ PERSONAL_LINKS = ("unsubscribe", "preferences")
 
 KINDS = ("digest", "alert")
 SUBJECT_MAX_CHARS = 150
-TEXT_WIDTH = 72
 # Room left under the HTML limit for the recipient's signed links, which replace the markers.
 PERSONALISATION_MARGIN_BYTES = 2048
 # Fractions of [render] summary_max_chars tried, in turn, when a digest is too big; 0 = titles.
@@ -62,16 +55,10 @@ def N_(message: str) -> str:
 
 _PUBLISHED_IN = {"en": N_("in English"), "be": N_("in Belarusian"), "ru": N_("in Russian")}
 
-# Each expression below is linear on any text: none nests a quantifier, and each repeated part
-# is one character class followed by nothing that could match the same character.
 # premailer keeps the doctype only when it is spelled as lxml spells it ("<!DOCTYPE html>").
-# Anchored at the start (re tries position 0 only), on mjml's output, not on outside text.
+# Linear: anchored at the start (re tries position 0 only), then one class and a literal; and it
+# runs on mjml's output, not on outside text.
 _DOCTYPE = re.compile(r"^\s*<!doctype html>", re.IGNORECASE)
-# One character, repeated: a run of newlines is matched once, from its first character.
-_BLANK_LINES = re.compile(r"\n{3,}")
-# HTML collapses ASCII whitespace only: no-break spaces in summaries are kept on purpose.
-# One class, repeated: each run is matched once and consumed, so sub() is a single pass.
-_HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +159,7 @@ def _render_once(
     context |= _link_context(nonce)
     source = _render_template(f"email/{view.kind}.mjml.j2", lang, context)
     page = inline_css(compile_mjml(source))
-    text = _tidy_text(_render_template(f"text/{view.kind}.txt.j2", lang, context))
+    text = tidy_text(_render_template(f"text/{view.kind}.txt.j2", lang, context))
     variant = RenderedVariant(lang, context["subject"], page, text, nonce)
     misplaced = misplaced_links(variant, expect_all=True)
     if misplaced:  # a template (or MJML, or premailer) broke the one rule the sender relies on
@@ -383,7 +370,7 @@ def _subject(
     view: CampaignView, lead: _Lead | None, *, lang: str, brand: str, on: datetime | None
 ) -> str:
     """One line, under SUBJECT_MAX_CHARS, in the reader's language."""
-    _ = _translations(lang).gettext
+    _ = gettext_for(lang, CAMPAIGN_DOMAIN)
     if lead is None:
         day = _format_day(on, lang) if on else ""
         subject = _("%(brand)s: weekly digest, %(date)s") % {"brand": brand, "date": day}
@@ -414,10 +401,10 @@ def _published_in(item_lang: str, lang: str) -> str:
     """ "in English" in the reader's language, or "" when the item is in the reader's language."""
     if not item_lang or item_lang == lang or item_lang not in _PUBLISHED_IN:
         return ""
-    return _translations(lang).gettext(_PUBLISHED_IN[item_lang])
+    return gettext_for(lang, CAMPAIGN_DOMAIN)(_PUBLISHED_IN[item_lang])
 
 
-# --- Jinja2 and gettext ----------------------------------------------------------------------
+# --- Jinja2 --------------------------------------------------------------------------------
 
 
 def _render_template(name: str, lang: str, context: dict[str, Any]) -> str:
@@ -429,205 +416,12 @@ def _render_template(name: str, lang: str, context: dict[str, Any]) -> str:
 
 @functools.cache
 def _environment(lang: str) -> jinja2.Environment:
-    """One Jinja2 environment per language and process, with that language's catalogue."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        autoescape=_is_html_template,
-        undefined=jinja2.StrictUndefined,
-        extensions=["jinja2.ext.i18n"],
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.install_gettext_translations(_translations(lang), newstyle=True)  # type: ignore[attr-defined]
-    env.filters["day"] = functools.partial(_format_day, lang=lang)
-    env.filters["published_in"] = functools.partial(_published_in, lang=lang)
-    env.filters["to_text"] = html_to_text
-    env.filters["wrap"] = wrap_text
-    env.filters["shorten"] = shorten_html
-    return env
-
-
-def _is_html_template(name: str | None) -> bool:
-    return name is None or not name.endswith(".txt.j2")
-
-
-@functools.cache
-def _translations(lang: str) -> gettext.NullTranslations:
-    """Compile the language's .po catalogue in memory; English is the source language."""
-    po_path = LOCALE_DIR / lang / "LC_MESSAGES" / f"{DOMAIN}.po"
-    if lang == "en" or not po_path.is_file():
-        return gettext.NullTranslations()
-    with po_path.open("rb") as po_file:
-        catalog = read_po(po_file, locale=lang, domain=DOMAIN)
-    buffer = io.BytesIO()
-    write_mo(buffer, catalog)
-    buffer.seek(0)
-    return gettext.GNUTranslations(buffer)
-
-
-# --- shortening summaries ----------------------------------------------------------------------
-
-# A sentence ends with . ! ? or … (and any closing quotes or brackets), then a space.
-# Linear: it starts only at a punctuation mark, and the quote run after it can hold no mark, so
-# no character is scanned by two attempts; it is applied to max_chars + 1 characters only.
-_SENTENCE_END = re.compile(r"[.!?…][\"'»”’)\]]*(?=\s)")
-_VOID_TAGS = frozenset({"br", "hr", "img"})
-
-
-class _Tokenizer(HTMLParser):
-    """Splits sanitised HTML into start tags, end tags and text, keeping attributes."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tokens: list[tuple[str, str, list[tuple[str, str | None]]]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tokens.append(("start", tag, attrs))
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tokens.append(("start", tag, attrs))
-
-    def handle_endtag(self, tag: str) -> None:
-        self.tokens.append(("end", tag, []))
-
-    def handle_data(self, data: str) -> None:
-        self.tokens.append(("text", data, []))
-
-
-def shorten_html(fragment: str, max_chars: int) -> str:
-    """Cut sanitised HTML to about max_chars of text, at a sentence end if one is near, tags closed.
-
-    0 gives "". Without a sentence end in the second half of the limit, the cut falls between
-    words and ends with an ellipsis.
-    """
-    if max_chars <= 0:
-        return ""
-    tokenizer = _Tokenizer()
-    tokenizer.feed(fragment)
-    tokenizer.close()
-    tokens = tokenizer.tokens
-    text = "".join(value for kind, value, _ in tokens if kind == "text")
-    if len(_HTML_SPACE.sub(" ", text).strip()) <= max_chars:
-        return fragment
-    cut, ellipsis = _cut_point(text, max_chars)
-    return _serialise_until(tokens, cut, ellipsis)
-
-
-def _cut_point(text: str, max_chars: int) -> tuple[int, bool]:
-    """Where to cut the text (an offset) and whether an ellipsis is needed."""
-    head = text[: max_chars + 1]
-    ends = [m.end() for m in _SENTENCE_END.finditer(head) if m.end() <= max_chars]
-    if ends and ends[-1] >= max_chars // 2:
-        return ends[-1], False
-    space = head.rfind(" ", 0, max_chars)
-    cut = space if space > max_chars // 2 else max_chars
-    return len(text[:cut].rstrip(" ,;:-–—")), True
-
-
-def _serialise_until(
-    tokens: list[tuple[str, str, list[tuple[str, str | None]]]], cut: int, ellipsis: bool
-) -> str:
-    out: list[str] = []
-    open_tags: list[str] = []
-    seen = 0
-    for kind, value, attrs in tokens:
-        if kind == "text":
-            take = value[: max(cut - seen, 0)]
-            seen += len(value)
-            out.append(html.escape(take, quote=False))
-            if seen >= cut:
-                break
-        elif kind == "start":
-            out.append(_start_tag(value, attrs))
-            if value not in _VOID_TAGS:
-                open_tags.append(value)
-        elif value in open_tags:
-            while open_tags:
-                out.append(f"</{open_tags[-1]}>")
-                if open_tags.pop() == value:
-                    break
-    if ellipsis:
-        out.append("…")
-    out.extend(f"</{tag}>" for tag in reversed(open_tags))
-    return "".join(out)
-
-
-def _start_tag(tag: str, attrs: list[tuple[str, str | None]]) -> str:
-    rendered = "".join(f' {name}="{html.escape(value or "", quote=True)}"' for name, value in attrs)
-    return f"<{tag}{rendered}>"
-
-
-# --- plain text ------------------------------------------------------------------------------
-
-_PARAGRAPH = "\x00"
-_BLOCK_TAGS = frozenset(
-    {"p", "div", "ul", "ol", "li", "blockquote", "pre", "table", "tr", "hr"}
-    | {f"h{level}" for level in range(1, 7)}
-)
-
-
-class _TextExtractor(HTMLParser):
-    """Collects the text of sanitised HTML, marking paragraph breaks and writing out links."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._links: list[tuple[str, int]] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _BLOCK_TAGS:
-            self.parts.append(_PARAGRAPH)
-        if tag == "li":
-            self.parts.append("- ")
-        elif tag == "br":
-            self.parts.append("\n")
-        elif tag == "a":
-            self._links.append((dict(attrs).get("href") or "", len(self.parts)))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _BLOCK_TAGS:
-            self.parts.append(_PARAGRAPH)
-        elif tag == "a" and self._links:
-            href, start = self._links.pop()
-            label = "".join(self.parts[start:]).strip()
-            if href and href != label:
-                self.parts.append(f" ({href})")
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(_HTML_SPACE.sub(" ", data))
-
-
-def html_to_text(fragment: str) -> str:
-    """Sanitised HTML to plain paragraphs: tags dropped, entities decoded, links written out."""
-    extractor = _TextExtractor()
-    extractor.feed(fragment)
-    extractor.close()
-    paragraphs = []
-    for block in "".join(extractor.parts).split(_PARAGRAPH):
-        lines = (line.strip(" ") for line in block.split("\n"))
-        paragraph = "\n".join(line for line in lines if line)
-        if paragraph:
-            paragraphs.append(paragraph)
-    return "\n\n".join(paragraphs)
-
-
-def wrap_text(value: str, width: int = TEXT_WIDTH) -> str:
-    """Wrap each line of plain text at `width` columns, never breaking a URL or a word."""
-    wrapped = []
-    for line in value.split("\n"):
-        indent = "  " if line.startswith("- ") else ""
-        filled = textwrap.fill(
-            line,
-            width=width,
-            subsequent_indent=indent,
-            break_long_words=False,
-            break_on_hyphens=False,
-        )
-        wrapped.append(filled)
-    return "\n".join(wrapped)
-
-
-def _tidy_text(text: str) -> str:
-    lines = (line.rstrip() for line in text.splitlines())
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip() + "\n"
+    """The campaign templates' environment, one per language and process, with their filters."""
+    filters: dict[str, Callable[..., str]] = {
+        "day": functools.partial(_format_day, lang=lang),
+        "published_in": functools.partial(_published_in, lang=lang),
+        "to_text": html_to_text,
+        "wrap": wrap_text,
+        "shorten": shorten_html,
+    }
+    return make_environment(lang, CAMPAIGN_DOMAIN, filters)

@@ -35,8 +35,7 @@ from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import MailingList, Subscriber, SubscriberStatus, SubscriptionStatus
 from newsletter.errors import AudienceError, TokenError
-from newsletter.notices import environment
-from newsletter.render import TEMPLATES_DIR
+from newsletter.i18n import TEMPLATES_DIR, web_environment
 from newsletter.subscriptions import (
     Membership,
     confirm,
@@ -114,7 +113,7 @@ class Pages:
 
     def render(self, name: str, lang: str, status: int = 200, **context: Any) -> HTMLResponse:
         """A page from templates/web in a language."""
-        page = environment(lang).get_template(f"web/{name}.html.j2")
+        page = web_environment(lang).get_template(f"web/{name}.html.j2")
         body = page.render(
             lang=lang, css=CSS, brand=self.settings.brand, languages=AUTONYMS, **context
         )

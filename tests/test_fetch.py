@@ -44,9 +44,10 @@ from newsletter.fetch import (
     address_kind,
     address_refusal,
     allowed_kinds,
+    fetch_source,
     redirect_refusal,
 )
-from newsletter.ingest import describe_report, fetch_source, ingest_all, ingest_source
+from newsletter.ingest import describe_report, ingest_all, ingest_source
 from tests.conftest import SECRET, rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -536,7 +537,7 @@ PEAK_SCRIPT = """
 import json, resource, sys
 from newsletter.config import SourcesSettings
 from newsletter.errors import FeedFetchError
-from newsletter.ingest import fetch_source
+from newsletter.fetch import fetch_source
 settings = SourcesSettings(timeout_seconds=60.0, max_bytes=5_000_000)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

@@ -14,9 +14,8 @@ from babel.messages.pofile import read_po
 from lxml import html as lxml_html
 
 from newsletter.config import Settings
+from newsletter.i18n import LOCALE_DIR, TEMPLATES_DIR
 from newsletter.render import (
-    LOCALE_DIR,
-    TEMPLATES_DIR,
     CampaignView,
     ItemView,
     render_variant,

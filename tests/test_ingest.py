@@ -22,14 +22,9 @@ from newsletter.config import SourcesSettings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Item, Source
 from newsletter.errors import FeedFetchError, FeedParseError
-from newsletter.ingest import (
-    IngestReport,
-    ParsedItem,
-    fetch_source,
-    ingest_all,
-    ingest_source,
-    parse_feed,
-)
+from newsletter.fetch import fetch_source
+from newsletter.ingest import IngestReport, ingest_all, ingest_source
+from newsletter.parse import ParsedItem, parse_feed
 
 CORPUS = Path(__file__).parent / "data" / "feeds"
 SAMPLE = Path(__file__).parent.parent / "newsletter" / "data" / "portal-feed.xml"

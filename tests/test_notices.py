@@ -16,7 +16,8 @@ from newsletter.audience import get_list, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
-from newsletter.notices import gettext_for, render_notice, send_confirmations, send_goodbye
+from newsletter.i18n import gettext_for
+from newsletter.notices import render_notice, send_confirmations, send_goodbye
 from newsletter.smtp import SmtpPool
 from newsletter.subscriptions import subscribe
 from tests.conftest import SECRET, SmtpServer, make_settings

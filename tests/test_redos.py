@@ -25,15 +25,14 @@ from newsletter import bounces
 from newsletter.check import check_message, check_variant
 from newsletter.config import Settings
 from newsletter.errors import FeedParseError, RenderError
-from newsletter.ingest import ParsedItem, parse_feed
+from newsletter.htmltext import html_to_text, shorten_html
 from newsletter.message import ListInfo
+from newsletter.parse import ParsedItem, parse_feed
 from newsletter.render import (
     CampaignView,
     ItemView,
     _drop_trailing_link,
-    html_to_text,
     render_variant,
-    shorten_html,
 )
 from tests.conftest import SECRET
 

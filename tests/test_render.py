@@ -14,18 +14,17 @@ from lxml import html as lxml_html
 
 from newsletter.config import Settings
 from newsletter.errors import RenderError
+from newsletter.htmltext import html_to_text, shorten_html
+from newsletter.i18n import LOCALE_DIR
 from newsletter.render import (
-    LOCALE_DIR,
     PREFERENCES_URL,
     UNSUBSCRIBE_URL,
     CampaignView,
     ItemView,
     RenderedVariant,
     compile_mjml,
-    html_to_text,
     personalise,
     render_variant,
-    shorten_html,
 )
 
 LANGS = ("en", "be", "ru")
