@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.builders import run
 from tests.conftest import SECRET
 from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
 
@@ -14,20 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def newsletter(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env["NEWSLETTER_SECRET"] = SECRET
-    env["COLUMNS"] = "200"
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
-    return result
+    return run(list(args), tmp_path, {"NEWSLETTER_SECRET": SECRET, "COLUMNS": "200"})
 
 
 def test_show_lists_failures_with_the_smtp_reply(tmp_path: Path, database_url: str) -> None:

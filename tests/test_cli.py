@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,30 +12,11 @@ import pytest
 import typer.main
 
 from newsletter.cli import app, load_commands
+from tests.builders import run
 from tests.conftest import SECRET, SmtpServer
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = ROOT / "newsletter" / "data" / "portal-feed.xml"
-
-
-def run(
-    args: list[str], cwd: Path, env: dict[str, str] | None = None, ok: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run `newsletter ARGS` in a fresh process."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    full_env.update(env or {})
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    if ok:
-        assert result.returncode == 0, result.stderr + result.stdout
-    return result
 
 
 def all_commands() -> list[list[str]]:

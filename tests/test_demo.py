@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import mailbox
-import os
 import re
-import subprocess
-import sys
 import tomllib
 from email import message_from_bytes, policy
 from pathlib import Path
 
 from newsletter.tokens import read_token
+from tests.builders import run
 
 
 def test_demo_runs_the_whole_flow_and_its_links_verify(tmp_path: Path) -> None:
     """The demo ingests, sends digest and alert to its SMTP server, and keeps what it needs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env["COLUMNS"] = "200"
     folder = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "demo", "--dir", str(folder)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run(["demo", "--dir", str(folder)], tmp_path, {"COLUMNS": "200"}, timeout=180)
     counts = dict(re.findall(r"│ ([A-Za-z ()]+?)\s+│ (\d+)\s+│", result.stdout))
     assert counts == {
         "items ingested": "10",
@@ -51,18 +38,9 @@ def test_demo_runs_the_whole_flow_and_its_links_verify(tmp_path: Path) -> None:
 
 def test_demo_in_a_folder_it_cannot_use_says_so_in_one_line(tmp_path: Path) -> None:
     """A --dir that cannot be a folder is one line with advice, not a traceback."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = subprocess.run(
-        [sys.executable, "-m", "newsletter", "demo", "--dir", str(blocker / "demo")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run(["demo", "--dir", str(blocker / "demo")], tmp_path, ok=False, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pass --dir" in lines[0], result.stderr

@@ -18,7 +18,7 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
 from newsletter.enqueue import launch_campaign
 from newsletter.ingest import ingest_all
-from newsletter.send import SendReport, deliver_all
+from tests.builders import deliver
 from tests.conftest import SECRET, SmtpServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +56,6 @@ def ingest(factory: sessionmaker[Session], clock: FrozenClock) -> None:
         clock=clock,
     )
     assert report.error is None
-
-
-def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> SendReport:
-    return deliver_all(factory=factory, settings=settings, clock=clock)
 
 
 def send_digest(

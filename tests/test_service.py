@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.clock import FrozenClock
-from newsletter.config import FeedSource, Settings
+from newsletter.config import FeedSource
 from newsletter.db import unit_of_work
 from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
 from newsletter.schedule import Scheduler
-from newsletter.send import SendReport, deliver_all
 from newsletter.service import Service, keep_sending
+from tests.builders import deliver
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 from tests.sender_cli import wait_until
 
@@ -64,10 +64,6 @@ def item(n: int, when: datetime, *, urgent: bool = False) -> dict[str, object]:
         "date": when,
         "categories": ["urgent-action"] if urgent else ["Viasna"],
     }
-
-
-def deliver(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> SendReport:
-    return deliver_all(factory=factory, settings=settings, clock=clock)
 
 
 def test_a_day_of_the_service_with_a_restart(
