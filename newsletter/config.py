@@ -278,8 +278,8 @@ def load_settings(path: Path | None, environ: Mapping[str, str]) -> Settings:
         raw.setdefault("database", {})["url"] = environ["NEWSLETTER_DATABASE_URL"]
     if environ.get("NEWSLETTER_SECRET"):
         raw.setdefault("security", {})["secret"] = environ["NEWSLETTER_SECRET"]
-    settings = _build(Settings, raw, where, prefix="")
-    settings = dataclasses.replace(settings, source_path=where)
+    built: Settings = _build(Settings, raw, where, prefix="")
+    settings = dataclasses.replace(built, source_path=where)
     validate_settings(settings)
     return settings
 
