@@ -9,6 +9,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import items_for_language
+from newsletter.audience import enqueue_audience
 from newsletter.config import Settings
 from newsletter.db.models import (
     Campaign,
@@ -18,7 +19,7 @@ from newsletter.db.models import (
     MailingList,
     Variant,
 )
-from newsletter.db.queries import count_pending, enqueue_audience
+from newsletter.db.queries import count_pending
 from newsletter.errors import CampaignError
 from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
 

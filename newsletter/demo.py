@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.campaigns import render_campaign, start_campaign
 from newsletter.check import require_clean
 from newsletter.clock import Clock, SystemClock
@@ -21,9 +20,11 @@ from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Campaign, Delivery, Item
 from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
 from newsletter.ingest import ingest_all
+from newsletter.lists import read_lists, sync_lists
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
 from newsletter.send import deliver_all
+from newsletter.subscriber_csv import import_rows, read_csv
 
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = Path(__file__).resolve().parent / "data" / "portal-feed.xml"

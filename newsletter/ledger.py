@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session
 
 from newsletter.config import Settings
@@ -22,10 +22,9 @@ from newsletter.db.models import (
     Event,
     Subscriber,
     SubscriberStatus,
-    Suppression,
 )
 from newsletter.smtp import Outcome, Result
-from newsletter.tokens import hash_address
+from newsletter.suppression import suppress
 
 MAX_BACKOFF = timedelta(hours=6)
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
@@ -179,9 +178,7 @@ def suppress_bounced(
         .where(Subscriber.id == subscriber_id)
         .values(status=SubscriberStatus.BOUNCED)
     )
-    digest = hash_address(email, secret=settings.security.require_secret())
-    if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-        session.add(Suppression(email_hash=digest, reason="bounce", created_at=now))
+    suppress(session, email, secret=settings.security.require_secret(), reason="bounce", now=now)
     session.add(
         Event(
             at=now,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from newsletter.audience import KEPT_OUT_STATUSES, address_forms, lookup_forms
+from newsletter.addresses import address_forms, lookup_forms
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
     Delivery,
@@ -25,10 +25,14 @@ from newsletter.db.models import (
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
-    Suppression,
 )
 from newsletter.errors import AudienceError
-from newsletter.tokens import hash_address
+from newsletter.suppression import (
+    KEPT_OUT_STATUSES,
+    lift_suppression,
+    suppress,
+    suppressed_forms,
+)
 
 LEFT = (SubscriptionStatus.UNSUBSCRIBED,)
 
@@ -68,6 +72,27 @@ def find_subscriber(session: Session, email: str) -> Subscriber:
     return sub
 
 
+def subscriber_details(session: Session, email: str) -> dict[str, Any]:
+    """One subscriber as `subscribers show` prints them: details, lists, emails sent so far."""
+    sub = find_subscriber(session, email)
+    sent = session.scalar(
+        select(func.count()).where(Delivery.subscriber_id == sub.id, Delivery.sent_at.is_not(None))
+    )
+    return {
+        "id": sub.id,
+        "email": sub.email,
+        "name": sub.name,
+        "language": sub.language,
+        "country": sub.country,
+        "tags": sub.tags,
+        "attributes": sub.attributes,
+        "status": sub.status,
+        "created_at": sub.created_at.isoformat(),
+        "lists": {m.slug: m.status for m in memberships(session, sub.id) if m.status},
+        "emails_sent": int(sent or 0),
+    }
+
+
 def subscribe(
     *,
     session: Session,
@@ -92,7 +117,7 @@ def subscribe(
     if language and language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
     sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
-    fresh = _is_suppressed(session, forms, secret) or (
+    fresh = bool(suppressed_forms(session, forms, secret=secret)) or (
         sub is not None and sub.status in KEPT_OUT_STATUSES
     )
     created = sub is None
@@ -141,20 +166,6 @@ def _join(
     return row.status
 
 
-def _is_suppressed(session: Session, forms: Sequence[str], secret: str) -> bool:
-    digests = [hash_address(form, secret=secret) for form in forms]
-    stmt = select(Suppression.id).where(Suppression.email_hash.in_(digests)).limit(1)
-    return session.scalar(stmt) is not None
-
-
-def _stored_forms(address: str) -> tuple[str, ...]:
-    """An address from the database in every form it may have had; itself if it is odd."""
-    try:
-        return (address, *lookup_forms(address))
-    except AudienceError:
-        return (address,)
-
-
 def memberships(session: Session, subscriber_id: int) -> list[Membership]:
     """Every list, with this subscriber's status on it (None where never subscribed)."""
     rows = session.execute(
@@ -189,8 +200,7 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
         row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
     if pending:
         sub.status = SubscriberStatus.ACTIVE
-        digests = [hash_address(form, secret=secret) for form in _stored_forms(sub.email)]
-        session.execute(delete(Suppression).where(Suppression.email_hash.in_(digests)))
+        lift_suppression(session, sub.email, secret=secret)
         _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
     session.flush()
     return [m.slug for m in memberships(session, sub.id) if m.status == SubscriptionStatus.ACTIVE]
@@ -308,10 +318,7 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     hash is kept either way.
     """
     forms = lookup_forms(email)  # also someone stored in a form no longer accepted
-    for form in forms:
-        digest = hash_address(form, secret=secret)
-        if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-            session.add(Suppression(email_hash=digest, reason="forgotten", created_at=now))
+    suppress(session, email, secret=secret, reason="forgotten", now=now)
     sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
     if sub is not None:
         session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))

@@ -7,8 +7,6 @@ purpose-specific salt, so a token made for one purpose cannot be used for anothe
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -74,11 +72,3 @@ def read_token(
         if age > max_age_seconds:
             raise TokenError("this link has expired")
     return TokenClaims(purpose=purpose, subscriber_id=value[0], list_id=value[1])
-
-
-def hash_address(email: str, *, secret: str) -> str:
-    """A keyed hash of an address, so suppressions keep no readable address."""
-    key = secret.encode()
-    return hmac.new(
-        key, b"suppression:" + email.strip().lower().encode(), hashlib.sha256
-    ).hexdigest()

@@ -10,16 +10,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import (
-    export_columns,
-    export_rows,
-    get_list,
-    import_rows,
-    read_csv,
-    read_lists,
-    sync_lists,
-    write_csv,
-)
+from newsletter.audience import audience_size, enqueue_audience
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
@@ -32,7 +23,8 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from newsletter.db.queries import audience_size, enqueue_audience
+from newsletter.lists import get_list, read_lists, sync_lists
+from newsletter.subscriber_csv import export_columns, export_rows, import_rows, read_csv, write_csv
 from newsletter.subscriptions import forget, subscribe, unsubscribe
 from tests.conftest import SECRET
 

@@ -11,14 +11,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.campaigns import start_campaign
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
 from newsletter.ingest import ingest_all
+from newsletter.lists import read_lists, sync_lists
 from newsletter.send import SendReport, deliver_all
+from newsletter.subscriber_csv import import_rows, read_csv
 from tests.conftest import SECRET, SmtpServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,6 +233,6 @@ def test_smtp_refusal_is_recorded_not_lost(
         assert campaign.status == CampaignStatus.FINISHED
         clock.advance(days=7)
         with unit_of_work(factory) as session:  # bounced people are not queued again
-            from newsletter.db.queries import audience_size
+            from newsletter.audience import audience_size
 
             assert audience_size(session, campaign.list_id) == 0

@@ -18,14 +18,15 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
 from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
+from newsletter.lists import read_lists, sync_lists
 from newsletter.schedule import Scheduler
 from newsletter.send import SendReport, deliver_all
+from newsletter.subscriber_csv import import_rows, read_csv
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 
 ROOT = Path(__file__).resolve().parents[1]

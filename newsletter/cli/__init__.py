@@ -161,6 +161,7 @@ COMMAND_MODULES = (
     "campaigns",
     "check",
     "digest",
+    "lists",
     "run",
     "segments",
     "service",
