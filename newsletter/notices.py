@@ -36,7 +36,7 @@ from newsletter.db.models import (
 from newsletter.message import POLICY, set_subject
 from newsletter.render import TEMPLATES_DIR, compile_mjml, inline_css, wrap_text
 from newsletter.smtp import Result, Transport
-from newsletter.tokens import make_token
+from newsletter.tokens import make_token, page_url
 
 DOMAIN = "web"
 LOCALE_DIR = TEMPLATES_DIR / "locale"
@@ -157,7 +157,7 @@ def confirmation_message(pending: _Pending, *, settings: Settings, now: datetime
         list_id=pending.list_ids[0],
         issued_at=now,
     )
-    url = f"{settings.web.base_url.rstrip('/')}/confirm/{token}"
+    url = page_url(settings.web.base_url, "confirm", token)
     notice = render_notice(
         "confirm",
         lang=pending.language,

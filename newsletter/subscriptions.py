@@ -2,7 +2,8 @@
 
 Shared by the command line, the web pages and the inbound mail handler. Every function takes a
 Session and never commits; the caller owns the transaction. Every change leaves an event naming
-the subscriber by id, never by address.
+the subscriber by id, never by address. Each web page action is one step here (link_view,
+unsubscribe_by_link, save_preferences, confirm_by_link), run in one transaction per request.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from newsletter.errors import AudienceError
+from newsletter.errors import AudienceError, TokenError
 from newsletter.suppression import (
     KEPT_OUT_STATUSES,
     lift_suppression,
@@ -58,8 +59,40 @@ class Membership:
         return self.names.get(lang) or self.names.get("en") or self.slug
 
 
+@dataclass(frozen=True)
+class LinkView:
+    """What a page behind a signed link knows about the subscriber and list its token names."""
+
+    subscriber_id: int
+    language: str
+    gone: bool  # forgotten, or never existed
+    list_name: str
+    lists: tuple[Membership, ...]
+
+    def subscribed_to(self, list_id: int) -> bool:
+        """Whether they are on a list, or waiting to confirm it."""
+        status = next((m.status for m in self.lists if m.list_id == list_id), None)
+        return status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+
+    @property
+    def active(self) -> list[Membership]:
+        """The lists they receive."""
+        return [m for m in self.lists if m.status == SubscriptionStatus.ACTIVE]
+
+    @property
+    def waiting(self) -> list[Membership]:
+        """The lists waiting for their confirmation."""
+        return [m for m in self.lists if m.status == SubscriptionStatus.PENDING]
+
+
 def _event(session: Session, now: datetime, actor: str, action: str, **detail: object) -> None:
     session.add(Event(at=now, actor=actor, action=action, detail=dict(detail)))
+
+
+def _live_subscriber(session: Session, subscriber_id: int) -> Subscriber | None:
+    """The subscriber with this id, or None when missing or forgotten (decided here only)."""
+    sub = session.get(Subscriber, subscriber_id)
+    return None if sub is None or sub.status == SubscriberStatus.FORGOTTEN else sub
 
 
 def find_subscriber(session: Session, email: str) -> Subscriber:
@@ -185,8 +218,8 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
 
     A fresh confirmation also lifts the address's suppression: the person asked again.
     """
-    sub = session.get(Subscriber, subscriber_id)
-    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
         return []
     pending = list(
         session.scalars(
@@ -260,8 +293,8 @@ def set_preferences(
     Ticking a list subscribes at once: the signed link came to their mailbox, which is the
     confirmation double opt-in asks for.
     """
-    sub = session.get(Subscriber, subscriber_id)
-    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
         raise AudienceError("no such subscriber")
     if language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
@@ -307,6 +340,76 @@ def _activate(session: Session, subscriber_id: int, list_id: int, now: datetime)
         session.add(row)
     row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
     session.flush()
+
+
+# --- the web pages: one step per page action ------------------------------------------------
+
+
+def link_view(
+    session: Session, *, subscriber_id: int, list_id: int, allow_gone: bool = False
+) -> LinkView:
+    """The subscriber and list a link names; a link to someone gone is invalid unless allowed.
+
+    A list that no longer exists makes the link invalid (TokenError) in every case.
+    """
+    ml = session.get(MailingList, list_id)
+    if ml is None:
+        raise TokenError("this link is not valid")
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
+        if not allow_gone:
+            raise TokenError("this link is not valid")
+        return LinkView(subscriber_id, "en", True, ml.name, ())
+    lang = sub.language if sub.language in LANGUAGES else "en"
+    name = (ml.names or {}).get(lang) or ml.name
+    return LinkView(sub.id, lang, False, name, tuple(memberships(session, sub.id)))
+
+
+def unsubscribe_by_link(
+    session: Session, *, subscriber_id: int, list_id: int, now: datetime
+) -> LinkView:
+    """Leave the list an unsubscribe link names (nothing to do for someone gone)."""
+    view = link_view(session, subscriber_id=subscriber_id, list_id=list_id, allow_gone=True)
+    if not view.gone:
+        unsubscribe(
+            session=session, subscriber_id=subscriber_id, list_id=list_id, now=now, actor="web"
+        )
+    return view
+
+
+def save_preferences(
+    session: Session,
+    *,
+    subscriber_id: int,
+    list_ids: set[int],
+    language: str,
+    leave: bool,
+    now: datetime,
+) -> None:
+    """Save the preferences form: the lists and language chosen, or leaving everything."""
+    if _live_subscriber(session, subscriber_id) is None:
+        raise TokenError("this link is not valid")
+    if leave:
+        unsubscribe(
+            session=session, subscriber_id=subscriber_id, list_id=None, now=now, actor="web"
+        )
+        return
+    set_preferences(
+        session=session,
+        subscriber_id=subscriber_id,
+        list_ids=list_ids,
+        language=language,
+        now=now,
+        actor="web",
+    )
+
+
+def confirm_by_link(
+    session: Session, *, subscriber_id: int, list_id: int, secret: str, now: datetime
+) -> LinkView:
+    """Confirm every list waiting for the subscriber a confirmation link names."""
+    confirm(session=session, subscriber_id=subscriber_id, secret=secret, now=now)
+    return link_view(session, subscriber_id=subscriber_id, list_id=list_id)
 
 
 def forget(*, session: Session, email: str, secret: str, now: datetime, actor: str) -> bool:

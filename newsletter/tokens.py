@@ -1,7 +1,9 @@
 """Signed tokens for links that need no login: unsubscribe, preferences, confirm.
 
 A token names the subscriber and the list and is signed (HMAC) with the configured secret and a
-purpose-specific salt, so a token made for one purpose cannot be used for another.
+purpose-specific salt, so a token made for one purpose cannot be used for another. The pages
+that read them live at one path per purpose (PAGE_PATHS): emails, notices and the web pages all
+build their links with page_url / page_path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from newsletter.errors import TokenError
 
 PURPOSES = ("unsubscribe", "preferences", "confirm")
+# Where the web page for each purpose lives; the token follows.
+PAGE_PATHS = {"unsubscribe": "/u/", "preferences": "/preferences/", "confirm": "/confirm/"}
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,13 @@ def read_token(
         if age > max_age_seconds:
             raise TokenError("this link has expired")
     return TokenClaims(purpose=purpose, subscriber_id=value[0], list_id=value[1])
+
+
+def page_path(purpose: str, token: str) -> str:
+    """The path of the page a token of this purpose opens, e.g. /u/TOKEN."""
+    return PAGE_PATHS[purpose] + token
+
+
+def page_url(base_url: str, purpose: str, token: str) -> str:
+    """The full link to that page under [web] base_url."""
+    return base_url.rstrip("/") + page_path(purpose, token)
