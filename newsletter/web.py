@@ -120,15 +120,19 @@ class Pages:
             now=self.clock.now(),
         )
 
-    def load(self, claims: TokenClaims, *, allow_gone: bool = False) -> LinkView:
-        """The subscriber and list a token names, in one transaction (run in a worker thread)."""
-        with unit_of_work(self.factory) as session:
-            return link_view(
-                session,
-                subscriber_id=claims.subscriber_id,
-                list_id=claims.list_id,
-                allow_gone=allow_gone,
-            )
+    async def step(
+        self, action: Callable[..., LinkView], claims: TokenClaims, **kw: Any
+    ) -> LinkView:
+        """Run one subscriptions step for the link's subscriber and list: one transaction, in a
+        worker thread."""
+
+        def run() -> LinkView:
+            with unit_of_work(self.factory) as session:
+                return action(
+                    session, subscriber_id=claims.subscriber_id, list_id=claims.list_id, **kw
+                )
+
+        return await run_in_threadpool(run)
 
     def form_token(self, url_token: str) -> str:
         """A signed token for a form, bound to the link it was served under, dated by the clock."""
@@ -177,7 +181,7 @@ class Pages:
     async def unsubscribe_page(self, request: Request) -> Response:
         """What you are leaving, one button, and a link to preferences."""
         claims = self.claims(request, "unsubscribe")
-        person = await run_in_threadpool(lambda: self.load(claims, allow_gone=True))
+        person = await self.step(link_view, claims, allow_gone=True)
         if person.gone:
             return self.render("unsubscribed", person.language, list_name=person.list_name)
         return self.render(
@@ -194,24 +198,15 @@ class Pages:
             raise HTTPException(403)
         claims = self.claims(request, "unsubscribe")
         await self.read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
-        person = await run_in_threadpool(self._unsubscribe, claims)
+        person = await self.step(unsubscribe_by_link, claims, now=self.clock.now())
         return self.render("unsubscribed", person.language, list_name=person.list_name)
-
-    def _unsubscribe(self, claims: TokenClaims) -> LinkView:
-        with unit_of_work(self.factory) as session:
-            return unsubscribe_by_link(
-                session,
-                subscriber_id=claims.subscriber_id,
-                list_id=claims.list_id,
-                now=self.clock.now(),
-            )
 
     # --- preferences -----------------------------------------------------------------------
 
     async def preferences_page(self, request: Request) -> Response:
         """The lists and language a subscriber can choose, in a form saved with a POST."""
         claims = self.claims(request, "preferences")
-        person = await run_in_threadpool(self.load, claims)
+        person = await self.step(link_view, claims)
         active = {m.list_id for m in person.active}
         return self.preferences_form(
             request, person, active, person.language, saved=request.query_params.get("saved") == "1"
@@ -250,7 +245,7 @@ class Pages:
             raise HTTPException(400) from None
         language = (fields.get("language") or [""])[0]
         if expired:  # nothing saved: the same choices again, under a fresh form token
-            person = await run_in_threadpool(self.load, claims)
+            person = await self.step(link_view, claims)
             return self.preferences_form(request, person, chosen, language, expired=True)
         leave_all = (fields.get("action") or [""])[0] == "leave"
         list_ids = set() if leave_all else chosen
@@ -276,7 +271,7 @@ class Pages:
     async def confirm_page(self, request: Request) -> Response:
         """Ask for the click that confirms; a mail scanner fetching the link confirms nothing."""
         claims = self.claims(request, "confirm")
-        person = await run_in_threadpool(self.load, claims)
+        person = await self.step(link_view, claims)
         return self.confirm_form(request, person)
 
     def confirm_form(
@@ -296,20 +291,10 @@ class Pages:
         claims = self.claims(request, "confirm")
         fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
         if self.check_form(request, fields):  # left open too long: ask for the click again
-            person = await run_in_threadpool(self.load, claims)
+            person = await self.step(link_view, claims)
             return self.confirm_form(request, person, expired=True)
-        person = await run_in_threadpool(self._confirm, claims)
+        person = await self.step(confirm_by_link, claims, secret=self.secret, now=self.clock.now())
         return self.render("confirmed", person.language, active=person.active)
-
-    def _confirm(self, claims: TokenClaims) -> LinkView:
-        with unit_of_work(self.factory) as session:
-            return confirm_by_link(
-                session,
-                subscriber_id=claims.subscriber_id,
-                list_id=claims.list_id,
-                secret=self.secret,
-                now=self.clock.now(),
-            )
 
     # --- errors ----------------------------------------------------------------------------
 

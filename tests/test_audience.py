@@ -90,20 +90,34 @@ def run_import(
     return report.counts(), report.rejects
 
 
+def join(
+    session: Session,
+    who: str,
+    lists: list[MailingList],
+    now: datetime,
+    *,
+    confirmed: bool = True,
+    language: str = "",
+) -> int:
+    """who@example.org subscribed to these lists; their id."""
+    return subscribe(
+        session=session,
+        email=f"{who}@example.org",
+        lists=lists,
+        secret=SECRET,
+        now=now,
+        actor="test",
+        confirmed=confirmed,
+        language=language,
+    ).subscriber_id
+
+
 def leave_and_forget(factory: sessionmaker[Session], clock: FrozenClock) -> None:
     """left@ unsubscribed from everything; gone@ was forgotten."""
     with unit_of_work(factory) as session:
         lists = [get_list(session, "weekly-digest")]
         for who in ("left", "gone"):
-            subscribe(
-                session=session,
-                email=f"{who}@example.org",
-                lists=lists,
-                secret=SECRET,
-                now=clock.now(),
-                actor="test",
-                confirmed=True,
-            )
+            join(session, who, lists, clock.now())
         left = session.scalar(select(Subscriber.id).where(Subscriber.email == "left@example.org"))
         assert left is not None
         unsubscribe(session=session, subscriber_id=left, list_id=None, now=clock.now(), actor="t")
@@ -319,16 +333,7 @@ def seat_audience(factory: sessionmaker[Session], clock: FrozenClock) -> None:
         digest, alerts = get_list(session, "weekly-digest"), get_list(session, "urgent-actions")
 
         def add(who: str, lists: list[MailingList], *, lang: str = "be", ok: bool = True) -> int:
-            return subscribe(
-                session=session,
-                email=f"{who}@example.org",
-                lists=lists,
-                secret=SECRET,
-                now=clock.now(),
-                actor="test",
-                confirmed=ok,
-                language=lang,
-            ).subscriber_id
+            return join(session, who, lists, clock.now(), confirmed=ok, language=lang)
 
         add("digest", [digest])  # reached by a digest campaign
         add("alerts", [alerts])  # reached by an alerts campaign

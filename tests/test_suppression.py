@@ -15,8 +15,7 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery, DeliveryStatus, Subscriber, SubscriberStatus, Suppression
 from newsletter.ledger import suppress_bounced
 from newsletter.lists import get_list, read_lists, sync_lists
-from newsletter.subscriber_csv import import_rows, read_csv
-from newsletter.subscriptions import confirm, forget, subscribe
+from newsletter.subscriptions import SubscribeResult, confirm, forget, subscribe
 from newsletter.suppression import (
     hash_address,
     is_suppressed,
@@ -25,6 +24,7 @@ from newsletter.suppression import (
     suppressed_forms,
 )
 from tests.conftest import SECRET, SmtpServer, make_settings
+from tests.test_audience import run_import
 from tests.test_cli import run
 from tests.test_flow import deliver
 from tests.test_send import seed
@@ -40,17 +40,18 @@ def lists(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     return factory
 
 
-def add(factory: sessionmaker[Session], email: str, *, confirmed: bool = True) -> int:
+def add(factory: sessionmaker[Session], email: str, slug: str = "weekly-digest") -> SubscribeResult:
+    """`subscribers add EMAIL --list SLUG --confirmed`, as a step."""
     with unit_of_work(factory) as session:
         return subscribe(
             session=session,
             email=email,
-            lists=[get_list(session, "weekly-digest")],
+            lists=[get_list(session, slug)],
             secret=SECRET,
             now=NOW,
             actor="test",
-            confirmed=confirmed,
-        ).subscriber_id
+            confirmed=True,
+        )
 
 
 def reach(factory: sessionmaker[Session]) -> int:
@@ -98,7 +99,7 @@ def test_import_keeps_out_suppressed_and_forgotten_addresses(
     lists: sessionmaker[Session], tmp_path: Path
 ) -> None:
     """A CSV row for a bounced or forgotten address is kept out; a new one goes in."""
-    bounce(lists, add(lists, "bounced@example.org"), "bounced@example.org")
+    bounce(lists, add(lists, "bounced@example.org").subscriber_id, "bounced@example.org")
     with unit_of_work(lists) as session:
         forget(session=session, email="gone@example.org", secret=SECRET, now=NOW, actor="test")
     path = tmp_path / "people.csv"
@@ -106,17 +107,8 @@ def test_import_keeps_out_suppressed_and_forgotten_addresses(
         "email,lists\nbounced@example.org,weekly-digest\nGONE@example.org,weekly-digest\n"
         "new@example.org,weekly-digest\n"
     )
-    with unit_of_work(lists) as session:
-        report = import_rows(
-            session=session,
-            rows=read_csv(path),
-            default_list=None,
-            confirmed=True,
-            secret=SECRET,
-            now=NOW,
-            actor="test",
-        )
-    assert (report.kept_out, report.imported) == (2, 1)
+    counts, _ = run_import(lists, path)
+    assert (counts["kept_out"], counts["imported"]) == (2, 1)
     assert reach(lists) == 1
 
 
@@ -124,21 +116,12 @@ def test_subscribe_asks_a_suppressed_address_to_confirm_afresh(
     lists: sessionmaker[Session],
 ) -> None:
     """Even --confirmed, a bounced or forgotten address waits for its own click; that lifts it."""
-    sid = add(lists, "bounced@example.org")
+    sid = add(lists, "bounced@example.org").subscriber_id
     bounce(lists, sid, "bounced@example.org")
     with unit_of_work(lists) as session:
         forget(session=session, email="gone@example.org", secret=SECRET, now=NOW, actor="test")
     for email in ("bounced@example.org", "gone@example.org"):
-        with unit_of_work(lists) as session:
-            result = subscribe(
-                session=session,
-                email=email,
-                lists=[get_list(session, "urgent-actions")],
-                secret=SECRET,
-                now=NOW,
-                actor="test",
-                confirmed=True,
-            )
+        result = add(lists, email, "urgent-actions")
         assert result.active == () and result.pending == ("urgent-actions",)
     with unit_of_work(lists) as session:
         assert audience_size(session, get_list(session, "urgent-actions").id) == 0
