@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
+from newsletter.importer import import_rows
 from newsletter.lists import read_lists, sync_lists
-from newsletter.subscriber_csv import import_rows, read_csv
+from newsletter.subscriber_csv import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

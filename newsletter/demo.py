@@ -19,12 +19,13 @@ from newsletter.config import Settings, load_settings
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Campaign, Delivery, Item
 from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
+from newsletter.importer import import_rows
 from newsletter.ingest import ingest_all
 from newsletter.lists import read_lists, sync_lists
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
 from newsletter.send import deliver_all
-from newsletter.subscriber_csv import import_rows, read_csv
+from newsletter.subscriber_csv import read_csv
 
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_FEED = Path(__file__).resolve().parent / "data" / "portal-feed.xml"

@@ -32,8 +32,9 @@ from newsletter.db.models import (
     SubscriptionStatus,
 )
 from newsletter.errors import AudienceError
+from newsletter.importer import import_rows
 from newsletter.lists import get_list, read_lists, sync_lists
-from newsletter.subscriber_csv import export_columns, export_rows, import_rows, read_csv, write_csv
+from newsletter.subscriber_csv import export_columns, export_rows, read_csv, write_csv
 from newsletter.subscriptions import forget, subscribe, unsubscribe
 from tests.conftest import SECRET
 from tests.test_cli import run as run_cli

@@ -34,15 +34,10 @@ from newsletter.db.models import (
     Suppression,
 )
 from newsletter.errors import AudienceError, PermanentDeliveryError
+from newsletter.importer import import_rows
 from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.message import Recipient, format_to
-from newsletter.subscriber_csv import (
-    FORMULA_STARTS,
-    import_rows,
-    neutralise_cell,
-    read_csv,
-    restore_cell,
-)
+from newsletter.subscriber_csv import FORMULA_STARTS, neutralise_cell, read_csv, restore_cell
 from newsletter.subscriptions import find_subscriber, forget, subscribe
 from newsletter.suppression import hash_address
 from tests.conftest import SECRET, SmtpServer

@@ -16,10 +16,11 @@ from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
+from newsletter.importer import import_rows
 from newsletter.ingest import ingest_all
 from newsletter.lists import read_lists, sync_lists
 from newsletter.send import SendReport, deliver_all
-from newsletter.subscriber_csv import import_rows, read_csv
+from newsletter.subscriber_csv import read_csv
 from tests.conftest import SECRET, SmtpServer, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,10 +23,11 @@ from newsletter.config import FeedSource, Settings
 from newsletter.db import unit_of_work
 from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
+from newsletter.importer import import_rows
 from newsletter.lists import read_lists, sync_lists
 from newsletter.schedule import Scheduler
 from newsletter.send import SendReport, deliver_all
-from newsletter.subscriber_csv import import_rows, read_csv
+from newsletter.subscriber_csv import read_csv
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,13 +19,13 @@ from newsletter.audience import list_people
 from newsletter.cli import State, app, console, err_console, print_json
 from newsletter.db import unit_of_work
 from newsletter.errors import AudienceError
+from newsletter.importer import import_rows
 from newsletter.lists import get_list
 from newsletter.subscriber_csv import (
     RawRow,
     count_lines,
     export_columns,
     export_rows,
-    import_rows,
     neutralise_cell,
     read_csv,
     restore_cell,
