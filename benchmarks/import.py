@@ -16,8 +16,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
+from newsletter.importer import import_rows
+from newsletter.lists import read_lists, sync_lists
+from newsletter.subscriber_csv import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ from datetime import datetime
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from newsletter.audience import get_list
 from newsletter.audit import record_event
 from newsletter.db.models import (
     Campaign,
@@ -21,6 +20,7 @@ from newsletter.db.models import (
 )
 from newsletter.db.queries import items_since
 from newsletter.errors import CampaignError
+from newsletter.lists import get_list
 from newsletter.sanitize import clean_html, clean_text, clean_url
 from newsletter.segments import get_segment
 

@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.clock import Clock, SystemClock
 from newsletter.config import Settings, load_settings
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
@@ -20,10 +19,13 @@ from newsletter.db.models import Campaign, Delivery, Item
 from newsletter.devsmtp import MaildirHandler, free_port, start_dev_smtp
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError, ConfigError
+from newsletter.importer import import_rows
 from newsletter.ingest import ingest_all
+from newsletter.lists import read_lists, sync_lists
 from newsletter.message import ListInfo
 from newsletter.preview import write_previews
 from newsletter.send import deliver_all
+from newsletter.subscriber_csv import read_csv
 from newsletter.variants import render_campaign
 
 PROJECT = Path(__file__).resolve().parents[1]

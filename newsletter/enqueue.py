@@ -13,11 +13,11 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
+from newsletter.audience import enqueue_audience
 from newsletter.audit import record_event
 from newsletter.check import Problem, require_clean
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignStatus
-from newsletter.db.queries import enqueue_audience
 from newsletter.errors import CampaignError
 
 Checked = Callable[[Sequence[Problem]], None]

@@ -25,9 +25,9 @@ from newsletter.campaigns import pause_campaign
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignStatus, DeliveryStatus
-from newsletter.db.queries import add_suppression, mark_bounced, record_sent, record_unsent
+from newsletter.db.queries import mark_bounced, record_sent, record_unsent
 from newsletter.smtp import Outcome, Result
-from newsletter.tokens import hash_address
+from newsletter.suppression import suppress
 
 MAX_BACKOFF = timedelta(hours=6)
 
@@ -135,8 +135,7 @@ def suppress_bounced(
 ) -> None:
     """Mark an address refused for good as bounced, so nothing is sent to it again."""
     mark_bounced(session, subscriber_id)
-    digest = hash_address(email, secret=settings.security.require_secret())
-    add_suppression(session, email_hash=digest, reason="bounce", now=now)
+    suppress(session, email, secret=settings.security.require_secret(), reason="bounce", now=now)
     record_event(
         session,
         now=now,

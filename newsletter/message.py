@@ -31,7 +31,7 @@ from urllib.parse import quote
 from newsletter.config import Settings
 from newsletter.errors import PermanentDeliveryError
 from newsletter.render import RenderedVariant, misplaced_links, personalise
-from newsletter.tokens import make_token
+from newsletter.tokens import make_token, page_url
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
 # which mail clients then cannot read. That header is set raw, folded between its two URLs (a
@@ -62,7 +62,7 @@ def message_id(*, campaign_id: int, subscriber_id: int, secret: str, domain: str
 def link_urls(*, recipient: Recipient, mlist: ListInfo, settings: Settings) -> dict[str, str]:
     """The recipient's signed unsubscribe and preferences links (https and mailto)."""
     secret = settings.security.require_secret()
-    base = settings.web.base_url.rstrip("/")
+    base = settings.web.base_url
     unsub = make_token(
         secret=secret,
         purpose="unsubscribe",
@@ -76,8 +76,8 @@ def link_urls(*, recipient: Recipient, mlist: ListInfo, settings: Settings) -> d
         list_id=mlist.id,
     )
     return {
-        "unsubscribe": f"{base}/u/{unsub}",
-        "preferences": f"{base}/preferences/{prefs}",
+        "unsubscribe": page_url(base, "unsubscribe", unsub),
+        "preferences": page_url(base, "preferences", prefs),
         "mailto": f"mailto:{settings.mail.unsubscribe_address}"
         f"?subject={quote('unsubscribe ' + unsub)}",
     }

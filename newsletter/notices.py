@@ -31,7 +31,7 @@ from newsletter.i18n import gettext_for, web_environment
 from newsletter.message import POLICY, set_subject
 from newsletter.render import compile_mjml, inline_css
 from newsletter.smtp import Result, Transport
-from newsletter.tokens import make_token
+from newsletter.tokens import make_token, page_url
 
 BATCH = 100
 
@@ -115,7 +115,7 @@ def confirmation_message(pending: _Pending, *, settings: Settings, now: datetime
         list_id=pending.list_ids[0],
         issued_at=now,
     )
-    url = f"{settings.web.base_url.rstrip('/')}/confirm/{token}"
+    url = page_url(settings.web.base_url, "confirm", token)
     notice = render_notice(
         "confirm",
         lang=pending.language,

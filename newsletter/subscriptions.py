@@ -2,7 +2,8 @@
 
 Shared by the command line, the web pages and the inbound mail handler. Every function takes a
 Session and never commits; the caller owns the transaction. Every change leaves an event naming
-the subscriber by id, never by address.
+the subscriber by id, never by address. Each web page action is one step here (link_view,
+unsubscribe_by_link, save_preferences, confirm_by_link), run in one transaction per request.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from newsletter.audience import KEPT_OUT_STATUSES, address_forms, lookup_forms
+from newsletter.addresses import address_forms, lookup_forms
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
     Delivery,
@@ -25,10 +26,14 @@ from newsletter.db.models import (
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
-    Suppression,
 )
-from newsletter.errors import AudienceError
-from newsletter.tokens import hash_address
+from newsletter.errors import AudienceError, TokenError
+from newsletter.suppression import (
+    KEPT_OUT_STATUSES,
+    lift_suppression,
+    suppress,
+    suppressed_forms,
+)
 
 LEFT = (SubscriptionStatus.UNSUBSCRIBED,)
 
@@ -54,8 +59,40 @@ class Membership:
         return self.names.get(lang) or self.names.get("en") or self.slug
 
 
+@dataclass(frozen=True)
+class LinkView:
+    """What a page behind a signed link knows about the subscriber and list its token names."""
+
+    subscriber_id: int
+    language: str
+    gone: bool  # forgotten, or never existed
+    list_name: str
+    lists: tuple[Membership, ...]
+
+    def subscribed_to(self, list_id: int) -> bool:
+        """Whether they are on a list, or waiting to confirm it."""
+        status = next((m.status for m in self.lists if m.list_id == list_id), None)
+        return status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+
+    @property
+    def active(self) -> list[Membership]:
+        """The lists they receive."""
+        return [m for m in self.lists if m.status == SubscriptionStatus.ACTIVE]
+
+    @property
+    def waiting(self) -> list[Membership]:
+        """The lists waiting for their confirmation."""
+        return [m for m in self.lists if m.status == SubscriptionStatus.PENDING]
+
+
 def _event(session: Session, now: datetime, actor: str, action: str, **detail: object) -> None:
     session.add(Event(at=now, actor=actor, action=action, detail=dict(detail)))
+
+
+def _live_subscriber(session: Session, subscriber_id: int) -> Subscriber | None:
+    """The subscriber with this id, or None when missing or forgotten (decided here only)."""
+    sub = session.get(Subscriber, subscriber_id)
+    return None if sub is None or sub.status == SubscriberStatus.FORGOTTEN else sub
 
 
 def find_subscriber(session: Session, email: str) -> Subscriber:
@@ -66,6 +103,27 @@ def find_subscriber(session: Session, email: str) -> Subscriber:
     if sub is None:
         raise AudienceError("no subscriber has that address")
     return sub
+
+
+def subscriber_details(session: Session, email: str) -> dict[str, Any]:
+    """One subscriber as `subscribers show` prints them: details, lists, emails sent so far."""
+    sub = find_subscriber(session, email)
+    sent = session.scalar(
+        select(func.count()).where(Delivery.subscriber_id == sub.id, Delivery.sent_at.is_not(None))
+    )
+    return {
+        "id": sub.id,
+        "email": sub.email,
+        "name": sub.name,
+        "language": sub.language,
+        "country": sub.country,
+        "tags": sub.tags,
+        "attributes": sub.attributes,
+        "status": sub.status,
+        "created_at": sub.created_at.isoformat(),
+        "lists": {m.slug: m.status for m in memberships(session, sub.id) if m.status},
+        "emails_sent": int(sent or 0),
+    }
 
 
 def subscribe(
@@ -92,7 +150,7 @@ def subscribe(
     if language and language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
     sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
-    fresh = _is_suppressed(session, forms, secret) or (
+    fresh = bool(suppressed_forms(session, forms, secret=secret)) or (
         sub is not None and sub.status in KEPT_OUT_STATUSES
     )
     created = sub is None
@@ -141,20 +199,6 @@ def _join(
     return row.status
 
 
-def _is_suppressed(session: Session, forms: Sequence[str], secret: str) -> bool:
-    digests = [hash_address(form, secret=secret) for form in forms]
-    stmt = select(Suppression.id).where(Suppression.email_hash.in_(digests)).limit(1)
-    return session.scalar(stmt) is not None
-
-
-def _stored_forms(address: str) -> tuple[str, ...]:
-    """An address from the database in every form it may have had; itself if it is odd."""
-    try:
-        return (address, *lookup_forms(address))
-    except AudienceError:
-        return (address,)
-
-
 def memberships(session: Session, subscriber_id: int) -> list[Membership]:
     """Every list, with this subscriber's status on it (None where never subscribed)."""
     rows = session.execute(
@@ -174,8 +218,8 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
 
     A fresh confirmation also lifts the address's suppression: the person asked again.
     """
-    sub = session.get(Subscriber, subscriber_id)
-    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
         return []
     pending = list(
         session.scalars(
@@ -189,8 +233,7 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
         row.status, row.confirmed_at, row.unsubscribed_at = SubscriptionStatus.ACTIVE, now, None
     if pending:
         sub.status = SubscriberStatus.ACTIVE
-        digests = [hash_address(form, secret=secret) for form in _stored_forms(sub.email)]
-        session.execute(delete(Suppression).where(Suppression.email_hash.in_(digests)))
+        lift_suppression(session, sub.email, secret=secret)
         _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
     session.flush()
     return [m.slug for m in memberships(session, sub.id) if m.status == SubscriptionStatus.ACTIVE]
@@ -250,8 +293,8 @@ def set_preferences(
     Ticking a list subscribes at once: the signed link came to their mailbox, which is the
     confirmation double opt-in asks for.
     """
-    sub = session.get(Subscriber, subscriber_id)
-    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
         raise AudienceError("no such subscriber")
     if language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
@@ -299,6 +342,76 @@ def _activate(session: Session, subscriber_id: int, list_id: int, now: datetime)
     session.flush()
 
 
+# --- the web pages: one step per page action ------------------------------------------------
+
+
+def link_view(
+    session: Session, *, subscriber_id: int, list_id: int, allow_gone: bool = False
+) -> LinkView:
+    """The subscriber and list a link names; a link to someone gone is invalid unless allowed.
+
+    A list that no longer exists makes the link invalid (TokenError) in every case.
+    """
+    ml = session.get(MailingList, list_id)
+    if ml is None:
+        raise TokenError("this link is not valid")
+    sub = _live_subscriber(session, subscriber_id)
+    if sub is None:
+        if not allow_gone:
+            raise TokenError("this link is not valid")
+        return LinkView(subscriber_id, "en", True, ml.name, ())
+    lang = sub.language if sub.language in LANGUAGES else "en"
+    name = (ml.names or {}).get(lang) or ml.name
+    return LinkView(sub.id, lang, False, name, tuple(memberships(session, sub.id)))
+
+
+def unsubscribe_by_link(
+    session: Session, *, subscriber_id: int, list_id: int, now: datetime
+) -> LinkView:
+    """Leave the list an unsubscribe link names (nothing to do for someone gone)."""
+    view = link_view(session, subscriber_id=subscriber_id, list_id=list_id, allow_gone=True)
+    if not view.gone:
+        unsubscribe(
+            session=session, subscriber_id=subscriber_id, list_id=list_id, now=now, actor="web"
+        )
+    return view
+
+
+def save_preferences(
+    session: Session,
+    *,
+    subscriber_id: int,
+    list_ids: set[int],
+    language: str,
+    leave: bool,
+    now: datetime,
+) -> None:
+    """Save the preferences form: the lists and language chosen, or leaving everything."""
+    if _live_subscriber(session, subscriber_id) is None:
+        raise TokenError("this link is not valid")
+    if leave:
+        unsubscribe(
+            session=session, subscriber_id=subscriber_id, list_id=None, now=now, actor="web"
+        )
+        return
+    set_preferences(
+        session=session,
+        subscriber_id=subscriber_id,
+        list_ids=list_ids,
+        language=language,
+        now=now,
+        actor="web",
+    )
+
+
+def confirm_by_link(
+    session: Session, *, subscriber_id: int, list_id: int, secret: str, now: datetime
+) -> LinkView:
+    """Confirm every list waiting for the subscriber a confirmation link names."""
+    confirm(session=session, subscriber_id=subscriber_id, secret=secret, now=now)
+    return link_view(session, subscriber_id=subscriber_id, list_id=list_id)
+
+
 def forget(*, session: Session, email: str, secret: str, now: datetime, actor: str) -> bool:
     """Erase a person and keep only a keyed hash of the address, so nothing reaches them again.
 
@@ -308,10 +421,7 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     hash is kept either way.
     """
     forms = lookup_forms(email)  # also someone stored in a form no longer accepted
-    for form in forms:
-        digest = hash_address(form, secret=secret)
-        if session.scalar(select(Suppression.id).where(Suppression.email_hash == digest)) is None:
-            session.add(Suppression(email_hash=digest, reason="forgotten", created_at=now))
+    suppress(session, email, secret=secret, reason="forgotten", now=now)
     sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
     if sub is not None:
         session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))

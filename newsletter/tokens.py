@@ -1,14 +1,14 @@
 """Signed tokens for links that need no login: unsubscribe, preferences, confirm.
 
 A token names the subscriber and the list and is signed (HMAC) with the configured secret and a
-purpose-specific salt, so a token made for one purpose cannot be used for another.
+purpose-specific salt, so a token made for one purpose cannot be used for another. The pages
+that read them live at one path per purpose (PAGE_PATHS): emails, notices and the web pages all
+build their links with page_url / page_path.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import overload
@@ -18,6 +18,8 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from newsletter.errors import TokenError
 
 PURPOSES = ("unsubscribe", "preferences", "confirm")
+# Where the web page for each purpose lives; the token follows.
+PAGE_PATHS = {"unsubscribe": "/u/", "preferences": "/preferences/", "confirm": "/confirm/"}
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,11 @@ def read_token(
     return TokenClaims(purpose=purpose, subscriber_id=value[0], list_id=value[1])
 
 
-def hash_address(email: str, *, secret: str) -> str:
-    """A keyed hash of an address, so suppressions keep no readable address."""
-    key = secret.encode()
-    return hmac.new(
-        key, b"suppression:" + email.strip().lower().encode(), hashlib.sha256
-    ).hexdigest()
+def page_path(purpose: str, token: str) -> str:
+    """The path of the page a token of this purpose opens, e.g. /u/TOKEN."""
+    return PAGE_PATHS[purpose] + token
+
+
+def page_url(base_url: str, purpose: str, token: str) -> str:
+    """The full link to that page under [web] base_url."""
+    return base_url.rstrip("/") + page_path(purpose, token)

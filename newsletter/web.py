@@ -15,7 +15,6 @@ import base64
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,17 +32,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from newsletter.clock import Clock
 from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import MailingList, Subscriber, SubscriberStatus, SubscriptionStatus
 from newsletter.errors import AudienceError, TokenError
 from newsletter.i18n import TEMPLATES_DIR, web_environment
 from newsletter.subscriptions import (
-    Membership,
-    confirm,
-    memberships,
-    set_preferences,
-    unsubscribe,
+    LinkView,
+    confirm_by_link,
+    link_view,
+    save_preferences,
+    unsubscribe_by_link,
 )
-from newsletter.tokens import TokenClaims, make_token, read_token
+from newsletter.tokens import TokenClaims, make_token, page_path, read_token
 
 FORM_MAX_AGE_SECONDS = 24 * 3600
 AUTONYMS = {"en": "English", "be": "Беларуская", "ru": "Русский"}
@@ -87,17 +85,6 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-@dataclass(frozen=True)
-class Person:
-    """What a page needs to know about the subscriber a token names."""
-
-    subscriber_id: int
-    language: str
-    gone: bool  # forgotten, or never existed
-    list_name: str
-    lists: tuple[Membership, ...]
-
-
 class Pages:
     """The routes, with the settings, database and clock they share."""
 
@@ -132,18 +119,19 @@ class Pages:
             now=self.clock.now(),
         )
 
-    def load(self, claims: TokenClaims) -> Person:
-        """The subscriber and list a token names (run in a worker thread)."""
-        with unit_of_work(self.factory) as session:
-            sub = session.get(Subscriber, claims.subscriber_id)
-            ml = session.get(MailingList, claims.list_id)
-            if ml is None:
-                raise TokenError("this link is not valid")
-            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
-                return Person(claims.subscriber_id, "en", True, ml.name, ())
-            lang = sub.language if sub.language in LANGUAGES else "en"
-            name = (ml.names or {}).get(lang) or ml.name
-            return Person(sub.id, lang, False, name, tuple(memberships(session, sub.id)))
+    async def step(
+        self, action: Callable[..., LinkView], claims: TokenClaims, **kw: Any
+    ) -> LinkView:
+        """Run one subscriptions step for the link's subscriber and list: one transaction, in a
+        worker thread."""
+
+        def run() -> LinkView:
+            with unit_of_work(self.factory) as session:
+                return action(
+                    session, subscriber_id=claims.subscriber_id, list_id=claims.list_id, **kw
+                )
+
+        return await run_in_threadpool(run)
 
     def form_token(self, url_token: str) -> str:
         """A signed token for a form, bound to the link it was served under, dated by the clock."""
@@ -168,7 +156,7 @@ class Pages:
             raise HTTPException(403)
         return self.clock.now().timestamp() - value[1] > FORM_MAX_AGE_SECONDS
 
-    def preferences_url(self, person: Person, list_id: int) -> str:
+    def preferences_url(self, person: LinkView, list_id: int) -> str:
         """The preferences link for the subscriber on an unsubscribe page."""
         token = make_token(
             secret=self.secret,
@@ -176,7 +164,7 @@ class Pages:
             subscriber_id=person.subscriber_id,
             list_id=list_id,
         )
-        return f"/preferences/{token}"
+        return page_path("preferences", token)
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused past [web] max_body_bytes."""
@@ -192,15 +180,14 @@ class Pages:
     async def unsubscribe_page(self, request: Request) -> Response:
         """What you are leaving, one button, and a link to preferences."""
         claims = self.claims(request, "unsubscribe")
-        person = await run_in_threadpool(self.load, claims)
+        person = await self.step(link_view, claims, allow_gone=True)
         if person.gone:
             return self.render("unsubscribed", person.language, list_name=person.list_name)
-        status = next((m.status for m in person.lists if m.list_id == claims.list_id), None)
         return self.render(
             "unsubscribe",
             person.language,
             list_name=person.list_name,
-            subscribed=status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING),
+            subscribed=person.subscribed_to(claims.list_id),
             preferences_url=self.preferences_url(person, claims.list_id),
         )
 
@@ -210,31 +197,16 @@ class Pages:
             raise HTTPException(403)
         claims = self.claims(request, "unsubscribe")
         await self.read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
-        person = await run_in_threadpool(self._unsubscribe, claims)
+        person = await self.step(unsubscribe_by_link, claims, now=self.clock.now())
         return self.render("unsubscribed", person.language, list_name=person.list_name)
-
-    def _unsubscribe(self, claims: TokenClaims) -> Person:
-        person = self.load(claims)
-        if not person.gone:
-            with unit_of_work(self.factory) as session:
-                unsubscribe(
-                    session=session,
-                    subscriber_id=claims.subscriber_id,
-                    list_id=claims.list_id,
-                    now=self.clock.now(),
-                    actor="web",
-                )
-        return person
 
     # --- preferences -----------------------------------------------------------------------
 
     async def preferences_page(self, request: Request) -> Response:
         """The lists and language a subscriber can choose, in a form saved with a POST."""
         claims = self.claims(request, "preferences")
-        person = await run_in_threadpool(self.load, claims)
-        if person.gone:
-            raise TokenError("this link is not valid")
-        active = {m.list_id for m in person.lists if m.status == SubscriptionStatus.ACTIVE}
+        person = await self.step(link_view, claims)
+        active = {m.list_id for m in person.active}
         return self.preferences_form(
             request, person, active, person.language, saved=request.query_params.get("saved") == "1"
         )
@@ -242,7 +214,7 @@ class Pages:
     def preferences_form(
         self,
         request: Request,
-        person: Person,
+        person: LinkView,
         checked: set[int],
         language: str,
         *,
@@ -272,9 +244,7 @@ class Pages:
             raise HTTPException(400) from None
         language = (fields.get("language") or [""])[0]
         if expired:  # nothing saved: the same choices again, under a fresh form token
-            person = await run_in_threadpool(self.load, claims)
-            if person.gone:
-                raise TokenError("this link is not valid")
+            person = await self.step(link_view, claims)
             return self.preferences_form(request, person, chosen, language, expired=True)
         leave_all = (fields.get("action") or [""])[0] == "leave"
         list_ids = set() if leave_all else chosen
@@ -282,45 +252,35 @@ class Pages:
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
 
     def _save(self, claims: TokenClaims, list_ids: set[int], language: str, leave: bool) -> None:
-        with unit_of_work(self.factory) as session:
-            sub = session.get(Subscriber, claims.subscriber_id)
-            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
-                raise TokenError("this link is not valid")
-            now = self.clock.now()
-            if leave:
-                unsubscribe(
-                    session=session, subscriber_id=sub.id, list_id=None, now=now, actor="web"
-                )
-                return
-            try:
-                set_preferences(
-                    session=session,
-                    subscriber_id=sub.id,
+        try:
+            with unit_of_work(self.factory) as session:
+                save_preferences(
+                    session,
+                    subscriber_id=claims.subscriber_id,
                     list_ids=list_ids,
                     language=language,
-                    now=now,
-                    actor="web",
+                    leave=leave,
+                    now=self.clock.now(),
                 )
-            except AudienceError:
-                raise HTTPException(400) from None
+        except AudienceError:
+            raise HTTPException(400) from None
 
     # --- confirmation ----------------------------------------------------------------------
 
     async def confirm_page(self, request: Request) -> Response:
         """Ask for the click that confirms; a mail scanner fetching the link confirms nothing."""
         claims = self.claims(request, "confirm")
-        person = await run_in_threadpool(self.load, claims)
-        if person.gone:
-            raise TokenError("this link is not valid")
+        person = await self.step(link_view, claims)
         return self.confirm_form(request, person)
 
-    def confirm_form(self, request: Request, person: Person, *, expired: bool = False) -> Response:
+    def confirm_form(
+        self, request: Request, person: LinkView, *, expired: bool = False
+    ) -> Response:
         """The page with the one button that confirms the waiting lists."""
-        waiting = [m for m in person.lists if m.status == SubscriptionStatus.PENDING]
         return self.render(
             "confirm",
             person.language,
-            waiting=waiting,
+            waiting=person.waiting,
             form_token=self.form_token(request.path_params["token"]),
             expired=expired,
         )
@@ -330,25 +290,10 @@ class Pages:
         claims = self.claims(request, "confirm")
         fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
         if self.check_form(request, fields):  # left open too long: ask for the click again
-            person = await run_in_threadpool(self.load, claims)
-            if person.gone:
-                raise TokenError("this link is not valid")
+            person = await self.step(link_view, claims)
             return self.confirm_form(request, person, expired=True)
-        person = await run_in_threadpool(self._confirm, claims)
-        if person.gone:
-            raise TokenError("this link is not valid")
-        active = [m for m in person.lists if m.status == SubscriptionStatus.ACTIVE]
-        return self.render("confirmed", person.language, active=active)
-
-    def _confirm(self, claims: TokenClaims) -> Person:
-        with unit_of_work(self.factory) as session:
-            confirm(
-                session=session,
-                subscriber_id=claims.subscriber_id,
-                secret=self.secret,
-                now=self.clock.now(),
-            )
-        return self.load(claims)
+        person = await self.step(confirm_by_link, claims, secret=self.secret, now=self.clock.now())
+        return self.render("confirmed", person.language, active=person.active)
 
     # --- errors ----------------------------------------------------------------------------
 
@@ -371,14 +316,17 @@ def create_app(settings: Settings, factory: sessionmaker[Session], clock: Clock)
     """The web app: unsubscribe, preferences and confirmation pages, with strict headers."""
     pages = Pages(settings, factory, clock)
     routes = [
-        Route("/u/{token}", pages.unsubscribe_page, methods=["GET"]),
-        Route("/u/{token}", pages.unsubscribe_post, methods=["POST"]),
-        Route("/preferences/{token}", pages.preferences_page, methods=["GET"]),
-        Route("/preferences/{token}", pages.preferences_post, methods=["POST"]),
-        Route("/confirm/{token}", pages.confirm_page, methods=["GET"]),
-        Route("/confirm/{token}", pages.confirm_post, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route(page_path(purpose, "{token}"), endpoint, methods=[method])
+        for purpose, method, endpoint in (
+            ("unsubscribe", "GET", pages.unsubscribe_page),
+            ("unsubscribe", "POST", pages.unsubscribe_post),
+            ("preferences", "GET", pages.preferences_page),
+            ("preferences", "POST", pages.preferences_post),
+            ("confirm", "GET", pages.confirm_page),
+            ("confirm", "POST", pages.confirm_post),
+        )
     ]
+    routes.append(Route("/healthz", healthz, methods=["GET"]))
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         TokenError: pages.token_error,
         HTTPException: pages.http_error,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,20 +12,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audience import (
-    export_columns,
-    export_rows,
-    get_list,
-    import_rows,
-    read_csv,
-    read_lists,
-    sync_lists,
-    write_csv,
+    audience_size,
+    count_selected,
+    enqueue_audience,
+    list_people,
+    segment_where,
 )
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     Campaign,
     CampaignKind,
+    Delivery,
     Event,
     MailingList,
     Segment,
@@ -32,9 +31,13 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from newsletter.db.queries import audience_size, enqueue_audience
+from newsletter.errors import AudienceError
+from newsletter.importer import import_rows
+from newsletter.lists import get_list, read_lists, sync_lists
+from newsletter.subscriber_csv import export_columns, export_rows, read_csv, write_csv
 from newsletter.subscriptions import forget, subscribe, unsubscribe
 from tests.conftest import SECRET
+from tests.test_cli import run as run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTS = ROOT / "subscribers" / "lists.toml"
@@ -88,20 +91,34 @@ def run_import(
     return report.counts(), report.rejects
 
 
+def join(
+    session: Session,
+    who: str,
+    lists: list[MailingList],
+    now: datetime,
+    *,
+    confirmed: bool = True,
+    language: str = "",
+) -> int:
+    """who@example.org subscribed to these lists; their id."""
+    return subscribe(
+        session=session,
+        email=f"{who}@example.org",
+        lists=lists,
+        secret=SECRET,
+        now=now,
+        actor="test",
+        confirmed=confirmed,
+        language=language,
+    ).subscriber_id
+
+
 def leave_and_forget(factory: sessionmaker[Session], clock: FrozenClock) -> None:
     """left@ unsubscribed from everything; gone@ was forgotten."""
     with unit_of_work(factory) as session:
         lists = [get_list(session, "weekly-digest")]
         for who in ("left", "gone"):
-            subscribe(
-                session=session,
-                email=f"{who}@example.org",
-                lists=lists,
-                secret=SECRET,
-                now=clock.now(),
-                actor="test",
-                confirmed=True,
-            )
+            join(session, who, lists, clock.now())
         left = session.scalar(select(Subscriber.id).where(Subscriber.email == "left@example.org"))
         assert left is not None
         unsubscribe(session=session, subscriber_id=left, list_id=None, now=clock.now(), actor="t")
@@ -306,3 +323,112 @@ def test_campaign_with_segment_reaches_only_the_segment_once(
         assert audience_size(session, digest.id) == 5
         assert enqueue_audience(session, campaign=campaign, now=clock.now()) == 2
         assert enqueue_audience(session, campaign=campaign, now=clock.now()) == 0
+
+
+# --- one definition of who a list and a segment select -------------------------------------
+
+
+def seat_audience(factory: sessionmaker[Session], clock: FrozenClock) -> None:
+    """Belarusian speakers in every state a campaign must or must not reach, plus one English."""
+    with unit_of_work(factory) as session:
+        digest, alerts = get_list(session, "weekly-digest"), get_list(session, "urgent-actions")
+
+        def add(who: str, lists: list[MailingList], *, lang: str = "be", ok: bool = True) -> int:
+            return join(session, who, lists, clock.now(), confirmed=ok, language=lang)
+
+        add("digest", [digest])  # reached by a digest campaign
+        add("alerts", [alerts])  # reached by an alerts campaign
+        add("nolist", [])  # on no list at all: no campaign reaches them
+        add("pending", [digest], ok=False)  # has not confirmed yet
+        left = add("left", [digest])  # left the one list they were on; still 'active' overall
+        unsubscribe(
+            session=session, subscriber_id=left, list_id=digest.id, now=clock.now(), actor="t"
+        )
+        add("gone", [digest])
+        forget(session=session, email="gone@example.org", secret=SECRET, now=clock.now(), actor="t")
+        add("english", [digest, alerts], lang="en")  # on both lists, outside the segment
+        session.add(Segment(name="belarusian", rule='lang = "be"'))
+
+
+def enqueued(factory: sessionmaker[Session], clock: FrozenClock, slug: str) -> set[str]:
+    """Whom a campaign to this list with the segment actually queues."""
+    with unit_of_work(factory) as session:
+        ml = get_list(session, slug)
+        segment = session.scalar(select(Segment).where(Segment.name == "belarusian"))
+        assert segment is not None
+        campaign = Campaign(
+            kind=CampaignKind.ALERT,
+            list_id=ml.id,
+            segment_id=segment.id,
+            dedupe_key=f"count-{slug}",
+            created_at=clock.now(),
+        )
+        session.add(campaign)
+        session.flush()
+        enqueue_audience(session, campaign=campaign, now=clock.now())
+        stmt = (
+            select(Subscriber.email)
+            .join(Delivery, Delivery.subscriber_id == Subscriber.id)
+            .where(Delivery.campaign_id == campaign.id)
+        )
+        return set(session.scalars(stmt))
+
+
+def cli(tmp_path: Path, database_url: str, *args: str) -> object:
+    """`newsletter ARGS --json` in a fresh process on this database; the parsed JSON."""
+    (tmp_path / "config.toml").write_text(f"[database]\nurl = '{database_url}'\n")
+    out = run_cli([*args, "--json"], tmp_path, {"NEWSLETTER_SECRET": SECRET}).stdout
+    return json.loads(out)
+
+
+def test_segments_count_is_what_enqueue_queues(
+    lists: sessionmaker[Session], clock: FrozenClock, tmp_path: Path, database_url: str
+) -> None:
+    """`segments count NAME` counts whom a campaign on some list reaches; --list, that list's.
+
+    Without --list it used to count everyone active who matched, also people on no list or who
+    left the only list they were on: figures no campaign could reach.
+    """
+    seat_audience(lists, clock)
+    count = ("segments", "count", "belarusian")
+    anywhere = cli(tmp_path, database_url, *count)
+    on_digest = cli(tmp_path, database_url, *count, "--list", "weekly-digest")
+    digest = enqueued(lists, clock, "weekly-digest")
+    alerts = enqueued(lists, clock, "urgent-actions")
+    assert digest == {"digest@example.org"} and alerts == {"alerts@example.org"}
+    assert anywhere == {"count": len(digest | alerts)}
+    assert on_digest == {"count": len(digest)}
+
+
+def test_segments_show_and_subscribers_list_select_the_same_people(
+    lists: sessionmaker[Session], clock: FrozenClock, tmp_path: Path, database_url: str
+) -> None:
+    """`segments show`, `subscribers list --segment` and enqueue agree on who is selected."""
+    seat_audience(lists, clock)
+    shown = cli(tmp_path, database_url, "segments", "show", "belarusian")
+    listing = ("subscribers", "list", "--segment", "belarusian")
+    listed = cli(tmp_path, database_url, *listing)
+    on_digest = cli(tmp_path, database_url, *listing, "--list", "weekly-digest")
+    reached = enqueued(lists, clock, "weekly-digest") | enqueued(lists, clock, "urgent-actions")
+    assert isinstance(shown, list) and isinstance(listed, list) and isinstance(on_digest, list)
+    assert {p["email"] for p in shown} == {p["email"] for p in listed} == reached
+    assert [p["email"] for p in on_digest] == ["digest@example.org"]
+
+
+def test_audience_selection_by_step(lists: sessionmaker[Session], clock: FrozenClock) -> None:
+    """The steps behind the commands: any list, one list, and everyone of a status."""
+    seat_audience(lists, clock)
+    with unit_of_work(lists) as session:
+        where = segment_where(session, name="belarusian", rule=None)
+        assert count_selected(session, where=where, list_slug=None) == 2
+        assert count_selected(session, where=where, list_slug="urgent-actions") == 1
+        everyone = list_people(session, list_slug=None, segment=None, status=None, limit=50)
+        assert len(everyone) == 7  # every row, the forgotten one's tombstone too
+        left = list_people(session, list_slug=None, segment=None, status="forgotten", limit=50)
+        assert [p.status for p in left] == ["forgotten"]
+        on_digest = list_people(
+            session, list_slug="weekly-digest", segment=None, status="active", limit=50
+        )
+        assert {p.email for p in on_digest} == {"digest@example.org", "english@example.org"}
+        with pytest.raises(AudienceError, match="active people only"):
+            list_people(session, list_slug="weekly-digest", segment=None, status="bounced", limit=5)

@@ -20,11 +20,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.audience import enqueue_audience
 from newsletter.bounces import UNCONFIRMED, handle_bounce, parse_verp, verp_address
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, Delivery, Event, Subscriber, Suppression, Variant
-from newsletter.db.queries import enqueue_audience
 from newsletter.devsmtp import free_port
 from newsletter.inbound import inbound_for
 from tests.conftest import make_settings

@@ -14,12 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert
-from newsletter.audience import get_list
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery, DeliveryStatus, Subscriber, Subscription
 from newsletter.enqueue import launch_campaign
+from newsletter.lists import get_list
 from tests.conftest import SmtpServer, make_settings
 from tests.test_flow import deliver, prepare
 from tests.webserver import serve_pages

@@ -12,7 +12,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import read_lists, sync_lists
 from newsletter.check import (
     CheckError,
     Problem,
@@ -25,6 +24,7 @@ from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, Event, Item, Source
+from newsletter.lists import read_lists, sync_lists
 from newsletter.message import ListInfo, Recipient, build_message, link_urls
 from newsletter.render import (
     CampaignView,

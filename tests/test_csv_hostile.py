@@ -19,18 +19,7 @@ import pytest
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import (
-    FORMULA_STARTS,
-    address_forms,
-    get_list,
-    import_rows,
-    neutralise_cell,
-    normalise_email,
-    read_csv,
-    read_lists,
-    restore_cell,
-    sync_lists,
-)
+from newsletter.addresses import address_forms, normalise_email
 from newsletter.db import make_engine, make_sessionmaker, unit_of_work
 from newsletter.db.models import (
     Campaign,
@@ -45,9 +34,12 @@ from newsletter.db.models import (
     Suppression,
 )
 from newsletter.errors import AudienceError, PermanentDeliveryError
+from newsletter.importer import import_rows
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.message import Recipient, format_to
+from newsletter.subscriber_csv import FORMULA_STARTS, neutralise_cell, read_csv, restore_cell
 from newsletter.subscriptions import find_subscriber, forget, subscribe
-from newsletter.tokens import hash_address
+from newsletter.suppression import hash_address
 from tests.conftest import SECRET, SmtpServer
 from tests.test_cli import run, write_config
 

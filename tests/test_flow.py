@@ -11,13 +11,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, DeliveryStatus, Item
 from newsletter.enqueue import launch_campaign
+from newsletter.importer import import_rows
 from newsletter.ingest import ingest_all
+from newsletter.lists import read_lists, sync_lists
+from newsletter.subscriber_csv import read_csv
 from tests.builders import deliver
 from tests.conftest import SECRET, SmtpServer, make_settings
 
@@ -206,6 +208,6 @@ def test_smtp_refusal_is_recorded_not_lost(
         assert campaign.status == CampaignStatus.FINISHED
         clock.advance(days=7)
         with unit_of_work(factory) as session:  # bounced people are not queued again
-            from newsletter.db.queries import audience_size
+            from newsletter.audience import audience_size
 
             assert audience_size(session, campaign.list_id) == 0

@@ -23,7 +23,6 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import get_list, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.db import make_engine, make_sessionmaker, unit_of_work
 from newsletter.db.models import Subscription, SubscriptionStatus
@@ -35,6 +34,7 @@ from newsletter.inbound import (
     start_inbound,
     unsubscribe_route,
 )
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.subscriptions import subscribe
 from newsletter.tokens import make_token
 from tests.conftest import SECRET, make_settings

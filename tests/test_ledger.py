@@ -27,7 +27,7 @@ from newsletter.db.queries import claim_batch, release_claims
 from newsletter.ledger import LedgerWriter, Recorded, retry_delay
 from newsletter.send import Job
 from newsletter.smtp import Outcome, Result
-from newsletter.tokens import hash_address
+from newsletter.suppression import hash_address
 from tests.conftest import SECRET, make_settings
 from tests.test_send import seed
 

@@ -19,11 +19,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.audience import enqueue_audience
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, MailingList, Subscriber, Subscription, Variant
-from newsletter.db.queries import enqueue_audience
 from newsletter.errors import PermanentDeliveryError
 from newsletter.message import (
     ListInfo,

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import get_list, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
 from newsletter.i18n import gettext_for
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.notices import render_notice, send_confirmations, send_goodbye
 from newsletter.smtp import SmtpPool
 from newsletter.subscriptions import subscribe

@@ -25,7 +25,6 @@ from sqlalchemy import text as sa_text
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert, assemble_digest
-from newsletter.audience import read_lists, sync_lists
 from newsletter.check import check_campaign, check_variant, require_clean
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
@@ -42,6 +41,7 @@ from newsletter.db.models import (
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import PermanentDeliveryError
 from newsletter.ingest import ingest_all
+from newsletter.lists import read_lists, sync_lists
 from newsletter.message import ListInfo, MessageTemplate, Recipient, link_urls
 from newsletter.render import (
     PREFERENCES_URL,
@@ -417,7 +417,7 @@ def store_old_campaign(
                 )
             )
         if started:
-            from newsletter.db.queries import enqueue_audience
+            from newsletter.audience import enqueue_audience
 
             enqueue_audience(session, campaign=campaign, now=now)
         return campaign.id

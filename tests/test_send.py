@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.audience import enqueue_audience
 from newsletter.campaigns import pause_campaign, retry_campaign
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
@@ -28,7 +29,6 @@ from newsletter.db.models import (
     SubscriptionStatus,
     Variant,
 )
-from newsletter.db.queries import enqueue_audience
 from newsletter.render import PREFERENCES_URL, UNSUBSCRIBE_URL
 from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool

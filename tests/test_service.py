@@ -21,14 +21,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import import_rows, read_csv, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import FeedSource
 from newsletter.db import unit_of_work
 from newsletter.db.queries import claim_batch
 from newsletter.devsmtp import free_port
+from newsletter.importer import import_rows
+from newsletter.lists import read_lists, sync_lists
 from newsletter.schedule import Scheduler
 from newsletter.service import Service, keep_sending
+from newsletter.subscriber_csv import read_csv
 from tests.builders import deliver
 from tests.conftest import SECRET, FeedHttp, SmtpServer, make_settings, rss
 from tests.sender_cli import wait_until
@@ -339,8 +341,8 @@ def second_campaign(factory: sessionmaker[Session], clock: FrozenClock, *, rende
     """Another running campaign to the list tests.test_send.seed made, queued for everyone."""
     from sqlalchemy import select
 
+    from newsletter.audience import enqueue_audience
     from newsletter.db.models import Campaign, MailingList, Variant
-    from newsletter.db.queries import enqueue_audience
     from tests.test_send import HTML, TEXT
 
     with unit_of_work(factory) as session:

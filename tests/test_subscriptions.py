@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import get_list, read_lists, sync_lists
+from newsletter.audience import audience_size
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
 from newsletter.db.models import Event, Subscriber, SubscriberStatus, Subscription, Suppression
-from newsletter.db.queries import audience_size
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.notices import send_confirmations
 from newsletter.smtp import SmtpPool
 from newsletter.subscriptions import confirm, forget, subscribe, unsubscribe

@@ -1,14 +1,18 @@
-"""Signed tokens: an expiring one is aged by the injected clock, never by the wall clock."""
+"""Signed tokens (an expiring one aged by the injected clock) and the one URL builder."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy.orm import sessionmaker
+from starlette.routing import Match
 
+from newsletter.clock import FrozenClock
 from newsletter.errors import TokenError
-from newsletter.tokens import make_token, read_token
-from tests.conftest import SECRET
+from newsletter.tokens import PURPOSES, TokenClaims, make_token, page_path, page_url, read_token
+from newsletter.web import create_app
+from tests.conftest import SECRET, make_settings
 
 ISSUED = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)  # years from the wall clock, either way
 
@@ -49,3 +53,93 @@ def test_a_token_that_does_not_expire_needs_no_clock() -> None:
     """Unsubscribe links never expire: no clock reading is asked for."""
     token = make_token(secret=SECRET, purpose="unsubscribe", subscriber_id=3, list_id=1)
     assert read_token(token, secret=SECRET, purpose="unsubscribe").list_id == 1
+
+
+DAY = 24 * 3600
+
+
+def test_a_token_round_trips_for_each_purpose() -> None:
+    """What make_token signs, read_token gives back, for every purpose."""
+    for purpose in PURPOSES:
+        token = make_token(secret=SECRET, purpose=purpose, subscriber_id=7, list_id=2)
+        assert read_token(token, secret=SECRET, purpose=purpose) == TokenClaims(purpose, 7, 2)
+
+
+def test_a_token_for_one_purpose_opens_no_other() -> None:
+    """An unsubscribe token is not a preferences or confirmation token."""
+    token = make_token(secret=SECRET, purpose="unsubscribe", subscriber_id=7, list_id=2)
+    for purpose in ("preferences", "confirm"):
+        with pytest.raises(TokenError, match="not valid"):
+            read_token(token, secret=SECRET, purpose=purpose)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda t: t[:-1] + ("A" if t[-1] != "A" else "B"), id="signature"),
+        pytest.param(lambda t: "WzgsMl0" + t[t.index(".") :], id="payload"),
+        pytest.param(lambda t: t + "x", id="appended"),
+        pytest.param(lambda t: "", id="empty"),
+    ],
+)
+def test_a_tampered_token_is_refused(tamper: object) -> None:
+    """Any change to a token, or another secret, makes it invalid with the same one line."""
+    token = make_token(secret=SECRET, purpose="preferences", subscriber_id=7, list_id=2)
+    with pytest.raises(TokenError, match="this link is not valid"):
+        read_token(tamper(token), secret=SECRET, purpose="preferences")  # type: ignore[operator]
+    with pytest.raises(TokenError, match="this link is not valid"):
+        read_token(token, secret=SECRET + "-other", purpose="preferences")
+
+
+def test_an_expiring_token_is_aged_by_the_injected_clock() -> None:
+    """Issued at the clock's time, valid to the second of its max age, expired after."""
+    clock = FrozenClock(datetime(2031, 5, 4, 12, 0, tzinfo=UTC))  # years from the wall clock
+    token = make_token(
+        secret=SECRET, purpose="confirm", subscriber_id=7, list_id=2, issued_at=clock.now()
+    )
+    clock.advance(seconds=DAY)
+    claims = read_token(
+        token, secret=SECRET, purpose="confirm", max_age_seconds=DAY, now=clock.now()
+    )
+    assert claims.subscriber_id == 7
+    clock.advance(seconds=1)
+    with pytest.raises(TokenError, match="expired"):
+        read_token(token, secret=SECRET, purpose="confirm", max_age_seconds=DAY, now=clock.now())
+
+
+def test_a_token_without_a_date_cannot_pass_as_an_expiring_one() -> None:
+    """A link that must expire but names no issue time is refused, whatever the clock says."""
+    token = make_token(secret=SECRET, purpose="confirm", subscriber_id=7, list_id=2)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    with pytest.raises(TokenError, match="not valid"):
+        read_token(token, secret=SECRET, purpose="confirm", max_age_seconds=DAY, now=now)
+
+
+@pytest.mark.parametrize(
+    ("purpose", "path"),
+    [
+        pytest.param("unsubscribe", "/u/TOKEN", id="unsubscribe"),
+        pytest.param("preferences", "/preferences/TOKEN", id="preferences"),
+        pytest.param("confirm", "/confirm/TOKEN", id="confirm"),
+    ],
+)
+def test_the_url_builder_gives_each_page_its_path(purpose: str, path: str) -> None:
+    """One builder for every page link, with or without a slash ending base_url."""
+    assert page_path(purpose, "TOKEN") == path
+    assert (
+        page_url("https://news.example.org", purpose, "TOKEN") == f"https://news.example.org{path}"
+    )
+    assert (
+        page_url("https://news.example.org/", purpose, "TOKEN") == f"https://news.example.org{path}"
+    )
+
+
+def test_every_built_link_is_a_page_the_web_app_serves(sqlite_url: str, clock: FrozenClock) -> None:
+    """The web app routes the paths the builder writes into emails and notices, GET and POST."""
+    app = create_app(make_settings(sqlite_url), sessionmaker(), clock)
+    for purpose in PURPOSES:
+        token = make_token(secret=SECRET, purpose=purpose, subscriber_id=7, list_id=2)
+        for method in ("GET", "POST"):
+            scope = {"type": "http", "path": page_path(purpose, token), "method": method}
+            matches = [route.matches(scope)[0] for route in app.routes]
+            assert Match.FULL in matches, (purpose, method)

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import get_list, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Event, Subscriber, Subscription, SubscriptionStatus
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.subscriptions import subscribe
 from newsletter.tokens import make_token
 from tests.conftest import SECRET, make_settings

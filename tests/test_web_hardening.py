@@ -30,12 +30,12 @@ import pytest
 import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import get_list, read_lists, sync_lists
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Subscriber, SubscriptionStatus
 from newsletter.devsmtp import free_port
+from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.service import Service, create_service_app
 from newsletter.tokens import make_token
 from newsletter.web import create_app

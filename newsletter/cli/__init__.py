@@ -159,6 +159,7 @@ COMMAND_MODULES = (
     "campaigns",
     "check",
     "digest",
+    "lists",
     "run",
     "segments",
     "service",

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from newsletter.alerts import approve_alert
 from newsletter.assemble import assemble_alert
+from newsletter.audience import audience_size
 from newsletter.check import CheckError
 from newsletter.cli import State, app, console, deliver_with_progress, one_line
 from newsletter.cli.check import (
@@ -25,7 +26,6 @@ from newsletter.cli.check import (
 )
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Variant
-from newsletter.db.queries import audience_size
 from newsletter.errors import CampaignError
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium

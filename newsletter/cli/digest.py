@@ -9,6 +9,7 @@ import typer
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import assemble_digest, last_digest
+from newsletter.audience import audience_size
 from newsletter.cli import State, app, console, deliver_with_progress
 from newsletter.cli.check import (
     ChromiumOption,
@@ -19,7 +20,6 @@ from newsletter.cli.check import (
     print_preview,
 )
 from newsletter.db.models import Campaign
-from newsletter.db.queries import audience_size
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
-from newsletter.audience import get_list
+from newsletter.audience import count_selected, segment_where, show_selected
 from newsletter.cli import State, app, console, print_json
 from newsletter.db import unit_of_work
-from newsletter.db.models import Segment, Subscriber
-from newsletter.db.queries import audience_query
-from newsletter.segments import compile_rule, get_segment
+from newsletter.db.models import Segment
 
 segments_app = typer.Typer(help="Check segments: rules that narrow a list.", no_args_is_help=True)
 app.add_typer(segments_app, name="segments")
@@ -23,22 +21,17 @@ NameArg = Annotated[str | None, typer.Argument(help="A segment from subscribers/
 RuleOption = Annotated[
     str | None, typer.Option(help="A rule to try instead of a named segment, e.g. 'lang = \"be\"'.")
 ]
-ListOption = Annotated[str | None, typer.Option("--list", help="Only active members of this list.")]
+ListOption = Annotated[
+    str | None,
+    typer.Option("--list", help="Only this list's audience (default: a campaign on any list)."),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 def _where(session: Session, name: str | None, rule: str | None) -> ColumnElement[bool]:
     if (name is None) == (rule is None):
         raise typer.BadParameter("give a segment NAME or --rule, not both")
-    return compile_rule(rule if rule is not None else get_segment(session, name or "").rule)
-
-
-def _people(session: Session, where: ColumnElement[bool], list_slug: str | None) -> Any:
-    """The subscribers a segment selects: active people, on a list when one is given."""
-    if list_slug:
-        ids = audience_query(get_list(session, list_slug).id, where)
-        return select(Subscriber).where(Subscriber.id.in_(ids))
-    return select(Subscriber).where(Subscriber.status == "active", where)
+    return segment_where(session, name=name, rule=rule)
 
 
 @segments_app.command("list")
@@ -64,11 +57,11 @@ def count(
     list_slug: ListOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """How many active people a segment selects (on a list, with --list)."""
+    """How many people a campaign with this segment reaches (on one list, with --list)."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        people = _people(session, _where(session, name, rule), list_slug).subquery()
-        n = int(session.scalar(select(func.count()).select_from(people)) or 0)
+        where = _where(session, name, rule)
+        n = count_selected(session, where=where, list_slug=list_slug)
     print_json({"count": n}) if as_json else console.print(str(n))
 
 
@@ -81,12 +74,12 @@ def show(
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 20,
     as_json: JsonOption = False,
 ) -> None:
-    """The first people a segment selects (address, name, language, country)."""
+    """The first people a campaign with this segment reaches (address, name, language, country)."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        stmt = _people(session, _where(session, name, rule), list_slug)
-        subs = session.scalars(stmt.order_by(Subscriber.id).limit(limit))
-        rows = [(s.email, s.name, s.language, s.country) for s in subs]
+        where = _where(session, name, rule)
+        people = show_selected(session, where=where, list_slug=list_slug, limit=limit)
+    rows = [(p.email, p.name, p.language, p.country) for p in people]
     if as_json:
         keys = ("email", "name", "language", "country")
         print_json([dict(zip(keys, r, strict=True)) for r in rows])

@@ -9,21 +9,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from newsletter.audience import read_lists, sync_lists
-from newsletter.cli import State, app, console, deliver_with_progress, one_line, say
+from newsletter.cli import State, app, console, deliver_with_progress, one_line
+from newsletter.cli.lists import apply_declarations, say_declarations
 from newsletter.config import FeedSource
 from newsletter.db import make_sessionmaker, migrate, unit_of_work
 from newsletter.errors import ConfigError
 from newsletter.ingest import describe_report, ingest_all
-from newsletter.segments import read_segments, sync_segments
-
-PROJECT = Path(__file__).resolve().parents[2]
-
-
-def default_lists_file() -> Path:
-    """./subscribers/lists.toml if there is one, else the project's own."""
-    local = Path("subscribers/lists.toml")
-    return local if local.is_file() else PROJECT / "subscribers" / "lists.toml"
 
 
 @app.command()
@@ -38,25 +29,10 @@ def init(
     state: State = ctx.obj
     engine = state.engine(checked=False)
     migrate(engine)
-    lists_file = lists or default_lists_file()
-    segments_file = lists_file.with_name("segments.toml")
     with unit_of_work(make_sessionmaker(engine)) as session:
-        report = sync_lists(session=session, specs=read_lists(lists_file))
-        segments = (
-            sync_segments(session=session, specs=read_segments(segments_file))
-            if segments_file.is_file()
-            else (0, 0, [])
-        )
+        report = apply_declarations(state, session, lists, None)
     console.print(f"database ready: {engine.url.render_as_string(hide_password=True)}")
-    console.print(f"lists: created {len(report.created)}, updated {len(report.updated)}")
-    console.print(f"segments: created {segments[0]}, updated {segments[1]}")
-    for slug in report.missing:
-        say(
-            "warning:",
-            "yellow",
-            f"list '{slug}' is in the database but no longer declared; "
-            "it was kept with its subscriptions",
-        )
+    say_declarations(report)
 
 
 @app.command()

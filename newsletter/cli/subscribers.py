@@ -1,4 +1,4 @@
-"""`newsletter subscribers ...` and `newsletter lists ...`: the audience from the command line."""
+"""`newsletter subscribers ...`: people, one by one and from CSV."""
 
 from __future__ import annotations
 
@@ -14,43 +14,33 @@ from typing import Annotated, Any, TextIO
 
 import typer
 from rich.table import Table
-from sqlalchemy import func, select
 
-from newsletter.audience import (
-    ListSpec,
+from newsletter.audience import list_people
+from newsletter.cli import State, app, console, err_console, print_json
+from newsletter.db import unit_of_work
+from newsletter.errors import AudienceError
+from newsletter.importer import import_rows
+from newsletter.lists import get_list
+from newsletter.subscriber_csv import (
     RawRow,
     count_lines,
-    create_list,
     export_columns,
     export_rows,
-    get_list,
-    import_rows,
-    list_counts,
     neutralise_cell,
     read_csv,
-    read_lists,
     restore_cell,
-    sync_lists,
     write_csv,
 )
-from newsletter.cli import State, app, console, err_console, print_json, say
-from newsletter.cli.service import default_lists_file
-from newsletter.db import unit_of_work
-from newsletter.db.models import (
-    Delivery,
-    MailingList,
-    Subscriber,
-    Subscription,
-    SubscriptionStatus,
+from newsletter.subscriptions import (
+    find_subscriber,
+    forget,
+    subscribe,
+    subscriber_details,
+    unsubscribe,
 )
-from newsletter.errors import AudienceError
-from newsletter.segments import get_segment, read_segments, segment_filter, sync_segments
-from newsletter.subscriptions import find_subscriber, forget, memberships, subscribe, unsubscribe
 
 subscribers_app = typer.Typer(help="Manage subscribers.", no_args_is_help=True)
-lists_app = typer.Typer(help="Manage lists.", no_args_is_help=True)
 app.add_typer(subscribers_app, name="subscribers")
-app.add_typer(lists_app, name="lists")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EmailArg = Annotated[str, typer.Argument(help="The subscriber's email address.")]
@@ -266,25 +256,7 @@ def show(ctx: typer.Context, email: EmailArg, as_json: JsonOption = False) -> No
     """Show one subscriber: details, lists and how many emails they were sent."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        sub = find_subscriber(session, email)
-        sent = session.scalar(
-            select(func.count()).where(
-                Delivery.subscriber_id == sub.id, Delivery.sent_at.is_not(None)
-            )
-        )
-        info = {
-            "id": sub.id,
-            "email": sub.email,
-            "name": sub.name,
-            "language": sub.language,
-            "country": sub.country,
-            "tags": sub.tags,
-            "attributes": sub.attributes,
-            "status": sub.status,
-            "created_at": sub.created_at.isoformat(),
-            "lists": {m.slug: m.status for m in memberships(session, sub.id) if m.status},
-            "emails_sent": int(sent or 0),
-        }
+        info = subscriber_details(session, email)
     if as_json:
         print_json(info)
         return
@@ -310,20 +282,13 @@ def list_(
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
-    """List subscribers (address, name, language, status)."""
+    """List subscribers (address, name, language, status); with --list or --segment, an audience."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
-        stmt = select(Subscriber).order_by(Subscriber.id).limit(limit)
-        if list_slug:
-            ml = get_list(session, list_slug)
-            stmt = stmt.join(Subscription).where(
-                Subscription.list_id == ml.id, Subscription.status == SubscriptionStatus.ACTIVE
-            )
-        if segment:
-            stmt = stmt.where(segment_filter(session, get_segment(session, segment).id))
-        if status:
-            stmt = stmt.where(Subscriber.status == status)
-        rows = [(s.email, s.name, s.language, s.status) for s in session.scalars(stmt)]
+        people = list_people(
+            session, list_slug=list_slug, segment=segment, status=status, limit=limit
+        )
+    rows = [(p.email, p.name, p.language, p.status) for p in people]
     if as_json:
         keys = ("email", "name", "language", "status")
         print_json([dict(zip(keys, r, strict=True)) for r in rows])
@@ -411,113 +376,3 @@ def _goodbye(state: State, email: str, lang: str, reason: str) -> None:
 
     sent = asyncio.run(run())
     err_console.print("goodbye email sent" if sent else "goodbye email NOT sent (SMTP refused it)")
-
-
-# --- lists -----------------------------------------------------------------------------------
-
-
-@lists_app.command("list")
-def lists_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Show the lists with their kind and number of active subscribers."""
-    state: State = ctx.obj
-    with unit_of_work(state.factory()) as session:
-        active = (
-            select(func.count())
-            .where(
-                Subscription.list_id == MailingList.id,
-                Subscription.status == SubscriptionStatus.ACTIVE,
-            )
-            .scalar_subquery()
-        )
-        rows = session.execute(
-            select(MailingList.slug, MailingList.kind, MailingList.list_id, active).order_by(
-                MailingList.slug
-            )
-        ).all()
-    if as_json:
-        print_json([{"slug": r[0], "kind": r[1], "list_id": r[2], "active": r[3]} for r in rows])
-        return
-    table = Table("slug", "kind", "List-Id", "active subscribers")
-    for slug, kind, list_id, n in rows:
-        table.add_row(slug, kind, list_id, str(n))
-    console.print(table)
-
-
-@lists_app.command("show")
-def lists_show(ctx: typer.Context, slug: str, as_json: JsonOption = False) -> None:
-    """Show one list: names, kind, double opt-in, List-Id and subscriptions by status."""
-    state: State = ctx.obj
-    with unit_of_work(state.factory()) as session:
-        ml = get_list(session, slug)
-        info = {
-            "slug": ml.slug,
-            "kind": ml.kind,
-            "double_opt_in": ml.double_opt_in,
-            "list_id": ml.list_id,
-            "names": ml.names,
-            "subscriptions": list_counts(session, ml.id),
-        }
-    if as_json:
-        print_json(info)
-        return
-    for key, value in info.items():
-        console.print(
-            f"{key}: {json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else value}"
-        )
-
-
-@lists_app.command("create")
-def lists_create(
-    ctx: typer.Context,
-    slug: str,
-    kind: Annotated[str, typer.Option(help="digest or alerts.")],
-    name: Annotated[
-        list[str] | None, typer.Option(help="LANG=NAME, e.g. en='Weekly digest' (repeatable).")
-    ] = None,
-    double_opt_in: Annotated[
-        bool, typer.Option("--double-opt-in/--no-double-opt-in", help="Ask new people to confirm.")
-    ] = True,
-    list_id: Annotated[str, typer.Option(help="The List-Id header (default: SLUG.<domain>).")] = "",
-) -> None:
-    """Create a list in the database (also declare it in subscribers/lists.toml to keep it)."""
-    state: State = ctx.obj
-    names = dict(part.split("=", 1) for part in name or [] if "=" in part)
-    domain = state.settings.mail.from_address.rpartition("@")[2]
-    spec = ListSpec(slug, kind, double_opt_in, list_id or f"{slug}.{domain}", names)
-    with unit_of_work(state.factory()) as session:
-        create_list(session=session, spec=spec, now=state.clock.now(), actor=state.actor)
-    console.print(f"list '{slug}' created; declare it in subscribers/lists.toml to keep it there")
-
-
-def default_segments_file(lists_file: Path) -> Path:
-    """segments.toml beside the lists file."""
-    return lists_file.with_name("segments.toml")
-
-
-@lists_app.command("sync")
-def lists_sync(
-    ctx: typer.Context,
-    file: Annotated[
-        Path | None, typer.Argument(help="Declarations (default: subscribers/lists.toml).")
-    ] = None,
-    segments: Annotated[
-        Path | None, typer.Option(help="Segments (default: segments.toml beside the lists).")
-    ] = None,
-) -> None:
-    """Apply the list and segment declarations to the database."""
-    state: State = ctx.obj
-    lists_file = file or default_lists_file()
-    segments_file = segments or default_segments_file(lists_file)
-    with unit_of_work(state.factory()) as session:
-        report = sync_lists(session=session, specs=read_lists(lists_file))
-        seg: tuple[int, int, list[str]] = (0, 0, [])
-        if segments_file.is_file():
-            seg = sync_segments(session=session, specs=read_segments(segments_file))
-    console.print(
-        f"lists: created {len(report.created)}, updated {len(report.updated)}; "
-        f"segments: created {seg[0]}, updated {seg[1]}"
-    )
-    for slug in report.missing:
-        say("warning:", "yellow", f"list '{slug}' is no longer declared; kept")
-    for name in seg[2]:
-        say("warning:", "yellow", f"segment '{name}' is no longer declared; kept")

@@ -13,6 +13,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    delete,
     func,
     literal,
     or_,
@@ -59,43 +60,57 @@ def items_since(session: Session, cursor: int) -> Sequence[Item]:
     return session.scalars(stmt).all()
 
 
-def audience_query(list_id: int, segment: ColumnElement[bool] | None = None) -> Select[int]:
-    """Subscriber ids who should get a campaign to this list: active people, active subscription.
+# --- the audience: who a list and a segment select (newsletter.audience compiles the filter) ----
 
-    Suppressed, unsubscribed and bounced people are excluded here once, and again at claim time.
+
+def audience_query(list_id: int | None, segment: ColumnElement[bool] | None = None) -> Select[int]:
+    """Subscriber ids a campaign to this list would reach: active people, active subscription.
+
+    Unsubscribed, bounced and forgotten people are excluded here once, and again at claim time.
     One list per campaign and a join on its unique (subscriber, list) row: nobody appears twice,
-    however many lists they share. `segment` (newsletter.segments) narrows it further.
+    however many lists they share. With no list, an active subscription to any list (an EXISTS,
+    so again nobody twice). `segment` is a compiled filter over Subscriber that narrows it.
     """
-    stmt = (
-        select(Subscriber.id)
-        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
-        .where(
-            Subscription.list_id == list_id,
-            Subscription.status == SubscriptionStatus.ACTIVE,
-            Subscriber.status == SubscriberStatus.ACTIVE,
+    if list_id is None:
+        on_a_list = (
+            select(Subscription.id)
+            .where(
+                Subscription.subscriber_id == Subscriber.id,
+                Subscription.status == SubscriptionStatus.ACTIVE,
+            )
+            .exists()
         )
-    )
+        stmt = select(Subscriber.id).where(on_a_list, Subscriber.status == SubscriberStatus.ACTIVE)
+    else:
+        stmt = (
+            select(Subscriber.id)
+            .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+            .where(
+                Subscription.list_id == list_id,
+                Subscription.status == SubscriptionStatus.ACTIVE,
+                Subscriber.status == SubscriberStatus.ACTIVE,
+            )
+        )
     return stmt if segment is None else stmt.where(segment)
 
 
-def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
-    """The audience of a campaign: its list, narrowed by its segment when it has one."""
-    from newsletter.segments import segment_filter  # the rule compiler; it imports only models
-
-    segment = segment_filter(session, campaign.segment_id) if campaign.segment_id else None
-    return audience_query(campaign.list_id, segment)
+def count_audience(session: Session, audience: Select[int]) -> int:
+    """How many people an audience query selects now."""
+    return int(session.scalar(select(func.count()).select_from(audience.subquery())) or 0)
 
 
-def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:
-    """Insert one queued delivery per recipient in a single INSERT ... SELECT.
+def insert_deliveries(
+    session: Session, *, campaign_id: int, audience: Select[int], now: datetime
+) -> int:
+    """Insert one queued delivery per subscriber of `audience` in a single INSERT ... SELECT.
 
     ON CONFLICT DO NOTHING on (campaign_id, subscriber_id) makes a second enqueue harmless, and
     the audience never passes through Python, so memory does not grow with the list.
     """
-    audience = campaign_audience(session, campaign).subquery()
+    ids = audience.subquery()
     source = select(
-        literal(campaign.id),
-        audience.c.id,
+        literal(campaign_id),
+        ids.c.id,
         literal(DeliveryStatus.QUEUED.value),
         literal(0),
         literal(now, Delivery.next_attempt_at.type),
@@ -112,9 +127,41 @@ def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> 
     insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
     stmt = insert(Delivery).from_select(columns, source).on_conflict_do_nothing()
     # Counted before and after: psycopg reports no rowcount for INSERT ... SELECT here.
-    before = count_deliveries(session, campaign.id)
+    before = count_deliveries(session, campaign_id)
     session.execute(stmt)
-    return count_deliveries(session, campaign.id) - before
+    return count_deliveries(session, campaign_id) - before
+
+
+# --- suppression: keyed address hashes (newsletter.suppression hashes, these look up) ----------
+
+
+def find_suppressions(session: Session, email_hashes: Sequence[str]) -> list[str]:
+    """Which of these keyed address hashes are suppressed.
+
+    One IN over the unique email_hash index, however many forms or rows (a CSV chunk) ask.
+    """
+    if not email_hashes:
+        return []
+    stmt = select(Suppression.email_hash).where(Suppression.email_hash.in_(list(email_hashes)))
+    return list(session.scalars(stmt))
+
+
+def add_suppression(session: Session, *, email_hash: str, reason: str, now: datetime) -> bool:
+    """Suppress a keyed address hash unless it already is; returns whether it was added.
+
+    Looked up by the unique email_hash index first, so a second bounce adds no duplicate.
+    """
+    found = session.scalar(select(Suppression.id).where(Suppression.email_hash == email_hash))
+    if found is not None:
+        return False
+    session.add(Suppression(email_hash=email_hash, reason=reason, created_at=now))
+    return True
+
+
+def delete_suppressions(session: Session, email_hashes: Sequence[str]) -> None:
+    """Lift the suppression of these keyed address hashes (by the unique email_hash index)."""
+    if email_hashes:
+        session.execute(delete(Suppression).where(Suppression.email_hash.in_(list(email_hashes))))
 
 
 def count_deliveries(session: Session, campaign_id: int) -> int:
@@ -505,18 +552,6 @@ def mark_bounced(session: Session, subscriber_id: int) -> None:
     )
 
 
-def add_suppression(session: Session, *, email_hash: str, reason: str, now: datetime) -> bool:
-    """Suppress a keyed address hash unless it already is; returns whether it was added.
-
-    Looked up by the unique email_hash index first, so a second bounce adds no duplicate.
-    """
-    found = session.scalar(select(Suppression.id).where(Suppression.email_hash == email_hash))
-    if found is not None:
-        return False
-    session.add(Suppression(email_hash=email_hash, reason=reason, created_at=now))
-    return True
-
-
 def running_campaigns(session: Session) -> list[int]:
     """Ids of campaigns that are sending (a handful; campaigns are few)."""
     stmt = select(Campaign.id).where(Campaign.status == CampaignStatus.RUNNING)
@@ -614,15 +649,6 @@ def count_due(session: Session, *, now: datetime, campaign_id: int | None) -> in
     )
     if campaign_id is not None:
         stmt = stmt.where(Delivery.campaign_id == campaign_id)
-    return int(session.scalar(stmt) or 0)
-
-
-def audience_size(session: Session, list_id: int, segment_id: int | None = None) -> int:
-    """How many people a campaign to this list (and segment) would reach now."""
-    from newsletter.segments import segment_filter
-
-    segment = segment_filter(session, segment_id) if segment_id else None
-    stmt = select(func.count()).select_from(audience_query(list_id, segment).subquery())
     return int(session.scalar(stmt) or 0)
 
 

@@ -1,0 +1,334 @@
+"""Import: checked CSV rows written as subscribers and subscriptions, chunk by chunk.
+
+Rows are written in chunks, each with a handful of bulk statements (look up the chunk's addresses
+and suppression hashes, insert the new people, update the known ones, add missing subscriptions),
+so time grows with the file and memory does not. Each chunk is written in a savepoint: if the
+database refuses it, its rows are written one by one and only the refused row is rejected.
+Nobody who unsubscribed, bounced, was forgotten or is suppressed is brought back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.orm import Session
+
+from newsletter.db.models import (
+    Event,
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+)
+from newsletter.errors import AudienceError
+from newsletter.lists import get_list
+from newsletter.subscriber_csv import (
+    CHUNK_ROWS,
+    RawRow,
+    RowResult,
+    SubscriberRow,
+    merge_rows,
+    parse_row,
+)
+from newsletter.suppression import KEPT_OUT_STATUSES, suppressed_forms
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    kept_out: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    pending: int = 0
+    rejects: list[tuple[int, str]] = field(default_factory=list)
+
+    def absorb(self, part: ImportReport) -> None:
+        """Add the figures of one written chunk."""
+        self.imported += part.imported
+        self.updated += part.updated
+        self.unchanged += part.unchanged
+        self.kept_out += part.kept_out
+        self.duplicates += part.duplicates
+        self.pending += part.pending
+
+    def counts(self) -> dict[str, int]:
+        """The figures people and scripts want, by name."""
+        return {
+            "imported": self.imported,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "kept_out": self.kept_out,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+            "awaiting_confirmation": self.pending,
+        }
+
+
+# A database error that is about one row's values; any other (connection lost, a bug) stops.
+ROW_REFUSALS = (DataError, IntegrityError)
+
+
+RejectSink = Callable[[int, str, RawRow | None], None]
+
+
+@dataclass(frozen=True)
+class _Target:
+    lists: dict[str, MailingList]
+    default_list: str | None
+    confirmed: bool
+    secret: str
+    now: datetime
+
+
+Checked = tuple[int, RawRow | None, SubscriberRow]  # line, row as read, row as parsed
+
+
+def import_rows(
+    *,
+    session: Session,
+    rows: Iterable[RowResult],
+    default_list: str | None,
+    confirmed: bool,
+    secret: str,
+    now: datetime,
+    actor: str,
+    source: str = "",
+    on_reject: RejectSink | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> ImportReport:
+    """Import CSV rows in chunks; bad rows are rejected with their line number, good rows go in.
+
+    Never resubscribes anyone who unsubscribed (from the service or from a list), bounced or
+    was forgotten; re-importing the same rows changes nothing.
+    """
+    lists = {ml.slug: ml for ml in session.scalars(select(MailingList))}
+    if default_list and default_list not in lists:
+        get_list(session, default_list)  # raises with the known lists
+    target = _Target(lists, default_list, confirmed, secret, now)
+    report = ImportReport()
+    event = Event(at=now, actor=actor, action="subscribers.import", detail={"source": source})
+    session.add(event)
+    # A write first: SQLite's driver begins the transaction only at a write, and a savepoint
+    # taken before that would commit on release instead of nesting in the import's transaction.
+    session.flush()
+
+    def reject(line: int, reason: str, raw: RawRow | None) -> None:
+        report.rejected += 1
+        if on_reject is None:
+            report.rejects.append((line, reason))
+        else:
+            on_reject(line, reason, raw)
+
+    chunk: list[Checked] = []
+    last_line = 0
+    for line, raw, error in rows:
+        last_line = line
+        row = _checked(raw, error, target)
+        if isinstance(row, str):
+            reject(line, row, raw)
+            continue
+        chunk.append((line, raw, row))
+        if len(chunk) >= chunk_rows:
+            _write_chunk(session, chunk, target, report, reject)
+            chunk = []
+            if on_progress:
+                on_progress(line)
+    if chunk:
+        _write_chunk(session, chunk, target, report, reject)
+    if on_progress:
+        on_progress(last_line)
+    event.detail = {"source": source, **report.counts()}
+    session.flush()
+    return report
+
+
+def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow | str:
+    """The row, parsed and with its lists resolved, or the reason it is rejected."""
+    if raw is None or error:
+        return error
+    try:
+        row = parse_row(raw)
+    except AudienceError as e:
+        return str(e)
+    wanted = row.lists or ((target.default_list,) if target.default_list else ())
+    unknown = [s for s in wanted if s not in target.lists]
+    if unknown:
+        return f"unknown list {unknown[0]!r}"
+    return replace(row, lists=tuple(wanted))
+
+
+def _write_chunk(
+    session: Session,
+    chunk: list[Checked],
+    target: _Target,
+    report: ImportReport,
+    reject: RejectSink,
+) -> None:
+    """Write a chunk in a savepoint; if the database refuses it, write its rows one at a time.
+
+    So a value the checks above did not foresee rejects only its own row. The reason names the
+    error's kind only: a database error's text may quote other rows' values.
+    """
+    part = ImportReport()
+    try:
+        with session.begin_nested():
+            _import_chunk(session, [row for _, _, row in chunk], target, part)
+    except StatementError as e:
+        if isinstance(e, DBAPIError) and not isinstance(e, ROW_REFUSALS):
+            raise
+        if len(chunk) > 1:
+            for one in chunk:
+                _write_chunk(session, [one], target, report, reject)
+            return
+        line, raw, _ = chunk[0]
+        reject(line, f"the database refused this row ({type(e).__name__})", raw)
+        return
+    report.absorb(part)
+
+
+def _import_chunk(
+    session: Session, rows: list[SubscriberRow], target: _Target, report: ImportReport
+) -> None:
+    """Write one chunk with a few bulk statements."""
+    merged: dict[str, SubscriberRow] = {}
+    for row in rows:
+        if row.email in merged:
+            report.duplicates += 1
+            merged[row.email] = merge_rows(merged[row.email], row)
+        else:
+            merged[row.email] = row
+    forms = {form: row.email for row in merged.values() for form in row.older_forms}
+    forms.update({email: email for email in merged})
+    known = {
+        forms[r.email]: r
+        for r in session.execute(
+            select(
+                Subscriber.id,
+                Subscriber.email,
+                Subscriber.status,
+                Subscriber.name,
+                Subscriber.country,
+                Subscriber.tags,
+                Subscriber.attributes,
+            ).where(Subscriber.email.in_(list(forms)))
+        )
+    }
+    suppressed = {forms[f] for f in suppressed_forms(session, forms, secret=target.secret)}
+    ids: dict[str, int] = {}
+    new: list[SubscriberRow] = []
+    changes: list[dict[str, Any]] = []
+    for email, row in merged.items():
+        old = known.get(email)
+        if email in suppressed or (old is not None and old.status in KEPT_OUT_STATUSES):
+            report.kept_out += 1
+        elif old is None:
+            new.append(row)
+        else:
+            ids[email] = old.id
+            change = _fill_in(old, row)
+            if old.email != email:  # stored in an older form: now the deliverable one
+                change["email"] = email
+            if change:
+                changes.append({"id": old.id, **change})
+    ids.update(_insert_subscribers(session, new, target.now))
+    if changes:
+        session.execute(update(Subscriber), changes)
+    wanted = {ids[email]: merged[email].lists for email in ids}
+    subscribed = _add_subscriptions(session, wanted, target, report)
+    changed = {c["id"] for c in changes} | subscribed
+    report.imported += len(new)
+    for email in ids.keys() - {r.email for r in new}:
+        if ids[email] in changed:
+            report.updated += 1
+        else:
+            report.unchanged += 1
+
+
+def _fill_in(old: Any, row: SubscriberRow) -> dict[str, Any]:
+    """What a row adds to someone already known: blanks filled, tags and attributes added.
+
+    Nothing already there is overwritten: a language or name the person chose stays theirs.
+    """
+    change: dict[str, Any] = {}
+    if row.name and not old.name:
+        change["name"] = row.name
+    if row.country and not old.country:
+        change["country"] = row.country
+    tags = list(old.tags or [])
+    if set(row.tags) - set(tags):
+        change["tags"] = sorted(set(tags) | set(row.tags))
+    attributes = dict(old.attributes or {})
+    added = {k: v for k, v in row.attributes.items() if k not in attributes}
+    if added:
+        change["attributes"] = {**attributes, **added}
+    return change
+
+
+def _insert_subscribers(
+    session: Session, rows: list[SubscriberRow], now: datetime
+) -> dict[str, int]:
+    """Insert new people in one statement; returns their ids by address."""
+    if not rows:
+        return {}
+    params = [
+        {
+            "email": r.email,
+            "name": r.name,
+            "language": r.language or "en",
+            "country": r.country,
+            "tags": sorted(r.tags),
+            "attributes": r.attributes,
+            "status": SubscriberStatus.ACTIVE.value,
+            "created_at": now,
+        }
+        for r in rows
+    ]
+    result = session.execute(insert(Subscriber).returning(Subscriber.id, Subscriber.email), params)
+    return {email: sid for sid, email in result}
+
+
+def _add_subscriptions(
+    session: Session, wanted: dict[int, tuple[str, ...]], target: _Target, report: ImportReport
+) -> set[int]:
+    """Add the subscriptions people do not have yet; one they left is never added back."""
+    ids = [sid for sid, slugs in wanted.items() if slugs]
+    if not ids:
+        return set()
+    have = {
+        (int(sid), int(lid))
+        for sid, lid in session.execute(
+            select(Subscription.subscriber_id, Subscription.list_id).where(
+                Subscription.subscriber_id.in_(ids)
+            )
+        )
+    }
+    params: list[dict[str, Any]] = []
+    for sid in ids:
+        for slug in wanted[sid]:
+            ml = target.lists[slug]
+            if (sid, ml.id) in have:
+                continue
+            have.add((sid, ml.id))
+            active = target.confirmed or not ml.double_opt_in
+            report.pending += 0 if active else 1
+            params.append(
+                {
+                    "subscriber_id": sid,
+                    "list_id": ml.id,
+                    "status": (SubscriptionStatus.ACTIVE if active else SubscriptionStatus.PENDING),
+                    "created_at": target.now,
+                    "confirmed_at": target.now if active else None,
+                }
+            )
+    if params:
+        session.execute(insert(Subscription), params)
+    return {int(p["subscriber_id"]) for p in params}

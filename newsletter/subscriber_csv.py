@@ -1,0 +1,290 @@
+"""Subscribers as CSV: reading rows (checked, one at a time) and writing an export.
+
+A file is read by its header and streamed: each row comes with its line number and, when it
+cannot be stored as it is, the reason (newsletter.importer writes the good rows). No reason names
+anyone but the row's own values.
+
+Spreadsheets run cells that look like formulas (OWASP "CSV injection"). Every cell we write
+(export, rejects file, header included) that starts with = + - @ (or their fullwidth forms), a
+tab, CR or LF, also after leading spaces, or with ' itself, gets one leading ' (which
+spreadsheets show as "text"); import removes exactly that one ', so an export reads back
+unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from newsletter.addresses import address_forms
+from newsletter.config import LANGUAGES
+from newsletter.db.models import (
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+)
+from newsletter.errors import AudienceError
+
+KNOWN_COLUMNS = ("email", "name", "language", "lists", "tags", "country")
+CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
+MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
+RawRow = dict[str, str | None]
+RowResult = tuple[int, RawRow | None, str]
+
+
+@dataclass(frozen=True)
+class SubscriberRow:
+    email: str
+    name: str = ""
+    language: str = ""  # "" = not given: new people get "en", known people keep theirs
+    country: str = ""
+    lists: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    attributes: dict[str, str] = field(default_factory=dict)
+    older_forms: tuple[str, ...] = ()  # forms of the address stored before (see address_forms)
+
+
+# Cells a spreadsheet may take for a formula begin with one of these (OWASP's list: = + - @ tab
+# CR; LF and the fullwidth forms, which some spreadsheets fold to ASCII, too).
+FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
+
+
+def _needs_quote(value: str) -> bool:
+    return value[:1] == "'" or value.lstrip(" ")[:1] in FORMULA_STARTS
+
+
+def neutralise_cell(value: str) -> str:
+    """A cell a spreadsheet shows as text: one leading ' before anything that may start a formula.
+
+    A value that starts with ' itself gets one too, so restore_cell removes exactly what was added.
+    """
+    return "'" + value if _needs_quote(value) else value
+
+
+def restore_cell(value: str) -> str:
+    """The value neutralise_cell was given: its one added leading ' removed, nothing else."""
+    return value[1:] if value[:1] == "'" and _needs_quote(value[1:]) else value
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s.strip() for s in value.split(";") if s.strip()))
+
+
+def parse_row(row: RawRow) -> SubscriberRow:
+    """Turn one CSV row (read by header) into a checked SubscriberRow."""
+
+    def get(key: str) -> str:
+        return restore_cell((row.get(key) or "").strip())
+
+    forms = address_forms(get("email")) if get("email") else ()
+    if not forms:
+        raise AudienceError("missing email")
+    language = get("language").lower()
+    if language and language not in LANGUAGES:
+        raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}, not {language!r}")
+    country = get("country").upper()
+    if country and (len(country) != 2 or not country.isalpha() or not country.isascii()):
+        raise AudienceError(f"country must be a two-letter code, not {country!r}")
+    extra = {  # header names arrive stripped and restored (see _read_rows)
+        k: restore_cell((v or "").strip())
+        for k, v in row.items()
+        if k and k not in KNOWN_COLUMNS and (v or "").strip()
+    }
+    return SubscriberRow(
+        email=forms[0],
+        name=" ".join(get("name").split())[:200],
+        language=language,
+        country=country,
+        lists=_split(get("lists")),
+        tags=_split(get("tags")),
+        attributes=extra,
+        older_forms=forms[1:],
+    )
+
+
+def merge_rows(first: SubscriberRow, later: SubscriberRow) -> SubscriberRow:
+    """Two rows for one address become one: later values win, lists and tags add up."""
+    return SubscriberRow(
+        email=first.email,
+        name=later.name or first.name,
+        language=later.language or first.language,
+        country=later.country or first.country,
+        lists=tuple(dict.fromkeys(first.lists + later.lists)),
+        tags=tuple(dict.fromkeys(first.tags + later.tags)),
+        attributes={**first.attributes, **later.attributes},
+        older_forms=first.older_forms,
+    )
+
+
+def count_lines(path: Path) -> int:
+    """How many lines a file has (for a progress bar), reading it in blocks."""
+    try:
+        with path.open("rb") as handle:
+            return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
+
+
+def read_csv(path: Path) -> Iterator[RowResult]:
+    """Stream (first line number, row or None, error) from a CSV file read by its header.
+
+    A UTF-8 BOM and Windows line ends are fine. Bytes that are not UTF-8 spoil only their row:
+    they are kept as surrogates while reading, and such a row is rejected.
+    """
+    try:
+        handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
+    with handle:
+        yield from _read_rows(handle, str(path))
+
+
+def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
+    reader = csv.DictReader(handle)
+    try:
+        header = reader.fieldnames
+    except csv.Error as e:
+        raise AudienceError(f"{where}: cannot read the header: {e}") from None
+    names = [restore_cell(h.strip()).lower() for h in header or []]
+    if "email" not in names or any(_cell_problem(n) for n in names):
+        raise AudienceError(
+            f"{where}: the header must be UTF-8 text without control characters "
+            "and have an 'email' column"
+        )
+    reader.fieldnames = names
+    line = reader.line_num
+    while True:
+        start = line + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            line = reader.line_num
+            yield start, None, f"unreadable row: {e}"
+            continue
+        line = reader.line_num
+        yield start, row, _row_problem(row)
+
+
+def _row_problem(row: dict[str | None, Any]) -> str:
+    """Why a row cannot be stored as it is ("" when it can), naming the column, not the value."""
+    if None in row:
+        return "more fields than the header has"
+    for key, value in row.items():
+        problem = _cell_problem(value) if value else ""
+        if problem:
+            return f"column {key!r}: {problem}"
+    return ""
+
+
+def _cell_problem(value: str) -> str:
+    """What no database should be given: bytes that were not UTF-8, control characters
+    (PostgreSQL refuses NUL outright), or a cell longer than MAX_CELL_CHARS."""
+    if len(value) > MAX_CELL_CHARS:
+        return f"longer than {MAX_CELL_CHARS} characters"
+    if value.isprintable():  # the common case, checked in C
+        return ""
+    for ch in value:
+        if "\udc80" <= ch <= "\udcff":
+            return "not UTF-8 text (save the file as UTF-8)"
+        if ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cs"):
+            return f"control character U+{ord(ch):04X}"
+    return ""
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def _exported(list_id: int | None) -> Any:
+    """Active people; with a list, only its active members."""
+    stmt = select(Subscriber).where(Subscriber.status == SubscriberStatus.ACTIVE)
+    if list_id is not None:
+        stmt = stmt.where(
+            select(Subscription.id)
+            .where(
+                Subscription.subscriber_id == Subscriber.id,
+                Subscription.list_id == list_id,
+                Subscription.status == SubscriptionStatus.ACTIVE,
+            )
+            .exists()
+        )
+    return stmt
+
+
+def _pages(session: Session, list_id: int | None, size: int) -> Iterator[list[Subscriber]]:
+    """Exported people in pages by id (keyset paging: no long-open cursor, steady memory)."""
+    last = 0
+    while True:
+        stmt = _exported(list_id).where(Subscriber.id > last).order_by(Subscriber.id).limit(size)
+        page = list(session.scalars(stmt))
+        if not page:
+            return
+        yield page
+        last = page[-1].id
+        session.expunge_all()
+
+
+def export_columns(session: Session, *, list_id: int | None = None) -> list[str]:
+    """The CSV header of an export: the columns import reads, then every custom attribute."""
+    keys: set[str] = set()
+    for page in _pages(session, list_id, CHUNK_ROWS):
+        for sub in page:
+            keys.update(sub.attributes or {})
+    return [*KNOWN_COLUMNS, *sorted(keys - set(KNOWN_COLUMNS))]
+
+
+def export_rows(
+    session: Session, *, list_id: int | None = None, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[dict[str, str]]:
+    """Active people as CSV rows import reads back; lists are their active subscriptions."""
+    for page in _pages(session, list_id, chunk_rows):
+        slugs: dict[int, list[str]] = {}
+        stmt = (
+            select(Subscription.subscriber_id, MailingList.slug)
+            .join(MailingList, MailingList.id == Subscription.list_id)
+            .where(
+                Subscription.subscriber_id.in_([s.id for s in page]),
+                Subscription.status == SubscriptionStatus.ACTIVE,
+            )
+            .order_by(MailingList.slug)
+        )
+        for sid, slug in session.execute(stmt):
+            slugs.setdefault(sid, []).append(slug)
+        for sub in page:
+            yield {
+                **(sub.attributes or {}),
+                "email": sub.email,
+                "name": sub.name,
+                "language": sub.language,
+                "lists": ";".join(slugs.get(sub.id, [])),
+                "tags": ";".join(sub.tags or []),
+                "country": sub.country,
+            }
+
+
+def write_csv(rows: Iterable[dict[str, str]], columns: list[str], handle: Any) -> int:
+    """Write rows under a header, every cell neutralised; returns how many rows were written."""
+    # CRLF line ends (RFC 4180): the csv module quotes a cell holding either, so a lone CR in a
+    # value cannot end its row early.
+    writer = csv.writer(handle, lineterminator="\r\n")
+    writer.writerow([neutralise_cell(c) for c in columns])
+    n = 0
+    for row in rows:
+        writer.writerow([neutralise_cell(_text(row.get(c))) for c in columns])
+        n += 1
+    return n
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
