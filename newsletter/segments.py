@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, false, func, not_, or_, select, true
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.types import String
 
@@ -249,7 +249,7 @@ def _compare(rule: str, field: _Tok, op: str, values: list[_Tok]) -> ColumnEleme
             return Subscriber.created_at < day
         return Subscriber.created_at >= day + timedelta(days=1)
     texts = [_text(rule, v) for v in values]
-    column: Any
+    column: ColumnElement[str] | InstrumentedAttribute[str]
     if name in ("lang", "language"):
         texts = [t.lower() for t in texts]
         for tok, t in zip(values, texts, strict=True):
