@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import or_, select, update
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -209,3 +214,73 @@ class Scheduler:
         """Put back claims whose lease ran out (their worker died), so counts stay true."""
         with unit_of_work(self.factory) as session:
             return release_expired(session, now=self.clock.now())
+
+
+# --- the APScheduler wiring ------------------------------------------------------------------
+
+JOBS_TABLE = "apscheduler_jobs"
+
+# APScheduler's job store keeps jobs as "module:function" references, so the jobs below find the
+# running scheduler here rather than in their (pickled) arguments. `active` says whether this
+# process holds the scheduler lease; only then do the jobs act.
+_RUNNING: dict[str, tuple[Scheduler, Callable[[], bool]]] = {}
+
+
+def register(scheduler: Scheduler, *, active: Callable[[], bool]) -> None:
+    """Make `scheduler` the one the stored jobs call, while `active()` is true."""
+    _RUNNING["scheduler"] = (scheduler, active)
+
+
+def unregister() -> None:
+    """Forget the running scheduler (the service is stopping)."""
+    _RUNNING.pop("scheduler", None)
+
+
+def _active() -> Scheduler | None:
+    entry = _RUNNING.get("scheduler")
+    if entry is None or not entry[1]():
+        return None
+    return entry[0]
+
+
+def job_poll() -> None:
+    """Scheduled: ingest due sources, make alerts, and retry a digest the check held back."""
+    if (scheduler := _active()) is not None:
+        scheduler.poll_sources()
+        scheduler.run_digests()
+
+
+def job_digests() -> None:
+    """Scheduled: send each digest list's digest if its slot is due."""
+    if (scheduler := _active()) is not None:
+        scheduler.run_digests()
+
+
+def job_cleanup() -> None:
+    """Scheduled: put back claims whose worker died."""
+    if (scheduler := _active()) is not None:
+        scheduler.release_expired_claims()
+
+
+def make_apscheduler(*, engine: Engine, settings: Settings) -> AsyncIOScheduler:
+    """The timetable, kept in the service's own database so a restart keeps it."""
+    sched = settings.schedule
+    apscheduler = AsyncIOScheduler(
+        jobstores={"default": SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)},
+        job_defaults={
+            "coalesce": True,
+            "max_instances": 1,
+            "misfire_grace_time": sched.grace_hours * 3600,
+        },
+        timezone=sched.timezone,
+    )
+    jobs: list[tuple[str, Callable[[], None], Any]] = [
+        ("poll", job_poll, IntervalTrigger(minutes=1)),
+        ("digests", job_digests, digest_trigger(settings)),
+        ("cleanup", job_cleanup, IntervalTrigger(minutes=5)),
+    ]
+    for job_id, func, trigger in jobs:
+        apscheduler.add_job(
+            f"{__name__}:{func.__name__}", trigger, id=job_id, replace_existing=True
+        )
+    return apscheduler

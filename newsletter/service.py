@@ -21,9 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
@@ -31,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from newsletter import schedule
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
@@ -38,13 +36,12 @@ from newsletter.dkim import DkimSigner, load_signer
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
-from newsletter.schedule import Scheduler, digest_trigger
+from newsletter.schedule import Scheduler
 from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool, open_pool
 from newsletter.webserver import listener_config
 
 log = logging.getLogger("newsletter.service")
-JOBS_TABLE = "apscheduler_jobs"
 
 
 @dataclass
@@ -67,58 +64,6 @@ class Service:
         )
 
 
-# APScheduler's job store keeps jobs as "module:function" references, so the jobs below find the
-# running service here rather than in their (pickled) arguments.
-_RUNNING: dict[str, Service] = {}
-
-
-def _service() -> Service:
-    return _RUNNING["service"]
-
-
-def job_poll() -> None:
-    """Scheduled: ingest due sources, make alerts, and retry a digest the check held back."""
-    if _service().active:
-        _service().scheduler.poll_sources()
-        _service().scheduler.run_digests()
-
-
-def job_digests() -> None:
-    """Scheduled: send each digest list's digest if its slot is due."""
-    if _service().active:
-        _service().scheduler.run_digests()
-
-
-def job_cleanup() -> None:
-    """Scheduled: put back claims whose worker died."""
-    if _service().active:
-        _service().scheduler.release_expired_claims()
-
-
-def make_apscheduler(service: Service) -> AsyncIOScheduler:
-    """The timetable, kept in the service's own database so a restart keeps it."""
-    sched = service.settings.schedule
-    apscheduler = AsyncIOScheduler(
-        jobstores={"default": SQLAlchemyJobStore(engine=service.engine, tablename=JOBS_TABLE)},
-        job_defaults={
-            "coalesce": True,
-            "max_instances": 1,
-            "misfire_grace_time": sched.grace_hours * 3600,
-        },
-        timezone=sched.timezone,
-    )
-    jobs = [
-        ("poll", job_poll, IntervalTrigger(minutes=1)),
-        ("digests", job_digests, digest_trigger(service.settings)),
-        ("cleanup", job_cleanup, IntervalTrigger(minutes=5)),
-    ]
-    for job_id, func, trigger in jobs:
-        apscheduler.add_job(
-            f"{__name__}:{func.__name__}", trigger, id=job_id, replace_existing=True
-        )
-    return apscheduler
-
-
 async def keep_lock(service: Service) -> None:
     """Take or renew the scheduler lease every third of its length; catch up when gained."""
     period = max(service.settings.schedule.lock_seconds / 3, 1)
@@ -128,7 +73,8 @@ async def keep_lock(service: Service) -> None:
         if held and not service.active:
             log.info("scheduler lock taken by %s", service.holder)
             service.active = True
-            await asyncio.to_thread(job_digests)  # a slot missed while nobody held the lock
+            # A slot missed while nobody held the lock.
+            await asyncio.to_thread(schedule.job_digests)
             # Not awaited here: a slow source must not hold up renewing the lease.
             catch_up = asyncio.create_task(_catch_up_poll())
         elif not held and service.active:
@@ -145,7 +91,7 @@ async def keep_lock(service: Service) -> None:
 async def _catch_up_poll() -> None:
     """The poll owed when the lease is gained, on a worker thread."""
     try:
-        await asyncio.to_thread(job_poll)
+        await asyncio.to_thread(schedule.job_poll)
     except Exception:  # a database hiccup: the next scheduled poll tries again
         log.exception("catch-up poll failed")
 
@@ -306,11 +252,11 @@ class _QuietServer(uvicorn.Server):
 
 async def run_service(service: Service, *, host: str, port: int) -> None:
     """Run until SIGTERM or SIGINT, then stop cleanly: finish the batch, free the lock."""
-    _RUNNING["service"] = service
+    schedule.register(service.scheduler, active=lambda: service.active)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop.set)
-    apscheduler = make_apscheduler(service)
+    apscheduler = schedule.make_apscheduler(engine=service.engine, settings=service.settings)
     apscheduler.start()
     config = listener_config(create_service_app(service), service.settings, host=host, port=port)
     server = _QuietServer(config)
@@ -329,4 +275,4 @@ async def run_service(service: Service, *, host: str, port: int) -> None:
     await asyncio.gather(*tasks)
     if inbound is not None:
         inbound.stop()
-    _RUNNING.pop("service", None)
+    schedule.unregister()
