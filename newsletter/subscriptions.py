@@ -298,6 +298,14 @@ def set_preferences(
         raise AudienceError("no such subscriber")
     if language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
+    rejoining = [
+        m
+        for m in memberships(session, subscriber_id)
+        if m.list_id in list_ids and m.status != SubscriptionStatus.ACTIVE
+    ]
+    if rejoining and sub.status == SubscriberStatus.BOUNCED:
+        # Their mailbox refused our mail for good: an old link is no proof it takes mail again.
+        raise AudienceError("mail to this address bounced; sign up again to confirm it works")
     changed = sub.language != language
     sub.language = language
     for m in memberships(session, subscriber_id):

@@ -178,3 +178,34 @@ def test_forget_leaves_only_a_keyed_hash(lists: sessionmaker[Session], clock: Fr
         assert "secret.person" not in dump.lower()
     newcomer = add(lists, clock, "someone.else@example.org", confirmed=True)
     assert newcomer != sid
+
+
+def test_an_old_preferences_link_does_not_bring_back_a_bounced_address(
+    lists: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A hard-bounced person ticking a list on an old preferences page is refused, stays out."""
+    from newsletter.db.queries import mark_bounced
+    from newsletter.errors import AudienceError
+    from newsletter.subscriptions import set_preferences
+
+    sid = add(lists, clock, "gone@example.org", confirmed=True)
+    with unit_of_work(lists) as session:
+        digest = get_list(session, "weekly-digest").id
+        unsubscribe(session=session, subscriber_id=sid, list_id=digest, now=clock.now(), actor="t")
+        mark_bounced(session, sid)  # then the alerts bounced for good
+    assert reach(lists) == 0
+    with unit_of_work(lists) as session:
+        digest = get_list(session, "weekly-digest").id
+        with pytest.raises(AudienceError, match="bounced"):
+            set_preferences(
+                session=session,
+                subscriber_id=sid,
+                list_ids={digest},
+                language="en",
+                now=clock.now(),
+                actor="web",
+            )
+    with unit_of_work(lists) as session:
+        sub = session.get(Subscriber, sid)
+        assert sub is not None and sub.status == SubscriberStatus.BOUNCED
+    assert reach(lists) == 0
