@@ -18,8 +18,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
+from newsletter.audit import record_event
 from newsletter.db.models import (
-    Event,
     MailingList,
     Subscriber,
     SubscriberStatus,
@@ -115,8 +115,7 @@ def import_rows(
         get_list(session, default_list)  # raises with the known lists
     target = _Target(lists, default_list, confirmed, secret, now)
     report = ImportReport()
-    event = Event(at=now, actor=actor, action="subscribers.import", detail={"source": source})
-    session.add(event)
+    event = record_event(session, now=now, actor=actor, action="subscribers.import", source=source)
     # A write first: SQLite's driver begins the transaction only at a write, and a savepoint
     # taken before that would commit on release instead of nesting in the import's transaction.
     session.flush()

@@ -14,7 +14,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from newsletter.db.models import Event, ListKind, MailingList, Subscription, SubscriptionStatus
+from newsletter.audit import record_event
+from newsletter.db.models import ListKind, MailingList, Subscription, SubscriptionStatus
 from newsletter.errors import AudienceError
 from newsletter.segments import read_segments, sync_segments
 
@@ -129,7 +130,7 @@ def create_list(*, session: Session, spec: ListSpec, now: datetime, actor: str) 
     )
     session.add(ml)
     session.flush()
-    session.add(Event(at=now, actor=actor, action="list.created", detail={"list": spec.slug}))
+    record_event(session, now=now, actor=actor, action="list.created", list=spec.slug)
     return ml
 
 

@@ -17,10 +17,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.addresses import address_forms, lookup_forms
+from newsletter.audit import record_event
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
     Delivery,
-    Event,
     MailingList,
     Subscriber,
     SubscriberStatus,
@@ -83,10 +83,6 @@ class LinkView:
     def waiting(self) -> list[Membership]:
         """The lists waiting for their confirmation."""
         return [m for m in self.lists if m.status == SubscriptionStatus.PENDING]
-
-
-def _event(session: Session, now: datetime, actor: str, action: str, **detail: object) -> None:
-    session.add(Event(at=now, actor=actor, action=action, detail=dict(detail)))
 
 
 def _live_subscriber(session: Session, subscriber_id: int) -> Subscriber | None:
@@ -170,8 +166,14 @@ def subscribe(
     for ml in lists:
         state = _join(session, sub.id, ml, now, confirmed=confirmed and not fresh)
         (active if state == SubscriptionStatus.ACTIVE else pending).append(ml.slug)
-    _event(
-        session, now, actor, "subscriber.added", subscriber=sub.id, active=active, pending=pending
+    record_event(
+        session,
+        now=now,
+        actor=actor,
+        action="subscriber.added",
+        subscriber=sub.id,
+        active=active,
+        pending=pending,
     )
     return SubscribeResult(sub.id, tuple(active), tuple(pending), created)
 
@@ -234,7 +236,14 @@ def confirm(*, session: Session, subscriber_id: int, secret: str, now: datetime)
     if pending:
         sub.status = SubscriberStatus.ACTIVE
         lift_suppression(session, sub.email, secret=secret)
-        _event(session, now, "web", "subscriber.confirmed", subscriber=sub.id, lists=len(pending))
+        record_event(
+            session,
+            now=now,
+            actor="web",
+            action="subscriber.confirmed",
+            subscriber=sub.id,
+            lists=len(pending),
+        )
     session.flush()
     return [m.slug for m in memberships(session, sub.id) if m.status == SubscriptionStatus.ACTIVE]
 
@@ -268,8 +277,13 @@ def unsubscribe(
         )
         changed = changed or _rowcount(result) > 0
     if changed:
-        _event(
-            session, now, actor, "subscriber.unsubscribed", subscriber=subscriber_id, list=list_id
+        record_event(
+            session,
+            now=now,
+            actor=actor,
+            action="subscriber.unsubscribed",
+            subscriber=subscriber_id,
+            list=list_id,
         )
     session.expire_all()
     return changed
@@ -324,11 +338,11 @@ def set_preferences(
             )
             changed = True
     if changed:
-        _event(
+        record_event(
             session,
-            now,
-            actor,
-            "subscriber.preferences",
+            now=now,
+            actor=actor,
+            action="subscriber.preferences",
             subscriber=subscriber_id,
             lists=sorted(list_ids),
             language=language,
@@ -438,6 +452,12 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
         sub.name, sub.country, sub.language = "", "", "en"
         sub.tags, sub.attributes = [], {}
         sub.status = SubscriberStatus.FORGOTTEN
-    _event(session, now, actor, "subscriber.forgotten", subscriber=sub.id if sub else None)
+    record_event(
+        session,
+        now=now,
+        actor=actor,
+        action="subscriber.forgotten",
+        subscriber=sub.id if sub else None,
+    )
     session.flush()
     return sub is not None
