@@ -43,6 +43,7 @@ from newsletter.db.queries import campaign_events
 from newsletter.errors import CampaignError
 from newsletter.message import ListInfo, Recipient, build_message, link_urls
 from newsletter.render import PERSONAL_LINKS, RenderedVariant, misplaced_links
+from newsletter.tokens import PAGE_PATHS
 from newsletter.variants import render_campaign, store_variants
 
 CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
@@ -264,9 +265,9 @@ def _check_personal_links(
     tree = lxml_html.document_fromstring(html or "<html></html>")
     base = settings.web.base_url.rstrip("/")
     found = []
-    for key, page in zip(PERSONAL_LINKS, ("/u/", "/preferences/"), strict=True):
+    for key in PERSONAL_LINKS:
         url = urls[key]
-        for needle in (url.rpartition("/")[2], base + page):
+        for needle in (url.rpartition("/")[2], base + PAGE_PATHS[key]):
             where = _html_places(tree, needle)
             if html.count(needle) > 1 or len(where) > 1:
                 found.append(Problem("links", f"{lang} HTML", f"the {key} link appears twice"))
