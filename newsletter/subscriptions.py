@@ -164,7 +164,7 @@ def subscribe(
     active: list[str] = []
     pending: list[str] = []
     for ml in lists:
-        state = _join(session, sub.id, ml, now, confirmed=confirmed and not fresh)
+        state = _join(session, sub.id, ml, now, confirmed=confirmed, fresh=fresh)
         (active if state == SubscriptionStatus.ACTIVE else pending).append(ml.slug)
     record_event(
         session,
@@ -179,18 +179,28 @@ def subscribe(
 
 
 def _join(
-    session: Session, subscriber_id: int, ml: MailingList, now: datetime, *, confirmed: bool
+    session: Session,
+    subscriber_id: int,
+    ml: MailingList,
+    now: datetime,
+    *,
+    confirmed: bool,
+    fresh: bool,
 ) -> str:
-    """Subscribe to one list; returns the subscription's status afterwards."""
+    """Subscribe to one list; returns the subscription's status afterwards.
+
+    `fresh`: the address left, bounced or was forgotten, so only their own click on a new
+    confirmation link (never a flag, never a list without double opt-in) puts them back.
+    """
     row = session.scalar(
         select(Subscription).where(
             Subscription.subscriber_id == subscriber_id, Subscription.list_id == ml.id
         )
     )
-    if row is not None and row.status == SubscriptionStatus.ACTIVE:
+    if row is not None and row.status == SubscriptionStatus.ACTIVE and not fresh:
         return row.status
     left_before = row is not None and row.status in LEFT
-    direct = (confirmed or not ml.double_opt_in) and not left_before
+    direct = (confirmed or not ml.double_opt_in) and not left_before and not fresh
     if row is None:
         row = Subscription(subscriber_id=subscriber_id, list_id=ml.id, created_at=now)
         session.add(row)

@@ -13,7 +13,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.audience import audience_size
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Event, Subscriber, SubscriberStatus, Subscription, Suppression
+from newsletter.db.models import (
+    Event,
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+    Suppression,
+)
 from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.notices import send_confirmations
 from newsletter.smtp import SmtpPool
@@ -209,3 +217,31 @@ def test_an_old_preferences_link_does_not_bring_back_a_bounced_address(
         sub = session.get(Subscriber, sid)
         assert sub is not None and sub.status == SubscriberStatus.BOUNCED
     assert reach(lists) == 0
+
+
+@pytest.mark.parametrize("how", ["forgotten", "bounced"])
+def test_a_list_without_double_opt_in_still_asks_someone_kept_out_to_confirm(
+    lists: sessionmaker[Session], clock: FrozenClock, how: str
+) -> None:
+    """Forgotten or bounced people are not put back on a single-opt-in list by `subscribers add`."""
+    from newsletter.db.queries import mark_bounced
+
+    with unit_of_work(lists) as session:
+        for ml in session.scalars(select(MailingList)):
+            ml.double_opt_in = False
+    sid = add(lists, clock, "kept-out@example.org")
+    assert reach(lists) == 1  # single opt-in: active at once
+    with unit_of_work(lists) as session:
+        if how == "forgotten":
+            forget(session=session, email="kept-out@example.org", secret=SECRET, now=clock.now(),
+                   actor="t")  # fmt: skip
+        else:
+            mark_bounced(session, sid)
+    assert reach(lists) == 0
+    again = add(lists, clock, "kept-out@example.org")
+    assert reach(lists) == 0
+    with unit_of_work(lists) as session:
+        rows = session.scalars(select(Subscription).where(Subscription.subscriber_id == again))
+        assert {r.status for r in rows} == {SubscriptionStatus.PENDING}
+        confirm(session=session, subscriber_id=again, secret=SECRET, now=clock.now())
+    assert reach(lists) == 1
