@@ -14,6 +14,7 @@ from newsletter.campaigns import get_campaign
 from newsletter.check import CheckError, Problem
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Item
+from newsletter.db.queries import campaign_events
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError
 
@@ -85,3 +86,13 @@ def approve_alert(
         force=force,
         on_checked=approve,
     )
+
+
+HELD_ACTIONS = ("alert.awaiting_approval", "alert.held_by_check")
+
+
+def is_held_for_approval(session: Session, campaign: Campaign) -> bool:
+    """Whether an alert waits for `alert approve`: held by the scheduler and not yet started."""
+    if campaign.status != CampaignStatus.DRAFT or campaign.approved_by:
+        return False
+    return any(campaign_events(session, campaign.id, action=a) for a in HELD_ACTIONS)

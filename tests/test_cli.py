@@ -187,3 +187,34 @@ def test_alert_send_without_a_terminal_needs_yes(
     assert smtpd.messages() == []
     run(["alert", "send", "--item", urgent_guid(), "--yes"], tmp_path, env)
     assert len(smtpd.messages()) == 8
+
+
+def test_alert_send_refuses_an_alert_held_for_approval(
+    tmp_path: Path, smtpd: SmtpServer, database_url: str
+) -> None:
+    """An alert the scheduler held for approval is sent only by `alert approve`, never `send`."""
+    from datetime import UTC, datetime
+
+    from newsletter.alerts import alerts_for_urgent_items
+    from newsletter.config import load_settings
+    from newsletter.db import make_engine, make_sessionmaker, unit_of_work
+
+    env = write_config(tmp_path, smtpd, database_url)
+    run(["init"], tmp_path, env)
+    run(["subscribers", "import", str(ROOT / "subscribers" / "example.csv"), "--confirmed"],
+        tmp_path, env)  # fmt: skip
+    run(["ingest", str(SAMPLE_FEED)], tmp_path, env)
+    settings = load_settings(tmp_path / "config.toml", env)
+    engine = make_engine(settings.database.url)
+    with unit_of_work(make_sessionmaker(engine)) as session:  # the scheduler, in approve mode
+        [held] = alerts_for_urgent_items(
+            session=session, settings=settings, now=datetime(2014, 6, 10, 12, tzinfo=UTC)
+        )
+        held_id, guid = held.id, held.items[0].guid
+    engine.dispose()
+    result = run(["alert", "send", "--item", guid, "--yes"], tmp_path, env, ok=False)
+    assert result.returncode != 0
+    assert f"alert approve {held_id}" in result.stderr
+    assert smtpd.messages() == []
+    run(["alert", "approve", str(held_id)], tmp_path, env)
+    assert len(smtpd.messages()) == 8

@@ -11,7 +11,7 @@ import typer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from newsletter.alerts import approve_alert
+from newsletter.alerts import approve_alert, is_held_for_approval
 from newsletter.assemble import assemble_alert
 from newsletter.audience import audience_size
 from newsletter.check import CheckError
@@ -159,6 +159,11 @@ def send(
                 f"({campaign.status}); nothing to do"
             )
             return
+        if not created and is_held_for_approval(session, campaign):
+            raise CampaignError(
+                f"campaign {campaign.id} is this alert, held for approval: send it with "
+                f"`newsletter alert approve {campaign.id}` (see it first with `alert preview`)"
+            )
 
         def confirm() -> None:
             n = audience_size(session, campaign.list_id, campaign.segment_id)
