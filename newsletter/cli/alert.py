@@ -15,7 +15,7 @@ from newsletter.alerts import approve_alert, is_held_for_approval
 from newsletter.assemble import assemble_alert
 from newsletter.audience import audience_size
 from newsletter.check import CheckError
-from newsletter.cli import State, app, console, deliver_with_progress, one_line
+from newsletter.cli import State, app, console, one_line
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
@@ -24,6 +24,7 @@ from newsletter.cli.check import (
     print_preview,
     print_problems,
 )
+from newsletter.cli.progress import deliver_with_progress
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Variant
 from newsletter.errors import CampaignError

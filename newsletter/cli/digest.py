@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from newsletter.assemble import assemble_digest, last_digest
 from newsletter.audience import audience_size
-from newsletter.cli import State, app, console, deliver_with_progress
+from newsletter.cli import State, app, console
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
@@ -19,6 +19,7 @@ from newsletter.cli.check import (
     launch,
     print_preview,
 )
+from newsletter.cli.progress import deliver_with_progress
 from newsletter.db.models import Campaign
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium

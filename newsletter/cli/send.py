@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from newsletter.cli import app, deliver_with_progress
+from newsletter.cli import app
+from newsletter.cli.progress import deliver_with_progress
 
 
 @app.command()

@@ -24,7 +24,8 @@ from dataclasses import asdict, replace
 from types import FrameType
 from typing import IO, Any
 
-from newsletter.cli import State, done_count, print_summary, progress_stats, send_progress
+from newsletter.cli import State
+from newsletter.cli.progress import done_count, print_summary, progress_stats, send_progress
 from newsletter.config import Settings
 from newsletter.errors import ConfigError, WorkerError
 from newsletter.send import SendReport, count_due_now, deliver_all
