@@ -10,6 +10,7 @@ message that says what went wrong and, where it can, what to do about it::
     │   ├── FeedFetchError          network / HTTP / file problem
     │   └── FeedParseError          not a feed, malformed, hostile
     ├── AudienceError               bad list, subscriber or CSV data
+    │   ├── KeptOutError            a bounced address asks to rejoin (subscriptions.py)
     │   └── SegmentError            a segment rule that does not parse (segments.py; with position)
     ├── CampaignError               nothing to send, unknown item or campaign, wrong state
     │   ├── CheckError              the pre-send check refused a campaign (check.py; all problems)
@@ -71,6 +72,10 @@ class FeedParseError(FeedError):
 
 class AudienceError(NewsletterError):
     """Bad list, segment or subscriber data."""
+
+
+class KeptOutError(AudienceError):
+    """An address that bounced for good asks to rejoin a list; only a fresh confirmation can."""
 
 
 class CampaignError(NewsletterError):

@@ -27,7 +27,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
-from newsletter.errors import AudienceError, TokenError
+from newsletter.errors import AudienceError, KeptOutError, TokenError
 from newsletter.suppression import (
     KEPT_OUT_STATUSES,
     lift_suppression,
@@ -329,7 +329,7 @@ def set_preferences(
     ]
     if rejoining and sub.status == SubscriberStatus.BOUNCED:
         # Their mailbox refused our mail for good: an old link is no proof it takes mail again.
-        raise AudienceError("mail to this address bounced; sign up again to confirm it works")
+        raise KeptOutError("mail to this address bounced; sign up again to confirm it works")
     changed = sub.language != language
     sub.language = language
     for m in memberships(session, subscriber_id):

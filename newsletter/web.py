@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from newsletter.clock import Clock
 from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
-from newsletter.errors import AudienceError, TokenError
+from newsletter.errors import AudienceError, KeptOutError, TokenError
 from newsletter.i18n import TEMPLATES_DIR, web_environment
 from newsletter.subscriptions import (
     LinkView,
@@ -220,17 +220,20 @@ class Pages:
         *,
         saved: bool = False,
         expired: bool = False,
+        bounced: bool = False,
     ) -> Response:
         """The preferences form with these lists and this language marked."""
         return self.render(
             "preferences",
             person.language,
+            status=409 if bounced else 200,
             person=person,
             checked=checked,
             checked_language=language,
             form_token=self.form_token(request.path_params["token"]),
             saved=saved,
             expired=expired,
+            bounced=bounced,
         )
 
     async def preferences_post(self, request: Request) -> Response:
@@ -248,7 +251,11 @@ class Pages:
             return self.preferences_form(request, person, chosen, language, expired=True)
         leave_all = (fields.get("action") or [""])[0] == "leave"
         list_ids = set() if leave_all else chosen
-        await run_in_threadpool(self._save, claims, list_ids, language, leave_all)
+        try:
+            await run_in_threadpool(self._save, claims, list_ids, language, leave_all)
+        except KeptOutError:  # nothing saved: say why, with their choices still marked
+            person = await self.step(link_view, claims)
+            return self.preferences_form(request, person, chosen, language, bounced=True)
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
 
     def _save(self, claims: TokenClaims, list_ids: set[int], language: str, leave: bool) -> None:
@@ -262,6 +269,8 @@ class Pages:
                     leave=leave,
                     now=self.clock.now(),
                 )
+        except KeptOutError:
+            raise
         except AudienceError:
             raise HTTPException(400) from None
 

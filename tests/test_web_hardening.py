@@ -532,3 +532,25 @@ def test_the_commands_serve_with_the_limits(tmp_path: Path, command: str) -> Non
         assert metrics.status_code == 401 and authorized.status_code == 200
     else:  # the pages alone serve no metrics at all
         assert metrics.status_code == authorized.status_code == 404
+
+
+def test_a_bounced_reader_rejoining_from_preferences_is_told_why(pages: Site) -> None:
+    """A hard-bounced address cannot rejoin from an old preferences page: a plain note, 409."""
+    from newsletter.db.queries import mark_bounced
+    from newsletter.subscriptions import unsubscribe
+
+    sid = add_person(pages.factory, pages.clock, "reader@example.org", language="ru")
+    with unit_of_work(pages.factory) as session:
+        digest = get_list(session, "weekly-digest").id
+        alerts = get_list(session, "urgent-actions").id
+        unsubscribe(session=session, subscriber_id=sid, list_id=alerts, now=pages.clock.now(),
+                    actor="t")  # fmt: skip
+        mark_bounced(session, sid)
+    url = f"{pages.url}/preferences/{pages.token('preferences', sid)}"
+    choices = {"lists": [str(digest), str(alerts)], "language": "ru", "action": "save"}
+    reply = httpx.post(url, data={**choices, "form_token": form_token(httpx.get(url).text)})
+    assert reply.status_code == 409
+    assert "нельзя вернуть в рассылку" in reply.text  # in the reader's language
+    assert re.search(rf'value="{alerts}" checked', reply.text)  # their choices still marked
+    assert pages.status(sid, "urgent-actions") != SubscriptionStatus.ACTIVE
+    assert_strict_headers(reply.headers, "409")
