@@ -123,6 +123,7 @@ def build_message(
 TEXT_SLOT = "@@NEWSLETTER-TEXT-BODY@@"
 HTML_SLOT = "@@NEWSLETTER-HTML-BODY@@"
 SOFT_BREAK = b"=\r\n"
+# Linear: two single-character classes, no quantifier: search() looks at each character once.
 _BAD_ADDRESS = re.compile(r"[\s<>()\[\],;:\"\\]|[^\x21-\x7e]")
 
 
