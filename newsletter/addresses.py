@@ -10,14 +10,26 @@ from email_validator import EmailNotValidError, ValidatedEmail, validate_email
 
 from newsletter.errors import AudienceError
 
-# What an address may hold once normalised: printable ASCII without the characters a header
-# would need to quote (message.py's format_to refuses the same, so nothing accepted here is
-# refused at send time).
+# What an address may hold: printable ASCII without the characters a header would need to quote.
 _ADDRESS_CHARS = frozenset(map(chr, range(0x21, 0x7F))) - frozenset('<>()[],;:"\\')
 NEEDS_SMTPUTF8 = (
     "the part before @ is not plain ASCII: such an address needs SMTPUTF8, "
     "which this service does not send"
 )
+
+
+def header_problem(address: str) -> str | None:
+    """Why an address cannot be carried in a mail header as it is, or None if it can.
+
+    One rule for import and for the sender (message.format_to), so nothing accepted is refused
+    at send time. "=?" starts an RFC 2047 encoded-word, which mail clients decode even in an
+    address; an address cannot be encoded, so it is refused.
+    """
+    if not address or "@" not in address or not _ADDRESS_CHARS.issuperset(address):
+        return "unusable address (not plain ASCII)"
+    if "=?" in address:
+        return "unusable address (looks like an RFC 2047 encoded-word)"
+    return None
 
 
 def _validated(raw: str) -> ValidatedEmail:
@@ -39,8 +51,8 @@ def address_forms(raw: str) -> tuple[str, ...]:
     if info.ascii_email is None:
         raise AudienceError(NEEDS_SMTPUTF8)
     address = info.ascii_email.lower()
-    if not _ADDRESS_CHARS.issuperset(address):
-        raise AudienceError("invalid address: it has characters a mail header cannot carry")
+    if (problem := header_problem(address)) is not None:
+        raise AudienceError(f"invalid address: {problem}")
     older = info.normalized.lower()
     return (address,) if older == address else (address, older)
 

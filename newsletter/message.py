@@ -28,6 +28,7 @@ from email.policy import SMTP
 from email.utils import format_datetime
 from urllib.parse import quote
 
+from newsletter.addresses import header_problem
 from newsletter.config import Settings
 from newsletter.errors import PermanentDeliveryError
 from newsletter.render import RenderedVariant, misplaced_links, personalise
@@ -123,8 +124,6 @@ def build_message(
 TEXT_SLOT = "@@NEWSLETTER-TEXT-BODY@@"
 HTML_SLOT = "@@NEWSLETTER-HTML-BODY@@"
 SOFT_BREAK = b"=\r\n"
-# Linear: two single-character classes, no quantifier: search() looks at each character once.
-_BAD_ADDRESS = re.compile(r"[\s<>()\[\],;:\"\\]|[^\x21-\x7e]")
 
 
 def _qp(data: str) -> bytes:
@@ -261,10 +260,8 @@ def format_to(recipient: Recipient) -> str:
     show them a line break. An address cannot be encoded, so one that looks so is refused.
     """
     email = recipient.email
-    if not email or "@" not in email or _BAD_ADDRESS.search(email):
-        raise PermanentDeliveryError("unusable address (not plain ASCII)")
-    if _looks_encoded(email):
-        raise PermanentDeliveryError("unusable address (looks like an RFC 2047 encoded-word)")
+    if (problem := header_problem(email)) is not None:
+        raise PermanentDeliveryError(problem)
     name = " ".join("".join(c for c in recipient.name if c.isprintable()).split())
     if not name:
         return email

@@ -536,3 +536,12 @@ def test_import_reads_neutralised_cells_as_they_were(
         sub = session.scalar(select(Subscriber))
         assert sub is not None
         assert (sub.email, sub.name, sub.attributes) == ("=x@example.org", "@Ann", {"=cmd": "+1"})
+
+
+def test_an_address_the_sender_would_refuse_is_refused_on_the_way_in() -> None:
+    """One rule (addresses.header_problem) for import and send: "=?" is refused at the door."""
+    from newsletter.addresses import normalise_email
+    from newsletter.errors import AudienceError
+
+    with pytest.raises(AudienceError, match="encoded-word"):
+        normalise_email("=?utf-8?q?=0D=0A?=@example.org")
