@@ -27,7 +27,6 @@ from newsletter.db.models import (
     CampaignStatus,
     Delivery,
     DeliveryStatus,
-    MailingList,
     Source,
     Subscriber,
     Subscription,
@@ -41,6 +40,7 @@ from newsletter.subscriber_csv import FORMULA_STARTS, neutralise_cell, read_csv,
 from newsletter.subscriptions import find_subscriber, forget, subscribe
 from newsletter.suppression import hash_address
 from tests.conftest import SECRET, SmtpServer
+from tests.test_audience import _snapshot as snapshot
 from tests.test_cli import run, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,26 +276,6 @@ def check_round_trip(tmp_path: Path, env: dict[str, str], factory: sessionmaker[
     assert '"rejected": 0' in again.stdout
     with unit_of_work(factory) as session:
         assert snapshot(session) == before
-
-
-def snapshot(session: Session) -> dict[str, tuple[object, ...]]:
-    people = {}
-    for sub in session.scalars(select(Subscriber)):
-        slugs = session.scalars(
-            select(MailingList.slug)
-            .join(Subscription, Subscription.list_id == MailingList.id)
-            .where(Subscription.subscriber_id == sub.id, Subscription.status == "active")
-            .order_by(MailingList.slug)
-        ).all()
-        people[sub.email] = (
-            sub.name,
-            sub.language,
-            sub.country,
-            sorted(sub.tags),
-            sub.attributes,
-            tuple(slugs),
-        )
-    return people
 
 
 # --- addresses -------------------------------------------------------------------------------
