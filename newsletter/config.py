@@ -131,6 +131,29 @@ class AlertsSettings:
     list: str = "urgent-actions"
     mode: str = "approve"
     webhook_secret: str = ""
+    # People other than the author who must approve an alert in the console.
+    approvals_required: int = 1
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The staff console: its own listener, sessions and sign-in limits."""
+
+    base_url: str = "http://127.0.0.1:8001"
+    host: str = "127.0.0.1"
+    port: int = 8001
+    idle_minutes: int = 30
+    max_hours: int = 12
+    enrol_hours: int = 24
+    # One person may send alone, with a fresh second-factor code and a written reason.
+    break_glass: bool = False
+    # Alerts go only to the staff's own addresses; self-approval allowed (and only here).
+    training: bool = False
+    # Failed sign-ins allowed per 15 minutes: per (account, client address), per client address,
+    # and for the second-factor step per account.
+    failures_per_account_client: int = 5
+    failures_per_client: int = 20
+    code_failures_per_account: int = 5
 
 
 @dataclass(frozen=True)
@@ -249,6 +272,7 @@ class Settings:
     inbound: InboundSettings = field(default_factory=InboundSettings)
     security: SecuritySettings = field(default_factory=SecuritySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     source_path: str = "(embedded defaults)"
 
 
@@ -356,6 +380,7 @@ def validate_settings(settings: Settings) -> None:
     _validate_brand(settings)
     _validate_delivery(settings)
     _validate_inbound(settings)
+    _validate_console(settings)
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
@@ -466,3 +491,25 @@ def _validate_brand(settings: Settings) -> None:
             raise ConfigError(f"{where}: 'check.{key}' must be at least 1")
     if settings.render.summary_max_chars < 80:
         raise ConfigError(f"{where}: 'render.summary_max_chars' must be at least 80")
+
+
+def _validate_console(settings: Settings) -> None:
+    """The console needs an http(s) base URL, a port, positive limits; approvals at least 1."""
+    where, console = settings.source_path, settings.console
+    base = urlsplit(console.base_url)
+    if base.scheme not in ("http", "https") or not base.netloc:
+        raise ConfigError(f"{where}: 'console.base_url' must be an http(s) URL")
+    if not 0 < console.port < 65536:
+        raise ConfigError(f"{where}: 'console.port' must be between 1 and 65535")
+    for key in (
+        "idle_minutes",
+        "max_hours",
+        "enrol_hours",
+        "failures_per_account_client",
+        "failures_per_client",
+        "code_failures_per_account",
+    ):
+        if getattr(console, key) < 1:
+            raise ConfigError(f"{where}: 'console.{key}' must be at least 1")
+    if not 1 <= settings.alerts.approvals_required <= 10:
+        raise ConfigError(f"{where}: 'alerts.approvals_required' must be between 1 and 10")

@@ -14,11 +14,17 @@ message that says what went wrong and, where it can, what to do about it::
     │   └── SegmentError            a segment rule that does not parse (segments.py; with position)
     ├── CampaignError               nothing to send, unknown item or campaign, wrong state
     │   ├── CheckError              the pre-send check refused a campaign (check.py; all problems)
-    │   └── MissingVariantError     a sending campaign has no rendered variant: the sender pauses
-    │                               it with this as the reason (send.py)
+    │   ├── MissingVariantError     a sending campaign has no rendered variant: the sender pauses
+    │   │                           it with this as the reason (send.py)
+    │   └── ApprovalError           an approval the rules refuse: the author, a stale revision,
+    │                               a role that may not approve (approvals.py)
     ├── RenderError                 a template failed to render
     │   └── ScreenshotError         no chromium, or it failed (screenshot.py)
     ├── TokenError                  a forged, altered or expired signed token
+    ├── StaffError                  a staff account cannot be made or changed as asked (staff.py)
+    │   ├── PasswordPolicyError     a password too short or too common
+    │   └── SignInError             a sign-in refused (one message whatever was wrong)
+    │       └── ThrottledError      too many failures: try after retry_after seconds
     ├── WorkerError                 a `send --workers` child process failed
     ├── UnreadableMailError         a received message that cannot be read safely (bounces.py):
     │                               set aside, never retried as is
@@ -101,6 +107,30 @@ class RenderError(NewsletterError):
 
 class TokenError(NewsletterError):
     """A signed token is forged, altered, expired or for another purpose."""
+
+
+class StaffError(NewsletterError):
+    """A staff account cannot be made, enrolled or changed as asked."""
+
+
+class PasswordPolicyError(StaffError):
+    """A password the policy refuses: too short, too common, or the account's own address."""
+
+
+class SignInError(StaffError):
+    """A sign-in or second-factor step refused; the message never says which part was wrong."""
+
+
+class ThrottledError(SignInError):
+    """Too many failed attempts from this client or for this account: wait, then try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"too many attempts: try again in {retry_after} seconds")
+
+
+class ApprovalError(CampaignError):
+    """The approval rules refuse this: the author approving, a stale revision, a wrong role."""
 
 
 class WorkerError(NewsletterError):

@@ -207,6 +207,13 @@ class Campaign(Base):
     body_html: Mapped[str] = mapped_column(Text, default="")
     url: Mapped[str] = mapped_column(String(2000), default="")
     created_by: Mapped[str] = mapped_column(String(200), default="")
+    # An alert written in the console: the other languages' title and body_html, by language
+    # ({"be": {"title": ..., "body_html": ...}}); title/body_html above are the default language's.
+    translations: Mapped[dict[str, dict[str, str]]] = mapped_column(JSON, default=dict)
+    # The Markdown staff wrote, by language, kept to edit the draft again (never sent as is).
+    source_text: Mapped[dict[str, dict[str, str]]] = mapped_column(JSON, default=dict)
+    # A training alert goes only to staff addresses, never to a list's members.
+    training: Mapped[bool] = mapped_column(Boolean, default=False)
     approved_by: Mapped[str] = mapped_column(String(200), default="")
     pause_reason: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
@@ -301,3 +308,117 @@ class ServiceLock(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class StaffRole(StrEnum):
+    EDITOR = "editor"
+    APPROVER = "approver"
+    ADMIN = "admin"
+
+
+class Staff(Base):
+    """A campaign staff account for the console (never a subscriber)."""
+
+    __tablename__ = "staff"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(_enum(StaffRole))
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    # Argon2id (argon2-cffi's encoded form); "" until enrolled.
+    password_hash: Mapped[str] = mapped_column(String(200), default="")
+    totp_secret: Mapped[str] = mapped_column(String(64), default="")
+    # The last TOTP time step accepted: a code is good once (a replay of it, or of an older
+    # step, is refused).
+    totp_last_step: Mapped[int] = mapped_column(Integer, default=0)
+    training: Mapped[bool] = mapped_column(Boolean, default=False)
+    # sha256 of the one-time enrolment link's secret, and when it expires.
+    enrol_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    enrol_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    enrolled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class StaffRecoveryCode(Base):
+    """A single-use recovery code, kept only as a hash."""
+
+    __tablename__ = "staff_recovery_codes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    staff_id: Mapped[int] = mapped_column(ForeignKey("staff.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(200))
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class StaffSession(Base):
+    """A signed-in console session, server side: revocable at once."""
+
+    __tablename__ = "staff_sessions"
+    # sha256 of the cookie's value: a leaked table does not give working cookies.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    staff_id: Mapped[int] = mapped_column(ForeignKey("staff.id", ondelete="CASCADE"), index=True)
+    # The per-session form token every state-changing request must carry.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RateLimit(Base):
+    """Attempts counted per key in fixed windows, in the database so every process agrees."""
+
+    __tablename__ = "rate_limits"
+    # A keyed hash of what is limited (e.g. "signin:client:203.0.113.5"): no address kept plain.
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CampaignRevision(Base):
+    """A draft frozen for approval: what exactly will be sent, to whom, as one hash."""
+
+    __tablename__ = "campaign_revisions"
+    __table_args__ = (UniqueConstraint("campaign_id", "number"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    # sha256 over the rendered variants (nonce-free), list, segment and recipient count.
+    hash: Mapped[str] = mapped_column(String(64))
+    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id"))
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"))
+    recipients: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(320))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set when an edit (a newer revision) voids this one and its approvals.
+    voided_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Approval(Base):
+    """One person's approval of one revision (a break-glass send records one too)."""
+
+    __tablename__ = "approvals"
+    __table_args__ = (UniqueConstraint("revision_id", "approver"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    revision_id: Mapped[int] = mapped_column(
+        ForeignKey("campaign_revisions.id", ondelete="CASCADE")
+    )
+    approver: Mapped[str] = mapped_column(String(320))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    break_glass: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class DigestExclusion(Base):
+    """An item staff left out of a list's next digest."""
+
+    __tablename__ = "digest_exclusions"
+    list_id: Mapped[int] = mapped_column(
+        ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True
+    )
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    excluded_by: Mapped[str] = mapped_column(String(320))
+    excluded_at: Mapped[datetime] = mapped_column(UTCDateTime)

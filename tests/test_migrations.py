@@ -1,0 +1,82 @@
+"""Operators upgrade in place: a database made by earlier migrations, with data, upgrades intact."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from newsletter.db import MIGRATIONS, make_engine, migrate
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).replace(tzinfo=None)
+
+
+def _upgrade_to(engine: object, revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:  # type: ignore[attr-defined]
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def test_0004_keeps_every_campaign_variant_delivery_and_event(database_url: str) -> None:
+    """From 0003 with a campaign, its variant, a delivery and an event, to head: all still there,
+    the new campaign columns at their defaults, and the audit trail now refuses UPDATE/DELETE."""
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0003_links")
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
+                " values ('l', 'L', '{}', 'alerts', true, 'l.example.org', 0)"
+            )
+        )
+        c.execute(
+            text(
+                "insert into subscribers (email, name, language, country, tags, attributes, status,"
+                " created_at) values ('a@example.org', '', 'en', '', '[]', '{}', 'active', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
+                " created_by, approved_by, pause_reason, created_at) values ('alert', 1,"
+                " 'running', 'k', 'T', '<p>b</p>', '', 'cli', '', '', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into variants (campaign_id, lang, subject, html, text, link_nonce)"
+                " values (1, 'en', 'S', '<p>h</p>', 't', 'n')"
+            )
+        )
+        c.execute(
+            text(
+                "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                " next_attempt_at, created_at) values (1, 1, 'queued', 0, :now, :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text("insert into events (at, actor, action, detail) values (:now, 'cli', 'x', '{}')"),
+            {"now": NOW},
+        )
+    migrate(engine)
+    with engine.connect() as c:
+        assert c.execute(text("select count(*) from variants")).scalar() == 1
+        assert c.execute(text("select count(*) from deliveries")).scalar() == 1
+        assert c.execute(text("select count(*) from events")).scalar() == 1
+        row = c.execute(text("select title, training from campaigns")).one()
+        assert row[0] == "T" and not row[1]
+    for statement in ("update events set actor = 'someone else'", "delete from events"):
+        with pytest.raises(SQLAlchemyError, match="append-only"), engine.begin() as c:
+            c.execute(text(statement))
+    with engine.connect() as c:
+        assert c.execute(text("select actor from events")).scalar() == "cli"
+    engine.dispose()
