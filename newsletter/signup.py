@@ -132,8 +132,9 @@ def claim_ticket(session: Session, ticket: Ticket) -> bool:
         insert(UsedChallenge)
         .values(challenge=ticket.challenge, expires_at=expires)
         .on_conflict_do_nothing(index_elements=[UsedChallenge.challenge])
+        .returning(UsedChallenge.challenge)
     )
-    return int(getattr(session.execute(stmt), "rowcount", 0) or 0) == 1
+    return session.execute(stmt).first() is not None
 
 
 # --- the client's limit ------------------------------------------------------------------------

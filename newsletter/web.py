@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -647,26 +647,26 @@ def create_app(
         TokenError: pages.token_error,
         HTTPException: pages.http_error,
     }
-    lifespan = _confirmation_sender(pages) if send_confirmations else None
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers=handlers)
     app.add_middleware(SecurityHeaders)
+    if send_confirmations:
+        app.add_middleware(ConfirmationSender, pages=pages)
     return app
 
 
-def _confirmation_sender(pages: Pages) -> Any:
-    """A lifespan that mails owed confirmations in the background while the app serves."""
+class ConfirmationSender:
+    """Starts the confirmation sender with the first request (the listener runs no lifespan)."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(_keep_confirming(pages))
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def __init__(self, app: ASGIApp, pages: Pages) -> None:
+        self.app = app
+        self.pages = pages
+        self.task: asyncio.Task[None] | None = None
 
-    return lifespan
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, starting the sender first if it is not running."""
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(_keep_confirming(self.pages))
+        await self.app(scope, receive, send)
 
 
 async def _keep_confirming(pages: Pages) -> None:
