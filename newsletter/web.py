@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from babel.dates import format_date
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -466,7 +467,28 @@ class Pages:
         lang: str,
         wanted: tuple[str, ...],
     ) -> tuple[signup.Verdict, int]:
-        """One transaction: count the post, use up its ticket, and sign up when all passed."""
+        """One transaction: count the post, use up its ticket, and sign up when all passed.
+
+        Two posts for one new address at once may both insert it: the loser's transaction is
+        run again, and then finds the row the winner made.
+        """
+        for attempt in range(3):
+            try:
+                return self._signup_once(verdict, ticket, client, address, lang, wanted)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _signup_once(
+        self,
+        verdict: signup.Verdict,
+        ticket: signup.Ticket | None,
+        client: str,
+        address: str | None,
+        lang: str,
+        wanted: tuple[str, ...],
+    ) -> tuple[signup.Verdict, int]:
         now = self.clock.now()
         with unit_of_work(self.factory) as session:
             wait = signup.count_post(session, client=client, settings=self.settings, now=now)

@@ -82,9 +82,17 @@ def add_people(factory: sessionmaker[Session], clock: FrozenClock) -> list[int]:
     with unit_of_work(factory) as session:
         lists = [get_list(session, "weekly-digest"), get_list(session, "urgent-actions")]
         for name, email, lang in PEOPLE:
-            result = subscribe(session=session, email=email, lists=lists, secret=SECRET,
-                               now=clock.now(), actor="test", confirmed=True, name=name,
-                               language=lang)  # fmt: skip
+            result = subscribe(
+                session=session,
+                email=email,
+                lists=lists,
+                secret=SECRET,
+                now=clock.now(),
+                actor="test",
+                confirmed=True,
+                name=name,
+                language=lang,
+            )
             ids.append(result.subscriber_id)
     return ids
 
@@ -95,8 +103,7 @@ def archive(
 ) -> Iterator[Archive]:
     lists_synced(factory)
     add_people(factory, clock)
-    settings = signup_settings(database_url, smtpd, mirror_urls=MIRRORS,
-                               email_mirror_be=MIRRORS[1])  # fmt: skip
+    settings = signup_settings(database_url, smtpd, mirror_urls=MIRRORS, email_mirror_be=MIRRORS[1])
     with (
         serve_public(settings, factory, clock) as (url, settings),
         httpx.Client(timeout=30) as http,
@@ -114,9 +121,12 @@ def personal_strings(archive: Archive) -> list[str]:
         found += [person.name, person.email, person.email.split("@")[0]]
         for purpose in ("unsubscribe", "preferences"):
             for list_id in list_ids:
-                found.append(make_token(secret=SECRET, purpose=purpose,
-                                        subscriber_id=person.id, list_id=list_id))  # fmt: skip
-    return found + ["/u/", "/preferences/", "%%"]
+                found.append(
+                    make_token(
+                        secret=SECRET, purpose=purpose, subscriber_id=person.id, list_id=list_id
+                    )
+                )
+    return [*found, "/u/", "/preferences/", "%%"]
 
 
 @pytest.mark.parametrize("lang", ["en", "be", "ru"])
@@ -143,7 +153,7 @@ def test_web_copy_has_nothing_personal_and_links_only_relatively(
 def test_each_email_links_to_its_web_copy_and_one_mirror(
     archive: Archive, smtpd: SmtpServer
 ) -> None:
-    """HTML "Open in a browser" and the text part's URL; be names its own mirror, others the first."""
+    """HTML "Open in a browser" and the text URL; be names its own mirror, others the first."""
     campaign = archive.send_alert("Letters for Ales")
     by_lang = {lang: email for _, email, lang in PEOPLE}
     for mail in smtpd.messages():
@@ -160,9 +170,14 @@ def test_each_email_links_to_its_web_copy_and_one_mirror(
 def test_unsent_kept_out_and_training_campaigns_are_not_public(archive: Archive) -> None:
     """A draft, a campaign sent with --no-archive: 404, not listed; their emails link nowhere."""
     with unit_of_work(archive.factory) as session:
-        draft, _ = assemble_alert(session=session, list_slug="urgent-actions",
-                                  now=archive.clock.now(), actor="test", title="Embargoed",
-                                  body_html="<p>Not yet.</p>")  # fmt: skip
+        draft, _ = assemble_alert(
+            session=session,
+            list_slug="urgent-actions",
+            now=archive.clock.now(),
+            actor="test",
+            title="Embargoed",
+            body_html="<p>Not yet.</p>",
+        )
         session.flush()
         draft_slug = draft.slug
     kept = archive.send_alert("Kept out", archived=False)
@@ -213,8 +228,9 @@ def test_archive_lists_newest_first_in_pages_and_the_feed_is_atom(archive: Archi
 def test_archive_off_and_alerts_left_out(archive: Archive) -> None:
     """[archive] include_alerts = false: alerts 404; enabled = false: every archive page 404."""
     campaign = archive.send_alert("An alert")
-    no_alerts = replace(archive.settings, archive=replace(archive.settings.archive,
-                                                          include_alerts=False))  # fmt: skip
+    no_alerts = replace(
+        archive.settings, archive=replace(archive.settings.archive, include_alerts=False)
+    )
     off = replace(archive.settings, archive=replace(archive.settings.archive, enabled=False))
     for settings, paths in (
         (no_alerts, [f"/archive/{campaign.slug}/en"]),
@@ -234,11 +250,17 @@ def test_digest_web_copy(archive: Archive) -> None:
     """A digest's web copy too: items there, personal links gone."""
     ingest(archive.factory, archive.clock)
     with unit_of_work(archive.factory) as session:
-        campaign = assemble_digest(session=session, list_slug="weekly-digest",
-                                   now=archive.clock.now(), actor="test")  # fmt: skip
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=archive.clock.now(), actor="test"
+        )
         assert campaign is not None
-        launch_campaign(session=session, campaign=campaign, settings=archive.settings,
-                        now=archive.clock.now(), actor="test")  # fmt: skip
+        launch_campaign(
+            session=session,
+            campaign=campaign,
+            settings=archive.settings,
+            now=archive.clock.now(),
+            actor="test",
+        )
         slug = campaign.slug
     deliver(archive.factory, archive.settings, archive.clock)
     page = archive.http.get(f"{archive.url}/archive/{slug}/ru")
@@ -251,11 +273,17 @@ def test_alert_send_no_archive(tmp_path: Path, smtpd: SmtpServer, database_url: 
     """`alert send --no-archive`: sent, kept out of the archive, no browser link in the email."""
     env = write_config(tmp_path, smtpd, database_url)
     run(["init"], tmp_path, env)
-    run(["subscribers", "add", "a@example.org", "--list", "urgent-actions", "--confirmed"],
-        tmp_path, env)  # fmt: skip
+    run(
+        ["subscribers", "add", "a@example.org", "--list", "urgent-actions", "--confirmed"],
+        tmp_path,
+        env,
+    )
     (tmp_path / "body.txt").write_text("Act now.")
-    run(["alert", "send", "--title", "Quiet", "--body-file", "body.txt", "--yes", "--no-archive"],
-        tmp_path, env)  # fmt: skip
+    run(
+        ["alert", "send", "--title", "Quiet", "--body-file", "body.txt", "--yes", "--no-archive"],
+        tmp_path,
+        env,
+    )
     run(["alert", "send", "--title", "Loud", "--body-file", "body.txt", "--yes"], tmp_path, env)
     quiet, loud = smtpd.messages()
     assert "/archive/" not in quiet.as_string() and "/archive/" in loud.as_string()

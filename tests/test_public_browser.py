@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -116,8 +116,9 @@ def test_embedded_signup_in_belarusian_confirm_and_next_alert(
                 )
                 digest = get_list(session, "weekly-digest").id
             assert sid is not None
-            token = make_token(secret=SECRET, purpose="preferences", subscriber_id=sid,
-                               list_id=digest)  # fmt: skip
+            token = make_token(
+                secret=SECRET, purpose="preferences", subscriber_id=sid, list_id=digest
+            )
             page.goto(f"{url}/preferences/{token}")
             checked = page.locator("input[name=lists]:checked").count()
             assert checked == 2
@@ -125,11 +126,17 @@ def test_embedded_signup_in_belarusian_confirm_and_next_alert(
         finally:
             page.close()
         with unit_of_work(factory) as session:
-            campaign, _ = assemble_alert(session=session, list_slug="urgent-actions",
-                                         now=clock.now(), actor="test", title="Next alert",
-                                         body_html="<p>Act.</p>")  # fmt: skip
-            launch_campaign(session=session, campaign=campaign, settings=settings,
-                            now=clock.now(), actor="test")  # fmt: skip
+            campaign, _ = assemble_alert(
+                session=session,
+                list_slug="urgent-actions",
+                now=clock.now(),
+                actor="test",
+                title="Next alert",
+                body_html="<p>Act.</p>",
+            )
+            launch_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+            )
         send_now(factory, settings, clock)
         send_now(factory, settings, clock)
     alerts = [m for m in smtpd.messages() if "Next alert" in str(m["Subject"])]
@@ -186,16 +193,27 @@ def test_public_pages_fit_a_phone_and_pass_axe(
     lists_synced(factory)
     clock = SystemClock()
     add_person(factory, clock, "reader@example.org", lists=("urgent-actions",))  # type: ignore[arg-type]
-    settings = signup_settings(database_url, smtpd, signup_pow_bits=12, signup_min_seconds=1,
-                               mirror_urls=("https://mirror.example.net",))  # fmt: skip
+    settings = signup_settings(
+        database_url,
+        smtpd,
+        signup_pow_bits=12,
+        signup_min_seconds=1,
+        mirror_urls=("https://mirror.example.net",),
+    )
     with serve_public(settings, factory, clock) as (url, settings):  # type: ignore[arg-type]
         with unit_of_work(factory) as session:
-            campaign, _ = assemble_alert(session=session, list_slug="urgent-actions",
-                                         now=clock.now(), actor="test", title="Write to Ales",
-                                         body_html="<p>Letters help.</p>",
-                                         url="https://portal.example.org/act")  # fmt: skip
-            launch_campaign(session=session, campaign=campaign, settings=settings,
-                            now=clock.now(), actor="test")  # fmt: skip
+            campaign, _ = assemble_alert(
+                session=session,
+                list_slug="urgent-actions",
+                now=clock.now(),
+                actor="test",
+                title="Write to Ales",
+                body_html="<p>Letters help.</p>",
+                url="https://portal.example.org/act",
+            )
+            launch_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+            )
         send_now(factory, settings, clock)
         with unit_of_work(factory) as session:
             slug = session.scalar(select(Campaign.slug))

@@ -311,8 +311,14 @@ def test_fifty_posts_from_one_client_are_throttled_in_the_database(
     with serve_public(site.settings, factory, clock) as (other, _):
         ticket = site.ticket()
         clock.advance(seconds=5)
-        data = {"form_token": ticket, "pow": solve(ticket, BITS), "email": "z@example.org",
-                "language": "en", "lists": ["weekly-digest"], "website": ""}  # fmt: skip
+        data = {
+            "form_token": ticket,
+            "pow": solve(ticket, BITS),
+            "email": "z@example.org",
+            "language": "en",
+            "lists": ["weekly-digest"],
+            "website": "",
+        }
         elsewhere = site.http.post(
             f"{other}/subscribe", data=data, headers={"x-forwarded-for": "203.0.113.7"}
         )
