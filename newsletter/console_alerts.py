@@ -25,11 +25,11 @@ from newsletter.console_core import Console, Form
 from newsletter.console_i18n import N_
 from newsletter.console_security import PREVIEW_CSP
 from newsletter.db.models import CampaignKind, CampaignStatus
-from newsletter.errors import ApprovalError, NewsletterError, SignInError
+from newsletter.errors import ApprovalError, CampaignError, NewsletterError, SignInError
 from newsletter.render import RenderedVariant, personalise
 from newsletter.smtp import Result
 from newsletter.staff_sessions import SessionInfo
-from newsletter.test_send import MAX_TEST_ADDRESSES, send_test
+from newsletter.test_send import MAX_TEST_ADDRESSES, send_test, send_training
 from newsletter.variants import render_campaign
 
 log = logging.getLogger("newsletter.console")
@@ -135,6 +135,11 @@ def approver_emails(session: Session, *, author: str) -> list[str]:
     """Who may approve: enrolled approvers and admins, the author left out."""
     emails = staff.active_staff_emails(session, roles=APPROVERS)
     return [e for e in emails if e.lower() != author.lower()]
+
+
+def is_training_alert(session: Session, *, campaign_id: int, settings: Settings) -> bool:
+    """Whether an alert is a training one (the console's mode or its author's account)."""
+    return approvals.is_training(get_campaign(session, campaign_id), settings)
 
 
 def draft_from_form(form: Form, languages: tuple[str, ...]) -> compose.DraftInput:
@@ -339,20 +344,21 @@ class AlertPages:
         form = await self.c.form(request, info)
         campaign_id = request.path_params["id"]
         addresses = parse_addresses(form.get("addresses")) or [info.staff.email]
-        if len(addresses) > MAX_TEST_ADDRESSES:
-            return await self.show_alert(
-                request, info, campaign_id, status=400, error=N_("At most five addresses.")
-            )
-        async with self.c.transport_factory() as transport:
-            results = await send_test(
-                factory=self.c.factory,
-                settings=self.c.settings,
-                campaign_id=campaign_id,
-                addresses=addresses,
-                actor=info.staff.email,
-                now=self.c.now(),
-                transport=transport,
-            )
+        lang = form.get("lang")
+        try:
+            async with self.c.transport_factory() as transport:
+                results = await send_test(
+                    factory=self.c.factory,
+                    settings=self.c.settings,
+                    campaign_id=campaign_id,
+                    addresses=addresses,
+                    actor=info.staff.email,
+                    now=self.c.now(),
+                    transport=transport,
+                    lang=lang if lang in self.languages else None,
+                )
+        except CampaignError as e:  # a bad address, too many, no such draft
+            return await self.show_alert(request, info, campaign_id, status=400, error=str(e))
         return await self.show_alert(request, info, campaign_id, test_results=results)
 
     async def submit_post(self, request: Request) -> Response:
@@ -409,13 +415,14 @@ class AlertPages:
             return await self.show_alert(request, info, campaign_id, status=409, error=str(e))
         if queued is None:
             return RedirectResponse(f"/alerts/{campaign_id}", status_code=303)
+        await self.send_if_training(campaign_id, actor=info.staff.email)
         return RedirectResponse(f"/campaigns/{campaign_id}", status_code=303)
 
     async def break_glass_post(self, request: Request) -> Response:
         """Send alone, with a fresh code and a written reason; every approver is told at once."""
         if not self.c.settings.console.break_glass:
             raise HTTPException(404)
-        info = await self.c.staff(request)
+        info = await self.c.staff(request, roles=APPROVERS)
         form = await self.c.form(request, info)
         campaign_id = request.path_params["id"]
         reason = form.get("reason").strip()[:2000]
@@ -444,6 +451,7 @@ class AlertPages:
             )
         except ApprovalError as e:
             return await self.show_alert(request, info, campaign_id, status=409, error=str(e))
+        await self.send_if_training(campaign_id, actor=info.staff.email)
         to = await self.c.db(approver_emails, author=info.staff.email)
         url = f"{self.c.settings.console.base_url}/campaigns/{campaign_id}"
         await self.mail(
@@ -460,6 +468,21 @@ class AlertPages:
             ]
         )
         return RedirectResponse(f"/campaigns/{campaign_id}", status_code=303)
+
+    async def send_if_training(self, campaign_id: int, *, actor: str) -> None:
+        """An approved training alert goes to the staff's own addresses now, never the list."""
+        training = await self.c.db(is_training_alert, campaign_id=campaign_id, settings=self.c.settings)
+        if not training:
+            return
+        async with self.c.transport_factory() as transport:
+            await send_training(
+                factory=self.c.factory,
+                settings=self.c.settings,
+                campaign_id=campaign_id,
+                actor=actor,
+                now=self.c.now(),
+                transport=transport,
+            )
 
     async def mail(self, messages: list[Any]) -> None:
         """Send staff notices over one transport; a failure is logged, never the request's."""
