@@ -95,7 +95,7 @@ def alert_data(session: Session, *, campaign_id: int, settings: Settings) -> dic
         problems = [str(e)]
     return {
         "campaign_id": campaign.id,
-        "status": campaign.status,
+        "campaign_status": campaign.status,
         "editable": campaign.status == CampaignStatus.DRAFT and campaign.started_at is None,
         "title": campaign.title,
         "draft": draft,

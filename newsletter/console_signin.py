@@ -44,9 +44,7 @@ class SignInPages:
     # --- sign in ---------------------------------------------------------------------------
 
     async def signin_page(self, request: Request) -> Response:
-        """Step one: email address and password."""
-        if await self.c.session_info(request) is not None:
-            return RedirectResponse("/", status_code=303)
+        """Step one: email address and password (signing in again ends the session before)."""
         return self.c.render(request, "signin", info=None, step="password", email="", error="")
 
     async def signin_post(self, request: Request) -> Response:

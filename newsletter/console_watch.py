@@ -72,7 +72,7 @@ def dashboard_data(session: Session, *, settings: Settings, now: datetime) -> di
             )
         )
     return {
-        "status": status,
+        "service": status,
         "sending": console_queries.sending(session, now=now),
         "held": held,
         "finished": console_queries.finished(session, now=now),

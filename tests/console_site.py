@@ -4,9 +4,11 @@ client that signs in through the pages and posts forms with their tokens."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,14 @@ from typing import Any
 import httpx
 import pyotp
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.testclient import TestClient
+import uvicorn
 
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.console import create_console_app
+from newsletter.console_security import url_origin
+from newsletter.devsmtp import free_port
+from newsletter.webserver import listener_config
 from newsletter.db import unit_of_work
 from newsletter.lists import read_lists, sync_lists
 from newsletter.smtp import SmtpPool, Transport
@@ -26,7 +31,6 @@ from newsletter.staff import add_staff, begin_enrolment, complete_enrolment
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery staple 42"
-BASE = "http://127.0.0.1:8001"
 
 
 @dataclass
@@ -109,21 +113,26 @@ def field_of(page: str, name: str) -> str:
 class ConsoleClient:
     """A browser stand-in: keeps cookies, reads form tokens from pages, posts same-origin."""
 
-    def __init__(self, app: Any, base: str, clock: FrozenClock) -> None:
-        self.http = TestClient(app, base_url=base, follow_redirects=False)
+    def __init__(self, url: str, clock: FrozenClock, origin: str | None = None) -> None:
+        self.http = httpx.Client(base_url=url, follow_redirects=False, timeout=30)
         self.clock = clock
-        self.base = base
+        self.origin = origin or url
 
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return self.http.get(path, **kw)
 
     def post(
-        self, path: str, data: dict[str, str], *, csrf_from: str = "/", headers: dict[str, str] | None = None
+        self,
+        path: str,
+        data: dict[str, str],
+        *,
+        csrf_from: str = "/",
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         """Post a form with the token of the page at `csrf_from`, as our own page would."""
         if "csrf" not in data:
             data = {**data, "csrf": csrf_of(self.get(csrf_from).text)}
-        sent = {"origin": self.base, "sec-fetch-site": "same-origin", **(headers or {})}
+        sent = {"origin": self.origin, "sec-fetch-site": "same-origin", **(headers or {})}
         return self.http.post(path, data=data, headers=sent)
 
     def sign_in(self, who: Staffer) -> httpx.Response:
@@ -142,10 +151,50 @@ class ConsoleClient:
         )
 
 
-def console_client(
-    settings: Settings, factory: sessionmaker[Session], clock: FrozenClock, base: str = BASE
-) -> ConsoleClient:
-    """A client of a console app whose [console] base_url is `base`."""
-    settings = console_settings(settings, base_url=base)
+@dataclass
+class ConsoleSite:
+    """A console served on a loopback port; `client()` gives a new browser stand-in."""
+
+    url: str
+    settings: Settings
+    clock: FrozenClock
+    clients: list[ConsoleClient] = field(default_factory=list)
+
+    def client(self) -> ConsoleClient:
+        """A new client with no cookies (closed when the site stops)."""
+        made = ConsoleClient(self.url, self.clock, origin=url_origin(self.settings.console.base_url))
+        self.clients.append(made)
+        return made
+
+
+@contextmanager
+def serve_console(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    *,
+    base_url: str | None = None,
+) -> Iterator[ConsoleSite]:
+    """Serve the console as `newsletter console` does until the block ends.
+
+    [console] base_url is the server's own URL unless `base_url` is given (an https one, say).
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = console_settings(settings, base_url=base_url or url)
     app = create_console_app(settings, factory, clock, transport_factory=smtp_transport(settings))
-    return ConsoleClient(app, base, clock)
+    server = uvicorn.Server(listener_config(app, settings, host="127.0.0.1", port=port))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    site = ConsoleSite(url, settings, clock)
+    try:
+        yield site
+    finally:
+        for client in site.clients:
+            client.http.close()
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -7,7 +7,7 @@ replay, roles, escaping of staff text, and who sees subscriber addresses.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from collections.abc import Iterator
 from http.cookies import SimpleCookie
 
 import pytest
@@ -23,14 +23,15 @@ from newsletter.staff import disable_staff
 from tests.conftest import SmtpServer, make_settings
 from tests.console_site import (
     ConsoleClient,
+    ConsoleSite,
     Staffer,
-    console_client,
     console_settings,
     csrf_of,
     declare_lists,
     enrol_staff,
     field_of,
     next_code,
+    serve_console,
 )
 
 EVIL = "https://evil.example"
@@ -48,8 +49,16 @@ def editor(factory: sessionmaker[Session], settings: Settings, clock: FrozenCloc
 
 
 @pytest.fixture
-def client(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> ConsoleClient:
-    return console_client(settings, factory, clock)
+def site(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock
+) -> Iterator[ConsoleSite]:
+    with serve_console(settings, factory, clock) as served:
+        yield served
+
+
+@pytest.fixture
+def client(site: ConsoleSite) -> ConsoleClient:
+    return site.client()
 
 
 def count(factory: sessionmaker[Session], model: type) -> int:
@@ -112,12 +121,29 @@ def test_session_cookie_flags_over_http(client: ConsoleClient, editor: Staffer) 
 def test_session_cookie_is_host_prefixed_and_secure_over_https(
     factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, editor: Staffer
 ) -> None:
-    """With an https base_url the cookie is __Host-newsletter_console, Secure, Path=/, no Domain."""
-    client = console_client(settings, factory, clock, base="https://console.example.org")
-    header = set_cookie_of(client.sign_in(editor), "__Host-newsletter_console").lower()
-    assert "secure" in header and "httponly" in header and "samesite=strict" in header
-    assert "path=/" in header and "domain=" not in header
-    assert client.get("/").status_code == 200
+    """With an https base_url the cookies are __Host- prefixed, Secure, Path=/, no Domain.
+
+    The test talks plain http to the server, so it hands the Secure cookies back itself.
+    """
+    with serve_console(settings, factory, clock, base_url="https://console.example.org") as s:
+        client = s.client()
+        page = client.get("/signin")
+        pre = SimpleCookie(set_cookie_of(page, "__Host-newsletter_console_pre"))
+        jar = {"cookie": f"__Host-newsletter_console_pre={pre['__Host-newsletter_console_pre'].value}"}
+        form = {"email": editor.email, "password": editor.password, "csrf": csrf_of(page.text)}
+        first = client.post("/signin", form, headers=jar)
+        assert first.status_code == 200
+        code = {"csrf": csrf_of(first.text), "pending": field_of(first.text, "pending"),
+                "code": next_code(editor.secret, clock)}  # fmt: skip
+        signed_in = client.post("/signin/code", code, headers=jar)
+        header = set_cookie_of(signed_in, "__Host-newsletter_console")
+        value = SimpleCookie(header)["__Host-newsletter_console"].value
+        home = client.get("/", headers={"cookie": f"__Host-newsletter_console={value}"})
+        assert home.status_code == 200 and editor.email in home.text
+    for raw in (header, set_cookie_of(page, "__Host-newsletter_console_pre")):
+        flags = raw.lower()
+        assert "secure" in flags and "httponly" in flags and "samesite=strict" in flags
+        assert "path=/" in flags and "domain=" not in flags
 
 
 def test_sign_in_gives_a_new_session_id_and_ends_the_old(
@@ -128,6 +154,7 @@ def test_sign_in_gives_a_new_session_id_and_ends_the_old(
     old = first["newsletter_console"].value
     second = SimpleCookie(set_cookie_of(client.sign_in(editor), "newsletter_console"))
     assert second["newsletter_console"].value != old
+    client.http.cookies.clear()
     client.http.cookies.set("newsletter_console", old)
     assert client.get("/").headers["location"] == "/signin"
 
@@ -168,11 +195,9 @@ def test_a_disabled_account_is_signed_out_at_once(
     assert client.get("/api/progress").status_code == 401
 
 
-def test_sign_out_everywhere_ends_every_session(
-    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, editor: Staffer
-) -> None:
+def test_sign_out_everywhere_ends_every_session(site: ConsoleSite, editor: Staffer) -> None:
     """A lost phone: from one browser, every other browser's session ends too."""
-    laptop, phone = (console_client(settings, factory, clock) for _ in range(2))
+    laptop, phone = site.client(), site.client()
     laptop.sign_in(editor)
     phone.sign_in(editor)
     assert laptop.post("/signout-everywhere", {}).status_code == 303
@@ -224,11 +249,15 @@ def test_sign_in_form_needs_its_pre_session_token(client: ConsoleClient, editor:
 
 
 def test_a_session_token_does_not_sign_another_session(
-    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, editor: Staffer
+    site: ConsoleSite,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    clock: FrozenClock,
+    editor: Staffer,
 ) -> None:
     """Each session has its own form token."""
     other = enrol_staff(factory, settings, clock, "other@example.org", "editor")
-    a, b = console_client(settings, factory, clock), console_client(settings, factory, clock)
+    a, b = site.client(), site.client()
     a.sign_in(editor)
     b.sign_in(other)
     token_a = csrf_of(a.get("/").text)
@@ -329,12 +358,15 @@ def test_editors_cannot_reach_admin_pages_or_approve(
 def test_staff_text_is_escaped_in_the_console(
     client: ConsoleClient, editor: Staffer
 ) -> None:
-    """A title with a script tag shows as text on every console page."""
+    """Script in a title and a body, as staff typed it, shows as text on the console's pages."""
     client.sign_in(editor)
-    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
-    path = client.post("/alerts/new", draft_form(hostile), csrf_from="/alerts/new").headers[
-        "location"
-    ]
+    hostile = 'Free them <script>alert("x")</script><img src=x onerror=alert(1)>'
+    form = {**draft_form(hostile), "body_en": "</textarea><script>alert(2)</script>"}
+    made = client.post("/alerts/new", form, csrf_from="/alerts/new")
+    assert made.status_code == 303, made.text
+    path = made.headers["location"]
     for page in (client.get(path).text, client.get("/").text):
         assert "<script>alert" not in page and "<img src=x" not in page
-        assert "&lt;script&gt;alert(" in page
+        assert "</textarea><script>" not in page
+    edit = client.get(path).text
+    assert "&lt;script&gt;alert(&#34;x&#34;)" in edit and "&lt;/textarea&gt;&lt;script&gt;" in edit
