@@ -35,6 +35,13 @@ def routes(console: Console) -> list[Route]:
     ]
 
 
+def standalone_svg(svg: str) -> str:
+    """An inline SVG made a document an <img> can show: it needs the SVG namespace."""
+    if svg.startswith("<svg ") and "xmlns=" not in svg[: svg.find(">")]:
+        return '<svg xmlns="http://www.w3.org/2000/svg" ' + svg[len("<svg ") :]
+    return svg
+
+
 class SignInPages:
     """The pages before (and at the end of) a session."""
 
@@ -146,7 +153,7 @@ class SignInPages:
             )
         except SignInError:
             return self.c.render(request, "error", info=None, status=400, code=400, message=BAD_LINK)
-        qr = base64.b64encode(enrolment.qr_svg.encode("utf-8")).decode("ascii")
+        qr = base64.b64encode(standalone_svg(enrolment.qr_svg).encode("utf-8")).decode("ascii")
         return self.c.render(
             request,
             "enrol",

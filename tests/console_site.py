@@ -174,12 +174,13 @@ def serve_console(
     clock: FrozenClock,
     *,
     base_url: str | None = None,
+    port: int | None = None,
 ) -> Iterator[ConsoleSite]:
     """Serve the console as `newsletter console` does until the block ends.
 
     [console] base_url is the server's own URL unless `base_url` is given (an https one, say).
     """
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     settings = console_settings(settings, base_url=base_url or url)
     app = create_console_app(settings, factory, clock, transport_factory=smtp_transport(settings))

@@ -156,7 +156,7 @@ COMMAND_MODULES = (
     "bounces",
     "campaigns",
     "check",
-    "console",
+    "staff_console",
     "demo",
     "devsmtp",
     "digest",

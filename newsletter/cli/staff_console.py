@@ -1,4 +1,8 @@
-"""`newsletter console`: the staff console alone, on its own listener ([console] host, port)."""
+"""`newsletter console`: the staff console alone, on its own listener ([console] host, port).
+
+(Not cli/console.py: importing a submodule named `console` would replace the package's `console`
+printer that every command module imports.)
+"""
 
 from __future__ import annotations
 
