@@ -22,7 +22,13 @@ from starlette.routing import BaseRoute, Route
 from newsletter import console_admin, console_alerts, console_signin, console_watch
 from newsletter.clock import Clock
 from newsletter.config import Settings
-from newsletter.console_core import STATIC_DIR, STATIC_FILES, Console, SignInNeeded, TransportFactory
+from newsletter.console_core import (
+    STATIC_DIR,
+    STATIC_FILES,
+    Console,
+    SignInNeeded,
+    TransportFactory,
+)
 from newsletter.console_security import ConsoleHeaders
 from newsletter.errors import CampaignError, StaffError
 

@@ -285,7 +285,13 @@ class AlertPages:
         return await self.show_alert(request, info, request.path_params["id"], **extra)
 
     async def show_alert(
-        self, request: Request, info: SessionInfo, campaign_id: int, *, status: int = 200, **extra: Any
+        self,
+        request: Request,
+        info: SessionInfo,
+        campaign_id: int,
+        *,
+        status: int = 200,
+        **extra: Any,
     ) -> Response:
         """The alert page for a campaign, with any results or errors of the last action."""
         data = await self.c.db_rolled_back(
@@ -471,7 +477,9 @@ class AlertPages:
 
     async def send_if_training(self, campaign_id: int, *, actor: str) -> None:
         """An approved training alert goes to the staff's own addresses now, never the list."""
-        training = await self.c.db(is_training_alert, campaign_id=campaign_id, settings=self.c.settings)
+        training = await self.c.db(
+            is_training_alert, campaign_id=campaign_id, settings=self.c.settings
+        )
         if not training:
             return
         async with self.c.transport_factory() as transport:
@@ -499,4 +507,3 @@ class AlertPages:
                         log.warning("staff notice not sent: %s", outcome.reply[:200])
         except Exception:  # the relay is down: the approvers still see it on the dashboard
             log.exception("staff notices not sent")
-

@@ -149,7 +149,9 @@ def failures(session: Session, campaign_id: int, *, with_addresses: bool) -> lis
         .limit(FAILURES_SHOWN)
     )
     return [
-        Failure(d.id, d.last_reply or "", d.relay or "", d.attempts, email if with_addresses else None)
+        Failure(
+            d.id, d.last_reply or "", d.relay or "", d.attempts, email if with_addresses else None
+        )
         for d, email in session.execute(stmt)
     ]
 

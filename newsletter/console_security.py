@@ -120,9 +120,7 @@ class CookieJar:
 
     def clear(self, response: Response, name: str) -> None:
         """Remove a cookie (with the same flags, as __Host- cookies require)."""
-        response.delete_cookie(
-            name, path="/", secure=self.secure, httponly=True, samesite="strict"
-        )
+        response.delete_cookie(name, path="/", secure=self.secure, httponly=True, samesite="strict")
 
 
 class PreSessionForms:

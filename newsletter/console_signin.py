@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 
+from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -88,7 +89,7 @@ class SignInPages:
         except SignInError as e:
             return self.refused(request, e, step="code", pending=pending)
         old = request.cookies.get(self.c.cookies.session, "")
-        cookie, info = await self.c.db(self._start, old=old, staff_id=view.id, client=client)
+        cookie, _ = await self.c.db(self._start, old=old, staff_id=view.id, client=client)
         response = RedirectResponse("/", status_code=303)
         self.c.cookies.set(
             response,
@@ -100,40 +101,37 @@ class SignInPages:
         return response
 
     def _start(
-        self, session: object, *, old: str, staff_id: int, client: str
+        self, session: Session, *, old: str, staff_id: int, client: str
     ) -> tuple[str, staff_sessions.SessionInfo]:
         """End the browser's earlier session, if any, and start a new one (a new id)."""
         now = self.c.now()
         if old:
-            staff_sessions.end_session(session, cookie=old, now=now)  # type: ignore[arg-type]
+            staff_sessions.end_session(session, cookie=old, now=now)
         return staff_sessions.start_session(
-            session,  # type: ignore[arg-type]
+            session,
             staff_id=staff_id,
             client=client,
             now=now,
             settings=self.c.settings,
         )
 
-    def refused(self, request: Request, e: SignInError, **context: str) -> Response:
+    def refused(
+        self, request: Request, e: SignInError, *, step: str, email: str = "", pending: str = ""
+    ) -> Response:
         """The one answer to a refused step; throttling says how long to wait."""
-        if isinstance(e, ThrottledError):
-            return self.c.render(
-                request,
-                "signin",
-                info=None,
-                status=429,
-                headers={"retry-after": str(e.retry_after)},
-                error="throttled",
-                retry_after=e.retry_after,
-                **{"email": "", "pending": "", **context},
-            )
+        throttled = isinstance(e, ThrottledError)
+        wait = e.retry_after if isinstance(e, ThrottledError) else 0
         return self.c.render(
             request,
             "signin",
             info=None,
-            status=400,
-            error=WRONG,
-            **{"email": "", "pending": "", **context},
+            status=429 if throttled else 400,
+            headers={"retry-after": str(wait)} if throttled else None,
+            error="throttled" if throttled else WRONG,
+            retry_after=wait,
+            step=step,
+            email=email,
+            pending=pending,
         )
 
     # --- enrolment -------------------------------------------------------------------------
@@ -152,7 +150,9 @@ class SignInPages:
                 settings=self.c.settings,
             )
         except SignInError:
-            return self.c.render(request, "error", info=None, status=400, code=400, message=BAD_LINK)
+            return self.c.render(
+                request, "error", info=None, status=400, code=400, message=BAD_LINK
+            )
         qr = base64.b64encode(standalone_svg(enrolment.qr_svg).encode("utf-8")).decode("ascii")
         return self.c.render(
             request,

@@ -83,7 +83,11 @@ def progress_data(session: Session, *, now: datetime, campaign_id: int | None) -
     """The live figures: every campaign sending, or one campaign."""
     if campaign_id is None:
         return console_queries.sending(session, now=now)
-    return [console_queries.campaign_progress(session, campaigns.get_campaign(session, campaign_id), now=now)]
+    return [
+        console_queries.campaign_progress(
+            session, campaigns.get_campaign(session, campaign_id), now=now
+        )
+    ]
 
 
 def watch_data(
@@ -93,9 +97,7 @@ def watch_data(
     campaign = campaigns.get_campaign(session, campaign_id)
     return {
         "progress": console_queries.campaign_progress(session, campaign, now=now),
-        "failures": console_queries.failures(
-            session, campaign_id, with_addresses=with_addresses
-        ),
+        "failures": console_queries.failures(session, campaign_id, with_addresses=with_addresses),
         "pause_reason": campaign.pause_reason,
         "started_at": campaign.started_at,
         "finished_at": campaign.finished_at,
@@ -105,7 +107,9 @@ def watch_data(
 def digest_data(session: Session, *, settings: Settings, now: datetime) -> list[Any]:
     """The upcoming digest of every digest list."""
     slugs = session.scalars(
-        select(MailingList.slug).where(MailingList.kind == ListKind.DIGEST).order_by(MailingList.slug)
+        select(MailingList.slug)
+        .where(MailingList.kind == ListKind.DIGEST)
+        .order_by(MailingList.slug)
     )
     return [
         digest_control.upcoming_digest(session, list_slug=slug, settings=settings, now=now)
@@ -159,16 +163,18 @@ class WatchPages:
             "actor": info.staff.email,
         }
         if action == "pause":
-            kw["reason"] = form.get("reason").strip()[:200] or f"paused in the console by {info.staff.email}"
-        step = {
-            "pause": campaigns.pause_campaign,
-            "resume": campaigns.resume_campaign,
-            "cancel": campaigns.cancel_campaign,
-            "retry": campaigns.retry_campaign,
-        }[action]
+            kw["reason"] = (
+                form.get("reason").strip()[:200] or f"paused in the console by {info.staff.email}"
+            )
 
         def run(session: Session) -> object:
-            return step(session=session, **kw)
+            if action == "pause":
+                return campaigns.pause_campaign(session=session, **kw)
+            if action == "resume":
+                return campaigns.resume_campaign(session=session, **kw)
+            if action == "cancel":
+                return campaigns.cancel_campaign(session=session, **kw)
+            return campaigns.retry_campaign(session=session, **kw)
 
         await self.c.db(run)
         return RedirectResponse(f"/campaigns/{kw['campaign_id']}", status_code=303)
@@ -196,15 +202,19 @@ class WatchPages:
             if not item.isdigit():
                 raise HTTPException(400)
             kw["item_id"] = int(item)
-        if action == "send":
-            kw["settings"] = self.c.settings
-        step = {
-            "exclude": digest_control.exclude_item,
-            "include": digest_control.include_item,
-            "send": digest_control.send_digest_now,
-            "skip": digest_control.skip_digest,
-        }[action]
-        result = await self.c.db(step, **kw)
+
+        def run(session: Session) -> object:
+            if action == "exclude":
+                digest_control.exclude_item(session, **kw)
+            elif action == "include":
+                digest_control.include_item(session, **kw)
+            elif action == "skip":
+                return digest_control.skip_digest(session, **kw)
+            else:
+                return digest_control.send_digest_now(session, settings=self.c.settings, **kw)
+            return None
+
+        result = await self.c.db(run)
         if action == "send" and isinstance(result, Campaign):
             return RedirectResponse(f"/campaigns/{result.id}", status_code=303)
         return RedirectResponse("/digest", status_code=303)

@@ -15,19 +15,19 @@ from typing import Any
 
 import httpx
 import pyotp
-from sqlalchemy.orm import Session, sessionmaker
 import uvicorn
+from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.console import create_console_app
 from newsletter.console_security import url_origin
-from newsletter.devsmtp import free_port
-from newsletter.webserver import listener_config
 from newsletter.db import unit_of_work
+from newsletter.devsmtp import free_port
 from newsletter.lists import read_lists, sync_lists
 from newsletter.smtp import SmtpPool, Transport
 from newsletter.staff import add_staff, begin_enrolment, complete_enrolment
+from newsletter.webserver import listener_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery staple 42"
@@ -73,7 +73,9 @@ def enrol_staff(
         )  # fmt: skip
     token = url.rsplit("/enrol/", 1)[1]
     with unit_of_work(factory) as session:
-        secret = begin_enrolment(session, token=token, now=clock.now(), settings=settings).totp_secret
+        secret = begin_enrolment(
+            session, token=token, now=clock.now(), settings=settings
+        ).totp_secret
     with unit_of_work(factory) as session:
         complete_enrolment(
             session, token=token, password=PASSWORD, password_again=PASSWORD,
@@ -162,7 +164,9 @@ class ConsoleSite:
 
     def client(self) -> ConsoleClient:
         """A new client with no cookies (closed when the site stops)."""
-        made = ConsoleClient(self.url, self.clock, origin=url_origin(self.settings.console.base_url))
+        made = ConsoleClient(
+            self.url, self.clock, origin=url_origin(self.settings.console.base_url)
+        )
         self.clients.append(made)
         return made
 

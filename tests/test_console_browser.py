@@ -7,9 +7,9 @@ the chain; an edit after an approval voids it.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,11 +28,22 @@ from tests.conftest import SECRET, SmtpServer, make_settings
 from tests.console_site import PASSWORD, ConsoleSite, declare_lists, serve_console
 from tests.test_web import add_person
 
+ROLES = ("admin", "editor", "approver")
+CHAIN = (
+    "staff.enrolled",
+    "staff.signed_in",
+    "alert.drafted",
+    "alert.test_sent",
+    "alert.submitted",
+    "staff.step_up",
+    "alert.approved",
+    "campaign.started",
+)
 MEMBERS = {"en1@example.org": "en", "en2@example.org": "en", "be1@example.org": "be"}
 
 
 def start_clock() -> FrozenClock:
-    """A frozen clock at the start of the current TOTP step (the CLI dates links by the system's)."""
+    """A frozen clock at the start of this TOTP step (the CLI dates links by the system clock)."""
     now = SystemClock().now().timestamp()
     return FrozenClock(datetime.fromtimestamp(now - now % 30, tz=UTC))
 
@@ -126,7 +137,9 @@ def compose(page: Any, site: ConsoleSite, title: str, *, be: bool = True) -> int
     page.goto(f"{site.url}/alerts/new")
     page.select_option("#list", "urgent-actions")
     page.fill("#title_en", title)
-    page.fill("#body_en", "Write to the prosecutor **today**. [Why](https://portal.example.org/why)")
+    page.fill(
+        "#body_en", "Write to the prosecutor **today**. [Why](https://portal.example.org/why)"
+    )
     if be:
         page.fill("#title_be", "Напішыце пракурору")
         page.fill("#body_be", "Напішыце пракурору **сёння**.")
@@ -151,7 +164,7 @@ def test_two_person_alert_from_draft_to_every_member(
     port = free_port()
     console_url = f"http://127.0.0.1:{port}"
     config = write_config(tmp, settings, console_url)
-    links = {role: cli_add(tmp, config, f"{role}@example.org", role) for role in ("admin", "editor", "approver")}  # fmt: skip
+    links = {role: cli_add(tmp, config, f"{role}@example.org", role) for role in ROLES}
     settings = replace(settings, console=replace(settings.console, base_url=console_url))
     with serve_console(settings, factory, clock, port=port) as site:
         secrets = {}
@@ -173,7 +186,10 @@ def test_two_person_alert_from_draft_to_every_member(
         assert editor.locator("iframe.frame-desktop").evaluate(width) >= 600
         light = frame_background(editor, "iframe.frame-desktop")
         editor.goto(f"{site.url}/alerts/{alert_id}?preview=be&scheme=dark")
-        assert "Напішыце пракурору" in editor.frame_locator("iframe.frame-phone").locator("body").inner_text()
+        assert (
+            "Напішыце пракурору"
+            in editor.frame_locator("iframe.frame-phone").locator("body").inner_text()
+        )
         dark = frame_background(editor, "iframe.frame-desktop")
         assert light != dark and dark == "rgb(18, 18, 18)", (light, dark)
 
@@ -192,14 +208,22 @@ def test_two_person_alert_from_draft_to_every_member(
         token = editor.locator("input[name=csrf]").first.get_attribute("value")
         forged = editor.request.post(
             f"{site.url}/alerts/{alert_id}/approve",
-            form={"csrf": token, "revision": revision, "code": fresh_code(secrets["editor"], clock)},
+            form={
+                "csrf": token,
+                "revision": revision,
+                "code": fresh_code(secrets["editor"], clock),
+            },
         )
         assert forged.status == 403
         notices = [m for m in smtpd.messages() if m["To"] == "approver@example.org"]
-        assert len(notices) == 1 and "prosecutor" not in notices[0].get_body(("plain",)).get_content()
+        assert (
+            len(notices) == 1 and "prosecutor" not in notices[0].get_body(("plain",)).get_content()
+        )
 
         # The approver looks, and approves with a fresh code.
-        approver = sign_in(contexts["approver"], site, "approver@example.org", secrets["approver"], clock)
+        approver = sign_in(
+            contexts["approver"], site, "approver@example.org", secrets["approver"], clock
+        )
         approver.goto(f"{site.url}/alerts/{alert_id}")
         assert approver.locator("#revision-hash").inner_text().strip() == revision
         approver.fill("#approve-code", fresh_code(secrets["approver"], clock))
@@ -219,11 +243,12 @@ def test_two_person_alert_from_draft_to_every_member(
         admin = sign_in(contexts["admin"], site, "admin@example.org", secrets["admin"], clock)
         admin.goto(f"{site.url}/audit")
         log = admin.locator("#audit").inner_text()
-        for action in ("alert.drafted", "alert.test_sent", "alert.submitted", "staff.step_up",
-                       "alert.approved", "campaign.started", "staff.signed_in", "staff.enrolled"):  # fmt: skip
+        for action in CHAIN:
             assert action in log, action
         hashed = [row for row in log.splitlines() if revision in row]
-        assert any("alert.submitted" in r for r in hashed) and any("alert.approved" in r for r in hashed)
+        assert any("alert.submitted" in r for r in hashed) and any(
+            "alert.approved" in r for r in hashed
+        )
         for context in contexts.values():
             context.close()
 
@@ -234,7 +259,9 @@ def test_two_person_alert_from_draft_to_every_member(
         editor = sign_in(contexts["editor"], site, "editor@example.org", secrets["editor"], clock)
         second = compose(editor, site, "A second alert", be=False)
         submit(editor, "#submit")
-        approver = sign_in(contexts["approver"], site, "approver@example.org", secrets["approver"], clock)
+        approver = sign_in(
+            contexts["approver"], site, "approver@example.org", secrets["approver"], clock
+        )
         approver.goto(f"{site.url}/alerts/{second}")
         approver.fill("#approve-code", fresh_code(secrets["approver"], clock))
         submit(approver, "#approve")

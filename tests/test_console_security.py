@@ -129,7 +129,9 @@ def test_session_cookie_is_host_prefixed_and_secure_over_https(
         client = s.client()
         page = client.get("/signin")
         pre = SimpleCookie(set_cookie_of(page, "__Host-newsletter_console_pre"))
-        jar = {"cookie": f"__Host-newsletter_console_pre={pre['__Host-newsletter_console_pre'].value}"}
+        jar = {
+            "cookie": f"__Host-newsletter_console_pre={pre['__Host-newsletter_console_pre'].value}"
+        }
         form = {"email": editor.email, "password": editor.password, "csrf": csrf_of(page.text)}
         first = client.post("/signin", form, headers=jar)
         assert first.status_code == 200
@@ -323,9 +325,7 @@ def test_a_totp_code_signs_in_once(
     assert again.status_code == 400
 
 
-def test_forms_use_the_standard_autocomplete_tokens(
-    client: ConsoleClient, editor: Staffer
-) -> None:
+def test_forms_use_the_standard_autocomplete_tokens(client: ConsoleClient, editor: Staffer) -> None:
     """username and current-password, then one-time-code."""
     page = client.get("/signin").text
     assert 'autocomplete="username"' in page and 'autocomplete="current-password"' in page
@@ -355,9 +355,7 @@ def test_editors_cannot_reach_admin_pages_or_approve(
     assert forged.status_code == 403
 
 
-def test_staff_text_is_escaped_in_the_console(
-    client: ConsoleClient, editor: Staffer
-) -> None:
+def test_staff_text_is_escaped_in_the_console(client: ConsoleClient, editor: Staffer) -> None:
     """Script in a title and a body, as staff typed it, shows as text on the console's pages."""
     client.sign_in(editor)
     hostile = 'Free them <script>alert("x")</script><img src=x onerror=alert(1)>'

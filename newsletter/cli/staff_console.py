@@ -33,6 +33,8 @@ def console_command(
     settings, factory = state.settings, state.factory()
     settings.security.require_secret()
     host, port = host or settings.console.host, port or settings.console.port
-    console.print(f"staff console on http://{host}:{port} (links point at {settings.console.base_url})")
+    console.print(
+        f"staff console on http://{host}:{port} (links point at {settings.console.base_url})"
+    )
     app_ = create_console_app(settings, factory, state.clock)
     uvicorn.Server(listener_config(app_, settings, host=host, port=port)).run()
