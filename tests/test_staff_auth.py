@@ -1,4 +1,4 @@
-"""Signing in: two steps, one answer for every wrong password, replay refused, throttled not locked."""
+"""Signing in: two steps, one answer for any wrong password, no replay, throttled not locked."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Event, RateLimit
 from newsletter.errors import SignInError, ThrottledError
-from newsletter.staff import disable_staff, add_staff
-from newsletter.staff_auth import code_step, password_step, verify_step_up
-from newsletter.staff_auth import recovery_codes_left
+from newsletter.staff import add_staff, disable_staff
+from newsletter.staff_auth import code_step, password_step, recovery_codes_left, verify_step_up
 from tests.test_staff import PASSWORD, Enrolled, code_for, enrol, settings_of
 
 CLIENT = "198.51.100.7"
@@ -78,7 +77,7 @@ def test_sign_in_with_password_then_totp(
 def test_every_refusal_gets_the_same_answer(
     factory: sessionmaker[Session], clock: FrozenClock, case: str
 ) -> None:
-    """Unknown account, disabled, not enrolled and wrong password: one message, one event, counted."""
+    """Unknown, disabled, not enrolled or wrong password: one message, one event, counted."""
     who = enrol(factory, clock)
     settings = settings_of(factory)
     email, password = who.email, PASSWORD
@@ -120,7 +119,7 @@ def test_every_refusal_gets_the_same_answer(
 def test_unknown_account_takes_as_long_as_a_wrong_password(
     factory: sessionmaker[Session], clock: FrozenClock
 ) -> None:
-    """The unknown path verifies a dummy Argon2 hash: it is not much faster than a wrong password."""
+    """The unknown path verifies a dummy Argon2 hash: not much faster than a wrong password."""
     who = enrol(factory, clock)
     settings = replace(
         settings_of(factory),

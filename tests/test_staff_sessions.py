@@ -1,4 +1,4 @@
-"""Console sessions: idle and absolute expiry on the injected clock, revocation, disabled accounts."""
+"""Console sessions: idle and absolute expiry on the injected clock, revocation, disabled staff."""
 
 from __future__ import annotations
 
