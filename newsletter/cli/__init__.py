@@ -165,6 +165,7 @@ COMMAND_MODULES = (
     "run",
     "segments",
     "send",
+    "staff",
     "status",
     "subscribers",
     "web",
