@@ -129,9 +129,7 @@ def submit_for_approval(
     )
     void_revisions(session, campaign_id=campaign.id, now=now)
     last = session.scalar(
-        select(func.max(CampaignRevision.number)).where(
-            CampaignRevision.campaign_id == campaign.id
-        )
+        select(func.max(CampaignRevision.number)).where(CampaignRevision.campaign_id == campaign.id)
     )
     revision = CampaignRevision(
         campaign_id=campaign.id,

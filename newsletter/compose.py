@@ -132,7 +132,11 @@ def update_draft(
 def editable_draft(session: Session, campaign_id: int) -> Campaign:
     """A console alert still in draft and never started, or CampaignError."""
     campaign = session.get(Campaign, campaign_id)
-    if campaign is None or campaign.kind != CampaignKind.ALERT or ":draft:" not in campaign.dedupe_key:
+    if (
+        campaign is None
+        or campaign.kind != CampaignKind.ALERT
+        or ":draft:" not in campaign.dedupe_key
+    ):
         raise CampaignError(f"no console alert draft {campaign_id}")
     if campaign.status != CampaignStatus.DRAFT or campaign.started_at is not None:
         raise CampaignError(f"alert {campaign_id} is {campaign.status}: it can no longer change")

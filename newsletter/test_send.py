@@ -16,6 +16,7 @@ from email.utils import format_datetime, make_msgid
 from email_validator import EmailNotValidError, validate_email
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.approvals import is_training, training_recipients
 from newsletter.audit import record_event
 from newsletter.check import check_campaign, stored_variants
 from newsletter.config import Settings
@@ -140,12 +141,10 @@ async def send_training(
     delivery is queued: the list's members never get a training alert. Nothing sent (every
     address failed) leaves it ready, to try again.
     """
-    from newsletter.approvals import training_recipients  # approvals imports this module's peers
-
     with unit_of_work(factory) as session:
         campaign = session.get(Campaign, campaign_id)
         addresses = training_recipients(session, campaign_id)
-        if campaign is None or not campaign.training and not settings.console.training:
+        if campaign is None or not is_training(campaign, settings):
             raise CampaignError(f"alert {campaign_id} is not a training alert")
         if campaign.status != CampaignStatus.DRAFT or not addresses:
             raise CampaignError(f"training alert {campaign_id} is not approved and waiting")
@@ -194,9 +193,7 @@ async def _send_all(
             variant, campaign_id=campaign_id, mlist=mlist, to=address, settings=settings,
             now=now, prefix=prefix,
         )  # fmt: skip
-        outcome = await transport.send(
-            data, sender=settings.mail.bounce_address, recipient=address
-        )
+        outcome = await transport.send(data, sender=settings.mail.from_address, recipient=address)
         outcomes.append((address, str(outcome.result)))
     return outcomes
 
