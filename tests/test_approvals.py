@@ -116,7 +116,9 @@ def drafted(
         return campaign.id
 
 
-def submitted(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, cid: int) -> str:
+def submitted(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, cid: int
+) -> str:
     with unit_of_work(factory) as session:
         view = submit_for_approval(
             session, campaign_id=cid, settings=settings, now=clock.now(), actor=AUTHOR.email
@@ -151,9 +153,7 @@ def settings(database_url: str, smtpd: SmtpServer) -> Settings:
 
 def deliveries(factory: sessionmaker[Session], cid: int) -> int:
     with unit_of_work(factory) as session:
-        return int(
-            session.scalar(select(func.count()).where(Delivery.campaign_id == cid)) or 0
-        )
+        return int(session.scalar(select(func.count()).where(Delivery.campaign_id == cid)) or 0)
 
 
 def actions(factory: sessionmaker[Session]) -> list[str]:
@@ -290,7 +290,9 @@ def test_two_distinct_approvals_when_configured(
     digest = submitted(factory, settings, clock, cid)
     assert approving(factory, settings, clock, cid, APPROVER, digest) is None
     with pytest.raises(ApprovalError, match="already"):
-        approving(factory, settings, clock, cid, replace(APPROVER, email=APPROVER.email.upper()), digest)
+        approving(
+            factory, settings, clock, cid, replace(APPROVER, email=APPROVER.email.upper()), digest
+        )
     assert deliveries(factory, cid) == 0
     assert approving(factory, settings, clock, cid, SECOND, digest) == 2
     with unit_of_work(factory) as session:
@@ -309,7 +311,9 @@ def test_the_approved_hash_is_that_of_what_was_stored_at_launch(
         assert campaign.status == CampaignStatus.RUNNING
         stored = stored_variants(session, campaign)
         assert {v.lang for v in stored} == set(settings.render.languages)
-        assert revision_hash(stored, list_id=campaign.list_id, segment_id=None, recipients=3) == digest
+        assert (
+            revision_hash(stored, list_id=campaign.list_id, segment_id=None, recipients=3) == digest
+        )
 
 
 def test_a_hash_is_free_of_the_render_nonce(
@@ -404,15 +408,18 @@ def test_training_sends_only_to_staff_addresses(
     trainee = replace(AUTHOR, role="approver", training=True)
     # Self-approval is allowed in training, and only there.
     with unit_of_work(factory) as session:
-        assert approve(
-            session,
-            campaign_id=cid,
-            revision_hash=digest,
-            approver=trainee,
-            settings=settings,
-            now=clock.now(),
-            training_addresses=[AUTHOR.email, "coach@staff.example.org"],
-        ) == 0
+        assert (
+            approve(
+                session,
+                campaign_id=cid,
+                revision_hash=digest,
+                approver=trainee,
+                settings=settings,
+                now=clock.now(),
+                training_addresses=[AUTHOR.email, "coach@staff.example.org"],
+            )
+            == 0
+        )
 
     async def run() -> list[tuple[str, str]]:
         pool = SmtpPool(settings.smtp)
@@ -450,7 +457,9 @@ def test_self_approval_outside_training_is_refused_even_with_the_training_flag_o
     cid = drafted(factory, settings, clock)
     digest = submitted(factory, settings, clock, cid)
     with pytest.raises(ApprovalError, match="author"):
-        approving(factory, settings, clock, cid, replace(AUTHOR, role="admin", training=True), digest)
+        approving(
+            factory, settings, clock, cid, replace(AUTHOR, role="admin", training=True), digest
+        )
 
 
 def test_global_training_mode_makes_every_draft_training(

@@ -28,6 +28,8 @@ from newsletter.errors import CampaignError
 from tests.conftest import make_settings
 from tests.test_approvals import ALERTS, AUTHOR, seed_people, text_draft
 
+EN = LanguageText("T", "b")
+
 
 @pytest.fixture
 def settings(database_url: str) -> Settings:
@@ -83,8 +85,12 @@ def test_console_drafts_of_the_same_text_are_two_and_the_cli_still_dedupes(
 ) -> None:
     seed_people(factory, clock, 1)
     with unit_of_work(factory) as session:
-        one = create_draft(session, draft=text_draft(), settings=settings, now=clock.now(), actor="a")
-        two = create_draft(session, draft=text_draft(), settings=settings, now=clock.now(), actor="a")
+        one = create_draft(
+            session, draft=text_draft(), settings=settings, now=clock.now(), actor="a"
+        )
+        two = create_draft(
+            session, draft=text_draft(), settings=settings, now=clock.now(), actor="a"
+        )
         assert one.id != two.id and one.dedupe_key != two.dedupe_key
         assert ":draft:" in one.dedupe_key
         kw = {"session": session, "list_slug": ALERTS, "now": clock.now(), "actor": "cli",
@@ -121,8 +127,8 @@ def test_the_form_comes_back_as_written_and_an_edit_is_audited(
     [
         (DraftInput(ALERTS, None, None, {"be": LanguageText("T", "b")}), "a title in en"),
         (DraftInput(ALERTS, None, None, {"en": LanguageText("", "body only")}), "no title"),
-        (DraftInput(ALERTS, None, None, {"en": LanguageText("T", "b"), "xx": LanguageText("T", "")}), "no such language"),
-        (DraftInput(ALERTS, None, None, {"en": LanguageText("T", "b")}, url="javascript:alert(1)"), "http or https"),
+        (DraftInput(ALERTS, None, None, {"en": EN, "xx": EN}), "no such language"),
+        (DraftInput(ALERTS, None, None, {"en": EN}, url="javascript:alert(1)"), "http or https"),
         (DraftInput(ALERTS, None, None, {"en": LanguageText("T", "x" * 30_000)}), "over the limit"),
         (DraftInput(ALERTS, None, "no-such-item", {}), "no ingested item"),
     ],
@@ -184,5 +190,7 @@ def test_recipients_by_language_and_an_item_picker(
         assert [i.title for i in recent_items(session, query="%_")] == ["Letters 100%_done"]
         assert recent_items(session, query="_") != recent_items(session, query="")
         item_draft = DraftInput(ALERTS, None, "g0", {})
-        campaign = create_draft(session, draft=item_draft, settings=settings, now=clock.now(), actor="a")
+        campaign = create_draft(
+            session, draft=item_draft, settings=settings, now=clock.now(), actor="a"
+        )
         assert campaign.items[0].guid == "g0" and draft_input(campaign).item_ref == "g0"

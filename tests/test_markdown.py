@@ -70,7 +70,9 @@ def test_too_long_a_text_is_one_line_of_error() -> None:
     assert md("a" * MAX_MARKDOWN_CHARS).startswith("<p>a")
 
 
-@pytest.mark.parametrize("pathological", ["[" * 19000, "*a " * 6000, "_" * 19000 + "x", "\\" * 19000])
+@pytest.mark.parametrize(
+    "pathological", ["[" * 19000, "*a " * 6000, "_" * 19000 + "x", "\\" * 19000]
+)
 def test_pathological_text_at_the_limit_is_quick(pathological: str) -> None:
     start = time.perf_counter()
     md(pathological)
