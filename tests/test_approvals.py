@@ -36,6 +36,7 @@ from newsletter.db.models import (
 from newsletter.errors import ApprovalError, CampaignError
 from newsletter.lists import read_lists, sync_lists
 from newsletter.smtp import SmtpPool
+from newsletter.staff_notices import approval_request_message, break_glass_message
 from newsletter.test_send import send_training
 from tests.builders import deliver
 from tests.conftest import SmtpServer, make_settings
@@ -493,3 +494,32 @@ def test_an_approved_alert_cannot_be_edited_or_approved_again(
     with pytest.raises(ApprovalError, match="running"):
         approving(factory, settings, clock, cid, SECOND, digest)
     assert deliveries(factory, cid) == 1
+
+
+@pytest.mark.parametrize("lang", ["en", "be", "ru"])
+def test_staff_notices_are_neutral_and_link_to_the_console(
+    database_url: str, clock: FrozenClock, lang: str
+) -> None:
+    settings = make_settings(database_url)
+    url = f"{settings.console.base_url}/alerts/7"
+    ask = approval_request_message(
+        to=APPROVER.email, console_url=url, settings=settings, now=clock.now(), lang=lang
+    )
+    told = break_glass_message(
+        to=APPROVER.email,
+        console_url=url,
+        actor=AUTHOR.email,
+        reason="Nobody else awake\r\nBcc: x@example.org before the trial",
+        settings=settings,
+        now=clock.now(),
+        lang=lang,
+    )
+    for msg in (ask, told):
+        body = msg.get_content()
+        assert url in body and str(msg["From"]).endswith(f"<{settings.mail.from_address}>")
+        assert "Write to the prisoner" not in body + str(msg["Subject"])
+        assert msg["Bcc"] is None and "\nBcc:" not in body
+    assert AUTHOR.email in told.get_content() and "2026-11-23 09:00 UTC" in told.get_content()
+    assert "Nobody else awake Bcc: x@example.org before the trial" in told.get_content()
+    if lang != "en":
+        assert "An alert is waiting" not in str(ask["Subject"])
