@@ -342,3 +342,90 @@ def test_language_switch_and_training_banner(
         assert '<html lang="be">' in client.get("/signin").text
         assert '<html lang="ru">' in client.get("/signin?lang=ru").text
         assert '<html lang="ru">' in client.get("/signin?lang=xx").text  # unknown: kept as was
+
+
+# --- break glass, training -------------------------------------------------------------------
+
+
+def submitted_alert(client: ConsoleClient, title: str = "Sign now") -> tuple[str, str]:
+    """A draft made and submitted through the pages: its path and revision hash."""
+    made = client.post(
+        "/alerts/new",
+        {"action": "save", "list": "urgent-actions", "title_en": title, "body_en": "Please."},
+        csrf_from="/alerts/new",
+    )
+    path = made.headers["location"]
+    assert client.post(f"{path}/submit", {}, csrf_from=path).status_code == 303
+    page = client.get(path).text
+    return path, page.split('id="revision-hash">')[1].split("<")[0]
+
+
+def test_break_glass_sends_alone_with_a_reason_and_tells_every_approver(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, smtpd: SmtpServer
+) -> None:
+    """Only when [console] break_glass is on; a fresh code and a reason; approvers are mailed."""
+    seed_people(factory, clock, 2)
+    with serve_console(console_settings(settings, break_glass=True), factory, clock) as site:
+        who = enrol_staff(factory, site.settings, clock, "ap@example.org", "approver")
+        enrol_staff(factory, site.settings, clock, "other@example.org", "approver")
+        client = site.client()
+        client.sign_in(who)
+        path, revision = submitted_alert(client)
+        assert "Break glass" in client.get(path).text
+        form = {"revision": revision, "reason": "the hearing is in an hour, no one answers",
+                "code": next_code(who.secret, clock)}  # fmt: skip
+        sent = client.post(f"{path}/break-glass", form, csrf_from=path)
+        assert sent.status_code == 303 and sent.headers["location"].startswith("/campaigns/")
+    told = [m for m in smtpd.messages() if m["To"] == "other@example.org"]
+    assert len(told) == 2  # asked to approve at submission, then told of the break-glass send
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(Event).where(Event.action == "alert.break_glass"))
+        queued = session.scalars(select(Delivery.status)).all()
+    assert queued == ["queued", "queued"]
+
+
+def test_break_glass_is_not_there_when_off(
+    site: ConsoleSite, factory: sessionmaker[Session]
+) -> None:
+    """Off by default: no form, and the route answers 404."""
+    approver = signed_in(site, factory, "ap@example.org", "approver")
+    path, revision = submitted_alert(approver)
+    assert "Break glass" not in approver.get(path).text
+    form = {"revision": revision, "reason": "x" * 30, "code": "000000"}
+    assert approver.post(f"{path}/break-glass", form, csrf_from=path).status_code == 404
+
+
+def test_a_wrong_step_up_code_approves_nothing(
+    site: ConsoleSite, factory: sessionmaker[Session]
+) -> None:
+    """Approving needs a valid fresh code: a wrong one is refused, nothing is queued."""
+    editor = signed_in(site, factory, "ed@example.org", "editor")
+    path, revision = submitted_alert(editor)
+    approver = signed_in(site, factory, "ap@example.org", "approver")
+    refused = approver.post(
+        f"{path}/approve", {"revision": revision, "code": "000000"}, csrf_from=path
+    )
+    assert refused.status_code == 400 and "That code is not valid." in refused.text
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(Delivery)) is None
+        assert session.scalar(select(Event).where(Event.action == "alert.approved")) is None
+
+
+def test_training_alerts_go_only_to_the_staff(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, smtpd: SmtpServer
+) -> None:
+    """In training mode an approver may approve their own alert, and only staff get it."""
+    seed_people(factory, clock, 2)
+    with serve_console(console_settings(settings, training=True), factory, clock) as site:
+        who = enrol_staff(factory, site.settings, clock, "ap@example.org", "approver")
+        client = site.client()
+        client.sign_in(who)
+        path, revision = submitted_alert(client, "Practice alert")
+        page = client.get(path).text
+        assert "Training mode" in page and 'id="approve"' in page
+        form = {"revision": revision, "code": next_code(who.secret, clock)}
+        assert client.post(f"{path}/approve", form, csrf_from=path).status_code == 303
+    got = [m["To"] for m in smtpd.messages() if "Practice alert" in str(m["Subject"])]
+    assert got == ["ap@example.org"]
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(Delivery)) is None
