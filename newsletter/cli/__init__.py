@@ -156,6 +156,7 @@ COMMAND_MODULES = (
     "bounces",
     "campaigns",
     "check",
+    "staff_console",
     "demo",
     "devsmtp",
     "digest",
