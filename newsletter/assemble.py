@@ -14,6 +14,7 @@ from newsletter.db.models import (
     Campaign,
     CampaignKind,
     CampaignStatus,
+    DigestExclusion,
     Item,
     ListKind,
     MailingList,
@@ -31,13 +32,20 @@ def assemble_digest(
     """Make a digest of the items since this list's last digest; None when nothing is new.
 
     The list's cursor moves in the same transaction that creates the campaign, so a repeated run
-    finds nothing new and a missed run picks up everything since the last digest.
+    finds nothing new and a missed run picks up everything since the last digest. Items staff
+    left out (DigestExclusion, digest_control.py) are never in it; the cursor moves past them.
     """
     ml = _digest_list(session, list_slug)
-    items = list(items_since(session, ml.digest_cursor))
+    window = list(items_since(session, ml.digest_cursor))
+    excluded = excluded_item_ids(session, ml.id)
+    items = [item for item in window if item.id not in excluded]
     if not items:
+        # Items staff left out are passed over for good: the cursor moves past them.
+        if window:
+            ml.digest_cursor = max(i.id for i in window)
+            session.flush()
         return None
-    first, last = min(i.id for i in items), max(i.id for i in items)
+    first, last = min(i.id for i in items), max(i.id for i in window)
     campaign = Campaign(
         kind=CampaignKind.DIGEST,
         list_id=ml.id,
@@ -54,6 +62,12 @@ def assemble_digest(
     )
     session.flush()
     return campaign
+
+
+def excluded_item_ids(session: Session, list_id: int) -> set[int]:
+    """The items staff left out of this list's digests."""
+    stmt = select(DigestExclusion.item_id).where(DigestExclusion.list_id == list_id)
+    return set(session.scalars(stmt))
 
 
 def last_digest(*, session: Session, list_slug: str) -> Campaign | None:

@@ -115,7 +115,9 @@ def import_rows(
         get_list(session, default_list)  # raises with the known lists
     target = _Target(lists, default_list, confirmed, secret, now)
     report = ImportReport()
-    event = record_event(session, now=now, actor=actor, action="subscribers.import", source=source)
+    # The start is an event of its own: the audit trail is append-only, so the counts go in a
+    # second event at the end rather than into this one.
+    record_event(session, now=now, actor=actor, action="subscribers.import_started", source=source)
     # A write first: SQLite's driver begins the transaction only at a write, and a savepoint
     # taken before that would commit on release instead of nesting in the import's transaction.
     session.flush()
@@ -145,7 +147,9 @@ def import_rows(
         _write_chunk(session, chunk, target, report, reject)
     if on_progress:
         on_progress(last_line)
-    event.detail = {"source": source, **report.counts()}
+    record_event(
+        session, now=now, actor=actor, action="subscribers.import", source=source, **report.counts()
+    )
     session.flush()
     return report
 

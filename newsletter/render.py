@@ -83,6 +83,9 @@ class CampaignView:
     url: str = ""
     # The day the campaign is issued; without it, the newest item's day.
     issued_at: datetime | None = None
+    # The language staff wrote title and body_html in, when it is not the reader's (a missing
+    # translation falls back to the default language's text, marked as digests mark items).
+    text_lang: str = ""
     # The campaign's name in its web copy's URL (/archive/<slug>/<lang>); "" = no web copy.
     slug: str = ""
 
@@ -371,7 +374,7 @@ def _lead(view: CampaignView) -> _Lead:
     if view.items:
         item = view.items[0]
         return _Lead(item.title, item.summary_html, item.link, item.published_at, item.lang)
-    return _Lead(view.title, view.body_html, view.url, None)
+    return _Lead(view.title, view.body_html, view.url, None, view.text_lang)
 
 
 def _group_by_category(items: Iterable[ItemView]) -> tuple[_Group, ...]:

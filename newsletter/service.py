@@ -1,4 +1,7 @@
-"""`newsletter run`: the scheduler, the sender and the web pages in one asyncio process.
+"""`newsletter run`: the scheduler, the sender, the web pages and the staff console in one process.
+
+The staff console has a listener of its own ([console] host and port), apart from the public
+pages', so that the pages can face the internet without it.
 
 Only the holder of the scheduler lease schedules; any number of processes may send. A second
 `newsletter run` on the same database stands by, sending and serving pages, and takes over the
@@ -233,6 +236,37 @@ def _pages_app(service: Service) -> Any:
     return create_app(settings=service.settings, factory=service.factory, clock=service.clock)
 
 
+def _console_app(service: Service) -> Any:
+    """The staff console app, when that module is present."""
+    try:
+        from newsletter.console import create_console_app
+    except ImportError:
+        return None
+    return create_console_app(service.settings, service.factory, service.clock)
+
+
+def console_server(service: Service, *, host: str, port: int) -> tuple[Any, socket.socket] | None:
+    """The console's server and its bound socket; a taken port is logged, not fatal.
+
+    The socket is bound here, before uvicorn starts: uvicorn would end the whole process on a
+    port it cannot bind, and a second `newsletter run` on this machine must keep sending.
+    """
+    app = _console_app(service)
+    if app is None:
+        return None
+    try:
+        sock = socket.create_server((host, port), family=_family(host), reuse_port=False)
+    except OSError as e:
+        log.error("staff console not started on %s:%d: %s", host, port, e)
+        return None
+    config = listener_config(app, service.settings, host=host, port=port)
+    return _QuietServer(config), sock
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def start_inbound_safely(service: Service) -> Any:
     """The inbound SMTP server, if configured; a taken port is logged, not fatal."""
     try:
@@ -250,8 +284,17 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-async def run_service(service: Service, *, host: str, port: int) -> None:
-    """Run until SIGTERM or SIGINT, then stop cleanly: finish the batch, free the lock."""
+async def run_service(
+    service: Service,
+    *,
+    host: str,
+    port: int,
+    console: tuple[str, int] | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly: finish the batch, free the lock.
+
+    `console` is the staff console's (host, port), None to serve no console.
+    """
     schedule.register(service.scheduler, active=lambda: service.active)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -265,12 +308,18 @@ async def run_service(service: Service, *, host: str, port: int) -> None:
         asyncio.create_task(keep_sending(service)),
         asyncio.create_task(server.serve()),
     ]
+    staff = console_server(service, host=console[0], port=console[1]) if console else None
+    if staff is not None:
+        tasks.append(asyncio.create_task(staff[0].serve(sockets=[staff[1]])))
+        log.info("staff console on http://%s:%d", *console)  # type: ignore[misc]
     inbound = start_inbound_safely(service)
     log.info("service %s listening on http://%s:%d", service.holder, host, port)
     await service.stop.wait()
     log.info("stopping")
     service.control.request_stop()  # in-flight messages finish; nothing new starts
     server.should_exit = True
+    if staff is not None:
+        staff[0].should_exit = True
     apscheduler.shutdown(wait=False)
     await asyncio.gather(*tasks)
     if inbound is not None:

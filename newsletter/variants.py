@@ -16,9 +16,11 @@ from newsletter.render import CampaignView, ItemView, RenderedVariant, render_va
 def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> CampaignView:
     """The plain data a template needs in one language, taken from a campaign and its items.
 
-    A digest carries the items of the reader's language's feeds (see items_for_language).
+    A digest carries the items of the reader's language's feeds (see items_for_language); a
+    staff alert its text in the reader's language, else the default one's (alert_text).
     """
     ml: MailingList = campaign.mailing_list
+    title, body_html, text_lang = alert_text(campaign, lang, default_lang)
     items = list(campaign.items)
     if campaign.kind == CampaignKind.DIGEST:
         items = items_for_language(items, lang=lang, default_lang=default_lang)
@@ -36,13 +38,29 @@ def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> Ca
             )
             for i in items
         ),
-        title=campaign.title,
-        body_html=campaign.body_html,
+        title=title,
+        body_html=body_html,
         url=campaign.url,
         issued_at=campaign.created_at,
+        text_lang=text_lang,
         # No "Open in a browser" link for a campaign kept out of the archive.
         slug=(campaign.slug or "") if campaign.archived and not campaign.training else "",
     )
+
+
+def alert_text(campaign: Campaign, lang: str, default_lang: str) -> tuple[str, str, str]:
+    """(title, body_html, language written in) of staff text for a reader of `lang`.
+
+    The campaign's own title and body are the default language's; a console alert keeps the
+    others in translations. A language without one gets the default language's text, and its
+    language ("" when it is the reader's, or for an alert from the CLI, written in one language).
+    """
+    own = (campaign.translations or {}).get(lang)
+    if lang == default_lang or own:
+        chosen = own or {}
+        return chosen.get("title", campaign.title), chosen.get("body_html", campaign.body_html), ""
+    marked = default_lang if campaign.source_text else ""
+    return campaign.title, campaign.body_html, marked
 
 
 def render_campaign(campaign: Campaign, *, settings: Settings) -> list[RenderedVariant]:

@@ -1,4 +1,4 @@
-"""`newsletter run`: the long-running service (scheduler, sender, web pages)."""
+"""`newsletter run`: the long-running service (scheduler, sender, web pages, staff console)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ def run(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Web address (default: [web] host).")] = None,
     port: Annotated[int | None, typer.Option(help="Web port (default: [web] port).")] = None,
+    console_host: Annotated[
+        str | None, typer.Option(help="Staff console address (default: [console] host).")
+    ] = None,
+    console_port: Annotated[
+        int | None, typer.Option(help="Staff console port (default: [console] port).")
+    ] = None,
+    no_console: Annotated[
+        bool, typer.Option("--no-console", help="Do not serve the staff console.")
+    ] = False,
 ) -> None:
-    """Run the service: scheduler, sender and web pages, until SIGTERM or Ctrl-C."""
+    """Run the service: scheduler, sender, web pages and staff console, until SIGTERM or Ctrl-C."""
     from newsletter.service import Service, run_service
 
     state: State = ctx.obj
@@ -25,11 +34,19 @@ def run(
     settings.security.require_secret()
     configure_logging(settings.logging)
     engine = state.engine()
+    staff = None
+    if not no_console:
+        staff = (console_host or settings.console.host, console_port or settings.console.port)
 
     async def main() -> None:
         service = Service(
             settings=settings, engine=engine, factory=state.factory(), clock=state.clock
         )
-        await run_service(service, host=host or settings.web.host, port=port or settings.web.port)
+        await run_service(
+            service,
+            host=host or settings.web.host,
+            port=port or settings.web.port,
+            console=staff,
+        )
 
     asyncio.run(main())

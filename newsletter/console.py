@@ -1,0 +1,103 @@
+"""The staff console: a Starlette app on its own listener ([console] host and port).
+
+Server-rendered pages (they work without script; static/console.js only refreshes the live
+figures), server-side sessions (staff_sessions), a form token on every POST, the console's own
+strict CSP. The pages live in console_signin (sign-in, enrolment, sign-out), console_alerts
+(compose, preview, test, submit, approve), console_watch (dashboard, progress, campaigns, digest)
+and console_admin (audit log, staff list); console_core holds what they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from newsletter import console_admin, console_alerts, console_signin, console_watch
+from newsletter.clock import Clock
+from newsletter.config import Settings
+from newsletter.console_core import (
+    STATIC_DIR,
+    STATIC_FILES,
+    Console,
+    SignInNeeded,
+    TransportFactory,
+)
+from newsletter.console_security import ConsoleHeaders
+from newsletter.errors import CampaignError, StaffError
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def create_console_app(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    clock: Clock,
+    transport_factory: TransportFactory | None = None,
+) -> Starlette:
+    """The console app; `transport_factory` opens the mail transport for tests and notices."""
+    console = Console(settings, factory, clock, transport_factory)
+    routes: list[BaseRoute] = [
+        Route("/healthz", _healthz, methods=["GET"]),
+        Route("/static/{name}", _static_endpoint(), methods=["GET"]),
+        *console_signin.routes(console),
+        *console_watch.routes(console),
+        *console_alerts.routes(console),
+        *console_admin.routes(console),
+    ]
+    handlers: dict[Any, Handler] = {
+        SignInNeeded: _sign_in_needed,
+        HTTPException: _error_page(console),
+        StaffError: _error_page(console),
+        CampaignError: _error_page(console),
+    }
+    app = Starlette(routes=routes, exception_handlers=handlers)
+    app.add_middleware(ConsoleHeaders)
+    return app
+
+
+async def _healthz(request: Request) -> Response:
+    """A liveness answer for load balancers and tests."""
+    return PlainTextResponse("ok")
+
+
+def _static_endpoint() -> Callable[[Request], Awaitable[Response]]:
+    """The console's CSS and script, read once; nothing else under /static/."""
+    files = {name: (STATIC_DIR / name).read_bytes() for name in STATIC_FILES}
+
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in files:
+            raise HTTPException(404)
+        return Response(files[name], media_type=STATIC_FILES[name])
+
+    return static
+
+
+async def _sign_in_needed(request: Request, exc: Exception) -> Response:
+    """No live session: pages go to /signin, the JSON API answers 401, a POST is refused."""
+    if request.url.path.startswith("/api/"):
+        return JSONResponse({"error": "signed out"}, status_code=401)
+    if request.method != "GET":
+        return PlainTextResponse("signed out", status_code=403)
+    return RedirectResponse("/signin", status_code=303)
+
+
+def _error_page(console: Console) -> Handler:
+    """One page for refusals: HTTP errors by code, step errors with their one line."""
+
+    async def error(request: Request, exc: Exception) -> Response:
+        info = request.scope.get("console_session")
+        if isinstance(exc, HTTPException):
+            code, message = exc.status_code, ""
+        else:  # a step refused: its one-line reason, as the CLI prints it
+            code, message = 409, str(exc)
+        return console.render(request, "error", info=info, status=code, code=code, message=message)
+
+    return error

@@ -1,0 +1,281 @@
+"""Signing in to the console: the password step, the code step, and step-up for approvals.
+
+Throttling, not lockout: failures are counted per (account, client) and per client for the
+password step, and per account for the code step, in 15-minute windows (throttle.py); past a
+limit the answer is ThrottledError, given before any password or code is checked. There is no
+per-account limit on the password step, so an attacker elsewhere cannot lock the owner out.
+
+A refused attempt is committed before SignInError is raised: the caller's unit of work rolls
+back on the error, and that must not undo the count or the audit event.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+from datetime import datetime
+
+from argon2.exceptions import InvalidHashError, VerificationError
+from itsdangerous import BadSignature, URLSafeSerializer
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from newsletter import throttle
+from newsletter.audit import record_event
+from newsletter.config import Settings
+from newsletter.db.models import Staff, StaffRecoveryCode
+from newsletter.errors import SignInError, ThrottledError
+from newsletter.staff import (
+    StaffView,
+    claim_totp_step,
+    find_staff,
+    hasher,
+    is_active,
+    matched_step,
+    use_recovery_code,
+    view_of,
+)
+
+WRONG_PASSWORD = "the email address or password is wrong"
+WRONG_CODE = "the code is wrong"
+EXPIRED = "the sign-in took too long or is not valid: start again"
+PENDING_SECONDS = 5 * 60
+WINDOW = throttle.WINDOW_SECONDS
+# Who an unknown account's events are recorded for: what was typed may be a password.
+UNKNOWN_ACTOR = "unknown"
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """An Argon2 hash of a random password, made once per process, to verify unknown accounts
+    against: they take as long to refuse as a wrong password."""
+    return hasher.hash(secrets.token_urlsafe(16))
+
+
+def _serializer(secret: str) -> URLSafeSerializer:
+    return URLSafeSerializer(secret, salt="newsletter.staff-pending")
+
+
+def _fingerprint(staff: Staff) -> str:
+    """Changes when the password does (a reset or re-enrolment voids pending sign-ins)."""
+    return hashlib.sha256(staff.password_hash.encode()).hexdigest()[:16]
+
+
+def _password_ok(stored: str, password: str) -> bool:
+    try:
+        return hasher.verify(stored or dummy_hash(), password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def _keys(email: str, client: str, secret: str) -> tuple[str, str]:
+    """The (account, client) and client keys of the password step."""
+    return (
+        throttle.limit_key(
+            "signin-account-client", f"{email.strip().lower()}|{client}", secret=secret
+        ),
+        throttle.limit_key("signin-client", client, secret=secret),
+    )
+
+
+def _code_key(staff_id: int, secret: str) -> str:
+    return throttle.limit_key("signin-code", str(staff_id), secret=secret)
+
+
+def _throttle(
+    session: Session,
+    *,
+    limits: list[tuple[str, int]],
+    now: datetime,
+    actor: str,
+    client: str,
+    action: str = "staff.signin_throttled",
+    **detail: object,
+) -> None:
+    """Raise ThrottledError if any key is at its limit; audited once per key and window."""
+    for key, limit in limits:
+        wait = throttle.retry_after(session, key=key, limit=limit, window_seconds=WINDOW, now=now)
+        if not wait:
+            continue
+        # Counting throttled tries too means only the first one is audited (count == limit):
+        # a flood of refused requests does not flood the append-only events table.
+        if throttle.attempts(session, key=key, window_seconds=WINDOW, now=now) == limit:
+            record_event(session, now=now, actor=actor, action=action, client=client, **detail)
+        throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
+        session.commit()
+        raise ThrottledError(wait)
+
+
+def _refuse(
+    session: Session,
+    *,
+    keys: list[str],
+    now: datetime,
+    actor: str,
+    action: str,
+    message: str,
+    **detail: object,
+) -> SignInError:
+    """Count a failure on every key, audit it, commit; returns the error to raise."""
+    for key in keys:
+        throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
+    record_event(session, now=now, actor=actor, action=action, **detail)
+    session.commit()
+    return SignInError(message)
+
+
+def password_step(
+    session: Session,
+    *,
+    email: str,
+    password: str,
+    client: str,
+    now: datetime,
+    settings: Settings,
+) -> str:
+    """Check email and password; return a signed pending token for the code step (5 minutes)."""
+    secret = settings.security.require_secret()
+    account_client, by_client = _keys(email, client, secret)
+    staff = find_staff(session, email)
+    actor = staff.email if staff is not None else UNKNOWN_ACTOR
+    console = settings.console
+    _throttle(
+        session,
+        limits=[
+            (account_client, console.failures_per_account_client),
+            (by_client, console.failures_per_client),
+        ],
+        now=now,
+        actor=actor,
+        client=client,
+        step="password",
+    )
+    ok = _password_ok(staff.password_hash if staff is not None else "", password)
+    if staff is None or not ok or not is_active(staff):
+        raise _refuse(
+            session,
+            keys=[account_client, by_client],
+            now=now,
+            actor=actor,
+            action="staff.signin_failed",
+            message=WRONG_PASSWORD,
+            client=client,
+            reason="password",
+        )
+    if hasher.check_needs_rehash(staff.password_hash):
+        staff.password_hash = hasher.hash(password)
+    return str(_serializer(secret).dumps([staff.id, int(now.timestamp()), _fingerprint(staff)]))
+
+
+def _pending_staff(session: Session, pending: str, *, now: datetime, secret: str) -> Staff:
+    try:
+        staff_id, issued, fingerprint = _serializer(secret).loads(pending)
+    except (BadSignature, ValueError, TypeError):
+        raise SignInError(EXPIRED) from None
+    if not isinstance(staff_id, int) or not isinstance(issued, int):
+        raise SignInError(EXPIRED)
+    if not 0 <= now.timestamp() - issued <= PENDING_SECONDS:
+        raise SignInError(EXPIRED)
+    staff = session.get(Staff, staff_id)
+    if staff is None or not is_active(staff) or fingerprint != _fingerprint(staff):
+        raise SignInError(EXPIRED)
+    return staff
+
+
+def _totp_ok(session: Session, staff: Staff, code: str, now: datetime) -> bool:
+    step = matched_step(staff.totp_secret, code, now=now, after=staff.totp_last_step)
+    return step is not None and claim_totp_step(session, staff_id=staff.id, step=step)
+
+
+def code_step(
+    session: Session, *, pending: str, code: str, client: str, now: datetime, settings: Settings
+) -> StaffView:
+    """Check the TOTP code (or an unused recovery code) of a pending sign-in."""
+    secret = settings.security.require_secret()
+    staff = _pending_staff(session, pending, now=now, secret=secret)
+    key = _code_key(staff.id, secret)
+    _throttle(
+        session,
+        limits=[(key, settings.console.code_failures_per_account)],
+        now=now,
+        actor=staff.email,
+        client=client,
+        step="code",
+    )
+    method = "totp"
+    if not _totp_ok(session, staff, code, now):
+        method = "recovery_code"
+        if not use_recovery_code(session, staff=staff, code=code, now=now):
+            raise _refuse(
+                session,
+                keys=[key],
+                now=now,
+                actor=staff.email,
+                action="staff.signin_failed",
+                message=WRONG_CODE,
+                client=client,
+                reason="code",
+            )
+    throttle.clear(session, key=key)
+    throttle.clear(session, key=_keys(staff.email, client, secret)[0])
+    record_event(
+        session,
+        now=now,
+        actor=staff.email,
+        action="staff.signed_in",
+        client=client,
+        method=method,
+        recovery_codes_left=recovery_codes_left(session, staff.id),
+    )
+    return view_of(staff)
+
+
+def verify_step_up(
+    session: Session,
+    *,
+    staff_id: int,
+    code: str,
+    now: datetime,
+    settings: Settings,
+    purpose: str,
+) -> None:
+    """A fresh TOTP code (no recovery code) before an approval or a break-glass send."""
+    secret = settings.security.require_secret()
+    staff = session.get(Staff, staff_id)
+    if staff is None or not is_active(staff):
+        raise SignInError(WRONG_CODE)
+    key = _code_key(staff.id, secret)
+    _throttle(
+        session,
+        limits=[(key, settings.console.code_failures_per_account)],
+        now=now,
+        actor=staff.email,
+        client="",
+        action="staff.step_up_failed",
+        purpose=purpose,
+        reason="throttled",
+    )
+    if not _totp_ok(session, staff, code, now):
+        raise _refuse(
+            session,
+            keys=[key],
+            now=now,
+            actor=staff.email,
+            action="staff.step_up_failed",
+            message=WRONG_CODE,
+            purpose=purpose,
+            reason="code",
+        )
+    throttle.clear(session, key=key)
+    record_event(session, now=now, actor=staff.email, action="staff.step_up", purpose=purpose)
+
+
+def recovery_codes_left(session: Session, staff_id: int) -> int:
+    """How many unused recovery codes an account has."""
+    count = session.scalar(
+        select(func.count()).where(
+            StaffRecoveryCode.staff_id == staff_id, StaffRecoveryCode.used_at.is_(None)
+        )
+    )
+    return int(count or 0)

@@ -1,0 +1,68 @@
+// The staff console's only script: live figures and recipient counts. The pages work without it.
+"use strict";
+
+(function () {
+  var POLL_MS = 2000;
+
+  function setText(root, field, value) {
+    var el = root.querySelector('[data-field="' + field + '"]');
+    if (el) { el.textContent = String(value); }
+  }
+
+  function showProgress(rows) {
+    rows.forEach(function (row) {
+      var box = document.querySelector('[data-campaign="' + row.id + '"]');
+      if (!box) { return; }
+      var c = row.counts;
+      setText(box, "sent", c.sent);
+      setText(box, "queued", c.queued + c.claimed);
+      setText(box, "deferred", c.deferred);
+      setText(box, "failed", c.failed);
+      setText(box, "per_minute", row.per_minute.toFixed(1));
+      var left = row.seconds_left;
+      setText(box, "left", left === null ? "\u2013" : Math.floor(left / 60) + " min " + (left % 60) + " s");
+      var bar = document.querySelector('[data-progress="' + row.id + '"]');
+      if (bar) { bar.max = row.total || 1; bar.value = c.sent + c.failed; }
+    });
+  }
+
+  function poll(url) {
+    fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (data) { if (data) { showProgress(data.campaigns); } })
+      .catch(function () { /* the next poll tries again */ })
+      .finally(function () { window.setTimeout(function () { poll(url); }, POLL_MS); });
+  }
+
+  function watchRecipients() {
+    var list = document.getElementById("list");
+    var segment = document.getElementById("segment");
+    if (!list || !segment) { return; }
+    function refresh() {
+      var q = "?list=" + encodeURIComponent(list.value) + "&segment=" + encodeURIComponent(segment.value);
+      fetch("/api/recipients" + q, { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.json() : null; })
+        .then(function (data) {
+          if (!data) { return; }
+          Object.keys(data.counts).forEach(function (lang) {
+            var el = document.querySelector('#recipients [data-lang="' + lang + '"] strong');
+            if (el) { el.textContent = String(data.counts[lang]); }
+          });
+        })
+        .catch(function () { /* the button still works */ });
+    }
+    list.addEventListener("change", refresh);
+    segment.addEventListener("change", refresh);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    var live = document.querySelector('[data-live="progress"]');
+    if (live) {
+      var one = live.getAttribute("data-campaign-id");
+      window.setTimeout(function () {
+        poll("/api/progress" + (one ? "?campaign=" + encodeURIComponent(one) : ""));
+      }, POLL_MS);
+    }
+    watchRecipients();
+  });
+}());

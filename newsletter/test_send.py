@@ -1,0 +1,218 @@
+"""Test sends of an alert to a few staff addresses, and a training alert's send to staff only.
+
+A test message is the stored variant, made into bytes by the sender's own builder
+(message.MessageTemplate), with "[TEST] " before the subject and every personal link replaced by
+an inert one (the alert's page in the console), so no working token leaves the service. Nothing
+is written to the delivery ledger and nothing is counted in the campaign; each send is an event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from email.utils import format_datetime, make_msgid
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.approvals import is_training, training_recipients
+from newsletter.audit import record_event
+from newsletter.check import check_campaign, stored_variants
+from newsletter.config import Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import Campaign, CampaignStatus
+from newsletter.errors import CampaignError
+from newsletter.message import ListInfo, MessageTemplate
+from newsletter.render import RenderedVariant
+from newsletter.smtp import Result, Transport
+
+MAX_TEST_ADDRESSES = 5
+TEST_PREFIX = "[TEST] "
+TRAINING_PREFIX = "[TRAINING] "
+
+
+def clean_addresses(addresses: Sequence[str], *, limit: int = MAX_TEST_ADDRESSES) -> list[str]:
+    """The addresses cleaned, checked (syntax only) and without repeats; else CampaignError."""
+    found: dict[str, str] = {}
+    for raw in addresses:
+        value = raw.strip()
+        if not value:
+            continue
+        if any(not ch.isprintable() for ch in value):
+            raise CampaignError("an address may not contain line breaks or control characters")
+        try:
+            address = validate_email(value, check_deliverability=False).normalized
+        except EmailNotValidError as e:
+            raise CampaignError(f"not an email address: {value[:100]!r} ({e})") from None
+        found.setdefault(address.casefold(), address)
+    if not found:
+        raise CampaignError("give at least one address to send the test to")
+    if len(found) > limit:
+        raise CampaignError(f"a test goes to at most {limit} addresses, not {len(found)}")
+    return list(found.values())
+
+
+def inert_url(settings: Settings, campaign_id: int) -> str:
+    """Where a test message's personal links point: the alert's page in the console."""
+    return f"{settings.console.base_url.rstrip('/')}/alerts/{campaign_id}"
+
+
+def build_test_message(
+    variant: RenderedVariant,
+    *,
+    campaign_id: int,
+    mlist: ListInfo,
+    to: str,
+    settings: Settings,
+    now: datetime,
+    prefix: str = TEST_PREFIX,
+) -> bytes:
+    """One test message: the sender's builder, a marked subject, inert personal links."""
+    marked = dataclasses.replace(variant, subject=prefix + variant.subject)
+    template = MessageTemplate.build(
+        variant=marked, campaign_id=campaign_id, mlist=mlist, settings=settings
+    )
+    inert = inert_url(settings, campaign_id)
+    urls = {"unsubscribe": inert, "preferences": inert}
+    domain = settings.mail.from_address.rpartition("@")[2]
+    # No List-Unsubscribe: a mail client's unsubscribe button must not act on a test.
+    headers = (
+        f"To: {to}\r\nDate: {format_datetime(now)}\r\nMessage-ID: {make_msgid(domain=domain)}\r\n"
+        "Auto-Submitted: auto-generated\r\n"
+    )
+    return b"".join(
+        (
+            headers.encode("ascii"),
+            template.head,
+            template.text.fill(urls),
+            template.middle,
+            template.html.fill(urls),
+            template.tail,
+        )
+    )
+
+
+async def send_test(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    campaign_id: int,
+    addresses: list[str],
+    actor: str,
+    now: datetime,
+    transport: Transport,
+    lang: str | None = None,
+) -> list[tuple[str, str]]:
+    """Send one language's variant (the default one's unless `lang`) as a test; per address."""
+    chosen = clean_addresses(addresses)
+    with unit_of_work(factory) as session:
+        variant, mlist = _variant(session, campaign_id, lang or "", settings)
+    outcomes = await _send_all(
+        variant, campaign_id=campaign_id, mlist=mlist, to=chosen, settings=settings,
+        now=now, transport=transport, prefix=TEST_PREFIX,
+    )  # fmt: skip
+    with unit_of_work(factory) as session:
+        record_event(
+            session,
+            now=now,
+            actor=actor,
+            action="alert.test_sent",
+            campaign=campaign_id,
+            lang=variant.lang,
+            addresses=len(chosen),
+            sent=sum(1 for _, result in outcomes if result == Result.SENT),
+        )
+    return outcomes
+
+
+async def send_training(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    campaign_id: int,
+    actor: str,
+    now: datetime,
+    transport: Transport,
+) -> list[tuple[str, str]]:
+    """Send an approved training alert to its staff addresses only; then it is finished.
+
+    approvals.approve made it ready (event "alert.training_ready" with the addresses). No
+    delivery is queued: the list's members never get a training alert. Nothing sent (every
+    address failed) leaves it ready, to try again.
+    """
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, campaign_id)
+        addresses = training_recipients(session, campaign_id)
+        if campaign is None or not is_training(campaign, settings):
+            raise CampaignError(f"alert {campaign_id} is not a training alert")
+        if campaign.status != CampaignStatus.DRAFT or not addresses:
+            raise CampaignError(f"training alert {campaign_id} is not approved and waiting")
+        chosen = clean_addresses(addresses, limit=max(len(addresses), 1))
+        by_lang = {v.lang: v for v in stored_variants(session, campaign)}
+        variant = by_lang.get(settings.render.default_language) or next(iter(by_lang.values()))
+        mlist = _list_info(campaign)
+    outcomes = await _send_all(
+        variant, campaign_id=campaign_id, mlist=mlist, to=chosen, settings=settings,
+        now=now, transport=transport, prefix=TRAINING_PREFIX,
+    )  # fmt: skip
+    sent = sum(1 for _, result in outcomes if result == Result.SENT)
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, campaign_id)
+        assert campaign is not None
+        if sent:
+            campaign.status = CampaignStatus.FINISHED
+            campaign.started_at = campaign.started_at or now
+            campaign.finished_at = now
+        record_event(
+            session,
+            now=now,
+            actor=actor,
+            action="alert.training_sent",
+            campaign=campaign_id,
+            addresses=len(chosen),
+            sent=sent,
+        )
+    return outcomes
+
+
+async def _send_all(
+    variant: RenderedVariant,
+    *,
+    campaign_id: int,
+    mlist: ListInfo,
+    to: list[str],
+    settings: Settings,
+    now: datetime,
+    transport: Transport,
+    prefix: str,
+) -> list[tuple[str, str]]:
+    outcomes = []
+    for address in to:
+        data = build_test_message(
+            variant, campaign_id=campaign_id, mlist=mlist, to=address, settings=settings,
+            now=now, prefix=prefix,
+        )  # fmt: skip
+        outcome = await transport.send(data, sender=settings.mail.from_address, recipient=address)
+        outcomes.append((address, str(outcome.result)))
+    return outcomes
+
+
+def _variant(
+    session: Session, campaign_id: int, lang: str, settings: Settings
+) -> tuple[RenderedVariant, ListInfo]:
+    """The stored variant in `lang` (else the default language's); rendered first if needed."""
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None:
+        raise CampaignError(f"no campaign {campaign_id}")
+    check_campaign(session, campaign, settings)  # stores the variants of a draft not rendered yet
+    by_lang = {v.lang: v for v in stored_variants(session, campaign)}
+    variant = by_lang.get(lang) or by_lang.get(settings.render.default_language)
+    if variant is None:
+        raise CampaignError(f"campaign {campaign_id} has no variant in {lang or 'any language'}")
+    return variant, _list_info(campaign)
+
+
+def _list_info(campaign: Campaign) -> ListInfo:
+    ml = campaign.mailing_list
+    return ListInfo(ml.id, ml.slug, ml.list_id)
