@@ -102,11 +102,13 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
+                own_frame_rule = "x-frame-options" in headers
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)
-                if "frame-ancestors 'none'" not in headers["content-security-policy"]:
+                framable = "frame-ancestors 'none'" not in headers["content-security-policy"]
+                if framable and not own_frame_rule:
                     # A page framable by named origins (the embedded form): X-Frame-Options can
-                    # name none of them, and its DENY would win.
+                    # name none of them, and the default DENY would win.
                     del headers["x-frame-options"]
             await send(message)
 
