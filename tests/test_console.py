@@ -193,11 +193,14 @@ def test_pause_for_anyone_resume_and_cancel_for_approvers(
     with unit_of_work(factory) as session:
         campaign = session.get(Campaign, campaign_id)
         assert campaign is not None and campaign.status == CampaignStatus.CANCELLED
-        actions = [
-            (e.actor, e.action)
-            for e in session.scalars(select(Event).order_by(Event.id))
+        events = [
+            e for e in session.scalars(select(Event).order_by(Event.id))
             if e.action.startswith("campaign.")
-        ]
+        ]  # fmt: skip
+        actions = [(e.actor, e.action) for e in events]
+        # Every change made through the console names the address it came from.
+        origins = {(e.detail.get("client"), e.detail.get("via")) for e in events if e.actor != "t"}
+    assert origins == {("127.0.0.1", "console")}
     assert ("ed@example.org", "campaign.paused") in actions
     assert ("ap@example.org", "campaign.resumed") in actions
     assert ("ap@example.org", "campaign.retried") in actions
