@@ -341,7 +341,7 @@ def test_language_switch_and_training_banner(
     with serve_console(console_settings(settings, training=True), factory, clock) as site:
         client = site.client()
         page = client.get("/signin?lang=be")
-        assert '<html lang="be">' in page.text and "Training mode" in page.text
+        assert '<html lang="be">' in page.text and "Рэжым трэніроўкі" in page.text
         assert '<html lang="be">' in client.get("/signin").text
         assert '<html lang="ru">' in client.get("/signin?lang=ru").text
         assert '<html lang="ru">' in client.get("/signin?lang=xx").text  # unknown: kept as was
