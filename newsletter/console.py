@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from newsletter import console_admin, console_alerts, console_signin, console_watch
+from newsletter.audit import recorded_from
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.console_core import (
@@ -58,8 +60,22 @@ def create_console_app(
         CampaignError: _error_page(console),
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
+    app.add_middleware(AuditOrigin)
     app.add_middleware(ConsoleHeaders)
     return app
+
+
+class AuditOrigin:
+    """Every event a console request records names the client address it came from."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request with its client address as the audit origin."""
+        client = scope.get("client")
+        with recorded_from(client=client[0] if client else "", via="console"):
+            await self.app(scope, receive, send)
 
 
 async def _healthz(request: Request) -> Response:

@@ -193,11 +193,14 @@ def test_pause_for_anyone_resume_and_cancel_for_approvers(
     with unit_of_work(factory) as session:
         campaign = session.get(Campaign, campaign_id)
         assert campaign is not None and campaign.status == CampaignStatus.CANCELLED
-        actions = [
-            (e.actor, e.action)
-            for e in session.scalars(select(Event).order_by(Event.id))
+        events = [
+            e for e in session.scalars(select(Event).order_by(Event.id))
             if e.action.startswith("campaign.")
-        ]
+        ]  # fmt: skip
+        actions = [(e.actor, e.action) for e in events]
+        # Every change made through the console names the address it came from.
+        origins = {(e.detail.get("client"), e.detail.get("via")) for e in events if e.actor != "t"}
+    assert origins == {("127.0.0.1", "console")}
     assert ("ed@example.org", "campaign.paused") in actions
     assert ("ap@example.org", "campaign.resumed") in actions
     assert ("ap@example.org", "campaign.retried") in actions
@@ -338,7 +341,7 @@ def test_language_switch_and_training_banner(
     with serve_console(console_settings(settings, training=True), factory, clock) as site:
         client = site.client()
         page = client.get("/signin?lang=be")
-        assert '<html lang="be">' in page.text and "Training mode" in page.text
+        assert '<html lang="be">' in page.text and "Рэжым трэніроўкі" in page.text
         assert '<html lang="be">' in client.get("/signin").text
         assert '<html lang="ru">' in client.get("/signin?lang=ru").text
         assert '<html lang="ru">' in client.get("/signin?lang=xx").text  # unknown: kept as was
