@@ -222,6 +222,31 @@ class WebSettings:
     max_header_bytes: int = 16384
     max_body_bytes: int = 16384
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # The public signup form (GET/POST /subscribe) and the web copies' mirrors.
+    signup_origins: tuple[str, ...] = ()
+    confirm_resend_hours: int = 24
+    signups_per_hour: int = 10
+    signup_min_seconds: int = 3
+    signup_noscript_seconds: int = 8
+    signup_pow_bits: int = 16
+    mirror_urls: tuple[str, ...] = ()
+    email_mirror_en: str = ""
+    email_mirror_be: str = ""
+    email_mirror_ru: str = ""
+
+    def email_mirror(self, lang: str) -> str:
+        """The mirror an email in this language names: its own choice, else the first mirror."""
+        chosen = str(getattr(self, f"email_mirror_{lang}", "") or "")
+        return chosen or (self.mirror_urls[0] if self.mirror_urls else "")
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    """The public web copies of sent campaigns: /archive and its Atom feed."""
+
+    enabled: bool = True
+    include_alerts: bool = True
+    page_size: int = 20
 
 
 @dataclass(frozen=True)
@@ -273,6 +298,7 @@ class Settings:
     security: SecuritySettings = field(default_factory=SecuritySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     source_path: str = "(embedded defaults)"
 
 
@@ -444,9 +470,41 @@ def _validate_web(settings: Settings) -> None:
             raise ConfigError(
                 f"{where}: 'web.trusted_proxies[{i}]' must be an IP address or network"
             ) from None
+    _validate_signup(settings)
     token = settings.metrics.token
     if token and len(token) < MIN_SECRET_LENGTH:
         raise ConfigError(f"{where}: 'metrics.token' must be {MIN_SECRET_LENGTH}+ characters")
+
+
+def _validate_signup(settings: Settings) -> None:
+    """Signup origins are bare origins, mirrors http(s) base URLs, the limits usable."""
+    where, web = settings.source_path, settings.web
+    for i, origin in enumerate(web.signup_origins):
+        parts = urlsplit(origin)
+        bare = f"{parts.scheme}://{parts.netloc}"
+        if parts.scheme not in ("http", "https") or not parts.netloc or origin != bare:
+            raise ConfigError(
+                f"{where}: 'web.signup_origins[{i}]' must be an origin like https://portal.example"
+            )
+    for i, url in enumerate(web.mirror_urls):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ConfigError(f"{where}: 'web.mirror_urls[{i}]' must be an http(s) base URL")
+    for lang in LANGUAGES:
+        chosen = getattr(web, f"email_mirror_{lang}")
+        if chosen and chosen not in web.mirror_urls:
+            raise ConfigError(f"{where}: 'web.email_mirror_{lang}' must be one of web.mirror_urls")
+    for key in ("confirm_resend_hours", "signups_per_hour"):
+        if getattr(web, key) < 1:
+            raise ConfigError(f"{where}: 'web.{key}' must be at least 1")
+    if web.signup_min_seconds < 0 or web.signup_noscript_seconds < web.signup_min_seconds:
+        raise ConfigError(
+            f"{where}: 'web.signup_noscript_seconds' must be >= web.signup_min_seconds >= 0"
+        )
+    if not 0 <= web.signup_pow_bits <= 24:
+        raise ConfigError(f"{where}: 'web.signup_pow_bits' must be between 0 and 24")
+    if settings.archive.page_size < 1:
+        raise ConfigError(f"{where}: 'archive.page_size' must be at least 1")
 
 
 def _validate_delivery(settings: Settings) -> None:

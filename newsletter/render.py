@@ -86,6 +86,8 @@ class CampaignView:
     # The language staff wrote title and body_html in, when it is not the reader's (a missing
     # translation falls back to the default language's text, marked as digests mark items).
     text_lang: str = ""
+    # The campaign's name in its web copy's URL (/archive/<slug>/<lang>); "" = no web copy.
+    slug: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +296,21 @@ def _context(
         "issue_date": issue_date,
         "subject": _truncate(subject, settings.check.max_subject_chars - 1),
         "summary_chars": limit,
+        "web_copy_url": web_copy_url(settings.web.base_url, view.slug, view.kind, lang, settings),
+        "web_copy_mirror": web_copy_url(
+            settings.web.email_mirror(lang), view.slug, view.kind, lang, settings
+        ),
     }
+
+
+def web_copy_url(base: str, slug: str, kind: str, lang: str, settings: Settings) -> str:
+    """Where a campaign's web copy in a language is under a base URL ("" when it has none)."""
+    archive = settings.archive
+    if not base or not slug or not archive.enabled:
+        return ""
+    if kind == "alert" and not archive.include_alerts:
+        return ""
+    return f"{base.rstrip('/')}/archive/{slug}/{lang}"
 
 
 def _check_view(view: CampaignView, lang: str) -> None:

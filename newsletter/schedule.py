@@ -35,6 +35,7 @@ from newsletter.db.queries import release_expired
 from newsletter.enqueue import launch_campaign
 from newsletter.ingest import IngestReport, describe_report, ingest_all, source_key
 from newsletter.lock import acquire_lock, release_lock
+from newsletter.signup import purge_signups
 
 log = logging.getLogger("newsletter.schedule")
 LOCK_NAME = "scheduler"
@@ -215,6 +216,11 @@ class Scheduler:
         with unit_of_work(self.factory) as session:
             return release_expired(session, now=self.clock.now())
 
+    def purge_signups(self) -> int:
+        """Forget web signups nobody confirmed in time, and expired marks and tickets."""
+        with unit_of_work(self.factory) as session:
+            return purge_signups(session, now=self.clock.now(), settings=self.settings)
+
 
 # --- the APScheduler wiring ------------------------------------------------------------------
 
@@ -257,9 +263,10 @@ def job_digests() -> None:
 
 
 def job_cleanup() -> None:
-    """Scheduled: put back claims whose worker died."""
+    """Scheduled: put back claims whose worker died; forget unconfirmed web signups."""
     if (scheduler := _active()) is not None:
         scheduler.release_expired_claims()
+        scheduler.purge_signups()
 
 
 def make_apscheduler(*, engine: Engine, settings: Settings) -> AsyncIOScheduler:

@@ -43,6 +43,8 @@ def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> Ca
         url=campaign.url,
         issued_at=campaign.created_at,
         text_lang=text_lang,
+        # No "Open in a browser" link for a campaign kept out of the archive.
+        slug=(campaign.slug or "") if campaign.archived and not campaign.training else "",
     )
 
 

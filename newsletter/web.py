@@ -1,4 +1,5 @@
-"""The supporters' pages: unsubscribe, preferences and confirmation, behind signed links.
+"""The supporters' pages: unsubscribe, preferences and confirmation behind signed links; and the
+public pages: the signup form (signup.py) and the archive of web copies (archive.py).
 
 GET never changes state (mail scanners follow links); every change is a POST. The signed token in
 the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
@@ -7,18 +8,30 @@ token bound to the URL's token, and an Origin other than [web] base_url's (never
 which the client writes) or a cross-site Sec-Fetch-Site is refused. A forged, altered or expired
 link gets the same 400 page, which names no one; a form left open too long is shown again with
 the choices it carried, to be sent once more.
+
+The public pages link only relatively (never to [web] base_url), so a mirror serving this same app
+serves them whole. Signup and token pages are no-store; a sent campaign's web copy is public and
+immutable; only /subscribe?embed=1 may be framed, and only by [web] signup_origins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from babel.dates import format_date
 from itsdangerous import BadSignature, URLSafeSerializer
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -29,13 +42,16 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from newsletter import archive, signup
 from newsletter.clock import Clock
 from newsletter.config import LANGUAGES, Settings
 from newsletter.db import unit_of_work
+from newsletter.db.models import MailingList
 from newsletter.errors import AudienceError, KeptOutError, TokenError
-from newsletter.i18n import TEMPLATES_DIR, web_environment
+from newsletter.i18n import TEMPLATES_DIR, gettext_for, web_environment
 from newsletter.subscriptions import (
     LinkView,
+    Membership,
     confirm_by_link,
     link_view,
     save_preferences,
@@ -43,10 +59,18 @@ from newsletter.subscriptions import (
 )
 from newsletter.tokens import TokenClaims, make_token, page_path, read_token
 
+log = logging.getLogger("newsletter.web")
 FORM_MAX_AGE_SECONDS = 24 * 3600
 AUTONYMS = {"en": "English", "be": "Беларуская", "ru": "Русский"}
 CSS = (TEMPLATES_DIR / "web" / "style.css").read_text(encoding="utf-8")
 CSS_HASH = base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SIGNUP_JS = (STATIC_DIR / "signup.js").read_bytes()
+NO_STORE = "no-store"
+# A sent campaign's web copy never changes: a CDN or a mirror may keep it for a year.
+IMMUTABLE = "public, max-age=31536000, immutable"
+# The archive's list and feed, and a web copy still sending: public, but they change.
+SHORT_PUBLIC = "public, max-age=300"
 SECURITY_HEADERS = {
     "content-security-policy": (
         f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; form-action 'self'; "
@@ -78,8 +102,14 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
+                own_frame_rule = "x-frame-options" in headers
                 for name, value in SECURITY_HEADERS.items():
                     headers.setdefault(name, value)
+                framable = "frame-ancestors 'none'" not in headers["content-security-policy"]
+                if framable and not own_frame_rule:
+                    # A page framable by named origins (the embedded form): X-Frame-Options can
+                    # name none of them, and the default DENY would win.
+                    del headers["x-frame-options"]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -95,6 +125,14 @@ class Pages:
         self.secret = settings.security.require_secret()
         self.forms = URLSafeSerializer(self.secret, salt="newsletter.web-form")
         self.origin = _origin(settings.web.base_url)
+        # Who may post the signup form: our pages, a mirror's, and the portal's.
+        self.signup_origins = {
+            self.origin,
+            *(_origin(u) for u in settings.web.mirror_urls),
+            *(_origin(u) for u in settings.web.signup_origins),
+        }
+        # Set when a signup queues a confirmation, so a sender waiting in this process wakes.
+        self.confirmations_owed = asyncio.Event()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -304,6 +342,280 @@ class Pages:
         person = await self.step(confirm_by_link, claims, secret=self.secret, now=self.clock.now())
         return self.render("confirmed", person.language, active=person.active)
 
+    # --- signing up ------------------------------------------------------------------------
+
+    def signup_headers(self, embed: bool) -> dict[str, str]:
+        """No-store, our own script only, and framing by the portal's origins for ?embed=1."""
+        ancestors = "'none'"
+        if embed and self.settings.web.signup_origins:
+            ancestors = " ".join(self.settings.web.signup_origins)
+        csp = (
+            f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; script-src 'self'; "
+            f"form-action 'self'; base-uri 'none'; frame-ancestors {ancestors}"
+        )
+        return {"content-security-policy": csp, "cache-control": NO_STORE}
+
+    def signup_lists(self) -> list[Membership]:
+        """The lists a person may sign up for on the web: the digest's and the alerts'."""
+        slugs = (self.settings.digest.list, self.settings.alerts.list)
+        with unit_of_work(self.factory) as session:
+            rows = session.scalars(select(MailingList).where(MailingList.slug.in_(slugs)))
+            found = {ml.slug: ml for ml in rows}
+        return [
+            Membership(ml.id, ml.slug, dict(ml.names or {}), ml.kind, None)
+            for ml in (found[s] for s in slugs if s in found)
+        ]
+
+    async def signup_form(
+        self,
+        request: Request,
+        lang: str,
+        *,
+        status: int = 200,
+        problem: str = "",
+        email: str = "",
+        checked: tuple[str, ...] = (),
+    ) -> Response:
+        """The signup form with a fresh ticket, in a language, prefilled as given."""
+        embed = request.query_params.get("embed") == "1"
+        lists = await run_in_threadpool(self.signup_lists)
+        response = self.render(
+            "subscribe",
+            lang,
+            status,
+            root="",
+            action="subscribe?embed=1" if embed else "subscribe",
+            form_token=signup.issue_ticket(secret=self.secret, now=self.clock.now()),
+            pow_bits=self.settings.web.signup_pow_bits,
+            min_seconds=self.settings.web.signup_min_seconds,
+            lists=lists,
+            checked=checked,
+            checked_language=lang,
+            email=email,
+            problem=problem,
+        )
+        response.headers.update(self.signup_headers(embed))
+        return response
+
+    async def subscribe_page(self, request: Request) -> Response:
+        """GET /subscribe: the form, in ?lang= or the browser's language."""
+        lang = request.query_params.get("lang", "")
+        return await self.signup_form(
+            request, lang if lang in LANGUAGES else _accepted_language(request)
+        )
+
+    async def subscribe_post(self, request: Request) -> Response:
+        """POST /subscribe: every check of signup.py; the same answer whoever the address is."""
+        embed = request.query_params.get("embed") == "1"
+        sent = request.headers.get("origin")
+        if sent and sent != "null" and sent not in self.signup_origins:
+            raise HTTPException(403)
+        body = await self.read_body(request)
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+
+        def first(name: str) -> str:
+            return (fields.get(name) or [""])[0]
+
+        lang = first("language") if first("language") in LANGUAGES else _accepted_language(request)
+        wanted = tuple(s for s in fields.get("lists", []) if s in self._signup_slugs())
+        verdict, ticket = signup.judge_form(
+            token=first("form_token"),
+            answer=first("pow"),
+            honeypot=first("website"),
+            secret=self.secret,
+            web=self.settings.web,
+            now=self.clock.now(),
+        )
+        address = signup.parse_address(first("email"))
+        client = request.client.host if request.client else ""
+        verdict, wait = await run_in_threadpool(
+            self._signup_step, verdict, ticket, client, address, lang, wanted
+        )
+        shown = first("email")[:320]
+        if verdict is signup.Verdict.THROTTLED:
+            response = self.render("error", lang, 429, kind="429")
+            response.headers.update({"retry-after": str(wait), "cache-control": NO_STORE})
+            return response
+        if verdict is signup.Verdict.NO_TICKET:
+            return await self.signup_form(
+                request, lang, problem="continue", email=shown, checked=wanted
+            )
+        if verdict not in (signup.Verdict.ACCEPTED, signup.Verdict.HONEYPOT):
+            return await self.signup_form(
+                request, lang, status=400, problem="retry", email=shown, checked=wanted
+            )
+        if verdict is signup.Verdict.ACCEPTED and address is None:
+            return await self.signup_form(
+                request, lang, status=400, problem="address", email=shown, checked=wanted
+            )
+        if verdict is signup.Verdict.ACCEPTED and not wanted:
+            return await self.signup_form(
+                request, lang, status=400, problem="lists", email=shown, checked=wanted
+            )
+        self.confirmations_owed.set()
+        response = self.render("subscribe_sent", lang, root="")
+        response.headers.update(self.signup_headers(embed))
+        return response
+
+    def _signup_slugs(self) -> tuple[str, str]:
+        return (self.settings.digest.list, self.settings.alerts.list)
+
+    def _signup_step(
+        self,
+        verdict: signup.Verdict,
+        ticket: signup.Ticket | None,
+        client: str,
+        address: str | None,
+        lang: str,
+        wanted: tuple[str, ...],
+    ) -> tuple[signup.Verdict, int]:
+        """One transaction: count the post, use up its ticket, and sign up when all passed.
+
+        Two posts for one new address at once may both insert it: the loser's transaction is
+        run again, and then finds the row the winner made.
+        """
+        for attempt in range(3):
+            try:
+                return self._signup_once(verdict, ticket, client, address, lang, wanted)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _signup_once(
+        self,
+        verdict: signup.Verdict,
+        ticket: signup.Ticket | None,
+        client: str,
+        address: str | None,
+        lang: str,
+        wanted: tuple[str, ...],
+    ) -> tuple[signup.Verdict, int]:
+        now = self.clock.now()
+        with unit_of_work(self.factory) as session:
+            wait = signup.count_post(session, client=client, settings=self.settings, now=now)
+            if wait:
+                return signup.Verdict.THROTTLED, wait
+            if ticket is not None and not signup.claim_ticket(session, ticket):
+                return signup.Verdict.REUSED, 0
+            if verdict is signup.Verdict.ACCEPTED and address is not None and wanted:
+                signup.request_signup(
+                    session,
+                    address=address,
+                    language=lang,
+                    list_slugs=wanted,
+                    settings=self.settings,
+                    now=now,
+                )
+        return verdict, 0
+
+    async def signup_script(self, request: Request) -> Response:
+        """The form's proof-of-work solver, served from here (CSP script-src 'self')."""
+        return Response(
+            SIGNUP_JS,
+            media_type="text/javascript; charset=utf-8",
+            headers={"cache-control": "public, max-age=3600"},
+        )
+
+    # --- the archive -----------------------------------------------------------------------
+
+    def archive_headers(self, cache: str, *, inline_styles: bool = False) -> dict[str, str]:
+        """Public caching; a web copy may carry the email's inline styles and its logo."""
+        style = "'unsafe-inline'" if inline_styles else f"'sha256-{CSS_HASH}'"
+        images = ""
+        logo = self.settings.brand.logo_url
+        if inline_styles and logo:
+            images = f"; img-src {_origin(logo)}"
+        csp = (
+            f"default-src 'none'; style-src {style}{images}; form-action 'none'; "
+            "base-uri 'none'; frame-ancestors 'none'"
+        )
+        return {"content-security-policy": csp, "cache-control": cache}
+
+    def archive_lang(self, request: Request) -> str:
+        lang = request.query_params.get("lang", "")
+        return lang if lang in LANGUAGES else _accepted_language(request)
+
+    async def archive_page(self, request: Request) -> Response:
+        """GET /archive: the sent campaigns in a language, newest first, paged."""
+        if not self.settings.archive.enabled:
+            raise HTTPException(404)
+        lang = self.archive_lang(request)
+        page = _page_number(request.query_params.get("page", "1"))
+
+        def read() -> tuple[list[archive.Entry], bool]:
+            with unit_of_work(self.factory) as session:
+                return archive.list_entries(session, lang=lang, page=page, settings=self.settings)
+
+        entries, older = await run_in_threadpool(read)
+        if page > 1 and not entries:
+            raise HTTPException(404)
+        response = self.render(
+            "archive",
+            lang,
+            root="",
+            entries=[
+                {"slug": e.slug, "subject": e.subject, "kind": e.kind, "day": _day(e.sent_at, lang)}
+                for e in entries
+            ],
+            page=page,
+            newer=page > 1,
+            older=older,
+            mirrors=self.settings.web.mirror_urls,
+        )
+        response.headers.update(self.archive_headers(SHORT_PUBLIC))
+        response.headers["vary"] = "accept-language"
+        return response
+
+    async def archive_feed(self, request: Request) -> Response:
+        """GET /archive/feed.xml: the newest campaigns as an Atom feed, per language."""
+        if not self.settings.archive.enabled:
+            raise HTTPException(404)
+        lang = self.archive_lang(request)
+
+        def read() -> tuple[list[archive.Entry], Any]:
+            with unit_of_work(self.factory) as session:
+                entries, _ = archive.list_entries(
+                    session, lang=lang, page=1, settings=self.settings
+                )
+                return entries, archive.latest_change(session, settings=self.settings)
+
+        entries, updated = await run_in_threadpool(read)
+        brand = self.settings.brand.name
+        _ = gettext_for(lang)
+        body = archive.atom_feed(
+            entries, lang=lang, title=f"{brand}: {_('Past emails')}", author=brand, updated=updated
+        )
+        headers = self.archive_headers(SHORT_PUBLIC)
+        headers["vary"] = "accept-language"
+        return Response(body, media_type="application/atom+xml; charset=utf-8", headers=headers)
+
+    async def archive_copy(self, request: Request) -> Response:
+        """GET /archive/{slug}/{lang}: a campaign's web copy, with nothing personal in it."""
+        slug, lang = request.path_params["slug"], request.path_params["lang"]
+        if lang not in LANGUAGES or len(slug) > 120:
+            raise HTTPException(404)
+
+        def read() -> tuple[archive.Entry, str, str] | None:
+            with unit_of_work(self.factory) as session:
+                found = archive.find_copy(session, slug=slug, lang=lang, settings=self.settings)
+                return None if found is None else (found[0], found[1].html, found[1].link_nonce)
+
+        found = await run_in_threadpool(read)
+        if found is None:
+            raise HTTPException(404)
+        entry, html, nonce = found
+        env = web_environment(lang)
+        context = {"root": "../../", "lang": lang, "mirrors": self.settings.web.mirror_urls}
+        page = archive.make_web_copy(
+            html,
+            nonce,
+            note_html=env.get_template("web/archive_note.html.j2").render(context),
+            banner_html=env.get_template("web/archive_banner.html.j2").render(context),
+        )
+        cache = IMMUTABLE if entry.finished else SHORT_PUBLIC
+        return HTMLResponse(page, headers=self.archive_headers(cache, inline_styles=True))
+
     # --- errors ----------------------------------------------------------------------------
 
     async def token_error(self, request: Request, exc: Exception) -> Response:
@@ -321,8 +633,19 @@ async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
-def create_app(settings: Settings, factory: sessionmaker[Session], clock: Clock) -> Starlette:
-    """The web app: unsubscribe, preferences and confirmation pages, with strict headers."""
+def create_app(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    clock: Clock,
+    *,
+    send_confirmations: bool = False,
+) -> Starlette:
+    """The web app: the supporters' and public pages, with strict headers.
+
+    With send_confirmations (`newsletter web`, which runs alone), the app also mails the
+    confirmations signups queue, at once and then every [schedule] send_interval_seconds;
+    under `newsletter run` the service's sender does it instead.
+    """
     pages = Pages(settings, factory, clock)
     routes = [
         Route(page_path(purpose, "{token}"), endpoint, methods=[method])
@@ -335,14 +658,75 @@ def create_app(settings: Settings, factory: sessionmaker[Session], clock: Clock)
             ("confirm", "POST", pages.confirm_post),
         )
     ]
-    routes.append(Route("/healthz", healthz, methods=["GET"]))
+    routes += [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/subscribe", pages.subscribe_page, methods=["GET"]),
+        Route("/subscribe", pages.subscribe_post, methods=["POST"]),
+        Route("/static/signup.js", pages.signup_script, methods=["GET"]),
+        Route("/archive", pages.archive_page, methods=["GET"]),
+        Route("/archive/feed.xml", pages.archive_feed, methods=["GET"]),
+        Route("/archive/{slug}/{lang}", pages.archive_copy, methods=["GET"]),
+    ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         TokenError: pages.token_error,
         HTTPException: pages.http_error,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.add_middleware(SecurityHeaders)
+    if send_confirmations:
+        app.add_middleware(ConfirmationSender, pages=pages)
     return app
+
+
+class ConfirmationSender:
+    """Starts the confirmation sender with the first request (the listener runs no lifespan)."""
+
+    def __init__(self, app: ASGIApp, pages: Pages) -> None:
+        self.app = app
+        self.pages = pages
+        self.task: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, starting the sender first if it is not running."""
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(_keep_confirming(self.pages))
+        await self.app(scope, receive, send)
+
+
+async def _keep_confirming(pages: Pages) -> None:
+    """Send owed confirmations and forget stale signups; wake early when a signup is queued."""
+    from newsletter.notices import send_confirmations
+    from newsletter.smtp import open_pool
+
+    settings, interval = pages.settings, pages.settings.schedule.send_interval_seconds
+    while True:
+        pages.confirmations_owed.clear()
+        try:
+            async with open_pool(settings, pages.factory, pages.clock) as pool:
+                await send_confirmations(
+                    factory=pages.factory, settings=settings, transport=pool, clock=pages.clock
+                )
+            await run_in_threadpool(_purge, pages)
+        except Exception:  # a database or SMTP hiccup: the next round tries again
+            log.exception("sending confirmations failed; retrying in %ss", interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pages.confirmations_owed.wait(), timeout=interval)
+
+
+def _purge(pages: Pages) -> None:
+    with unit_of_work(pages.factory) as session:
+        signup.purge_signups(session, now=pages.clock.now(), settings=pages.settings)
+
+
+def _page_number(value: str) -> int:
+    """A page number from the query; anything else is 404 (a short decimal only)."""
+    if not (value.isascii() and value.isdigit() and 0 < len(value) < 6) or int(value) < 1:
+        raise HTTPException(404)
+    return int(value)
+
+
+def _day(value: datetime, lang: str) -> str:
+    return str(format_date(value, format="long", locale=lang))
 
 
 def _cross_site(request: Request, origin: str, *, strict: bool) -> bool:

@@ -141,6 +141,13 @@ def send(
         typer.Option("--queue-only", help="Queue only; leave the sending to `newsletter send`."),
     ] = False,
     force: ForceOption = False,
+    no_archive: Annotated[
+        bool,
+        typer.Option(
+            "--no-archive",
+            help="Keep it out of the public archive and feed (no web copy, no browser link).",
+        ),
+    ] = False,
 ) -> None:
     """Send an urgent alert now; the same alert asked for twice is sent once."""
     state: State = ctx.obj
@@ -165,6 +172,8 @@ def send(
                 f"campaign {campaign.id} is this alert, held for approval: send it with "
                 f"`newsletter alert approve {campaign.id}` (see it first with `alert preview`)"
             )
+        if no_archive:  # before it is rendered: the emails then carry no "Open in a browser"
+            campaign.archived = False
 
         def confirm() -> None:
             n = audience_size(session, campaign.list_id, campaign.segment_id)

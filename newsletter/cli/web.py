@@ -34,7 +34,8 @@ def web(
         console.print(f"inbound SMTP on {settings.inbound.host}:{settings.inbound.port}")
     console.print(f"pages on http://{host}:{port} (links point at {settings.web.base_url})")
     try:
-        app = create_app(settings, factory, state.clock)
+        # Run alone, it also mails the confirmations web signups queue (`run` has its sender).
+        app = create_app(settings, factory, state.clock, send_confirmations=True)
         uvicorn.Server(listener_config(app, settings, host=host, port=port)).run()
     finally:
         if inbound is not None:

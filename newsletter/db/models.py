@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -96,6 +97,16 @@ class DeliveryStatus(StrEnum):
 
 def _enum(cls: type[StrEnum]) -> String:
     return String(max(len(m.value) for m in cls))
+
+
+def campaign_slug(kind: str, created_at: datetime) -> str:
+    """A campaign's name in its web copy's URL: kind, day and a random tail (not guessable)."""
+    return f"{kind}-{created_at:%Y-%m-%d}-{secrets.token_hex(4)}"
+
+
+def _slug_default(context: Any) -> str:
+    values = context.get_current_parameters()
+    return campaign_slug(str(values["kind"]), values["created_at"])
 
 
 class Source(Base):
@@ -219,6 +230,12 @@ class Campaign(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The web copy's name, /archive/<slug>/<lang>; given at insert (campaign_slug).
+    slug: Mapped[str | None] = mapped_column(
+        String(120), unique=True, index=True, default=_slug_default
+    )
+    # False keeps a campaign out of /archive and its feed (`alert send --no-archive`).
+    archived: Mapped[bool] = mapped_column(Boolean, default=True)
     mailing_list: Mapped[MailingList] = relationship()
     items: Mapped[list[Item]] = relationship(
         secondary="campaign_items", order_by="desc(Item.published_at)"
@@ -422,3 +439,23 @@ class DigestExclusion(Base):
     )
     excluded_by: Mapped[str] = mapped_column(String(320))
     excluded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class ConfirmationMark(Base):
+    """When an address was last sent a web signup's confirmation, as a keyed hash only.
+
+    Kept for [web] confirm_resend_hours, so that one address gets at most one confirmation in that
+    time whatever is posted, without keeping the address of someone who never confirms.
+    """
+
+    __tablename__ = "confirmation_marks"
+    email_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class UsedChallenge(Base):
+    """A signup form's challenge already answered: each form token is good for one post."""
+
+    __tablename__ = "used_challenges"
+    challenge: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
