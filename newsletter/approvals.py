@@ -28,6 +28,7 @@ from newsletter.config import Settings
 from newsletter.db.models import Approval, Campaign, CampaignRevision, Event
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import ApprovalError
+from newsletter.i18n import N_
 from newsletter.render import RenderedVariant
 from newsletter.sanitize import clean_text
 from newsletter.variants import render_campaign, store_variants
@@ -79,20 +80,23 @@ class ApprovalState:
         return approval_refusal(self, staff) is None
 
 
-def approval_refusal(state: ApprovalState, staff: Approver) -> str | None:
-    """Why this person may not approve the open revision, or None when they may."""
+def approval_refusal(state: ApprovalState, staff: Approver) -> ApprovalError | None:
+    """Why this person may not approve the open revision (the reason, as an error not raised),
+    or None when they may."""
     rev = state.revision
     if state.status != "draft":
-        return f"the alert is {state.status}"
+        return ApprovalError.of(N_("the alert is %(status)s"), status=str(state.status))
     if rev is None or rev.voided:
-        return "the alert has not been submitted for approval (or was edited since)"
+        return ApprovalError.of(
+            N_("the alert has not been submitted for approval (or was edited since)")
+        )
     if staff.role not in APPROVING_ROLES:
-        return f"an {staff.role} may not approve alerts"
+        return ApprovalError.of(N_("an %(role)s may not approve alerts"), role=staff.role)
     email = staff.email.casefold()
     if not state.training and email in {a.casefold() for a in state.authors}:
-        return "the author of an alert may not approve it"
+        return ApprovalError.of(N_("the author of an alert may not approve it"))
     if email in {a.casefold() for a in rev.approvals}:
-        return "you have approved this revision already"
+        return ApprovalError.of(N_("you have approved this revision already"))
     return None
 
 
@@ -199,9 +203,13 @@ def approve(
     state = approval_state(session, campaign_id=campaign_id, settings=settings)
     refusal = approval_refusal(state, approver)
     if refusal is None and state.revision and state.revision.hash != revision_hash:
-        refusal = "the alert changed since you looked at it: review the new revision"
+        refusal = ApprovalError.of(
+            N_("the alert changed since you looked at it: review the new revision")
+        )
     if refusal is not None:
-        raise ApprovalError(f"alert {campaign_id} cannot be approved: {refusal}")
+        raise ApprovalError.of(
+            N_("alert %(id)s cannot be approved: %(reason)s"), id=campaign_id, reason=refusal
+        )
     revision = _open_revision(session, campaign.id)
     session.add(Approval(revision_id=revision.id, approver=approver.email, at=now))
     session.flush()
@@ -240,20 +248,27 @@ def break_glass(
     (staff_notices.break_glass_message). An approver or admin only, the author included.
     """
     if not settings.console.break_glass:
-        raise ApprovalError("sending alone (break-glass) is off: [console] break_glass = false")
+        raise ApprovalError.of(
+            N_("sending alone (break-glass) is off: [console] break_glass = false")
+        )
     reason = clean_text(reason, max_length=REASON_MAX_CHARS)
     if len(reason) < REASON_MIN_CHARS:
-        raise ApprovalError(f"say why in at least {REASON_MIN_CHARS} characters")
+        raise ApprovalError.of(N_("say why in at least %(n)d characters"), n=REASON_MIN_CHARS)
     if staff.role not in APPROVING_ROLES:
-        raise ApprovalError(f"an {staff.role} may not send alone")
+        raise ApprovalError.of(N_("an %(role)s may not send alone"), role=staff.role)
     campaign = _alert(session, campaign_id)
     if str(campaign.status) != "draft":
-        raise ApprovalError(f"alert {campaign_id} is {campaign.status}")
+        raise ApprovalError.of(
+            N_("alert %(id)s is %(status)s"), id=campaign_id, status=str(campaign.status)
+        )
     revision = _latest_revision(session, campaign.id)
     if revision is None or revision.voided_at is not None or revision.hash != revision_hash:
-        raise ApprovalError(
-            f"alert {campaign_id} cannot be sent: it changed since you looked at it, "
-            "or was not submitted"
+        raise ApprovalError.of(
+            N_(
+                "alert %(id)s cannot be sent: it changed since you looked at it, "
+                "or was not submitted"
+            ),
+            id=campaign_id,
         )
     mine = session.scalar(
         select(Approval).where(
@@ -326,8 +341,9 @@ def _launch(
         revision.list_id,
         revision.segment_id,
     ):
-        raise ApprovalError(
-            f"alert {campaign.id}: what is stored is not the approved revision; submit it again"
+        raise ApprovalError.of(
+            N_("alert %(id)s: what is stored is not the approved revision; submit it again"),
+            id=campaign.id,
         )
     approvers = _approvers(session, revision)
     campaign.approved_by = ", ".join(approvers)[:200]
@@ -354,7 +370,7 @@ def _launch(
 def _alert(session: Session, campaign_id: int) -> Campaign:
     campaign = session.get(Campaign, campaign_id)
     if campaign is None or campaign.kind != "alert":
-        raise ApprovalError(f"no alert {campaign_id}")
+        raise ApprovalError.of(N_("no alert %(id)s"), id=campaign_id)
     return campaign
 
 
@@ -370,7 +386,9 @@ def _latest_revision(session: Session, campaign_id: int) -> CampaignRevision | N
 def _open_revision(session: Session, campaign_id: int) -> CampaignRevision:
     revision = _latest_revision(session, campaign_id)
     if revision is None or revision.voided_at is not None:
-        raise ApprovalError(f"alert {campaign_id} has no revision waiting for approval")
+        raise ApprovalError.of(
+            N_("alert %(id)s has no revision waiting for approval"), id=campaign_id
+        )
     return revision
 
 

@@ -10,6 +10,7 @@ from newsletter.audit import record_event
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.db.queries import finish_campaign, requeue_failed, running_campaigns
 from newsletter.errors import CampaignError
+from newsletter.i18n import N_
 
 
 def finish_if_done(*, session: Session, campaign_id: int, now: datetime) -> bool:
@@ -28,7 +29,9 @@ def get_campaign(session: Session, campaign_id: int) -> Campaign:
     """Find a campaign by id."""
     campaign = session.get(Campaign, campaign_id)
     if campaign is None:
-        raise CampaignError(f"no campaign {campaign_id}; see `newsletter campaigns list`")
+        raise CampaignError.of(
+            N_("no campaign %(id)s; see `newsletter campaigns list`"), id=campaign_id
+        )
     return campaign
 
 
@@ -46,7 +49,11 @@ def pause_campaign(
     """Stop new claims for a running campaign; senders let in-flight messages finish."""
     campaign = get_campaign(session, campaign_id)
     if campaign.status != CampaignStatus.RUNNING:
-        raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not running")
+        raise CampaignError.of(
+            N_("campaign %(id)s is %(status)s, not running"),
+            id=campaign_id,
+            status=str(campaign.status),
+        )
     campaign.status, campaign.pause_reason = CampaignStatus.PAUSED, reason[:500]
     record_event(
         session,
@@ -64,7 +71,11 @@ def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor:
     """Let a paused campaign be claimed again; only what was not sent goes out."""
     campaign = get_campaign(session, campaign_id)
     if campaign.status != CampaignStatus.PAUSED:
-        raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not paused")
+        raise CampaignError.of(
+            N_("campaign %(id)s is %(status)s, not paused"),
+            id=campaign_id,
+            status=str(campaign.status),
+        )
     campaign.status, campaign.pause_reason = CampaignStatus.RUNNING, ""
     record_event(session, now=now, actor=actor, action="campaign.resumed", campaign=campaign_id)
     session.flush()
@@ -75,7 +86,11 @@ def cancel_campaign(*, session: Session, campaign_id: int, now: datetime, actor:
     """Stop a campaign for good; its deliveries stay as they are, as the record."""
     campaign = get_campaign(session, campaign_id)
     if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
-        raise CampaignError(f"campaign {campaign_id} is already {campaign.status}")
+        raise CampaignError.of(
+            N_("campaign %(id)s is already %(status)s"),
+            id=campaign_id,
+            status=str(campaign.status),
+        )
     campaign.status, campaign.finished_at = CampaignStatus.CANCELLED, now
     record_event(session, now=now, actor=actor, action="campaign.cancelled", campaign=campaign_id)
     session.flush()
@@ -86,7 +101,9 @@ def retry_campaign(*, session: Session, campaign_id: int, now: datetime, actor: 
     """Queue a campaign's failed deliveries again (only those); returns how many."""
     campaign = get_campaign(session, campaign_id)
     if campaign.status == CampaignStatus.CANCELLED:
-        raise CampaignError(f"campaign {campaign_id} is cancelled; nothing is retried")
+        raise CampaignError.of(
+            N_("campaign %(id)s is cancelled; nothing is retried"), id=campaign_id
+        )
     count = requeue_failed(session, campaign_id=campaign_id, now=now)
     if count and campaign.status == CampaignStatus.FINISHED:
         campaign.status, campaign.finished_at = CampaignStatus.RUNNING, None

@@ -32,6 +32,7 @@ from newsletter.db.models import (
     Variant,
 )
 from newsletter.errors import CampaignError
+from newsletter.i18n import N_
 from newsletter.lists import get_list
 from newsletter.markdown import markdown_to_html
 from newsletter.sanitize import clean_text, clean_url
@@ -137,9 +138,13 @@ def editable_draft(session: Session, campaign_id: int) -> Campaign:
         or campaign.kind != CampaignKind.ALERT
         or ":draft:" not in campaign.dedupe_key
     ):
-        raise CampaignError(f"no console alert draft {campaign_id}")
+        raise CampaignError.of(N_("no console alert draft %(id)s"), id=campaign_id)
     if campaign.status != CampaignStatus.DRAFT or campaign.started_at is not None:
-        raise CampaignError(f"alert {campaign_id} is {campaign.status}: it can no longer change")
+        raise CampaignError.of(
+            N_("alert %(id)s is %(status)s: it can no longer change"),
+            id=campaign_id,
+            status=str(campaign.status),
+        )
     return campaign
 
 
@@ -232,14 +237,16 @@ def _content(session: Session, draft: DraftInput, settings: Settings) -> _Conten
     texts = {lang: t for lang, t in draft.texts.items() if t.title.strip() or t.body.strip()}
     unknown = sorted(set(texts) - set(settings.render.languages))
     if unknown:
-        raise CampaignError(f"no such language: {', '.join(unknown)}")
+        raise CampaignError.of(N_("no such language: %(langs)s"), langs=", ".join(unknown))
     url = _cta(draft.url, settings)
     if draft.item_ref:
         if texts:
-            raise CampaignError("an alert is made from a portal item or from text, not both")
+            raise CampaignError.of(N_("an alert is made from a portal item or from text, not both"))
         return _Content("", "", "", {}, {}, [find_item(session, draft.item_ref)])
     if default not in texts:
-        raise CampaignError(f"an alert needs a portal item, or a title in {default}")
+        raise CampaignError.of(
+            N_("an alert needs a portal item, or a title in %(lang)s"), lang=default
+        )
     base_url = url or settings.web.base_url
     rendered = {lang: _language(lang, t, base_url) for lang, t in texts.items()}
     source = {lang: {"title": t.title, "body": t.body} for lang, t in texts.items()}
@@ -250,7 +257,7 @@ def _content(session: Session, draft: DraftInput, settings: Settings) -> _Conten
 def _language(lang: str, text: LanguageText, base_url: str) -> dict[str, str]:
     title = clean_text(text.title, max_length=TITLE_MAX_CHARS)
     if not title:
-        raise CampaignError(f"the {lang} text has no title")
+        raise CampaignError.of(N_("the %(lang)s text has no title"), lang=lang)
     return {"title": title, "body_html": markdown_to_html(text.body, base_url=base_url)}
 
 
@@ -259,7 +266,7 @@ def _cta(url: str, settings: Settings) -> str:
         return ""
     cleaned = clean_url(url.strip(), base_url=settings.web.base_url)
     if not cleaned:
-        raise CampaignError("the call-to-action link must be an http or https address")
+        raise CampaignError.of(N_("the call-to-action link must be an http or https address"))
     return cleaned
 
 

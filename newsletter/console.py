@@ -31,6 +31,7 @@ from newsletter.console_core import (
     SignInNeeded,
     TransportFactory,
 )
+from newsletter.console_i18n import refusal_line
 from newsletter.console_security import ConsoleHeaders
 from newsletter.errors import CampaignError, StaffError
 
@@ -112,8 +113,8 @@ def _error_page(console: Console) -> Handler:
         info = request.scope.get("console_session")
         if isinstance(exc, HTTPException):
             code, message = exc.status_code, ""
-        else:  # a step refused: its one-line reason, as the CLI prints it
-            code, message = 409, str(exc)
+        else:  # a step refused: its one-line reason, in the staffer's language
+            code, message = 409, refusal_line(exc, console.language(request, info))
         return console.render(request, "error", info=info, status=code, code=code, message=message)
 
     return error

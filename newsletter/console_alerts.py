@@ -22,7 +22,7 @@ from newsletter.campaigns import get_campaign
 from newsletter.check import check_campaign, stored_variants
 from newsletter.config import Settings
 from newsletter.console_core import Console, Form
-from newsletter.console_i18n import N_
+from newsletter.console_i18n import N_, refusal_line
 from newsletter.console_security import PREVIEW_CSP
 from newsletter.db.models import CampaignKind, CampaignStatus
 from newsletter.errors import ApprovalError, CampaignError, NewsletterError, SignInError
@@ -233,8 +233,9 @@ class AlertPages:
                 training=self.c.training(info),
             )
         except NewsletterError as e:
+            error = refusal_line(e, self.c.language(request, info))
             return await self.compose_page(
-                request, info, draft, campaign_id=None, error=str(e), status=400
+                request, info, draft, campaign_id=None, error=error, status=400
             )
         return RedirectResponse(f"/alerts/{campaign.id}", status_code=303)
 
@@ -256,8 +257,9 @@ class AlertPages:
                 actor=info.staff.email,
             )
         except NewsletterError as e:
+            error = refusal_line(e, self.c.language(request, info))
             return await self.compose_page(
-                request, info, draft, campaign_id=campaign_id, error=str(e), status=400
+                request, info, draft, campaign_id=campaign_id, error=error, status=400
             )
         return RedirectResponse(f"/alerts/{campaign_id}", status_code=303)
 
@@ -364,7 +366,8 @@ class AlertPages:
                     lang=lang if lang in self.languages else None,
                 )
         except CampaignError as e:  # a bad address, too many, no such draft
-            return await self.show_alert(request, info, campaign_id, status=400, error=str(e))
+            error = refusal_line(e, self.c.language(request, info))
+            return await self.show_alert(request, info, campaign_id, status=400, error=error)
         return await self.show_alert(request, info, campaign_id, test_results=results)
 
     async def submit_post(self, request: Request) -> Response:
@@ -405,9 +408,8 @@ class AlertPages:
                 purpose="approve",
             )
         except SignInError:
-            return await self.show_alert(
-                request, info, campaign_id, status=400, error=N_("That code is not valid.")
-            )
+            error = refusal_line(N_("That code is not valid."), self.c.language(request, info))
+            return await self.show_alert(request, info, campaign_id, status=400, error=error)
         try:
             queued = await self.c.db(
                 approvals.approve,
@@ -418,7 +420,8 @@ class AlertPages:
                 now=self.c.now(),
             )
         except ApprovalError as e:
-            return await self.show_alert(request, info, campaign_id, status=409, error=str(e))
+            error = refusal_line(e, self.c.language(request, info))
+            return await self.show_alert(request, info, campaign_id, status=409, error=error)
         if queued is None:
             return RedirectResponse(f"/alerts/{campaign_id}", status_code=303)
         await self.send_if_training(campaign_id, actor=info.staff.email)
@@ -442,9 +445,8 @@ class AlertPages:
                 purpose="break-glass",
             )
         except SignInError:
-            return await self.show_alert(
-                request, info, campaign_id, status=400, error=N_("That code is not valid.")
-            )
+            error = refusal_line(N_("That code is not valid."), self.c.language(request, info))
+            return await self.show_alert(request, info, campaign_id, status=400, error=error)
         try:
             await self.c.db(
                 approvals.break_glass,
@@ -456,7 +458,8 @@ class AlertPages:
                 now=self.c.now(),
             )
         except ApprovalError as e:
-            return await self.show_alert(request, info, campaign_id, status=409, error=str(e))
+            error = refusal_line(e, self.c.language(request, info))
+            return await self.show_alert(request, info, campaign_id, status=409, error=error)
         await self.send_if_training(campaign_id, actor=info.staff.email)
         to = await self.c.db(approver_emails, author=info.staff.email)
         url = f"{self.c.settings.console.base_url}/campaigns/{campaign_id}"

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from newsletter import staff, staff_auth, staff_sessions
 from newsletter.console_core import Console
-from newsletter.console_i18n import N_
+from newsletter.console_i18n import N_, refusal_line
 from newsletter.errors import PasswordPolicyError, SignInError, ThrottledError
 
 WRONG = N_("The email address, password or code is wrong.")
@@ -127,7 +127,7 @@ class SignInPages:
             info=None,
             status=429 if throttled else 400,
             headers={"retry-after": str(wait)} if throttled else None,
-            error="throttled" if throttled else WRONG,
+            error="throttled" if throttled else refusal_line(WRONG, self.c.language(request, None)),
             retry_after=wait,
             step=step,
             email=email,
@@ -150,9 +150,8 @@ class SignInPages:
                 settings=self.c.settings,
             )
         except SignInError:
-            return self.c.render(
-                request, "error", info=None, status=400, code=400, message=BAD_LINK
-            )
+            message = refusal_line(BAD_LINK, self.c.language(request, None))
+            return self.c.render(request, "error", info=None, status=400, code=400, message=message)
         qr = base64.b64encode(standalone_svg(enrolment.qr_svg).encode("utf-8")).decode("ascii")
         return self.c.render(
             request,
@@ -177,10 +176,9 @@ class SignInPages:
                 now=self.c.now(),
                 client=self.c.client(request),
             )
-        except PasswordPolicyError as e:
-            return await self.enrol_form(request, error=str(e), status=400)
-        except SignInError as e:
-            return await self.enrol_form(request, error=str(e), status=400)
+        except (PasswordPolicyError, SignInError) as e:  # the policy's or the code's refusal
+            error = refusal_line(e, self.c.language(request, None))
+            return await self.enrol_form(request, error=error, status=400)
         return self.c.render(request, "enrolled", info=None, codes=codes)
 
     # --- sign out --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from newsletter.db.models import Campaign, DigestExclusion, Item, ListKind, Mail
 from newsletter.db.queries import items_since
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError
+from newsletter.i18n import N_
 from newsletter.lists import get_list
 from newsletter.schedule import digest_trigger, latest_slot
 
@@ -149,12 +150,16 @@ def send_digest_now(
 def _digest_list(session: Session, list_slug: str) -> MailingList:
     ml = get_list(session, list_slug)
     if ml.kind != ListKind.DIGEST:
-        raise CampaignError(f"list '{list_slug}' is a {ml.kind} list, not a digest list")
+        raise CampaignError.of(
+            N_("list '%(list)s' is a %(kind)s list, not a digest list"),
+            list=list_slug,
+            kind=str(ml.kind),
+        )
     return ml
 
 
 def _item(session: Session, item_id: int) -> Item:
     item = session.scalar(select(Item).where(Item.id == item_id))
     if item is None:
-        raise CampaignError(f"no item {item_id}")
+        raise CampaignError.of(N_("no item %(id)s"), id=item_id)
     return item

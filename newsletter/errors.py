@@ -37,16 +37,34 @@ SMTP replies and transport failures (refused connection, time-out, TLS) are valu
 exceptions: `smtp.Outcome` (sent, temporary, permanent) is what the sender records. A bug in the
 transport (a TypeError, an AttributeError) is not a delivery outcome: it raises.
 
-The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``.
+The CLI prints ``str(error)`` on one line and exits with ``error.exit_code``. An error made with
+``.of(N_("the %(lang)s text has no title"), lang=lang)`` keeps its English line as ``str(error)``
+and also its ``template`` and ``params``, so the staff console can show it in the staffer's
+language (console_i18n.translate_error).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Self
 
 
 class NewsletterError(Exception):
     """Base of every error the service raises on purpose."""
 
     exit_code = 1
+    template: str | None = None  # the English %-format of a translatable message, else None
+    params: Mapping[str, object] = {}
+
+    @classmethod
+    def of(cls, template: str, /, **params: object) -> Self:
+        """The error with a translatable message: str() is ``template % params``, in English."""
+        return cls(template % params).keeping(template, params)
+
+    def keeping(self, template: str, params: Mapping[str, object]) -> Self:
+        """Keep the message's template and params (for a subclass with its own __init__)."""
+        self.template, self.params = template, dict(params)
+        return self
 
 
 class ConfigError(NewsletterError):

@@ -75,3 +75,8 @@ def web_environment(lang: str) -> jinja2.Environment:
 def is_html_template(name: str | None) -> bool:
     """Whether a template is autoescaped: every one but the plain-text (.txt.j2) ones."""
     return name is None or not name.endswith(".txt.j2")
+
+
+def N_(message: str) -> str:
+    """Mark a message for extraction (pybabel's N_ keyword); it is translated where it is shown."""
+    return message

@@ -13,6 +13,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
 from newsletter.errors import CampaignError
+from newsletter.i18n import N_
 from newsletter.sanitize import clean_html
 
 MAX_MARKDOWN_CHARS = 20_000
@@ -34,8 +35,10 @@ _MD = _parser()
 def markdown_to_html(text: str, *, base_url: str) -> str:
     """Turn staff Markdown into sanitised HTML; too long a text raises CampaignError."""
     if len(text) > MAX_MARKDOWN_CHARS:
-        raise CampaignError(
-            f"the text has {len(text):,} characters, over the limit of {MAX_MARKDOWN_CHARS:,}"
+        raise CampaignError.of(
+            N_("the text has %(length)s characters, over the limit of %(limit)s"),
+            length=f"{len(text):,}",
+            limit=f"{MAX_MARKDOWN_CHARS:,}",
         )
     tokens = _MD.parse(text.replace("\x00", ""))
     for token in tokens:

@@ -31,6 +31,7 @@ from newsletter.audit import record_event
 from newsletter.config import Settings
 from newsletter.db.models import Staff, StaffRecoveryCode, StaffRole, StaffSession
 from newsletter.errors import AudienceError, PasswordPolicyError, SignInError, StaffError
+from newsletter.i18n import N_
 
 ROLES = tuple(role.value for role in StaffRole)
 MIN_PASSWORD_LENGTH = 12
@@ -38,7 +39,7 @@ RECOVERY_CODES = 10
 # No 0/o, 1/l/i: a recovery code is read off paper and typed on a phone.
 RECOVERY_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
 TOTP_INTERVAL = 30
-BAD_ENROLMENT_LINK = "this enrolment link is not valid or has expired"
+BAD_ENROLMENT_LINK = N_("this enrolment link is not valid or has expired")
 COMMON_PASSWORDS = Path(__file__).parent / "data" / "common-passwords.txt.gz"
 
 hasher = PasswordHasher()  # Argon2id with argon2-cffi's defaults
@@ -108,15 +109,26 @@ def common_passwords() -> frozenset[str]:
 
 
 def password_problem(password: str, email: str) -> str | None:
-    """Why the policy refuses a password, or None: >= 12 chars, not common, not the address."""
+    """Why the policy refuses a password, in English, or None (see password_refusal)."""
+    refusal = password_refusal(password, email)
+    return None if refusal is None else str(refusal)
+
+
+def password_refusal(password: str, email: str) -> PasswordPolicyError | None:
+    """The error to raise if the policy refuses a password: >= 12 chars, not common, not the
+    address; else None."""
     if len(password) < MIN_PASSWORD_LENGTH:
-        return f"the password must be at least {MIN_PASSWORD_LENGTH} characters long"
+        return PasswordPolicyError.of(
+            N_("the password must be at least %(n)d characters long"), n=MIN_PASSWORD_LENGTH
+        )
     lowered = password.lower()
     if lowered in common_passwords():
-        return "this password is among the most common ones: choose another"
+        return PasswordPolicyError.of(
+            N_("this password is among the most common ones: choose another")
+        )
     local = email.split("@", 1)[0].lower()
     if lowered == email.lower() or (len(local) >= 3 and local in lowered):
-        return "the password must not contain your email address"
+        return PasswordPolicyError.of(N_("the password must not contain your email address"))
     return None
 
 
@@ -365,7 +377,7 @@ def _by_token(session: Session, token: str, now: datetime) -> Staff:
         or staff.enrol_expires_at is None
         or staff.enrol_expires_at <= now
     ):
-        raise SignInError(BAD_ENROLMENT_LINK)
+        raise SignInError.of(BAD_ENROLMENT_LINK)
     return staff
 
 
@@ -396,12 +408,12 @@ def complete_enrolment(
     """Set the password and confirm the TOTP app; returns the recovery codes (shown once)."""
     staff = _by_token(session, token, now)
     if password != password_again:
-        raise PasswordPolicyError("the two passwords are not the same")
-    if (problem := password_problem(password, staff.email)) is not None:
-        raise PasswordPolicyError(problem)
+        raise PasswordPolicyError.of(N_("the two passwords are not the same"))
+    if (refusal := password_refusal(password, staff.email)) is not None:
+        raise refusal
     step = matched_step(staff.totp_secret, code, now=now, after=staff.totp_last_step)
     if step is None:
-        raise SignInError("the code is wrong: check the time on your phone and try again")
+        raise SignInError.of(N_("the code is wrong: check the time on your phone and try again"))
     staff.password_hash = hasher.hash(password)
     staff.totp_last_step = step
     staff.enrolled_at = now

@@ -26,6 +26,7 @@ from newsletter.audit import record_event
 from newsletter.config import Settings
 from newsletter.db.models import Staff, StaffRecoveryCode
 from newsletter.errors import SignInError, ThrottledError
+from newsletter.i18n import N_
 from newsletter.staff import (
     StaffView,
     claim_totp_step,
@@ -37,9 +38,11 @@ from newsletter.staff import (
     view_of,
 )
 
-WRONG_PASSWORD = "the email address or password is wrong"
-WRONG_CODE = "the code is wrong"
-EXPIRED = "the sign-in took too long or is not valid: start again"
+WRONG_PASSWORD = N_("the email address or password is wrong")
+WRONG_CODE = N_("the code is wrong")
+EXPIRED = N_("the sign-in took too long or is not valid: start again")
+# errors.ThrottledError's own line, kept translatable here (errors.py imports nothing).
+THROTTLED = N_("too many attempts: try again in %(seconds)s seconds")
 PENDING_SECONDS = 5 * 60
 WINDOW = throttle.WINDOW_SECONDS
 # Who an unknown account's events are recorded for: what was typed may be a password.
@@ -104,7 +107,7 @@ def _throttle(
             record_event(session, now=now, actor=actor, action=action, client=client, **detail)
         throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
         session.commit()
-        raise ThrottledError(wait)
+        raise ThrottledError(wait).keeping(THROTTLED, {"seconds": wait})
 
 
 def _refuse(
@@ -122,7 +125,7 @@ def _refuse(
         throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
     record_event(session, now=now, actor=actor, action=action, **detail)
     session.commit()
-    return SignInError(message)
+    return SignInError.of(message)
 
 
 def password_step(
@@ -172,14 +175,14 @@ def _pending_staff(session: Session, pending: str, *, now: datetime, secret: str
     try:
         staff_id, issued, fingerprint = _serializer(secret).loads(pending)
     except (BadSignature, ValueError, TypeError):
-        raise SignInError(EXPIRED) from None
+        raise SignInError.of(EXPIRED) from None
     if not isinstance(staff_id, int) or not isinstance(issued, int):
-        raise SignInError(EXPIRED)
+        raise SignInError.of(EXPIRED)
     if not 0 <= now.timestamp() - issued <= PENDING_SECONDS:
-        raise SignInError(EXPIRED)
+        raise SignInError.of(EXPIRED)
     staff = session.get(Staff, staff_id)
     if staff is None or not is_active(staff) or fingerprint != _fingerprint(staff):
-        raise SignInError(EXPIRED)
+        raise SignInError.of(EXPIRED)
     return staff
 
 
@@ -244,7 +247,7 @@ def verify_step_up(
     secret = settings.security.require_secret()
     staff = session.get(Staff, staff_id)
     if staff is None or not is_active(staff):
-        raise SignInError(WRONG_CODE)
+        raise SignInError.of(WRONG_CODE)
     key = _code_key(staff.id, secret)
     _throttle(
         session,

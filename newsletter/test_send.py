@@ -23,6 +23,7 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.errors import CampaignError
+from newsletter.i18n import N_
 from newsletter.message import ListInfo, MessageTemplate
 from newsletter.render import RenderedVariant
 from newsletter.smtp import Result, Transport
@@ -40,16 +41,26 @@ def clean_addresses(addresses: Sequence[str], *, limit: int = MAX_TEST_ADDRESSES
         if not value:
             continue
         if any(not ch.isprintable() for ch in value):
-            raise CampaignError("an address may not contain line breaks or control characters")
+            raise CampaignError.of(
+                N_("an address may not contain line breaks or control characters")
+            )
         try:
             address = validate_email(value, check_deliverability=False).normalized
         except EmailNotValidError as e:
-            raise CampaignError(f"not an email address: {value[:100]!r} ({e})") from None
+            raise CampaignError.of(
+                N_("not an email address: %(address)s (%(reason)s)"),
+                address=repr(value[:100]),
+                reason=str(e),
+            ) from None
         found.setdefault(address.casefold(), address)
     if not found:
-        raise CampaignError("give at least one address to send the test to")
+        raise CampaignError.of(N_("give at least one address to send the test to"))
     if len(found) > limit:
-        raise CampaignError(f"a test goes to at most {limit} addresses, not {len(found)}")
+        raise CampaignError.of(
+            N_("a test goes to at most %(limit)s addresses, not %(count)s"),
+            limit=limit,
+            count=len(found),
+        )
     return list(found.values())
 
 
@@ -145,9 +156,11 @@ async def send_training(
         campaign = session.get(Campaign, campaign_id)
         addresses = training_recipients(session, campaign_id)
         if campaign is None or not is_training(campaign, settings):
-            raise CampaignError(f"alert {campaign_id} is not a training alert")
+            raise CampaignError.of(N_("alert %(id)s is not a training alert"), id=campaign_id)
         if campaign.status != CampaignStatus.DRAFT or not addresses:
-            raise CampaignError(f"training alert {campaign_id} is not approved and waiting")
+            raise CampaignError.of(
+                N_("training alert %(id)s is not approved and waiting"), id=campaign_id
+            )
         chosen = clean_addresses(addresses, limit=max(len(addresses), 1))
         by_lang = {v.lang: v for v in stored_variants(session, campaign)}
         variant = by_lang.get(settings.render.default_language) or next(iter(by_lang.values()))
@@ -204,12 +217,18 @@ def _variant(
     """The stored variant in `lang` (else the default language's); rendered first if needed."""
     campaign = session.get(Campaign, campaign_id)
     if campaign is None:
-        raise CampaignError(f"no campaign {campaign_id}")
+        raise CampaignError.of(N_("no campaign %(id)s"), id=campaign_id)
     check_campaign(session, campaign, settings)  # stores the variants of a draft not rendered yet
     by_lang = {v.lang: v for v in stored_variants(session, campaign)}
     variant = by_lang.get(lang) or by_lang.get(settings.render.default_language)
     if variant is None:
-        raise CampaignError(f"campaign {campaign_id} has no variant in {lang or 'any language'}")
+        if not lang:
+            raise CampaignError.of(
+                N_("campaign %(id)s has no variant in any language"), id=campaign_id
+            )
+        raise CampaignError.of(
+            N_("campaign %(id)s has no variant in %(lang)s"), id=campaign_id, lang=lang
+        )
     return variant, _list_info(campaign)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,11 +14,35 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.frontend import parse_mapping_cfg
 from babel.messages.pofile import read_po
 from lxml import html as lxml_html
+from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter import approvals, campaigns, compose
+from newsletter.clock import FrozenClock
 from newsletter.config import Settings
-from newsletter.console_i18n import AUTONYMS, CONSOLE_DOMAIN, console_environment
+from newsletter.console_i18n import (
+    AUTONYMS,
+    CONSOLE_DOMAIN,
+    console_environment,
+    refusal_line,
+    translate_error,
+)
 from newsletter.console_signin import WRONG
+from newsletter.db import unit_of_work
+from newsletter.errors import NewsletterError, ThrottledError
 from newsletter.i18n import LOCALE_DIR, TEMPLATES_DIR
+from newsletter.markdown import markdown_to_html
+from newsletter.staff import add_staff, password_refusal
+from newsletter.staff_auth import THROTTLED
+from newsletter.test_send import clean_addresses
+from tests.conftest import SmtpServer, make_settings
+from tests.console_site import (
+    console_settings,
+    csrf_of,
+    declare_lists,
+    enrol_staff,
+    next_code,
+    serve_console,
+)
 
 REPO = TEMPLATES_DIR.parent
 TRANSLATED = ("be", "ru")
@@ -151,3 +176,174 @@ def test_console_page_in_english_is_the_source_text() -> None:
     text = render_console("en", name, **context)
     assert "Sign in" in text and "Training mode" in text
     assert "Email" in visible_words(text)
+
+
+# --- the step functions' refusals, in the console's language ---------------------------------
+
+
+def raised(step: Callable[[], object]) -> NewsletterError:
+    """The error a step raises (it must raise one)."""
+    with pytest.raises(NewsletterError) as caught:
+        step()
+    return caught.value
+
+
+def pure_refusals() -> dict[str, NewsletterError]:
+    """Refusals of steps that need no database, each as the step raises or returns it."""
+    state = approvals.ApprovalState(
+        campaign_id=7, author="a@example.org", revision=None, needed=1, training=False
+    )
+    short = password_refusal("short", "ola@example.org")
+    not_approvable = approvals.approval_refusal(
+        dataclasses.replace(state, status="paused"), dataclasses.replace(ROLE, role="editor")
+    )
+    assert short is not None and not_approvable is not None
+    return {
+        "long": raised(lambda: markdown_to_html("x" * 20_001, base_url="https://example.org")),
+        "many": raised(lambda: clean_addresses([f"p{i}@example.org" for i in range(6)])),
+        "short": short,
+        "status": not_approvable,
+        "throttled": ThrottledError(90).keeping(THROTTLED, {"seconds": 90}),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Approver:
+    email: str
+    role: str
+    training: bool = False
+
+
+ROLE = Approver("ed@example.org", "editor")
+# Each refusal: its English line, byte for byte as before, and a word of each translation.
+PURE = {
+    "long": ("the text has 20,001 characters, over the limit of 20,000", "20,001", "20,001"),
+    "many": ("a test goes to at most 5 addresses, not 6", "адрасоў", "адресов"),
+    "short": ("the password must be at least 12 characters long", "12 сімвалаў", "12 символов"),
+    "status": ("the alert is paused", "«прыпынена»", "«приостановлено»"),
+    "throttled": ("too many attempts: try again in 90 seconds", "праз 90 с", "через 90 с"),
+}
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_a_refusal_is_english_for_the_cli_and_translated_for_the_console(
+    name: str, console_messages: set[str]
+) -> None:
+    """str(error) is the English line; translate_error gives be/ru text with the values in it."""
+    error = pure_refusals()[name]
+    english, be, ru = PURE[name]
+    assert str(error) == english == translate_error(error, "en")
+    assert error.template in console_messages  # extracted, so the catalogues must have it
+    for lang, word in (("be", be), ("ru", ru)):
+        text = translate_error(error, lang)
+        assert word in text and not LATIN_WORD.search(text.replace(word, "")), text
+
+
+def test_an_error_without_a_translatable_form_shows_as_it_is() -> None:
+    """An error made the old way (or any exception) falls back to its own line."""
+    assert translate_error(NewsletterError("plain <b>line</b>"), "be") == "plain <b>line</b>"
+    assert translate_error(ValueError("bug"), "ru") == "bug"
+    assert (
+        refusal_line(NewsletterError("plain <b>line</b>"), "be") == "plain &lt;b&gt;line&lt;/b&gt;"
+    )
+    assert refusal_line(WRONG, "be") == "Няправільны адрас электроннай пошты, пароль або код."
+
+
+def test_the_throttled_line_is_the_one_errors_py_makes() -> None:
+    """staff_auth.THROTTLED (translatable) and ThrottledError's own line say the same."""
+    assert str(ThrottledError(45)) == THROTTLED % {"seconds": 45}
+
+
+def alert_draft(**texts: compose.LanguageText) -> compose.DraftInput:
+    """A text draft for the alert list."""
+    return compose.DraftInput(list_slug="urgent-actions", segment=None, item_ref=None, texts=texts)
+
+
+def test_refusals_of_steps_on_the_database_in_be_and_ru(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A draft refused by compose, an approval refused (its reason nested), a pause refused."""
+    settings = Settings()
+    declare_lists(factory)
+    title = compose.LanguageText("Free them", "Write *today*.")
+    with unit_of_work(factory) as session:
+        no_title = raised(lambda: compose.create_draft(
+            session, draft=alert_draft(en=title, be=compose.LanguageText("", "Пішыце.")),
+            settings=settings, now=clock.now(), actor="ed@example.org",
+        ))  # fmt: skip
+    with unit_of_work(factory) as session:
+        cid = compose.create_draft(
+            session, draft=alert_draft(en=title), settings=settings, now=clock.now(),
+            actor="ed@example.org",
+        ).id  # fmt: skip
+    with unit_of_work(factory) as session:
+        unsubmitted = raised(lambda: approvals.approve(
+            session, campaign_id=cid, revision_hash="x", approver=Approver("ap@example.org",
+            "approver"), settings=settings, now=clock.now(),
+        ))  # fmt: skip
+        draft = raised(lambda: campaigns.pause_campaign(
+            session=session, campaign_id=cid, now=clock.now(), actor="ed@example.org", reason="",
+        ))  # fmt: skip
+    assert str(no_title) == "the be text has no title"
+    assert translate_error(no_title, "be") == "у тэксце на мове be няма загалоўка"
+    assert str(unsubmitted) == (
+        f"alert {cid} cannot be approved: "
+        "the alert has not been submitted for approval (or was edited since)"
+    )
+    assert translate_error(unsubmitted, "ru") == (
+        f"сообщение {cid} нельзя утвердить: "
+        "сообщение не подано на утверждение (или было изменено после этого)"
+    )
+    assert str(draft) == f"campaign {cid} is draft, not running"
+    assert translate_error(draft, "be") == f"кампанія {cid} у стане «чарнавік», а не «адпраўляецца»"
+
+
+# --- refusals on the console's pages ----------------------------------------------------------
+
+
+def test_an_enrolment_refusal_shows_in_belarusian(
+    factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer, clock: FrozenClock
+) -> None:
+    """Two different passwords on /enrol/...?lang=be: the step's refusal, in Belarusian."""
+    settings = console_settings(make_settings(database_url, smtpd))
+    with serve_console(settings, factory, clock) as site:
+        with unit_of_work(factory) as session:
+            url = add_staff(session, email="new@example.org", role="editor", name="",
+                            now=clock.now(), actor="cli:test", settings=site.settings)  # fmt: skip
+        path = "/enrol/" + url.rsplit("/enrol/", 1)[1]
+        browser = site.client()
+        page = browser.get(path + "?lang=be").text
+        secret = page.split('<code id="secret" class="secret">')[1].split("<")[0]
+        form = {"password": "correct horse battery staple 42",
+                "password_again": "correct horse battery staple 43",
+                "code": next_code(secret, clock), "csrf": csrf_of(page)}  # fmt: skip
+        refused = browser.post(path, form)
+    assert refused.status_code == 400
+    assert '<html lang="be">' in refused.text and "паролі не супадаюць" in refused.text
+    assert "the two passwords" not in refused.text
+
+
+def test_a_step_refusal_page_is_in_russian_and_typed_text_stays_text(
+    factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer, clock: FrozenClock
+) -> None:
+    """Pausing a draft (the 409 page) in Russian; a hostile test address is shown escaped."""
+    settings = console_settings(make_settings(database_url, smtpd))
+    declare_lists(factory)
+    editor = enrol_staff(factory, settings, clock, "ed@example.org", "editor")
+    with unit_of_work(factory) as session:
+        cid = compose.create_draft(
+            session, draft=alert_draft(en=compose.LanguageText("Free them", "Write.")),
+            settings=settings, now=clock.now(), actor=editor.email,
+        ).id  # fmt: skip
+    with serve_console(settings, factory, clock) as site:
+        client = site.client()
+        client.get("/signin?lang=ru")
+        client.sign_in(editor)
+        paused = client.post(f"/campaigns/{cid}/pause", {"reason": ""})
+        hostile = client.post(
+            f"/alerts/{cid}/test", {"addresses": "<b>bold</b>"}, csrf_from=f"/alerts/{cid}"
+        )
+    assert paused.status_code == 409 and '<html lang="ru">' in paused.text
+    assert f"кампания {cid} в статусе «черновик», а не «отправляется»" in paused.text
+    assert hostile.status_code == 400 and "это не адрес электронной почты" in hostile.text
+    assert "<b>bold</b>" not in hostile.text and "&lt;b&gt;bold&lt;/b&gt;" in hostile.text
