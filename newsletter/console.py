@@ -33,7 +33,7 @@ from newsletter.console_core import (
 )
 from newsletter.console_i18n import refusal_line
 from newsletter.console_security import ConsoleHeaders
-from newsletter.errors import CampaignError, StaffError
+from newsletter.errors import NewsletterError
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -57,8 +57,8 @@ def create_console_app(
     handlers: dict[Any, Handler] = {
         SignInNeeded: _sign_in_needed,
         HTTPException: _error_page(console),
-        StaffError: _error_page(console),
-        CampaignError: _error_page(console),
+        # Any step's refusal (a campaign, a list, a staff account...): its one line, never a 500.
+        NewsletterError: _error_page(console),
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.add_middleware(AuditOrigin)

@@ -278,6 +278,9 @@ def test_digest_page_leaves_an_item_out_and_puts_it_back(
     assert editor.post("/digest/include", form, csrf_from="/digest").status_code == 303
     assert "Left out" not in editor.get("/digest").text
     assert editor.post("/digest/skip", {"list": "weekly-digest"}).status_code == 403
+    # A list that is not there (a forged form): the step's one line, not a server error.
+    exclude_unknown = editor.post("/digest/exclude", {**form, "list": "no-such-list"})
+    assert exclude_unknown.status_code == 409 and "no-such-list" in exclude_unknown.text
 
 
 def test_audit_log_pages_and_a_csv_safe_for_spreadsheets(
