@@ -163,6 +163,8 @@ PAGES: dict[str, tuple[str, dict[str, Any]]] = {
 def test_console_pages_render_in_the_language(lang: str, page: str) -> None:
     """A be/ru sign-in or refusal page shows its language's words and no English one."""
     name, context = PAGES[page]
+    if context.get("error") == WRONG:  # the console passes refusals in their final language
+        context = {**context, "error": refusal_line(WRONG, lang)}
     text = render_console(lang, name, **context)
     assert f'<html lang="{lang}">' in text
     assert visible_words(text) == []
@@ -343,7 +345,12 @@ def test_a_step_refusal_page_is_in_russian_and_typed_text_stays_text(
         hostile = client.post(
             f"/alerts/{cid}/test", {"addresses": "<b>bold</b>"}, csrf_from=f"/alerts/{cid}"
         )
+        # A refusal quoting typed text with "%" in it (gettext's formatting must not see it).
+        percent = client.post(
+            f"/alerts/{cid}/test", {"addresses": "%(x)s%d"}, csrf_from=f"/alerts/{cid}"
+        )
     assert paused.status_code == 409 and '<html lang="ru">' in paused.text
     assert f"кампания {cid} в статусе «черновик», а не «отправляется»" in paused.text
     assert hostile.status_code == 400 and "это не адрес электронной почты" in hostile.text
     assert "<b>bold</b>" not in hostile.text and "&lt;b&gt;bold&lt;/b&gt;" in hostile.text
+    assert percent.status_code == 400 and "%(x)s%d" in percent.text

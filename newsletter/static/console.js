@@ -20,7 +20,10 @@
       setText(box, "failed", c.failed);
       setText(box, "per_minute", row.per_minute.toFixed(1));
       var left = row.seconds_left;
-      setText(box, "left", left === null ? "\u2013" : Math.floor(left / 60) + " min " + (left % 60) + " s");
+      var leftBox = box.querySelector('[data-field="left"]');
+      var format = (leftBox && leftBox.getAttribute("data-format")) || "{min} min {s} s";
+      setText(box, "left", left === null ? "\u2013"
+        : format.replace("{min}", Math.floor(left / 60)).replace("{s}", left % 60));
       var bar = document.querySelector('[data-progress="' + row.id + '"]');
       if (bar) { bar.max = row.total || 1; bar.value = c.sent + c.failed; }
     });
