@@ -55,6 +55,7 @@ class DraftInput:
     item_ref: str | None  # an item's guid or link, or None for text written here
     texts: dict[str, LanguageText] = field(default_factory=dict)
     url: str = ""  # the call to action
+    archive: bool = True  # a web copy in the public archive once sent (archive.py)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ def create_draft(
         created_by=actor,
         created_at=now,
         training=training or settings.console.training,
+        archived=draft.archive,
     )
     _apply(campaign, content)
     session.add(campaign)
@@ -114,6 +116,7 @@ def update_draft(
     campaign.list_id = ml.id
     campaign.segment_id = _segment_id(session, draft.segment)
     campaign.approved_by = ""
+    campaign.archived = draft.archive
     _apply(campaign, content)
     voided = void_revisions(session, campaign_id=campaign.id, now=now)
     # The stored rendering was of the old text: the next preview or submission renders anew.
@@ -180,6 +183,7 @@ def draft_input(campaign: Campaign) -> DraftInput:
         item_ref=campaign.items[0].guid if campaign.items else None,
         texts=texts,
         url=campaign.url,
+        archive=campaign.archived,
     )
 
 

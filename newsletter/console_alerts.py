@@ -156,6 +156,7 @@ def draft_from_form(form: Form, languages: tuple[str, ...]) -> compose.DraftInpu
         item_ref=form.get("item_ref")[:2000] or None,
         texts=texts,
         url=form.get("url").strip()[:2000],
+        archive=form.get("archive") == "1",
     )
 
 

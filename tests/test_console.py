@@ -244,6 +244,28 @@ def test_compose_shows_recipients_per_language_and_a_preview_frame(
     assert editor.get(f"{path}/preview/xx").status_code == 404
 
 
+def test_compose_keeps_an_alert_out_of_the_archive_when_unticked(
+    site: ConsoleSite, factory: sessionmaker[Session]
+) -> None:
+    """The web copy is offered ticked; unticked, the alert is kept out of the public archive."""
+    editor = signed_in(site, factory, "ed@example.org", "editor")
+    form = editor.get("/alerts/new").text
+    assert 'name="archive" type="checkbox" value="1" checked' in form
+    fields = {"action": "save", "list": "urgent-actions", "title_en": "Quiet", "body_en": "Text"}
+    made = editor.post("/alerts/new", fields, csrf_from="/alerts/new")
+    campaign_id = int(made.headers["location"].rsplit("/", 1)[1])
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, campaign_id)
+        assert campaign is not None and campaign.archived is False
+    edited = editor.post(
+        f"/alerts/{campaign_id}", {**fields, "archive": "1"}, csrf_from=f"/alerts/{campaign_id}"
+    )
+    assert edited.status_code == 303
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, campaign_id)
+        assert campaign is not None and campaign.archived is True
+
+
 def test_the_item_picker_searches_recent_items(
     site: ConsoleSite, factory: sessionmaker[Session], clock: FrozenClock
 ) -> None:
