@@ -24,6 +24,7 @@ from sqlalchemy import Engine, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter import throttle
 from newsletter.alerts import alerts_for_urgent_items
 from newsletter.assemble import assemble_digest
 from newsletter.check import CheckError
@@ -36,6 +37,7 @@ from newsletter.enqueue import launch_campaign
 from newsletter.ingest import IngestReport, describe_report, ingest_all, source_key
 from newsletter.lock import acquire_lock, release_lock
 from newsletter.signup import purge_signups
+from newsletter.staff_sessions import prune_sessions
 
 log = logging.getLogger("newsletter.schedule")
 LOCK_NAME = "scheduler"
@@ -216,6 +218,14 @@ class Scheduler:
         with unit_of_work(self.factory) as session:
             return release_expired(session, now=self.clock.now())
 
+    def prune_console(self) -> int:
+        """Delete dead staff sessions and rate-limit windows older than a day."""
+        with unit_of_work(self.factory) as session:
+            now = self.clock.now()
+            return prune_sessions(session, now=now, settings=self.settings) + throttle.prune(
+                session, now=now
+            )
+
     def purge_signups(self) -> int:
         """Forget web signups nobody confirmed in time, and expired marks and tickets."""
         with unit_of_work(self.factory) as session:
@@ -263,10 +273,12 @@ def job_digests() -> None:
 
 
 def job_cleanup() -> None:
-    """Scheduled: put back claims whose worker died; forget unconfirmed web signups."""
+    """Scheduled: put back claims whose worker died; forget unconfirmed web signups; delete dead
+    console sessions and old rate-limit windows."""
     if (scheduler := _active()) is not None:
         scheduler.release_expired_claims()
         scheduler.purge_signups()
+        scheduler.prune_console()
 
 
 def make_apscheduler(*, engine: Engine, settings: Settings) -> AsyncIOScheduler:

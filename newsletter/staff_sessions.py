@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import delete, or_
 from sqlalchemy.orm import Session
 
 from newsletter.audit import record_event
@@ -113,3 +114,19 @@ def revoke_sessions(
         kept_current=except_session is not None,
     )
     return ended
+
+
+def prune_sessions(session: Session, *, now: datetime, settings: Settings) -> int:
+    """Delete sessions that can no longer be used (past their end, revoked, or idle too long);
+    the events keep who signed in and out. Returns how many."""
+    idle_since = now - timedelta(minutes=settings.console.idle_minutes)
+    result = session.execute(
+        delete(StaffSession).where(
+            or_(
+                StaffSession.expires_at < now,
+                StaffSession.revoked_at.is_not(None),
+                StaffSession.last_seen_at < idle_since,
+            )
+        )
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -15,6 +15,7 @@ from newsletter.staff_sessions import (
     SessionInfo,
     current_session,
     end_session,
+    prune_sessions,
     revoke_sessions,
     start_session,
 )
@@ -150,3 +151,23 @@ def test_disabled_account_refused_even_if_its_sessions_were_not_revoked(
         for row in session.scalars(select(StaffSession)):
             row.revoked_at = None  # as if revocation had been missed
     assert current(factory, clock, cookie) is None
+
+
+def test_prune_deletes_only_sessions_that_can_no_longer_be_used(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Idle, revoked and ended sessions go; a live one stays and still works."""
+    who = enrol(factory, clock)
+    settings = settings_of(factory)
+    idle = start(factory, clock, who.id)
+    revoked = start(factory, clock, who.id)
+    with unit_of_work(factory) as session:
+        end_session(session, cookie=revoked, now=clock.now())
+    clock.advance(minutes=settings.console.idle_minutes - 5)
+    live = start(factory, clock, who.id)
+    clock.advance(minutes=10)  # `idle` has now been idle too long; `live` has not
+    with unit_of_work(factory) as session:
+        assert prune_sessions(session, now=clock.now(), settings=settings) == 2
+    with unit_of_work(factory) as session:
+        assert session.query(StaffSession).count() == 1
+    assert current(factory, clock, live) is not None and current(factory, clock, idle) is None
