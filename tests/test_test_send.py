@@ -16,7 +16,7 @@ from newsletter.db.models import Delivery, Event
 from newsletter.errors import CampaignError
 from newsletter.smtp import SmtpPool
 from newsletter.test_send import MAX_TEST_ADDRESSES, clean_addresses, inert_url, send_test
-from newsletter.tokens import make_token
+from newsletter.tokens import PAGE_PATHS, make_token
 from tests.conftest import SmtpServer, make_settings
 from tests.test_approvals import AUTHOR, drafted, seed_people
 
@@ -69,7 +69,9 @@ def test_a_test_arrives_marked_with_no_working_token_and_no_delivery(
         assert "Please <strong>write</strong> a letter." in html
         for body in (html, text):
             assert inert_url(settings, cid) in body
-            assert base not in body  # no link to the supporters' pages at all
+            # No link to a supporter's own pages (only the public web copy may be linked).
+            for path in PAGE_PATHS.values():
+                assert f"{base}{path}" not in body
             assert "%%" not in body
     with unit_of_work(factory) as session:
         assert session.scalar(select(func.count()).select_from(Delivery)) == 0
