@@ -394,11 +394,10 @@ class AlertPages:
         await self.mail(messages)
         return RedirectResponse(f"/alerts/{campaign_id}", status_code=303)
 
-    async def approve_post(self, request: Request) -> Response:
-        """Approve the revision the approver looked at, after a fresh second-factor code."""
-        info = await self.c.staff(request, roles=APPROVERS)
-        form = await self.c.form(request, info)
-        campaign_id = request.path_params["id"]
+    async def step_up(
+        self, request: Request, info: SessionInfo, form: Form, campaign_id: int, *, purpose: str
+    ) -> Response | None:
+        """Check the fresh second-factor code sent with the form; the alert page again if wrong."""
         try:
             await self.c.db_keeping_failures(
                 staff_auth.verify_step_up,
@@ -406,11 +405,21 @@ class AlertPages:
                 code=form.get("code").strip()[:64],
                 now=self.c.now(),
                 settings=self.c.settings,
-                purpose="approve",
+                purpose=purpose,
             )
         except SignInError:
             error = refusal_line(N_("That code is not valid."), self.c.language(request, info))
             return await self.show_alert(request, info, campaign_id, status=400, error=error)
+        return None
+
+    async def approve_post(self, request: Request) -> Response:
+        """Approve the revision the approver looked at, after a fresh second-factor code."""
+        info = await self.c.staff(request, roles=APPROVERS)
+        form = await self.c.form(request, info)
+        campaign_id = request.path_params["id"]
+        refused = await self.step_up(request, info, form, campaign_id, purpose="approve")
+        if refused is not None:
+            return refused
         try:
             queued = await self.c.db(
                 approvals.approve,
@@ -436,18 +445,9 @@ class AlertPages:
         form = await self.c.form(request, info)
         campaign_id = request.path_params["id"]
         reason = form.get("reason").strip()[:2000]
-        try:
-            await self.c.db_keeping_failures(
-                staff_auth.verify_step_up,
-                staff_id=info.staff.id,
-                code=form.get("code").strip()[:64],
-                now=self.c.now(),
-                settings=self.c.settings,
-                purpose="break-glass",
-            )
-        except SignInError:
-            error = refusal_line(N_("That code is not valid."), self.c.language(request, info))
-            return await self.show_alert(request, info, campaign_id, status=400, error=error)
+        refused = await self.step_up(request, info, form, campaign_id, purpose="break-glass")
+        if refused is not None:
+            return refused
         try:
             await self.c.db(
                 approvals.break_glass,

@@ -37,6 +37,7 @@ from newsletter.db import unit_of_work
 from newsletter.errors import SignInError
 from newsletter.smtp import Transport, open_pool
 from newsletter.staff_sessions import SessionInfo
+from newsletter.web import read_capped_body
 
 T = TypeVar("T")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -186,12 +187,7 @@ class Console:
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused past [web] max_body_bytes."""
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.settings.web.max_body_bytes:
-                raise HTTPException(413)
-        return body
+        return await read_capped_body(request, self.settings.web.max_body_bytes)
 
     async def form(self, request: Request, info: SessionInfo | None) -> Form:
         """A POST's fields, once its origin and form token are checked (403 otherwise).

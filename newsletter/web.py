@@ -87,6 +87,16 @@ SECURITY_HEADERS = {
 }
 
 
+async def read_capped_body(request: Request, limit: int) -> bytes:
+    """A request's body, refused with 413 as soon as it passes `limit` bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413)
+    return body
+
+
 class SecurityHeaders:
     """Adds the strict headers to every response, error pages included."""
 
@@ -206,12 +216,7 @@ class Pages:
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused past [web] max_body_bytes."""
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.settings.web.max_body_bytes:
-                raise HTTPException(413)
-        return body
+        return await read_capped_body(request, self.settings.web.max_body_bytes)
 
     # --- unsubscribe -----------------------------------------------------------------------
 
