@@ -95,9 +95,13 @@ def _signature(delivery_id: int, secret: str) -> str:
     ]
 
 
-def verp_address(delivery_id: int, *, settings: Settings) -> str:
-    """The envelope sender of one delivery: bounces+<id>-<signature>@domain."""
-    local, _, domain = settings.mail.bounce_address.rpartition("@")
+def verp_address(delivery_id: int, *, settings: Settings, bounce_address: str = "") -> str:
+    """The envelope sender of one delivery: bounces+<id>-<signature>@domain.
+
+    `bounce_address` is the identity's ([discreet] bounce_address for a discreet reader);
+    [mail] bounce_address when not given.
+    """
+    local, _, domain = (bounce_address or settings.mail.bounce_address).rpartition("@")
     sig = _signature(delivery_id, settings.security.require_secret())
     return f"{local}+{delivery_id}-{sig}@{domain}"
 
@@ -106,8 +110,11 @@ def parse_verp(address: str, *, settings: Settings) -> int | None:
     """The delivery a VERP address names, or None if it is not ours or the signature is wrong."""
     address = address.strip().strip("<>").lower()
     match = _VERP.match(address) if len(address) <= MAX_ADDRESS else None
-    local, _, domain = settings.mail.bounce_address.lower().rpartition("@")
-    if not match or match["local"] != local or match["domain"] != domain:
+    ours = {
+        tuple(a.lower().rpartition("@")[::2])
+        for a in (settings.mail.bounce_address, settings.discreet.bounce_address)
+    }
+    if not match or (match["local"], match["domain"]) not in ours:
         return None
     delivery_id = int(match["id"])
     expected = _signature(delivery_id, settings.security.require_secret())

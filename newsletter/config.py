@@ -266,6 +266,51 @@ class InboundSettings:
 
 
 @dataclass(frozen=True)
+class DiscreetSettings:
+    """The neutral sending identity for readers who chose a discreet envelope.
+
+    Nothing here should name the portal, the organisation, a list or a topic; ideally a domain of
+    its own, with its own DKIM key and its own mirror of the web pages.
+    """
+
+    from_name: str = "Notes"
+    from_address: str = "notes@notes.example.net"
+    # VERP bounces on the neutral domain ([inbound] must receive mail for it too).
+    bounce_address: str = "bounces@notes.example.net"
+    # An optional mailto: unsubscribe address on the neutral domain; "" = the https link only.
+    unsubscribe_address: str = ""
+    # The List-Id's identifier: a neutral name under the neutral domain.
+    list_id: str = "notes.notes.example.net"
+    # Where the links in a discreet reader's mail point (a mirror); "" = [web] base_url.
+    base_url: str = ""
+    subject_en: str = "Weekly notes"
+    subject_be: str = "Нататкі за тыдзень"
+    subject_ru: str = "Заметки за неделю"
+    dkim_selector: str = ""
+    dkim_domain: str = ""
+    dkim_key_file: str = ""
+
+    def subject(self, lang: str) -> str:
+        """The neutral subject in this language (English when that language has none)."""
+        return str(getattr(self, f"subject_{lang}", "") or self.subject_en)
+
+    def links_base(self, web_base_url: str) -> str:
+        """The base URL of the links in a discreet reader's mail."""
+        return self.base_url or web_base_url
+
+
+@dataclass(frozen=True)
+class OpenPgpSettings:
+    """Encrypted mail for readers who give a public key."""
+
+    # An armored secret key without passphrase: messages are signed with it and carry its public
+    # key in an Autocrypt header. "" = encrypted, not signed.
+    signing_key_file: str = ""
+    # A reader whose key expires within this many days gets one encrypted reminder.
+    expiry_reminder_days: int = 14
+
+
+@dataclass(frozen=True)
 class SecuritySettings:
     secret: str = ""
 
@@ -299,6 +344,8 @@ class Settings:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    discreet: DiscreetSettings = field(default_factory=DiscreetSettings)
+    openpgp: OpenPgpSettings = field(default_factory=OpenPgpSettings)
     source_path: str = "(embedded defaults)"
 
 
@@ -410,6 +457,27 @@ def validate_settings(settings: Settings) -> None:
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
+    _validate_discreet(settings)
+
+
+def _validate_discreet(settings: Settings) -> None:
+    """The neutral identity needs addresses, a usable base URL and one-line subjects."""
+    where, discreet = settings.source_path, settings.discreet
+    for key in ("from_address", "bounce_address"):
+        if "@" not in getattr(discreet, key):
+            raise ConfigError(f"{where}: 'discreet.{key}' must be an email address")
+    if discreet.unsubscribe_address and "@" not in discreet.unsubscribe_address:
+        raise ConfigError(f"{where}: 'discreet.unsubscribe_address' must be an email address")
+    if discreet.base_url:
+        base = urlsplit(discreet.base_url)
+        if base.scheme not in ("http", "https") or not base.netloc:
+            raise ConfigError(f"{where}: 'discreet.base_url' must be an http(s) URL")
+    for key in ("from_name", "list_id", "subject_en", "subject_be", "subject_ru"):
+        value = getattr(discreet, key)
+        if any(not c.isprintable() for c in value) or ("list_id" in key and not value):
+            raise ConfigError(f"{where}: 'discreet.{key}' must be one line of text")
+    if settings.openpgp.expiry_reminder_days < 0:
+        raise ConfigError(f"{where}: 'openpgp.expiry_reminder_days' must be 0 or more")
 
 
 def _validate_sources(settings: Settings) -> None:

@@ -48,18 +48,29 @@ class DkimSigner:
 def load_signer(settings: Settings) -> DkimSigner | None:
     """The configured signer, or None when [dkim] key_file is empty."""
     conf = settings.dkim
-    if not conf.key_file:
+    domain = conf.domain or settings.mail.from_address.rpartition("@")[2]
+    return _load(settings, "dkim.key_file", conf.key_file, conf.selector, domain)
+
+
+def load_discreet_signer(settings: Settings) -> DkimSigner | None:
+    """The neutral identity's signer ([discreet] dkim_*), or None when it has no key file."""
+    conf = settings.discreet
+    domain = conf.dkim_domain or conf.from_address.rpartition("@")[2]
+    return _load(settings, "discreet.dkim_key_file", conf.dkim_key_file, conf.dkim_selector, domain)
+
+
+def _load(
+    settings: Settings, key_name: str, key_file: str, selector: str, domain: str
+) -> DkimSigner | None:
+    if not key_file:
         return None
     try:
-        key = Path(conf.key_file).read_bytes()
+        key = Path(key_file).read_bytes()
     except OSError as e:
-        raise ConfigError(f"{settings.source_path}: cannot read 'dkim.key_file': {e}") from None
-    domain = conf.domain or settings.mail.from_address.rpartition("@")[2]
-    signer = DkimSigner(selector=conf.selector, domain=domain, private_key=key)
+        raise ConfigError(f"{settings.source_path}: cannot read '{key_name}': {e}") from None
+    signer = DkimSigner(selector=selector, domain=domain, private_key=key)
     try:
         signer.sign(b"From: check@" + domain.encode() + b"\r\n\r\nkey check\r\n")
     except dkimpy.KeyFormatError as e:
-        raise ConfigError(
-            f"{settings.source_path}: 'dkim.key_file' is not an RSA key: {e}"
-        ) from None
+        raise ConfigError(f"{settings.source_path}: '{key_name}' is not an RSA key: {e}") from None
     return signer

@@ -194,13 +194,19 @@ def unsubscribe_route(
 def bounce_route(
     *, settings: Settings, factory: sessionmaker[DbSession], clock: Clock
 ) -> InboundRoute:
-    """Mail to [mail] bounce_address, plain or VERP, is read as a bounce and applied."""
-    local, _, domain = settings.mail.bounce_address.lower().rpartition("@")
+    """Mail to [mail] or [discreet] bounce_address, plain or VERP, is read as a bounce."""
+    ours = [
+        a.lower().rpartition("@")[::2]
+        for a in (settings.mail.bounce_address, settings.discreet.bounce_address)
+    ]
 
     def accepts(rcpt: str) -> bool:
         # Forged VERP addresses are taken too, and dropped by handle_bounce: no oracle.
         rcpt_local, _, rcpt_domain = rcpt.lower().rpartition("@")
-        return rcpt_domain == domain and (rcpt_local == local or rcpt_local.startswith(local + "+"))
+        return any(
+            rcpt_domain == domain and (rcpt_local == local or rcpt_local.startswith(local + "+"))
+            for local, domain in ours
+        )
 
     def apply(mail: InboundMail) -> None:
         with unit_of_work(factory) as session:

@@ -15,6 +15,7 @@ in its own place (render.misplaced_links), as an old variant with the fixed mark
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import html
@@ -29,7 +30,7 @@ from email.utils import format_datetime
 from urllib.parse import quote
 
 from newsletter.addresses import header_problem
-from newsletter.config import Settings
+from newsletter.config import DiscreetSettings, Settings
 from newsletter.errors import PermanentDeliveryError
 from newsletter.render import RenderedVariant, misplaced_links, personalise
 from newsletter.tokens import make_token, page_url
@@ -54,16 +55,82 @@ class ListInfo:
     list_id: str
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a message says it is from, and where its links and bounces go.
+
+    The plain one is the portal's ([mail], [web]); the discreet one ([discreet]) names nothing:
+    its own From, Subject, List-Id, Message-ID domain, bounce domain and link host.
+    """
+
+    from_name: str
+    from_address: str
+    links_base: str
+    unsubscribe_address: str  # "" = the https unsubscribe link only
+    bounce_address: str
+    discreet: DiscreetSettings | None = None
+
+    @property
+    def domain(self) -> str:
+        """The domain of the From address (Message-IDs are made under it)."""
+        return self.from_address.rpartition("@")[2]
+
+    def subject(self, real: str, lang: str) -> str:
+        """The Subject a reader sees: the real one, or the neutral one in their language."""
+        return self.discreet.subject(lang) if self.discreet else real
+
+    def list_header(self, mlist: ListInfo) -> str:
+        """The List-Id: the list's own, or one neutral id for every list."""
+        return f"<{self.discreet.list_id}>" if self.discreet else f"{mlist.slug} <{mlist.list_id}>"
+
+
+def plain_identity(settings: Settings) -> Identity:
+    """The portal's own sending identity."""
+    mail = settings.mail
+    return Identity(
+        mail.from_name,
+        mail.from_address,
+        settings.web.base_url,
+        mail.unsubscribe_address,
+        mail.bounce_address,
+    )
+
+
+def discreet_identity(settings: Settings) -> Identity:
+    """The neutral sending identity of readers who chose a discreet envelope."""
+    d = settings.discreet
+    return Identity(
+        d.from_name,
+        d.from_address,
+        d.links_base(settings.web.base_url),
+        d.unsubscribe_address,
+        d.bounce_address,
+        d,
+    )
+
+
+def identity_for(settings: Settings, discreet: str) -> Identity:
+    """The identity for a reader's discreet mode ("off" is the plain one)."""
+    return plain_identity(settings) if discreet in ("", "off") else discreet_identity(settings)
+
+
 def message_id(*, campaign_id: int, subscriber_id: int, secret: str, domain: str) -> str:
     """The same Message-ID for the same (campaign, subscriber), every time it is built."""
     tag = hmac.new(secret.encode(), f"{campaign_id}:{subscriber_id}".encode(), hashlib.sha256)
     return f"<{campaign_id}.{subscriber_id}.{tag.hexdigest()[:16]}@{domain}>"
 
 
-def link_urls(*, recipient: Recipient, mlist: ListInfo, settings: Settings) -> dict[str, str]:
-    """The recipient's signed unsubscribe and preferences links (https and mailto)."""
+def link_urls(
+    *,
+    recipient: Recipient,
+    mlist: ListInfo,
+    settings: Settings,
+    identity: Identity | None = None,
+) -> dict[str, str]:
+    """The recipient's signed unsubscribe and preferences links (https, and mailto if any)."""
     secret = settings.security.require_secret()
-    base = settings.web.base_url
+    identity = identity or plain_identity(settings)
+    base = identity.links_base
     unsub = make_token(
         secret=secret,
         purpose="unsubscribe",
@@ -76,12 +143,19 @@ def link_urls(*, recipient: Recipient, mlist: ListInfo, settings: Settings) -> d
         subscriber_id=recipient.subscriber_id,
         list_id=mlist.id,
     )
+    mailto = identity.unsubscribe_address
     return {
         "unsubscribe": page_url(base, "unsubscribe", unsub),
         "preferences": page_url(base, "preferences", prefs),
-        "mailto": f"mailto:{settings.mail.unsubscribe_address}"
-        f"?subject={quote('unsubscribe ' + unsub)}",
+        "mailto": f"mailto:{mailto}?subject={quote('unsubscribe ' + unsub)}" if mailto else "",
     }
+
+
+def list_unsubscribe(urls: dict[str, str]) -> str:
+    """The List-Unsubscribe value: the https link, then the mailto one if there is one."""
+    if not urls["mailto"]:
+        return f"<{urls['unsubscribe']}>"
+    return f"<{urls['unsubscribe']}>,\r\n <{urls['mailto']}>"
 
 
 def build_message(
@@ -92,27 +166,29 @@ def build_message(
     mlist: ListInfo,
     settings: Settings,
     now: datetime,
+    identity: Identity | None = None,
 ) -> EmailMessage:
     """Personalise a rendered variant for one recipient and wrap it with every header we promise."""
-    urls = link_urls(recipient=recipient, mlist=mlist, settings=settings)
+    identity = identity or plain_identity(settings)
+    if identity.discreet:
+        variant = without_preheader(variant)
+    urls = link_urls(recipient=recipient, mlist=mlist, settings=settings, identity=identity)
     html, text = personalise(
         variant, unsubscribe_url=urls["unsubscribe"], preferences_url=urls["preferences"]
     )
-    mail = settings.mail
-    domain = mail.from_address.rpartition("@")[2]
     msg = EmailMessage(policy=POLICY)
-    msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
+    msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
     msg.set_raw("To", format_to(recipient))  # as the fast path: names cleaned, never refolded
-    set_subject(msg, variant.subject)
+    set_subject(msg, identity.subject(variant.subject, variant.lang))
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id(
         campaign_id=campaign_id,
         subscriber_id=recipient.subscriber_id,
         secret=settings.security.require_secret(),
-        domain=domain,
+        domain=identity.domain,
     )
-    msg["List-Id"] = f"{mlist.slug} <{mlist.list_id}>"
-    msg.set_raw("List-Unsubscribe", f"<{urls['unsubscribe']}>,\r\n <{urls['mailto']}>")
+    msg["List-Id"] = identity.list_header(mlist)
+    msg.set_raw("List-Unsubscribe", list_unsubscribe(urls))
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     msg.set_content(text, subtype="plain", charset="utf-8")
     msg.add_alternative(html, subtype="html", charset="utf-8")
@@ -172,10 +248,17 @@ class MessageTemplate:
     html: _Body
     mlist: ListInfo
     campaign_id: int
+    identity: Identity
 
     @classmethod
     def build(
-        cls, *, variant: RenderedVariant, campaign_id: int, mlist: ListInfo, settings: Settings
+        cls,
+        *,
+        variant: RenderedVariant,
+        campaign_id: int,
+        mlist: ListInfo,
+        settings: Settings,
+        identity: Identity | None = None,
     ) -> MessageTemplate:
         """Build the variant's fixed headers and MIME structure once, with the email package.
 
@@ -188,11 +271,13 @@ class MessageTemplate:
             raise PermanentDeliveryError(
                 f"not sent, as a reader's links would go astray: {variant.lang} {part}: {what}"
             )
-        mail = settings.mail
+        identity = identity or plain_identity(settings)
+        if identity.discreet:
+            variant = without_preheader(variant)
         msg = EmailMessage(policy=POLICY)
-        msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
-        set_subject(msg, variant.subject)
-        msg["List-Id"] = f"{mlist.slug} <{mlist.list_id}>"
+        msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
+        set_subject(msg, identity.subject(variant.subject, variant.lang))
+        msg["List-Id"] = identity.list_header(mlist)
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg.set_content(TEXT_SLOT, subtype="plain", charset="utf-8", cte="quoted-printable")
         msg.add_alternative(HTML_SLOT, subtype="html", charset="utf-8", cte="quoted-printable")
@@ -206,23 +291,25 @@ class MessageTemplate:
             html=_Body.encode(variant.html, markers=variant.markers, escape=True),
             mlist=mlist,
             campaign_id=campaign_id,
+            identity=identity,
         )
 
     def render(self, recipient: Recipient, *, settings: Settings, now: datetime) -> bytes:
         """One recipient's message: their headers in front, their links spliced into the parts."""
-        urls = link_urls(recipient=recipient, mlist=self.mlist, settings=settings)
-        domain = settings.mail.from_address.rpartition("@")[2]
+        urls = link_urls(
+            recipient=recipient, mlist=self.mlist, settings=settings, identity=self.identity
+        )
         mid = message_id(
             campaign_id=self.campaign_id,
             subscriber_id=recipient.subscriber_id,
             secret=settings.security.require_secret(),
-            domain=domain,
+            domain=self.identity.domain,
         )
         headers = (
             f"To: {format_to(recipient)}\r\n"
             f"Date: {format_datetime(now)}\r\n"
             f"Message-ID: {mid}\r\n"
-            f"List-Unsubscribe: <{urls['unsubscribe']}>,\r\n <{urls['mailto']}>\r\n"
+            f"List-Unsubscribe: {list_unsubscribe(urls)}\r\n"
         )
         return b"".join(
             (
@@ -234,6 +321,26 @@ class MessageTemplate:
                 self.tail,
             )
         )
+
+
+PREHEADER_START = '<div class="preheader"'
+
+
+def without_preheader(variant: RenderedVariant) -> RenderedVariant:
+    """The variant with its hidden preview text emptied: a discreet inbox list shows nothing.
+
+    The preheader is our own template's first hidden div (email/partials/preheader.mjml.j2), its
+    text escaped by Jinja (no "<" inside), so the next "</div>" closes it.
+    """
+    start = variant.html.find(PREHEADER_START)
+    if start < 0:
+        return variant
+    open_end = variant.html.find(">", start) + 1
+    close = variant.html.find("</div>", open_end)
+    if open_end <= 0 or close < 0:
+        return variant
+    html = variant.html[:open_end] + variant.html[close:]
+    return dataclasses.replace(variant, html=html)
 
 
 def set_subject(msg: EmailMessage, subject: str) -> None:

@@ -1,11 +1,17 @@
-"""Notices to one person: the double opt-in confirmation email and the goodbye email.
+"""Notices to one person: the double opt-in confirmation, the goodbye, and the key notices.
 
 They and the web pages share the "web" gettext domain and its Jinja2 environment (i18n.py). The
 HTML goes through render.py's compile_mjml and inline_css.
+
+A discreet reader's notices are discreet too: the neutral identity ([discreet]) and subject, a
+neutral name in the body, links on the neutral host. The key confirmation and the expiry
+reminder are encrypted to the reader's key; the key problem notice is plain (the key is what
+cannot be used), and says nothing of any campaign.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
@@ -28,8 +34,8 @@ from newsletter.db.models import (
 )
 from newsletter.htmltext import wrap_text
 from newsletter.i18n import gettext_for, web_environment
-from newsletter.message import POLICY, set_subject
-from newsletter.render import compile_mjml, inline_css
+from newsletter.message import POLICY, Identity, identity_for, plain_identity, set_subject
+from newsletter.render import compile_mjml, inline_css, neutral_brand
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_token, page_url
 
@@ -43,31 +49,54 @@ class Notice:
     text: str
 
 
-def render_notice(kind: str, *, lang: str, settings: Settings, **context: Any) -> Notice:
-    """Render a notice ("confirm" or "goodbye") in one language: subject, HTML and text."""
+KEY_KINDS = ("key_confirm", "key_problem", "key_expiry")
+
+
+def render_notice(
+    kind: str, *, lang: str, settings: Settings, discreet: bool = False, **context: Any
+) -> Notice:
+    """Render a notice (confirm, goodbye or a key notice) in one language: subject, HTML, text.
+
+    With `discreet`, the neutral name stands for the brand and the neutral subject is used.
+    """
     env = web_environment(lang)
-    values = {"lang": lang, "brand": settings.brand, **context}
+    brand = neutral_brand(settings) if discreet else settings.brand
+    values = {"lang": lang, "brand": brand, "kind": kind, **context}
     _ = gettext_for(lang)
     subjects = {
         "confirm": _("Please confirm your subscription"),
         "goodbye": _("You will not get any more emails from us"),
+        "key_confirm": _("Turn on encrypted mail"),
+        "key_problem": _("Your encryption key cannot be used"),
+        "key_expiry": _("Your encryption key expires soon"),
     }
-    values["subject"] = f"{settings.brand.name}: {subjects[kind]}"
-    source = env.get_template(f"email/{kind}.mjml.j2").render(values)
+    if discreet:
+        values["subject"] = settings.discreet.subject(lang)
+    else:
+        values["subject"] = f"{settings.brand.name}: {subjects[kind]}"
+    template = "key_notice" if kind in KEY_KINDS else kind
+    source = env.get_template(f"email/{template}.mjml.j2").render(values)
     # Wrapped here, not in each template, so no notice (or translation) can carry a long line.
-    text = wrap_text(env.get_template(f"text/{kind}.txt.j2").render(values))
+    text = wrap_text(env.get_template(f"text/{template}.txt.j2").render(values))
     return Notice(values["subject"], inline_css(compile_mjml(source)), text)
 
 
-def build_notice(notice: Notice, *, to: str, settings: Settings, now: datetime) -> EmailMessage:
+def build_notice(
+    notice: Notice,
+    *,
+    to: str,
+    settings: Settings,
+    now: datetime,
+    identity: Identity | None = None,
+) -> EmailMessage:
     """Wrap a notice for one address; marked auto-generated so auto-responders stay quiet."""
-    mail = settings.mail
+    identity = identity or plain_identity(settings)
     msg = EmailMessage(policy=POLICY)  # CRLF line ends; the raw Subject is never refolded
-    msg["From"] = Address(mail.from_name, addr_spec=mail.from_address)
+    msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
     msg["To"] = to
     set_subject(msg, notice.subject)  # folded as campaign subjects are, spaces kept
     msg["Date"] = format_datetime(now)
-    msg["Message-ID"] = make_msgid(domain=mail.from_address.rpartition("@")[2])
+    msg["Message-ID"] = make_msgid(domain=identity.domain)
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(notice.text, subtype="plain", charset="utf-8")
     msg.add_alternative(notice.html, subtype="html", charset="utf-8")
@@ -81,12 +110,15 @@ class _Pending:
     language: str
     list_ids: tuple[int, ...]
     list_names: tuple[str, ...]
+    discreet: str = "off"
 
 
 def _unsent_confirmations(session: Session, limit: int) -> list[_Pending]:
     """Subscribers with pending subscriptions whose confirmation email has not gone out."""
     rows = session.execute(
-        select(Subscriber.id, Subscriber.email, Subscriber.language, MailingList)
+        select(
+            Subscriber.id, Subscriber.email, Subscriber.language, Subscriber.discreet, MailingList
+        )
         .join(Subscription, Subscription.subscriber_id == Subscriber.id)
         .join(MailingList, MailingList.id == Subscription.list_id)
         .where(
@@ -97,12 +129,14 @@ def _unsent_confirmations(session: Session, limit: int) -> list[_Pending]:
         .order_by(Subscriber.id, MailingList.slug)
     ).all()
     people: dict[int, _Pending] = {}
-    for sid, email, lang, ml in rows:
+    for sid, email, lang, discreet, ml in rows:
         if sid not in people and len(people) >= limit:
             break
         name = ml.names.get(lang) or ml.name
-        was = people.get(sid) or _Pending(sid, email, lang, (), ())
-        people[sid] = _Pending(sid, email, lang, (*was.list_ids, ml.id), (*was.list_names, name))
+        was = people.get(sid) or _Pending(sid, email, lang, (), (), discreet)
+        people[sid] = dataclasses.replace(
+            was, list_ids=(*was.list_ids, ml.id), list_names=(*was.list_names, name)
+        )
     return list(people.values())
 
 
@@ -115,16 +149,19 @@ def confirmation_message(pending: _Pending, *, settings: Settings, now: datetime
         list_id=pending.list_ids[0],
         issued_at=now,
     )
-    url = page_url(settings.web.base_url, "confirm", token)
+    identity = identity_for(settings, pending.discreet)
+    url = page_url(identity.links_base, "confirm", token)
+    discreet = identity.discreet is not None
     notice = render_notice(
         "confirm",
         lang=pending.language,
         settings=settings,
-        lists=pending.list_names,
+        discreet=discreet,
+        lists=() if discreet else pending.list_names,  # list names say what the mail is about
         confirm_url=url,
         max_age_hours=settings.web.confirm_link_max_age_hours,
     )
-    return build_notice(notice, to=pending.email, settings=settings, now=now)
+    return build_notice(notice, to=pending.email, settings=settings, now=now, identity=identity)
 
 
 async def send_confirmations(
@@ -142,9 +179,8 @@ async def send_confirmations(
         done: list[int] = []
         for pending in batch:
             msg = confirmation_message(pending, settings=settings, now=clock.now())
-            outcome = await transport.send(
-                msg.as_bytes(), sender=settings.mail.from_address, recipient=pending.email
-            )
+            sender = identity_for(settings, pending.discreet).from_address
+            outcome = await transport.send(msg.as_bytes(), sender=sender, recipient=pending.email)
             if outcome.result is Result.SENT:
                 sent += 1
             else:
@@ -154,7 +190,14 @@ async def send_confirmations(
         with unit_of_work(factory) as session:
             _mark_sent(session, done, clock.now())
         if len(done) < len(batch) or not batch:
-            return sent, failed
+            break
+    # Imported here: key_notices builds its messages with this module's render/build_notice.
+    from newsletter.key_notices import send_key_notices
+
+    key_sent, key_failed = await send_key_notices(
+        factory=factory, settings=settings, transport=transport, clock=clock
+    )
+    return sent + key_sent, failed + key_failed
 
 
 def _mark_sent(session: Session, subscriber_ids: list[int], now: datetime) -> None:
@@ -171,9 +214,22 @@ def _mark_sent(session: Session, subscriber_ids: list[int], now: datetime) -> No
 
 
 async def send_goodbye(
-    *, email: str, lang: str, reason: str, settings: Settings, transport: Transport, now: datetime
+    *,
+    email: str,
+    lang: str,
+    reason: str,
+    settings: Settings,
+    transport: Transport,
+    now: datetime,
+    discreet: str = "off",
 ) -> bool:
-    """Tell someone they will get nothing more ("unsubscribed") or were erased ("forgotten")."""
+    """Tell someone they will get nothing more ("unsubscribed") or were erased ("forgotten").
+
+    A discreet reader gets no goodbye, whatever the caller asked: a last email naming us is the
+    one thing their inbox must not show.
+    """
+    if discreet not in ("", "off"):
+        return False
     notice = render_notice("goodbye", lang=lang, settings=settings, reason=reason)
     msg = build_notice(notice, to=email, settings=settings, now=now)
     outcome = await transport.send(

@@ -24,7 +24,7 @@ from babel import Locale
 from babel.dates import format_date
 from mjml import mjml2html
 
-from newsletter.config import LANGUAGES, Settings
+from newsletter.config import LANGUAGES, BrandSettings, Settings
 from newsletter.errors import RenderError
 from newsletter.htmltext import html_to_text, shorten_html, tidy_text, wrap_text
 from newsletter.i18n import CAMPAIGN_DOMAIN, gettext_for, make_environment
@@ -170,6 +170,40 @@ def _render_once(
     if misplaced:  # a template (or MJML, or premailer) broke the one rule the sender relies on
         part, what = misplaced[0]
         raise RenderError(f"the {view.kind} template ({lang} {part}) misplaces a link: {what}")
+    return variant
+
+
+def neutral_brand(settings: Settings) -> BrandSettings:
+    """The brand's colours under the neutral identity's name: no logo, address or mirror."""
+    return dataclasses.replace(
+        settings.brand,
+        name=settings.discreet.from_name,
+        logo_text="",
+        logo_url="",
+        postal_address="",
+        footer_lines=(),
+        mirror_url="",
+    )
+
+
+def render_pointer(*, lang: str, copy_url: str, settings: Settings) -> RenderedVariant:
+    """A pointer reader's message: the neutral subject, a short note, the web copy's link."""
+    nonce = secrets.token_hex(16)
+    subject = settings.discreet.subject(lang)
+    context: dict[str, Any] = {
+        "lang": lang,
+        "dir": Locale.parse(lang).text_direction,
+        "brand": neutral_brand(settings),
+        "subject": subject,
+        "copy_url": copy_url,
+    } | _link_context(nonce)
+    page = inline_css(compile_mjml(_render_template("email/pointer.mjml.j2", lang, context)))
+    text = tidy_text(_render_template("text/pointer.txt.j2", lang, context))
+    variant = RenderedVariant(lang, subject, page, text, nonce)
+    misplaced = misplaced_links(variant, expect_all=True)
+    if misplaced:
+        part, what = misplaced[0]
+        raise RenderError(f"the pointer template ({lang} {part}) misplaces a link: {what}")
     return variant
 
 

@@ -36,7 +36,9 @@ from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
+from newsletter.db.models import DiscreetMode, KeyProblemChoice, KeyStatus
 from newsletter.db.queries import (
+    ClaimedRow,
     any_alert,
     claim_batch,
     claim_holders,
@@ -44,19 +46,31 @@ from newsletter.db.queries import (
     extend_leases,
     load_claimed,
     load_variant,
+    owe_key_notices,
     release_claims,
     release_claims_of,
     release_own_claims,
     running_campaigns,
     skip_left,
     stopped_campaigns,
+    withhold,
 )
-from newsletter.dkim import DkimSigner, load_signer
+from newsletter.dkim import DkimSigner, load_discreet_signer, load_signer
 from newsletter.errors import MissingVariantError, PermanentDeliveryError
+from newsletter.i18n import N_
 from newsletter.ledger import LedgerWriter, Recorded, RecordError, pause_running, retry_delay
-from newsletter.message import ListInfo, MessageTemplate, Recipient
-from newsletter.render import RenderedVariant
+from newsletter.message import ListInfo, MessageTemplate, Recipient, identity_for
+from newsletter.openpgp import (
+    OBSCURED_SUBJECT,
+    KeyProblem,
+    encrypt_message,
+    key_problem,
+    load_signing_key,
+)
+from newsletter.openpgp import Signer as PgpSigner
+from newsletter.render import RenderedVariant, render_pointer
 from newsletter.smtp import Outcome, Result, Transport, open_pool
+from newsletter.tokens import make_copy_token, page_url
 
 __all__ = [
     "BurstGuard",
@@ -87,6 +101,7 @@ class SendReport:
     deferred: int = 0
     failed: int = 0
     suppressed: int = 0
+    withheld: int = 0  # readers whose key cannot be used and who chose nothing in the clear
     released: int = 0
     finished: list[int] = field(default_factory=list)
     paused: dict[int, str] = field(default_factory=dict)
@@ -98,6 +113,7 @@ class SendReport:
         self.deferred += other.deferred
         self.failed += other.failed
         self.suppressed += other.suppressed
+        self.withheld += other.withheld
         self.released += other.released
         self.finished += other.finished
         self.paused |= other.paused
@@ -306,34 +322,87 @@ class JobQueue:
 
 
 class TemplateCache:
-    """Message templates, built once per (campaign, language) for the life of a worker."""
+    """Message templates, built once per (campaign, language, discreet mode) for a worker's life."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._cache: dict[tuple[int, str], MessageTemplate | None] = {}
+        self._cache: dict[tuple[int, str, str], MessageTemplate | None] = {}
 
-    def get(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate:
-        """The template in this language, else the default language's."""
+    def get(
+        self, session: Session, campaign_id: int, lang: str, discreet: str = "off"
+    ) -> MessageTemplate:
+        """The template in this language, else the default language's, for this discreet mode."""
         default = self._settings.render.default_language
         for want in (lang, default):
-            key = (campaign_id, want)
+            key = (campaign_id, want, discreet)
             if key not in self._cache:
-                self._cache[key] = self._build(session, campaign_id, want)
+                self._cache[key] = self._build(session, campaign_id, want, discreet)
             if (found := self._cache[key]) is not None:
                 return found
         raise MissingVariantError(campaign_id, lang, default)
 
-    def _build(self, session: Session, campaign_id: int, lang: str) -> MessageTemplate | None:
+    def _build(
+        self, session: Session, campaign_id: int, lang: str, discreet: str
+    ) -> MessageTemplate | None:
         found = load_variant(session, campaign_id, lang)
         if found is None:
             return None
         v, ml = found
+        settings = self._settings
+        identity = identity_for(settings, discreet)
+        variant = RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce)
+        if discreet == DiscreetMode.POINTER:
+            token = make_copy_token(
+                secret=settings.security.require_secret(), campaign_id=campaign_id, lang=v.lang
+            )
+            copy_url = page_url(identity.links_base, "copy", token)
+            variant = render_pointer(lang=v.lang, copy_url=copy_url, settings=settings)
         return MessageTemplate.build(
-            variant=RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce),
+            variant=variant,
             campaign_id=campaign_id,
             mlist=ListInfo(ml.id, ml.slug, ml.list_id),
-            settings=self._settings,
+            settings=settings,
+            identity=identity,
         )
+
+
+@dataclass(frozen=True)
+class Signers:
+    """What signs a message: DKIM for each identity, and the portal's OpenPGP key (if any)."""
+
+    dkim: DkimSigner | None = None
+    discreet_dkim: DkimSigner | None = None
+    openpgp: PgpSigner | None = None
+
+    @classmethod
+    def load(cls, settings: Settings, dkim: DkimSigner | None) -> Signers:
+        """The configured signers; `dkim` is the main one, loaded by the caller."""
+        return cls(
+            dkim,
+            load_discreet_signer(settings),
+            load_signing_key(settings.openpgp.signing_key_file),
+        )
+
+
+@dataclass
+class Prepared:
+    """A claim's rows made ready: jobs to send, people who left, deliveries withheld."""
+
+    jobs: list[Job] = field(default_factory=list)
+    gone: list[int] = field(default_factory=list)
+    withheld: list[tuple[int, str]] = field(default_factory=list)
+    key_notices: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
+    """Why a reader's key cannot be used right now; None when they have none or it is good."""
+    if row.key_status is None:
+        return None
+    if row.key_status == KeyStatus.REMOVED or not row.key_armored:
+        removed = KeyProblem.of(N_("the key was removed"))
+        removed.code = "removed"
+        return removed
+    return key_problem(row.key_armored, email=row.email, now=now)
 
 
 def prepare_jobs(
@@ -342,41 +411,99 @@ def prepare_jobs(
     *,
     settings: Settings,
     templates: TemplateCache,
-    signer: DkimSigner | None,
+    signer: DkimSigner | Signers | None,
     now: datetime,
 ) -> tuple[list[Job], list[int]]:
     """Build messages for claimed rows; returns the jobs and the rows of people who left.
 
+    Deliveries withheld for a key problem are marked in this transaction, with the notices owed.
     Raises MissingVariantError when a campaign has no variant to build a message from.
     """
-    jobs, gone = [], []
+    signers = signer if isinstance(signer, Signers) else Signers(signer)
+    prepared = prepare(
+        session, ids, settings=settings, templates=templates, signers=signers, now=now
+    )
+    withhold(session, prepared.withheld)
+    owe_key_notices(session, prepared.key_notices, now=now)
+    return prepared.jobs, prepared.gone
+
+
+def prepare(
+    session: Session,
+    ids: list[int],
+    *,
+    settings: Settings,
+    templates: TemplateCache,
+    signers: Signers,
+    now: datetime,
+) -> Prepared:
+    """Each claimed row as a job, or set aside: left the list, or withheld for a key problem."""
+    out = Prepared()
     for row in load_claimed(session, ids):
         if not row.may_be_mailed:
-            gone.append(row.delivery_id)
+            out.gone.append(row.delivery_id)
             continue
-        message, error = b"", ""
-        try:
-            message = templates.get(session, row.campaign_id, row.language).render(
-                Recipient(row.subscriber_id, row.email, row.name), settings=settings, now=now
-            )
-            message = signer.sign(message) if signer else message
-        except PermanentDeliveryError as e:
-            error = str(e)
-        envelope = verp_address(row.delivery_id, settings=settings)
-        jobs.append(
-            Job(
-                row.delivery_id,
-                row.campaign_id,
-                row.subscriber_id,
-                row.email,
-                row.attempts,
-                row.requeued_at or row.created_at,
-                envelope,
-                message,
-                error,
-            )
+        trouble = key_trouble(row, now)
+        if trouble is not None:
+            out.key_notices.append((row.subscriber_id, row.key_fingerprint or "", trouble.code))
+            if row.on_key_problem != KeyProblemChoice.PLAIN:
+                # The code, not the message: a message may name the reader's address.
+                out.withheld.append((row.delivery_id, f"withheld: key {trouble.code}"))
+                continue
+        job = _job(
+            session,
+            row,
+            encrypt=trouble is None,
+            settings=settings,
+            templates=templates,
+            signers=signers,
+            now=now,
         )
-    return jobs, gone
+        out.jobs.append(job)
+    return out
+
+
+def _job(
+    session: Session,
+    row: ClaimedRow,
+    *,
+    encrypt: bool,
+    settings: Settings,
+    templates: TemplateCache,
+    signers: Signers,
+    now: datetime,
+) -> Job:
+    """One reader's message: spliced from the template, encrypted to their key, DKIM-signed."""
+    identity = identity_for(settings, row.discreet)
+    message, error = b"", ""
+    try:
+        template = templates.get(session, row.campaign_id, row.language, row.discreet)
+        message = template.render(
+            Recipient(row.subscriber_id, row.email, row.name), settings=settings, now=now
+        )
+        if encrypt and row.key_armored:
+            outer = identity.subject("", row.language) or OBSCURED_SUBJECT
+            message = encrypt_message(
+                message, armored_key=row.key_armored, signer=signers.openpgp, outer_subject=outer
+            )
+        dkim = signers.discreet_dkim if identity.discreet else signers.dkim
+        message = dkim.sign(message) if dkim else message
+    except PermanentDeliveryError as e:
+        error = str(e)
+    envelope = verp_address(
+        row.delivery_id, settings=settings, bounce_address=identity.bounce_address
+    )
+    return Job(
+        row.delivery_id,
+        row.campaign_id,
+        row.subscriber_id,
+        row.email,
+        row.attempts,
+        row.requeued_at or row.created_at,
+        envelope,
+        message,
+        error,
+    )
 
 
 @dataclass
@@ -417,7 +544,8 @@ class Sender:
         self.loop = asyncio.get_running_loop()
         self.factory, self.settings, self.transport = factory, settings, transport
         self.clock, self.control, self.worker = clock, control, worker
-        self.campaign_id, self.signer, self.on_batch = campaign_id, signer, on_batch
+        self.campaign_id, self.on_batch = campaign_id, on_batch
+        self.signers = Signers.load(settings, signer)
         self.templates = TemplateCache(settings)
         self.writer = LedgerWriter(factory=factory, settings=settings, clock=clock, rng=rng)
         self.guard = BurstGuard(settings.smtp.failure_burst)
@@ -504,19 +632,23 @@ class Sender:
             return Batch(ids)
         try:
             with unit_of_work(self.factory) as session:
-                jobs, gone = prepare_jobs(
+                now = self.clock.now()
+                prepared = prepare(
                     session,
                     ids,
                     settings=self.settings,
                     templates=self.templates,
-                    signer=self.signer,
-                    now=self.clock.now(),
+                    signers=self.signers,
+                    now=now,
                 )
-                skip_left(session, gone)
-                alerts = any_alert(session, {job.campaign_id for job in jobs})
+                skip_left(session, prepared.gone)
+                withhold(session, prepared.withheld)
+                owe_key_notices(session, prepared.key_notices, now=now)
+                alerts = any_alert(session, {job.campaign_id for job in prepared.jobs})
         except MissingVariantError as error:
             return self._set_aside(ids, error)
-        return Batch(ids, jobs, alerts, SendReport(suppressed=len(gone)))
+        report = SendReport(suppressed=len(prepared.gone), withheld=len(prepared.withheld))
+        return Batch(ids, prepared.jobs, alerts, report)
 
     def _set_aside(self, ids: list[int], error: MissingVariantError) -> Batch:
         """A campaign no message can be built for is paused, with why; the batch goes back."""

@@ -17,9 +17,15 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from newsletter.errors import TokenError
 
-PURPOSES = ("unsubscribe", "preferences", "confirm")
+PURPOSES = ("unsubscribe", "preferences", "confirm", "key", "copy")
 # Where the web page for each purpose lives; the token follows.
-PAGE_PATHS = {"unsubscribe": "/u/", "preferences": "/preferences/", "confirm": "/confirm/"}
+PAGE_PATHS = {
+    "unsubscribe": "/u/",
+    "preferences": "/preferences/",
+    "confirm": "/confirm/",
+    "key": "/key/",  # the proof that a reader can decrypt mail sent to the key they gave
+    "copy": "/w/",  # a discreet reader's web copy of a campaign (no personal data in it)
+}
 
 
 @dataclass(frozen=True)
@@ -102,3 +108,62 @@ def page_path(purpose: str, token: str) -> str:
 def page_url(base_url: str, purpose: str, token: str) -> str:
     """The full link to that page under [web] base_url."""
     return base_url.rstrip("/") + page_path(purpose, token)
+
+
+# --- tokens that name something other than (subscriber, list) -------------------------------
+
+
+@dataclass(frozen=True)
+class KeyClaims:
+    subscriber_id: int
+    fingerprint: str
+
+
+def make_key_token(
+    *, secret: str, subscriber_id: int, fingerprint: str, issued_at: datetime
+) -> str:
+    """Sign (subscriber, key fingerprint): the link that arrives encrypted to that key."""
+    payload = [subscriber_id, fingerprint, int(issued_at.timestamp())]
+    return str(_serializer(secret, "key").dumps(payload))
+
+
+def read_key_token(token: str, *, secret: str, max_age_seconds: int, now: datetime) -> KeyClaims:
+    """Verify a key confirmation token; a forged, altered or expired one is refused."""
+    try:
+        value = _serializer(secret, "key").loads(token)
+    except BadSignature:
+        raise TokenError("this link is not valid") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or not isinstance(value[0], int)
+        or isinstance(value[0], bool)
+        or not isinstance(value[1], str)
+        or not isinstance(value[2], int)
+    ):
+        raise TokenError("this link is not valid")
+    if now.timestamp() - value[2] > max_age_seconds:
+        raise TokenError("this link has expired")
+    return KeyClaims(subscriber_id=value[0], fingerprint=value[1])
+
+
+def make_copy_token(*, secret: str, campaign_id: int, lang: str) -> str:
+    """Sign (campaign, language): the same link for every reader, so it tells nobody apart."""
+    return str(_serializer(secret, "copy").dumps([campaign_id, lang]))
+
+
+def read_copy_token(token: str, *, secret: str) -> tuple[int, str]:
+    """The (campaign, language) a web copy link names; a forged one is refused."""
+    try:
+        value = _serializer(secret, "copy").loads(token)
+    except BadSignature:
+        raise TokenError("this link is not valid") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not isinstance(value[0], int)
+        or isinstance(value[0], bool)
+        or not isinstance(value[1], str)
+    ):
+        raise TokenError("this link is not valid")
+    return value[0], value[1]

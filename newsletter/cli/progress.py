@@ -62,7 +62,7 @@ def deliver_with_progress(
 
 def done_count(report: SendReport) -> int:
     """Deliveries that reached an outcome (for the progress bar)."""
-    return report.sent + report.deferred + report.failed + report.suppressed
+    return report.sent + report.deferred + report.failed + report.suppressed + report.withheld
 
 
 def progress_stats(report: SendReport, started: float) -> str:
@@ -78,7 +78,9 @@ def print_summary(report: SendReport, *, seconds: float) -> None:
     rate = report.sent / seconds if seconds > 0 else 0.0
     console.print(
         f"sent {report.sent}, deferred {report.deferred}, failed {report.failed}, "
-        f"skipped (left the list) {report.suppressed} in {seconds:.1f}s ({rate:,.0f}/s)"
+        f"skipped (left the list) {report.suppressed}"
+        + (f", withheld (key unusable) {report.withheld}" if report.withheld else "")
+        + f" in {seconds:.1f}s ({rate:,.0f}/s)"
         + (f"; finished campaign {', '.join(map(str, report.finished))}" if report.finished else "")
     )
     for cid, reason in report.paused.items():

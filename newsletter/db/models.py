@@ -61,6 +61,27 @@ class SubscriberStatus(StrEnum):
     FORGOTTEN = "forgotten"
 
 
+class DiscreetMode(StrEnum):
+    """How discreet a reader's mail is: nothing outside the body names the portal."""
+
+    OFF = "off"
+    ENVELOPE = "envelope"  # the neutral identity and subject; the content as everyone gets it
+    POINTER = "pointer"  # the same envelope; the body only a neutral note and a link
+
+
+class KeyProblemChoice(StrEnum):
+    """What a reader with an encryption key gets when that key becomes unusable."""
+
+    WITHHOLD = "withhold"  # nothing readable in the clear: withheld, and one notice
+    PLAIN = "plain"
+
+
+class KeyStatus(StrEnum):
+    PENDING = "pending"  # given, not yet proven: a message encrypted to it carries the link
+    ACTIVE = "active"
+    REMOVED = "removed"  # taken off by an admin: the reader's on_key_problem applies
+
+
 class SubscriptionStatus(StrEnum):
     PENDING = "pending"
     ACTIVE = "active"
@@ -93,6 +114,8 @@ class DeliveryStatus(StrEnum):
     DEFERRED = "deferred"
     FAILED = "failed"
     SUPPRESSED = "suppressed"
+    # The reader's key is unusable and they chose `withhold`: nothing sent, the reason kept.
+    WITHHELD = "withheld"
 
 
 def _enum(cls: type[StrEnum]) -> String:
@@ -157,6 +180,10 @@ class Subscriber(Base):
     attributes: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(_enum(SubscriberStatus), default=SubscriberStatus.ACTIVE)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    discreet: Mapped[str] = mapped_column(_enum(DiscreetMode), default=DiscreetMode.OFF)
+    on_key_problem: Mapped[str] = mapped_column(
+        _enum(KeyProblemChoice), default=KeyProblemChoice.WITHHOLD
+    )
 
 
 class MailingList(Base):
@@ -459,3 +486,41 @@ class UsedChallenge(Base):
     __tablename__ = "used_challenges"
     challenge: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ReaderKey(Base):
+    """A reader's OpenPGP public key: pending until proven, then what their mail is encrypted to.
+
+    At most one row per (subscriber, status): a new key waits as pending while the active one
+    stays in use, and replaces it only once the reader follows the link sent encrypted to it.
+    """
+
+    __tablename__ = "reader_keys"
+    __table_args__ = (UniqueConstraint("subscriber_id", "status"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(_enum(KeyStatus))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    armored: Mapped[str] = mapped_column(Text, default="")
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the encrypted proof-of-decryption message went out; NULL: still owed.
+    confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # When the encrypted "your key expires soon" reminder went out for this key.
+    reminded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class KeyNotice(Base):
+    """One neutral plaintext notice per key problem (not per campaign); NULL sent_at: owed."""
+
+    __tablename__ = "key_notices"
+    __table_args__ = (UniqueConstraint("subscriber_id", "fingerprint", "problem"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
+    )
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    problem: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

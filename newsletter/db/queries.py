@@ -32,7 +32,10 @@ from newsletter.db.models import (
     DeliveryStatus,
     Event,
     Item,
+    KeyNotice,
+    KeyStatus,
     MailingList,
+    ReaderKey,
     Subscriber,
     SubscriberStatus,
     Subscription,
@@ -390,6 +393,11 @@ class ClaimedRow(NamedTuple):
     language: str
     subscriber_status: str
     subscription_status: str | None  # None: no subscription row for the campaign's list
+    discreet: str
+    on_key_problem: str
+    key_status: str | None  # active or removed; None: no key
+    key_fingerprint: str | None
+    key_armored: str | None
 
     @property
     def may_be_mailed(self) -> bool:
@@ -420,6 +428,11 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             Subscriber.language,
             Subscriber.status,
             Subscription.status,
+            Subscriber.discreet,
+            Subscriber.on_key_problem,
+            ReaderKey.status,
+            ReaderKey.fingerprint,
+            ReaderKey.armored,
         )
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .join(Campaign, Campaign.id == Delivery.campaign_id)
@@ -427,6 +440,13 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             Subscription,
             (Subscription.subscriber_id == Subscriber.id)
             & (Subscription.list_id == Campaign.list_id),
+        )
+        # At most one of a reader's keys is active or removed (readers.py keeps it so); a
+        # pending key is not used until it is proven.
+        .outerjoin(
+            ReaderKey,
+            (ReaderKey.subscriber_id == Subscriber.id)
+            & ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED]),
         )
         .where(Delivery.id.in_(list(ids)))
         .order_by(Delivery.id)
@@ -450,6 +470,38 @@ def skip_left(session: Session, ids: Sequence[int]) -> None:
                 last_reply="left before sending",
             )
         )
+
+
+def withhold(session: Session, reasons: Sequence[tuple[int, str]]) -> None:
+    """Deliveries not sent because the reader's key cannot be used and they chose `withhold`.
+
+    Kept with the reason (never the message): the record says what was held back and why.
+    """
+    for delivery_id, reason in reasons:
+        session.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id == delivery_id)
+            .values(
+                status=DeliveryStatus.WITHHELD,
+                lease_until=None,
+                claimed_by=None,
+                last_reply=reason[:1000],
+            )
+        )
+
+
+def owe_key_notices(
+    session: Session, problems: Sequence[tuple[int, str, str]], *, now: datetime
+) -> None:
+    """Owe one notice per (reader, key, problem); a problem already owed or told adds nothing."""
+    if not problems:
+        return
+    insert = postgresql.insert if _dialect(session) == "postgresql" else sqlite.insert
+    rows = [
+        {"subscriber_id": sid, "fingerprint": fpr, "problem": problem, "created_at": now}
+        for sid, fpr, problem in dict.fromkeys(problems)
+    ]
+    session.execute(insert(KeyNotice).values(rows).on_conflict_do_nothing())
 
 
 def any_alert(session: Session, campaign_ids: Iterable[int]) -> bool:

@@ -1,0 +1,265 @@
+"""The mail a reader's encryption key calls for: its proof, its problems, its coming expiry.
+
+- A pending key gets one message encrypted to it with the activation link: only someone who can
+  decrypt it can turn encryption on (nobody can make another person's mail unreadable).
+- A key problem found at send time (key_notices rows, one per reader, key and problem) gets one
+  neutral plaintext notice with a link to the preferences page: never one per campaign.
+- An active key that expires within [openpgp] expiry_reminder_days gets one encrypted reminder.
+
+Each is owed in the database until the SMTP server accepts it or refuses it for good, so a
+temporary failure leaves it for the next run and a crash never sends one twice in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.clock import Clock
+from newsletter.config import Settings
+from newsletter.db import unit_of_work
+from newsletter.db.models import (
+    KeyNotice,
+    KeyProblemChoice,
+    KeyStatus,
+    ReaderKey,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+)
+from newsletter.errors import NewsletterError
+from newsletter.i18n import gettext_for
+from newsletter.message import identity_for
+from newsletter.notices import build_notice, render_notice
+from newsletter.openpgp import OBSCURED_SUBJECT, Signer, encrypt_message, load_signing_key
+from newsletter.smtp import Result, Transport
+from newsletter.tokens import make_key_token, make_token, page_url
+
+log = logging.getLogger("newsletter.key_notices")
+
+BATCH = 100
+# What a problem code means to the reader, in their language (the web domain).
+PROBLEMS = {
+    "expired": "Your encryption key has expired.",
+    "revoked": "Your encryption key has been revoked.",
+    "removed": "Your encryption key was removed.",
+    "no_encryption": "Your encryption key has no part that can encrypt any more.",
+    "wrong_address": "Your encryption key is not for this email address.",
+}
+UNUSABLE = "Your encryption key cannot be used any more."
+
+
+def _n(message: str) -> str:  # marks the messages above for extraction (web domain)
+    return message
+
+
+_n("Your encryption key has expired.")
+_n("Your encryption key has been revoked.")
+_n("Your encryption key was removed.")
+_n("Your encryption key has no part that can encrypt any more.")
+_n("Your encryption key is not for this email address.")
+_n("Your encryption key cannot be used any more.")
+
+
+@dataclass(frozen=True)
+class Owed:
+    """One key message owed to one reader."""
+
+    kind: str  # key_confirm | key_problem | key_expiry
+    row_id: int  # the ReaderKey (confirm, expiry) or KeyNotice (problem) it answers
+    subscriber_id: int
+    email: str
+    language: str
+    discreet: str
+    armored: str  # the key to encrypt to ("" for a problem notice: sent plain)
+    fingerprint: str
+    problem: str = ""
+    withheld: bool = True
+    expires_at: datetime | None = None
+
+
+_READER = (Subscriber.id, Subscriber.email, Subscriber.language, Subscriber.discreet)
+
+
+def owed_key_messages(session: Session, *, now: datetime, days: int, limit: int) -> list[Owed]:
+    """Up to `limit` key messages still owed: proofs, problem notices, expiry reminders."""
+    live = Subscriber.status == SubscriberStatus.ACTIVE
+    out: list[Owed] = []
+    proofs = session.execute(
+        select(ReaderKey, *_READER)
+        .join(Subscriber, Subscriber.id == ReaderKey.subscriber_id)
+        .where(ReaderKey.status == KeyStatus.PENDING, ReaderKey.confirm_sent_at.is_(None), live)
+        .order_by(ReaderKey.id)
+        .limit(limit)
+    ).all()
+    for key, sid, email, lang, discreet in proofs:
+        out.append(
+            Owed("key_confirm", key.id, sid, email, lang, discreet, key.armored, key.fingerprint)
+        )
+    problems = session.execute(
+        select(KeyNotice, Subscriber.on_key_problem, *_READER)
+        .join(Subscriber, Subscriber.id == KeyNotice.subscriber_id)
+        .where(KeyNotice.sent_at.is_(None), live)
+        .order_by(KeyNotice.id)
+        .limit(limit)
+    ).all()
+    for notice, choice, sid, email, lang, discreet in problems:
+        withheld = choice != KeyProblemChoice.PLAIN
+        out.append(
+            Owed(
+                "key_problem",
+                notice.id,
+                sid,
+                email,
+                lang,
+                discreet,
+                "",
+                notice.fingerprint,
+                notice.problem,
+                withheld,
+            )
+        )
+    if days > 0:
+        soon = session.execute(
+            select(ReaderKey, *_READER)
+            .join(Subscriber, Subscriber.id == ReaderKey.subscriber_id)
+            .where(
+                ReaderKey.status == KeyStatus.ACTIVE,
+                ReaderKey.reminded_at.is_(None),
+                ReaderKey.expires_at.is_not(None),
+                ReaderKey.expires_at > now,
+                ReaderKey.expires_at <= now + timedelta(days=days),
+                live,
+            )
+            .order_by(ReaderKey.id)
+            .limit(limit)
+        ).all()
+        for key, sid, email, lang, discreet in soon:
+            out.append(
+                Owed(
+                    "key_expiry",
+                    key.id,
+                    sid,
+                    email,
+                    lang,
+                    discreet,
+                    key.armored,
+                    key.fingerprint,
+                    expires_at=key.expires_at,
+                )
+            )
+    return out
+
+
+def _preferences_url(session: Session, owed: Owed, base: str, secret: str) -> str:
+    """The reader's preferences page (a token names a list: their first one)."""
+    list_id = session.scalar(
+        select(Subscription.list_id)
+        .where(Subscription.subscriber_id == owed.subscriber_id)
+        .order_by(Subscription.list_id)
+        .limit(1)
+    )
+    token = make_token(
+        secret=secret, purpose="preferences", subscriber_id=owed.subscriber_id, list_id=list_id or 0
+    )
+    return page_url(base, "preferences", token)
+
+
+def key_message(
+    session: Session, owed: Owed, *, settings: Settings, signer: Signer | None, now: datetime
+) -> bytes:
+    """The message for one owed key notice, encrypted to the key when it is a proof or reminder."""
+    identity = identity_for(settings, owed.discreet)
+    secret = settings.security.require_secret()
+    discreet = identity.discreet is not None
+    lang = owed.language
+    if owed.kind == "key_confirm":
+        token = make_key_token(
+            secret=secret,
+            subscriber_id=owed.subscriber_id,
+            fingerprint=owed.fingerprint,
+            issued_at=now,
+        )
+        context = {
+            "url": page_url(identity.links_base, "key", token),
+            "fingerprint": owed.fingerprint,
+            "max_age_hours": settings.web.confirm_link_max_age_hours,
+        }
+    elif owed.kind == "key_problem":
+        _ = gettext_for(lang)
+        context = {
+            "url": _preferences_url(session, owed, identity.links_base, secret),
+            "problem": _(PROBLEMS.get(owed.problem, UNUSABLE)),
+            "withheld": owed.withheld,
+        }
+    else:
+        expires = owed.expires_at or now
+        context = {
+            "url": _preferences_url(session, owed, identity.links_base, secret),
+            "expires_on": expires.date().isoformat(),
+        }
+    notice = render_notice(owed.kind, lang=lang, settings=settings, discreet=discreet, **context)
+    message = build_notice(
+        notice, to=owed.email, settings=settings, now=now, identity=identity
+    ).as_bytes()
+    if not owed.armored:
+        return message
+    outer = identity.subject("", lang) or OBSCURED_SUBJECT
+    return encrypt_message(message, armored_key=owed.armored, signer=signer, outer_subject=outer)
+
+
+def _mark(session: Session, owed: list[Owed], now: datetime) -> None:
+    """Owed messages answered (sent, or refused for good): not sent again."""
+    for kind, table, column in (
+        ("key_confirm", ReaderKey, "confirm_sent_at"),
+        ("key_expiry", ReaderKey, "reminded_at"),
+        ("key_problem", KeyNotice, "sent_at"),
+    ):
+        ids = [o.row_id for o in owed if o.kind == kind]
+        if ids:
+            session.execute(update(table).where(table.id.in_(ids)).values({column: now}))
+
+
+async def send_key_notices(
+    *, factory: sessionmaker[Session], settings: Settings, transport: Transport, clock: Clock
+) -> tuple[int, int]:
+    """Send every key message owed, in batches; returns (sent, not sent yet or refused)."""
+    signer = load_signing_key(settings.openpgp.signing_key_file)
+    days = settings.openpgp.expiry_reminder_days
+    sent = failed = 0
+    while True:
+        now = clock.now()
+        with unit_of_work(factory) as session:
+            batch = owed_key_messages(session, now=now, days=days, limit=BATCH)
+            messages = [_build(session, owed, settings, signer, now) for owed in batch]
+        done: list[Owed] = []
+        for owed, message in zip(batch, messages, strict=True):
+            if message is None:  # cannot be built (the key broke meanwhile): not owed any more
+                done.append(owed)
+                continue
+            sender = identity_for(settings, owed.discreet).from_address
+            outcome = await transport.send(message, sender=sender, recipient=owed.email)
+            sent += outcome.result is Result.SENT
+            failed += outcome.result is not Result.SENT
+            if outcome.result is not Result.TEMPORARY:
+                done.append(owed)
+        with unit_of_work(factory) as session:
+            _mark(session, done, clock.now())
+        if len(done) < len(batch) or not batch:
+            return sent, failed
+
+
+def _build(
+    session: Session, owed: Owed, settings: Settings, signer: Signer | None, now: datetime
+) -> bytes | None:
+    try:
+        return key_message(session, owed, settings=settings, signer=signer, now=now)
+    except NewsletterError as error:  # e.g. a pending key that expired before its proof went
+        log.warning(
+            "key message %s for subscriber %d not sent: %s", owed.kind, owed.subscriber_id, error
+        )
+        return None

@@ -1,0 +1,232 @@
+"""Readers at risk: the discreet envelope and OpenPGP keys, as a reader or an admin sets them.
+
+A key someone gives is pending until the reader follows the link that arrives encrypted to it
+(so nobody can set a key for someone else and make their mail unreadable); `confirmed=True` is an
+admin's word that the key was verified another way. An active key stays in use while a new one
+waits. An admin's `--remove` marks the key removed (the reader's `on_key_problem` then decides);
+a reader who removes their own key on the preferences page chose plain mail, and the key is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from newsletter.audit import record_event
+from newsletter.db.models import (
+    DiscreetMode,
+    KeyNotice,
+    KeyProblemChoice,
+    KeyStatus,
+    ReaderKey,
+    Subscriber,
+    SubscriberStatus,
+)
+from newsletter.errors import AudienceError, TokenError
+from newsletter.i18n import N_
+from newsletter.openpgp import KeyInfo, read_key
+
+DISCREET_MODES = tuple(m.value for m in DiscreetMode)
+KEY_PROBLEM_CHOICES = tuple(c.value for c in KeyProblemChoice)
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """What a reader's preferences page and `subscribers show` tell of their keys."""
+
+    active_fingerprint: str = ""
+    active_expires_at: datetime | None = None
+    pending_fingerprint: str = ""
+    removed: bool = False  # an admin took the active key off; nothing newer is active
+
+
+def _subscriber(session: Session, subscriber_id: int) -> Subscriber:
+    sub = session.get(Subscriber, subscriber_id)
+    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+        raise AudienceError("no such subscriber")
+    return sub
+
+
+def parse_discreet(value: str) -> str:
+    """A discreet mode from outside text (CLI, CSV, form); a one-line refusal otherwise."""
+    mode = value.strip().lower() or DiscreetMode.OFF.value
+    if mode not in DISCREET_MODES:
+        raise AudienceError.of(
+            N_("discreet must be one of %(modes)s, not %(value)r"),
+            modes=", ".join(DISCREET_MODES),
+            value=value[:40],
+        )
+    return mode
+
+
+def parse_key_problem(value: str) -> str:
+    """An on_key_problem choice from outside text; a one-line refusal otherwise."""
+    choice = value.strip().lower() or KeyProblemChoice.WITHHOLD.value
+    if choice not in KEY_PROBLEM_CHOICES:
+        raise AudienceError.of(
+            N_("on_key_problem must be one of %(choices)s, not %(value)r"),
+            choices=", ".join(KEY_PROBLEM_CHOICES),
+            value=value[:40],
+        )
+    return choice
+
+
+def set_reading(
+    session: Session,
+    *,
+    subscriber_id: int,
+    discreet: str | None = None,
+    on_key_problem: str | None = None,
+    now: datetime,
+    actor: str,
+) -> bool:
+    """Set a reader's discreet mode and/or key-problem choice; returns whether either changed."""
+    sub = _subscriber(session, subscriber_id)
+    changed = {}
+    if discreet is not None and sub.discreet != (mode := parse_discreet(discreet)):
+        sub.discreet = changed["discreet"] = mode
+    if on_key_problem is not None and sub.on_key_problem != (
+        choice := parse_key_problem(on_key_problem)
+    ):
+        sub.on_key_problem = changed["on_key_problem"] = choice
+    if changed:
+        record_event(
+            session, now=now, actor=actor, action="subscriber.reading", subscriber=sub.id, **changed
+        )
+        session.flush()
+    return bool(changed)
+
+
+def key_view(session: Session, subscriber_id: int) -> KeyView:
+    """The reader's active, pending and removed keys, as the pages and the CLI show them."""
+    rows = _keys_by_status(session, subscriber_id)
+    active, pending = rows.get(KeyStatus.ACTIVE), rows.get(KeyStatus.PENDING)
+    return KeyView(
+        active_fingerprint=active.fingerprint if active else "",
+        active_expires_at=active.expires_at if active else None,
+        pending_fingerprint=pending.fingerprint if pending else "",
+        removed=active is None and KeyStatus.REMOVED in rows,
+    )
+
+
+def _keys_by_status(session: Session, subscriber_id: int) -> dict[str, ReaderKey]:
+    """A reader's key rows by status (at most one of each)."""
+    rows = session.scalars(select(ReaderKey).where(ReaderKey.subscriber_id == subscriber_id))
+    return {k.status: k for k in rows}
+
+
+def set_key(
+    session: Session,
+    *,
+    subscriber_id: int,
+    data: bytes | str,
+    now: datetime,
+    actor: str,
+    confirmed: bool = False,
+) -> KeyInfo:
+    """Check a public key for this reader and keep it: pending (owed a proof) or, confirmed, active.
+
+    Raises openpgp.KeyProblem with a one-line reason when the key is refused.
+    """
+    sub = _subscriber(session, subscriber_id)
+    info = read_key(data, email=sub.email, now=now)
+    status = KeyStatus.ACTIVE if confirmed else KeyStatus.PENDING
+    replaced = [KeyStatus.PENDING] + ([KeyStatus.ACTIVE, KeyStatus.REMOVED] if confirmed else [])
+    session.execute(
+        delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id, ReaderKey.status.in_(replaced))
+    )
+    session.add(
+        ReaderKey(
+            subscriber_id=sub.id,
+            status=status,
+            fingerprint=info.fingerprint,
+            armored=info.armored,
+            expires_at=info.expires_at,
+            created_at=now,
+            confirmed_at=now if confirmed else None,
+        )
+    )
+    record_event(
+        session,
+        now=now,
+        actor=actor,
+        action="subscriber.key_set",
+        subscriber=sub.id,
+        fingerprint=info.fingerprint,
+        confirmed=confirmed,
+    )
+    session.flush()
+    return info
+
+
+def confirm_key(session: Session, *, subscriber_id: int, fingerprint: str, now: datetime) -> None:
+    """The reader decrypted the proof: their pending key with this fingerprint becomes active.
+
+    A link to a key that is already active confirms nothing more and is no error (a second
+    click); one to a key replaced or removed since is refused.
+    """
+    sub = _subscriber(session, subscriber_id)
+    rows = _keys_by_status(session, sub.id)
+    active, pending = rows.get(KeyStatus.ACTIVE), rows.get(KeyStatus.PENDING)
+    if active is not None and active.fingerprint == fingerprint and pending is None:
+        return
+    if pending is None or pending.fingerprint != fingerprint:
+        raise TokenError("this link is not valid")
+    session.execute(
+        delete(ReaderKey).where(
+            ReaderKey.subscriber_id == sub.id,
+            ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED]),
+        )
+    )
+    session.flush()
+    pending.status, pending.confirmed_at = KeyStatus.ACTIVE, now
+    record_event(
+        session,
+        now=now,
+        actor="web",
+        action="subscriber.key_confirmed",
+        subscriber=sub.id,
+        fingerprint=fingerprint,
+    )
+    session.flush()
+
+
+def remove_key(
+    session: Session, *, subscriber_id: int, now: datetime, actor: str, by_reader: bool
+) -> bool:
+    """Take a reader's keys off; returns whether there was one.
+
+    By the reader: every key row goes (they chose plain mail). By an admin: a pending key goes,
+    the active one is marked removed with its key material wiped, so `on_key_problem` applies.
+    """
+    sub = _subscriber(session, subscriber_id)
+    rows = _keys_by_status(session, sub.id)
+    if not rows:
+        return False
+    if by_reader or KeyStatus.ACTIVE not in rows:
+        session.execute(delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id))
+    else:
+        session.execute(
+            delete(ReaderKey).where(
+                ReaderKey.subscriber_id == sub.id,
+                ReaderKey.status.in_([KeyStatus.PENDING, KeyStatus.REMOVED]),
+            )
+        )
+        session.flush()
+        session.execute(
+            update(ReaderKey)
+            .where(ReaderKey.subscriber_id == sub.id, ReaderKey.status == KeyStatus.ACTIVE)
+            .values(status=KeyStatus.REMOVED, armored="")
+        )
+    record_event(session, now=now, actor=actor, action="subscriber.key_removed", subscriber=sub.id)
+    session.flush()
+    return True
+
+
+def forget_keys(session: Session, subscriber_id: int) -> None:
+    """Erase every key and key notice of a forgotten reader."""
+    session.execute(delete(ReaderKey).where(ReaderKey.subscriber_id == subscriber_id))
+    session.execute(delete(KeyNotice).where(KeyNotice.subscriber_id == subscriber_id))
