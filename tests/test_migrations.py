@@ -80,3 +80,66 @@ def test_0004_keeps_every_campaign_variant_delivery_and_event(database_url: str)
     with engine.connect() as c:
         assert c.execute(text("select actor from events")).scalar() == "cli"
     engine.dispose()
+
+
+def test_0006_keeps_subscribers_and_gives_them_the_reading_defaults(database_url: str) -> None:
+    """From 0005 with a subscriber, a subscription, a campaign and a delivery, to head: all
+    there, every subscriber not discreet and withholding on a key problem, no keys yet; and a
+    key and a withheld delivery can be written after."""
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0005_archive")
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
+                " values ('l', 'L', '{}', 'digest', true, 'l.example.org', 0)"
+            )
+        )
+        c.execute(
+            text(
+                "insert into subscribers (email, name, language, country, tags, attributes, status,"
+                " created_at) values ('a@example.org', 'Ann', 'be', '', '[]', '{}', 'active', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into subscriptions (subscriber_id, list_id, status, created_at)"
+                " values (1, 1, 'active', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
+                " created_by, approved_by, pause_reason, created_at, translations, source_text,"
+                " training, slug, archived) values ('digest', 1, 'running', 'k', 'T', '', '',"
+                " 'cli', '', '', :now, '{}', '{}', false, 'digest-x', true)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                " next_attempt_at, created_at) values (1, 1, 'queued', 0, :now, :now)"
+            ),
+            {"now": NOW},
+        )
+    migrate(engine)
+    with engine.begin() as c:
+        row = c.execute(text("select email, name, discreet, on_key_problem from subscribers")).one()
+        assert tuple(row) == ("a@example.org", "Ann", "off", "withhold")
+        assert c.execute(text("select count(*) from subscriptions")).scalar() == 1
+        assert c.execute(text("select count(*) from deliveries")).scalar() == 1
+        c.execute(
+            text(
+                "insert into reader_keys (subscriber_id, status, fingerprint, armored, created_at)"
+                " values (1, 'active', 'ABCD', 'key', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(text("update deliveries set status = 'withheld'"))
+    with engine.begin() as c:
+        c.execute(text("delete from subscribers"))  # a key goes with its reader
+        assert c.execute(text("select count(*) from reader_keys")).scalar() == 0
+    engine.dispose()

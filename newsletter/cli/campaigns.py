@@ -32,6 +32,10 @@ campaigns_app = typer.Typer(help="Campaigns: digests and alerts.", no_args_is_he
 app.add_typer(campaigns_app, name="campaigns")
 
 
+# Deliveries by status, as `campaigns show` tabulates them.
+SHOWN_COUNTS = ("sent", "queued", "deferred", "failed", "suppressed", "withheld")
+
+
 @campaigns_app.command("list")
 def list_(
     ctx: typer.Context,
@@ -115,6 +119,7 @@ def describe(session: Session, campaign_id: int, now: datetime) -> Group:
         "deferred",
         "failed",
         "suppressed",
+        "withheld",
         "per minute",
         "time left",
     )
@@ -122,7 +127,7 @@ def describe(session: Session, campaign_id: int, now: datetime) -> Group:
     left = progress.time_left
     table.add_row(
         str(sum(counts.values())),
-        *(str(counts.get(k, 0)) for k in ("sent", "queued", "deferred", "failed", "suppressed")),
+        *(str(counts.get(k, 0)) for k in SHOWN_COUNTS),
         str(progress.per_minute),
         str(left).split(".")[0] if left else ("-" if progress.pending else "done"),
     )
