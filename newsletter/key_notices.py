@@ -32,7 +32,7 @@ from newsletter.db.models import (
     Subscription,
 )
 from newsletter.errors import NewsletterError
-from newsletter.i18n import gettext_for
+from newsletter.i18n import N_, gettext_for
 from newsletter.message import identity_for
 from newsletter.notices import build_notice, render_notice
 from newsletter.openpgp import OBSCURED_SUBJECT, Signer, encrypt_message, load_signing_key
@@ -44,25 +44,13 @@ log = logging.getLogger("newsletter.key_notices")
 BATCH = 100
 # What a problem code means to the reader, in their language (the web domain).
 PROBLEMS = {
-    "expired": "Your encryption key has expired.",
-    "revoked": "Your encryption key has been revoked.",
-    "removed": "Your encryption key was removed.",
-    "no_encryption": "Your encryption key has no part that can encrypt any more.",
-    "wrong_address": "Your encryption key is not for this email address.",
+    "expired": N_("Your encryption key has expired."),
+    "revoked": N_("Your encryption key has been revoked."),
+    "removed": N_("Your encryption key was removed."),
+    "no_encryption": N_("Your encryption key has no part that can encrypt any more."),
+    "wrong_address": N_("Your encryption key is not for this email address."),
 }
-UNUSABLE = "Your encryption key cannot be used any more."
-
-
-def _n(message: str) -> str:  # marks the messages above for extraction (web domain)
-    return message
-
-
-_n("Your encryption key has expired.")
-_n("Your encryption key has been revoked.")
-_n("Your encryption key was removed.")
-_n("Your encryption key has no part that can encrypt any more.")
-_n("Your encryption key is not for this email address.")
-_n("Your encryption key cannot be used any more.")
+UNUSABLE = N_("Your encryption key cannot be used any more.")
 
 
 @dataclass(frozen=True)
@@ -208,8 +196,13 @@ def key_message(
     ).as_bytes()
     if not owed.armored:
         return message
-    outer = identity.subject("", lang) or OBSCURED_SUBJECT
-    return encrypt_message(message, armored_key=owed.armored, signer=signer, outer_subject=outer)
+    return encrypt_message(
+        message,
+        armored_key=owed.armored,
+        signer=signer,
+        outer_subject=identity.subject(OBSCURED_SUBJECT, lang),
+        autocrypt=not discreet,
+    )
 
 
 def _mark(session: Session, owed: list[Owed], now: datetime) -> None:

@@ -259,11 +259,14 @@ class MessageTemplate:
         mlist: ListInfo,
         settings: Settings,
         identity: Identity | None = None,
+        sealed: bool = False,
     ) -> MessageTemplate:
         """Build the variant's fixed headers and MIME structure once, with the email package.
 
         A variant with a marker out of place is refused: the sender never splices a reader's
         links anywhere the templates did not put them, not even when the check was forced.
+        `sealed`: the message will be encrypted, so it keeps the real Subject (RFC 9788 moves it
+        inside, and the outside gets the neutral one).
         """
         misplaced = misplaced_links(variant)
         if misplaced:
@@ -276,7 +279,9 @@ class MessageTemplate:
             variant = without_preheader(variant)
         msg = EmailMessage(policy=POLICY)
         msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
-        set_subject(msg, identity.subject(variant.subject, variant.lang))
+        set_subject(
+            msg, variant.subject if sealed else identity.subject(variant.subject, variant.lang)
+        )
         msg["List-Id"] = identity.list_header(mlist)
         msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         msg.set_content(TEXT_SLOT, subtype="plain", charset="utf-8", cte="quoted-printable")

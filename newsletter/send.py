@@ -322,27 +322,34 @@ class JobQueue:
 
 
 class TemplateCache:
-    """Message templates, built once per (campaign, language, discreet mode) for a worker's life."""
+    """Message templates, built once per (campaign, language, discreet mode, sealed or not)."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._cache: dict[tuple[int, str, str], MessageTemplate | None] = {}
+        self._cache: dict[tuple[int, str, str, bool], MessageTemplate | None] = {}
 
     def get(
-        self, session: Session, campaign_id: int, lang: str, discreet: str = "off"
+        self,
+        session: Session,
+        campaign_id: int,
+        lang: str,
+        discreet: str = "off",
+        *,
+        sealed: bool = False,
     ) -> MessageTemplate:
-        """The template in this language, else the default language's, for this discreet mode."""
+        """The template in this language, else the default language's, for this discreet mode;
+        `sealed` for a message that will be encrypted (it keeps the real Subject inside)."""
         default = self._settings.render.default_language
         for want in (lang, default):
-            key = (campaign_id, want, discreet)
+            key = (campaign_id, want, discreet, sealed)
             if key not in self._cache:
-                self._cache[key] = self._build(session, campaign_id, want, discreet)
+                self._cache[key] = self._build(session, campaign_id, want, discreet, sealed)
             if (found := self._cache[key]) is not None:
                 return found
         raise MissingVariantError(campaign_id, lang, default)
 
     def _build(
-        self, session: Session, campaign_id: int, lang: str, discreet: str
+        self, session: Session, campaign_id: int, lang: str, discreet: str, sealed: bool
     ) -> MessageTemplate | None:
         found = load_variant(session, campaign_id, lang)
         if found is None:
@@ -363,6 +370,7 @@ class TemplateCache:
             mlist=ListInfo(ml.id, ml.slug, ml.list_id),
             settings=settings,
             identity=identity,
+            sealed=sealed,
         )
 
 
@@ -444,22 +452,39 @@ def prepare(
             out.gone.append(row.delivery_id)
             continue
         trouble = key_trouble(row, now)
+        if trouble is None and row.key_armored:
+            try:
+                out.jobs.append(
+                    _job(
+                        session,
+                        row,
+                        encrypt=True,
+                        settings=settings,
+                        templates=templates,
+                        signers=signers,
+                        now=now,
+                    )
+                )
+                continue
+            except KeyProblem as problem:  # Sequoia's own look at the key, on the real clock
+                trouble = problem
         if trouble is not None:
             out.key_notices.append((row.subscriber_id, row.key_fingerprint or "", trouble.code))
             if row.on_key_problem != KeyProblemChoice.PLAIN:
                 # The code, not the message: a message may name the reader's address.
                 out.withheld.append((row.delivery_id, f"withheld: key {trouble.code}"))
                 continue
-        job = _job(
-            session,
-            row,
-            encrypt=trouble is None,
-            settings=settings,
-            templates=templates,
-            signers=signers,
-            now=now,
+        out.jobs.append(
+            _job(
+                session,
+                row,
+                encrypt=False,
+                settings=settings,
+                templates=templates,
+                signers=signers,
+                now=now,
+            )
         )
-        out.jobs.append(job)
     return out
 
 
@@ -477,14 +502,20 @@ def _job(
     identity = identity_for(settings, row.discreet)
     message, error = b"", ""
     try:
-        template = templates.get(session, row.campaign_id, row.language, row.discreet)
+        sealed = encrypt and bool(row.key_armored)
+        template = templates.get(
+            session, row.campaign_id, row.language, row.discreet, sealed=sealed
+        )
         message = template.render(
             Recipient(row.subscriber_id, row.email, row.name), settings=settings, now=now
         )
-        if encrypt and row.key_armored:
-            outer = identity.subject("", row.language) or OBSCURED_SUBJECT
+        if sealed and row.key_armored:
             message = encrypt_message(
-                message, armored_key=row.key_armored, signer=signers.openpgp, outer_subject=outer
+                message,
+                armored_key=row.key_armored,
+                signer=signers.openpgp,
+                outer_subject=identity.subject(OBSCURED_SUBJECT, row.language),
+                autocrypt=identity.discreet is None,
             )
         dkim = signers.discreet_dkim if identity.discreet else signers.dkim
         message = dkim.sign(message) if dkim else message

@@ -34,7 +34,7 @@ JINJA_OPTIONS = {
 OWN_TEMPLATES = sorted(
     p
     for p in [*TEMPLATES_DIR.glob("email/**/*.j2"), *TEMPLATES_DIR.glob("text/**/*.j2")]
-    if not p.name.startswith(("confirm.", "goodbye."))
+    if not p.name.startswith(("confirm.", "goodbye.", "key_notice."))
 )
 WEB_TEMPLATES = sorted(
     [
@@ -43,6 +43,8 @@ WEB_TEMPLATES = sorted(
         *TEMPLATES_DIR.glob("email/goodbye.*.j2"),
         *TEMPLATES_DIR.glob("text/confirm.*.j2"),
         *TEMPLATES_DIR.glob("text/goodbye.*.j2"),
+        *TEMPLATES_DIR.glob("email/key_notice.*.j2"),
+        *TEMPLATES_DIR.glob("text/key_notice.*.j2"),
     ]
 )
 DOMAINS = [
@@ -56,7 +58,11 @@ DOMAINS = [
 ] + [
     pytest.param(
         "web",
-        [*WEB_TEMPLATES, *(p for p in [REPO / "newsletter" / "notices.py"] if p.exists())],
+        [
+            *WEB_TEMPLATES,
+            REPO / "newsletter" / "notices.py",
+            REPO / "newsletter" / "key_notices.py",
+        ],
         lang,
         id=f"web-{lang}",
         marks=pytest.mark.skipif(not WEB_TEMPLATES, reason="no web templates yet"),

@@ -535,3 +535,37 @@ def test_pointer_reader_gets_a_neutral_note_and_a_link(
         assert "preheader" not in html or ">" + titles[0] not in html
     [plain] = to(smtpd.messages(), PLAIN)
     assert any(t in plain.get_body(("plain",)).get_content() for t in titles)  # type: ignore[union-attr]
+
+
+def test_encrypted_mail_to_a_discreet_reader_carries_no_portal_key(
+    factory: sessionmaker[Session],
+    smtpd: SmtpServer,
+    now_clock: FrozenClock,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """Signed and encrypted to an envelope reader: the neutral subject outside instead of [...],
+    no Autocrypt header (the portal key's user ID would name the portal), the real one inside."""
+    portal = GpgHome.make(tmp_path / "portal")
+    portal_fpr = portal.generate("Portal <news@portal.example.org>", usage="sign")
+    key_file = tmp_path / "portal.asc"
+    key_file.write_text(portal.export_secret(portal_fpr))
+    settings = settings_with(database_url, smtpd, signing_key_file=str(key_file))
+    prepare(factory, now_clock)
+    home, armored = reader_key(tmp_path, ENVELOPE)
+    home.import_key(portal.export(portal_fpr))  # gpg fails on a signature it cannot check
+    sid = subscriber_id(factory, ENVELOPE)
+    with unit_of_work(factory) as session:
+        set_reading(session, subscriber_id=sid, discreet="envelope", now=now_clock.now(), actor="t")
+        set_key(
+            session, subscriber_id=sid, data=armored, now=now_clock.now(), actor="t", confirmed=True
+        )
+    send_digest(factory, settings, now_clock)
+    [msg] = to(smtpd.messages(), ENVELOPE)
+    assert msg.get_content_type() == "multipart/encrypted"
+    assert msg["Autocrypt"] is None
+    assert str(msg["Subject"]) == settings.discreet.subject("be")
+    assert_discreet(msg, settings, forbidden_words(settings, factory), "")
+    opened = inner(home, msg)
+    assert "notes.example.net" in str(opened["From"])
+    assert str(opened["Subject"]) != settings.discreet.subject("be")

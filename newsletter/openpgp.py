@@ -1,0 +1,515 @@
+"""OpenPGP for readers who give us a public key: check the key, encrypt each message to it.
+
+Pure functions around pysequoia (Sequoia-PGP in process): nothing is written to disk, nothing of
+a message is logged, and gpg is never run.
+
+pysequoia encrypts to a revoked or expired certificate without a word, and says nothing about
+subkeys, so the checks are ours. What it can tell, it tells after checking the self-signatures
+against Sequoia's standard policy: whether the certificate is revoked, when the primary key
+expires, which user IDs are not revoked. For the subkeys we read the packets (pysequoia.packet)
+for the expiry, and let Sequoia judge the rest by a trial encryption to a certificate holding only
+that subkey: pysequoia.encrypt takes only keys Sequoia finds valid under its policy, not revoked
+and flagged for encryption (the alive ones, or else, silently, the expired ones; hence the expiry
+is ours). The message itself is encrypted to a certificate holding only the encryption subkeys
+that are usable now, so nothing else can be chosen.
+
+encrypt_message makes a PGP/MIME message (RFC 3156) with header protection (RFC 9788): the
+original header fields go inside with the body, the outside keeps what delivery and the list
+headers need, and the Subject outside is obscured.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import secrets
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import parseaddr
+from pathlib import Path
+
+import pysequoia
+from pysequoia.packet import Packet, PacketPile, SignatureType, Tag
+
+from newsletter.addresses import header_problem
+from newsletter.errors import ConfigError, NewsletterError, PermanentDeliveryError
+from newsletter.i18n import N_
+from newsletter.message import POLICY, set_subject
+
+MAX_KEY_BYTES = 64 * 1024
+OBSCURED_SUBJECT = "[...]"  # RFC 9788's obscured Subject
+_SHOWN_CHARS = 100  # the most of a key's text (a user ID, an error) a message shows
+_CACHED_KEYS = 256
+_SETTING = "[openpgp] signing_key_file"
+
+
+class KeyProblem(NewsletterError):
+    """A reader's key we will not encrypt to; `code` names the check that refused it."""
+
+    code: str = "unreadable"  # or several, secret, expired, revoked, no_encryption, ...
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A reader's public key as read_key accepted it."""
+
+    fingerprint: str  # upper-case hex, no spaces
+    expires_at: datetime | None  # the key's, or its last encryption subkey's if that is earlier
+    user_ids: tuple[str, ...]  # the user IDs that are not revoked, made safe to print
+    armored: str  # the public key, re-armored: never any secret material
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The portal's own key: it signs every encrypted message and is offered by Autocrypt."""
+
+    tsk: pysequoia.Tsk  # the secret key
+    armored: str  # its public key, armored
+    fingerprint: str
+    keydata: bytes  # its public key, binary
+
+    def autocrypt_header(self, from_address: str) -> str:
+        """The value of an Autocrypt header for this key, folded: "Autocrypt: " + it + CRLF."""
+        if (problem := header_problem(from_address)) is not None:
+            raise ConfigError.of(
+                N_("the Autocrypt header cannot carry %(address)s: %(problem)s"),
+                address=_printable(from_address),
+                problem=problem,
+            )
+        data = base64.b64encode(self.keydata).decode("ascii")
+        lines = [data[i : i + 76] for i in range(0, len(data), 76)]
+        return f"addr={from_address}; prefer-encrypt=mutual; keydata=\r\n " + "\r\n ".join(lines)
+
+    def _signing(self) -> pysequoia.PySigner:
+        """A signer for one message, chosen now: a signing key that expired is not used."""
+        try:
+            return self.tsk.signer()
+        except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+            raise ConfigError.of(
+                N_("%(setting)s: the key %(fingerprint)s cannot sign any more (%(reason)s)"),
+                setting=_SETTING,
+                fingerprint=self.fingerprint,
+                reason=_reason(e),
+            ) from None
+
+
+@dataclass(frozen=True)
+class _Subkey:
+    """A valid, unrevoked encryption subkey, whatever its expiry."""
+
+    fingerprint: str
+    expires_at: datetime | None
+    packets: tuple[Packet, ...]  # the subkey and its signatures
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What the checks need of one parsed certificate (without the time: that is per call)."""
+
+    fingerprint: str
+    armored: str
+    user_ids: tuple[str, ...]  # not revoked, as in the key
+    revoked: bool
+    expires_at: datetime | None  # the primary key's
+    primary_encrypts: bool  # the primary key itself is a valid encryption key
+    head: tuple[Packet, ...]  # the primary key, its user IDs and their signatures
+    subkeys: tuple[_Subkey, ...]
+
+
+def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
+    """Parse and check a reader's public key; raises KeyProblem with a one-line reason."""
+    raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
+    if len(raw) > MAX_KEY_BYTES:
+        raise _too_large(len(raw))
+    key = _parse(raw)
+    # What is stored is checked again before each send (key_problem): it must pass the size too.
+    if len(key.armored) > MAX_KEY_BYTES:
+        raise _too_large(len(key.armored))
+    if (problem := _check(key, email=email, now=now)) is not None:
+        raise problem
+    return KeyInfo(
+        fingerprint=key.fingerprint,
+        expires_at=_expires_at(key, now),
+        user_ids=tuple(_printable(uid) for uid in key.user_ids),
+        armored=key.armored,
+    )
+
+
+def key_problem(armored: str, *, email: str, now: datetime) -> KeyProblem | None:
+    """The problem with a stored key at `now`, or None if messages to `email` may use it."""
+    if len(armored) > MAX_KEY_BYTES:
+        return _too_large(len(armored))
+    try:
+        key = _cached_parse(armored)
+    except KeyProblem as problem:
+        return problem
+    return _check(key, email=email, now=now)
+
+
+def load_signing_key(path: str) -> Signer | None:
+    """The key in [openpgp] signing_key_file (armored, no passphrase); None if the setting is ""."""
+    if not path.strip():
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError.of(
+            N_("%(setting)s: cannot read %(path)s (%(reason)s)"),
+            setting=_SETTING,
+            path=path,
+            reason=e.strerror or type(e).__name__,
+        ) from None
+    try:
+        tsk = pysequoia.Tsk.from_bytes(data)
+        public = tsk.extract_certificate()
+        revoked = public.is_revoked
+    except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+        raise ConfigError.of(
+            N_("%(setting)s: %(path)s is not one OpenPGP secret key (%(reason)s)"),
+            setting=_SETTING,
+            path=path,
+            reason=_reason(e),
+        ) from None
+    if bytes(tsk) == bytes(public):
+        raise ConfigError.of(
+            N_("%(setting)s: %(path)s holds a public key only: export the secret key"),
+            setting=_SETTING,
+            path=path,
+        )
+    if revoked:
+        raise ConfigError.of(
+            N_("%(setting)s: the key in %(path)s has been revoked"), setting=_SETTING, path=path
+        )
+    try:
+        tsk.signer()
+    except Exception as e:  # no signing key that is valid now, or one under a passphrase
+        raise ConfigError.of(
+            N_("%(setting)s: %(path)s has no signing key usable without a passphrase (%(reason)s)"),
+            setting=_SETTING,
+            path=path,
+            reason=_reason(e),
+        ) from None
+    return Signer(tsk, str(public), public.fingerprint.upper(), bytes(public))
+
+
+def encrypt_message(
+    message: bytes,
+    *,
+    armored_key: str,
+    signer: Signer | None,
+    outer_subject: str = OBSCURED_SUBJECT,
+    autocrypt: bool = True,
+) -> bytes:
+    """PGP/MIME (RFC 3156) with header protection (RFC 9788) around a finished message.
+
+    With `autocrypt=False` a signed message carries no Autocrypt header: to a discreet reader
+    the portal's key (its user ID) would name the portal outside the encryption.
+    """
+    key = _cached_parse(armored_key)
+    # Sequoia judges keys at the time of day, so we do: never fall back to an expired key.
+    now = datetime.now(UTC)
+    if (problem := _check(key, email=None, now=now)) is not None:
+        raise problem
+    recipient = _recipient(armored_key, tuple(sub.fingerprint for sub in _usable(key, now)))
+
+    head, blank, body = message.partition(b"\r\n\r\n")
+    if not blank:
+        raise PermanentDeliveryError("not sent: the message to encrypt has no header section")
+    outside: list[bytes] = []  # the outer header fields, but for the structure
+    protected: list[bytes] = []  # the original header fields, but for the structure
+    structure: list[bytes] = []  # the original Content-* fields
+    for field in _fields(head):
+        name = _field_name(field)
+        if name == "mime-version":
+            continue
+        if name.startswith("content-"):
+            structure.append(field + b'; hp="cipher"' if name == "content-type" else field)
+        elif not (name == "autocrypt" and signer is not None):  # ours replaces it
+            protected.append(field)
+            outside.append(_subject_field(outer_subject) if name == "subject" else field)
+    if not any(_field_name(field) == "content-type" for field in structure):
+        structure.insert(0, b'Content-Type: text/plain; charset="us-ascii"; hp="cipher"')
+    # RFC 9788 2.2: one HP-Outer for each non-structural field the outside shows. The Autocrypt
+    # field is added after, as DKIM-Signature is: it describes our key, not the message.
+    hp_outer = [b"HP-Outer: " + field for field in outside]
+    payload = b"\r\n".join(structure + protected + hp_outer) + b"\r\n\r\n" + body
+
+    sealed = pysequoia.encrypt(
+        payload, [recipient], signer=signer._signing() if signer is not None else None
+    )
+    sealed = sealed.replace(b"\r\n", b"\n").rstrip(b"\n").replace(b"\n", b"\r\n")
+
+    if signer is not None and autocrypt:
+        sender = parseaddr(_field_value(protected, "from"))[1]
+        if sender:
+            outside.append(b"Autocrypt: " + signer.autocrypt_header(sender).encode("ascii"))
+    # "=_" can be in neither base64 nor an armor line, so the boundary never occurs in the parts.
+    boundary = b"=_" + secrets.token_hex(16).encode("ascii")
+    outside += [
+        b"MIME-Version: 1.0",
+        b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted";\r\n'
+        b' boundary="' + boundary + b'"',
+    ]
+    parts = [
+        b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)",
+        b"--" + boundary,
+        b"Content-Type: application/pgp-encrypted",
+        b"Content-Description: PGP/MIME version identification",
+        b"",
+        b"Version: 1",
+        b"",
+        b"--" + boundary,
+        b'Content-Type: application/octet-stream; name="encrypted.asc"',
+        b"Content-Description: OpenPGP encrypted message",
+        b'Content-Disposition: inline; filename="encrypted.asc"',
+        b"",
+        sealed,
+        b"--" + boundary + b"--",
+        b"",
+    ]
+    return b"\r\n".join(outside) + b"\r\n\r\n" + b"\r\n".join(parts)
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+
+def _check(key: _Key, *, email: str | None, now: datetime) -> KeyProblem | None:
+    """The first check the key fails at `now` (the address too, unless email is None)."""
+    if key.revoked:
+        return _problem("revoked", N_("this key has been revoked"))
+    if key.expires_at is not None and key.expires_at <= now:
+        return _problem("expired", N_("this key expired on %(date)s"), date=_day(key.expires_at))
+    if not key.primary_encrypts and not key.subkeys:
+        return _problem("no_encryption", N_("this key has no usable encryption subkey"))
+    if not key.primary_encrypts and not _usable(key, now):
+        last = max(sub.expires_at for sub in key.subkeys if sub.expires_at is not None)
+        return _problem(
+            "expired",
+            N_("the encryption subkey of this key expired on %(date)s"),
+            date=_day(last),
+        )
+    if email is None:
+        return None
+    wanted = email.strip().lower()
+    addresses = [address for uid in key.user_ids if (address := _address(uid)) is not None]
+    if wanted in addresses:
+        return None
+    named = ", ".join(addresses or key.user_ids) or "no address"
+    return _problem(
+        "wrong_address",
+        N_("this key is not for %(email)s (it names %(named)s)"),
+        email=_printable(email),
+        named=_printable(named),
+    )
+
+
+def _usable(key: _Key, now: datetime) -> tuple[_Subkey, ...]:
+    """The encryption subkeys that have not expired at `now`."""
+    return tuple(sub for sub in key.subkeys if sub.expires_at is None or sub.expires_at > now)
+
+
+def _expires_at(key: _Key, now: datetime) -> datetime | None:
+    """When the key stops being usable: it expires, or its last encryption subkey does."""
+    ends = [sub.expires_at for sub in _usable(key, now)]
+    if key.primary_encrypts or None in ends:
+        last = None  # the primary key, or a subkey that never expires, lasts as long as the key
+    else:
+        last = max((end for end in ends if end is not None), default=None)
+    return min((end for end in (key.expires_at, last) if end is not None), default=None)
+
+
+def _address(user_id: str) -> str | None:
+    """The address in "Name <addr>", "<addr>" or a bare "addr", in lower case; else None."""
+    uid = user_id.strip()
+    if uid.endswith(">") and "<" in uid:
+        return uid[uid.rfind("<") + 1 : -1].strip().lower()
+    if "@" in uid and not any(c.isspace() for c in uid):
+        return uid.lower()
+    return None
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def _parse(data: bytes) -> _Key:
+    """One public certificate from what a reader gave; KeyProblem if it is not exactly that."""
+    try:
+        certs = pysequoia.Cert.split_bytes(data)
+    except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+        raise _problem(
+            "unreadable",
+            N_("this is not an OpenPGP public key (%(reason)s)"),
+            reason=_reason(e),
+        ) from None
+    if not certs:
+        raise _problem("unreadable", N_("this is not an OpenPGP public key (no key found)"))
+    if len(certs) > 1:
+        raise _problem(
+            "several", N_("this holds %(count)s keys: give only your own"), count=len(certs)
+        )
+    if _holds_secrets(data):
+        raise _problem(
+            "secret",
+            N_("this is a secret key: give your public key, and keep the secret one to yourself"),
+        )
+    cert = certs[0]
+    try:
+        user_ids = tuple(str(uid) for uid in cert.user_ids)
+        revoked = cert.is_revoked
+        expires_at = cert.expiration
+        packets = tuple(PacketPile.from_bytes(bytes(cert)))
+    except Exception as e:  # e.g. no self-signature Sequoia's policy accepts
+        raise _problem(
+            "unreadable", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
+        ) from None
+    head, groups = _components(packets)
+    return _Key(
+        fingerprint=cert.fingerprint.upper(),
+        armored=str(cert),
+        user_ids=user_ids,
+        revoked=revoked,
+        expires_at=expires_at,
+        primary_encrypts=_encrypts(head),
+        head=head,
+        subkeys=tuple(sub for group in groups if (sub := _subkey(head, group)) is not None),
+    )
+
+
+@functools.lru_cache(maxsize=_CACHED_KEYS)
+def _cached_parse(armored: str) -> _Key:
+    """_parse for a stored key, which key_problem and encrypt_message see again and again."""
+    return _parse(armored.encode("utf-8", "replace"))
+
+
+def _holds_secrets(data: bytes) -> bool:
+    """Whether the (first) key in the data carries secret key material."""
+    try:
+        packets = PacketPile.from_bytes(data)
+    except Exception:  # split_bytes read it: a failure here is no secret found
+        return False
+    return any(packet.tag in (Tag.SecretKey, Tag.SecretSubkey) for packet in packets)
+
+
+def _components(packets: Sequence[Packet]) -> tuple[tuple[Packet, ...], list[tuple[Packet, ...]]]:
+    """The primary key's packets (key, user IDs, signatures), then each subkey's."""
+    head: list[Packet] = []
+    groups: list[list[Packet]] = []
+    for packet in packets:
+        if packet.tag == Tag.PublicSubkey:
+            groups.append([packet])
+        elif groups:
+            groups[-1].append(packet)
+        else:
+            head.append(packet)
+    return tuple(head), [tuple(group) for group in groups]
+
+
+def _subkey(head: tuple[Packet, ...], group: tuple[Packet, ...]) -> _Subkey | None:
+    """The subkey as an encryption key, or None if Sequoia would not encrypt to it."""
+    if not _encrypts(head + group):
+        return None
+    key = group[0]
+    bindings = [sig for sig in group[1:] if sig.signature_type == SignatureType.SubkeyBinding]
+    # Sequoia goes by the newest valid binding; a later one (a new expiry) must be checked alone.
+    if len(bindings) > 1:
+        bindings = [sig for sig in bindings if _encrypts((*head, key, sig))]
+    if not bindings or key.fingerprint is None:
+        return None
+    binding = max(
+        bindings, key=lambda sig: sig.signature_created or datetime.min.replace(tzinfo=UTC)
+    )
+    ends = [binding.signature_expiration_time]
+    created, period = key.key_created, binding.key_validity_period
+    if created is not None and period:  # a period of 0 means it does not expire
+        ends.append(created + period)
+    expires_at = min((end for end in ends if end is not None), default=None)
+    return _Subkey(key.fingerprint.upper(), expires_at, group)
+
+
+def _encrypts(packets: Sequence[Packet]) -> bool:
+    """Whether Sequoia finds a valid, unrevoked encryption key among these packets."""
+    try:
+        pysequoia.encrypt(b"", [pysequoia.Cert.from_packets(packets)], armor=False)
+    except Exception:  # "No suitable encryption subkey", or packets that make no certificate
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=_CACHED_KEYS)
+def _recipient(armored: str, fingerprints: tuple[str, ...]) -> pysequoia.Cert:
+    """The reader's certificate with only these encryption subkeys, the ones usable now."""
+    key = _cached_parse(armored)
+    packets = list(key.head)
+    for sub in key.subkeys:
+        if sub.fingerprint in fingerprints:
+            packets += sub.packets
+    return pysequoia.Cert.from_packets(packets)
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _problem(code: str, template: str, /, **params: object) -> KeyProblem:
+    problem = KeyProblem.of(template, **params)
+    problem.code = code
+    return problem
+
+
+def _too_large(size: int) -> KeyProblem:
+    return _problem(
+        "too_large",
+        N_("this key is too large (%(size)s KB; at most %(limit)s KB)"),
+        size=-(-size // 1024),
+        limit=MAX_KEY_BYTES // 1024,
+    )
+
+
+def _day(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _printable(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """Outside text made safe to show on one line: no control or format characters, cut short."""
+    kept = "".join(" " if unicodedata.category(c).startswith("C") else c for c in text)
+    shown = " ".join(kept.split())
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a pysequoia error (the rest is a Rust backtrace), safe to show."""
+    lines = str(error).strip().splitlines()
+    return _printable(lines[0] if lines else type(error).__name__)
+
+
+def _fields(head: bytes) -> list[bytes]:
+    """The header fields of a header section, each with its folded lines as they are."""
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def _field_name(field: bytes) -> str:
+    return field.partition(b":")[0].strip().decode("ascii", "replace").lower()
+
+
+def _field_value(fields: list[bytes], name: str) -> str:
+    """The unfolded value of the first field of this name, or ""."""
+    for field in fields:
+        if _field_name(field) == name:
+            value = field.partition(b":")[2].replace(b"\r\n", b"")
+            return value.decode("ascii", "replace").strip()
+    return ""
+
+
+def _subject_field(subject: str) -> bytes:
+    """A Subject field as the sender writes one (message.set_subject: RFC 2047 if need be)."""
+    msg = EmailMessage(policy=POLICY)
+    set_subject(msg, subject)
+    return msg.as_bytes().rstrip(b"\r\n")
