@@ -180,3 +180,44 @@ def atom_feed(
         )
     parts.append("</feed>\n")
     return "".join(parts)
+
+
+# --- a discreet reader's web copy (/w/TOKEN) -------------------------------------------------
+
+
+def find_campaign_copy(
+    session: Session, *, campaign_id: int, lang: str, default_lang: str
+) -> tuple[Entry, Variant] | None:
+    """A launched campaign's variant in a language (else the default language's), or None.
+
+    Unlike find_copy, whether the campaign is public does not matter: the signed link is the
+    authority. Never a draft, a scheduled or a cancelled campaign.
+    """
+    campaign = session.get(Campaign, campaign_id)
+    if campaign is None or campaign.started_at is None or campaign.status not in PUBLIC_STATUSES:
+        return None
+    for wanted in (lang, default_lang):
+        variant = session.scalar(
+            select(Variant).where(Variant.campaign_id == campaign.id, Variant.lang == wanted)
+        )
+        if variant is not None:
+            return _entry(campaign, variant), variant
+    return None
+
+
+def make_discreet_copy(html: str, nonce: str, *, note_html: str, title: str) -> str:
+    """The web copy without the archive's bar, and with a neutral <title>.
+
+    The email's <title> is its subject, which may name the portal. Plain string search for the
+    first <title> element, which our own email head (templates/email/partials/head) put there.
+    """
+    html = make_web_copy(html, nonce, note_html=note_html, banner_html="")
+    start = html.find("<title>")
+    end = html.find("</title>", start)
+    if start >= 0 and end >= 0:
+        return html[: start + len("<title>")] + escape(title) + html[end:]
+    head = html.find("<head>")
+    if head >= 0:
+        at = head + len("<head>")
+        return html[:at] + f"<title>{escape(title)}</title>" + html[at:]
+    return html

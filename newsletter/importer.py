@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from newsletter.audit import record_event
 from newsletter.db.models import (
+    DiscreetMode,
+    KeyProblemChoice,
     MailingList,
     Subscriber,
     SubscriberStatus,
@@ -222,6 +224,8 @@ def _import_chunk(
                 Subscriber.country,
                 Subscriber.tags,
                 Subscriber.attributes,
+                Subscriber.discreet,
+                Subscriber.on_key_problem,
             ).where(Subscriber.email.in_(list(forms)))
         )
     }
@@ -256,12 +260,26 @@ def _import_chunk(
             report.unchanged += 1
 
 
+# How discreet each mode is: a file may move a known person up this scale, never down.
+DISCREET_RANK: dict[str, int] = {
+    DiscreetMode.OFF: 0,
+    DiscreetMode.ENVELOPE: 1,
+    DiscreetMode.POINTER: 2,
+}
+
+
 def _fill_in(old: Any, row: SubscriberRow) -> dict[str, Any]:
     """What a row adds to someone already known: blanks filled, tags and attributes added.
 
     Nothing already there is overwritten: a language or name the person chose stays theirs.
+    The reading choices only ever protect more: a mode more discreet than theirs, or
+    `withhold` over `plain`; a file never makes a known reader's mail less discreet.
     """
     change: dict[str, Any] = {}
+    if row.discreet and DISCREET_RANK[row.discreet] > DISCREET_RANK.get(old.discreet, 0):
+        change["discreet"] = row.discreet
+    if row.on_key_problem == KeyProblemChoice.WITHHOLD and old.on_key_problem != row.on_key_problem:
+        change["on_key_problem"] = row.on_key_problem
     if row.name and not old.name:
         change["name"] = row.name
     if row.country and not old.country:
@@ -292,6 +310,8 @@ def _insert_subscribers(
             "attributes": r.attributes,
             "status": SubscriberStatus.ACTIVE.value,
             "created_at": now,
+            "discreet": r.discreet or DiscreetMode.OFF.value,
+            "on_key_problem": r.on_key_problem or KeyProblemChoice.WITHHOLD.value,
         }
         for r in rows
     ]

@@ -204,8 +204,8 @@ def remove_key(
     """
     sub = _subscriber(session, subscriber_id)
     rows = _keys_by_status(session, sub.id)
-    if not rows:
-        return False
+    if not rows or (not by_reader and set(rows) == {KeyStatus.REMOVED}):
+        return False  # a second admin removal keeps the mark: on_key_problem still applies
     if by_reader or KeyStatus.ACTIVE not in rows:
         session.execute(delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id))
     else:

@@ -34,8 +34,18 @@ from newsletter.db.models import (
     SubscriptionStatus,
 )
 from newsletter.errors import AudienceError
+from newsletter.readers import parse_discreet, parse_key_problem
 
-KNOWN_COLUMNS = ("email", "name", "language", "lists", "tags", "country")
+KNOWN_COLUMNS = (
+    "email",
+    "name",
+    "language",
+    "lists",
+    "tags",
+    "country",
+    "discreet",
+    "on_key_problem",
+)
 CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
 MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
 RawRow = dict[str, str | None]
@@ -52,6 +62,8 @@ class SubscriberRow:
     tags: tuple[str, ...] = ()
     attributes: dict[str, str] = field(default_factory=dict)
     older_forms: tuple[str, ...] = ()  # forms of the address stored before (see address_forms)
+    discreet: str = ""  # "" = not given: new people get "off" (see importer._fill_in)
+    on_key_problem: str = ""  # "" = not given: new people get "withhold"
 
 
 # Cells a spreadsheet may take for a formula begin with one of these (OWASP's list: = + - @ tab
@@ -95,6 +107,8 @@ def parse_row(row: RawRow) -> SubscriberRow:
     country = get("country").upper()
     if country and (len(country) != 2 or not country.isalpha() or not country.isascii()):
         raise AudienceError(f"country must be a two-letter code, not {country!r}")
+    discreet = parse_discreet(get("discreet")) if get("discreet") else ""
+    on_key_problem = parse_key_problem(get("on_key_problem")) if get("on_key_problem") else ""
     extra = {  # header names arrive stripped and restored (see _read_rows)
         k: restore_cell((v or "").strip())
         for k, v in row.items()
@@ -109,6 +123,8 @@ def parse_row(row: RawRow) -> SubscriberRow:
         tags=_split(get("tags")),
         attributes=extra,
         older_forms=forms[1:],
+        discreet=discreet,
+        on_key_problem=on_key_problem,
     )
 
 
@@ -123,6 +139,8 @@ def merge_rows(first: SubscriberRow, later: SubscriberRow) -> SubscriberRow:
         tags=tuple(dict.fromkeys(first.tags + later.tags)),
         attributes={**first.attributes, **later.attributes},
         older_forms=first.older_forms,
+        discreet=later.discreet or first.discreet,
+        on_key_problem=later.on_key_problem or first.on_key_problem,
     )
 
 
@@ -270,6 +288,8 @@ def export_rows(
                 "lists": ";".join(slugs.get(sub.id, [])),
                 "tags": ";".join(sub.tags or []),
                 "country": sub.country,
+                "discreet": sub.discreet,
+                "on_key_problem": sub.on_key_problem,
             }
 
 

@@ -21,6 +21,8 @@ from newsletter.audit import record_event
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
     Delivery,
+    DiscreetMode,
+    KeyProblemChoice,
     MailingList,
     Subscriber,
     SubscriberStatus,
@@ -28,6 +30,13 @@ from newsletter.db.models import (
     SubscriptionStatus,
 )
 from newsletter.errors import AudienceError, KeptOutError, TokenError
+from newsletter.readers import (
+    forget_keys,
+    key_view,
+    parse_discreet,
+    parse_key_problem,
+    set_reading,
+)
 from newsletter.suppression import (
     KEPT_OUT_STATUSES,
     lift_suppression,
@@ -119,6 +128,21 @@ def subscriber_details(session: Session, email: str) -> dict[str, Any]:
         "created_at": sub.created_at.isoformat(),
         "lists": {m.slug: m.status for m in memberships(session, sub.id) if m.status},
         "emails_sent": int(sent or 0),
+        "discreet": sub.discreet,
+        "on_key_problem": sub.on_key_problem,
+        "key": _key_details(session, sub.id),
+    }
+
+
+def _key_details(session: Session, subscriber_id: int) -> dict[str, Any]:
+    """The reader's keys as `subscribers show` tells them (JSON-ready)."""
+    view = key_view(session, subscriber_id)
+    expires = view.active_expires_at
+    return {
+        "active_fingerprint": view.active_fingerprint or None,
+        "active_expires_at": expires.isoformat() if expires else None,
+        "pending_fingerprint": view.pending_fingerprint or None,
+        "removed_by_admin": view.removed,
     }
 
 
@@ -135,16 +159,22 @@ def subscribe(
     language: str = "",
     country: str = "",
     tags: Sequence[str] = (),
+    discreet: str | None = None,
+    on_key_problem: str | None = None,
 ) -> SubscribeResult:
     """Add someone to lists; double opt-in lists wait for their click unless --confirmed.
 
     Someone who left, bounced or was forgotten needs a fresh confirmation whatever the flags:
-    an admin cannot quietly bring them back.
+    an admin cannot quietly bring them back. `discreet` and `on_key_problem`, when given, are
+    set (for someone known too); None keeps theirs, or the defaults for someone new.
     """
     forms = address_forms(email)  # refuses what can never be delivered, says why
     address = forms[0]
     if language and language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
+    # Checked before anything is written, so a bad value adds no one.
+    mode = parse_discreet(discreet) if discreet is not None else None
+    choice = parse_key_problem(on_key_problem) if on_key_problem is not None else None
     sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
     fresh = bool(suppressed_forms(session, forms, secret=secret)) or (
         sub is not None and sub.status in KEPT_OUT_STATUSES
@@ -161,6 +191,15 @@ def subscribe(
     sub.country = country.upper()[:2] or sub.country or ""
     sub.tags = sorted(set(sub.tags or []) | set(tags))
     session.flush()
+    if mode is not None or choice is not None:
+        set_reading(
+            session,
+            subscriber_id=sub.id,
+            discreet=mode,
+            on_key_problem=choice,
+            now=now,
+            actor=actor,
+        )
     active: list[str] = []
     pending: list[str] = []
     for ml in lists:
@@ -448,9 +487,9 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     """Erase a person and keep only a keyed hash of the address, so nothing reaches them again.
 
     The subscriber row stays as an empty tombstone (status forgotten, no address, name, tags,
-    attributes, subscriptions or delivery history) so that its id, which links already sent
-    name, is never given to someone else. Returns whether the person was in the database; the
-    hash is kept either way.
+    attributes, keys, key notices, reading choices, subscriptions or delivery history) so that
+    its id, which links already sent name, is never given to someone else. Returns whether the
+    person was in the database; the hash is kept either way.
     """
     forms = lookup_forms(email)  # also someone stored in a form no longer accepted
     suppress(session, email, secret=secret, reason="forgotten", now=now)
@@ -461,6 +500,8 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
         sub.email = f"{sub.id}@forgotten.invalid"
         sub.name, sub.country, sub.language = "", "", "en"
         sub.tags, sub.attributes = [], {}
+        forget_keys(session, sub.id)
+        sub.discreet, sub.on_key_problem = DiscreetMode.OFF, KeyProblemChoice.WITHHOLD
         sub.status = SubscriberStatus.FORGOTTEN
     record_event(
         session,

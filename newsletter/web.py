@@ -1,17 +1,25 @@
-"""The supporters' pages: unsubscribe, preferences and confirmation behind signed links; and the
-public pages: the signup form (signup.py) and the archive of web copies (archive.py).
+"""The supporters' pages: unsubscribe, preferences, confirmation and key activation behind signed
+links; a discreet reader's web copy (/w/); and the public pages: the signup form (signup.py) and
+the archive of web copies (archive.py).
 
 GET never changes state (mail scanners follow links); every change is a POST. The signed token in
 the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
 a mail client's RFC 8058 one-click POST works as it is. The forms also carry a signed per-form
 token bound to the URL's token, and an Origin other than [web] base_url's (never the Host header,
-which the client writes) or a cross-site Sec-Fetch-Site is refused. A forged, altered or expired
-link gets the same 400 page, which names no one; a form left open too long is shown again with
-the choices it carried, to be sent once more.
+which the client writes; [discreet] base_url's and the mirrors' are ours too) or a cross-site
+Sec-Fetch-Site is refused. A forged, altered or expired link gets the same 400 page, which names
+no one; a form left open too long is shown again with the choices it carried, to be sent once
+more.
 
 The public pages link only relatively (never to [web] base_url), so a mirror serving this same app
 serves them whole. Signup and token pages are no-store; a sent campaign's web copy is public and
 immutable; only /subscribe?embed=1 may be framed, and only by [web] signup_origins.
+
+Readers at risk: a reader who chose discreet mail gets pages whose <title>, header and footer name
+neither the portal nor the organisation (base.html.j2's `discreet`); so does every error page
+under a signed link's path, which cannot tell whose link it was. The preferences form also takes
+their discreet mode and an OpenPGP public key (readers.py), saved with the rest in one transaction
+or, when the key is refused, not at all.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from babel.dates import format_date
 from itsdangerous import BadSignature, URLSafeSerializer
@@ -42,13 +51,21 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from newsletter import archive, signup
+from newsletter import archive, readers, signup
 from newsletter.clock import Clock
-from newsletter.config import LANGUAGES, Settings
+from newsletter.config import LANGUAGES, Settings, WebSettings
 from newsletter.db import unit_of_work
-from newsletter.db.models import MailingList
+from newsletter.db.models import (
+    DiscreetMode,
+    KeyProblemChoice,
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+)
 from newsletter.errors import AudienceError, KeptOutError, TokenError
-from newsletter.i18n import TEMPLATES_DIR, gettext_for, web_environment
+from newsletter.i18n import N_, TEMPLATES_DIR, gettext_for, web_environment
+from newsletter.openpgp import MAX_KEY_BYTES, KeyProblem
+from newsletter.readers import KeyView
 from newsletter.subscriptions import (
     LinkView,
     Membership,
@@ -57,7 +74,16 @@ from newsletter.subscriptions import (
     save_preferences,
     unsubscribe_by_link,
 )
-from newsletter.tokens import TokenClaims, make_token, page_path, read_token
+from newsletter.tokens import (
+    PAGE_PATHS,
+    KeyClaims,
+    TokenClaims,
+    make_token,
+    page_path,
+    read_copy_token,
+    read_key_token,
+    read_token,
+)
 
 log = logging.getLogger("newsletter.web")
 FORM_MAX_AGE_SECONDS = 24 * 3600
@@ -85,6 +111,57 @@ SECURITY_HEADERS = {
     # The pages carry personal choices: no shared cache may keep them.
     "cache-control": "no-store",
 }
+
+
+# The paths of the pages behind signed links: their error pages cannot tell whose link it was, so
+# they are discreet for everyone.
+TOKEN_PATHS = tuple(PAGE_PATHS.values())
+
+
+def body_limit(path: str, web: WebSettings) -> int:
+    """The largest request body a path takes: [web] max_body_bytes, more for the preferences form.
+
+    The preferences form carries a pasted public key of up to openpgp.MAX_KEY_BYTES, which the
+    browser's percent-encoding can make up to three times larger (a byte as %XX).
+    """
+    if path.startswith(PAGE_PATHS["preferences"]):
+        return 3 * MAX_KEY_BYTES + web.max_body_bytes
+    return web.max_body_bytes
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How a subscriber reads their mail: discreet or not, their keys, what a key problem does."""
+
+    discreet: str = DiscreetMode.OFF.value
+    on_key_problem: str = KeyProblemChoice.WITHHOLD.value
+    keys: KeyView = field(default_factory=KeyView)
+
+    @property
+    def is_discreet(self) -> bool:
+        """Whether their pages must not name the portal."""
+        return self.discreet != DiscreetMode.OFF
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a preferences form asks to save; None leaves a reading setting as it is."""
+
+    list_ids: set[int]
+    language: str
+    leave: bool
+    discreet: str | None = None
+    on_key_problem: str | None = None
+    key: bytes = b""
+    remove_key: bool = False
+
+
+def read_reading(session: Session, subscriber_id: int) -> Reading:
+    """A subscriber's reading settings (the defaults for someone missing or forgotten)."""
+    sub = session.get(Subscriber, subscriber_id)
+    if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+        return Reading()
+    return Reading(sub.discreet, sub.on_key_problem, readers.key_view(session, subscriber_id))
 
 
 async def read_capped_body(request: Request, limit: int) -> bytes:
@@ -135,6 +212,12 @@ class Pages:
         self.secret = settings.security.require_secret()
         self.forms = URLSafeSerializer(self.secret, salt="newsletter.web-form")
         self.origin = _origin(settings.web.base_url)
+        # Who may post the forms behind signed links: our pages, wherever they are served.
+        self.form_origins = {
+            self.origin,
+            _origin(settings.discreet.links_base(settings.web.base_url)),
+            *(_origin(u) for u in settings.web.mirror_urls),
+        }
         # Who may post the signup form: our pages, a mirror's, and the portal's.
         self.signup_origins = {
             self.origin,
@@ -146,11 +229,19 @@ class Pages:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def render(self, name: str, lang: str, status: int = 200, **context: Any) -> HTMLResponse:
-        """A page from templates/web in a language."""
+    def render(
+        self, name: str, lang: str, status: int = 200, *, discreet: bool = False, **context: Any
+    ) -> HTMLResponse:
+        """A page from templates/web in a language; a discreet one names neither us nor the list."""
         page = web_environment(lang).get_template(f"web/{name}.html.j2")
         body = page.render(
-            lang=lang, css=CSS, brand=self.settings.brand, languages=AUTONYMS, **context
+            lang=lang,
+            css=CSS,
+            brand=self.settings.brand,
+            languages=AUTONYMS,
+            discreet=discreet,
+            neutral_name=self.settings.discreet.from_name,
+            **context,
         )
         return HTMLResponse(body, status_code=status)
 
@@ -169,15 +260,16 @@ class Pages:
 
     async def step(
         self, action: Callable[..., LinkView], claims: TokenClaims, **kw: Any
-    ) -> LinkView:
-        """Run one subscriptions step for the link's subscriber and list: one transaction, in a
-        worker thread."""
+    ) -> tuple[LinkView, Reading]:
+        """Run one subscriptions step for the link's subscriber and list, and read how they read
+        their mail: one transaction, in a worker thread."""
 
-        def run() -> LinkView:
+        def run() -> tuple[LinkView, Reading]:
             with unit_of_work(self.factory) as session:
-                return action(
+                person = action(
                     session, subscriber_id=claims.subscriber_id, list_id=claims.list_id, **kw
                 )
+                return person, read_reading(session, claims.subscriber_id)
 
         return await run_in_threadpool(run)
 
@@ -187,7 +279,7 @@ class Pages:
 
     def check_form(self, request: Request, fields: dict[str, list[str]]) -> bool:
         """Refuse a cross-site post, or one without this page's form token; True if it expired."""
-        if _cross_site(request, self.origin, strict=True):
+        if _cross_site(request, self.form_origins, strict=True):
             raise HTTPException(403)
         sent = (fields.get("form_token") or [""])[0]
         try:
@@ -215,20 +307,25 @@ class Pages:
         return page_path("preferences", token)
 
     async def read_body(self, request: Request) -> bytes:
-        """The request body, refused past [web] max_body_bytes."""
-        return await read_capped_body(request, self.settings.web.max_body_bytes)
+        """The request body, refused past the path's limit (body_limit)."""
+        return await read_capped_body(request, body_limit(request.url.path, self.settings.web))
 
     # --- unsubscribe -----------------------------------------------------------------------
 
     async def unsubscribe_page(self, request: Request) -> Response:
         """What you are leaving, one button, and a link to preferences."""
         claims = self.claims(request, "unsubscribe")
-        person = await self.step(link_view, claims, allow_gone=True)
+        person, reading = await self.step(link_view, claims, allow_gone=True)
+        # Someone forgotten may have chosen discreet mail: their page names no one either.
+        discreet = reading.is_discreet or person.gone
         if person.gone:
-            return self.render("unsubscribed", person.language, list_name=person.list_name)
+            return self.render(
+                "unsubscribed", person.language, discreet=discreet, list_name=person.list_name
+            )
         return self.render(
             "unsubscribe",
             person.language,
+            discreet=discreet,
             list_name=person.list_name,
             subscribed=person.subscribed_to(claims.list_id),
             preferences_url=self.preferences_url(person, claims.list_id),
@@ -236,83 +333,126 @@ class Pages:
 
     async def unsubscribe_post(self, request: Request) -> Response:
         """Unsubscribe at once: the page's button and a mail client's one-click alike."""
-        if _cross_site(request, self.origin, strict=False):
+        if _cross_site(request, self.form_origins, strict=False):
             raise HTTPException(403)
         claims = self.claims(request, "unsubscribe")
         await self.read_body(request)  # List-Unsubscribe=One-Click or the button: either will do
-        person = await self.step(unsubscribe_by_link, claims, now=self.clock.now())
-        return self.render("unsubscribed", person.language, list_name=person.list_name)
+        person, reading = await self.step(unsubscribe_by_link, claims, now=self.clock.now())
+        return self.render(
+            "unsubscribed",
+            person.language,
+            discreet=reading.is_discreet or person.gone,
+            list_name=person.list_name,
+        )
 
     # --- preferences -----------------------------------------------------------------------
 
     async def preferences_page(self, request: Request) -> Response:
-        """The lists and language a subscriber can choose, in a form saved with a POST."""
+        """The lists, language, discreet mail and key a subscriber can choose, saved with a POST."""
         claims = self.claims(request, "preferences")
-        person = await self.step(link_view, claims)
-        active = {m.list_id for m in person.active}
-        return self.preferences_form(
-            request, person, active, person.language, saved=request.query_params.get("saved") == "1"
+        person, reading = await self.step(link_view, claims)
+        marked = Choices(
+            list_ids={m.list_id for m in person.active},
+            language=person.language,
+            leave=False,
+            discreet=reading.discreet,
+            on_key_problem=reading.on_key_problem,
         )
+        saved = request.query_params.get("saved") == "1"
+        return self.preferences_form(request, person, reading, marked, saved=saved)
 
     def preferences_form(
         self,
         request: Request,
         person: LinkView,
-        checked: set[int],
-        language: str,
+        reading: Reading,
+        marked: Choices,
         *,
         saved: bool = False,
         expired: bool = False,
         bounced: bool = False,
+        key_problem: str = "",
     ) -> Response:
-        """The preferences form with these lists and this language marked."""
+        """The preferences form with these choices marked (a pasted key is never shown again)."""
+        keys = reading.keys
+        expires = keys.active_expires_at
         return self.render(
             "preferences",
             person.language,
             status=409 if bounced else 200,
+            discreet=reading.is_discreet,
             person=person,
-            checked=checked,
-            checked_language=language,
+            checked=marked.list_ids,
+            checked_language=marked.language,
+            checked_discreet=marked.discreet or reading.discreet,
+            checked_key_problem=marked.on_key_problem or reading.on_key_problem,
+            keys=keys,
+            active_fpr=_spaced(keys.active_fingerprint),
+            active_expires=_day(expires, person.language) if expires else "",
+            pending_fpr=_spaced(keys.pending_fingerprint),
             form_token=self.form_token(request.path_params["token"]),
             saved=saved,
             expired=expired,
             bounced=bounced,
+            key_problem=key_problem,
+            key_again=bool(marked.key.strip()) and not key_problem,
         )
 
     async def preferences_post(self, request: Request) -> Response:
-        """Save the chosen lists and language, then show the form again (post/redirect/get)."""
+        """Save every choice of the form in one transaction, then show it again (post/redirect/get).
+
+        A refused key refuses the whole form: nothing is saved, and the page says why.
+        """
         claims = self.claims(request, "preferences")
-        fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
+        raw = _form_bytes(await self.read_body(request))
+        fields = {name: [v.decode("utf-8", "replace") for v in vs] for name, vs in raw.items()}
         expired = self.check_form(request, fields)
-        try:
-            chosen = {int(v) for v in fields.get("lists", [])}
-        except ValueError:
-            raise HTTPException(400) from None
-        language = (fields.get("language") or [""])[0]
+        marked = _choices(fields, key=(raw.get("key") or [b""])[0])
         if expired:  # nothing saved: the same choices again, under a fresh form token
-            person = await self.step(link_view, claims)
-            return self.preferences_form(request, person, chosen, language, expired=True)
-        leave_all = (fields.get("action") or [""])[0] == "leave"
-        list_ids = set() if leave_all else chosen
+            person, reading = await self.step(link_view, claims)
+            return self.preferences_form(request, person, reading, marked, expired=True)
         try:
-            await run_in_threadpool(self._save, claims, list_ids, language, leave_all)
+            await run_in_threadpool(self._save, claims, marked)
         except KeptOutError:  # nothing saved: say why, with their choices still marked
-            person = await self.step(link_view, claims)
-            return self.preferences_form(request, person, chosen, language, bounced=True)
+            person, reading = await self.step(link_view, claims)
+            return self.preferences_form(request, person, reading, marked, bounced=True)
+        except KeyProblem as problem:  # nothing saved: the reason, next to the key field
+            person, reading = await self.step(link_view, claims)
+            reason = _key_reason(problem, person.language)
+            return self.preferences_form(request, person, reading, marked, key_problem=reason)
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
 
-    def _save(self, claims: TokenClaims, list_ids: set[int], language: str, leave: bool) -> None:
+    def _save(self, claims: TokenClaims, chosen: Choices) -> None:
+        """One transaction: lists and language, then discreet mail and the key (or leave all)."""
+        now, sid = self.clock.now(), claims.subscriber_id
+        key = "" if chosen.leave else _pasted_key(chosen.key)
         try:
             with unit_of_work(self.factory) as session:
                 save_preferences(
                     session,
-                    subscriber_id=claims.subscriber_id,
-                    list_ids=list_ids,
-                    language=language,
-                    leave=leave,
-                    now=self.clock.now(),
+                    subscriber_id=sid,
+                    list_ids=set() if chosen.leave else chosen.list_ids,
+                    language=chosen.language,
+                    leave=chosen.leave,
+                    now=now,
                 )
-        except KeptOutError:
+                if chosen.leave:  # leaving needs no valid key, nor a change of envelope
+                    return
+                readers.set_reading(
+                    session,
+                    subscriber_id=sid,
+                    discreet=chosen.discreet,
+                    on_key_problem=chosen.on_key_problem,
+                    now=now,
+                    actor="web",
+                )
+                if chosen.remove_key:
+                    readers.remove_key(
+                        session, subscriber_id=sid, now=now, actor="web", by_reader=True
+                    )
+                if key:
+                    readers.set_key(session, subscriber_id=sid, data=key, now=now, actor="web")
+        except (KeptOutError, KeyProblem):
             raise
         except AudienceError:
             raise HTTPException(400) from None
@@ -322,16 +462,17 @@ class Pages:
     async def confirm_page(self, request: Request) -> Response:
         """Ask for the click that confirms; a mail scanner fetching the link confirms nothing."""
         claims = self.claims(request, "confirm")
-        person = await self.step(link_view, claims)
-        return self.confirm_form(request, person)
+        person, reading = await self.step(link_view, claims)
+        return self.confirm_form(request, person, reading)
 
     def confirm_form(
-        self, request: Request, person: LinkView, *, expired: bool = False
+        self, request: Request, person: LinkView, reading: Reading, *, expired: bool = False
     ) -> Response:
         """The page with the one button that confirms the waiting lists."""
         return self.render(
             "confirm",
             person.language,
+            discreet=reading.is_discreet,
             waiting=person.waiting,
             form_token=self.form_token(request.path_params["token"]),
             expired=expired,
@@ -342,10 +483,140 @@ class Pages:
         claims = self.claims(request, "confirm")
         fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
         if self.check_form(request, fields):  # left open too long: ask for the click again
-            person = await self.step(link_view, claims)
-            return self.confirm_form(request, person, expired=True)
-        person = await self.step(confirm_by_link, claims, secret=self.secret, now=self.clock.now())
-        return self.render("confirmed", person.language, active=person.active)
+            person, reading = await self.step(link_view, claims)
+            return self.confirm_form(request, person, reading, expired=True)
+        person, reading = await self.step(
+            confirm_by_link, claims, secret=self.secret, now=self.clock.now()
+        )
+        return self.render(
+            "confirmed", person.language, discreet=reading.is_discreet, active=person.active
+        )
+
+    # --- key activation --------------------------------------------------------------------
+
+    def key_claims(self, request: Request) -> KeyClaims:
+        """Verify a /key/ link: signed, and no older than a confirmation link may be."""
+        return read_key_token(
+            request.path_params["token"],
+            secret=self.secret,
+            max_age_seconds=self.settings.web.confirm_link_max_age_hours * 3600,
+            now=self.clock.now(),
+        )
+
+    def _key_state(self, claims: KeyClaims) -> tuple[str, Reading]:
+        """The reader's language and reading; a link to a key neither pending nor active is
+        stale."""
+        with unit_of_work(self.factory) as session:
+            sub = session.get(Subscriber, claims.subscriber_id)
+            reading = read_reading(session, claims.subscriber_id)
+            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+                raise TokenError("this link is not valid")
+            known = (reading.keys.pending_fingerprint, reading.keys.active_fingerprint)
+            if claims.fingerprint not in known:
+                raise TokenError("this link is not valid")
+            lang = sub.language if sub.language in LANGUAGES else "en"
+            return lang, reading
+
+    async def key_page(self, request: Request) -> Response:
+        """GET /key/TOKEN: one button that activates the key; the GET itself changes nothing."""
+        claims = self.key_claims(request)
+        lang, reading = await run_in_threadpool(self._key_state, claims)
+        if reading.keys.pending_fingerprint != claims.fingerprint:  # active already
+            return self.key_done(lang, reading, claims)
+        return self.key_form(request, lang, reading, claims)
+
+    def key_form(
+        self,
+        request: Request,
+        lang: str,
+        reading: Reading,
+        claims: KeyClaims,
+        *,
+        expired: bool = False,
+    ) -> Response:
+        """The page with the one button that activates the key the link names."""
+        return self.render(
+            "key",
+            lang,
+            discreet=reading.is_discreet,
+            fpr=_spaced(claims.fingerprint),
+            form_token=self.form_token(request.path_params["token"]),
+            expired=expired,
+        )
+
+    def key_done(self, lang: str, reading: Reading, claims: KeyClaims) -> Response:
+        """Encrypted mail is on."""
+        return self.render(
+            "key_done", lang, discreet=reading.is_discreet, fpr=_spaced(claims.fingerprint)
+        )
+
+    async def key_post(self, request: Request) -> Response:
+        """POST /key/TOKEN: the pending key becomes the one their mail is encrypted to."""
+        claims = self.key_claims(request)
+        fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
+        if self.check_form(request, fields):  # left open too long: ask for the click again
+            lang, reading = await run_in_threadpool(self._key_state, claims)
+            return self.key_form(request, lang, reading, claims, expired=True)
+
+        def confirm() -> tuple[str, Reading]:
+            with unit_of_work(self.factory) as session:
+                readers.confirm_key(
+                    session,
+                    subscriber_id=claims.subscriber_id,
+                    fingerprint=claims.fingerprint,
+                    now=self.clock.now(),
+                )
+            return self._key_state(claims)
+
+        try:
+            lang, reading = await run_in_threadpool(confirm)
+        except AudienceError:  # the reader is gone: the link is as good as forged
+            raise TokenError("this link is not valid") from None
+        return self.key_done(lang, reading, claims)
+
+    # --- a discreet reader's web copy ------------------------------------------------------
+
+    async def discreet_copy(self, request: Request) -> Response:
+        """GET /w/TOKEN: a launched campaign's web copy that names no one, with a neutral title.
+
+        Public or not, archive on or off: the signed link (the same for every reader) is the
+        authority. A forged link, a draft or a cancelled campaign is 404.
+        """
+        try:
+            campaign_id, lang = read_copy_token(request.path_params["token"], secret=self.secret)
+        except TokenError:
+            raise HTTPException(404) from None
+        if lang not in LANGUAGES:
+            raise HTTPException(404)
+        default = self.settings.render.default_language
+
+        def read() -> tuple[archive.Entry, str, str, str] | None:
+            with unit_of_work(self.factory) as session:
+                found = archive.find_campaign_copy(
+                    session, campaign_id=campaign_id, lang=lang, default_lang=default
+                )
+                if found is None:
+                    return None
+                entry, variant = found
+                return entry, variant.lang, variant.html, variant.link_nonce
+
+        found = await run_in_threadpool(read)
+        if found is None:
+            raise HTTPException(404)
+        entry, shown_lang, html, nonce = found
+        env = web_environment(shown_lang)
+        page = archive.make_discreet_copy(
+            html,
+            nonce,
+            note_html=env.get_template("web/copy_note.html.j2").render(lang=shown_lang),
+            title=self.settings.discreet.subject(shown_lang),
+        )
+        cache = IMMUTABLE if entry.finished else SHORT_PUBLIC
+        # Unlike the archive's copies, no image either: a logo fetched from the portal's host
+        # would tell anyone watching the reader's connection where they read.
+        headers = self.archive_headers(cache, inline_styles=True, images=False)
+        headers["x-robots-tag"] = "noindex, nofollow"
+        return HTMLResponse(page, headers=headers)
 
     # --- signing up ------------------------------------------------------------------------
 
@@ -524,15 +795,17 @@ class Pages:
 
     # --- the archive -----------------------------------------------------------------------
 
-    def archive_headers(self, cache: str, *, inline_styles: bool = False) -> dict[str, str]:
-        """Public caching; a web copy may carry the email's inline styles and its logo."""
+    def archive_headers(
+        self, cache: str, *, inline_styles: bool = False, images: bool = True
+    ) -> dict[str, str]:
+        """Public caching; a web copy may carry the email's inline styles and (images) its logo."""
         style = "'unsafe-inline'" if inline_styles else f"'sha256-{CSS_HASH}'"
-        images = ""
+        image_src = ""
         logo = self.settings.brand.logo_url
-        if inline_styles and logo:
-            images = f"; img-src {_origin(logo)}"
+        if inline_styles and logo and images:
+            image_src = f"; img-src {_origin(logo)}"
         csp = (
-            f"default-src 'none'; style-src {style}{images}; form-action 'none'; "
+            f"default-src 'none'; style-src {style}{image_src}; form-action 'none'; "
             "base-uri 'none'; frame-ancestors 'none'"
         )
         return {"content-security-policy": csp, "cache-control": cache}
@@ -624,13 +897,17 @@ class Pages:
     # --- errors ----------------------------------------------------------------------------
 
     async def token_error(self, request: Request, exc: Exception) -> Response:
-        """One page for every bad link, whatever was wrong with it."""
-        return self.render("error", _accepted_language(request), 400, kind="link")
+        """One page for every bad link, whatever was wrong with it (naming no one, nor us)."""
+        return self.render("error", _accepted_language(request), 400, discreet=True, kind="link")
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
-        """Plain pages for 4xx answers (not found, refused, too large)."""
+        """Plain pages for 4xx answers (not found, refused, too large); discreet under a signed
+        link's path, where the page cannot tell whose link it was."""
         code = exc.status_code if isinstance(exc, HTTPException) else 500
-        return self.render("error", _accepted_language(request), code, kind=str(code))
+        discreet = request.url.path.startswith(TOKEN_PATHS)
+        return self.render(
+            "error", _accepted_language(request), code, discreet=discreet, kind=str(code)
+        )
 
 
 async def healthz(request: Request) -> Response:
@@ -661,6 +938,9 @@ def create_app(
             ("preferences", "POST", pages.preferences_post),
             ("confirm", "GET", pages.confirm_page),
             ("confirm", "POST", pages.confirm_post),
+            ("key", "GET", pages.key_page),
+            ("key", "POST", pages.key_post),
+            ("copy", "GET", pages.discreet_copy),
         )
     ]
     routes += [
@@ -734,16 +1014,16 @@ def _day(value: datetime, lang: str) -> str:
     return str(format_date(value, format="long", locale=lang))
 
 
-def _cross_site(request: Request, origin: str, *, strict: bool) -> bool:
+def _cross_site(request: Request, origins: Collection[str], *, strict: bool) -> bool:
     """Whether a post comes from another site (by Origin, and when strict, Sec-Fetch-Site).
 
-    `origin` is [web] base_url's: the Host header is the client's to write, so a forged Host with
-    a matching Origin proves nothing. Under Referrer-Policy no-referrer browsers send
-    `Origin: null` for our own forms, so null passes; the form token is what proves the post came
-    from our page.
+    `origins` are those of [web] base_url, [discreet] base_url and [web] mirror_urls, exactly: the
+    Host header is the client's to write, so a forged Host with a matching Origin proves nothing.
+    Under Referrer-Policy no-referrer browsers send `Origin: null` for our own forms, so null
+    passes; the form token is what proves the post came from our page.
     """
     sent = request.headers.get("origin")
-    if sent and sent != "null" and sent != origin:
+    if sent and sent != "null" and sent not in origins:
         return True
     site = request.headers.get("sec-fetch-site")
     return strict and site is not None and site not in ("same-origin", "none")
@@ -758,6 +1038,66 @@ def _origin(url: str) -> str:
     default = {"http": 80, "https": 443}.get(parts.scheme)
     port = f":{parts.port}" if parts.port and parts.port != default else ""
     return f"{parts.scheme}://{host}{port}"
+
+
+def _form_bytes(body: bytes) -> dict[str, list[bytes]]:
+    """A urlencoded form's fields as bytes, so a value that is not UTF-8 reaches its checker as
+    it was sent (latin-1 maps each byte to one character and back)."""
+    fields: dict[str, list[bytes]] = {}
+    try:
+        pairs = parse_qsl(body.decode("latin-1"), encoding="latin-1", max_num_fields=100)
+    except ValueError:  # more fields than any of our forms has
+        raise HTTPException(400) from None
+    for name, value in pairs:
+        fields.setdefault(name, []).append(value.encode("latin-1"))
+    return fields
+
+
+def _choices(fields: dict[str, list[str]], *, key: bytes) -> Choices:
+    """What a preferences form asks for; a list id that is not a number is a 400."""
+    try:
+        list_ids = {int(v) for v in fields.get("lists", [])}
+    except ValueError:
+        raise HTTPException(400) from None
+
+    def first(name: str) -> str | None:
+        values = fields.get(name)
+        return values[0] if values else None
+
+    return Choices(
+        list_ids=list_ids,
+        language=first("language") or "",
+        leave=first("action") == "leave",
+        discreet=first("discreet"),
+        on_key_problem=first("on_key_problem"),
+        key=key,
+        remove_key=first("remove_key") == "1",
+    )
+
+
+def _pasted_key(data: bytes) -> str:
+    """A pasted key as text, without the blank lines and spaces around it; KeyProblem if it is
+    not UTF-8 (an armored key is ASCII, so this is garbage or a binary key)."""
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        problem = KeyProblem.of(
+            N_("this is not text: paste the armored key, from its -----BEGIN PGP line on")
+        )
+        problem.code = "not_text"
+        raise problem from None
+
+
+def _key_reason(problem: KeyProblem, lang: str) -> str:
+    """A refused key's one-line reason, in the page's language when it was written for that."""
+    if problem.template:
+        return gettext_for(lang)(problem.template) % dict(problem.params)
+    return str(problem)
+
+
+def _spaced(fingerprint: str) -> str:
+    """A fingerprint in groups of four, as people read it out and as a phone can wrap it."""
+    return " ".join(fingerprint[i : i + 4] for i in range(0, len(fingerprint), 4))
 
 
 def _digest(url_token: str) -> str:

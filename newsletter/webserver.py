@@ -34,7 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from newsletter.config import Settings, WebSettings
-from newsletter.web import SECURITY_HEADERS, SecurityHeaders
+from newsletter.web import SECURITY_HEADERS, SecurityHeaders, body_limit
 
 log = logging.getLogger("newsletter.web")
 OPEN_FILES_TARGET = 65536  # what docs/deployment.md's units set as LimitNOFILE
@@ -171,8 +171,8 @@ class GuardedH11Protocol(H11Protocol):
             self.stop_timers()
         elif self.counting.header_bytes > web.max_header_bytes:
             self.refuse(431)
-        elif self.counting.body_bytes > web.max_body_bytes or (
-            state is h11.SEND_BODY and self.declared_length() > web.max_body_bytes
+        elif self.counting.body_bytes > self.body_cap() or (
+            state is h11.SEND_BODY and self.declared_length() > self.body_cap()
         ):
             self.refuse(413)
         elif state is h11.IDLE:
@@ -185,6 +185,11 @@ class GuardedH11Protocol(H11Protocol):
                 self.body_timer = self.loop.call_later(web.body_timeout_seconds, self.expire)
         else:  # the request is in: the app answers in its own time
             self.stop_timers()
+
+    def body_cap(self) -> int:
+        """The cap on the body of the request being received (the preferences form's is larger)."""
+        path = self.scope["path"] if self.scope is not None else ""
+        return body_limit(path, self.guard.web)
 
     def declared_length(self) -> int:
         """The request's Content-Length, or 0 when it has none (chunked bodies are counted)."""

@@ -21,6 +21,8 @@ from newsletter.db import unit_of_work
 from newsletter.errors import AudienceError
 from newsletter.importer import import_rows
 from newsletter.lists import get_list
+from newsletter.openpgp import MAX_KEY_BYTES
+from newsletter.readers import key_view, remove_key, set_key
 from newsletter.subscriber_csv import (
     RawRow,
     count_lines,
@@ -87,6 +89,20 @@ def add(
     confirmed: Annotated[
         bool, typer.Option("--confirmed", help="They already confirmed (no opt-in email).")
     ] = False,
+    discreet: Annotated[
+        str | None,
+        typer.Option(
+            help="off, envelope (neutral sender and subject) or pointer (also only a neutral "
+            "note and a link in the body); default: theirs, or off for someone new."
+        ),
+    ] = None,
+    on_key_problem: Annotated[
+        str | None,
+        typer.Option(
+            help="withhold or plain: what they get when their key becomes unusable; "
+            "default: theirs, or withhold for someone new."
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add a subscriber; double opt-in lists send a confirmation email first."""
@@ -105,6 +121,8 @@ def add(
             language=language.lower(),
             country=country,
             tags=tags or (),
+            discreet=discreet,
+            on_key_problem=on_key_problem,
         )
     if as_json:
         print_json({"id": result.subscriber_id, "active": result.active, "pending": result.pending})
@@ -170,8 +188,8 @@ def import_(
     file: Annotated[
         Path,
         typer.Argument(
-            help="CSV with an 'email' column; also name, language, "
-            "lists, tags, country and any custom columns."
+            help="CSV with an 'email' column; also name, language, lists, tags, "
+            "country, discreet, on_key_problem and any custom columns."
         ),
     ],
     list_slug: Annotated[
@@ -253,7 +271,7 @@ def export(
 
 @subscribers_app.command("show")
 def show(ctx: typer.Context, email: EmailArg, as_json: JsonOption = False) -> None:
-    """Show one subscriber: details, lists and how many emails they were sent."""
+    """Show one subscriber: details, lists, emails sent, reading choices and key."""
     state: State = ctx.obj
     with unit_of_work(state.factory()) as session:
         info = subscriber_details(session, email)
@@ -262,6 +280,10 @@ def show(ctx: typer.Context, email: EmailArg, as_json: JsonOption = False) -> No
         return
     table = Table("field", "value", show_header=False)
     for key, value in info.items():
+        if key == "key":
+            for label, text in key_rows(value):
+                table.add_row(label, text)
+            continue
         table.add_row(
             key,
             json.dumps(value, ensure_ascii=False)
@@ -269,6 +291,118 @@ def show(ctx: typer.Context, email: EmailArg, as_json: JsonOption = False) -> No
             else str(value),
         )
     console.print(table)
+
+
+PENDING_NOTE = "waiting for the reader to follow the link sent encrypted to it"
+
+
+def key_rows(key: dict[str, Any]) -> list[tuple[str, str]]:
+    """The key state of subscriber_details as (label, text) rows for a person to read."""
+    rows: list[tuple[str, str]] = []
+    if key["active_fingerprint"]:
+        rows.append(("key", f"active {key['active_fingerprint']}, {_expiry(key)}"))
+    elif key["removed_by_admin"]:
+        rows.append(("key", "removed by an admin (their on_key_problem applies)"))
+    else:
+        rows.append(("key", "none"))
+    if key["pending_fingerprint"]:
+        rows.append(("pending key", f"{key['pending_fingerprint']}: {PENDING_NOTE}"))
+    return rows
+
+
+def _expiry(key: dict[str, Any]) -> str:
+    expires = key["active_expires_at"]
+    return f"expires {expires}" if expires else "does not expire"
+
+
+def read_key_file(name: str) -> bytes:
+    """A key file's bytes (stdin for -), never reading more than one byte past MAX_KEY_BYTES."""
+    if name == "-":
+        data = sys.stdin.buffer.read(MAX_KEY_BYTES + 1)
+    else:
+        try:
+            with open(name, "rb") as handle:
+                data = handle.read(MAX_KEY_BYTES + 1)
+        except OSError as e:
+            raise AudienceError(f"{name}: cannot read: {e.strerror or type(e).__name__}") from None
+    where = "stdin" if name == "-" else name
+    if len(data) > MAX_KEY_BYTES:
+        raise AudienceError(
+            f"{where}: too large for a public key (more than {MAX_KEY_BYTES // 1024} KB)"
+        )
+    if not data.strip():
+        raise AudienceError(f"{where}: empty, not a public key")
+    return data
+
+
+@subscribers_app.command("key")
+def key_(
+    ctx: typer.Context,
+    email: EmailArg,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            metavar="KEY.asc",
+            help="Their OpenPGP public key (armoured or binary); - reads it from stdin.",
+        ),
+    ] = None,
+    confirmed: Annotated[
+        bool,
+        typer.Option(
+            "--confirmed",
+            help="You verified the key another way: active at once, no encrypted confirmation.",
+        ),
+    ] = False,
+    remove: Annotated[
+        bool,
+        typer.Option("--remove", help="Take their key off; their on_key_problem then applies."),
+    ] = False,
+) -> None:
+    """Set a reader's OpenPGP key (pending until they follow the link sent encrypted to it).
+
+    With --remove, take it off instead.
+    """
+    state: State = ctx.obj
+    if remove == (file is not None):
+        raise AudienceError("give either --file KEY.asc or --remove")
+    if remove and confirmed:
+        raise AudienceError("--confirmed goes with --file, not with --remove")
+    if file is None:
+        _remove_key(state, email)
+        return
+    data = read_key_file(file)
+    with unit_of_work(state.factory()) as session:
+        sub_id = find_subscriber(session, email).id
+        info = set_key(
+            session,
+            subscriber_id=sub_id,
+            data=data,
+            now=state.clock.now(),
+            actor=state.actor,
+            confirmed=confirmed,
+        )
+    expiry = f"expires {info.expires_at.isoformat()}" if info.expires_at else "does not expire"
+    status = "active" if confirmed else f"pending, {PENDING_NOTE}"
+    console.print(f"subscriber {sub_id}: key {info.fingerprint} {status}; {expiry}")
+    if not confirmed:
+        say_confirmations(state)
+
+
+def _remove_key(state: State, email: str) -> None:
+    with unit_of_work(state.factory()) as session:
+        sub_id = find_subscriber(session, email).id
+        view = key_view(session, sub_id)
+        # A key already removed stays on record as removed: removing it again must not erase
+        # that mark, or the reader's on_key_problem would stop applying.
+        removed = bool(view.active_fingerprint or view.pending_fingerprint) and remove_key(
+            session, subscriber_id=sub_id, now=state.clock.now(), actor=state.actor, by_reader=False
+        )
+    console.print(
+        f"subscriber {sub_id}: key removed; their on_key_problem applies"
+        if removed
+        else f"subscriber {sub_id}: no key to remove; nothing to do"
+    )
 
 
 @subscribers_app.command("list")
@@ -322,11 +456,11 @@ def unsubscribe_(
             now=state.clock.now(),
             actor=state.actor,
         )
-        address, lang = sub.email, sub.language
+        address, lang, discreet = sub.email, sub.language, sub.discreet
     what = f"'{list_slug}'" if list_slug else "every list"
     console.print(f"unsubscribed from {what}" if changed else f"already off {what}; nothing to do")
     if notify and list_id is None and changed:
-        _goodbye(state, address, lang, "unsubscribed")
+        _goodbye(state, address, lang, "unsubscribed", discreet)
 
 
 @subscribers_app.command("forget")
@@ -343,10 +477,11 @@ def forget_(
     secret = state.settings.security.require_secret()
     if not yes and sys.stdin.isatty():
         typer.confirm("Erase this person's data for good?", abort=True)
-    lang = "en"
+    lang, discreet = "en", "off"
     with unit_of_work(state.factory()) as session:
         with suppress(AudienceError):
-            lang = find_subscriber(session, email).language
+            person = find_subscriber(session, email)
+            lang, discreet = person.language, person.discreet  # read before forget resets them
         found = forget(
             session=session, email=email, secret=secret, now=state.clock.now(), actor=state.actor
         )
@@ -356,10 +491,13 @@ def forget_(
         else "no such subscriber; the address's keyed hash is kept so it is never mailed"
     )
     if notify and found:
-        _goodbye(state, email, lang, "forgotten")
+        _goodbye(state, email, lang, "forgotten", discreet)
 
 
-def _goodbye(state: State, email: str, lang: str, reason: str) -> None:
+def _goodbye(state: State, email: str, lang: str, reason: str, discreet: str) -> None:
+    if discreet != "off":  # the one email their inbox must not show: nothing is sent
+        err_console.print("no goodbye email: this reader chose discreet mail")
+        return
     from newsletter.notices import send_goodbye
     from newsletter.smtp import open_pool
 
