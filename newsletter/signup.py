@@ -41,6 +41,7 @@ from newsletter.config import Settings, WebSettings
 from newsletter.db.models import (
     ConfirmationMark,
     Delivery,
+    DiscreetMode,
     MailingList,
     Subscriber,
     SubscriberStatus,
@@ -199,6 +200,7 @@ def request_signup(
     list_slugs: Sequence[str],
     settings: Settings,
     now: datetime,
+    discreet: bool = False,
 ) -> None:
     """Ask `address` to confirm the lists: pending subscriptions, the confirmation queued.
 
@@ -207,6 +209,8 @@ def request_signup(
     change their language); someone who left, bounced or was forgotten waits for a fresh click,
     as with `subscribers add`. At most one confirmation per address per confirm_resend_hours: a
     list added within that time waits for the link already sent, which confirms it too.
+    `discreet` (asked for on the form) makes a discreet envelope the choice of someone on no list
+    yet, so the confirmation itself names nothing; a stranger cannot change a member's choice.
     """
     secret = settings.security.require_secret()
     forms = address_forms(address)
@@ -231,6 +235,8 @@ def request_signup(
         )
         session.add(sub)
         session.flush()
+    if discreet and sub.discreet == DiscreetMode.OFF and not _on_any_list(session, sub.id):
+        sub.discreet = DiscreetMode.ENVELOPE
     owed = False
     for ml in lists:
         owed = _ask(session, sub.id, ml.id, now, kept_out=kept_out, recent=recent) or owed
@@ -243,6 +249,19 @@ def request_signup(
         session, now=now, actor="web", action="subscriber.signup", subscriber=sub.id, lists=owed
     )
     session.flush()
+
+
+def _on_any_list(session: Session, subscriber_id: int) -> bool:
+    """Whether someone receives any list now (their choices are then theirs to change)."""
+    found = session.scalar(
+        select(Subscription.id)
+        .where(
+            Subscription.subscriber_id == subscriber_id,
+            Subscription.status == SubscriptionStatus.ACTIVE,
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def _ask(

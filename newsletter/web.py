@@ -651,6 +651,7 @@ class Pages:
         problem: str = "",
         email: str = "",
         checked: tuple[str, ...] = (),
+        discreet: bool = False,
     ) -> Response:
         """The signup form with a fresh ticket, in a language, prefilled as given."""
         embed = request.query_params.get("embed") == "1"
@@ -667,6 +668,7 @@ class Pages:
             lists=lists,
             checked=checked,
             checked_language=lang,
+            checked_discreet=discreet,
             email=email,
             problem=problem,
         )
@@ -694,6 +696,8 @@ class Pages:
 
         lang = first("language") if first("language") in LANGUAGES else _accepted_language(request)
         wanted = tuple(s for s in fields.get("lists", []) if s in self._signup_slugs())
+        # Asked for at signup, the confirmation itself comes discreet; any other value: not.
+        discreet = first("discreet") == "envelope"
         verdict, ticket = signup.judge_form(
             token=first("form_token"),
             answer=first("pow"),
@@ -705,29 +709,34 @@ class Pages:
         address = signup.parse_address(first("email"))
         client = request.client.host if request.client else ""
         verdict, wait = await run_in_threadpool(
-            self._signup_step, verdict, ticket, client, address, lang, wanted
+            self._signup_step, verdict, ticket, client, address, lang, wanted, discreet
         )
         shown = first("email")[:320]
         if verdict is signup.Verdict.THROTTLED:
             response = self.render("error", lang, 429, kind="429")
             response.headers.update({"retry-after": str(wait), "cache-control": NO_STORE})
             return response
+
+        def again(problem: str, status: int = 400) -> Awaitable[Response]:
+            """The form once more, as it was filled in, with what to do."""
+            return self.signup_form(
+                request,
+                lang,
+                status=status,
+                problem=problem,
+                email=shown,
+                checked=wanted,
+                discreet=discreet,
+            )
+
         if verdict is signup.Verdict.NO_TICKET:
-            return await self.signup_form(
-                request, lang, problem="continue", email=shown, checked=wanted
-            )
+            return await again("continue", 200)
         if verdict not in (signup.Verdict.ACCEPTED, signup.Verdict.HONEYPOT):
-            return await self.signup_form(
-                request, lang, status=400, problem="retry", email=shown, checked=wanted
-            )
+            return await again("retry")
         if verdict is signup.Verdict.ACCEPTED and address is None:
-            return await self.signup_form(
-                request, lang, status=400, problem="address", email=shown, checked=wanted
-            )
+            return await again("address")
         if verdict is signup.Verdict.ACCEPTED and not wanted:
-            return await self.signup_form(
-                request, lang, status=400, problem="lists", email=shown, checked=wanted
-            )
+            return await again("lists")
         self.confirmations_owed.set()
         response = self.render("subscribe_sent", lang, root="")
         response.headers.update(self.signup_headers(embed))
@@ -744,6 +753,7 @@ class Pages:
         address: str | None,
         lang: str,
         wanted: tuple[str, ...],
+        discreet: bool,
     ) -> tuple[signup.Verdict, int]:
         """One transaction: count the post, use up its ticket, and sign up when all passed.
 
@@ -752,7 +762,7 @@ class Pages:
         """
         for attempt in range(3):
             try:
-                return self._signup_once(verdict, ticket, client, address, lang, wanted)
+                return self._signup_once(verdict, ticket, client, address, lang, wanted, discreet)
             except IntegrityError:
                 if attempt == 2:
                     raise
@@ -766,6 +776,7 @@ class Pages:
         address: str | None,
         lang: str,
         wanted: tuple[str, ...],
+        discreet: bool,
     ) -> tuple[signup.Verdict, int]:
         now = self.clock.now()
         with unit_of_work(self.factory) as session:
@@ -782,6 +793,7 @@ class Pages:
                     list_slugs=wanted,
                     settings=self.settings,
                     now=now,
+                    discreet=discreet,
                 )
         return verdict, 0
 
