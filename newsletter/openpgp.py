@@ -50,6 +50,9 @@ class KeyProblem(NewsletterError):
     """A reader's key we will not encrypt to; `code` names the check that refused it."""
 
     code: str = "unreadable"  # or several, secret, expired, revoked, no_encryption, ...
+    # Set when the key parsed but failed a check: whose it is, and its public form.
+    fingerprint: str = ""
+    armored: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class KeyInfo:
     expires_at: datetime | None  # the key's, or its last encryption subkey's if that is earlier
     user_ids: tuple[str, ...]  # the user IDs that are not revoked, made safe to print
     armored: str  # the public key, re-armored: never any secret material
+    revoked: bool = False  # readers.set_key learnt the revocation of the reader's own key
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
     if len(key.armored) > MAX_KEY_BYTES:
         raise _too_large(len(key.armored))
     if (problem := _check(key, email=email, now=now)) is not None:
+        problem.fingerprint, problem.armored = key.fingerprint, key.armored
         raise problem
     return KeyInfo(
         fingerprint=key.fingerprint,
@@ -202,18 +207,27 @@ def encrypt_message(
     signer: Signer | None,
     outer_subject: str = OBSCURED_SUBJECT,
     autocrypt: bool = True,
+    checked: bool = False,
 ) -> bytes:
     """PGP/MIME (RFC 3156) with header protection (RFC 9788) around a finished message.
 
     With `autocrypt=False` a signed message carries no Autocrypt header: to a discreet reader
     the portal's key (its user ID) would name the portal outside the encryption.
+    `checked`: the key is one read_key passed when it was stored, and the caller has checked
+    its stored expiry (KeyInfo.expires_at: the last usable encryption subkey's, at most the
+    key's) against now, so at least one of its encryption subkeys is alive and Sequoia uses
+    only live ones. What read_key judged cannot change for the same text but with time, so the
+    full parse (most of the cost per message) is skipped; a revocation comes as a new text.
     """
-    key = _cached_parse(armored_key)
-    # Sequoia judges keys at the time of day, so we do: never fall back to an expired key.
-    now = datetime.now(UTC)
-    if (problem := _check(key, email=None, now=now)) is not None:
-        raise problem
-    recipient = _recipient(armored_key, tuple(sub.fingerprint for sub in _usable(key, now)))
+    if checked:
+        recipient = _stored_cert(armored_key)
+    else:
+        key = _cached_parse(armored_key)
+        # Sequoia judges keys at the time of day, so we do: never fall back to an expired key.
+        now = datetime.now(UTC)
+        if (problem := _check(key, email=None, now=now)) is not None:
+            raise problem
+        recipient = _recipient(armored_key, tuple(sub.fingerprint for sub in _usable(key, now)))
 
     head, blank, body = message.partition(b"\r\n\r\n")
     if not blank:
@@ -237,9 +251,13 @@ def encrypt_message(
     hp_outer = [b"HP-Outer: " + field for field in outside]
     payload = b"\r\n".join(structure + protected + hp_outer) + b"\r\n\r\n" + body
 
-    sealed = pysequoia.encrypt(
-        payload, [recipient], signer=signer._signing() if signer is not None else None
-    )
+    signing = signer._signing() if signer is not None else None  # ConfigError if it cannot
+    try:
+        sealed = pysequoia.encrypt(payload, [recipient], signer=signing)
+    except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+        raise _problem(
+            "no_encryption", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
+        ) from None
     sealed = sealed.replace(b"\r\n", b"\n").rstrip(b"\n").replace(b"\n", b"\r\n")
 
     if signer is not None and autocrypt:
@@ -382,6 +400,16 @@ def _parse(data: bytes) -> _Key:
 def _cached_parse(armored: str) -> _Key:
     """_parse for a stored key, which key_problem and encrypt_message see again and again."""
     return _parse(armored.encode("utf-8", "replace"))
+
+
+def _stored_cert(armored: str) -> pysequoia.Cert:
+    """A stored key as Sequoia's certificate, without the checks (see encrypt_message)."""
+    try:
+        return pysequoia.Cert.from_bytes(armored.encode("utf-8", "replace"))
+    except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+        raise _problem(
+            "unreadable", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
+        ) from None
 
 
 def _holds_secrets(data: bytes) -> bool:

@@ -27,7 +27,7 @@ from newsletter.db.models import (
 )
 from newsletter.errors import AudienceError, TokenError
 from newsletter.i18n import N_
-from newsletter.openpgp import KeyInfo, read_key
+from newsletter.openpgp import KeyInfo, KeyProblem, read_key
 
 DISCREET_MODES = tuple(m.value for m in DiscreetMode)
 KEY_PROBLEM_CHOICES = tuple(c.value for c in KeyProblemChoice)
@@ -41,6 +41,7 @@ class KeyView:
     active_expires_at: datetime | None = None
     pending_fingerprint: str = ""
     removed: bool = False  # an admin took the active key off; nothing newer is active
+    revoked_fingerprint: str = ""  # the reader gave us the active key's revocation
 
 
 def _subscriber(session: Session, subscriber_id: int) -> Subscriber:
@@ -109,6 +110,9 @@ def key_view(session: Session, subscriber_id: int) -> KeyView:
         active_expires_at=active.expires_at if active else None,
         pending_fingerprint=pending.fingerprint if pending else "",
         removed=active is None and KeyStatus.REMOVED in rows,
+        revoked_fingerprint=rows[KeyStatus.REVOKED].fingerprint
+        if active is None and KeyStatus.REVOKED in rows
+        else "",
     )
 
 
@@ -129,12 +133,19 @@ def set_key(
 ) -> KeyInfo:
     """Check a public key for this reader and keep it: pending (owed a proof) or, confirmed, active.
 
-    Raises openpgp.KeyProblem with a one-line reason when the key is refused.
+    Raises openpgp.KeyProblem with a one-line reason when the key is refused. The revocation of
+    the reader's own key (active or pending) is not refused but learnt: that key is never used
+    again (their on_key_problem applies), and the KeyInfo returned says `revoked`.
     """
     sub = _subscriber(session, subscriber_id)
-    info = read_key(data, email=sub.email, now=now)
+    try:
+        info = read_key(data, email=sub.email, now=now)
+    except KeyProblem as problem:
+        if problem.code == "revoked" and _learn_revocation(session, sub.id, problem, now, actor):
+            return KeyInfo(problem.fingerprint, None, (), problem.armored, revoked=True)
+        raise
     status = KeyStatus.ACTIVE if confirmed else KeyStatus.PENDING
-    replaced = [KeyStatus.PENDING] + ([KeyStatus.ACTIVE, KeyStatus.REMOVED] if confirmed else [])
+    replaced = [KeyStatus.PENDING] + (list(SUPERSEDED) if confirmed else [])
     session.execute(
         delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id, ReaderKey.status.in_(replaced))
     )
@@ -162,6 +173,42 @@ def set_key(
     return info
 
 
+# What a newly active key replaces: at most one of these is kept per reader.
+SUPERSEDED = (KeyStatus.ACTIVE, KeyStatus.REMOVED, KeyStatus.REVOKED)
+
+
+def _learn_revocation(
+    session: Session, subscriber_id: int, problem: KeyProblem, now: datetime, actor: str
+) -> bool:
+    """A revoked key that is this reader's own: mark it revoked; whether it was theirs."""
+    rows = _keys_by_status(session, subscriber_id)
+    pending, active = rows.get(KeyStatus.PENDING), rows.get(KeyStatus.ACTIVE)
+    ours = [k for k in (pending, active) if k is not None and k.fingerprint == problem.fingerprint]
+    if not ours:
+        return False
+    if pending in ours:
+        session.delete(pending)
+    if active in ours:
+        session.execute(
+            delete(ReaderKey).where(
+                ReaderKey.subscriber_id == subscriber_id,
+                ReaderKey.status.in_([KeyStatus.REMOVED, KeyStatus.REVOKED]),
+            )
+        )
+        session.flush()
+        active.status, active.armored = KeyStatus.REVOKED, problem.armored
+    record_event(
+        session,
+        now=now,
+        actor=actor,
+        action="subscriber.key_revoked",
+        subscriber=subscriber_id,
+        fingerprint=problem.fingerprint,
+    )
+    session.flush()
+    return True
+
+
 def confirm_key(session: Session, *, subscriber_id: int, fingerprint: str, now: datetime) -> None:
     """The reader decrypted the proof: their pending key with this fingerprint becomes active.
 
@@ -176,10 +223,7 @@ def confirm_key(session: Session, *, subscriber_id: int, fingerprint: str, now: 
     if pending is None or pending.fingerprint != fingerprint:
         raise TokenError("this link is not valid")
     session.execute(
-        delete(ReaderKey).where(
-            ReaderKey.subscriber_id == sub.id,
-            ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED]),
-        )
+        delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id, ReaderKey.status.in_(SUPERSEDED))
     )
     session.flush()
     pending.status, pending.confirmed_at = KeyStatus.ACTIVE, now
@@ -204,21 +248,20 @@ def remove_key(
     """
     sub = _subscriber(session, subscriber_id)
     rows = _keys_by_status(session, sub.id)
-    if not rows or (not by_reader and set(rows) == {KeyStatus.REMOVED}):
+    if not rows or (not by_reader and not rows.keys() & {KeyStatus.ACTIVE, KeyStatus.PENDING}):
         return False  # a second admin removal keeps the mark: on_key_problem still applies
-    if by_reader or KeyStatus.ACTIVE not in rows:
-        session.execute(delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id))
+    mine = ReaderKey.subscriber_id == sub.id
+    if by_reader:
+        session.execute(delete(ReaderKey).where(mine))
     else:
-        session.execute(
-            delete(ReaderKey).where(
-                ReaderKey.subscriber_id == sub.id,
-                ReaderKey.status.in_([KeyStatus.PENDING, KeyStatus.REMOVED]),
-            )
-        )
+        session.execute(delete(ReaderKey).where(mine, ReaderKey.status == KeyStatus.PENDING))
+    if not by_reader and KeyStatus.ACTIVE in rows:  # the mark replaces older marks
+        gone = [KeyStatus.REMOVED, KeyStatus.REVOKED]
+        session.execute(delete(ReaderKey).where(mine, ReaderKey.status.in_(gone)))
         session.flush()
         session.execute(
             update(ReaderKey)
-            .where(ReaderKey.subscriber_id == sub.id, ReaderKey.status == KeyStatus.ACTIVE)
+            .where(mine, ReaderKey.status == KeyStatus.ACTIVE)
             .values(status=KeyStatus.REMOVED, armored="")
         )
     record_event(session, now=now, actor=actor, action="subscriber.key_removed", subscriber=sub.id)

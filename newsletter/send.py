@@ -64,7 +64,6 @@ from newsletter.openpgp import (
     OBSCURED_SUBJECT,
     KeyProblem,
     encrypt_message,
-    key_problem,
     load_signing_key,
 )
 from newsletter.openpgp import Signer as PgpSigner
@@ -403,14 +402,27 @@ class Prepared:
 
 
 def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
-    """Why a reader's key cannot be used right now; None when they have none or it is good."""
+    """Why a reader's key cannot be used now; None when they have none or it is good.
+
+    The stored key passed openpgp.read_key when it was given (readers.set_key, the only writer),
+    and what that judged cannot change for the same text but with time: so the check before
+    each send is the stored state and expiry, with no parse (which cost more than encrypting).
+    """
     if row.key_status is None:
         return None
+    if row.key_status == KeyStatus.REVOKED:
+        return _trouble("revoked", N_("this key has been revoked"))
     if row.key_status == KeyStatus.REMOVED or not row.key_armored:
-        removed = KeyProblem.of(N_("the key was removed"))
-        removed.code = "removed"
-        return removed
-    return key_problem(row.key_armored, email=row.email, now=now)
+        return _trouble("removed", N_("the key was removed"))
+    if row.key_expires_at is not None and row.key_expires_at <= now:
+        return _trouble("expired", N_("this key expired"))
+    return None
+
+
+def _trouble(code: str, message: str) -> KeyProblem:
+    problem = KeyProblem.of(message)
+    problem.code = code
+    return problem
 
 
 def prepare_jobs(
@@ -466,7 +478,7 @@ def prepare(
                     )
                 )
                 continue
-            except KeyProblem as problem:  # Sequoia's own look at the key, on the real clock
+            except KeyProblem as problem:  # Sequoia could not encrypt to it after all
                 trouble = problem
         if trouble is not None:
             out.key_notices.append((row.subscriber_id, row.key_fingerprint or "", trouble.code))
@@ -516,6 +528,7 @@ def _job(
                 signer=signers.openpgp,
                 outer_subject=identity.subject(OBSCURED_SUBJECT, row.language),
                 autocrypt=identity.discreet is None,
+                checked=True,  # key_trouble: the stored key, unexpired
             )
         dkim = signers.discreet_dkim if identity.discreet else signers.dkim
         message = dkim.sign(message) if dkim else message

@@ -143,6 +143,7 @@ def _key_details(session: Session, subscriber_id: int) -> dict[str, Any]:
         "active_expires_at": expires.isoformat() if expires else None,
         "pending_fingerprint": view.pending_fingerprint or None,
         "removed_by_admin": view.removed,
+        "revoked_fingerprint": view.revoked_fingerprint or None,
     }
 
 

@@ -390,6 +390,7 @@ class Pages:
             active_fpr=_spaced(keys.active_fingerprint),
             active_expires=_day(expires, person.language) if expires else "",
             pending_fpr=_spaced(keys.pending_fingerprint),
+            revoked_fpr=_spaced(keys.revoked_fingerprint),
             form_token=self.form_token(request.path_params["token"]),
             saved=saved,
             expired=expired,

@@ -180,6 +180,7 @@ def test_key_pending_then_confirmed_then_removed(
         "active_expires_at": None,
         "pending_fingerprint": fpr,
         "removed_by_admin": False,
+        "revoked_fingerprint": None,
     }
 
     args = ["subscribers", "key", ANN, "--file", str(keys.path("good")), "--confirmed"]
@@ -202,6 +203,7 @@ def test_key_pending_then_confirmed_then_removed(
         "active_expires_at": None,
         "pending_fingerprint": None,
         "removed_by_admin": True,
+        "revoked_fingerprint": None,
     }
     again = run(["subscribers", "key", ANN, "--remove"], tmp_path, env)
     assert "nothing to do" in again.stdout

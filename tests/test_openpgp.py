@@ -549,10 +549,16 @@ def test_a_neutral_outer_subject_replaces_the_obscured_one(keys: Keys, settings:
     assert len(hp_subject) == 1 and "[...]" not in hp_subject[0]
 
 
-def test_only_the_valid_encryption_subkey_is_encrypted_to(keys: Keys, settings: Settings) -> None:
-    """Of an expired, a valid and a revoked encryption subkey, gpg sees only the valid one."""
+@pytest.mark.parametrize("checked", [False, True], ids=["parsed", "checked-when-stored"])
+def test_only_the_valid_encryption_subkey_is_encrypted_to(
+    keys: Keys, settings: Settings, checked: bool
+) -> None:
+    """Of an expired, a valid and a revoked encryption subkey, gpg sees only the valid one; also
+    on the sender's path (`checked`: the stored key, its expiry checked, not parsed again)."""
     (expired, _, _), (valid, _, _), (revoked, _, _) = keys.mixed_subkeys
-    sealed = encrypt_message(original(settings), armored_key=keys.gpg["mixed"].armored, signer=None)
+    sealed = encrypt_message(
+        original(settings), armored_key=keys.gpg["mixed"].armored, signer=None, checked=checked
+    )
     decrypted = keys.home.decrypt(ciphertext(parse(sealed)))
     assert [line[0] for line in decrypted.lines("ENC_TO")] == [valid[-16:]]
     assert expired[-16:] != valid[-16:] != revoked[-16:]

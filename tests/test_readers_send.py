@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.assemble import assemble_alert
@@ -34,6 +34,7 @@ from newsletter.db.models import (
     Subscription,
 )
 from newsletter.enqueue import launch_campaign
+from newsletter.i18n import gettext_for
 from newsletter.notices import send_confirmations
 from newsletter.readers import confirm_key, remove_key, set_key, set_reading
 from newsletter.smtp import SmtpPool
@@ -344,10 +345,14 @@ def test_revoked_and_removed_keys_are_problems_too(
         )
     fpr = home.import_key(armored)[0]
     home.revoke(fpr)
-    with unit_of_work(factory) as session:  # the revocation, as a refreshed key would bring it
-        session.execute(
-            update(ReaderKey).where(ReaderKey.subscriber_id == sid).values(armored=home.export(fpr))
+    with unit_of_work(factory) as session:  # the reader gives us the key with its revocation
+        info = set_key(
+            session, subscriber_id=sid, data=home.export(fpr), now=now_clock.now(), actor="t"
         )
+        assert info.revoked and info.fingerprint == fpr
+    with factory() as session:
+        [row] = session.scalars(select(ReaderKey).where(ReaderKey.subscriber_id == sid))
+        assert (row.status, row.fingerprint) == ("revoked", fpr)
     send_digest(factory, settings, now_clock)
     service_mail(factory, settings, now_clock)
     with factory() as session:
@@ -489,9 +494,10 @@ def kind_of(msg: EmailMessage, home: GpgHome) -> str:
         return "confirm"
     if "/key/" in body:
         return "key_confirm"
-    if "expires on" in body:
+    _ = gettext_for("be")  # the reader reads Belarusian
+    if _("Your encryption key expires soon") in body:
         return "key_expiry"
-    if "cannot be used" in body or "was removed" in body:
+    if _("Your encryption key cannot be used") in body:
         return "key_problem"
     if "Write to the prison" in body or "A second alert" in body:
         return "alert"

@@ -25,8 +25,9 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Event, ReaderKey, Subscriber
 from newsletter.enqueue import launch_campaign
+from newsletter.i18n import gettext_for
 from newsletter.lists import get_list, read_lists, sync_lists
-from newsletter.readers import set_reading
+from newsletter.readers import set_key, set_reading
 from newsletter.tokens import make_copy_token, make_key_token
 from newsletter.web import create_app
 from tests.conftest import SECRET, SmtpServer, make_settings
@@ -446,7 +447,9 @@ def test_web_copy_shows_the_campaign_and_nothing_personal(site: Site) -> None:
     for private in ("alesia", "Alesia", "Recipient-One", "/u/", "/preferences/", "%%"):
         assert private not in page
     assert "archive" not in page and "subscribe?" not in page
-    assert "To change what you receive or to leave" in page
+    english = "To change what you receive or to leave, use the links in the message that brought"
+    note = gettext_for("be")(english + " you here.")
+    assert note in page and not note.startswith(english)
     csp = reply.headers["content-security-policy"]
     assert "img-src" not in csp and "default-src 'none'" in csp
     assert reply.headers["cache-control"] == "public, max-age=300"
@@ -549,3 +552,30 @@ def test_every_page_a_discreet_reader_reaches_names_nothing(site: Site, keys: Ke
     ordinary = httpx.get(prefs_url(site, plain)).text
     assert f"Subscription settings · {brand.name}</title>" in ordinary
     assert f"<header>{brand.name}</header>" in ordinary and brand.postal_address in ordinary
+
+
+def test_pasting_the_revocation_of_ones_key_stops_its_use(site: Site, keys: Keys) -> None:
+    """The active key pasted again with its revocation: saved (not refused), marked revoked,
+    shown so, and its /key link no longer valid; another person's revoked key is refused."""
+    sid = add_person(site.factory, site.clock, READER)
+    fpr, armored = keys.good()
+    with unit_of_work(site.factory) as session:
+        set_key(
+            session,
+            subscriber_id=sid,
+            data=armored,
+            now=site.clock.now(),
+            actor="t",
+            confirmed=True,
+        )
+    keys.home.revoke(fpr)
+    revoked = keys.home.export(fpr)
+    assert post_prefs(site, prefs_url(site, sid), key=revoked).status_code == 303
+    assert reading(site, sid)[3] == [("revoked", fpr)]
+    page = httpx.get(prefs_url(site, sid)).text
+    assert "You revoked this key" in page and spaced(fpr) in page
+    assert httpx.get(key_url(site, sid, fpr)).status_code == 400
+    other = add_person(site.factory, site.clock, "other.reader@example.org")
+    refused = post_prefs(site, prefs_url(site, other), key=revoked)
+    assert refused.status_code == 200 and "revoked" in refused.text
+    assert reading(site, other)[3] == []

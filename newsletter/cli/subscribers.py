@@ -303,6 +303,8 @@ def key_rows(key: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("key", f"active {key['active_fingerprint']}, {_expiry(key)}"))
     elif key["removed_by_admin"]:
         rows.append(("key", "removed by an admin (their on_key_problem applies)"))
+    elif key.get("revoked_fingerprint"):
+        rows.append(("key", f"revoked {key['revoked_fingerprint']} (their on_key_problem applies)"))
     else:
         rows.append(("key", "none"))
     if key["pending_fingerprint"]:
@@ -382,6 +384,12 @@ def key_(
             actor=state.actor,
             confirmed=confirmed,
         )
+    if info.revoked:  # the revocation of their own key: learnt, never used again
+        console.print(
+            f"subscriber {sub_id}: key {info.fingerprint} is revoked and will not be used again; "
+            "their on_key_problem applies"
+        )
+        return
     expiry = f"expires {info.expires_at.isoformat()}" if info.expires_at else "does not expire"
     status = "active" if confirmed else f"pending, {PENDING_NOTE}"
     console.print(f"subscriber {sub_id}: key {info.fingerprint} {status}; {expiry}")

@@ -80,6 +80,7 @@ class KeyStatus(StrEnum):
     PENDING = "pending"  # given, not yet proven: a message encrypted to it carries the link
     ACTIVE = "active"
     REMOVED = "removed"  # taken off by an admin: the reader's on_key_problem applies
+    REVOKED = "revoked"  # the reader gave us its revocation: never used again, as removed
 
 
 class SubscriptionStatus(StrEnum):

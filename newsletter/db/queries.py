@@ -395,9 +395,10 @@ class ClaimedRow(NamedTuple):
     subscription_status: str | None  # None: no subscription row for the campaign's list
     discreet: str
     on_key_problem: str
-    key_status: str | None  # active or removed; None: no key
+    key_status: str | None  # active, removed or revoked; None: no key
     key_fingerprint: str | None
     key_armored: str | None
+    key_expires_at: datetime | None
 
     @property
     def may_be_mailed(self) -> bool:
@@ -433,6 +434,7 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             ReaderKey.status,
             ReaderKey.fingerprint,
             ReaderKey.armored,
+            ReaderKey.expires_at,
         )
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .join(Campaign, Campaign.id == Delivery.campaign_id)
@@ -441,12 +443,12 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             (Subscription.subscriber_id == Subscriber.id)
             & (Subscription.list_id == Campaign.list_id),
         )
-        # At most one of a reader's keys is active or removed (readers.py keeps it so); a
-        # pending key is not used until it is proven.
+        # At most one of a reader's keys is active, removed or revoked (readers.py keeps it
+        # so); a pending key is not used until it is proven.
         .outerjoin(
             ReaderKey,
             (ReaderKey.subscriber_id == Subscriber.id)
-            & ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED]),
+            & ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED, KeyStatus.REVOKED]),
         )
         .where(Delivery.id.in_(list(ids)))
         .order_by(Delivery.id)
