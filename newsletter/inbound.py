@@ -165,8 +165,10 @@ def _decoded(subject: str) -> str:
 def unsubscribe_route(
     *, settings: Settings, factory: sessionmaker[DbSession], clock: Clock
 ) -> InboundRoute:
-    """Mail to [mail] unsubscribe_address with "unsubscribe TOKEN" unsubscribes that token."""
-    address = settings.mail.unsubscribe_address.lower()
+    """Mail to [mail] (or [discreet]) unsubscribe_address with "unsubscribe TOKEN" unsubscribes."""
+    addresses = {settings.mail.unsubscribe_address.lower()}
+    if settings.discreet.unsubscribe_address:
+        addresses.add(settings.discreet.unsubscribe_address.lower())
     secret = settings.security.require_secret()
 
     def apply(token: str) -> None:
@@ -188,7 +190,7 @@ def unsubscribe_route(
         if token:
             await asyncio.to_thread(apply, token)
 
-    return InboundRoute("unsubscribe", lambda rcpt: rcpt.lower() == address, handle)
+    return InboundRoute("unsubscribe", lambda rcpt: rcpt.lower() in addresses, handle)
 
 
 def bounce_route(

@@ -30,12 +30,19 @@ from newsletter.db.models import (
     Subscriber,
     SubscriberStatus,
     Subscription,
+    SubscriptionStatus,
 )
 from newsletter.errors import NewsletterError
 from newsletter.i18n import N_, gettext_for
 from newsletter.message import identity_for
 from newsletter.notices import build_notice, render_notice
-from newsletter.openpgp import OBSCURED_SUBJECT, Signer, encrypt_message, load_signing_key
+from newsletter.openpgp import (
+    OBSCURED_SUBJECT,
+    KeyProblem,
+    Signer,
+    encrypt_message,
+    load_signing_key,
+)
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_key_token, make_token, page_url
 
@@ -75,7 +82,16 @@ _READER = (Subscriber.id, Subscriber.email, Subscriber.language, Subscriber.disc
 
 def owed_key_messages(session: Session, *, now: datetime, days: int, limit: int) -> list[Owed]:
     """Up to `limit` key messages still owed: proofs, problem notices, expiry reminders."""
-    live = Subscriber.status == SubscriberStatus.ACTIVE
+    # Only someone who still gets a list gets key mail: after leaving every list, nothing.
+    receiving = (
+        select(Subscription.id)
+        .where(
+            Subscription.subscriber_id == Subscriber.id,
+            Subscription.status == SubscriptionStatus.ACTIVE,
+        )
+        .exists()
+    )
+    live = (Subscriber.status == SubscriberStatus.ACTIVE) & receiving
     out: list[Owed] = []
     proofs = session.execute(
         select(ReaderKey, *_READER)
@@ -252,7 +268,9 @@ def _build(
     try:
         return key_message(session, owed, settings=settings, signer=signer, now=now)
     except NewsletterError as error:  # e.g. a pending key that expired before its proof went
+        # The code, not the message: a key's refusal may name the reader's address.
+        why = error.code if isinstance(error, KeyProblem) else type(error).__name__
         log.warning(
-            "key message %s for subscriber %d not sent: %s", owed.kind, owed.subscriber_id, error
+            "key message %s for subscriber %d not sent: %s", owed.kind, owed.subscriber_id, why
         )
         return None

@@ -379,21 +379,40 @@ def _parse(data: bytes) -> _Key:
         revoked = cert.is_revoked
         expires_at = cert.expiration
         packets = tuple(PacketPile.from_bytes(bytes(cert)))
-    except Exception as e:  # e.g. no self-signature Sequoia's policy accepts
+        head, groups = _components(packets)
+        return _Key(
+            fingerprint=cert.fingerprint.upper(),
+            armored=str(cert),
+            user_ids=user_ids,
+            revoked=revoked,
+            expires_at=_earliest(expires_at, _revoked_from(head, SignatureType.KeyRevocation)),
+            primary_encrypts=_encrypts(head),
+            head=head,
+            subkeys=tuple(sub for group in groups if (sub := _subkey(head, group)) is not None),
+        )
+    except KeyProblem:
+        raise
+    except Exception as e:  # e.g. no self-signature Sequoia's policy accepts, odd packets
         raise _problem(
             "unreadable", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
         ) from None
-    head, groups = _components(packets)
-    return _Key(
-        fingerprint=cert.fingerprint.upper(),
-        armored=str(cert),
-        user_ids=user_ids,
-        revoked=revoked,
-        expires_at=expires_at,
-        primary_encrypts=_encrypts(head),
-        head=head,
-        subkeys=tuple(sub for group in groups if (sub := _subkey(head, group)) is not None),
-    )
+
+
+def _revoked_from(packets: Sequence[Packet], kind: SignatureType) -> datetime | None:
+    """The earliest time a revocation among these packets takes effect.
+
+    Sequoia counts a revocation dated in the future (a "soft" one: superseded, retired) only
+    from then, so a key valid now is revoked later: that time is an expiry for our checks, which
+    the sender reads from the stored expiry instead of parsing the key again. Counted whether or
+    not it verifies: a bogus one can only end a key sooner.
+    """
+    times = [p.signature_created for p in packets if p.tag == Tag.Signature]
+    kinds = [p.signature_type for p in packets if p.tag == Tag.Signature]
+    return min((t for t, k in zip(times, kinds, strict=True) if k == kind and t), default=None)
+
+
+def _earliest(*moments: datetime | None) -> datetime | None:
+    return min((m for m in moments if m is not None), default=None)
 
 
 @functools.lru_cache(maxsize=_CACHED_KEYS)
@@ -416,9 +435,9 @@ def _holds_secrets(data: bytes) -> bool:
     """Whether the (first) key in the data carries secret key material."""
     try:
         packets = PacketPile.from_bytes(data)
-    except Exception:  # split_bytes read it: a failure here is no secret found
+        return any(packet.tag in (Tag.SecretKey, Tag.SecretSubkey) for packet in packets)
+    except Exception:  # split_bytes read it: a failure here (an odd packet) is no secret found
         return False
-    return any(packet.tag in (Tag.SecretKey, Tag.SecretSubkey) for packet in packets)
 
 
 def _components(packets: Sequence[Packet]) -> tuple[tuple[Packet, ...], list[tuple[Packet, ...]]]:
@@ -449,7 +468,7 @@ def _subkey(head: tuple[Packet, ...], group: tuple[Packet, ...]) -> _Subkey | No
     binding = max(
         bindings, key=lambda sig: sig.signature_created or datetime.min.replace(tzinfo=UTC)
     )
-    ends = [binding.signature_expiration_time]
+    ends = [binding.signature_expiration_time, _revoked_from(group, SignatureType.SubkeyRevocation)]
     created, period = key.key_created, binding.key_validity_period
     if created is not None and period:  # a period of 0 means it does not expire
         ends.append(created + period)

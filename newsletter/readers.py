@@ -1,5 +1,8 @@
 """Readers at risk: the discreet envelope and OpenPGP keys, as a reader or an admin sets them.
 
+The audit events name no key: a fingerprint leads to a name and an address on a keyserver, and
+the audit trail outlives `subscribers forget` (it is append-only).
+
 A key someone gives is pending until the reader follows the link that arrives encrypted to it
 (so nobody can set a key for someone else and make their mail unreadable); `confirmed=True` is an
 admin's word that the key was verified another way. An active key stays in use while a new one
@@ -166,7 +169,6 @@ def set_key(
         actor=actor,
         action="subscriber.key_set",
         subscriber=sub.id,
-        fingerprint=info.fingerprint,
         confirmed=confirmed,
     )
     session.flush()
@@ -203,7 +205,6 @@ def _learn_revocation(
         actor=actor,
         action="subscriber.key_revoked",
         subscriber=subscriber_id,
-        fingerprint=problem.fingerprint,
     )
     session.flush()
     return True
@@ -233,7 +234,6 @@ def confirm_key(session: Session, *, subscriber_id: int, fingerprint: str, now: 
         actor="web",
         action="subscriber.key_confirmed",
         subscriber=sub.id,
-        fingerprint=fingerprint,
     )
     session.flush()
 

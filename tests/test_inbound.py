@@ -70,6 +70,9 @@ def inbound(
     with unit_of_work(factory) as session:
         sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
     settings = make_settings(database_url)
+    # Discreet readers' List-Unsubscribe mailto names the neutral domain's address.
+    discreet = replace(settings.discreet, unsubscribe_address="leave@notes.example.net")
+    settings = replace(settings, discreet=discreet)
     seen: list[InboundMail] = []
 
     async def record(mail: InboundMail) -> None:
@@ -104,18 +107,22 @@ def reader(factory: sessionmaker[Session], clock: FrozenClock) -> tuple[int, str
 
 
 @pytest.mark.parametrize(
-    "subject",
+    ("to", "subject"),
     [
-        pytest.param("unsubscribe {token}", id="as-sent"),
-        pytest.param("  UNSUBSCRIBE   {token} ", id="case-and-spaces"),
+        pytest.param("Unsubscribe@Portal.example.org", "unsubscribe {token}", id="as-sent"),
+        pytest.param(
+            "Unsubscribe@Portal.example.org", "  UNSUBSCRIBE   {token} ", id="case-and-spaces"
+        ),
+        pytest.param("leave@notes.example.net", "unsubscribe {token}", id="discreet-address"),
     ],
 )
 def test_mail_to_the_unsubscribe_address_unsubscribes(
-    inbound: Inbound, factory: sessionmaker[Session], clock: FrozenClock, subject: str
+    inbound: Inbound, factory: sessionmaker[Session], clock: FrozenClock, to: str, subject: str
 ) -> None:
-    """Mail with "unsubscribe TOKEN" to the List-Unsubscribe address unsubscribes that token."""
+    """Mail with "unsubscribe TOKEN" to a List-Unsubscribe address (the portal's, or the
+    discreet identity's) unsubscribes that token."""
     sid, token = reader(factory, clock)
-    inbound.send(to="Unsubscribe@Portal.example.org", subject=subject.format(token=token))
+    inbound.send(to=to, subject=subject.format(token=token))
     assert inbound.status(sid) == SubscriptionStatus.UNSUBSCRIBED
 
 

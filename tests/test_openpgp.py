@@ -258,6 +258,13 @@ def refused_inputs(keys: Keys) -> dict[str, tuple[bytes | str, str, str, str]]:
             "(it names someone@example.org)",
         ),
         "too-large": (big_key(), READER, "too_large", f"at most {MAX_KEY_BYTES // 1024} KB"),
+        # A packet of a private tag (60): Sequoia reads it, then raises when its tag is asked.
+        "private-packet": (
+            bytes(pysequoia.Cert.from_bytes(gpg["good"].armored.encode())) + b"\xfc\x03abc",
+            READER,
+            "unreadable",
+            "cannot be used",
+        ),
     }
 
 
@@ -276,6 +283,7 @@ REFUSALS = [
     "wrong-address",
     "user-id-revoked",
     "too-large",
+    "private-packet",
 ]
 
 
@@ -592,3 +600,30 @@ def test_time_to_encrypt_a_40_kb_message(keys: Keys, settings: Settings, signer:
             f"\nencrypt_message, {len(raw) // 1024} KB, {label}: "
             f"median {statistics.median(times) * 1000:.2f} ms, max {max(times) * 1000:.2f} ms"
         )
+
+
+@pytest.mark.parametrize("which", ["subkey", "key"])
+def test_a_revocation_dated_later_ends_the_key_then(tmp_path: Path, which: str) -> None:
+    """A "superseded" revocation dated a day ahead: the key is good now, and its expiry is that
+    day, so the sender (which checks the stored expiry, not the key) stops using it then."""
+    home = GpgHome.make(tmp_path / "gnupg")
+    try:
+        email = "later@example.org"
+        fpr = home.generate(f"Later <{email}>")
+        home.add_key(fpr)
+        now = datetime.now(UTC).replace(microsecond=0)
+        later = now + timedelta(days=1)
+        select = "key 1\n" if which == "subkey" else ""
+        answers = f"{select}revkey\ny\n2\n\ny\nsave\n"  # reason 2: superseded (a soft one)
+        home.run(
+            "--faked-system-time", gpg_time(later) + "!", "--command-fd", "0", "--edit-key", fpr,
+            data=answers.encode(),
+        )  # fmt: skip
+        info = read_key(home.export(fpr), email=email, now=now)
+        assert info.expires_at is not None
+        assert abs((info.expires_at - later).total_seconds()) < 5
+        assert key_problem(info.armored, email=email, now=now) is None
+        past = key_problem(info.armored, email=email, now=later + timedelta(minutes=1))
+        assert past is not None and past.code in ("expired", "revoked")
+    finally:
+        home.close()

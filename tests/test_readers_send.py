@@ -38,6 +38,7 @@ from newsletter.i18n import gettext_for
 from newsletter.notices import send_confirmations
 from newsletter.readers import confirm_key, remove_key, set_key, set_reading
 from newsletter.smtp import SmtpPool
+from newsletter.subscriptions import unsubscribe
 from newsletter.tokens import read_copy_token, read_key_token
 from tests.conftest import SECRET, SmtpServer, make_settings
 from tests.gpg_keys import GpgHome
@@ -575,3 +576,36 @@ def test_encrypted_mail_to_a_discreet_reader_carries_no_portal_key(
     opened = inner(home, msg)
     assert "notes.example.net" in str(opened["From"])
     assert str(opened["Subject"]) != settings.discreet.subject("be")
+
+
+def test_no_key_mail_after_leaving_every_list(
+    factory: sessionmaker[Session],
+    smtpd: SmtpServer,
+    now_clock: FrozenClock,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """A reader whose key expires soon, and whose key problem is owed, left every list (one
+    click each): no reminder and no notice reaches them any more."""
+    settings = settings_with(database_url, smtpd)
+    prepare(factory, now_clock)
+    _home, armored = reader_key(tmp_path, KEYED, expire="10d")
+    sid = subscriber_id(factory, KEYED)
+    with unit_of_work(factory) as session:
+        set_key(
+            session, subscriber_id=sid, data=armored, now=now_clock.now(), actor="t", confirmed=True
+        )
+        session.add(
+            KeyNotice(
+                subscriber_id=sid, fingerprint="X", problem="expired", created_at=now_clock.now()
+            )
+        )
+        for list_id in session.scalars(
+            select(Subscription.list_id).where(Subscription.subscriber_id == sid)
+        ):
+            unsubscribe(
+                session=session, subscriber_id=sid, list_id=list_id, now=now_clock.now(), actor="t"
+            )
+        assert session.get(Subscriber, sid).status == "active"  # type: ignore[union-attr]
+    service_mail(factory, settings, now_clock)
+    assert to(smtpd.messages(), KEYED) == []
