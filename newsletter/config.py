@@ -298,6 +298,12 @@ class DiscreetSettings:
         """The base URL of the links in a discreet reader's mail."""
         return self.base_url or web_base_url
 
+    @property
+    def configured(self) -> bool:
+        """Whether a neutral host is set: without one a discreet reader's links (List-Unsubscribe
+        too) would name the portal's host, so the pages do not offer discreet mail."""
+        return bool(self.base_url)
+
 
 @dataclass(frozen=True)
 class OpenPgpSettings:

@@ -356,6 +356,10 @@ class TemplateCache:
         v, ml = found
         settings = self._settings
         identity = identity_for(settings, discreet)
+        if identity.discreet and not identity.discreet.configured:
+            log.warning(
+                "discreet readers' links name [web] base_url's host: set [discreet] base_url"
+            )
         variant = RenderedVariant(v.lang, v.subject, v.html, v.text, v.link_nonce)
         if discreet == DiscreetMode.POINTER:
             token = make_copy_token(

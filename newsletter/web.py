@@ -385,6 +385,8 @@ class Pages:
             checked=marked.list_ids,
             checked_language=marked.language,
             checked_discreet=marked.discreet or reading.discreet,
+            # Offered once a neutral host is set, and always to someone discreet already.
+            discreet_offered=self.settings.discreet.configured or reading.is_discreet,
             checked_key_problem=marked.on_key_problem or reading.on_key_problem,
             keys=keys,
             active_fpr=_spaced(keys.active_fingerprint),
@@ -670,6 +672,7 @@ class Pages:
             checked=checked,
             checked_language=lang,
             checked_discreet=discreet,
+            discreet_offered=self.settings.discreet.configured,
             email=email,
             problem=problem,
         )
@@ -698,7 +701,7 @@ class Pages:
         lang = first("language") if first("language") in LANGUAGES else _accepted_language(request)
         wanted = tuple(s for s in fields.get("lists", []) if s in self._signup_slugs())
         # Asked for at signup, the confirmation itself comes discreet; any other value: not.
-        discreet = first("discreet") == "envelope"
+        discreet = first("discreet") == "envelope" and self.settings.discreet.configured
         verdict, ticket = signup.judge_form(
             token=first("form_token"),
             answer=first("pow"),

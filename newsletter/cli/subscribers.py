@@ -131,8 +131,19 @@ def add(
             f"subscriber {result.subscriber_id}: active on {', '.join(result.active) or 'no list'}"
             + (f"; awaiting confirmation on {', '.join(result.pending)}" if result.pending else "")
         )
+    if discreet and discreet.strip().lower() != "off":
+        warn_unconfigured_discreet(state)
     if result.pending:
         say_confirmations(state)
+
+
+def warn_unconfigured_discreet(state: State) -> None:
+    """Say so when discreet mail is chosen while its neutral host is not set."""
+    if not state.settings.discreet.configured:
+        err_console.print(
+            "warning: [discreet] base_url is not set: a discreet reader's links (List-Unsubscribe "
+            "too) name [web] base_url's host until it is"
+        )
 
 
 @contextmanager
