@@ -22,7 +22,9 @@ from newsletter.audit import record_event
 from newsletter.db.models import (
     DiscreetMode,
     KeyProblemChoice,
+    KeyStatus,
     MailingList,
+    ReaderKey,
     Subscriber,
     SubscriberStatus,
     Subscription,
@@ -30,6 +32,7 @@ from newsletter.db.models import (
 )
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
+from newsletter.openpgp import KeyInfo, KeyProblem, read_key
 from newsletter.subscriber_csv import (
     CHUNK_ROWS,
     RawRow,
@@ -50,6 +53,7 @@ class ImportReport:
     duplicates: int = 0
     rejected: int = 0
     pending: int = 0
+    keys: int = 0
     rejects: list[tuple[int, str]] = field(default_factory=list)
 
     def absorb(self, part: ImportReport) -> None:
@@ -60,6 +64,7 @@ class ImportReport:
         self.kept_out += part.kept_out
         self.duplicates += part.duplicates
         self.pending += part.pending
+        self.keys += part.keys
 
     def counts(self) -> dict[str, int]:
         """The figures people and scripts want, by name."""
@@ -71,6 +76,7 @@ class ImportReport:
             "duplicates": self.duplicates,
             "rejected": self.rejected,
             "awaiting_confirmation": self.pending,
+            "keys": self.keys,
         }
 
 
@@ -88,6 +94,8 @@ class _Target:
     confirmed: bool
     secret: str
     now: datetime
+    # Keys the file gave, as read_key read them (by their armored text): checked once.
+    keys: dict[str, KeyInfo] = field(default_factory=dict)
 
 
 Checked = tuple[int, RawRow | None, SubscriberRow]  # line, row as read, row as parsed
@@ -168,7 +176,14 @@ def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow |
     unknown = [s for s in wanted if s not in target.lists]
     if unknown:
         return f"unknown list {unknown[0]!r}"
-    return replace(row, lists=tuple(wanted))
+    key = row.openpgp_key
+    if key:  # checked as `subscribers key` checks it; the file's word stands for the proof
+        try:
+            info = read_key(key, email=row.email, now=target.now)
+        except KeyProblem as problem:
+            return f"openpgp_key: {problem}"
+        key, target.keys[info.armored] = info.armored, info
+    return replace(row, lists=tuple(wanted), openpgp_key=key)
 
 
 def _write_chunk(
@@ -252,6 +267,7 @@ def _import_chunk(
     wanted = {ids[email]: merged[email].lists for email in ids}
     subscribed = _add_subscriptions(session, wanted, target, report)
     changed = {c["id"] for c in changes} | subscribed
+    report.keys += _add_keys(session, {ids[e]: r for e, r in merged.items() if e in ids}, target)
     report.imported += len(new)
     for email in ids.keys() - {r.email for r in new}:
         if ids[email] in changed:
@@ -266,6 +282,38 @@ DISCREET_RANK: dict[str, int] = {
     DiscreetMode.ENVELOPE: 1,
     DiscreetMode.POINTER: 2,
 }
+
+
+def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target) -> int:
+    """The file's keys for people with none yet, active at once (an admin's import, as
+    `subscribers key --confirmed`); someone's own key is never replaced by a file's."""
+    given = {sid: row.openpgp_key for sid, row in rows.items() if row.openpgp_key}
+    if not given:
+        return 0
+    have = set(
+        session.scalars(
+            select(ReaderKey.subscriber_id).where(ReaderKey.subscriber_id.in_(list(given)))
+        )
+    )
+    added = 0
+    for sid, armored in given.items():
+        if sid in have:
+            continue
+        info = target.keys[armored]
+        session.add(
+            ReaderKey(
+                subscriber_id=sid,
+                status=KeyStatus.ACTIVE,
+                fingerprint=info.fingerprint,
+                armored=info.armored,
+                expires_at=info.expires_at,
+                created_at=target.now,
+                confirmed_at=target.now,
+            )
+        )
+        added += 1
+    session.flush()
+    return added
 
 
 def _fill_in(old: Any, row: SubscriberRow) -> dict[str, Any]:

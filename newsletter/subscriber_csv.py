@@ -27,13 +27,16 @@ from sqlalchemy.orm import Session
 from newsletter.addresses import address_forms
 from newsletter.config import LANGUAGES
 from newsletter.db.models import (
+    KeyStatus,
     MailingList,
+    ReaderKey,
     Subscriber,
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
 )
 from newsletter.errors import AudienceError
+from newsletter.openpgp import MAX_KEY_BYTES
 from newsletter.readers import parse_discreet, parse_key_problem
 
 KNOWN_COLUMNS = (
@@ -45,6 +48,7 @@ KNOWN_COLUMNS = (
     "country",
     "discreet",
     "on_key_problem",
+    "openpgp_key",
 )
 CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
 MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
@@ -64,6 +68,7 @@ class SubscriberRow:
     older_forms: tuple[str, ...] = ()  # forms of the address stored before (see address_forms)
     discreet: str = ""  # "" = not given: new people get "off" (see importer._fill_in)
     on_key_problem: str = ""  # "" = not given: new people get "withhold"
+    openpgp_key: str = ""  # an armored public key (checked by the importer against the address)
 
 
 # Cells a spreadsheet may take for a formula begin with one of these (OWASP's list: = + - @ tab
@@ -125,6 +130,7 @@ def parse_row(row: RawRow) -> SubscriberRow:
         older_forms=forms[1:],
         discreet=discreet,
         on_key_problem=on_key_problem,
+        openpgp_key=get("openpgp_key"),
     )
 
 
@@ -141,6 +147,7 @@ def merge_rows(first: SubscriberRow, later: SubscriberRow) -> SubscriberRow:
         older_forms=first.older_forms,
         discreet=later.discreet or first.discreet,
         on_key_problem=later.on_key_problem or first.on_key_problem,
+        openpgp_key=later.openpgp_key or first.openpgp_key,
     )
 
 
@@ -200,17 +207,19 @@ def _row_problem(row: dict[str | None, Any]) -> str:
     if None in row:
         return "more fields than the header has"
     for key, value in row.items():
-        problem = _cell_problem(value) if value else ""
+        limit = MAX_KEY_BYTES if key == "openpgp_key" else MAX_CELL_CHARS
+        problem = _cell_problem(value, limit) if value else ""
         if problem:
             return f"column {key!r}: {problem}"
     return ""
 
 
-def _cell_problem(value: str) -> str:
+def _cell_problem(value: str, limit: int = MAX_CELL_CHARS) -> str:
     """What no database should be given: bytes that were not UTF-8, control characters
-    (PostgreSQL refuses NUL outright), or a cell longer than MAX_CELL_CHARS."""
-    if len(value) > MAX_CELL_CHARS:
-        return f"longer than {MAX_CELL_CHARS} characters"
+    (PostgreSQL refuses NUL outright), or a cell longer than its limit (an armored key's is
+    openpgp.MAX_KEY_BYTES, any other's MAX_CELL_CHARS)."""
+    if len(value) > limit:
+        return f"longer than {limit} characters"
     if value.isprintable():  # the common case, checked in C
         return ""
     for ch in value:
@@ -279,6 +288,14 @@ def export_rows(
         )
         for sid, slug in session.execute(stmt):
             slugs.setdefault(sid, []).append(slug)
+        keys = dict(  # active keys only: a pending one was never proven by its reader
+            session.execute(
+                select(ReaderKey.subscriber_id, ReaderKey.armored).where(
+                    ReaderKey.subscriber_id.in_([s.id for s in page]),
+                    ReaderKey.status == KeyStatus.ACTIVE,
+                )
+            ).all()
+        )
         for sub in page:
             yield {
                 **(sub.attributes or {}),
@@ -290,6 +307,7 @@ def export_rows(
                 "country": sub.country,
                 "discreet": sub.discreet,
                 "on_key_problem": sub.on_key_problem,
+                "openpgp_key": keys.get(sub.id, ""),
             }
 
 

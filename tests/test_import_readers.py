@@ -14,12 +14,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.db import unit_of_work
-from newsletter.db.models import Subscriber, Subscription
+from newsletter.db.models import ReaderKey, Subscriber, Subscription
 from newsletter.importer import import_rows
 from newsletter.lists import read_lists, sync_lists
 from newsletter.subscriber_csv import FORMULA_STARTS, read_csv
 from tests.builders import run
 from tests.conftest import SECRET
+from tests.gpg_keys import GpgHome
 from tests.test_csv_hostile import cli_env, opened
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,3 +194,63 @@ def test_cli_export_then_import_round_trips_the_choices(tmp_path: Path, database
     assert json.loads(again.stdout)["rejected"] == 0
     with opened(database_url) as factory:
         assert choices(factory) == before == {e: (d, c) for e, d, c in people}
+
+
+def test_keys_travel_with_an_export_and_are_checked_on_import(
+    tmp_path: Path, database_url: str
+) -> None:
+    """An active key is exported in `openpgp_key` and comes back active in an emptied database
+    (a withhold reader stays encrypted); a pending key is not exported; a key for another
+    address, or garbage, rejects only its row, in one line."""
+    env = cli_env(tmp_path, database_url)
+    run(["init"], tmp_path, env)
+    home = GpgHome.make(tmp_path / "gnupg")
+    try:
+        files = {}
+        for email in ("keyed@example.org", "waiting@example.org", "eve@example.org"):
+            fpr = home.generate(f"Someone <{email}>")
+            home.add_key(fpr)
+            files[email] = tmp_path / f"{email}.asc"
+            files[email].write_text(home.export(fpr))
+            run(["subscribers", "add", email, "--list", "weekly-digest", "--confirmed"],
+                tmp_path, env)  # fmt: skip
+        run(["subscribers", "key", "keyed@example.org", "--file", str(files["keyed@example.org"]),
+             "--confirmed"], tmp_path, env)  # fmt: skip
+        run(["subscribers", "key", "waiting@example.org", "--file",
+             str(files["waiting@example.org"])], tmp_path, env)  # fmt: skip
+    finally:
+        home.close()
+    exported = tmp_path / "export.csv"
+    run(["subscribers", "export", "--out", str(exported)], tmp_path, env)
+    with exported.open(encoding="utf-8", newline="") as handle:
+        cells = {r["email"]: r["openpgp_key"] for r in csv.DictReader(handle)}
+    assert "BEGIN PGP PUBLIC KEY BLOCK" in cells["keyed@example.org"]
+    assert cells["waiting@example.org"] == "" and cells["eve@example.org"] == ""
+    with opened(database_url) as factory, unit_of_work(factory) as session:
+        before = sorted(
+            tuple(r) for r in session.execute(select(ReaderKey.status, ReaderKey.fingerprint))
+        )
+        session.execute(delete(ReaderKey))
+        session.execute(delete(Subscription))
+        session.execute(delete(Subscriber))
+    hostile = tmp_path / "hostile.csv"
+    with exported.open(encoding="utf-8", newline="") as src, hostile.open("w", newline="") as out:
+        rows = list(csv.DictReader(src))
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\r\n")
+        writer.writeheader()
+        for row in rows:
+            if row["email"] == "eve@example.org":  # someone else's key for eve: refused
+                row["openpgp_key"] = cells["keyed@example.org"]
+            if row["email"] == "waiting@example.org":
+                row["openpgp_key"] = "-----BEGIN PGP PUBLIC KEY BLOCK-----\nnot a key\n"
+            writer.writerow(row)
+    done = run(["subscribers", "import", str(hostile), "--confirmed", "--json"], tmp_path, env)
+    report = json.loads(done.stdout)
+    assert (report["imported"], report["rejected"], report["keys"]) == (1, 2, 1)
+    reasons = (tmp_path / "hostile.rejects.csv").read_text()
+    assert reasons.count("openpgp_key:") == 2 and "not for eve@example.org" in reasons
+    with opened(database_url) as factory, unit_of_work(factory) as session:
+        after = sorted(
+            tuple(r) for r in session.execute(select(ReaderKey.status, ReaderKey.fingerprint))
+        )
+    assert [k for k in before if k[0] == "active"] == after

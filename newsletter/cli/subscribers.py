@@ -200,7 +200,8 @@ def import_(
         Path,
         typer.Argument(
             help="CSV with an 'email' column; also name, language, lists, tags, "
-            "country, discreet, on_key_problem and any custom columns."
+            "country, discreet, on_key_problem, openpgp_key (an armored public key, active at "
+            "once) and any custom columns."
         ),
     ],
     list_slug: Annotated[
