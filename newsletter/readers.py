@@ -56,26 +56,25 @@ def _subscriber(session: Session, subscriber_id: int) -> Subscriber:
 
 def parse_discreet(value: str) -> str:
     """A discreet mode from outside text (CLI, CSV, form); a one-line refusal otherwise."""
-    mode = value.strip().lower() or DiscreetMode.OFF.value
-    if mode not in DISCREET_MODES:
-        raise AudienceError.of(
-            N_("discreet must be one of %(modes)s, not %(value)r"),
-            modes=", ".join(DISCREET_MODES),
-            value=value[:40],
-        )
-    return mode
+    return _one_of(value, "discreet", DISCREET_MODES, DiscreetMode.OFF)
 
 
 def parse_key_problem(value: str) -> str:
     """An on_key_problem choice from outside text; a one-line refusal otherwise."""
-    choice = value.strip().lower() or KeyProblemChoice.WITHHOLD.value
-    if choice not in KEY_PROBLEM_CHOICES:
+    return _one_of(value, "on_key_problem", KEY_PROBLEM_CHOICES, KeyProblemChoice.WITHHOLD)
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...], default: str) -> str:
+    """One of the allowed words, case and spaces aside; empty means the default."""
+    word = value.strip().lower() or str(default)
+    if word not in allowed:
         raise AudienceError.of(
-            N_("on_key_problem must be one of %(choices)s, not %(value)r"),
-            choices=", ".join(KEY_PROBLEM_CHOICES),
+            N_("%(name)s must be one of %(allowed)s, not %(value)r"),
+            name=name,
+            allowed=", ".join(allowed),
             value=value[:40],
         )
-    return choice
+    return word
 
 
 def set_reading(

@@ -73,6 +73,15 @@ def reader_key(tmp_path: Path, email: str, *, expire: str = "1y") -> tuple[GpgHo
     return home, home.export(fpr)
 
 
+def portal_key(tmp_path: Path) -> tuple[GpgHome, str, Path]:
+    """The portal's signing key made by gpg: its home, fingerprint and secret key file."""
+    portal = GpgHome.make(tmp_path / "portal")
+    fpr = portal.generate("Portal <news@portal.example.org>", usage="sign")
+    key_file = tmp_path / "portal.asc"
+    key_file.write_text(portal.export_secret(fpr))
+    return portal, fpr, key_file
+
+
 def subscriber_id(factory: sessionmaker[Session], email: str) -> int:
     with factory() as session:
         sid = session.scalar(select(Subscriber.id).where(Subscriber.email == email))
@@ -168,10 +177,7 @@ def test_encrypted_digest_round_trip(
     """A key given, proven by decrypting its confirmation, then the digest: PGP/MIME whose inside
     equals what a plain reader gets (bar the personal links), real Subject inside only, signed by
     the portal's key, one-click unsubscribe still outside."""
-    portal = GpgHome.make(tmp_path / "portal")
-    portal_fpr = portal.generate("Portal <news@portal.example.org>", usage="sign")
-    key_file = tmp_path / "portal.asc"
-    key_file.write_text(portal.export_secret(portal_fpr))
+    portal, portal_fpr, key_file = portal_key(tmp_path)
     settings = settings_with(database_url, smtpd, signing_key_file=str(key_file))
     clock = now_clock
     prepare(factory, clock)
@@ -553,10 +559,7 @@ def test_encrypted_mail_to_a_discreet_reader_carries_no_portal_key(
 ) -> None:
     """Signed and encrypted to an envelope reader: the neutral subject outside instead of [...],
     no Autocrypt header (the portal key's user ID would name the portal), the real one inside."""
-    portal = GpgHome.make(tmp_path / "portal")
-    portal_fpr = portal.generate("Portal <news@portal.example.org>", usage="sign")
-    key_file = tmp_path / "portal.asc"
-    key_file.write_text(portal.export_secret(portal_fpr))
+    portal, portal_fpr, key_file = portal_key(tmp_path)
     settings = settings_with(database_url, smtpd, signing_key_file=str(key_file))
     prepare(factory, now_clock)
     home, armored = reader_key(tmp_path, ENVELOPE)
