@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
@@ -18,6 +17,7 @@ from newsletter.db import unit_of_work
 from newsletter.db.queries import mark_bounced
 from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.subscriptions import unsubscribe
+from tests.browser_checks import check_page
 from tests.conftest import make_settings
 from tests.test_web import ROOT, Site, add_person
 from tests.webserver import serve_pages
@@ -30,9 +30,6 @@ def served(factory: sessionmaker[Session], database_url: str, clock: FrozenClock
         sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
     with serve_pages(make_settings(database_url), factory, clock) as (url, settings):
         yield Site(url, settings, factory, clock)
-
-
-WCAG_AA = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}}
 
 
 def unsubscribe_page(site: Site, page: Any) -> None:
@@ -120,11 +117,6 @@ def test_each_page_fits_a_phone_and_passes_axe(
     page = browser.new_page(viewport={"width": 375, "height": 740})
     try:
         reach(served, page)
-        page.wait_for_load_state()
-        assert page.locator(selector).first.is_visible(), f"{state}: {selector} not shown"
-        width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 375, f"{state}: {width}px wide"
-        violations = Axe().run(page, options=WCAG_AA).response["violations"]
-        assert violations == [], [(v["id"], v["help"]) for v in violations]
+        check_page(page, selector, state)
     finally:
         page.close()

@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,9 +23,9 @@ from newsletter.db.models import Campaign, Subscriber
 from newsletter.enqueue import launch_campaign
 from newsletter.lists import get_list
 from newsletter.tokens import make_token
+from tests.browser_checks import check_page
 from tests.builders import deliver
 from tests.conftest import SECRET, SmtpServer
-from tests.test_pages_browser import WCAG_AA
 from tests.test_signup import lists_synced, serve_public, signup_settings
 from tests.test_web import add_person
 
@@ -223,11 +222,6 @@ def test_public_pages_fit_a_phone_and_pass_axe(
         try:
             reach, selector = STATES[state]
             reach(url, page)
-            page.wait_for_load_state()
-            assert page.locator(selector).first.is_visible(), f"{state}: {selector} not shown"
-            width = page.evaluate("document.documentElement.scrollWidth")
-            assert width <= 375, f"{state}: {width}px wide"
-            violations = Axe().run(page, options=WCAG_AA).response["violations"]
-            assert violations == [], [(v["id"], v["help"]) for v in violations]
+            check_page(page, selector, state)
         finally:
             context.close()

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
@@ -16,8 +15,8 @@ from newsletter.db import unit_of_work
 from newsletter.lists import read_lists, sync_lists
 from newsletter.readers import set_key, set_reading
 from newsletter.tokens import make_copy_token, make_key_token
+from tests.browser_checks import check_page
 from tests.conftest import SECRET
-from tests.test_pages_browser import WCAG_AA
 from tests.test_web import ROOT, Site, add_person
 from tests.test_web_readers import READER, Keys, alert, keys, reader_settings, reading, spaced
 from tests.webserver import serve_pages
@@ -119,12 +118,7 @@ def test_reader_pages_fit_a_phone_and_pass_axe(
     page = browser.new_page(viewport={"width": 375, "height": 740})
     try:
         reach(served, keys, page)
-        page.wait_for_load_state()
-        assert page.locator(selector).first.is_visible(), f"{state}: {selector} not shown"
-        width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 375, f"{state}: {width}px wide"
-        violations = Axe().run(page, options=WCAG_AA).response["violations"]
-        assert violations == [], [(v["id"], v["help"]) for v in violations]
+        check_page(page, selector, state)
     finally:
         page.close()
 
