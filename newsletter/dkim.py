@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import dkim as dkimpy
@@ -74,3 +75,22 @@ def _load(
     except dkimpy.KeyFormatError as e:
         raise ConfigError(f"{settings.source_path}: '{key_name}' is not an RSA key: {e}") from None
     return signer
+
+
+@dataclass(frozen=True)
+class IdentitySigners:
+    """The DKIM signer of each sending identity, the portal's and the discreet one (either may
+    be None: that identity's mail goes unsigned)."""
+
+    plain: DkimSigner | None = None
+    discreet: DkimSigner | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> IdentitySigners:
+        """Both configured signers."""
+        return cls(load_signer(settings), load_discreet_signer(settings))
+
+    def sign(self, message: bytes, *, discreet: bool) -> bytes:
+        """The message signed by its identity's key, if that identity has one."""
+        signer = self.discreet if discreet else self.plain
+        return signer.sign(message) if signer else message

@@ -32,6 +32,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.dkim import IdentitySigners
 from newsletter.errors import NewsletterError
 from newsletter.i18n import N_, gettext_for
 from newsletter.message import identity_for
@@ -238,6 +239,7 @@ async def send_key_notices(
 ) -> tuple[int, int]:
     """Send every key message owed, in batches; returns (sent, not sent yet or refused)."""
     signer = load_signing_key(settings.openpgp.signing_key_file)
+    dkim = IdentitySigners.load(settings)
     days = settings.openpgp.expiry_reminder_days
     sent = failed = 0
     while True:
@@ -250,8 +252,11 @@ async def send_key_notices(
             if message is None:  # cannot be built (the key broke meanwhile): not owed any more
                 done.append(owed)
                 continue
-            sender = identity_for(settings, owed.discreet).from_address
-            outcome = await transport.send(message, sender=sender, recipient=owed.email)
+            identity = identity_for(settings, owed.discreet)
+            message = dkim.sign(message, discreet=identity.discreet is not None)
+            outcome = await transport.send(
+                message, sender=identity.from_address, recipient=owed.email
+            )
             sent += outcome.result is Result.SENT
             failed += outcome.result is not Result.SENT
             if outcome.result is not Result.TEMPORARY:

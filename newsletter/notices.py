@@ -32,6 +32,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.dkim import IdentitySigners
 from newsletter.htmltext import wrap_text
 from newsletter.i18n import gettext_for, web_environment
 from newsletter.message import POLICY, Identity, identity_for, plain_identity, set_subject
@@ -173,14 +174,18 @@ async def send_confirmations(
     temporary failure leaves it owed, for the next run.
     """
     sent = failed = 0
+    dkim = IdentitySigners.load(settings)
     while True:
         with unit_of_work(factory) as session:
             batch = _unsent_confirmations(session, BATCH)
         done: list[int] = []
         for pending in batch:
             msg = confirmation_message(pending, settings=settings, now=clock.now())
-            sender = identity_for(settings, pending.discreet).from_address
-            outcome = await transport.send(msg.as_bytes(), sender=sender, recipient=pending.email)
+            identity = identity_for(settings, pending.discreet)
+            message = dkim.sign(msg.as_bytes(), discreet=identity.discreet is not None)
+            outcome = await transport.send(
+                message, sender=identity.from_address, recipient=pending.email
+            )
             if outcome.result is Result.SENT:
                 sent += 1
             else:
@@ -232,7 +237,6 @@ async def send_goodbye(
         return False
     notice = render_notice("goodbye", lang=lang, settings=settings, reason=reason)
     msg = build_notice(notice, to=email, settings=settings, now=now)
-    outcome = await transport.send(
-        msg.as_bytes(), sender=settings.mail.from_address, recipient=email
-    )
+    message = IdentitySigners.load(settings).sign(msg.as_bytes(), discreet=False)
+    outcome = await transport.send(message, sender=settings.mail.from_address, recipient=email)
     return outcome.result is Result.SENT

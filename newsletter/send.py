@@ -55,7 +55,7 @@ from newsletter.db.queries import (
     stopped_campaigns,
     withhold,
 )
-from newsletter.dkim import DkimSigner, load_discreet_signer, load_signer
+from newsletter.dkim import DkimSigner, IdentitySigners, load_discreet_signer, load_signer
 from newsletter.errors import MissingVariantError, PermanentDeliveryError
 from newsletter.i18n import N_
 from newsletter.ledger import LedgerWriter, Recorded, RecordError, pause_running, retry_delay
@@ -381,16 +381,14 @@ class TemplateCache:
 class Signers:
     """What signs a message: DKIM for each identity, and the portal's OpenPGP key (if any)."""
 
-    dkim: DkimSigner | None = None
-    discreet_dkim: DkimSigner | None = None
+    dkim: IdentitySigners = field(default_factory=IdentitySigners)
     openpgp: PgpSigner | None = None
 
     @classmethod
     def load(cls, settings: Settings, dkim: DkimSigner | None) -> Signers:
-        """The configured signers; `dkim` is the main one, loaded by the caller."""
+        """The configured signers; `dkim` is the portal's, loaded by the caller."""
         return cls(
-            dkim,
-            load_discreet_signer(settings),
+            IdentitySigners(dkim, load_discreet_signer(settings)),
             load_signing_key(settings.openpgp.signing_key_file),
         )
 
@@ -443,7 +441,7 @@ def prepare_jobs(
     Deliveries withheld for a key problem are marked in this transaction, with the notices owed.
     Raises MissingVariantError when a campaign has no variant to build a message from.
     """
-    signers = signer if isinstance(signer, Signers) else Signers(signer)
+    signers = signer if isinstance(signer, Signers) else Signers(IdentitySigners(signer))
     prepared = prepare(
         session, ids, settings=settings, templates=templates, signers=signers, now=now
     )
@@ -534,8 +532,7 @@ def _job(
                 autocrypt=identity.discreet is None,
                 checked=True,  # key_trouble: the stored key, unexpired
             )
-        dkim = signers.discreet_dkim if identity.discreet else signers.dkim
-        message = dkim.sign(message) if dkim else message
+        message = signers.dkim.sign(message, discreet=identity.discreet is not None)
     except PermanentDeliveryError as e:
         error = str(e)
     envelope = verp_address(

@@ -13,9 +13,15 @@ from dkim import dknewkey
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
+from newsletter.db import unit_of_work
+from newsletter.db.models import Subscriber, Subscription
 from newsletter.dkim import load_signer
+from newsletter.readers import set_reading
+from tests.conftest import SmtpServer
 from tests.sender_cli import NewsletterCli
 from tests.smtp_faults import FaultyHandler, faulty_smtpd
+from tests.test_flow import prepare, send_digest
+from tests.test_readers_send import service_mail, settings_with
 from tests.test_send import deliver, seed, settings_for
 
 SELECTOR, DOMAIN = "news2026", "portal.example.org"
@@ -117,3 +123,51 @@ def test_a_changed_message_no_longer_verifies(
     assert dkim.verify(raw, dnsfunc=dns_with(record))
     assert old in raw
     assert not dkim.verify(raw.replace(old, new, 1), dnsfunc=dns_with(record))
+
+
+def test_each_identity_signs_with_its_own_key_campaigns_and_notices_alike(
+    tmp_path: Path,
+    factory: sessionmaker[Session],
+    smtpd: SmtpServer,
+    clock: FrozenClock,
+    database_url: str,
+    dkim_key: tuple[Path, bytes],
+) -> None:
+    """A discreet reader's digest and confirmation carry the neutral domain's signature (d=),
+    which verifies; the portal's readers' mail carries the portal's."""
+    key, record = dkim_key
+    base = settings_with(database_url, smtpd)
+    neutral = "notes.example.net"
+    settings = replace(
+        base,
+        dkim=replace(base.dkim, selector=SELECTOR, domain=DOMAIN, key_file=str(key)),
+        discreet=replace(
+            base.discreet, dkim_selector=SELECTOR, dkim_domain=neutral, dkim_key_file=str(key)
+        ),
+    )
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        quiet = session.query(Subscriber).filter_by(email="dzmitry.uzor@example.org").one()
+        set_reading(
+            session, subscriber_id=quiet.id, discreet="envelope", now=clock.now(), actor="t"
+        )
+        session.query(Subscription).filter_by(subscriber_id=quiet.id).first().status = "pending"  # type: ignore[union-attr]
+    send_digest(factory, settings, clock)
+    service_mail(factory, settings, clock)
+    box = smtpd.maildir
+    raws = [p.read_bytes() for p in sorted(box.glob("new/*"))]
+    kinds = set()
+    for raw in raws:
+        msg = message_from_bytes(raw, policy=policy.default)
+        d = "".join(str(msg["DKIM-Signature"]).split()).split("d=")[1].split(";")[0]
+        discreet = "dzmitry.uzor" in str(msg["To"])
+        assert d == (neutral if discreet else DOMAIN)
+        kinds.add((discreet, msg["Auto-Submitted"] is not None))
+        wanted = f"{SELECTOR}._domainkey.{d}."
+
+        def lookup(name: bytes, timeout: int = 5, wanted: str = wanted) -> bytes | None:
+            return record if name.decode().lower().rstrip(".") + "." == wanted else None
+
+        body = raw.split(b"\r\n", 2)[2] if raw.startswith(b"Return-Path") else raw
+        assert dkim.verify(body, dnsfunc=lookup), (d, msg["Subject"])
+    assert (True, True) in kinds and (False, False) in kinds  # a discreet notice, a digest
