@@ -213,6 +213,7 @@ def _write_chunk(
         reject(line, f"the database refused this row ({type(e).__name__})", raw)
         return
     report.absorb(part)
+    target.keys.clear()  # the chunk's keys are written: the next chunk reads its own
 
 
 def _import_chunk(
@@ -285,8 +286,9 @@ DISCREET_RANK: dict[str, int] = {
 
 
 def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target) -> int:
-    """The file's keys for people with none yet, active at once (an admin's import, as
-    `subscribers key --confirmed`); someone's own key is never replaced by a file's."""
+    """The file's keys for people with none yet: active at once with `--confirmed` (an admin's
+    word, as `subscribers key --confirmed`), else pending until the reader follows the link
+    sent encrypted to it; someone's own key is never replaced by a file's."""
     given = {sid: row.openpgp_key for sid, row in rows.items() if row.openpgp_key}
     if not given:
         return 0
@@ -303,12 +305,13 @@ def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target)
         session.add(
             ReaderKey(
                 subscriber_id=sid,
-                status=KeyStatus.ACTIVE,
+                status=KeyStatus.ACTIVE if target.confirmed else KeyStatus.PENDING,
                 fingerprint=info.fingerprint,
                 armored=info.armored,
                 expires_at=info.expires_at,
+                recheck_at=info.recheck_at,
                 created_at=target.now,
-                confirmed_at=target.now,
+                confirmed_at=target.now if target.confirmed else None,
             )
         )
         added += 1

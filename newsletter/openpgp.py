@@ -21,7 +21,6 @@ headers need, and the Subject outside is obscured.
 from __future__ import annotations
 
 import base64
-import functools
 import secrets
 import unicodedata
 from collections.abc import Sequence
@@ -42,7 +41,6 @@ from newsletter.message import POLICY, set_subject
 MAX_KEY_BYTES = 64 * 1024
 OBSCURED_SUBJECT = "[...]"  # RFC 9788's obscured Subject
 _SHOWN_CHARS = 100  # the most of a key's text (a user ID, an error) a message shows
-_CACHED_KEYS = 256
 _SETTING = "[openpgp] signing_key_file"
 
 
@@ -64,6 +62,9 @@ class KeyInfo:
     user_ids: tuple[str, ...]  # the user IDs that are not revoked, made safe to print
     armored: str  # the public key, re-armored: never any secret material
     revoked: bool = False  # readers.set_key learnt the revocation of the reader's own key
+    # The first signature in it dated later than now: Sequoia counts it only from then (a new
+    # expiry, a binding), so the stored judgement holds until then and is made again after.
+    recheck_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class _Key:
     primary_encrypts: bool  # the primary key itself is a valid encryption key
     head: tuple[Packet, ...]  # the primary key, its user IDs and their signatures
     subkeys: tuple[_Subkey, ...]
+    signed_at: tuple[datetime, ...] = ()  # when each of its signatures was made
 
 
 def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
@@ -138,6 +140,7 @@ def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
     return KeyInfo(
         fingerprint=key.fingerprint,
         expires_at=_expires_at(key, now),
+        recheck_at=min((t for t in key.signed_at if t > now), default=None),
         user_ids=tuple(_printable(uid) for uid in key.user_ids),
         armored=key.armored,
     )
@@ -148,7 +151,9 @@ def key_problem(armored: str, *, email: str, now: datetime) -> KeyProblem | None
     if len(armored) > MAX_KEY_BYTES:
         return _too_large(len(armored))
     try:
-        key = _cached_parse(armored)
+        # Parsed afresh, never from a cache: Sequoia judges a key at the time of day, and this
+        # is the check made again once a signature dated later counts (KeyInfo.recheck_at).
+        key = _parse(armored.encode("utf-8", "replace"))
     except KeyProblem as problem:
         return problem
     return _check(key, email=email, now=now)
@@ -222,12 +227,12 @@ def encrypt_message(
     if checked:
         recipient = _stored_cert(armored_key)
     else:
-        key = _cached_parse(armored_key)
+        key = _parse(armored_key.encode("utf-8", "replace"))
         # Sequoia judges keys at the time of day, so we do: never fall back to an expired key.
         now = datetime.now(UTC)
         if (problem := _check(key, email=None, now=now)) is not None:
             raise problem
-        recipient = _recipient(armored_key, tuple(sub.fingerprint for sub in _usable(key, now)))
+        recipient = _recipient(key, tuple(sub.fingerprint for sub in _usable(key, now)))
 
     head, blank, body = message.partition(b"\r\n\r\n")
     if not blank:
@@ -389,6 +394,11 @@ def _parse(data: bytes) -> _Key:
             primary_encrypts=_encrypts(head),
             head=head,
             subkeys=tuple(sub for group in groups if (sub := _subkey(head, group)) is not None),
+            signed_at=tuple(
+                p.signature_created
+                for p in packets
+                if p.tag == Tag.Signature and p.signature_created is not None
+            ),
         )
     except KeyProblem:
         raise
@@ -413,12 +423,6 @@ def _revoked_from(packets: Sequence[Packet], kind: SignatureType) -> datetime | 
 
 def _earliest(*moments: datetime | None) -> datetime | None:
     return min((m for m in moments if m is not None), default=None)
-
-
-@functools.lru_cache(maxsize=_CACHED_KEYS)
-def _cached_parse(armored: str) -> _Key:
-    """_parse for a stored key, which key_problem and encrypt_message see again and again."""
-    return _parse(armored.encode("utf-8", "replace"))
 
 
 def _stored_cert(armored: str) -> pysequoia.Cert:
@@ -485,10 +489,8 @@ def _encrypts(packets: Sequence[Packet]) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=_CACHED_KEYS)
-def _recipient(armored: str, fingerprints: tuple[str, ...]) -> pysequoia.Cert:
+def _recipient(key: _Key, fingerprints: tuple[str, ...]) -> pysequoia.Cert:
     """The reader's certificate with only these encryption subkeys, the ones usable now."""
-    key = _cached_parse(armored)
     packets = list(key.head)
     for sub in key.subkeys:
         if sub.fingerprint in fingerprints:

@@ -135,17 +135,24 @@ def set_key(
 ) -> KeyInfo:
     """Check a public key for this reader and keep it: pending (owed a proof) or, confirmed, active.
 
-    Raises openpgp.KeyProblem with a one-line reason when the key is refused. The revocation of
-    the reader's own key (active or pending) is not refused but learnt: that key is never used
-    again (their on_key_problem applies), and the KeyInfo returned says `revoked`.
+    Raises openpgp.KeyProblem with a one-line reason when the key is refused. The reader's own
+    key (active or pending) given again as revoked, or with no usable encryption subkey left, is
+    not refused but learnt: that key is never used again (their on_key_problem applies), and
+    the KeyInfo returned says `revoked`. Their active key given again in a newer form (a new
+    subkey, a new expiry) replaces the stored one at once: the proof was for this key.
     """
     sub = _subscriber(session, subscriber_id)
     try:
         info = read_key(data, email=sub.email, now=now)
     except KeyProblem as problem:
-        if problem.code == "revoked" and _learn_revocation(session, sub.id, problem, now, actor):
+        unusable = problem.code in ("revoked", "no_encryption")
+        if unusable and _learn_revocation(session, sub.id, problem, now, actor):
             return KeyInfo(problem.fingerprint, None, (), problem.armored, revoked=True)
         raise
+    active = _keys_by_status(session, sub.id).get(KeyStatus.ACTIVE)
+    proven = now if confirmed else None
+    if active is not None and active.fingerprint == info.fingerprint:
+        confirmed, proven = True, active.confirmed_at  # the same key, newer: no new proof
     status = KeyStatus.ACTIVE if confirmed else KeyStatus.PENDING
     replaced = [KeyStatus.PENDING] + (list(SUPERSEDED) if confirmed else [])
     session.execute(
@@ -158,8 +165,9 @@ def set_key(
             fingerprint=info.fingerprint,
             armored=info.armored,
             expires_at=info.expires_at,
+            recheck_at=info.recheck_at,
             created_at=now,
-            confirmed_at=now if confirmed else None,
+            confirmed_at=proven,
         )
     )
     record_event(

@@ -64,6 +64,7 @@ from newsletter.openpgp import (
     OBSCURED_SUBJECT,
     KeyProblem,
     encrypt_message,
+    key_problem,
     load_signing_key,
 )
 from newsletter.openpgp import Signer as PgpSigner
@@ -418,7 +419,13 @@ def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
         return _trouble("removed", N_("the key was removed"))
     if row.key_expires_at is not None and row.key_expires_at <= now:
         return _trouble("expired", N_("this key expired"))
+    if _needs_full_check(row, now):  # a signature dated later now counts: judge it again
+        return key_problem(row.key_armored, email=row.email, now=now)
     return None
+
+
+def _needs_full_check(row: ClaimedRow, now: datetime) -> bool:
+    return row.key_recheck_at is not None and row.key_recheck_at <= now
 
 
 def _trouble(code: str, message: str) -> KeyProblem:
@@ -530,7 +537,7 @@ def _job(
                 signer=signers.openpgp,
                 outer_subject=identity.subject(OBSCURED_SUBJECT, row.language),
                 autocrypt=identity.discreet is None,
-                checked=True,  # key_trouble: the stored key, unexpired
+                checked=not _needs_full_check(row, now),  # key_trouble judged the rest
             )
         message = signers.dkim.sign(message, discreet=identity.discreet is not None)
     except PermanentDeliveryError as e:

@@ -249,6 +249,7 @@ def test_keys_travel_with_an_export_and_are_checked_on_import(
     assert (report["imported"], report["rejected"], report["keys"]) == (1, 2, 1)
     reasons = (tmp_path / "hostile.rejects.csv").read_text()
     assert reasons.count("openpgp_key:") == 2 and "not for eve@example.org" in reasons
+    assert "BEGIN PGP" not in reasons  # a key cell is never copied to the rejects file
     with opened(database_url) as factory, unit_of_work(factory) as session:
         after = sorted(
             tuple(r) for r in session.execute(select(ReaderKey.status, ReaderKey.fingerprint))

@@ -627,3 +627,32 @@ def test_a_revocation_dated_later_ends_the_key_then(tmp_path: Path, which: str) 
         assert past is not None and past.code in ("expired", "revoked")
     finally:
         home.close()
+
+
+def test_a_signature_dated_later_makes_the_key_judged_again_then(tmp_path: Path) -> None:
+    """A new, short expiry signed with a date three seconds ahead does not count yet: the key
+    reads as good, with recheck_at at that date; judged again once it counts, it has expired."""
+    home = GpgHome.make(tmp_path / "gnupg")
+    try:
+        email = "later@example.org"
+        fpr = home.generate(f"Later <{email}>")
+        home.add_key(fpr)
+        now = datetime.now(UTC)
+        later = now + timedelta(seconds=3)
+        before = home.export(fpr)
+        home.run(
+            "--faked-system-time", gpg_time(later) + "!", "--quick-set-expire", fpr, "seconds=2"
+        )
+        # gpg exports only its newest self-signature; the reader's key holds both (merged).
+        merged = pysequoia.Cert.from_bytes(before.encode()).merge(
+            pysequoia.Cert.from_bytes(home.export(fpr).encode())
+        )
+        info = read_key(str(merged), email=email, now=now)
+        assert info.recheck_at is not None, info
+        assert abs((info.recheck_at - later).total_seconds()) < 2
+        assert info.expires_at is not None and info.expires_at > now + timedelta(days=300)
+        time.sleep(max(0.0, (later - datetime.now(UTC)).total_seconds()) + 3)
+        problem = key_problem(info.armored, email=email, now=datetime.now(UTC))
+        assert problem is not None and problem.code == "expired"
+    finally:
+        home.close()

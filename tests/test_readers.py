@@ -101,3 +101,28 @@ def test_the_revocation_of_ones_own_key_is_learnt_and_names_no_key_in_events(
     with factory() as session:
         details = [str(e.detail) for e in session.scalars(select(Event))]
     assert details and not any(fpr in d or fpr.lower() in d for d in details)
+
+
+def test_the_same_key_given_again_is_updated_or_learnt_unusable(
+    factory: sessionmaker[Session], home: GpgHome
+) -> None:
+    """The active key with a new encryption subkey replaces the stored one at once (no new
+    proof); the active key whose encryption subkeys are all revoked is learnt unusable."""
+    sid = reader(factory)
+    fpr, armored = new_key(home, "Mine")
+    with unit_of_work(factory) as session:
+        set_key(session, subscriber_id=sid, data=armored, now=NOW, actor="t", confirmed=True)
+    home.add_key(fpr)  # a second encryption subkey
+    newer = home.export(fpr)
+    with unit_of_work(factory) as session:
+        info = set_key(session, subscriber_id=sid, data=newer, now=NOW, actor="t")
+        assert not info.revoked
+    with factory() as session:
+        [row] = session.scalars(select(ReaderKey).where(ReaderKey.subscriber_id == sid))
+        assert (row.status, row.fingerprint, row.armored) == ("active", fpr, info.armored)
+    home.revoke_subkey(fpr, 1)
+    home.revoke_subkey(fpr, 2)
+    with unit_of_work(factory) as session:
+        learnt = set_key(session, subscriber_id=sid, data=home.export(fpr), now=NOW, actor="t")
+    assert learnt.revoked
+    assert rows(factory, sid) == [("revoked", fpr)]

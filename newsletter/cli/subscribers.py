@@ -146,6 +146,11 @@ def warn_unconfigured_discreet(state: State) -> None:
         )
 
 
+def _rejected_cells(raw: RawRow | None, header: list[str]) -> list[str]:
+    """A rejected row's cells for the rejects file, the openpgp_key cell blanked."""
+    return ["" if h.strip().lower() == "openpgp_key" else (raw or {}).get(h) or "" for h in header]
+
+
 @contextmanager
 def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
     """A sink for rejected rows: line, reason and the row's own columns, opened on first use.
@@ -164,7 +169,8 @@ def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
                 handle = path.open("w", encoding="utf-8", newline="")
                 state["writer"] = csv.writer(handle)
                 state["writer"].writerow([_reject_cell(c) for c in ["line", "reason", *header]])
-            cells = [str(line), reason, *((raw or {}).get(h) or "" for h in header)]
+            # A key cell is left out: it may hold a secret key pasted by mistake.
+            cells = [str(line), reason, *_rejected_cells(raw, header)]
             state["writer"].writerow([_reject_cell(c) for c in cells])
             state["n"] += 1
 
@@ -200,8 +206,8 @@ def import_(
         Path,
         typer.Argument(
             help="CSV with an 'email' column; also name, language, lists, tags, "
-            "country, discreet, on_key_problem, openpgp_key (an armored public key, active at "
-            "once) and any custom columns."
+            "country, discreet, on_key_problem, openpgp_key (an armored public key: active with "
+            "--confirmed, else pending until its proof) and any custom columns."
         ),
     ],
     list_slug: Annotated[
@@ -256,7 +262,7 @@ def import_(
         err_console.print(
             f"{report.kept_out} people kept out: they unsubscribed, bounced or were forgotten"
         )
-    if report.pending:
+    if report.pending or (report.keys and not confirmed):  # keys wait for their proof mail
         say_confirmations(state)
 
 

@@ -510,6 +510,8 @@ class ReaderKey(Base):
     confirm_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # When the encrypted "your key expires soon" reminder went out for this key.
     reminded_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # From then on the sender checks the key in full again (openpgp.KeyInfo.recheck_at).
+    recheck_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class KeyNotice(Base):

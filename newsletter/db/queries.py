@@ -399,6 +399,7 @@ class ClaimedRow(NamedTuple):
     key_fingerprint: str | None
     key_armored: str | None
     key_expires_at: datetime | None
+    key_recheck_at: datetime | None
 
     @property
     def may_be_mailed(self) -> bool:
@@ -435,6 +436,7 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             ReaderKey.fingerprint,
             ReaderKey.armored,
             ReaderKey.expires_at,
+            ReaderKey.recheck_at,
         )
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .join(Campaign, Campaign.id == Delivery.campaign_id)

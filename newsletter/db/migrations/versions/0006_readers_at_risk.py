@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("confirmed_at", sa.DateTime(), nullable=True),
         sa.Column("confirm_sent_at", sa.DateTime(), nullable=True),
         sa.Column("reminded_at", sa.DateTime(), nullable=True),
+        sa.Column("recheck_at", sa.DateTime(), nullable=True),
         sa.ForeignKeyConstraint(
             ["subscriber_id"],
             ["subscribers.id"],
