@@ -22,7 +22,6 @@ from newsletter.audit import record_event
 from newsletter.db.models import (
     DiscreetMode,
     KeyProblemChoice,
-    KeyStatus,
     MailingList,
     ReaderKey,
     Subscriber,
@@ -33,6 +32,7 @@ from newsletter.db.models import (
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
 from newsletter.openpgp import KeyInfo, KeyProblem, read_key
+from newsletter.readers import key_row
 from newsletter.subscriber_csv import (
     CHUNK_ROWS,
     RawRow,
@@ -301,19 +301,8 @@ def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target)
     for sid, armored in given.items():
         if sid in have:
             continue
-        info = target.keys[armored]
-        session.add(
-            ReaderKey(
-                subscriber_id=sid,
-                status=KeyStatus.ACTIVE if target.confirmed else KeyStatus.PENDING,
-                fingerprint=info.fingerprint,
-                armored=info.armored,
-                expires_at=info.expires_at,
-                recheck_at=info.recheck_at,
-                created_at=target.now,
-                confirmed_at=target.now if target.confirmed else None,
-            )
-        )
+        proven = target.now if target.confirmed else None
+        session.add(key_row(sid, target.keys[armored], now=target.now, proven=proven))
         added += 1
     session.flush()
     return added

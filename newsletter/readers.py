@@ -152,24 +152,12 @@ def set_key(
     active = _keys_by_status(session, sub.id).get(KeyStatus.ACTIVE)
     proven = now if confirmed else None
     if active is not None and active.fingerprint == info.fingerprint:
-        confirmed, proven = True, active.confirmed_at  # the same key, newer: no new proof
-    status = KeyStatus.ACTIVE if confirmed else KeyStatus.PENDING
+        confirmed, proven = True, active.confirmed_at or now  # the same key, newer: no new proof
     replaced = [KeyStatus.PENDING] + (list(SUPERSEDED) if confirmed else [])
     session.execute(
         delete(ReaderKey).where(ReaderKey.subscriber_id == sub.id, ReaderKey.status.in_(replaced))
     )
-    session.add(
-        ReaderKey(
-            subscriber_id=sub.id,
-            status=status,
-            fingerprint=info.fingerprint,
-            armored=info.armored,
-            expires_at=info.expires_at,
-            recheck_at=info.recheck_at,
-            created_at=now,
-            confirmed_at=proven,
-        )
-    )
+    session.add(key_row(sub.id, info, now=now, proven=proven))
     record_event(
         session,
         now=now,
@@ -180,6 +168,22 @@ def set_key(
     )
     session.flush()
     return info
+
+
+def key_row(
+    subscriber_id: int, info: KeyInfo, *, now: datetime, proven: datetime | None
+) -> ReaderKey:
+    """A checked key as stored: active when proven (at `proven`), else pending its proof."""
+    return ReaderKey(
+        subscriber_id=subscriber_id,
+        status=KeyStatus.ACTIVE if proven else KeyStatus.PENDING,
+        fingerprint=info.fingerprint,
+        armored=info.armored,
+        expires_at=info.expires_at,
+        recheck_at=info.recheck_at,
+        created_at=now,
+        confirmed_at=proven,
+    )
 
 
 # What a newly active key replaces: at most one of these is kept per reader.
