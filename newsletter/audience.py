@@ -16,10 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session
 
-from newsletter.db.models import Campaign, Subscriber, SubscriberStatus
+from newsletter.db.models import (
+    Campaign,
+    CaseLetter,
+    CaseMessage,
+    CaseRole,
+    Delivery,
+    DeliveryStatus,
+    Subscriber,
+    SubscriberStatus,
+)
 from newsletter.db.queries import audience_query, count_audience, insert_deliveries
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
@@ -47,8 +56,29 @@ def select_audience(
 
 
 def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
-    """The audience of a campaign: its list, narrowed by its segment when it has one."""
-    return select_audience(session, list_id=campaign.list_id, segment_id=campaign.segment_id)
+    """The audience of a campaign: its list, narrowed by its segment when it has one.
+
+    A case's later messages (cases.py) go to the people its first message was sent to who are
+    still on the list; an update `include_new` also to everyone on it now; the reminder not to
+    those who said they wrote.
+    """
+    everyone = select_audience(session, list_id=campaign.list_id, segment_id=campaign.segment_id)
+    message = campaign.case_message
+    if message is None or message.role == CaseRole.FIRST:
+        return everyone
+    first = select(CaseMessage.campaign_id).where(
+        CaseMessage.case_id == message.case_id, CaseMessage.role == CaseRole.FIRST
+    )
+    sent_first = select(Delivery.subscriber_id).where(
+        Delivery.campaign_id.in_(first.scalar_subquery()), Delivery.status == DeliveryStatus.SENT
+    )
+    chosen = Subscriber.id.in_(sent_first.scalar_subquery())
+    if message.include_new:
+        chosen = or_(chosen, Subscriber.id.in_(everyone.scalar_subquery()))
+    if message.role == CaseRole.REMINDER:
+        wrote = select(CaseLetter.subscriber_id).where(CaseLetter.case_id == message.case_id)
+        chosen = and_(chosen, Subscriber.id.not_in(wrote.scalar_subquery()))
+    return audience_query(campaign.list_id, None).where(chosen)
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:

@@ -44,7 +44,7 @@ from newsletter.errors import CampaignError
 from newsletter.message import ListInfo, Recipient, build_message, link_urls
 from newsletter.render import PERSONAL_LINKS, RenderedVariant, misplaced_links
 from newsletter.tokens import PAGE_PATHS
-from newsletter.variants import render_campaign, store_variants
+from newsletter.variants import render_campaign, store_case_copies, store_variants
 
 CHECK_RECIPIENT = Recipient(subscriber_id=0, email="check@example.org", name="Check")
 FORCED = "campaign.check_forced"
@@ -109,6 +109,7 @@ def check_campaign(session: Session, campaign: Campaign, settings: Settings) -> 
     if not variants or old:
         variants = render_campaign(campaign, settings=settings)
         store_variants(session, campaign, variants)
+        store_case_copies(session, campaign, settings)
     ml = campaign.mailing_list
     mlist = ListInfo(ml.id, ml.slug, ml.list_id)
     found: list[Problem] = []

@@ -136,6 +136,20 @@ class AlertsSettings:
 
 
 @dataclass(frozen=True)
+class ActionsSettings:
+    """Urgent-action cases: their numbers, their list, the deadline reminder."""
+
+    # Cases are numbered "<prefix> <n>/<yy>", n counting from 1 each year.
+    prefix: str = "UA"
+    # The list a case goes to when `actions create` is given none ("" = [alerts] list).
+    list: str = ""
+    # Days before the deadline the one reminder goes (0 = no reminder).
+    remind_days_before: int = 2
+    # An urgent item ingested also makes a draft case, held for staff to complete and send.
+    from_urgent_items: bool = True
+
+
+@dataclass(frozen=True)
 class ConsoleSettings:
     """The staff console: its own listener, sessions and sign-in limits."""
 
@@ -338,6 +352,7 @@ class Settings:
     sources: SourcesSettings = field(default_factory=SourcesSettings)
     digest: DigestSettings = field(default_factory=DigestSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    actions: ActionsSettings = field(default_factory=ActionsSettings)
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     render: RenderSettings = field(default_factory=RenderSettings)
@@ -643,5 +658,10 @@ def _validate_console(settings: Settings) -> None:
     ):
         if getattr(console, key) < 1:
             raise ConfigError(f"{where}: 'console.{key}' must be at least 1")
+    if not 0 <= settings.actions.remind_days_before <= 60:
+        raise ConfigError(f"{where}: 'actions.remind_days_before' must be between 0 and 60")
+    prefix = settings.actions.prefix
+    if not (1 <= len(prefix) <= 10 and prefix.isascii() and prefix.replace("-", "").isalnum()):
+        raise ConfigError(f"{where}: 'actions.prefix' must be 1-10 letters or digits")
     if not 1 <= settings.alerts.approvals_required <= 10:
         raise ConfigError(f"{where}: 'alerts.approvals_required' must be between 1 and 10")

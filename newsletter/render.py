@@ -24,6 +24,7 @@ from babel import Locale
 from babel.dates import format_date
 from mjml import mjml2html
 
+from newsletter.case_view import CaseView
 from newsletter.config import LANGUAGES, BrandSettings, Settings
 from newsletter.errors import RenderError
 from newsletter.htmltext import html_to_text, shorten_html, tidy_text, wrap_text
@@ -39,6 +40,9 @@ UNSUBSCRIBE_URL = "%%UNSUBSCRIBE_URL%%"
 PREFERENCES_URL = "%%PREFERENCES_URL%%"
 # The personal links, in the order the templates put them (each once in each part, in the footer).
 PERSONAL_LINKS = ("unsubscribe", "preferences")
+# A personal link only some variants carry (once in each part, or not at all): a case's first
+# message carries the reader's "I sent my letter" link, inside its own section (wrote_section).
+OPTIONAL_LINKS = ("wrote",)
 
 KINDS = ("digest", "alert")
 SUBJECT_MAX_CHARS = 150
@@ -88,6 +92,8 @@ class CampaignView:
     text_lang: str = ""
     # The campaign's name in its web copy's URL (/archive/<slug>/<lang>); "" = no web copy.
     slug: str = ""
+    # A message of an urgent-action case (case_view.py): rendered by the action templates.
+    case: CaseView | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +123,46 @@ def link_markers(nonce: str) -> dict[str, str]:
     return {
         "unsubscribe": f"%%UNSUBSCRIBE_URL_{nonce}%%",
         "preferences": f"%%PREFERENCES_URL_{nonce}%%",
+        "wrote": f"%%WROTE_URL_{nonce}%%",
     }
+
+
+def wrote_section(nonce: str) -> tuple[str, str]:
+    """The markers around the "I sent my letter" section of a render with this nonce."""
+    return f"%%WROTE_BEGIN_{nonce}%%", f"%%WROTE_END_{nonce}%%"
+
+
+def has_link(variant: RenderedVariant, name: str) -> bool:
+    """Whether the variant carries this personal link (an optional one may be absent)."""
+    marker = variant.markers.get(name)
+    return marker is not None and marker in variant.html
+
+
+def without_wrote(variant: RenderedVariant, *, keep: bool) -> RenderedVariant:
+    """The variant with its "I sent my letter" section kept (markers taken out) or cut out.
+
+    Cut for a discreet reader (nothing recorded about them) and for every copy that is not one
+    reader's email. The section markers carry the render's nonce, so only the template's own
+    section can be cut; a variant without them is returned as it is.
+    """
+    if not variant.nonce:
+        return variant
+    begin, end = wrote_section(variant.nonce)
+    html, text = variant.html, variant.text
+    parts = []
+    for body in (html, text):
+        start, stop = body.find(begin), body.find(end)
+        if start < 0 or stop < start:
+            parts.append(body)
+            continue
+        if keep:
+            body = body.replace(begin + "\n", "").replace(end + "\n", "")
+            parts.append(body.replace(begin, "").replace(end, ""))
+        else:
+            after = stop + len(end)
+            after += 1 if body[after : after + 1] == "\n" else 0
+            parts.append(body[:start] + body[after:])
+    return dataclasses.replace(variant, html=parts[0], text=parts[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +207,10 @@ def _render_once(
     nonce = secrets.token_hex(16)
     context = _context(view, lang=lang, settings=settings, summary_chars=summary_chars)
     context |= _link_context(nonce)
-    source = _render_template(f"email/{view.kind}.mjml.j2", lang, context)
+    name = "action" if view.case else view.kind
+    source = _render_template(f"email/{name}.mjml.j2", lang, context)
     page = inline_css(compile_mjml(source))
-    text = tidy_text(_render_template(f"text/{view.kind}.txt.j2", lang, context))
+    text = tidy_text(_render_template(f"text/{name}.txt.j2", lang, context))
     variant = RenderedVariant(lang, context["subject"], page, text, nonce)
     misplaced = misplaced_links(variant, expect_all=True)
     if misplaced:  # a template (or MJML, or premailer) broke the one rule the sender relies on
@@ -217,7 +263,14 @@ def render_mjml_source(view: CampaignView, *, lang: str, settings: Settings) -> 
 def _link_context(nonce: str) -> dict[str, str]:
     """The template variables where a reader's links go: this render's markers."""
     markers = link_markers(nonce)
-    return {"unsubscribe_url": markers["unsubscribe"], "preferences_url": markers["preferences"]}
+    begin, end = wrote_section(nonce)
+    return {
+        "unsubscribe_url": markers["unsubscribe"],
+        "preferences_url": markers["preferences"],
+        "wrote_url": markers["wrote"],
+        "wrote_begin": begin,
+        "wrote_end": end,
+    }
 
 
 def compile_mjml(source: str) -> str:
@@ -250,10 +303,10 @@ def inline_css(page: str) -> str:
 
 
 def personalise(
-    variant: RenderedVariant, *, unsubscribe_url: str, preferences_url: str
+    variant: RenderedVariant, *, unsubscribe_url: str, preferences_url: str, wrote_url: str = ""
 ) -> tuple[str, str]:
     """Put one recipient's links into a rendered variant; returns (html, text)."""
-    urls = {"unsubscribe": unsubscribe_url, "preferences": preferences_url}
+    urls = {"unsubscribe": unsubscribe_url, "preferences": preferences_url, "wrote": wrote_url}
     page, text = variant.html, variant.text
     for key, marker in variant.markers.items():
         page = page.replace(marker, html.escape(urls[key]))
@@ -276,7 +329,7 @@ def misplaced_links(variant: RenderedVariant, *, expect_all: bool = False) -> li
         ):
             count = body.count(marker)
             at = body.find(marker)
-            if count > 1 or (count == 0 and expect_all):
+            if count > 1 or (count == 0 and expect_all and key not in OPTIONAL_LINKS):
                 found.append((part, f"the {key} link's marker appears {count} times, not once"))
             elif count == 1 and not placed(body, at, at + len(marker)):
                 found.append((part, f"the {key} link's marker is not where the template puts it"))
@@ -318,6 +371,8 @@ def _context(
     lead = _lead(view) if view.kind == "alert" else None
     issue_date = view.issued_at or max((i.published_at for i in view.items), default=None)
     subject = _subject(view, lead, lang=lang, brand=settings.brand.name, on=issue_date)
+    if view.case is not None:
+        subject = case_subject(view.case, lang)
     limit = settings.render.summary_max_chars if summary_chars is None else summary_chars
     return {
         "lang": lang,
@@ -330,6 +385,7 @@ def _context(
         "issue_date": issue_date,
         "subject": _truncate(subject, settings.check.max_subject_chars - 1),
         "summary_chars": limit,
+        "case": view.case,
         "web_copy_url": web_copy_url(settings.web.base_url, view.slug, view.kind, lang, settings),
         "web_copy_mirror": web_copy_url(
             settings.web.email_mirror(lang), view.slug, view.kind, lang, settings
@@ -429,6 +485,21 @@ def _subject(
         subject = _("%(brand)s: weekly digest, %(date)s") % {"brand": brand, "date": day}
     else:
         subject = _("Urgent action: %(title)s") % {"title": _one_line(lead.title)}
+    return _one_line(subject)
+
+
+def case_subject(case: CaseView, lang: str) -> str:
+    """A case message's subject: its number, what it is, its title ("UA 12/26 update 1: ...")."""
+    _ = gettext_for(lang, CAMPAIGN_DOMAIN)
+    values = {"ref": case.reference, "n": case.number, "title": _one_line(case.title)}
+    if case.role == "update":
+        subject = _("%(ref)s update %(n)s: %(title)s") % values
+    elif case.role == "reminder":
+        subject = _("%(ref)s reminder: %(title)s") % values
+    elif case.role == "closing":
+        subject = _("%(ref)s closed: %(title)s") % values
+    else:
+        subject = _("%(ref)s: %(title)s") % values
     return _one_line(subject)
 
 

@@ -17,7 +17,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from newsletter.errors import TokenError
 
-PURPOSES = ("unsubscribe", "preferences", "confirm", "key", "copy")
+PURPOSES = ("unsubscribe", "preferences", "confirm", "key", "copy", "wrote")
 # Where the web page for each purpose lives; the token follows.
 PAGE_PATHS = {
     "unsubscribe": "/u/",
@@ -25,6 +25,7 @@ PAGE_PATHS = {
     "confirm": "/confirm/",
     "key": "/key/",  # the proof that a reader can decrypt mail sent to the key they gave
     "copy": "/w/",  # a discreet reader's web copy of a campaign (no personal data in it)
+    "wrote": "/wrote/",  # "I sent my letter" for an urgent-action case (counted once per reader)
 }
 
 
@@ -164,6 +165,26 @@ def read_copy_token(token: str, *, secret: str) -> tuple[int, str]:
         or not isinstance(value[0], int)
         or isinstance(value[0], bool)
         or not isinstance(value[1], str)
+    ):
+        raise TokenError("this link is not valid")
+    return value[0], value[1]
+
+
+def make_wrote_token(*, secret: str, subscriber_id: int, case_id: int) -> str:
+    """Sign (subscriber, case): a reader's "I sent my letter" link in a case's first message."""
+    return str(_serializer(secret, "wrote").dumps([subscriber_id, case_id]))
+
+
+def read_wrote_token(token: str, *, secret: str) -> tuple[int, int]:
+    """The (subscriber, case) an "I sent my letter" link names; a forged one is refused."""
+    try:
+        value = _serializer(secret, "wrote").loads(token)
+    except BadSignature:
+        raise TokenError("this link is not valid") from None
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         raise TokenError("this link is not valid")
     return value[0], value[1]

@@ -9,15 +9,30 @@ from sqlalchemy.orm import Session
 
 from newsletter.assemble import items_for_language
 from newsletter.config import Settings
-from newsletter.db.models import Campaign, CampaignKind, MailingList, Variant
-from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
+from newsletter.case_view import CaseView, make_case_view
+from newsletter.db.models import Campaign, CampaignKind, CaseMessage, MailingList, Variant
+from newsletter.render import (
+    CampaignView,
+    ItemView,
+    RenderedVariant,
+    render_variant,
+    without_wrote,
+)
 
 
-def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> CampaignView:
+def campaign_view(
+    campaign: Campaign,
+    lang: str,
+    default_lang: str = "en",
+    *,
+    zone: str = "Europe/Minsk",
+    public: bool = False,
+) -> CampaignView:
     """The plain data a template needs in one language, taken from a campaign and its items.
 
     A digest carries the items of the reader's language's feeds (see items_for_language); a
-    staff alert its text in the reader's language, else the default one's (alert_text).
+    staff alert its text in the reader's language, else the default one's (alert_text); a
+    case's message its case (case_view.py), `public` for the archive's copy.
     """
     ml: MailingList = campaign.mailing_list
     title, body_html, text_lang = alert_text(campaign, lang, default_lang)
@@ -45,6 +60,18 @@ def campaign_view(campaign: Campaign, lang: str, default_lang: str = "en") -> Ca
         text_lang=text_lang,
         # No "Open in a browser" link for a campaign kept out of the archive.
         slug=(campaign.slug or "") if campaign.archived and not campaign.training else "",
+        case=_case(campaign, lang, default_lang, zone=zone, public=public),
+    )
+
+
+def _case(
+    campaign: Campaign, lang: str, default_lang: str, *, zone: str, public: bool
+) -> CaseView | None:
+    message = campaign.case_message
+    if message is None:
+        return None
+    return make_case_view(
+        message.case, message, lang=lang, default_lang=default_lang, zone=zone, public=public
     )
 
 
@@ -63,16 +90,34 @@ def alert_text(campaign: Campaign, lang: str, default_lang: str) -> tuple[str, s
     return campaign.title, campaign.body_html, marked
 
 
-def render_campaign(campaign: Campaign, *, settings: Settings) -> list[RenderedVariant]:
+def render_campaign(
+    campaign: Campaign, *, settings: Settings, public: bool = False
+) -> list[RenderedVariant]:
     """Render a campaign once for each configured language (never per recipient)."""
     return [
         render_variant(
-            campaign_view(campaign, lang, settings.render.default_language),
+            campaign_view(
+                campaign,
+                lang,
+                settings.render.default_language,
+                zone=settings.schedule.timezone,
+                public=public,
+            ),
             lang=lang,
             settings=settings,
         )
         for lang in settings.render.languages
     ]
+
+
+def store_case_copies(session: Session, campaign: Campaign, settings: Settings) -> None:
+    """Render and keep a case message's public web copies (initials, no reader's link)."""
+    message = session.get(CaseMessage, campaign.id)
+    if message is None:
+        return
+    copies = render_campaign(campaign, settings=settings, public=True)
+    message.copies = {v.lang: without_wrote(v, keep=False).html for v in copies}
+    session.flush()
 
 
 def store_variants(

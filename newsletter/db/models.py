@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -268,6 +269,8 @@ class Campaign(Base):
     items: Mapped[list[Item]] = relationship(
         secondary="campaign_items", order_by="desc(Item.published_at)"
     )
+    # Set when the campaign is a message of an urgent-action case.
+    case_message: Mapped[CaseMessage | None] = relationship(viewonly=True)
 
 
 class CampaignItem(Base):
@@ -527,3 +530,95 @@ class KeyNotice(Base):
     problem: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class CaseStatus(StrEnum):
+    DRAFT = "draft"  # being prepared; nothing sent
+    OPEN = "open"  # the first message went out
+    UPDATED = "updated"  # at least one update went out
+    CLOSED = "closed"  # the closing message went out (or it was closed with no message)
+
+
+class CaseOutcome(StrEnum):
+    RELEASED = "released"
+    IMPROVED = "improved"
+    NO_CHANGE = "no-change"
+    NO_FURTHER_ACTION = "no-further-action"
+
+
+class CaseRole(StrEnum):
+    """What a message of a case is: the first, an update, the reminder or the closing one."""
+
+    FIRST = "first"
+    UPDATE = "update"
+    REMINDER = "reminder"
+    CLOSING = "closing"
+
+
+class ActionCase(Base):
+    """An urgent-action case ("UA 12/26"): who to write to, by when, what to say.
+
+    Its messages are campaigns (CaseMessage), all threaded under the first one each reader got.
+    """
+
+    __tablename__ = "cases"
+    __table_args__ = (UniqueConstraint("year", "seq"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The number of the case within its year: "UA <seq>/<yy>" (reference keeps the prefix used).
+    year: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(Integer)
+    reference: Mapped[str] = mapped_column(String(40), unique=True)
+    status: Mapped[str] = mapped_column(_enum(CaseStatus), default=CaseStatus.DRAFT)
+    outcome: Mapped[str] = mapped_column(_enum(CaseOutcome), default="")
+    title: Mapped[str] = mapped_column(String(300))
+    body_html: Mapped[str] = mapped_column(Text, default="")
+    # What readers are asked to do, besides writing (sanitised HTML); "" = the usual ask.
+    actions_html: Mapped[str] = mapped_column(Text, default="")
+    person: Mapped[str] = mapped_column(String(200), default="")
+    # False: the web copies show the person's initials only (the emails carry the name).
+    person_public: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The last day to write, in the portal's time zone ([schedule] timezone).
+    deadline: Mapped[date | None] = mapped_column(Date)
+    # [{"name", "title", "email", "postal", "salutation", "language"}], in the order given.
+    targets: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    # The sample letter by language: {"be": {"subject": ..., "body": ...}}.
+    letters: Mapped[dict[str, dict[str, str]]] = mapped_column(JSON, default=dict)
+    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id"))
+    segment_id: Mapped[int | None] = mapped_column(ForeignKey("segments.id"))
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), unique=True)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    mailing_list: Mapped[MailingList] = relationship()
+
+
+class CaseMessage(Base):
+    """A campaign that is one message of a case, with its place in the thread."""
+
+    __tablename__ = "case_messages"
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), primary_key=True
+    )
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(_enum(CaseRole))
+    # 0 for the first, reminder and closing messages; 1, 2, ... for updates.
+    number: Mapped[int] = mapped_column(Integer, default=0)
+    body_html: Mapped[str] = mapped_column(Text, default="")
+    # An update also to people who joined the list after the first message (`--include-new`).
+    include_new: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The public web copy by language: rendered for the archive (initials when the person's
+    # name is not to be published, no "I wrote" link), never sent.
+    copies: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    case: Mapped[ActionCase] = relationship()
+
+
+class CaseLetter(Base):
+    """A reader who said they sent their letter: counted once, spared the reminder; no time kept."""
+
+    __tablename__ = "case_letters"
+    case_id: Mapped[int] = mapped_column(
+        ForeignKey("cases.id", ondelete="CASCADE"), primary_key=True
+    )
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), primary_key=True
+    )

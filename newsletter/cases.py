@@ -1,0 +1,576 @@
+"""Urgent-action cases: a numbered case, its first message, updates, the reminder and the closing.
+
+A case ("UA 12/26") holds who to write to, by when and what to say. Each message of a case is an
+alert campaign (so it goes first, through the one launch gate and the pre-send check) linked to
+the case by a CaseMessage row. Who gets what:
+
+- the first message: the case's list (and segment), as any alert;
+- updates and the closing message: the people whose first message was sent and who are still on
+  the list (with `include_new`, also everyone on it now);
+- the reminder: as an update, less the people who said they wrote.
+
+Every message after the first carries In-Reply-To and References naming, for each reader, the
+messages of the case that reader was sent (message.py), so it threads under their original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from newsletter.assemble import find_item
+from newsletter.audit import record_event
+from newsletter.case_files import Letter, Target
+from newsletter.check import Problem
+from newsletter.config import Settings
+from newsletter.db.models import (
+    ActionCase,
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    CaseLetter,
+    CaseMessage,
+    CaseOutcome,
+    CaseRole,
+    CaseStatus,
+    Delivery,
+    DeliveryStatus,
+    Item,
+)
+from newsletter.enqueue import launch_campaign
+from newsletter.errors import CampaignError
+from newsletter.lists import get_list
+from newsletter.sanitize import clean_html, clean_text
+from newsletter.segments import get_segment
+
+Checked = Callable[[Sequence[Problem]], None]
+NUMBERING_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class CaseDraft:
+    """What staff give to make or edit a case; None leaves a field as it is (on edit)."""
+
+    title: str | None = None
+    body_html: str | None = None
+    actions_html: str | None = None
+    person: str | None = None
+    person_public: bool | None = None
+    deadline: date | None = None
+    targets: tuple[Target, ...] | None = None
+    letters: Mapping[str, Letter] | None = None
+
+
+def portal_zone(settings: Settings) -> ZoneInfo:
+    """The portal's time zone, in which deadlines are days ([schedule] timezone)."""
+    return ZoneInfo(settings.schedule.timezone)
+
+
+def reference(prefix: str, seq: int, year: int) -> str:
+    """A case's number as people cite it: "UA 12/26"."""
+    return f"{prefix} {seq}/{year % 100:02d}"
+
+
+# --- making and finding cases ----------------------------------------------------------------
+
+
+def create_case(
+    session: Session,
+    *,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    draft: CaseDraft,
+    list_slug: str | None = None,
+    segment: str | None = None,
+    item_ref: str | None = None,
+) -> ActionCase:
+    """Make a draft case with the next number of the year (in the portal's time zone)."""
+    item = find_item(session, item_ref) if item_ref else None
+    if item is not None:
+        taken = session.scalar(select(ActionCase).where(ActionCase.item_id == item.id))
+        if taken is not None:
+            raise CampaignError(f"item {item_ref!r} already has case {taken.reference} ({taken.id})")
+    title = draft.title if draft.title is not None else (item.title if item else "")
+    body = draft.body_html if draft.body_html is not None else (item.summary_html if item else "")
+    ml = get_list(session, list_slug or settings.actions.list or settings.alerts.list)
+    case = ActionCase(
+        list_id=ml.id,
+        segment_id=get_segment(session, segment).id if segment else None,
+        item_id=item.id if item else None,
+        status=CaseStatus.DRAFT,
+        outcome="",
+        title="",
+        body_html="",
+        actions_html="",
+        person="",
+        person_public=True,
+        targets=[],
+        letters={},
+        created_by=actor,
+        created_at=now,
+    )
+    _apply(case, CaseDraft(**{**draft.__dict__, "title": title, "body_html": body}), settings)
+    if not case.title:
+        raise CampaignError("a case needs a title (--title)")
+    _number(session, case, settings=settings, now=now)
+    record_event(
+        session, now=now, actor=actor, action="case.created", case=case.id, reference=case.reference
+    )
+    return case
+
+
+def _number(session: Session, case: ActionCase, *, settings: Settings, now: datetime) -> None:
+    """Insert the case with the year's next number; a number taken meanwhile is tried again.
+
+    Two staff creating cases at once both read the same highest number; the unique (year, seq)
+    lets one insert win and the other, in its savepoint, reads again and takes the next.
+    """
+    year = now.astimezone(portal_zone(settings)).year
+    for _ in range(NUMBERING_ATTEMPTS):
+        highest = session.scalar(select(func.max(ActionCase.seq)).where(ActionCase.year == year))
+        case.year, case.seq = year, int(highest or 0) + 1
+        case.reference = reference(settings.actions.prefix, case.seq, year)
+        try:
+            with session.begin_nested():
+                session.add(case)
+                session.flush()
+            return
+        except IntegrityError:
+            session.expunge(case) if case in session else None
+            continue
+    raise CampaignError("could not number the case: too many made at once; try again")
+
+
+def edit_case(
+    session: Session, *, case: ActionCase, settings: Settings, now: datetime, actor: str,
+    draft: CaseDraft,
+) -> ActionCase:
+    """Change a draft case; once its first message went out, only the deadline may change."""
+    if case.status != CaseStatus.DRAFT:
+        fields = {k for k, v in draft.__dict__.items() if v is not None}
+        if fields - {"deadline"}:
+            raise CampaignError(
+                f"case {case.reference} is {case.status}: only its deadline may change now; "
+                "tell readers more with `newsletter actions update`"
+            )
+    _apply(case, draft, settings)
+    record_event(session, now=now, actor=actor, action="case.edited", case=case.id)
+    session.flush()
+    return case
+
+
+def _apply(case: ActionCase, draft: CaseDraft, settings: Settings) -> None:
+    base = settings.web.base_url or "https://invalid/"
+    if draft.title is not None:
+        case.title = clean_text(draft.title, max_length=300)
+    if draft.body_html is not None:
+        case.body_html = clean_html(draft.body_html, base_url=base)
+    if draft.actions_html is not None:
+        case.actions_html = clean_html(draft.actions_html, base_url=base)
+    if draft.person is not None:
+        case.person = clean_text(draft.person, max_length=200)
+    if draft.person_public is not None:
+        case.person_public = draft.person_public
+    if draft.deadline is not None:
+        case.deadline = draft.deadline
+    if draft.targets is not None:
+        case.targets = [t.as_dict() for t in draft.targets]
+    if draft.letters is not None:
+        letters = dict(case.letters or {})
+        letters.update({lang: {"subject": v.subject, "body": v.body} for lang, v in draft.letters.items()})
+        case.letters = letters
+
+
+def case_from_item(
+    session: Session, *, settings: Settings, item: Item, now: datetime, actor: str = "scheduler"
+) -> ActionCase | None:
+    """A draft case for an urgent item, held for staff; None when the item has one already."""
+    if session.scalar(select(ActionCase.id).where(ActionCase.item_id == item.id)) is not None:
+        return None
+    return create_case(
+        session, settings=settings, now=now, actor=actor, draft=CaseDraft(), item_ref=item.guid
+    )
+
+
+def get_case(session: Session, ref: str | int) -> ActionCase:
+    """A case by id ("12"), or by number ("UA 12/26", "12/26")."""
+    text = str(ref).strip()
+    case = None
+    if text.isdigit():
+        case = session.get(ActionCase, int(text))
+    else:
+        number = text.rsplit(" ", 1)[-1]
+        seq, _, yy = number.partition("/")
+        if seq.isdigit() and yy.isdigit() and len(yy) == 2:
+            found = session.scalars(
+                select(ActionCase).where(ActionCase.seq == int(seq)).order_by(ActionCase.year)
+            ).all()
+            case = next((c for c in found if c.year % 100 == int(yy)), None)
+    if case is None:
+        raise CampaignError(f"no case {text!r}; see `newsletter actions list`")
+    return case
+
+
+# --- its messages ------------------------------------------------------------------------------
+
+
+def messages_of(session: Session, case_id: int) -> list[CaseMessage]:
+    """The case's messages, oldest first."""
+    stmt = select(CaseMessage).where(CaseMessage.case_id == case_id).order_by(CaseMessage.campaign_id)
+    return list(session.scalars(stmt))
+
+
+def first_message(session: Session, case_id: int) -> CaseMessage | None:
+    """The case's first message, once it was made."""
+    return session.scalar(
+        select(CaseMessage).where(
+            CaseMessage.case_id == case_id, CaseMessage.role == CaseRole.FIRST
+        )
+    )
+
+
+def _message(
+    session: Session,
+    case: ActionCase,
+    *,
+    role: CaseRole,
+    number: int = 0,
+    body_html: str = "",
+    include_new: bool = False,
+    now: datetime,
+    actor: str,
+    settings: Settings,
+) -> Campaign:
+    """The campaign of one message of the case (the same one when asked again)."""
+    key = f"case:{case.id}:{role}:{number}"
+    existing = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
+    if existing is not None:
+        return existing
+    base = settings.web.base_url or "https://invalid/"
+    campaign = Campaign(
+        kind=CampaignKind.ALERT,
+        list_id=case.list_id,
+        segment_id=case.segment_id,
+        status=CampaignStatus.DRAFT,
+        dedupe_key=key,
+        title=case.title,
+        body_html=clean_html(body_html, base_url=base) if body_html else "",
+        created_by=actor,
+        created_at=now,
+    )
+    session.add(campaign)
+    session.flush()
+    session.add(
+        CaseMessage(
+            campaign_id=campaign.id,
+            case_id=case.id,
+            role=role,
+            number=number,
+            body_html=campaign.body_html,
+            include_new=include_new,
+            copies={},
+        )
+    )
+    session.flush()
+    session.refresh(campaign, ["case_message"])
+    return campaign
+
+
+def send_first(
+    session: Session,
+    *,
+    case: ActionCase,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool = False,
+    on_checked: Checked | None = None,
+) -> tuple[Campaign, int]:
+    """Check and start the case's first message; returns it and how many were queued."""
+    if case.status == CaseStatus.CLOSED:
+        raise CampaignError(f"case {case.reference} is closed")
+    problems = readiness(case, settings=settings, now=now)
+    if problems:
+        raise CampaignError(f"case {case.reference} is not ready to send: {problems[0]}")
+    campaign = _message(session, case, role=CaseRole.FIRST, now=now, actor=actor, settings=settings)
+    if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
+        raise CampaignError(
+            f"case {case.reference}: its first message was already sent (campaign {campaign.id})"
+        )
+    queued = launch_campaign(
+        session=session,
+        campaign=campaign,
+        settings=settings,
+        now=now,
+        actor=actor,
+        force=force,
+        on_checked=on_checked,
+    )
+    if case.status == CaseStatus.DRAFT:
+        case.status = CaseStatus.OPEN
+    record_event(session, now=now, actor=actor, action="case.sent", case=case.id, queued=queued)
+    session.flush()
+    return campaign, queued
+
+
+def readiness(case: ActionCase, *, settings: Settings, now: datetime) -> list[str]:
+    """Why a case cannot be sent yet, one line each ([] = ready)."""
+    found = []
+    if not case.targets:
+        found.append("it has no targets (--target-file)")
+    if not case.letters:
+        found.append("it has no sample letter (--letter LANG=FILE)")
+    elif settings.render.default_language not in case.letters:
+        found.append(f"it has no letter in {settings.render.default_language}, the default language")
+    if case.deadline is None:
+        found.append("it has no deadline (--deadline YYYY-MM-DD)")
+    elif case.deadline < now.astimezone(portal_zone(settings)).date():
+        found.append(f"its deadline {case.deadline.isoformat()} has passed")
+    return found
+
+
+def _follow_up(
+    session: Session,
+    *,
+    case: ActionCase,
+    role: CaseRole,
+    body_html: str,
+    include_new: bool,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool,
+    on_checked: Checked | None,
+) -> tuple[Campaign, int]:
+    first = first_message(session, case.id)
+    if first is None or case.status == CaseStatus.DRAFT:
+        raise CampaignError(f"case {case.reference} has not been sent yet: `actions send {case.id}`")
+    if case.status == CaseStatus.CLOSED:
+        raise CampaignError(f"case {case.reference} is closed")
+    number = 0
+    if role == CaseRole.UPDATE:
+        number = 1 + sum(1 for m in messages_of(session, case.id) if m.role == CaseRole.UPDATE)
+    campaign = _message(
+        session,
+        case,
+        role=role,
+        number=number,
+        body_html=body_html,
+        include_new=include_new,
+        now=now,
+        actor=actor,
+        settings=settings,
+    )
+    queued = launch_campaign(
+        session=session,
+        campaign=campaign,
+        settings=settings,
+        now=now,
+        actor=actor,
+        force=force,
+        on_checked=on_checked,
+    )
+    return campaign, queued
+
+
+def send_update(
+    session: Session,
+    *,
+    case: ActionCase,
+    body_html: str,
+    include_new: bool,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool = False,
+    on_checked: Checked | None = None,
+) -> tuple[Campaign, int]:
+    """Send update N to the first message's readers still on the list (and newcomers)."""
+    if not clean_html(body_html, base_url="https://invalid/").strip():
+        raise CampaignError("an update needs text (--body-file)")
+    campaign, queued = _follow_up(
+        session,
+        case=case,
+        role=CaseRole.UPDATE,
+        body_html=body_html,
+        include_new=include_new,
+        settings=settings,
+        now=now,
+        actor=actor,
+        force=force,
+        on_checked=on_checked,
+    )
+    case.status = CaseStatus.UPDATED
+    number = campaign.case_message.number if campaign.case_message else 0
+    record_event(
+        session, now=now, actor=actor, action="case.updated", case=case.id, update=number,
+        queued=queued,
+    )
+    session.flush()
+    return campaign, queued
+
+
+def close_case(
+    session: Session,
+    *,
+    case: ActionCase,
+    outcome: str,
+    body_html: str,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool = False,
+    on_checked: Checked | None = None,
+) -> tuple[Campaign | None, int]:
+    """Close a case with its outcome, and thank its readers in a last threaded message.
+
+    A draft (never sent) is closed with no message.
+    """
+    if outcome not in set(CaseOutcome):
+        raise CampaignError(
+            f"unknown outcome {outcome!r}: expected one of {', '.join(o.value for o in CaseOutcome)}"
+        )
+    if case.status == CaseStatus.CLOSED:
+        raise CampaignError(f"case {case.reference} is already closed ({case.outcome})")
+    campaign, queued = None, 0
+    if case.status != CaseStatus.DRAFT:
+        campaign, queued = _follow_up(
+            session,
+            case=case,
+            role=CaseRole.CLOSING,
+            body_html=body_html,
+            include_new=False,
+            settings=settings,
+            now=now,
+            actor=actor,
+            force=force,
+            on_checked=on_checked,
+        )
+    _cancel_unsent_reminder(session, case=case, now=now, actor=actor)
+    case.status, case.outcome, case.closed_at = CaseStatus.CLOSED, outcome, now
+    record_event(
+        session, now=now, actor=actor, action="case.closed", case=case.id, outcome=outcome,
+        queued=queued,
+    )
+    session.flush()
+    return campaign, queued
+
+
+def _cancel_unsent_reminder(session: Session, *, case: ActionCase, now: datetime, actor: str) -> None:
+    """A reminder not started yet (held by the check) is void once the case is closed."""
+    for message in messages_of(session, case.id):
+        campaign = session.get(Campaign, message.campaign_id)
+        if message.role == CaseRole.REMINDER and campaign and campaign.status == CampaignStatus.DRAFT:
+            campaign.status, campaign.finished_at = CampaignStatus.CANCELLED, now
+            record_event(
+                session, now=now, actor=actor, action="campaign.cancelled", campaign=campaign.id
+            )
+
+
+# --- the deadline reminder ---------------------------------------------------------------------
+
+
+def reminder_due_at(deadline: date, *, settings: Settings) -> datetime:
+    """When a case's one reminder goes: 09:00 portal time, remind_days_before the deadline."""
+    day = deadline - timedelta(days=settings.actions.remind_days_before)
+    return datetime.combine(day, time(9, 0), tzinfo=portal_zone(settings))
+
+
+def due_reminders(session: Session, *, settings: Settings, now: datetime) -> list[ActionCase]:
+    """Open cases whose reminder is due now and has not been made."""
+    if settings.actions.remind_days_before <= 0:
+        return []
+    reminded = select(CaseMessage.case_id).where(CaseMessage.role == CaseRole.REMINDER)
+    cases = session.scalars(
+        select(ActionCase)
+        .where(
+            ActionCase.status.in_((CaseStatus.OPEN, CaseStatus.UPDATED)),
+            ActionCase.deadline.is_not(None),
+            ActionCase.id.not_in(reminded),
+        )
+        .order_by(ActionCase.id)
+    ).all()
+    today = now.astimezone(portal_zone(settings)).date()
+    return [
+        c
+        for c in cases
+        if c.deadline is not None
+        and reminder_due_at(c.deadline, settings=settings) <= now
+        and today <= c.deadline  # a deadline passed unseen (the service was down): no reminder
+    ]
+
+
+def send_due_reminders(
+    session: Session, *, settings: Settings, now: datetime, actor: str = "scheduler"
+) -> list[Campaign]:
+    """Start the reminder of each case whose time has come (each case at most once)."""
+    from newsletter.check import CheckError
+
+    started = []
+    for case in due_reminders(session, settings=settings, now=now):
+        try:
+            with session.begin_nested():
+                campaign, queued = _follow_up(
+                    session,
+                    case=case,
+                    role=CaseRole.REMINDER,
+                    body_html="",
+                    include_new=False,
+                    settings=settings,
+                    now=now,
+                    actor=actor,
+                    force=False,
+                    on_checked=None,
+                )
+        except (CheckError, CampaignError) as e:
+            record_event(
+                session, now=now, actor=actor, action="case.reminder_held", case=case.id,
+                reason=str(e)[:200],
+            )
+            # Made, so not tried every minute: a person sees why and sends it with --force.
+            _message(session, case, role=CaseRole.REMINDER, now=now, actor=actor, settings=settings)
+            continue
+        record_event(
+            session, now=now, actor=actor, action="case.reminded", case=case.id, queued=queued
+        )
+        started.append(campaign)
+    session.flush()
+    return started
+
+
+# --- "I sent my letter" ------------------------------------------------------------------------
+
+
+def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
+    """Count a reader's "I sent my letter" once; True when it was not counted before."""
+    values = {"case_id": case_id, "subscriber_id": subscriber_id}
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    before = wrote_count(session, case_id)
+    session.execute(insert(CaseLetter).values(**values).on_conflict_do_nothing())
+    return wrote_count(session, case_id) > before
+
+
+def wrote_count(session: Session, case_id: int) -> int:
+    """How many readers said they sent their letter."""
+    stmt = select(func.count()).select_from(CaseLetter).where(CaseLetter.case_id == case_id)
+    return int(session.scalar(stmt) or 0)
+
+
+def recipients_count(session: Session, case_id: int) -> int:
+    """How many people the first message was sent to."""
+    first = select(CaseMessage.campaign_id).where(
+        CaseMessage.case_id == case_id, CaseMessage.role == CaseRole.FIRST
+    )
+    stmt = select(func.count()).where(
+        Delivery.campaign_id.in_(first.scalar_subquery()), Delivery.status == DeliveryStatus.SENT
+    )
+    return int(session.scalar(stmt) or 0)
