@@ -72,7 +72,7 @@ def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
     sent_first = select(Delivery.subscriber_id).where(
         Delivery.campaign_id.in_(first.scalar_subquery()), Delivery.status == DeliveryStatus.SENT
     )
-    chosen = Subscriber.id.in_(sent_first.scalar_subquery())
+    chosen: ColumnElement[bool] = Subscriber.id.in_(sent_first.scalar_subquery())
     if message.include_new:
         chosen = or_(chosen, Subscriber.id.in_(everyone.scalar_subquery()))
     if message.role == CaseRole.REMINDER:

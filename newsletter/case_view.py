@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import date
 from urllib.parse import quote
 
+from babel.dates import get_timezone, get_timezone_location
+
 from newsletter.case_files import Letter, Target
 from newsletter.db.models import ActionCase, CaseMessage, CaseRole
 
@@ -40,6 +42,7 @@ class CaseView:
     person: str  # the person at risk as this copy may name them (initials on a public copy)
     deadline: date | None
     zone: str  # the portal's time zone, in which the deadline is a day ("Europe/Minsk")
+    zone_city: str  # its city in the reader's language ("Minsk", "Мінск"), as the emails name it
     targets: tuple[TargetView, ...]
     letter_subject: str
     letter_body: str
@@ -64,8 +67,16 @@ def letter_text(letter: Letter, target: Target | None) -> str:
 
 
 def initials(name: str) -> str:
-    """"Ales Bialiatski" -> "A. B.": what a public copy shows of a person not to be named."""
+    """ "Ales Bialiatski" -> "A. B.": what a public copy shows of a person not to be named."""
     return " ".join(f"{word[0]}." for word in name.replace("-", " ").split() if word[0].isalpha())
+
+
+def zone_city(zone: str, lang: str) -> str:
+    """The city of a time zone in a language ("Europe/Minsk", "be" -> "Мінск"), for "Minsk time"."""
+    try:
+        return str(get_timezone_location(get_timezone(zone), locale=lang, return_city=True))
+    except LookupError:  # not a zone Babel knows: its own last part ("Minsk")
+        return zone.rsplit("/", 1)[-1].replace("_", " ")
 
 
 def choose_letter(case: ActionCase, lang: str, default_lang: str) -> tuple[Letter | None, str]:
@@ -123,6 +134,7 @@ def make_case_view(
         person=person,
         deadline=case.deadline,
         zone=zone,
+        zone_city=zone_city(zone, lang),
         targets=tuple(targets),
         letter_subject=letter.subject if letter else "",
         letter_body=letter.body if letter else "",

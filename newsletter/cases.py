@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from newsletter.alerts import MAX_ALERT_AGE
 from newsletter.assemble import find_item
 from newsletter.audit import record_event
 from newsletter.case_files import Letter, Target
@@ -50,8 +51,10 @@ from newsletter.lists import get_list
 from newsletter.sanitize import clean_html, clean_text
 from newsletter.segments import get_segment
 
-Checked = Callable[[Sequence[Problem]], None]
+# Runs once the check lets a message through, before anything is queued (a confirmation).
+Checked = Callable[[Campaign, Sequence[Problem]], None]
 NUMBERING_ATTEMPTS = 20
+NUMBERING_LOCK = 0x55410000  # "UA" and the year: the advisory lock key of a year's numbering
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,9 @@ def create_case(
     if item is not None:
         taken = session.scalar(select(ActionCase).where(ActionCase.item_id == item.id))
         if taken is not None:
-            raise CampaignError(f"item {item_ref!r} already has case {taken.reference} ({taken.id})")
+            raise CampaignError(
+                f"item {item_ref!r} already has case {taken.reference} ({taken.id})"
+            )
     title = draft.title if draft.title is not None else (item.title if item else "")
     body = draft.body_html if draft.body_html is not None else (item.summary_html if item else "")
     ml = get_list(session, list_slug or settings.actions.list or settings.alerts.list)
@@ -130,10 +135,16 @@ def create_case(
 def _number(session: Session, case: ActionCase, *, settings: Settings, now: datetime) -> None:
     """Insert the case with the year's next number; a number taken meanwhile is tried again.
 
-    Two staff creating cases at once both read the same highest number; the unique (year, seq)
-    lets one insert win and the other, in its savepoint, reads again and takes the next.
+    Two staff creating cases at once could both read the same highest number: on PostgreSQL an
+    advisory lock per year makes them take turns; and the unique (year, seq) lets only one
+    insert win anyway, the other reading again, in its savepoint, and taking the next.
     """
     year = now.astimezone(portal_zone(settings)).year
+    if session.get_bind().dialect.name == "postgresql":
+        # One numbering at a time per year, until this transaction ends: the next writer reads
+        # the highest number after this one committed. (Without it, eight writers at once kept
+        # taking each other's numbers; SQLite serialises writers by itself.)
+        session.execute(select(func.pg_advisory_xact_lock(NUMBERING_LOCK + year)))
     for _ in range(NUMBERING_ATTEMPTS):
         highest = session.scalar(select(func.max(ActionCase.seq)).where(ActionCase.year == year))
         case.year, case.seq = year, int(highest or 0) + 1
@@ -150,7 +161,12 @@ def _number(session: Session, case: ActionCase, *, settings: Settings, now: date
 
 
 def edit_case(
-    session: Session, *, case: ActionCase, settings: Settings, now: datetime, actor: str,
+    session: Session,
+    *,
+    case: ActionCase,
+    settings: Settings,
+    now: datetime,
+    actor: str,
     draft: CaseDraft,
 ) -> ActionCase:
     """Change a draft case; once its first message went out, only the deadline may change."""
@@ -185,7 +201,9 @@ def _apply(case: ActionCase, draft: CaseDraft, settings: Settings) -> None:
         case.targets = [t.as_dict() for t in draft.targets]
     if draft.letters is not None:
         letters = dict(case.letters or {})
-        letters.update({lang: {"subject": v.subject, "body": v.body} for lang, v in draft.letters.items()})
+        letters.update(
+            {lang: {"subject": v.subject, "body": v.body} for lang, v in draft.letters.items()}
+        )
         case.letters = letters
 
 
@@ -195,9 +213,36 @@ def case_from_item(
     """A draft case for an urgent item, held for staff; None when the item has one already."""
     if session.scalar(select(ActionCase.id).where(ActionCase.item_id == item.id)) is not None:
         return None
-    return create_case(
-        session, settings=settings, now=now, actor=actor, draft=CaseDraft(), item_ref=item.guid
-    )
+    draft = CaseDraft(title=item.title, body_html=item.summary_html or item.content_html)
+    case = create_case(session, settings=settings, now=now, actor=actor, draft=draft)
+    case.item_id = item.id
+    session.flush()
+    record_event(session, now=now, actor=actor, action="case.awaiting_staff", case=case.id)
+    return case
+
+
+def cases_for_urgent_items(
+    session: Session, *, settings: Settings, now: datetime, actor: str = "scheduler"
+) -> list[ActionCase]:
+    """A draft case, held for staff, for each recent urgent item that has none."""
+    if not settings.actions.from_urgent_items:
+        return []
+    have = select(ActionCase.item_id).where(ActionCase.item_id.is_not(None))
+    items = session.scalars(
+        select(Item)
+        .where(
+            Item.urgent.is_(True),
+            Item.published_at >= now - MAX_ALERT_AGE,
+            Item.id.not_in(have),
+        )
+        .order_by(Item.id)
+    ).all()
+    made = []
+    for item in items:
+        case = case_from_item(session, settings=settings, item=item, now=now, actor=actor)
+        if case is not None:
+            made.append(case)
+    return made
 
 
 def get_case(session: Session, ref: str | int) -> ActionCase:
@@ -224,7 +269,9 @@ def get_case(session: Session, ref: str | int) -> ActionCase:
 
 def messages_of(session: Session, case_id: int) -> list[CaseMessage]:
     """The case's messages, oldest first."""
-    stmt = select(CaseMessage).where(CaseMessage.case_id == case_id).order_by(CaseMessage.campaign_id)
+    stmt = (
+        select(CaseMessage).where(CaseMessage.case_id == case_id).order_by(CaseMessage.campaign_id)
+    )
     return list(session.scalars(stmt))
 
 
@@ -237,7 +284,7 @@ def first_message(session: Session, case_id: int) -> CaseMessage | None:
     )
 
 
-def _message(
+def message_campaign(
     session: Session,
     case: ActionCase,
     *,
@@ -300,7 +347,9 @@ def send_first(
     problems = readiness(case, settings=settings, now=now)
     if problems:
         raise CampaignError(f"case {case.reference} is not ready to send: {problems[0]}")
-    campaign = _message(session, case, role=CaseRole.FIRST, now=now, actor=actor, settings=settings)
+    campaign = message_campaign(
+        session, case, role=CaseRole.FIRST, now=now, actor=actor, settings=settings
+    )
     if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
         raise CampaignError(
             f"case {case.reference}: its first message was already sent (campaign {campaign.id})"
@@ -312,13 +361,21 @@ def send_first(
         now=now,
         actor=actor,
         force=force,
-        on_checked=on_checked,
+        on_checked=_bound(on_checked, campaign),
     )
     if case.status == CaseStatus.DRAFT:
         case.status = CaseStatus.OPEN
     record_event(session, now=now, actor=actor, action="case.sent", case=case.id, queued=queued)
     session.flush()
     return campaign, queued
+
+
+def _bound(on_checked: Checked | None, campaign: Campaign) -> Callable[[Sequence[Problem]], None]:
+    def run(problems: Sequence[Problem]) -> None:
+        if on_checked is not None:
+            on_checked(campaign, problems)
+
+    return run
 
 
 def readiness(case: ActionCase, *, settings: Settings, now: datetime) -> list[str]:
@@ -329,7 +386,9 @@ def readiness(case: ActionCase, *, settings: Settings, now: datetime) -> list[st
     if not case.letters:
         found.append("it has no sample letter (--letter LANG=FILE)")
     elif settings.render.default_language not in case.letters:
-        found.append(f"it has no letter in {settings.render.default_language}, the default language")
+        found.append(
+            f"it has no letter in {settings.render.default_language}, the default language"
+        )
     if case.deadline is None:
         found.append("it has no deadline (--deadline YYYY-MM-DD)")
     elif case.deadline < now.astimezone(portal_zone(settings)).date():
@@ -352,13 +411,15 @@ def _follow_up(
 ) -> tuple[Campaign, int]:
     first = first_message(session, case.id)
     if first is None or case.status == CaseStatus.DRAFT:
-        raise CampaignError(f"case {case.reference} has not been sent yet: `actions send {case.id}`")
+        raise CampaignError(
+            f"case {case.reference} has not been sent yet: `actions send {case.id}`"
+        )
     if case.status == CaseStatus.CLOSED:
         raise CampaignError(f"case {case.reference} is closed")
     number = 0
     if role == CaseRole.UPDATE:
         number = 1 + sum(1 for m in messages_of(session, case.id) if m.role == CaseRole.UPDATE)
-    campaign = _message(
+    campaign = message_campaign(
         session,
         case,
         role=role,
@@ -376,7 +437,7 @@ def _follow_up(
         now=now,
         actor=actor,
         force=force,
-        on_checked=on_checked,
+        on_checked=_bound(on_checked, campaign),
     )
     return campaign, queued
 
@@ -411,7 +472,12 @@ def send_update(
     case.status = CaseStatus.UPDATED
     number = campaign.case_message.number if campaign.case_message else 0
     record_event(
-        session, now=now, actor=actor, action="case.updated", case=case.id, update=number,
+        session,
+        now=now,
+        actor=actor,
+        action="case.updated",
+        case=case.id,
+        update=number,
         queued=queued,
     )
     session.flush()
@@ -436,7 +502,8 @@ def close_case(
     """
     if outcome not in set(CaseOutcome):
         raise CampaignError(
-            f"unknown outcome {outcome!r}: expected one of {', '.join(o.value for o in CaseOutcome)}"
+            f"unknown outcome {outcome!r}: expected one of "
+            + ", ".join(o.value for o in CaseOutcome)
         )
     if case.status == CaseStatus.CLOSED:
         raise CampaignError(f"case {case.reference} is already closed ({case.outcome})")
@@ -457,18 +524,29 @@ def close_case(
     _cancel_unsent_reminder(session, case=case, now=now, actor=actor)
     case.status, case.outcome, case.closed_at = CaseStatus.CLOSED, outcome, now
     record_event(
-        session, now=now, actor=actor, action="case.closed", case=case.id, outcome=outcome,
+        session,
+        now=now,
+        actor=actor,
+        action="case.closed",
+        case=case.id,
+        outcome=outcome,
         queued=queued,
     )
     session.flush()
     return campaign, queued
 
 
-def _cancel_unsent_reminder(session: Session, *, case: ActionCase, now: datetime, actor: str) -> None:
+def _cancel_unsent_reminder(
+    session: Session, *, case: ActionCase, now: datetime, actor: str
+) -> None:
     """A reminder not started yet (held by the check) is void once the case is closed."""
     for message in messages_of(session, case.id):
         campaign = session.get(Campaign, message.campaign_id)
-        if message.role == CaseRole.REMINDER and campaign and campaign.status == CampaignStatus.DRAFT:
+        if (
+            message.role == CaseRole.REMINDER
+            and campaign
+            and campaign.status == CampaignStatus.DRAFT
+        ):
             campaign.status, campaign.finished_at = CampaignStatus.CANCELLED, now
             record_event(
                 session, now=now, actor=actor, action="campaign.cancelled", campaign=campaign.id
@@ -508,35 +586,62 @@ def due_reminders(session: Session, *, settings: Settings, now: datetime) -> lis
     ]
 
 
+def send_reminder(
+    session: Session,
+    *,
+    case: ActionCase,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+    force: bool = False,
+    on_checked: Checked | None = None,
+) -> tuple[Campaign, int]:
+    """Start a case's one reminder: to its readers still on the list who did not say they wrote."""
+    key = f"case:{case.id}:{CaseRole.REMINDER}:0"
+    made = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
+    if made is not None and made.status != CampaignStatus.DRAFT:
+        raise CampaignError(f"case {case.reference}: its reminder was already sent ({made.status})")
+    return _follow_up(
+        session,
+        case=case,
+        role=CaseRole.REMINDER,
+        body_html="",
+        include_new=False,
+        settings=settings,
+        now=now,
+        actor=actor,
+        force=force,
+        on_checked=on_checked,
+    )
+
+
 def send_due_reminders(
     session: Session, *, settings: Settings, now: datetime, actor: str = "scheduler"
 ) -> list[Campaign]:
-    """Start the reminder of each case whose time has come (each case at most once)."""
-    from newsletter.check import CheckError
+    """Start the reminder of each case whose time has come (each case at most once).
 
+    A reminder the check refuses is kept as a held draft, with the reason in the events, so it
+    is not tried again every minute: `newsletter actions remind ID --force` sends it.
+    """
     started = []
     for case in due_reminders(session, settings=settings, now=now):
         try:
             with session.begin_nested():
-                campaign, queued = _follow_up(
-                    session,
-                    case=case,
-                    role=CaseRole.REMINDER,
-                    body_html="",
-                    include_new=False,
-                    settings=settings,
-                    now=now,
-                    actor=actor,
-                    force=False,
-                    on_checked=None,
+                campaign, queued = send_reminder(
+                    session, case=case, settings=settings, now=now, actor=actor
                 )
-        except (CheckError, CampaignError) as e:
+        except CampaignError as e:  # CheckError included
+            message_campaign(
+                session, case, role=CaseRole.REMINDER, now=now, actor=actor, settings=settings
+            )
             record_event(
-                session, now=now, actor=actor, action="case.reminder_held", case=case.id,
+                session,
+                now=now,
+                actor=actor,
+                action="case.reminder_held",
+                case=case.id,
                 reason=str(e)[:200],
             )
-            # Made, so not tried every minute: a person sees why and sends it with --force.
-            _message(session, case, role=CaseRole.REMINDER, now=now, actor=actor, settings=settings)
             continue
         record_event(
             session, now=now, actor=actor, action="case.reminded", case=case.id, queued=queued

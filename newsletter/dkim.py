@@ -16,6 +16,8 @@ SIGNED_HEADERS = (
     b"Subject",
     b"Date",
     b"Message-ID",
+    b"In-Reply-To",
+    b"References",
     b"List-Id",
     b"List-Unsubscribe",
     b"List-Unsubscribe-Post",

@@ -32,8 +32,14 @@ from urllib.parse import quote
 from newsletter.addresses import header_problem
 from newsletter.config import DiscreetSettings, Settings
 from newsletter.errors import PermanentDeliveryError
-from newsletter.render import RenderedVariant, misplaced_links, personalise
-from newsletter.tokens import make_token, page_url
+from newsletter.render import (
+    RenderedVariant,
+    has_link,
+    misplaced_links,
+    personalise,
+    without_wrote,
+)
+from newsletter.tokens import make_token, make_wrote_token, page_url
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
 # which mail clients then cannot read. That header is set raw, folded between its two URLs (a
@@ -46,6 +52,9 @@ class Recipient:
     subscriber_id: int
     email: str
     name: str
+    # The campaigns of the same case this reader was sent before, oldest first: the message
+    # threads under them (In-Reply-To the first, References all).
+    thread: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,8 +135,10 @@ def link_urls(
     mlist: ListInfo,
     settings: Settings,
     identity: Identity | None = None,
+    case_id: int | None = None,
 ) -> dict[str, str]:
-    """The recipient's signed unsubscribe and preferences links (https, and mailto if any)."""
+    """The recipient's signed unsubscribe and preferences links (https, and mailto if any);
+    with `case_id`, their "I sent my letter" link for that case too."""
     secret = settings.security.require_secret()
     identity = identity or plain_identity(settings)
     base = identity.links_base
@@ -144,11 +155,36 @@ def link_urls(
         list_id=mlist.id,
     )
     mailto = identity.unsubscribe_address
+    wrote = ""
+    if case_id is not None:
+        token = make_wrote_token(
+            secret=secret, subscriber_id=recipient.subscriber_id, case_id=case_id
+        )
+        wrote = page_url(base, "wrote", token)
     return {
         "unsubscribe": page_url(base, "unsubscribe", unsub),
         "preferences": page_url(base, "preferences", prefs),
         "mailto": f"mailto:{mailto}?subject={quote('unsubscribe ' + unsub)}" if mailto else "",
+        "wrote": wrote,
     }
+
+
+def thread_headers(recipient: Recipient, *, secret: str, domain: str) -> str:
+    """In-Reply-To and References for a reader's message in a case's thread ("" outside one).
+
+    Each id is the one that reader's earlier message carried (message_id is a function of the
+    campaign and the reader), under the domain of the identity they get mail from now: a reader
+    who has chosen a discreet envelope since never sees the portal's domain in these headers.
+    """
+    if not recipient.thread:
+        return ""
+    ids = [
+        message_id(
+            campaign_id=c, subscriber_id=recipient.subscriber_id, secret=secret, domain=domain
+        )
+        for c in recipient.thread
+    ]
+    return f"In-Reply-To: {ids[0]}\r\nReferences: {' '.join(ids)}\r\n"
 
 
 def list_unsubscribe(urls: dict[str, str]) -> str:
@@ -167,14 +203,24 @@ def build_message(
     settings: Settings,
     now: datetime,
     identity: Identity | None = None,
+    case_id: int | None = None,
 ) -> EmailMessage:
-    """Personalise a rendered variant for one recipient and wrap it with every header we promise."""
+    """Personalise a rendered variant for one recipient and wrap it with every header we promise.
+
+    `case_id`: the variant is a case's message, whose "I sent my letter" link names that case.
+    """
     identity = identity or plain_identity(settings)
-    if identity.discreet:
-        variant = without_preheader(variant)
-    urls = link_urls(recipient=recipient, mlist=mlist, settings=settings, identity=identity)
+    variant = _for_identity(variant, identity)
+    # A check or preview (no case given) gets a link to case 0, shaped as every reader's is.
+    wrote = (case_id or 0) if has_link(variant, "wrote") else None
+    urls = link_urls(
+        recipient=recipient, mlist=mlist, settings=settings, identity=identity, case_id=wrote
+    )
     html, text = personalise(
-        variant, unsubscribe_url=urls["unsubscribe"], preferences_url=urls["preferences"]
+        variant,
+        unsubscribe_url=urls["unsubscribe"],
+        preferences_url=urls["preferences"],
+        wrote_url=urls["wrote"],
     )
     msg = EmailMessage(policy=POLICY)
     msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
@@ -187,6 +233,11 @@ def build_message(
         secret=settings.security.require_secret(),
         domain=identity.domain,
     )
+    if recipient.thread:
+        secret = settings.security.require_secret()
+        for line in thread_headers(recipient, secret=secret, domain=identity.domain).splitlines():
+            name, _, value = line.partition(": ")
+            msg[name] = value
     msg["List-Id"] = identity.list_header(mlist)
     msg.set_raw("List-Unsubscribe", list_unsubscribe(urls))
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
@@ -249,6 +300,8 @@ class MessageTemplate:
     mlist: ListInfo
     campaign_id: int
     identity: Identity
+    # The case whose "I sent my letter" link the bodies carry (None: no such link).
+    wrote_case: int | None = None
 
     @classmethod
     def build(
@@ -260,13 +313,15 @@ class MessageTemplate:
         settings: Settings,
         identity: Identity | None = None,
         sealed: bool = False,
+        case_id: int | None = None,
     ) -> MessageTemplate:
         """Build the variant's fixed headers and MIME structure once, with the email package.
 
         A variant with a marker out of place is refused: the sender never splices a reader's
         links anywhere the templates did not put them, not even when the check was forced.
         `sealed`: the message will be encrypted, so it keeps the real Subject (RFC 9788 moves it
-        inside, and the outside gets the neutral one).
+        inside, and the outside gets the neutral one). `case_id`: a case's message, whose "I sent
+        my letter" link (if the variant carries one) names that case.
         """
         misplaced = misplaced_links(variant)
         if misplaced:
@@ -275,8 +330,7 @@ class MessageTemplate:
                 f"not sent, as a reader's links would go astray: {variant.lang} {part}: {what}"
             )
         identity = identity or plain_identity(settings)
-        if identity.discreet:
-            variant = without_preheader(variant)
+        variant = _for_identity(variant, identity)
         msg = EmailMessage(policy=POLICY)
         msg["From"] = Address(identity.from_name, addr_spec=identity.from_address)
         set_subject(
@@ -297,23 +351,30 @@ class MessageTemplate:
             mlist=mlist,
             campaign_id=campaign_id,
             identity=identity,
+            wrote_case=case_id if has_link(variant, "wrote") else None,
         )
 
     def render(self, recipient: Recipient, *, settings: Settings, now: datetime) -> bytes:
         """One recipient's message: their headers in front, their links spliced into the parts."""
         urls = link_urls(
-            recipient=recipient, mlist=self.mlist, settings=settings, identity=self.identity
+            recipient=recipient,
+            mlist=self.mlist,
+            settings=settings,
+            identity=self.identity,
+            case_id=self.wrote_case,
         )
+        secret = settings.security.require_secret()
         mid = message_id(
             campaign_id=self.campaign_id,
             subscriber_id=recipient.subscriber_id,
-            secret=settings.security.require_secret(),
+            secret=secret,
             domain=self.identity.domain,
         )
         headers = (
             f"To: {format_to(recipient)}\r\n"
             f"Date: {format_datetime(now)}\r\n"
             f"Message-ID: {mid}\r\n"
+            f"{thread_headers(recipient, secret=secret, domain=self.identity.domain)}"
             f"List-Unsubscribe: {list_unsubscribe(urls)}\r\n"
         )
         return b"".join(
@@ -329,6 +390,14 @@ class MessageTemplate:
 
 
 PREHEADER_START = '<div class="preheader"'
+
+
+def _for_identity(variant: RenderedVariant, identity: Identity) -> RenderedVariant:
+    """The variant as a reader of this identity gets it: a discreet one gets no preview text
+    and no "I sent my letter" link (nothing is recorded about them)."""
+    if identity.discreet:
+        return without_wrote(without_preheader(variant), keep=False)
+    return without_wrote(variant, keep=True)
 
 
 def without_preheader(variant: RenderedVariant) -> RenderedVariant:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter import throttle
 from newsletter.alerts import alerts_for_urgent_items
 from newsletter.assemble import assemble_digest
+from newsletter.cases import cases_for_urgent_items, send_due_reminders
 from newsletter.check import CheckError
 from newsletter.clock import Clock
 from newsletter.config import FeedSource, Settings
@@ -148,7 +149,37 @@ class Scheduler:
             )
         self.ingest_log = (self.ingest_log + reports)[-100:]
         self.make_alerts()
+        self.make_cases()
         return reports
+
+    def make_cases(self) -> list[int]:
+        """Draft cases, held for staff, for recent urgent items ([actions] from_urgent_items)."""
+        with self.alerts_lock:
+            try:
+                ids = self._make_cases()
+            except IntegrityError:  # another process made one of them at the same moment
+                ids = self._make_cases()
+        for case_id in ids:
+            log.info("case %d drafted from an urgent item; held for staff", case_id)
+        return ids
+
+    def _make_cases(self) -> list[int]:
+        with unit_of_work(self.factory) as session:
+            made = cases_for_urgent_items(
+                session, settings=self.settings, now=self.clock.now(), actor=self.actor
+            )
+            return [c.id for c in made]
+
+    def send_reminders(self) -> list[int]:
+        """Start each open case's deadline reminder when it is due (once per case)."""
+        with unit_of_work(self.factory) as session:
+            started = send_due_reminders(
+                session, settings=self.settings, now=self.clock.now(), actor=self.actor
+            )
+            ids = [c.id for c in started]
+        for campaign_id in ids:
+            log.info("case reminder campaign %d started", campaign_id)
+        return ids
 
     def make_alerts(self) -> list[int]:
         """Alerts for recent urgent items (started now in auto mode, else held)."""
@@ -260,10 +291,12 @@ def _active() -> Scheduler | None:
 
 
 def job_poll() -> None:
-    """Scheduled: ingest due sources, make alerts, and retry a digest the check held back."""
+    """Scheduled: ingest due sources, make alerts and draft cases, retry a digest the check held
+    back, and start the cases' deadline reminders that are due."""
     if (scheduler := _active()) is not None:
         scheduler.poll_sources()
         scheduler.run_digests()
+        scheduler.send_reminders()
 
 
 def job_digests() -> None:

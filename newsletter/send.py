@@ -40,9 +40,11 @@ from newsletter.db.models import DiscreetMode, KeyProblemChoice, KeyStatus
 from newsletter.db.queries import (
     ClaimedRow,
     any_alert,
+    case_of,
     claim_batch,
     claim_holders,
     count_due,
+    earlier_case_messages,
     extend_leases,
     load_claimed,
     load_variant,
@@ -51,6 +53,7 @@ from newsletter.db.queries import (
     release_claims_of,
     release_own_claims,
     running_campaigns,
+    sent_among,
     skip_left,
     stopped_campaigns,
     withhold,
@@ -327,6 +330,13 @@ class TemplateCache:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._cache: dict[tuple[int, str, str, bool], MessageTemplate | None] = {}
+        self._threads: dict[int, tuple[int, ...]] = {}
+
+    def thread(self, session: Session, campaign_id: int) -> tuple[int, ...]:
+        """The earlier messages of the campaign's case, oldest first (() outside a case)."""
+        if campaign_id not in self._threads:
+            self._threads[campaign_id] = earlier_case_messages(session, campaign_id)
+        return self._threads[campaign_id]
 
     def get(
         self,
@@ -375,6 +385,7 @@ class TemplateCache:
             settings=settings,
             identity=identity,
             sealed=sealed,
+            case_id=case_of(session, campaign_id),
         )
 
 
@@ -468,7 +479,9 @@ def prepare(
 ) -> Prepared:
     """Each claimed row as a job, or set aside: left the list, or withheld for a key problem."""
     out = Prepared()
-    for row in load_claimed(session, ids):
+    rows = load_claimed(session, ids)
+    threads = _threads(session, rows, templates)
+    for row in rows:
         if not row.may_be_mailed:
             out.gone.append(row.delivery_id)
             continue
@@ -479,6 +492,7 @@ def prepare(
                     _job(
                         session,
                         row,
+                        thread=threads.get(row.delivery_id, ()),
                         encrypt=True,
                         settings=settings,
                         templates=templates,
@@ -499,6 +513,7 @@ def prepare(
             _job(
                 session,
                 row,
+                thread=threads.get(row.delivery_id, ()),
                 encrypt=False,
                 settings=settings,
                 templates=templates,
@@ -509,10 +524,28 @@ def prepare(
     return out
 
 
+def _threads(
+    session: Session, rows: list[ClaimedRow], templates: TemplateCache
+) -> dict[int, tuple[int, ...]]:
+    """For each row of a case's later message, the earlier messages of the case its reader was
+    sent (one query per claim, and none when the claim holds no such row)."""
+    wanted = {row.campaign_id: templates.thread(session, row.campaign_id) for row in rows}
+    earlier = {c for thread in wanted.values() for c in thread}
+    if not earlier:
+        return {}
+    got = sent_among(session, earlier, {row.subscriber_id for row in rows})
+    return {
+        row.delivery_id: tuple(c for c in wanted[row.campaign_id] if (c, row.subscriber_id) in got)
+        for row in rows
+        if wanted[row.campaign_id]
+    }
+
+
 def _job(
     session: Session,
     row: ClaimedRow,
     *,
+    thread: tuple[int, ...] = (),
     encrypt: bool,
     settings: Settings,
     templates: TemplateCache,
@@ -528,7 +561,7 @@ def _job(
             session, row.campaign_id, row.language, row.discreet, sealed=sealed
         )
         message = template.render(
-            Recipient(row.subscriber_id, row.email, row.name), settings=settings, now=now
+            Recipient(row.subscriber_id, row.email, row.name, thread), settings=settings, now=now
         )
         if sealed and row.key_armored:
             message = encrypt_message(

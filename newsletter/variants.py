@@ -8,8 +8,8 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from newsletter.assemble import items_for_language
-from newsletter.config import Settings
 from newsletter.case_view import CaseView, make_case_view
+from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignKind, CaseMessage, MailingList, Variant
 from newsletter.render import (
     CampaignView,

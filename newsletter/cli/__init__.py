@@ -152,6 +152,7 @@ def root(
 
 # Each module adds its commands to `app` when imported; one line each, in any order.
 COMMAND_MODULES = (
+    "actions",
     "alert",
     "bounces",
     "campaigns",

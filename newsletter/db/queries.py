@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -28,6 +28,7 @@ from newsletter.db.models import (
     Campaign,
     CampaignKind,
     CampaignStatus,
+    CaseMessage,
     Delivery,
     DeliveryStatus,
     Event,
@@ -716,3 +717,37 @@ def campaign_events(session: Session, campaign_id: int, *, action: str) -> list[
     """
     stmt = select(Event).where(Event.action == action).order_by(Event.id)
     return [e for e in session.scalars(stmt) if (e.detail or {}).get("campaign") == campaign_id]
+
+
+# --- the messages of a case ----------------------------------------------------------------------
+
+
+def case_of(session: Session, campaign_id: int) -> int | None:
+    """The case a campaign is a message of, or None."""
+    stmt = select(CaseMessage.case_id).where(CaseMessage.campaign_id == campaign_id)
+    return session.scalar(stmt)
+
+
+def earlier_case_messages(session: Session, campaign_id: int) -> tuple[int, ...]:
+    """The campaigns of the same case made before this one, oldest first (() outside a case)."""
+    case_id = case_of(session, campaign_id)
+    if case_id is None:
+        return ()
+    stmt = (
+        select(CaseMessage.campaign_id)
+        .where(CaseMessage.case_id == case_id, CaseMessage.campaign_id < campaign_id)
+        .order_by(CaseMessage.campaign_id)
+    )
+    return tuple(session.scalars(stmt))
+
+
+def sent_among(
+    session: Session, campaign_ids: Collection[int], subscriber_ids: Collection[int]
+) -> set[tuple[int, int]]:
+    """(campaign, subscriber) pairs among these whose delivery was sent."""
+    stmt = select(Delivery.campaign_id, Delivery.subscriber_id).where(
+        Delivery.campaign_id.in_(list(campaign_ids)),
+        Delivery.subscriber_id.in_(list(subscriber_ids)),
+        Delivery.status == DeliveryStatus.SENT,
+    )
+    return {(c, s) for c, s in session.execute(stmt).all()}
