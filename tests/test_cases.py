@@ -386,7 +386,7 @@ def test_reminder_goes_once_when_due_and_spares_readers_who_wrote(
 def test_numbers_count_per_year_and_restart_each_year(
     world: tuple[sessionmaker[Session], Settings, FrozenClock],
 ) -> None:
-    factory, settings, clock = world
+    factory, settings, _ = world
     refs = []
     for now in (START, START + timedelta(days=1), datetime(2026, 12, 31, 21, 30, tzinfo=UTC)):
         with unit_of_work(factory) as session:  # 21:30 UTC on 31 Dec is 2027 in Minsk

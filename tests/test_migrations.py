@@ -143,3 +143,88 @@ def test_0006_keeps_subscribers_and_gives_them_the_reading_defaults(database_url
         c.execute(text("delete from subscribers"))  # a key goes with its reader
         assert c.execute(text("select count(*) from reader_keys")).scalar() == 0
     engine.dispose()
+
+
+def test_0007_keeps_campaigns_deliveries_and_keys_and_adds_cases(database_url: str) -> None:
+    """From 0006 with a list, a reader with a key, a campaign and a sent delivery, to head: all
+    there; then a case, its message (that campaign) and a reader's "I wrote" can be written, and
+    go with their case."""
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0006_readers_at_risk")
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
+                " values ('l', 'L', '{}', 'alerts', true, 'l.example.org', 0)"
+            )
+        )
+        c.execute(
+            text(
+                "insert into subscribers (email, name, language, country, tags, attributes, status,"
+                " created_at, discreet, on_key_problem) values ('a@example.org', 'Ann', 'ru', '',"
+                " '[]', '{}', 'active', :now, 'envelope', 'plain')"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into reader_keys (subscriber_id, status, fingerprint, armored, created_at)"
+                " values (1, 'active', 'ABCD', 'key', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
+                " created_by, approved_by, pause_reason, created_at, translations, source_text,"
+                " training, slug, archived) values ('alert', 1, 'finished', 'k', 'T', '', '',"
+                " 'cli', '', '', :now, '{}', '{}', false, 'alert-x', true)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                " next_attempt_at, created_at) values (1, 1, 'sent', 1, :now, :now)"
+            ),
+            {"now": NOW},
+        )
+    migrate(engine)
+    with engine.begin() as c:
+        row = c.execute(text("select email, discreet, on_key_problem from subscribers")).one()
+        assert tuple(row) == ("a@example.org", "envelope", "plain")
+        assert c.execute(text("select count(*) from reader_keys")).scalar() == 1
+        assert c.execute(text("select status from deliveries")).scalar() == "sent"
+        assert c.execute(text("select count(*) from cases")).scalar() == 0
+        c.execute(
+            text(
+                "insert into cases (year, seq, reference, status, outcome, title, body_html,"
+                " actions_html, person, person_public, targets, letters, list_id, created_by,"
+                " created_at) values (2026, 1, 'UA 1/26', 'open', '', 'T', '', '', '', true,"
+                " '[]', '{}', 1, 'cli', :now)"
+            ),
+            {"now": NOW},
+        )
+        c.execute(
+            text(
+                "insert into case_messages (campaign_id, case_id, role, number, body_html,"
+                " include_new, copies) values (1, 1, 'first', 0, '', false, '{}')"
+            )
+        )
+        c.execute(text("insert into case_letters (case_id, subscriber_id) values (1, 1)"))
+    with pytest.raises(SQLAlchemyError), engine.begin() as c:  # one number per year
+        c.execute(
+            text(
+                "insert into cases (year, seq, reference, status, outcome, title, body_html,"
+                " actions_html, person, person_public, targets, letters, list_id, created_by,"
+                " created_at) values (2026, 1, 'UA 1/26b', 'draft', '', 'T', '', '', '', true,"
+                " '[]', '{}', 1, 'cli', :now)"
+            ),
+            {"now": NOW},
+        )
+    with engine.begin() as c:
+        c.execute(text("delete from cases"))  # its messages' links and letters go with it
+        assert c.execute(text("select count(*) from case_messages")).scalar() == 0
+        assert c.execute(text("select count(*) from case_letters")).scalar() == 0
+        assert c.execute(text("select count(*) from campaigns")).scalar() == 1
+    engine.dispose()
