@@ -1,4 +1,4 @@
-"""`newsletter actions ...` in a fresh process, as an admin uses it: real SQLite/PostgreSQL, SMTP."""
+"""`newsletter actions ...` in a fresh process, as an admin uses it: real databases and SMTP."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from tests.builders import run
 from tests.conftest import SmtpServer
-from tests.test_cli import ROOT, write_config
 from tests.test_cases import LETTERS, TARGETS
+from tests.test_cli import ROOT, write_config
 
 DEADLINE = (date.today() + timedelta(days=20)).isoformat()
 
