@@ -75,12 +75,12 @@ def test_create_send_update_close_from_the_command_line(
             {"t.toml": "[[target]]\nname='X'\nemail='not an address'\n"},
             ["--target-file", "t.toml"],
             "invalid address",
-        ),  # fmt: skip
+        ),
         (
             {"t.toml": "[[target]]\nname='X'\nemail='a@b.org'\nfax='1'\n"},
             ["--target-file", "t.toml"],
             "unknown field 'fax'",
-        ),  # fmt: skip
+        ),
         ({"l.txt": "Subject: only a subject\n"}, ["--letter", "en=l.txt"], "the letter is empty"),
         ({"l.txt": "x"}, ["--letter", "de=l.txt"], "language must be one of"),
         ({"l.bin": b"\xff\xfe".decode("latin-1")}, ["--letter", "en=l.bin"], "cannot read"),
