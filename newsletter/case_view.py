@@ -7,7 +7,7 @@ its text (the target's salutation first) percent-encoded as UTF-8, line breaks a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from urllib.parse import quote
 
@@ -56,7 +56,39 @@ def mailto_link(address: str, *, subject: str, body: str) -> str:
     # quote(..., safe="") percent-encodes every reserved character, "&", "=", "?" and "#"
     # included, as UTF-8; spaces become %20 (not "+", which mail clients would show).
     to = quote(address, safe="@!$'()*+,;:")
-    return f"mailto:{to}?subject={quote(subject, safe='')}&body={quote(crlf, safe='')}"
+    link = f"mailto:{to}?subject={quote(subject, safe='')}"
+    return f"{link}&body={quote(crlf, safe='')}" if crlf else link
+
+
+# Mail clients open mailto: links up to some length: Outlook on Windows cuts them near 2,000
+# characters (the old Internet Explorer URL limit); most others take far more.
+MAILTO_COMFORT = 2000
+
+
+def long_mailto_links(case: ActionCase) -> list[tuple[str, int]]:
+    """(language, length) of each letter whose longest "Write now" link is over MAILTO_COMFORT."""
+    found = []
+    for lang, stored in sorted((case.letters or {}).items()):
+        letter = Letter(str(stored.get("subject", "")), str(stored.get("body", "")))
+        lengths = [
+            len(mailto_link(t.email, subject=letter.subject, body=letter_text(letter, t)))
+            for t in (Target.of(s) for s in case.targets or [])
+            if t.email
+        ]
+        if lengths and max(lengths) > MAILTO_COMFORT:
+            found.append((lang, max(lengths)))
+    return found
+
+
+def short_mailto_links(case: CaseView) -> CaseView:
+    """The view with each "Write now" link carrying the letter's subject only (no body)."""
+    targets = tuple(
+        replace(
+            t, mailto=mailto_link(t.email, subject=case.letter_subject, body="") if t.email else ""
+        )
+        for t in case.targets
+    )
+    return replace(case, targets=targets)
 
 
 def letter_text(letter: Letter, target: Target | None) -> str:

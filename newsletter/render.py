@@ -24,7 +24,7 @@ from babel import Locale
 from babel.dates import format_date
 from mjml import mjml2html
 
-from newsletter.case_view import CaseView
+from newsletter.case_view import CaseView, short_mailto_links
 from newsletter.config import LANGUAGES, BrandSettings, Settings
 from newsletter.errors import RenderError
 from newsletter.htmltext import html_to_text, shorten_html, tidy_text, wrap_text
@@ -190,6 +190,11 @@ def render_variant(view: CampaignView, *, lang: str, settings: Settings) -> Rend
     """
     budget = settings.check.max_html_kb * 1024 - PERSONALISATION_MARGIN_BYTES
     variant = _render_once(view, lang=lang, settings=settings, summary_chars=None)
+    if view.case is not None and len(variant.html.encode()) > budget:
+        # Each "Write now" link carries the whole letter (a Cyrillic letter costs six bytes a
+        # character): too big, the links carry the subject only; the letter stays shown, to copy.
+        view = dataclasses.replace(view, case=short_mailto_links(view.case))
+        return _render_once(view, lang=lang, settings=settings, summary_chars=None)
     if view.kind != "digest":
         return variant
     full = settings.render.summary_max_chars
@@ -215,7 +220,8 @@ def _render_once(
     misplaced = misplaced_links(variant, expect_all=True)
     if misplaced:  # a template (or MJML, or premailer) broke the one rule the sender relies on
         part, what = misplaced[0]
-        raise RenderError(f"the {view.kind} template ({lang} {part}) misplaces a link: {what}")
+        name = "action" if view.case else view.kind
+        raise RenderError(f"the {name} template ({lang} {part}) misplaces a link: {what}")
     return variant
 
 
@@ -257,7 +263,8 @@ def render_mjml_source(view: CampaignView, *, lang: str, settings: Settings) -> 
     """Fill the campaign's MJML template, before compilation (for previews and benchmarks)."""
     context = _context(view, lang=lang, settings=settings, summary_chars=None)
     context |= _link_context(secrets.token_hex(16))
-    return _render_template(f"email/{view.kind}.mjml.j2", lang, context)
+    name = "action" if view.case else view.kind
+    return _render_template(f"email/{name}.mjml.j2", lang, context)
 
 
 def _link_context(nonce: str) -> dict[str, str]:
@@ -418,6 +425,8 @@ def _check_view(view: CampaignView, lang: str) -> None:
 def _check_depth(view: CampaignView) -> None:
     # mjml overflows its stack (the process dies) on HTML nested some thousands deep.
     fragments = [view.body_html, *(item.summary_html for item in view.items)]
+    if view.case is not None:
+        fragments += [view.case.body_html, view.case.actions_html, view.case.message_html]
     if any(html_depth(fragment) > MAX_HTML_DEPTH for fragment in fragments):
         raise RenderError(f"an item's HTML nests more than {MAX_HTML_DEPTH} elements deep")
 

@@ -478,3 +478,58 @@ def test_discreet_reader_gets_no_i_wrote_link(
         assert "WROTE" not in raw
         page = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
         assert ("/wrote/" in page) == (address != discreet)
+
+
+def test_a_long_letter_to_many_targets_still_fits_and_links_carry_the_subject(
+    world: tuple[sessionmaker[Session], Settings, FrozenClock], smtpd: SmtpServer
+) -> None:
+    """Five email targets and a long Cyrillic letter would make 200 KB of mailto links: the
+    links then carry the subject only, the letter stays in the message, under the size limit."""
+    factory, settings, clock = world
+    many = "\n".join(
+        f'[[target]]\nname = "Official {n}"\nemail = "official{n}@gov.example.by"\n'
+        for n in range(5)
+    )
+    long_body = "\n\n".join("Патрабую неадкладна вызваліць палітвязняў. " * 12 for _ in range(12))
+    letters = {
+        lang: parse_letter(f"Subject: Ліст {lang}\n{long_body}", where=lang, default_subject="x")
+        for lang in ("en", "be", "ru")
+    }
+    draft = replace(case_draft(), targets=parse_targets(many, where="t"), letters=letters)
+    with unit_of_work(factory) as session:
+        case_id = create_case(
+            session, settings=settings, now=clock.now(), actor="t", draft=draft
+        ).id
+    first = send(factory, settings, clock, "first", case_id)
+    got = by_campaign(smtpd, first)
+    assert len(got) == 8
+    for msg in got.values():
+        page = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        assert len(page.encode()) < settings.check.max_html_kb * 1024
+        tree = lxml_html.fromstring(page)
+        mailtos = {
+            a.get("href") for a in tree.iter("a") if a.get("href", "").startswith("mailto:o")
+        }
+        assert len(mailtos) == 5
+        for link in mailtos:
+            query = parse_qs(urlsplit(link).query)
+            assert "body" not in query and query["subject"][0].startswith("Ліст")
+        assert "Патрабую неадкладна" in page
+
+
+def test_an_update_to_an_open_case_keeps_targets_and_letter_the_closing_does_not(
+    world: tuple[sessionmaker[Session], Settings, FrozenClock], smtpd: SmtpServer
+) -> None:
+    factory, settings, clock = world
+    case_id = make_case(factory, settings, clock)
+    send(factory, settings, clock, "first", case_id)
+    _join(factory, clock, "late.reader@example.org")
+    update = send(factory, settings, clock, "update", case_id, include_new=True)
+    late = by_campaign(smtpd, update)["late.reader@example.org"]
+    page = late.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert "mailto:info@prokuratura.example.by" in page and "220030 Minsk" in page
+    assert "Освободите Алеся Беляцкого" in page  # their (ru) letter: they can act now
+    closing = send(factory, settings, clock, "close", case_id)
+    for msg in by_campaign(smtpd, closing).values():
+        page = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        assert "mailto:info@prokuratura" not in page

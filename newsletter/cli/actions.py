@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from newsletter.audience import campaign_audience
 from newsletter.case_files import Letter, parse_letter, parse_letter_option, parse_targets
+from newsletter.case_view import MAILTO_COMFORT, long_mailto_links
 from newsletter.cases import (
     CaseDraft,
     Checked,
@@ -145,6 +146,14 @@ def _draft(
 def _warn_about(case: ActionCase, state: State) -> None:
     for problem in readiness(case, settings=state.settings, now=state.clock.now()):
         say("to do:", "yellow", f"{case.reference}: {problem}")
+    for lang, length in long_mailto_links(case):
+        say(
+            "warning:",
+            "yellow",
+            f"the {lang} letter makes a 'Write now' link of {length} characters: some mail "
+            f"clients cut links over {MAILTO_COMFORT} (Outlook on Windows); a shorter letter "
+            "opens whole everywhere",
+        )
     name = case.person.strip()
     if name and not case.person_public:
         text = f"{case.title} {case.body_html}".lower()
