@@ -7,6 +7,11 @@ note on unsubscribing from the email itself. The header's "Open in a browser" pa
 names this page with the main host's address, gives way to a bar of relative links (to the
 archive, the form and the mirrors), so a mirror serving the same app serves the same page.
 
+A message of an urgent-action case is shown from its public copy (CaseMessage.copies: the person
+named by initials when their name is not to be published, no "I sent my letter" section), with
+where the case stands now (CaseState) for a box on top; every copy, the discreet one too, is cut of
+the "I sent my letter" section a variant carries (render.without_wrote).
+
 A campaign is public once it has started sending (running, paused or finished), unless it was
 kept out (Campaign.archived false, `alert send --no-archive`), is a training alert, or is an
 alert while [archive] include_alerts is off. Drafts, scheduled and held alerts never are.
@@ -14,23 +19,41 @@ alert while [archive] include_alerts is off. Drafts, scheduled and held alerts n
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from xml.sax.saxutils import escape, quoteattr
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from newsletter.cases import wrote_count
 from newsletter.config import Settings
-from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Variant
-from newsletter.render import link_markers
+from newsletter.db.models import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    CaseMessage,
+    CaseRole,
+    Variant,
+)
+from newsletter.render import (
+    RenderedVariant,
+    link_markers,
+    misplaced_links,
+    without_wrote,
+    wrote_section,
+)
 from newsletter.render import web_copy_url as web_copy_url  # where emails link to
 
 PUBLIC_STATUSES = (CampaignStatus.RUNNING, CampaignStatus.PAUSED, CampaignStatus.FINISHED)
 # The class of the header paragraph with the "Open in a browser" link (email/partials/header).
 WEB_COPY_CLASS = 'class="webcopy'
 _NAMESPACE = uuid.UUID("6f1d7c3a-2b7e-4f63-9a52-4c1f0e2d9b10")
+# The unsubscribe marker of a render (render.link_markers: a nonce of 32 hex digits). Linear: a
+# literal, one bounded class, a literal; and it runs on a copy our templates rendered.
+_UNSUBSCRIBE_MARKER = re.compile(r"%%UNSUBSCRIBE_URL_([0-9a-f]{32})%%")
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,38 @@ class Entry:
     subject: str
     sent_at: datetime
     finished: bool
+
+
+@dataclass(frozen=True)
+class CaseLink:
+    """Another message of the case, public: what it is, and its web copy's name."""
+
+    role: str  # first | update | reminder | closing
+    number: int  # the update's number; 0 otherwise
+    slug: str
+
+
+@dataclass(frozen=True)
+class CaseState:
+    """Where a case stands as its web copy is served (not as it stood when the message went)."""
+
+    reference: str
+    status: str  # draft | open | updated | closed
+    outcome: str  # "" | released | improved | no-change | no-further-action
+    updates: int  # how many updates went out
+    deadline: date | None
+    wrote: int  # how many readers said they sent their letter
+    others: tuple[CaseLink, ...]  # the case's other public messages, oldest first
+
+
+@dataclass(frozen=True)
+class WebCopy:
+    """What a web copy is made of: the HTML, its markers' nonce, and the case's state if any."""
+
+    entry: Entry
+    html: str
+    nonce: str
+    case: CaseState | None = None
 
 
 def is_public(campaign: Campaign, settings: Settings) -> bool:
@@ -111,6 +166,76 @@ def find_copy(
     return None if row is None else (_entry(row[0], row[1]), row[1])
 
 
+def find_web_copy(session: Session, *, slug: str, lang: str, settings: Settings) -> WebCopy | None:
+    """A public campaign's web copy in a language; a case's message from its public copy.
+
+    A case's message with no public copy in that language (one made before copies were kept)
+    falls back to the variant only when the person may be named: the variant is the email, with
+    their full name; otherwise there is no copy.
+    """
+    found = find_copy(session, slug=slug, lang=lang, settings=settings)
+    if found is None:
+        return None
+    entry, variant = found
+    message = session.get(CaseMessage, variant.campaign_id)
+    if message is None:
+        return WebCopy(entry, variant.html, variant.link_nonce)
+    public = (message.copies or {}).get(lang)
+    if public:
+        html, nonce = public, copy_nonce(public)
+    elif message.case.person_public:
+        html, nonce = variant.html, variant.link_nonce
+    else:
+        return None
+    return WebCopy(entry, html, nonce, case_state(session, message, settings=settings))
+
+
+def copy_nonce(html: str) -> str:
+    """The nonce of a stored public copy's markers (CaseMessage.copies keeps the HTML only).
+
+    The one whose unsubscribe and preferences markers each stand once, as the whole href of a
+    link: feed and staff text cannot put a marker there (its links are made absolute), so a
+    marker-like string in it is never taken; the footer, last, is tried first. "" when none is.
+    """
+    found: list[str] = _UNSUBSCRIBE_MARKER.findall(html)
+    for nonce in reversed(dict.fromkeys(found)):
+        if link_markers(nonce)["preferences"] not in html:
+            continue
+        if not misplaced_links(RenderedVariant("", "", html, "", nonce)):
+            return nonce
+    return ""
+
+
+def case_state(session: Session, message: CaseMessage, *, settings: Settings) -> CaseState:
+    """The case of a message as it stands now, with its other public messages."""
+    case = message.case
+    rows = session.execute(
+        select(CaseMessage, Campaign)
+        .join(Campaign, Campaign.id == CaseMessage.campaign_id)
+        .where(CaseMessage.case_id == case.id)
+        .order_by(CaseMessage.campaign_id)
+    ).all()
+    updates = sum(
+        1
+        for m, c in rows
+        if m.role == CaseRole.UPDATE and c.started_at is not None and c.status in PUBLIC_STATUSES
+    )
+    others = tuple(
+        CaseLink(m.role, m.number, c.slug or "")
+        for m, c in rows
+        if c.id != message.campaign_id and is_public(c, settings)
+    )
+    return CaseState(
+        reference=case.reference,
+        status=case.status,
+        outcome=case.outcome,
+        updates=updates,
+        deadline=case.deadline,
+        wrote=wrote_count(session, case.id),
+        others=others,
+    )
+
+
 def _entry(campaign: Campaign, variant: Variant) -> Entry:
     sent = campaign.started_at or campaign.created_at
     finished = campaign.status == CampaignStatus.FINISHED
@@ -122,8 +247,14 @@ def make_web_copy(html: str, nonce: str, *, note_html: str, banner_html: str) ->
 
     `note_html` takes the place of the footer paragraph that holds the two personal links (its
     own opening tag, with the email's styles, is kept); `banner_html` goes first in the body.
-    Plain string search for our own markers and class, in text our templates produced.
+    The "I sent my letter" section a case's first message carries is cut out whole (only the
+    template's own, between the markers with this render's nonce). Plain string search for our
+    own markers and class, in text our templates produced.
     """
+    if nonce:
+        html = without_wrote(RenderedVariant("", "", html, "", nonce), keep=False).html
+        for lone in wrote_section(nonce):  # a marker without its pair (never, by the template)
+            html = html.replace(lone, "")
     markers = link_markers(nonce)
     first = html.find(markers["unsubscribe"])
     second = html.find(markers["preferences"])

@@ -659,9 +659,9 @@ def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
     values = {"case_id": case_id, "subscriber_id": subscriber_id}
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    before = wrote_count(session, case_id)
-    session.execute(insert(CaseLetter).values(**values).on_conflict_do_nothing())
-    return wrote_count(session, case_id) > before
+    stmt = insert(CaseLetter).values(**values).on_conflict_do_nothing()
+    # RETURNING gives a row only when this insert wrote one: exact with two readers at once.
+    return session.execute(stmt.returning(CaseLetter.case_id)).first() is not None
 
 
 def wrote_count(session: Session, case_id: int) -> int:

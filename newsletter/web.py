@@ -1,6 +1,7 @@
-"""The supporters' pages: unsubscribe, preferences, confirmation and key activation behind signed
+"""The supporters' pages: unsubscribe, preferences, confirmation, key activation and an urgent
+action's "I sent my letter" (/wrote/, counted once per reader, nothing else kept) behind signed
 links; a discreet reader's web copy (/w/); and the public pages: the signup form (signup.py) and
-the archive of web copies (archive.py).
+the archive of web copies (archive.py), a case's messages with where the case stands now.
 
 GET never changes state (mail scanners follow links); every change is a POST. The signed token in
 the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
@@ -51,16 +52,21 @@ from starlette.responses import HTMLResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from newsletter import archive, readers, signup
+from newsletter import archive, cases, readers, signup
 from newsletter.clock import Clock
 from newsletter.config import LANGUAGES, Settings, WebSettings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
+    ActionCase,
+    CaseLetter,
+    CaseStatus,
     DiscreetMode,
     KeyProblemChoice,
     MailingList,
     Subscriber,
     SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
 )
 from newsletter.errors import AudienceError, KeptOutError, TokenError
 from newsletter.i18n import N_, TEMPLATES_DIR, gettext_for, web_environment
@@ -83,6 +89,7 @@ from newsletter.tokens import (
     read_copy_token,
     read_key_token,
     read_token,
+    read_wrote_token,
 )
 
 log = logging.getLogger("newsletter.web")
@@ -154,6 +161,23 @@ class Choices:
     on_key_problem: str | None = None
     key: bytes = b""
     remove_key: bool = False
+
+
+@dataclass(frozen=True)
+class Wrote:
+    """What an "I sent my letter" link finds: which page to show, in which language.
+
+    `page` is "form" (the button), "done" (counted), "left" (forgotten, or off the case's list),
+    "neutral" (a discreet reader, who was never to get the link) or "gone" (no such case).
+    """
+
+    page: str
+    lang: str
+    discreet: bool = False
+    reference: str = ""
+    title: str = ""
+    count: int = 0
+    already: bool = False
 
 
 def read_reading(session: Session, subscriber_id: int) -> Reading:
@@ -577,6 +601,88 @@ class Pages:
             raise TokenError("this link is not valid") from None
         return self.key_done(lang, reading, claims)
 
+    # --- "I sent my letter" ----------------------------------------------------------------
+
+    def _wrote(self, token: str, *, fallback_lang: str, record: bool) -> Wrote:
+        """Read (and with `record`, count) a reader's "I sent my letter", in one transaction.
+
+        Nothing is counted for someone forgotten or no longer on the case's list, nor for a
+        discreet reader (never sent the link: nothing is to be known about them), nor for a case
+        that is gone; and nothing but the (case, reader) pair is ever kept: no time, no address.
+        """
+        subscriber_id, case_id = read_wrote_token(token, secret=self.secret)
+        with unit_of_work(self.factory) as session:
+            sub = session.get(Subscriber, subscriber_id)
+            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+                # Who it was is unknowable now, and so is whether they chose discreet pages.
+                return Wrote("left", fallback_lang, discreet=True)
+            lang = sub.language if sub.language in LANGUAGES else "en"
+            if sub.discreet != DiscreetMode.OFF:
+                return Wrote("neutral", lang, discreet=True)
+            case = session.get(ActionCase, case_id)
+            if case is None or case.status == CaseStatus.DRAFT:
+                return Wrote("gone", lang)
+            on_list = session.scalar(
+                select(Subscription.status).where(
+                    Subscription.subscriber_id == sub.id, Subscription.list_id == case.list_id
+                )
+            )
+            if sub.status == SubscriberStatus.UNSUBSCRIBED or on_list != SubscriptionStatus.ACTIVE:
+                return Wrote("left", lang)
+            if record:
+                cases.record_wrote(session, case_id=case.id, subscriber_id=sub.id)
+                count = cases.wrote_count(session, case.id)
+                return Wrote("done", lang, reference=case.reference, title=case.title, count=count)
+            already = session.get(CaseLetter, (case.id, sub.id)) is not None
+            return Wrote("form", lang, reference=case.reference, title=case.title, already=already)
+
+    def wrote_answer(self, request: Request, found: Wrote, *, expired: bool = False) -> Response:
+        """The page for what the link found: the button, the thanks, or why nothing counts."""
+        if found.page == "form":
+            return self.render(
+                "wrote",
+                found.lang,
+                reference=found.reference,
+                title=found.title,
+                already=found.already,
+                expired=expired,
+                form_token=self.form_token(request.path_params["token"]),
+            )
+        if found.page == "done":
+            return self.render(
+                "wrote_done",
+                found.lang,
+                reference=found.reference,
+                title=found.title,
+                count=found.count,
+            )
+        status = 404 if found.page == "gone" else 200
+        return self.render(
+            "wrote_not_counted", found.lang, status, discreet=found.discreet, why=found.page
+        )
+
+    async def wrote_page(self, request: Request) -> Response:
+        """GET /wrote/TOKEN: the case and one button; the GET itself records nothing."""
+        found = await run_in_threadpool(
+            self._wrote,
+            request.path_params["token"],
+            fallback_lang=_accepted_language(request),
+            record=False,
+        )
+        return self.wrote_answer(request, found)
+
+    async def wrote_post(self, request: Request) -> Response:
+        """POST /wrote/TOKEN: count the reader's letter once, and say how many wrote."""
+        token = request.path_params["token"]
+        read_wrote_token(token, secret=self.secret)  # a forged link: the links' 400, first
+        fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
+        lang = _accepted_language(request)
+        if self.check_form(request, fields):  # left open too long: ask for the click again
+            found = await run_in_threadpool(self._wrote, token, fallback_lang=lang, record=False)
+            return self.wrote_answer(request, found, expired=True)
+        found = await run_in_threadpool(self._wrote, token, fallback_lang=lang, record=True)
+        return self.wrote_answer(request, found)
+
     # --- a discreet reader's web copy ------------------------------------------------------
 
     async def discreet_copy(self, request: Request) -> Response:
@@ -885,30 +991,49 @@ class Pages:
         return Response(body, media_type="application/atom+xml; charset=utf-8", headers=headers)
 
     async def archive_copy(self, request: Request) -> Response:
-        """GET /archive/{slug}/{lang}: a campaign's web copy, with nothing personal in it."""
+        """GET /archive/{slug}/{lang}: a campaign's web copy, with nothing personal in it.
+
+        A case's message is its public copy (archive.find_web_copy), under a box saying where the
+        case stands now: that changes with the case, so it is never cached long.
+        """
         slug, lang = request.path_params["slug"], request.path_params["lang"]
         if lang not in LANGUAGES or len(slug) > 120:
             raise HTTPException(404)
 
-        def read() -> tuple[archive.Entry, str, str] | None:
+        def read() -> archive.WebCopy | None:
             with unit_of_work(self.factory) as session:
-                found = archive.find_copy(session, slug=slug, lang=lang, settings=self.settings)
-                return None if found is None else (found[0], found[1].html, found[1].link_nonce)
+                return archive.find_web_copy(session, slug=slug, lang=lang, settings=self.settings)
 
         found = await run_in_threadpool(read)
         if found is None:
             raise HTTPException(404)
-        entry, html, nonce = found
         env = web_environment(lang)
-        context = {"root": "../../", "lang": lang, "mirrors": self.settings.web.mirror_urls}
+        context: dict[str, Any] = {
+            "root": "../../",
+            "lang": lang,
+            "mirrors": self.settings.web.mirror_urls,
+        }
+        banner = env.get_template("web/archive_banner.html.j2").render(context)
+        if found.case is not None:
+            banner += self.case_box(found.case, context)
         page = archive.make_web_copy(
-            html,
-            nonce,
+            found.html,
+            found.nonce,
             note_html=env.get_template("web/archive_note.html.j2").render(context),
-            banner_html=env.get_template("web/archive_banner.html.j2").render(context),
+            banner_html=banner,
         )
-        cache = IMMUTABLE if entry.finished else SHORT_PUBLIC
+        cache = IMMUTABLE if found.entry.finished and found.case is None else SHORT_PUBLIC
         return HTMLResponse(page, headers=self.archive_headers(cache, inline_styles=True))
+
+    def case_box(self, state: archive.CaseState, context: dict[str, Any]) -> str:
+        """Where a case stands now, for the top of its messages' web copies."""
+        lang = str(context["lang"])
+        deadline = format_date(state.deadline, format="long", locale=lang) if state.deadline else ""
+        return (
+            web_environment(lang)
+            .get_template("web/archive_case.html.j2")
+            .render(context, case=state, deadline=deadline)
+        )
 
     # --- errors ----------------------------------------------------------------------------
 
@@ -957,6 +1082,8 @@ def create_app(
             ("key", "GET", pages.key_page),
             ("key", "POST", pages.key_post),
             ("copy", "GET", pages.discreet_copy),
+            ("wrote", "GET", pages.wrote_page),
+            ("wrote", "POST", pages.wrote_post),
         )
     ]
     routes += [
