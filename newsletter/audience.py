@@ -58,27 +58,42 @@ def select_audience(
 def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
     """The audience of a campaign: its list, narrowed by its segment when it has one.
 
-    A case's later messages (cases.py) go to the people its first message was sent to who are
-    still on the list; an update `include_new` also to everyone on it now; the reminder not to
-    those who said they wrote.
+    A case's later messages (cases.py) go to the people still on the list who were sent an
+    earlier message of the case; an update and the reminder also to those whose first message
+    is still on its way (the sender holds theirs until it went); an update `include_new` also
+    to everyone on the list now; the reminder not to those who said they wrote.
     """
     everyone = select_audience(session, list_id=campaign.list_id, segment_id=campaign.segment_id)
     message = campaign.case_message
     if message is None or message.role == CaseRole.FIRST:
         return everyone
-    first = select(CaseMessage.campaign_id).where(
-        CaseMessage.case_id == message.case_id, CaseMessage.role == CaseRole.FIRST
+    earlier = select(CaseMessage.campaign_id).where(
+        CaseMessage.case_id == message.case_id, CaseMessage.campaign_id != campaign.id
     )
-    sent_first = select(Delivery.subscriber_id).where(
-        Delivery.campaign_id.in_(first.scalar_subquery()), Delivery.status == DeliveryStatus.SENT
+    reached = Delivery.status == DeliveryStatus.SENT
+    if message.role != CaseRole.CLOSING:
+        first = select(CaseMessage.campaign_id).where(
+            CaseMessage.case_id == message.case_id, CaseMessage.role == CaseRole.FIRST
+        )
+        pending = and_(
+            Delivery.campaign_id.in_(first.scalar_subquery()),
+            Delivery.status.in_(PENDING),
+        )
+        reached = or_(reached, pending)
+    got = select(Delivery.subscriber_id).where(
+        Delivery.campaign_id.in_(earlier.scalar_subquery()), reached
     )
-    chosen: ColumnElement[bool] = Subscriber.id.in_(sent_first.scalar_subquery())
+    chosen: ColumnElement[bool] = Subscriber.id.in_(got.scalar_subquery())
     if message.include_new:
         chosen = or_(chosen, Subscriber.id.in_(everyone.scalar_subquery()))
     if message.role == CaseRole.REMINDER:
         wrote = select(CaseLetter.subscriber_id).where(CaseLetter.case_id == message.case_id)
         chosen = and_(chosen, Subscriber.id.not_in(wrote.scalar_subquery()))
     return audience_query(campaign.list_id, None).where(chosen)
+
+
+# A delivery not sent yet, nor given up: a case's first message still on its way.
+PENDING = (DeliveryStatus.QUEUED, DeliveryStatus.CLAIMED, DeliveryStatus.DEFERRED)
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 from newsletter.addresses import normalise_email
 from newsletter.config import LANGUAGES
 from newsletter.errors import AudienceError, CampaignError
-from newsletter.sanitize import clean_text
+from newsletter.sanitize import clean_line
 
 MAX_TARGETS = 20
 MAX_POSTAL_LINES = 8
@@ -55,12 +55,15 @@ class Letter:
 
 def parse_targets(text: str, *, where: str) -> tuple[Target, ...]:
     """The targets of a TOML file: one [[target]] table each, in order."""
-    if len(text.encode("utf-8")) > MAX_FILE_BYTES:
+    if len(text.encode("utf-8", "replace")) > MAX_FILE_BYTES:
         raise CampaignError(f"{where}: over {MAX_FILE_BYTES // 1024} KB; not a targets file")
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CampaignError(f"{where}: not valid TOML: {e}") from None
+    except RecursionError:  # arrays nested thousands deep
+        raise CampaignError(f"{where}: not valid TOML: nested too deep") from None
     extra = set(data) - {"target"}
     if extra:
         raise CampaignError(f"{where}: unknown key {sorted(extra)[0]!r}; expected [[target]]")
@@ -82,7 +85,7 @@ def _target(table: dict[str, Any], *, where: str) -> Target:
         )
     if not all(isinstance(v, str) for v in table.values()):
         raise CampaignError(f"{where}: every field must be a string")
-    name = clean_text(table.get("name", ""), max_length=200)
+    name = clean_line(table.get("name", ""), max_length=200)
     if not name:
         raise CampaignError(f"{where}: no name")
     email = ""
@@ -93,7 +96,7 @@ def _target(table: dict[str, Any], *, where: str) -> Target:
             raise CampaignError(f"{where} ({name}): {e}") from None
     postal = "\n".join(
         line
-        for line in (clean_text(raw, max_length=200) for raw in table.get("postal", "").split("\n"))
+        for line in (clean_line(raw, max_length=200) for raw in table.get("postal", "").split("\n"))
         if line
     )
     if postal.count("\n") >= MAX_POSTAL_LINES:
@@ -102,11 +105,11 @@ def _target(table: dict[str, Any], *, where: str) -> Target:
         raise CampaignError(f"{where} ({name}): give an email or a postal address")
     return Target(
         name=name,
-        title=clean_text(table.get("title", ""), max_length=300),
+        title=clean_line(table.get("title", ""), max_length=300),
         email=email,
         postal=postal,
-        salutation=clean_text(table.get("salutation", ""), max_length=200),
-        language=clean_text(table.get("language", ""), max_length=50),
+        salutation=clean_line(table.get("salutation", ""), max_length=200),
+        language=clean_line(table.get("language", ""), max_length=50),
     )
 
 
@@ -114,11 +117,12 @@ def parse_letter(text: str, *, where: str, default_subject: str) -> Letter:
     """A letter file: an optional first line "Subject: ...", then the text (blank lines kept)."""
     if len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise CampaignError(f"{where}: over {MAX_FILE_BYTES // 1024} KB; not a letter")
+    text = text.removeprefix("\ufeff")  # a byte order mark, as Windows editors write
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     subject = default_subject
     if lines and lines[0].lower().startswith("subject:"):
         subject = lines.pop(0).partition(":")[2]
-    subject = clean_text(subject, max_length=200)
+    subject = clean_line(subject, max_length=200)
     body = "\n".join(_clean_line(line) for line in lines).strip("\n")
     while "\n\n\n" in body:  # at most one blank line between paragraphs
         body = body.replace("\n\n\n", "\n\n")

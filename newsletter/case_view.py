@@ -133,6 +133,10 @@ def make_case_view(
 ) -> CaseView:
     """The case in one language, for a reader's email or (public) for the archive's copy."""
     letter, letter_lang = choose_letter(case, lang, default_lang)
+    if public and not case.person_public:
+        # Letters name the person, in every grammatical case of every language: a public copy
+        # of a case whose person is not to be named carries no letter (nor links made of it).
+        letter, letter_lang = None, ""
     targets = []
     for stored in case.targets or []:
         target = Target.of(stored)

@@ -15,19 +15,24 @@ messages of the case that reader was sent (message.py), so it threads under thei
 
 from __future__ import annotations
 
+import logging
+import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from newsletter.alerts import MAX_ALERT_AGE
 from newsletter.assemble import find_item
+from newsletter.audience import campaign_audience
 from newsletter.audit import record_event
+from newsletter.campaigns import finish_if_done
 from newsletter.case_files import Letter, Target
 from newsletter.check import Problem
 from newsletter.config import Settings
@@ -45,15 +50,27 @@ from newsletter.db.models import (
     DeliveryStatus,
     Item,
 )
+from newsletter.db.queries import count_audience, drop_pending
 from newsletter.enqueue import launch_campaign
-from newsletter.errors import CampaignError
+from newsletter.errors import CampaignError, NewsletterError
+from newsletter.htmltext import html_to_text
 from newsletter.lists import get_list
-from newsletter.sanitize import clean_html, clean_text
+from newsletter.sanitize import MAX_HTML_DEPTH, clean_html, clean_text, html_depth
 from newsletter.segments import get_segment
+from newsletter.variants import store_case_copies
+
+log = logging.getLogger(__name__)
 
 # Runs once the check lets a message through, before anything is queued (a confirmation).
 Checked = Callable[[Campaign, Sequence[Problem]], None]
 NUMBERING_ATTEMPTS = 20
+# A case as people name it: its id, or its number with or without the prefix ("UA 3/26",
+# "3/26"). ASCII digits only, bounded; linear: no nested or overlapping quantifiers, and the
+# text is one short command-line argument.
+_CASE_REF = re.compile(
+    r"(?P<id>[0-9]{1,9})|(?:(?P<prefix>[A-Za-z0-9-]{1,10}) )?(?P<seq>[0-9]{1,6})/(?P<yy>[0-9]{2})",
+    re.ASCII,
+)
 NUMBERING_LOCK = 0x55410000  # "UA" and the year: the advisory lock key of a year's numbering
 
 
@@ -69,6 +86,7 @@ class CaseDraft:
     deadline: date | None = None
     targets: tuple[Target, ...] | None = None
     letters: Mapping[str, Letter] | None = None
+    archived: bool | None = None  # False: no web copy of any of its messages
 
 
 def portal_zone(settings: Settings) -> ZoneInfo:
@@ -104,7 +122,8 @@ def create_case(
                 f"item {item_ref!r} already has case {taken.reference} ({taken.id})"
             )
     title = draft.title if draft.title is not None else (item.title if item else "")
-    body = draft.body_html if draft.body_html is not None else (item.summary_html if item else "")
+    from_item = (item.summary_html or item.content_html) if item else ""
+    body = draft.body_html if draft.body_html is not None else from_item
     ml = get_list(session, list_slug or settings.actions.list or settings.alerts.list)
     case = ActionCase(
         list_id=ml.id,
@@ -119,6 +138,8 @@ def create_case(
         person_public=True,
         targets=[],
         letters={},
+        archived=True,
+        wrote_total=0,
         created_by=actor,
         created_at=now,
     )
@@ -177,6 +198,12 @@ def edit_case(
                 f"case {case.reference} is {case.status}: only its deadline may change now; "
                 "tell readers more with `newsletter actions update`"
             )
+        today = now.astimezone(portal_zone(settings)).date()
+        if draft.deadline is not None and draft.deadline < today:
+            raise CampaignError(
+                f"case {case.reference}: {draft.deadline.isoformat()} has passed; "
+                "an open case's deadline can only move to today or later"
+            )
     _apply(case, draft, settings)
     record_event(session, now=now, actor=actor, action="case.edited", case=case.id)
     session.flush()
@@ -188,11 +215,13 @@ def _apply(case: ActionCase, draft: CaseDraft, settings: Settings) -> None:
     if draft.title is not None:
         case.title = clean_text(draft.title, max_length=300)
     if draft.body_html is not None:
-        case.body_html = clean_html(draft.body_html, base_url=base)
+        case.body_html = _cleaned(draft.body_html, base=base, what="the case's text")
     if draft.actions_html is not None:
-        case.actions_html = clean_html(draft.actions_html, base_url=base)
+        case.actions_html = _cleaned(draft.actions_html, base=base, what="the actions text")
     if draft.person is not None:
         case.person = clean_text(draft.person, max_length=200)
+    if draft.archived is not None:
+        case.archived = draft.archived
     if draft.person_public is not None:
         case.person_public = draft.person_public
     if draft.deadline is not None:
@@ -207,13 +236,31 @@ def _apply(case: ActionCase, draft: CaseDraft, settings: Settings) -> None:
         case.letters = letters
 
 
+def _cleaned(fragment: str, *, base: str, what: str) -> str:
+    """Sanitised HTML, refused when nested deeper than any template can render."""
+    html = clean_html(fragment, base_url=base)
+    if html_depth(html) > MAX_HTML_DEPTH:
+        raise CampaignError(f"{what} nests HTML more than {MAX_HTML_DEPTH} elements deep")
+    return html
+
+
+def names_person(case: ActionCase, also: str = "") -> bool:
+    """Whether the title or a text of the case seems to name its person (any part of the name
+    of 4+ letters, its first 4 letters, any letter case: "Bialiatski" in "Bialiatskis")."""
+    stems = [w[:4].casefold() for w in case.person.replace("-", " ").split() if len(w) >= 4]
+    text = " ".join([case.title, case.body_html, case.actions_html, also]).casefold()
+    return any(stem in text for stem in stems)
+
+
 def case_from_item(
     session: Session, *, settings: Settings, item: Item, now: datetime, actor: str = "scheduler"
 ) -> ActionCase | None:
     """A draft case for an urgent item, held for staff; None when the item has one already."""
     if session.scalar(select(ActionCase.id).where(ActionCase.item_id == item.id)) is not None:
         return None
-    draft = CaseDraft(title=item.title, body_html=item.summary_html or item.content_html)
+    # A feed's title may clean to nothing: the case still needs one, for staff to change.
+    title = clean_text(item.title, max_length=300) or f"Urgent item {item.id}"
+    draft = CaseDraft(title=title, body_html=item.summary_html or item.content_html)
     case = create_case(session, settings=settings, now=now, actor=actor, draft=draft)
     case.item_id = item.id
     session.flush()
@@ -239,7 +286,12 @@ def cases_for_urgent_items(
     ).all()
     made = []
     for item in items:
-        case = case_from_item(session, settings=settings, item=item, now=now, actor=actor)
+        try:  # one item that cannot make a case (hostile HTML, ...) does not stop the others
+            with session.begin_nested():
+                case = case_from_item(session, settings=settings, item=item, now=now, actor=actor)
+        except NewsletterError as e:
+            log.warning("no draft case for urgent item %d: %s", item.id, e)
+            continue
         if case is not None:
             made.append(case)
     return made
@@ -247,18 +299,27 @@ def cases_for_urgent_items(
 
 def get_case(session: Session, ref: str | int) -> ActionCase:
     """A case by id ("12"), or by number ("UA 12/26", "12/26")."""
-    text = str(ref).strip()
+    text = " ".join(str(ref).split())
     case = None
-    if text.isdigit():
-        case = session.get(ActionCase, int(text))
-    else:
-        number = text.rsplit(" ", 1)[-1]
-        seq, _, yy = number.partition("/")
-        if seq.isdigit() and yy.isdigit() and len(yy) == 2:
-            found = session.scalars(
-                select(ActionCase).where(ActionCase.seq == int(seq)).order_by(ActionCase.year)
-            ).all()
-            case = next((c for c in found if c.year % 100 == int(yy)), None)
+    match = _CASE_REF.fullmatch(text)
+    if match and match["id"]:
+        case = session.get(ActionCase, int(match["id"]))
+    elif match:
+        found = session.scalars(
+            select(ActionCase).where(ActionCase.seq == int(match["seq"])).order_by(ActionCase.year)
+        ).all()
+        case = next(
+            (
+                c
+                for c in found
+                if c.year % 100 == int(match["yy"])
+                and (
+                    not match["prefix"]
+                    or c.reference.split(" ")[0].casefold() == match["prefix"].casefold()
+                )
+            ),
+            None,
+        )
     if case is None:
         raise CampaignError(f"no case {text!r}; see `newsletter actions list`")
     return case
@@ -312,6 +373,7 @@ def message_campaign(
         body_html=clean_html(body_html, base_url=base) if body_html else "",
         created_by=actor,
         created_at=now,
+        archived=case.archived,
     )
     session.add(campaign)
     session.flush()
@@ -352,7 +414,8 @@ def send_first(
     )
     if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
         raise CampaignError(
-            f"case {case.reference}: its first message was already sent (campaign {campaign.id})"
+            f"case {case.reference}: its first message is already {campaign.status} "
+            f"(campaign {campaign.id}); send an update instead"
         )
     queued = launch_campaign(
         session=session,
@@ -409,13 +472,16 @@ def _follow_up(
     force: bool,
     on_checked: Checked | None,
 ) -> tuple[Campaign, int]:
+    """Make and start one later message of a sent case (an update, the reminder, the closing)."""
     first = first_message(session, case.id)
     if first is None or case.status == CaseStatus.DRAFT:
         raise CampaignError(
-            f"case {case.reference} has not been sent yet: `actions send {case.id}`"
+            f"case {case.reference} has not been sent yet: `newsletter actions send {case.id}`"
         )
-    if case.status == CaseStatus.CLOSED:
+    if case.status == CaseStatus.CLOSED and role != CaseRole.CLOSING:
         raise CampaignError(f"case {case.reference} is closed")
+    if session.get_bind().dialect.name == "postgresql":  # two updates at once: one at a time
+        session.execute(select(ActionCase.id).where(ActionCase.id == case.id).with_for_update())
     number = 0
     if role == CaseRole.UPDATE:
         number = 1 + sum(1 for m in messages_of(session, case.id) if m.role == CaseRole.UPDATE)
@@ -430,6 +496,13 @@ def _follow_up(
         actor=actor,
         settings=settings,
     )
+    if role != CaseRole.CLOSING and not count_audience(
+        session, campaign_audience(session, campaign)
+    ):
+        raise CampaignError(
+            f"case {case.reference}: nobody to send the {role} to (no reader of it is still "
+            "on the list)"
+        )
     queued = launch_campaign(
         session=session,
         campaign=campaign,
@@ -454,8 +527,12 @@ def send_update(
     force: bool = False,
     on_checked: Checked | None = None,
 ) -> tuple[Campaign, int]:
-    """Send update N to the first message's readers still on the list (and newcomers)."""
-    if not clean_html(body_html, base_url="https://invalid/").strip():
+    """Send update N to the case's readers still on the list (and, asked, to newcomers).
+
+    Its readers: everyone a message of the case was sent to, and everyone whose first message
+    is still on its way (the sender holds their update until that first one went).
+    """
+    if not visible_text(body_html):
         raise CampaignError("an update needs text (--body-file)")
     campaign, queued = _follow_up(
         session,
@@ -484,6 +561,12 @@ def send_update(
     return campaign, queued
 
 
+def visible_text(fragment: str) -> str:
+    """The text a reader would see of an HTML fragment ("" for markup, spaces, zero-widths)."""
+    text = html_to_text(clean_html(fragment, base_url="https://invalid/"))
+    return "".join(c for c in text if not c.isspace() and unicodedata.category(c) != "Cf")
+
+
 def close_case(
     session: Session,
     *,
@@ -498,7 +581,10 @@ def close_case(
 ) -> tuple[Campaign | None, int]:
     """Close a case with its outcome, and thank its readers in a last threaded message.
 
-    A draft (never sent) is closed with no message.
+    The closing goes to everyone a message of the case was sent to and who is still on the list;
+    what was not sent yet of the earlier messages is cancelled (nobody is asked to write about a
+    closed case). The web copies are rendered again, closed: no targets or letter left in them.
+    The per-reader "I wrote" rows go, their count kept on the case. A draft closes with no message.
     """
     if outcome not in set(CaseOutcome):
         raise CampaignError(
@@ -507,8 +593,11 @@ def close_case(
         )
     if case.status == CaseStatus.CLOSED:
         raise CampaignError(f"case {case.reference} is already closed ({case.outcome})")
+    was_sent = case.status != CaseStatus.DRAFT
+    # Closed first, so that the closing message (and every copy) is rendered as closed.
+    case.status, case.outcome, case.closed_at = CaseStatus.CLOSED, outcome, now
     campaign, queued = None, 0
-    if case.status != CaseStatus.DRAFT:
+    if was_sent:
         campaign, queued = _follow_up(
             session,
             case=case,
@@ -521,8 +610,30 @@ def close_case(
             force=force,
             on_checked=on_checked,
         )
-    _cancel_unsent_reminder(session, case=case, now=now, actor=actor)
-    case.status, case.outcome, case.closed_at = CaseStatus.CLOSED, outcome, now
+    for message in messages_of(session, case.id):
+        earlier = session.get(Campaign, message.campaign_id)
+        if earlier is None or (campaign is not None and earlier.id == campaign.id):
+            continue
+        if earlier.status == CampaignStatus.DRAFT:  # a held reminder: never started
+            earlier.status, earlier.finished_at = CampaignStatus.CANCELLED, now
+            record_event(
+                session, now=now, actor=actor, action="campaign.cancelled", campaign=earlier.id
+            )
+        elif earlier.status in (CampaignStatus.RUNNING, CampaignStatus.PAUSED):
+            # What went out stays (and in the archive); what had not yet is dropped.
+            dropped = drop_pending(session, earlier.id, reason="not sent: the case was closed")
+            record_event(
+                session,
+                now=now,
+                actor=actor,
+                action="case.dropped_unsent",
+                campaign=earlier.id,
+                dropped=dropped,
+            )
+            finish_if_done(session=session, campaign_id=earlier.id, now=now)
+        store_case_copies(session, earlier, settings)
+    case.wrote_total = wrote_count(session, case.id)
+    session.execute(delete(CaseLetter).where(CaseLetter.case_id == case.id))
     record_event(
         session,
         now=now,
@@ -536,23 +647,6 @@ def close_case(
     return campaign, queued
 
 
-def _cancel_unsent_reminder(
-    session: Session, *, case: ActionCase, now: datetime, actor: str
-) -> None:
-    """A reminder not started yet (held by the check) is void once the case is closed."""
-    for message in messages_of(session, case.id):
-        campaign = session.get(Campaign, message.campaign_id)
-        if (
-            message.role == CaseRole.REMINDER
-            and campaign
-            and campaign.status == CampaignStatus.DRAFT
-        ):
-            campaign.status, campaign.finished_at = CampaignStatus.CANCELLED, now
-            record_event(
-                session, now=now, actor=actor, action="campaign.cancelled", campaign=campaign.id
-            )
-
-
 # --- the deadline reminder ---------------------------------------------------------------------
 
 
@@ -563,12 +657,22 @@ def reminder_due_at(deadline: date, *, settings: Settings) -> datetime:
 
 
 def due_reminders(session: Session, *, settings: Settings, now: datetime) -> list[ActionCase]:
-    """Open cases whose reminder is due now and has not been made."""
+    """Open cases whose reminder is due now and has not been made.
+
+    None for a case whose first message went out after its reminder's time (its readers have
+    just been asked), nor once the deadline has passed (the service was down meanwhile).
+    """
     if settings.actions.remind_days_before <= 0:
         return []
     reminded = select(CaseMessage.case_id).where(CaseMessage.role == CaseRole.REMINDER)
-    cases = session.scalars(
-        select(ActionCase)
+    first_started = (
+        select(Campaign.started_at)
+        .join(CaseMessage, CaseMessage.campaign_id == Campaign.id)
+        .where(CaseMessage.case_id == ActionCase.id, CaseMessage.role == CaseRole.FIRST)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(ActionCase, first_started)
         .where(
             ActionCase.status.in_((CaseStatus.OPEN, CaseStatus.UPDATED)),
             ActionCase.deadline.is_not(None),
@@ -577,13 +681,14 @@ def due_reminders(session: Session, *, settings: Settings, now: datetime) -> lis
         .order_by(ActionCase.id)
     ).all()
     today = now.astimezone(portal_zone(settings)).date()
-    return [
-        c
-        for c in cases
-        if c.deadline is not None
-        and reminder_due_at(c.deadline, settings=settings) <= now
-        and today <= c.deadline  # a deadline passed unseen (the service was down): no reminder
-    ]
+    due = []
+    for case, started in rows:
+        if case.deadline is None or today > case.deadline:
+            continue
+        at = reminder_due_at(case.deadline, settings=settings)
+        if at <= now and (started is None or started < at):
+            due.append(case)
+    return due
 
 
 def send_reminder(
@@ -601,6 +706,11 @@ def send_reminder(
     made = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
     if made is not None and made.status != CampaignStatus.DRAFT:
         raise CampaignError(f"case {case.reference}: its reminder was already sent ({made.status})")
+    if case.deadline is not None and now.astimezone(portal_zone(settings)).date() > case.deadline:
+        raise CampaignError(
+            f"case {case.reference}: its deadline {case.deadline.isoformat()} has passed; "
+            "no reminder (move the deadline with `actions edit --deadline`)"
+        )
     return _follow_up(
         session,
         case=case,
@@ -620,8 +730,9 @@ def send_due_reminders(
 ) -> list[Campaign]:
     """Start the reminder of each case whose time has come (each case at most once).
 
-    A reminder the check refuses is kept as a held draft, with the reason in the events, so it
-    is not tried again every minute: `newsletter actions remind ID --force` sends it.
+    A reminder that cannot go (the check refuses it, nobody to send it to) is kept as a held
+    draft with the reason in the events, so it is not tried again every minute:
+    `newsletter actions remind ID --force` sends it.
     """
     started = []
     for case in due_reminders(session, settings=settings, now=now):
@@ -630,7 +741,8 @@ def send_due_reminders(
                 campaign, queued = send_reminder(
                     session, case=case, settings=settings, now=now, actor=actor
                 )
-        except CampaignError as e:  # CheckError included
+        except NewsletterError as e:  # the check, or a template: held, the others go on
+            log.warning("case %s: reminder held: %s", case.reference, e)
             message_campaign(
                 session, case, role=CaseRole.REMINDER, now=now, actor=actor, settings=settings
             )
@@ -651,11 +763,31 @@ def send_due_reminders(
     return started
 
 
+def held_reminder(session: Session, case_id: int) -> int | None:
+    """The campaign of a case's reminder made but not started (held), or None."""
+    stmt = (
+        select(Campaign.id)
+        .join(CaseMessage, CaseMessage.campaign_id == Campaign.id)
+        .where(
+            CaseMessage.case_id == case_id,
+            CaseMessage.role == CaseRole.REMINDER,
+            Campaign.status == CampaignStatus.DRAFT,
+        )
+    )
+    return session.scalar(stmt)
+
+
 # --- "I sent my letter" ------------------------------------------------------------------------
 
 
 def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
-    """Count a reader's "I sent my letter" once; True when it was not counted before."""
+    """Count a reader's "I sent my letter" once; True when it was not counted before.
+
+    Nothing is kept for a closed case (the count is final, the rows are gone).
+    """
+    case = session.get(ActionCase, case_id)
+    if case is None or case.status == CaseStatus.CLOSED:
+        return False
     values = {"case_id": case_id, "subscriber_id": subscriber_id}
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -665,9 +797,10 @@ def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
 
 
 def wrote_count(session: Session, case_id: int) -> int:
-    """How many readers said they sent their letter."""
+    """How many readers said they sent their letter (kept on the case once it is closed)."""
     stmt = select(func.count()).select_from(CaseLetter).where(CaseLetter.case_id == case_id)
-    return int(session.scalar(stmt) or 0)
+    kept = session.scalar(select(ActionCase.wrote_total).where(ActionCase.id == case_id))
+    return int(session.scalar(stmt) or 0) + int(kept or 0)
 
 
 def recipients_count(session: Session, case_id: int) -> int:

@@ -169,22 +169,37 @@ def link_urls(
     }
 
 
-def thread_headers(recipient: Recipient, *, secret: str, domain: str) -> str:
-    """In-Reply-To and References for a reader's message in a case's thread ("" outside one).
+# The most ids a References header lists: the first message and the latest others.
+MAX_REFERENCES = 12
+FOLD = "\r\n "  # between two ids of References: every line stays short
+
+
+def thread_ids(recipient: Recipient, *, secret: str, domain: str) -> list[str]:
+    """The Message-IDs of a reader's earlier messages of a case, first first ([] outside one).
 
     Each id is the one that reader's earlier message carried (message_id is a function of the
     campaign and the reader), under the domain of the identity they get mail from now: a reader
-    who has chosen a discreet envelope since never sees the portal's domain in these headers.
+    who has chosen a discreet envelope since never sees the portal's domain in these headers
+    (their thread breaks instead). Past MAX_REFERENCES, the first and the latest (RFC 5322
+    3.6.4 allows trimming).
     """
-    if not recipient.thread:
-        return ""
     ids = [
         message_id(
             campaign_id=c, subscriber_id=recipient.subscriber_id, secret=secret, domain=domain
         )
         for c in recipient.thread
     ]
-    return f"In-Reply-To: {ids[0]}\r\nReferences: {' '.join(ids)}\r\n"
+    if len(ids) > MAX_REFERENCES:
+        ids = [ids[0], *ids[-(MAX_REFERENCES - 1) :]]
+    return ids
+
+
+def thread_headers(recipient: Recipient, *, secret: str, domain: str) -> str:
+    """In-Reply-To (the first) and References (all), folded between ids ("" outside a case)."""
+    ids = thread_ids(recipient, secret=secret, domain=domain)
+    if not ids:
+        return ""
+    return f"In-Reply-To: {ids[0]}\r\nReferences: {FOLD.join(ids)}\r\n"
 
 
 def list_unsubscribe(urls: dict[str, str]) -> str:
@@ -233,11 +248,10 @@ def build_message(
         secret=settings.security.require_secret(),
         domain=identity.domain,
     )
-    if recipient.thread:
-        secret = settings.security.require_secret()
-        for line in thread_headers(recipient, secret=secret, domain=identity.domain).splitlines():
-            name, _, value = line.partition(": ")
-            msg[name] = value
+    ids = thread_ids(recipient, secret=settings.security.require_secret(), domain=identity.domain)
+    if ids:
+        msg["In-Reply-To"] = ids[0]
+        msg["References"] = " ".join(ids)
     msg["List-Id"] = identity.list_header(mlist)
     msg.set_raw("List-Unsubscribe", list_unsubscribe(urls))
     msg["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"

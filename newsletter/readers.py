@@ -28,6 +28,7 @@ from newsletter.db.models import (
     Subscriber,
     SubscriberStatus,
 )
+from newsletter.db.queries import fold_letters
 from newsletter.errors import AudienceError, TokenError
 from newsletter.i18n import N_
 from newsletter.openpgp import KeyInfo, KeyProblem, read_key
@@ -91,6 +92,8 @@ def set_reading(
     changed = {}
     if discreet is not None and sub.discreet != (mode := parse_discreet(discreet)):
         sub.discreet = changed["discreet"] = mode
+        if mode != DiscreetMode.OFF:  # nothing kept about them: their "I wrote", counted only
+            fold_letters(session, sub.id)
     if on_key_problem is not None and sub.on_key_problem != (
         choice := parse_key_problem(on_key_problem)
     ):

@@ -79,6 +79,12 @@ def clean_text(value: str, *, max_length: int) -> str:
     return _truncate(_one_line(text), max_length)
 
 
+def clean_line(value: str, *, max_length: int) -> str:
+    """One line of plain text kept as written ("<" and "&" too: it is escaped where it is
+    shown), without controls, format or bidi characters; truncated."""
+    return _truncate(_one_line(value), max_length)
+
+
 def _one_line(text: str) -> str:
     """Turn all whitespace into single spaces and drop control, format and bidi characters."""
     kept = []

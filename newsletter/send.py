@@ -31,15 +31,17 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.audience import PENDING
 from newsletter.bounces import verp_address
 from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import DiscreetMode, KeyProblemChoice, KeyStatus
+from newsletter.db.models import DeliveryStatus, DiscreetMode, KeyProblemChoice, KeyStatus
 from newsletter.db.queries import (
     ClaimedRow,
     any_alert,
+    case_delivery_states,
     case_of,
     claim_batch,
     claim_holders,
@@ -49,11 +51,11 @@ from newsletter.db.queries import (
     load_claimed,
     load_variant,
     owe_key_notices,
+    postpone_claims,
     release_claims,
     release_claims_of,
     release_own_claims,
     running_campaigns,
-    sent_among,
     skip_left,
     stopped_campaigns,
     withhold,
@@ -321,6 +323,10 @@ class JobQueue:
             self._changed.notify_all()
 
 
+# How long a case's update waits, when its reader's first message is still on its way.
+HOLD_FOLLOW_UP = timedelta(minutes=5)
+
+
 # --- building messages --------------------------------------------------------------------
 
 
@@ -413,6 +419,8 @@ class Prepared:
     gone: list[int] = field(default_factory=list)
     withheld: list[tuple[int, str]] = field(default_factory=list)
     key_notices: list[tuple[int, str, str]] = field(default_factory=list)
+    # A case's later message whose reader's first message is still on its way: it waits.
+    held: list[int] = field(default_factory=list)
 
 
 def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
@@ -465,6 +473,7 @@ def prepare_jobs(
     )
     withhold(session, prepared.withheld)
     owe_key_notices(session, prepared.key_notices, now=now)
+    postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
     return prepared.jobs, prepared.gone
 
 
@@ -480,10 +489,13 @@ def prepare(
     """Each claimed row as a job, or set aside: left the list, or withheld for a key problem."""
     out = Prepared()
     rows = load_claimed(session, ids)
-    threads = _threads(session, rows, templates)
+    threads, waiting = _threads(session, rows, templates)
     for row in rows:
         if not row.may_be_mailed:
             out.gone.append(row.delivery_id)
+            continue
+        if row.delivery_id in waiting:
+            out.held.append(row.delivery_id)
             continue
         trouble = key_trouble(row, now)
         if trouble is None and row.key_armored:
@@ -526,19 +538,29 @@ def prepare(
 
 def _threads(
     session: Session, rows: list[ClaimedRow], templates: TemplateCache
-) -> dict[int, tuple[int, ...]]:
-    """For each row of a case's later message, the earlier messages of the case its reader was
-    sent (one query per claim, and none when the claim holds no such row)."""
+) -> tuple[dict[int, tuple[int, ...]], set[int]]:
+    """For each row of a case's later message: the earlier messages of the case its reader was
+    sent (its thread), and whether one of them is still on its way to them (then it waits, so
+    that nobody gets an update before the message it updates). One query per claim, and none
+    when the claim holds no such row."""
     wanted = {row.campaign_id: templates.thread(session, row.campaign_id) for row in rows}
     earlier = {c for thread in wanted.values() for c in thread}
     if not earlier:
-        return {}
-    got = sent_among(session, earlier, {row.subscriber_id for row in rows})
-    return {
-        row.delivery_id: tuple(c for c in wanted[row.campaign_id] if (c, row.subscriber_id) in got)
-        for row in rows
-        if wanted[row.campaign_id]
-    }
+        return {}, set()
+    states = case_delivery_states(session, earlier, {row.subscriber_id for row in rows})
+    threads: dict[int, tuple[int, ...]] = {}
+    waiting: set[int] = set()
+    for row in rows:
+        thread = wanted[row.campaign_id]
+        if not thread:
+            continue
+        mine = [states.get((c, row.subscriber_id)) for c in thread]
+        threads[row.delivery_id] = tuple(
+            c for c, state in zip(thread, mine, strict=True) if state == DeliveryStatus.SENT
+        )
+        if any(state in PENDING for state in mine):
+            waiting.add(row.delivery_id)
+    return threads, waiting
 
 
 def _job(
@@ -729,6 +751,7 @@ class Sender:
                 skip_left(session, prepared.gone)
                 withhold(session, prepared.withheld)
                 owe_key_notices(session, prepared.key_notices, now=now)
+                postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
                 alerts = any_alert(session, {job.campaign_id for job in prepared.jobs})
         except MissingVariantError as error:
             return self._set_aside(ids, error)

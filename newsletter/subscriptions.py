@@ -29,6 +29,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.db.queries import fold_letters
 from newsletter.errors import AudienceError, KeptOutError, TokenError
 from newsletter.readers import (
     forget_keys,
@@ -498,6 +499,7 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     if sub is not None:
         session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))
         session.execute(delete(Delivery).where(Delivery.subscriber_id == sub.id))
+        fold_letters(session, sub.id)  # "I wrote" of a case: counted, no longer theirs
         sub.email = f"{sub.id}@forgotten.invalid"
         sub.name, sub.country, sub.language = "", "", "en"
         sub.tags, sub.attributes = [], {}

@@ -622,6 +622,8 @@ class Pages:
             case = session.get(ActionCase, case_id)
             if case is None or case.status == CaseStatus.DRAFT:
                 return Wrote("gone", lang)
+            if case.status == CaseStatus.CLOSED:  # the count is final: nothing more is kept
+                return Wrote("closed", lang)
             on_list = session.scalar(
                 select(Subscription.status).where(
                     Subscription.subscriber_id == sub.id, Subscription.list_id == case.list_id

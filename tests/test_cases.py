@@ -96,14 +96,21 @@ def case_draft(deadline: date = date(2026, 12, 20)) -> CaseDraft:
     )
 
 
-@pytest.fixture
-def world(
+def make_world(
     factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer
 ) -> tuple[sessionmaker[Session], Settings, FrozenClock]:
     """The demo's lists and people (en, be and ru on urgent-actions), a clock, real SMTP."""
     clock = FrozenClock(START)
     prepare(factory, clock)
     return factory, make_settings(database_url, smtpd), clock
+
+
+@pytest.fixture
+def world(
+    factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer
+) -> tuple[sessionmaker[Session], Settings, FrozenClock]:
+    """See make_world."""
+    return make_world(factory, database_url, smtpd)
 
 
 def make_case(factory: sessionmaker[Session], settings: Settings, clock: FrozenClock) -> int:

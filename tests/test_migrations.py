@@ -200,8 +200,8 @@ def test_0007_keeps_campaigns_deliveries_and_keys_and_adds_cases(database_url: s
             text(
                 "insert into cases (year, seq, reference, status, outcome, title, body_html,"
                 " actions_html, person, person_public, targets, letters, list_id, created_by,"
-                " created_at) values (2026, 1, 'UA 1/26', 'open', '', 'T', '', '', '', true,"
-                " '[]', '{}', 1, 'cli', :now)"
+                " created_at, archived, wrote_total) values (2026, 1, 'UA 1/26', 'open', '', 'T',"
+                " '', '', '', true, '[]', '{}', 1, 'cli', :now, true, 0)"
             ),
             {"now": NOW},
         )
@@ -217,8 +217,8 @@ def test_0007_keeps_campaigns_deliveries_and_keys_and_adds_cases(database_url: s
             text(
                 "insert into cases (year, seq, reference, status, outcome, title, body_html,"
                 " actions_html, person, person_public, targets, letters, list_id, created_by,"
-                " created_at) values (2026, 1, 'UA 1/26b', 'draft', '', 'T', '', '', '', true,"
-                " '[]', '{}', 1, 'cli', :now)"
+                " created_at, archived, wrote_total) values (2026, 1, 'UA 1/26b', 'draft', '',"
+                " 'T', '', '', '', true, '[]', '{}', 1, 'cli', :now, true, 0)"
             ),
             {"now": NOW},
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +23,10 @@ from newsletter.cases import (
     create_case,
     edit_case,
     get_case,
+    held_reminder,
     message_campaign,
     messages_of,
+    names_person,
     readiness,
     recipients_count,
     send_first,
@@ -94,7 +97,7 @@ QueueOnly = Annotated[
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise CampaignError(f"{path}: cannot read it: {e}") from None
 
@@ -154,16 +157,13 @@ def _warn_about(case: ActionCase, state: State) -> None:
             f"clients cut links over {MAILTO_COMFORT} (Outlook on Windows); a shorter letter "
             "opens whole everywhere",
         )
-    name = case.person.strip()
-    if name and not case.person_public:
-        text = f"{case.title} {case.body_html}".lower()
-        if name.lower() in text:
-            say(
-                "warning:",
-                "yellow",
-                "the person's name is not to be published, but the title or text names them; "
-                "the web copies will show it there",
-            )
+    if case.person.strip() and not case.person_public and names_person(case):
+        say(
+            "warning:",
+            "yellow",
+            "the person's name is not to be published, but the title or a text names them "
+            "(the web copies show the title, the case and its updates as written; never letters)",
+        )
 
 
 @actions_app.command("create")
@@ -186,6 +186,10 @@ def create(
     segment: Annotated[
         str | None, typer.Option("--segment", help="Only the list's members in this segment.")
     ] = None,
+    no_archive: Annotated[
+        bool,
+        typer.Option("--no-archive", help="Keep every message of the case out of the archive."),
+    ] = False,
 ) -> None:
     """Make a case, numbered "UA <n>/<yy>", as a draft; send it with `actions send ID`."""
     state: State = ctx.obj
@@ -202,6 +206,8 @@ def create(
         person_private=person_private,
         default_subject=title or "",
     )
+    if no_archive:
+        draft = replace(draft, archived=False)
     with state.factory().begin() as session:
         case = create_case(
             session,
@@ -268,6 +274,16 @@ def edit(
         _warn_about(case, state)
 
 
+def _held(session: Session, case: ActionCase) -> list[str]:
+    held = held_reminder(session, case.id)
+    if held is None or case.status == CaseStatus.CLOSED:
+        return []
+    return [
+        f"its reminder (campaign {held}) is held; see `newsletter campaigns show {held}` and "
+        f"send it with `newsletter actions remind {case.id} --force`"
+    ]
+
+
 def _summary(session: Session, case: ActionCase) -> dict[str, Any]:
     messages = messages_of(session, case.id)
     return {
@@ -281,6 +297,8 @@ def _summary(session: Session, case: ActionCase) -> dict[str, Any]:
         "recipients": recipients_count(session, case.id),
         "wrote": wrote_count(session, case.id),
         "updates": sum(1 for m in messages if m.role == CaseRole.UPDATE),
+        "reminder_held": held_reminder(session, case.id) is not None
+        and case.status != CaseStatus.CLOSED,
     }
 
 
@@ -342,7 +360,7 @@ def show(
             ],
             "to_do": readiness(case, settings=state.settings, now=state.clock.now())
             if case.status == CaseStatus.DRAFT
-            else [],
+            else _held(session, case),
         }
     if as_json:
         print_json(data)
@@ -383,8 +401,11 @@ def _launch(state: State, *, yes: bool, queue_only: bool, what: str, start: Star
             if overridden:
                 print_problems(overridden, overridden=True)
             n = count_audience(session, campaign_audience(session, campaign))
+            message = campaign.case_message
+            named = f"{message.case.reference} ({one_line(message.case.title)})" if message else ""
+            console.print(f"{named}: the {what}, to {n} people on '{campaign.mailing_list.slug}'")
             if not yes:
-                typer.confirm(f"Send the {what} to {n} people?", abort=True)
+                typer.confirm(f"Send the {what} of {named} to {n} people?", abort=True)
 
         try:
             campaign, queued = start(session, confirm)
@@ -452,9 +473,13 @@ def update(
     body = read_body(body_file)
 
     def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+        case = get_case(session, case_ref)
+        if not case.person_public and case.person.strip() and names_person(case, also=body):
+            say("warning:", "yellow", "the update names the person, whose name is not to be "
+                "published: its web copy will show it")  # fmt: skip
         return send_update(
             session,
-            case=get_case(session, case_ref),
+            case=case,
             body_html=body,
             include_new=include_new,
             settings=state.settings,
@@ -492,9 +517,12 @@ def close(
     body = read_body(body_file)
 
     def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+        case = get_case(session, case_ref)
+        if case.status == CaseStatus.DRAFT and not yes:  # no message, so no check to ask in
+            typer.confirm(f"Close the draft {case.reference} ({one_line(case.title)})?", abort=True)
         return close_case(
             session,
-            case=get_case(session, case_ref),
+            case=case,
             outcome=outcome,
             body_html=body,
             settings=state.settings,

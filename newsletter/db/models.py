@@ -589,6 +589,10 @@ class ActionCase(Base):
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # False keeps every message of the case out of the archive (`actions create --no-archive`).
+    archived: Mapped[bool] = mapped_column(Boolean, default=True)
+    # How many said they wrote, kept when the case closes and the per-reader rows are deleted.
+    wrote_total: Mapped[int] = mapped_column(Integer, default=0)
     mailing_list: Mapped[MailingList] = relationship()
 
 

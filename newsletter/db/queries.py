@@ -25,9 +25,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
+    ActionCase,
     Campaign,
     CampaignKind,
     CampaignStatus,
+    CaseLetter,
     CaseMessage,
     Delivery,
     DeliveryStatus,
@@ -741,13 +743,60 @@ def earlier_case_messages(session: Session, campaign_id: int) -> tuple[int, ...]
     return tuple(session.scalars(stmt))
 
 
-def sent_among(
+def case_delivery_states(
     session: Session, campaign_ids: Collection[int], subscriber_ids: Collection[int]
-) -> set[tuple[int, int]]:
-    """(campaign, subscriber) pairs among these whose delivery was sent."""
-    stmt = select(Delivery.campaign_id, Delivery.subscriber_id).where(
+) -> dict[tuple[int, int], str]:
+    """The status of each (campaign, subscriber) delivery among these."""
+    stmt = select(Delivery.campaign_id, Delivery.subscriber_id, Delivery.status).where(
         Delivery.campaign_id.in_(list(campaign_ids)),
         Delivery.subscriber_id.in_(list(subscriber_ids)),
-        Delivery.status == DeliveryStatus.SENT,
     )
-    return {(c, s) for c, s in session.execute(stmt).all()}
+    return {(c, s): status for c, s, status in session.execute(stmt).all()}
+
+
+def postpone_claims(session: Session, ids: Sequence[int], *, until: datetime) -> None:
+    """Put claimed rows back in the queue, due at `until`, as if they had not been claimed."""
+    if not ids:
+        return
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id.in_(list(ids)), Delivery.status == DeliveryStatus.CLAIMED)
+        .values(
+            status=DeliveryStatus.QUEUED,
+            lease_until=None,
+            claimed_by=None,
+            attempts=Delivery.attempts - 1,
+            next_attempt_at=until,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def fold_letters(session: Session, subscriber_id: int) -> None:
+    """Delete a reader's "I sent my letter" rows, each still counted on its case."""
+    case_ids = list(
+        session.scalars(select(CaseLetter.case_id).where(CaseLetter.subscriber_id == subscriber_id))
+    )
+    if not case_ids:
+        return
+    session.execute(
+        update(ActionCase)
+        .where(ActionCase.id.in_(case_ids))
+        .values(wrote_total=ActionCase.wrote_total + 1)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(delete(CaseLetter).where(CaseLetter.subscriber_id == subscriber_id))
+
+
+def drop_pending(session: Session, campaign_id: int, *, reason: str) -> int:
+    """Give up a campaign's deliveries not sent and not in flight (queued or deferred)."""
+    stmt = (
+        update(Delivery)
+        .where(
+            Delivery.campaign_id == campaign_id,
+            Delivery.status.in_((DeliveryStatus.QUEUED, DeliveryStatus.DEFERRED)),
+        )
+        .values(status=DeliveryStatus.SUPPRESSED, last_reply=reason[:1000])
+        .execution_options(synchronize_session=False)
+    )
+    return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]

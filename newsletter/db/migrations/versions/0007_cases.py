@@ -37,6 +37,8 @@ def upgrade() -> None:
         sa.Column("created_by", sa.String(length=200), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("closed_at", sa.DateTime(), nullable=True),
+        sa.Column("archived", sa.Boolean(), nullable=False),
+        sa.Column("wrote_total", sa.Integer(), nullable=False),
         sa.ForeignKeyConstraint(["item_id"], ["items.id"], name=op.f("fk_cases_item_id_items")),
         sa.ForeignKeyConstraint(["list_id"], ["lists.id"], name=op.f("fk_cases_list_id_lists")),
         sa.ForeignKeyConstraint(
