@@ -5,9 +5,11 @@ alert campaign (so it goes first, through the one launch gate and the pre-send c
 the case by a CaseMessage row. Who gets what:
 
 - the first message: the case's list (and segment), as any alert;
-- updates and the closing message: the people whose first message was sent and who are still on
-  the list (with `include_new`, also everyone on it now);
-- the reminder: as an update, less the people who said they wrote.
+- updates and the reminder: the people still on the list whom a message of the case was sent
+  to, or whose first message is still on its way (the sender holds theirs until it went); an
+  update `include_new` also everyone on the list now; the reminder not those who said they wrote;
+- the closing: the people still on the list whom a message of the case was sent to; what had not
+  gone yet of the others is dropped (audience.campaign_audience).
 
 Every message after the first carries In-Reply-To and References naming, for each reader, the
 messages of the case that reader was sent (message.py), so it threads under their original.
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 # Runs once the check lets a message through, before anything is queued (a confirmation).
 Checked = Callable[[Campaign, Sequence[Problem]], None]
 NUMBERING_ATTEMPTS = 20
+NUMBERING_LOCK = 0x55410000  # "UA" and the year: the advisory lock key of a year's numbering
 # A case as people name it: its id, or its number with or without the prefix ("UA 3/26",
 # "3/26"). ASCII digits only, bounded; linear: no nested or overlapping quantifiers, and the
 # text is one short command-line argument.
@@ -71,7 +74,6 @@ _CASE_REF = re.compile(
     r"(?P<id>[0-9]{1,9})|(?:(?P<prefix>[A-Za-z0-9-]{1,10}) )?(?P<seq>[0-9]{1,6})/(?P<yy>[0-9]{2})",
     re.ASCII,
 )
-NUMBERING_LOCK = 0x55410000  # "UA" and the year: the advisory lock key of a year's numbering
 
 
 @dataclass(frozen=True)

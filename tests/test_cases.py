@@ -413,8 +413,6 @@ def test_numbers_count_per_year_and_restart_each_year(
 def test_concurrent_creation_never_gives_two_cases_one_number(
     factory: sessionmaker[Session], database_url: str
 ) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("concurrent writers: PostgreSQL (SQLite serialises writers)")
     clock = FrozenClock(START)
     prepare(factory, clock)
     settings = make_settings(database_url)
