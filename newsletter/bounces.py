@@ -150,7 +150,7 @@ def _check_shape(head: bytes) -> None:
             raise UnreadableMailError(f"a Content-Type over {MAX_CONTENT_TYPE_BYTES} bytes")
 
 
-def _parts(msg: Message) -> Iterator[Message]:
+def mail_parts(msg: Message) -> Iterator[Message]:
     """The message and its parts in order, at most MAX_DEPTH deep and MAX_PARTS in all."""
     stack, seen = [(msg, 0)], 0
     while stack and seen < MAX_PARTS:
@@ -164,7 +164,7 @@ def _parts(msg: Message) -> Iterator[Message]:
             ]
 
 
-def _text(part: Message, name: str) -> str:
+def header_text(part: Message, name: str) -> str:
     """One header as printable one-line text: raw bytes decoded as UTF-8, controls blanked."""
     value = part.get(name)
     text = "" if value is None else str(value)[:MAX_HEADER_CHARS]
@@ -180,9 +180,13 @@ def parse_bounce(
 
     Raises UnreadableMailError when the message cannot be read, whatever the reason.
     """
-    msg = read_mail(raw)
+    return bounce_of(read_mail(raw), envelope_recipients, settings)
+
+
+def bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bounce | None:
+    """What a message read with read_mail says as a bounce; None when it is not one."""
     try:
-        return _bounce_of(msg, envelope_recipients, settings)
+        return _bounce_of(msg, envelope, settings)
     except NewsletterError:
         raise
     except Exception as e:  # any surprise in a hostile message sets it aside, not the run
@@ -195,8 +199,8 @@ def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bou
         return None
     action, status, diagnostic = report
     return Bounce(
-        delivery_id=_find_delivery(msg, envelope, settings),
-        message_key=_original_key(msg, settings),
+        delivery_id=find_delivery(msg, envelope, settings),
+        message_key=original_key(msg, settings),
         hard=action == "failed" and status.startswith("5"),
         status=status,
         diagnostic=diagnostic[:500],
@@ -205,22 +209,22 @@ def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bou
 
 def _delivery_status(msg: Message) -> tuple[str, str, str] | None:
     """(action, status, diagnostic) of the first recipient block that failed or was delayed."""
-    for part in _parts(msg):
+    for part in mail_parts(msg):
         if part.get_content_type() != "message/delivery-status":
             continue
         blocks = part.get_payload()
         for block in blocks[1:MAX_PARTS] if isinstance(blocks, list) else []:
             if not isinstance(block, Message):
                 continue
-            action = _text(block, "Action").lower()
+            action = header_text(block, "Action").lower()
             if action in ("failed", "delayed"):
-                status = _text(block, "Status")[:20]
+                status = header_text(block, "Status")[:20]
                 status = status if _STATUS.fullmatch(status) else ""
-                return action, status, _text(block, "Diagnostic-Code")
+                return action, status, header_text(block, "Diagnostic-Code")
     return None
 
 
-def _find_delivery(msg: Message, envelope: Sequence[str], settings: Settings) -> int | None:
+def find_delivery(msg: Message, envelope: Sequence[str], settings: Settings) -> int | None:
     """The delivery of the first VERP address, with a valid signature, in envelope or headers."""
     candidates = [address[:MAX_HEADER_CHARS] for address in envelope]
     for name in _ADDRESS_HEADERS:
@@ -232,9 +236,9 @@ def _find_delivery(msg: Message, envelope: Sequence[str], settings: Settings) ->
     return None
 
 
-def _original_key(msg: Message, settings: Settings) -> tuple[int, int] | None:
+def original_key(msg: Message, settings: Settings) -> tuple[int, int] | None:
     """(campaign, subscriber) from the returned original's Message-ID, if it is one of ours."""
-    for part in _parts(msg):
+    for part in mail_parts(msg):
         kind = part.get_content_type()
         if kind == "message/rfc822":
             payload = part.get_payload()
@@ -257,6 +261,7 @@ def _original_key(msg: Message, settings: Settings) -> tuple[int, int] | None:
 
 
 def _is_ours(found: str, cid: int, sid: int, settings: Settings) -> bool:
+    """Whether a Message-ID found in returned text carries our signature for (cid, sid)."""
     domain = found.rpartition("@")[2].rstrip(">")
     secret = settings.security.require_secret()
     mine = message_id(campaign_id=cid, subscriber_id=sid, secret=secret, domain=domain)
@@ -275,10 +280,28 @@ def handle_bounce(
 
     Raises UnreadableMailError, before touching the database, when the message cannot be read.
     """
-    bounce = parse_bounce(raw, envelope_recipients=envelope_recipients, settings=settings)
+    return apply_bounce(
+        session=session,
+        msg=read_mail(raw),
+        envelope_recipients=envelope_recipients,
+        settings=settings,
+        now=now,
+    )
+
+
+def apply_bounce(
+    *,
+    session: Session,
+    msg: Message,
+    envelope_recipients: Sequence[str] = (),
+    settings: Settings,
+    now: datetime,
+) -> str:
+    """Apply one bounce already read with read_mail; the outcomes of handle_bounce."""
+    bounce = bounce_of(msg, envelope_recipients, settings)
     if bounce is None:
         return "not a bounce"
-    delivery = _delivery_for(session, bounce)
+    delivery = delivery_for(session, bounce.delivery_id, bounce.message_key)
     if delivery is None:
         return "unknown delivery"
     subscriber = session.get(Subscriber, delivery.subscriber_id)
@@ -326,11 +349,14 @@ def _bounced_elsewhere(session: Session, delivery: Delivery) -> bool:
     return bool(session.scalar(others))
 
 
-def _delivery_for(session: Session, bounce: Bounce) -> Delivery | None:
-    if bounce.delivery_id is not None:
-        return session.get(Delivery, bounce.delivery_id)
-    if bounce.message_key is not None:
-        cid, sid = bounce.message_key
+def delivery_for(
+    session: Session, delivery_id: int | None, message_key: tuple[int, int] | None
+) -> Delivery | None:
+    """The delivery a bounce or complaint names: by VERP, else by the original's Message-ID."""
+    if delivery_id is not None:
+        return session.get(Delivery, delivery_id)
+    if message_key is not None:
+        cid, sid = message_key
         return session.scalar(
             select(Delivery).where(Delivery.campaign_id == cid, Delivery.subscriber_id == sid)
         )

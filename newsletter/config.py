@@ -46,6 +46,8 @@ class RelaySettings:
     weight: int = 1
     rate_per_second: float = 0.0
     hourly_limit: int = 0
+    # The public addresses this relay sends from, for `newsletter doctor`'s SPF check.
+    ips: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -70,7 +72,11 @@ class SmtpSettings:
     hourly_limit: int = 0
     weight: int = 1
     failure_burst: int = 50
+    complaint_pause_rate: float = 0.003
+    complaint_min_delivered: int = 1000
     relays: tuple[RelaySettings, ...] = ()
+    # The public addresses [smtp] itself sends from, for `newsletter doctor`'s SPF check.
+    ips: tuple[str, ...] = ()
 
     def all_relays(self) -> tuple[RelaySettings, ...]:
         """[smtp] itself as the first relay, then [smtp] relays."""
@@ -85,6 +91,7 @@ class SmtpSettings:
             weight=self.weight,
             rate_per_second=self.rate_per_second,
             hourly_limit=self.hourly_limit,
+            ips=self.ips,
         )
         return (first, *self.relays)
 
@@ -331,6 +338,17 @@ class OpenPgpSettings:
 
 
 @dataclass(frozen=True)
+class DoctorSettings:
+    """`newsletter doctor`: where it asks DNS, and how long it waits."""
+
+    # "host:port" (or "host") name servers asked for every name instead of the domains' own
+    # authoritative servers (split DNS, tests); empty = find each zone's servers.
+    nameservers: tuple[str, ...] = ()
+    # The longest wait for one DNS or HTTP answer.
+    timeout_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
 class SecuritySettings:
     secret: str = ""
 
@@ -367,6 +385,7 @@ class Settings:
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     discreet: DiscreetSettings = field(default_factory=DiscreetSettings)
     openpgp: OpenPgpSettings = field(default_factory=OpenPgpSettings)
+    doctor: DoctorSettings = field(default_factory=DoctorSettings)
     source_path: str = "(embedded defaults)"
 
 
@@ -475,6 +494,7 @@ def validate_settings(settings: Settings) -> None:
     _validate_delivery(settings)
     _validate_inbound(settings)
     _validate_console(settings)
+    _validate_doctor(settings)
     for key in ("from_address", "unsubscribe_address", "bounce_address"):
         if "@" not in getattr(settings.mail, key):
             raise ConfigError(f"{where}: 'mail.{key}' must be an email address")
@@ -601,6 +621,10 @@ def _validate_delivery(settings: Settings) -> None:
     where, smtp = settings.source_path, settings.smtp
     if smtp.failure_burst < 0 or smtp.hourly_limit < 0 or smtp.rate_per_second < 0:
         raise ConfigError(f"{where}: smtp rate, hourly_limit and failure_burst must be >= 0")
+    if not 0 <= smtp.complaint_pause_rate <= 1 or smtp.complaint_min_delivered < 0:
+        raise ConfigError(
+            f"{where}: 'smtp.complaint_pause_rate' must be 0-1, 'complaint_min_delivered' >= 0"
+        )
     for i, relay in enumerate(smtp.relays):
         key = f"smtp.relays[{i}]"
         if relay.security not in ("none", "starttls", "tls"):
@@ -611,6 +635,43 @@ def _validate_delivery(settings: Settings) -> None:
         raise ConfigError(f"{where}: 'smtp.weight' must be >= 0 and some relay must weigh > 0")
     if bool(settings.dkim.key_file) != bool(settings.dkim.selector):
         raise ConfigError(f"{where}: 'dkim.key_file' and 'dkim.selector' must be set together")
+
+
+def _validate_doctor(settings: Settings) -> None:
+    """Relay ips must be IP addresses, doctor's name servers IP[:port], its timeout positive."""
+    where, smtp = settings.source_path, settings.smtp
+    named = [("smtp.ips", smtp.ips)]
+    named += [(f"smtp.relays[{i}].ips", r.ips) for i, r in enumerate(smtp.relays)]
+    for key, ips in named:
+        for i, ip in enumerate(ips):
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"{where}: '{key}[{i}]' must be an IP address") from None
+    if not 0 < settings.doctor.timeout_seconds <= 60:
+        raise ConfigError(f"{where}: 'doctor.timeout_seconds' must be more than 0, at most 60")
+    for i, server in enumerate(settings.doctor.nameservers):
+        try:
+            split_server(server)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: 'doctor.nameservers[{i}]' must be an IP address, optionally with :port"
+            ) from None
+
+
+def split_server(server: str) -> tuple[str, int]:
+    """A name server's address and port from "IP", "IP:port" or "[IPv6]:port" (ValueError)."""
+    host, port = server, 53
+    if server.startswith("["):
+        host, _, rest = server[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else 53
+    elif server.count(":") == 1:
+        host, _, text = server.partition(":")
+        port = int(text)
+    ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(server)
+    return host, port
 
 
 def _validate_inbound(settings: Settings) -> None:

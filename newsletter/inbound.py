@@ -6,7 +6,9 @@ with a message to one of them::
     handler = InboundHandler([unsubscribe_route(...), bounce_route(...)])
 
 Mail to the bounce address (plain, or VERP bounces+<delivery>-<signature>@) goes to
-newsletter.bounces: a hard bounce marks its delivery failed and suppresses the address.
+newsletter.bounces: a hard bounce marks its delivery failed and suppresses the address; a
+feedback-loop report (a spam complaint) goes to newsletter.complaints, which unsubscribes and
+suppresses the person and counts the complaint on its campaign.
 
 A recipient no route takes is refused at RCPT. A message with a bad or unknown token, or a forged
 VERP address, is accepted and dropped: answering differently would tell a stranger which are real.
@@ -38,8 +40,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
-from newsletter.bounces import UnreadableMailError, handle_bounce
+from newsletter.bounces import UnreadableMailError
 from newsletter.clock import Clock
+from newsletter.complaints import handle_return
 from newsletter.config import InboundSettings, Settings
 from newsletter.db import unit_of_work
 from newsletter.errors import TokenError
@@ -196,7 +199,7 @@ def unsubscribe_route(
 def bounce_route(
     *, settings: Settings, factory: sessionmaker[DbSession], clock: Clock
 ) -> InboundRoute:
-    """Mail to [mail] or [discreet] bounce_address, plain or VERP, is read as a bounce."""
+    """Mail to [mail] or [discreet] bounce_address, plain or VERP: a bounce or a complaint."""
     ours = [
         a.lower().rpartition("@")[::2]
         for a in (settings.mail.bounce_address, settings.discreet.bounce_address)
@@ -212,7 +215,7 @@ def bounce_route(
 
     def apply(mail: InboundMail) -> None:
         with unit_of_work(factory) as session:
-            handle_bounce(
+            handle_return(
                 session=session,
                 raw=mail.raw,
                 envelope_recipients=[mail.recipient],

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
@@ -13,10 +14,113 @@ from newsletter.db.models import (
     CampaignStatus,
     Delivery,
     DeliveryStatus,
+    Event,
     Source,
     Subscriber,
 )
 from newsletter.db.queries import PENDING_STATUSES, delivery_counts
+
+# The big providers by the recipient's domain (SQL LIKE patterns on the lower-cased address);
+# "others" is everything else. "hotmail.%" takes hotmail.com, hotmail.co.uk and the like.
+PROVIDER_DOMAINS: dict[str, tuple[str, ...]] = {
+    "gmail": ("gmail.com", "googlemail.com"),
+    "outlook": ("outlook.com", "hotmail.%", "live.%", "msn.com"),
+    "yahoo": ("yahoo.%", "ymail.com", "aol.com"),
+}
+PROVIDERS = (*PROVIDER_DOMAINS, "others")
+# Gmail's and Outlook.com's bulk-sender threshold: past it a day, the stricter rules apply.
+BULK_SENDER_DAILY = 5000
+BULK_PROVIDERS = ("gmail", "outlook")
+DOCTOR_CHECKED = "doctor.checked"  # the audit event `newsletter doctor` records, {"passed": bool}
+
+
+@dataclass(frozen=True)
+class ProviderDay:
+    """Messages sent to each provider since the start of the UTC day, and whether to warn."""
+
+    day_start: datetime
+    counts: dict[str, int]
+    doctor_passed: bool | None  # the latest `newsletter doctor` verdict; None: never run
+
+    @property
+    def over_bulk(self) -> list[str]:
+        """Gmail or Outlook when past the bulk-sender threshold today."""
+        return [p for p in BULK_PROVIDERS if self.counts.get(p, 0) >= BULK_SENDER_DAILY]
+
+    @property
+    def warning(self) -> bool:
+        """Past the bulk-sender threshold while `newsletter doctor` is not known to pass."""
+        return bool(self.over_bulk) and self.doctor_passed is not True
+
+    def as_json(self) -> dict[str, Any]:
+        """The counts as `status --json` prints them."""
+        return {
+            "day_start": self.day_start.isoformat(),
+            "sent": self.counts,
+            "doctor_passed": self.doctor_passed,
+            "bulk_sender_warning": self.over_bulk if self.warning else [],
+        }
+
+
+def provider_of(email: str) -> str:
+    """The provider an address's domain belongs to (gmail, outlook, yahoo or others)."""
+    domain = email.rpartition("@")[2].strip().lower()
+    for provider, domains in PROVIDER_DOMAINS.items():
+        for d in domains:
+            if domain == d or (d.endswith(".%") and domain.startswith(d[:-1])):
+                return provider
+    return "others"
+
+
+def _provider_column() -> Any:
+    """provider_of as SQL: a CASE over LIKE patterns, the same on SQLite and PostgreSQL."""
+    email = func.lower(Subscriber.email)
+    return case(
+        *(
+            (or_(*(email.like(f"%@{d}") for d in domains)), provider)
+            for provider, domains in PROVIDER_DOMAINS.items()
+        ),
+        else_="others",
+    )
+
+
+def day_start(now: datetime) -> datetime:
+    """The start of the UTC day of `now` (the providers count per day; UTC is what they show)."""
+    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def provider_counts(session: Session, *, since: datetime) -> dict[str, int]:
+    """Messages sent since `since`, by the recipient's provider; every provider, zeros too."""
+    provider = _provider_column()
+    stmt = (
+        select(provider, func.count())
+        .select_from(Delivery)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.sent_at >= since)
+        .group_by(provider)
+    )
+    counts = dict.fromkeys(PROVIDERS, 0)
+    counts.update({str(p): int(n) for p, n in session.execute(stmt)})
+    return counts
+
+
+def doctor_passed(session: Session) -> bool | None:
+    """The verdict of the latest `newsletter doctor` run as its audit event says; None if none."""
+    detail = session.scalar(
+        select(Event.detail)
+        .where(Event.action == DOCTOR_CHECKED)
+        .order_by(Event.at.desc(), Event.id.desc())
+        .limit(1)
+    )
+    if not isinstance(detail, dict):
+        return None
+    return detail.get("passed") is True
+
+
+def provider_day(session: Session, *, now: datetime) -> ProviderDay:
+    """Today's (UTC) counts by provider and the latest doctor verdict."""
+    start = day_start(now)
+    return ProviderDay(start, provider_counts(session, since=start), doctor_passed(session))
 
 
 @dataclass(frozen=True)
@@ -59,7 +163,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
-def render_metrics(session: Session, *, scheduler_active: bool) -> str:
+def render_metrics(session: Session, *, scheduler_active: bool, now: datetime | None = None) -> str:
     """The Prometheus text exposition of the service's counters and gauges."""
     lines = [
         "# HELP newsletter_deliveries Deliveries by campaign kind and status.",
@@ -85,6 +189,16 @@ def render_metrics(session: Session, *, scheduler_active: bool) -> str:
         "# HELP newsletter_scheduler_active 1 if this process holds the scheduler lock.",
         "# TYPE newsletter_scheduler_active gauge",
         f"newsletter_scheduler_active {int(scheduler_active)}",
+    ]
+    day = provider_day(session, now=now or datetime.now(UTC))
+    lines += [
+        "# HELP newsletter_sent_today Messages sent since the start of the UTC day, by provider.",
+        "# TYPE newsletter_sent_today gauge",
+        *(f'newsletter_sent_today{{provider="{p}"}} {n}' for p, n in day.counts.items()),
+        "# HELP newsletter_bulk_sender_warning 1 if past 5000 a day to Gmail or Outlook while"
+        " `newsletter doctor` does not pass.",
+        "# TYPE newsletter_bulk_sender_warning gauge",
+        f"newsletter_bulk_sender_warning {int(day.warning)}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -194,7 +194,9 @@ def create_service_app(service: Service) -> Starlette:
 
         def render() -> str:
             with unit_of_work(service.factory) as session:
-                return render_metrics(session, scheduler_active=service.active)
+                return render_metrics(
+                    session, scheduler_active=service.active, now=service.clock.now()
+                )
 
         return PlainTextResponse(
             await asyncio.to_thread(render), media_type="text/plain; version=0.0.4"

@@ -1,4 +1,5 @@
-"""`newsletter status`: what is scheduled next, what is sending, and each source's last poll."""
+"""`newsletter status`: what is scheduled next, what is sending, each source's last poll, and
+the messages sent today (UTC day) by the recipients' provider."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from newsletter.complaints import complaint_counts
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.db.queries import delivery_counts
 from newsletter.lock import lock_holder
-from newsletter.metrics import SourceState, source_states
+from newsletter.metrics import ProviderDay, SourceState, provider_day, source_states
 from newsletter.schedule import LOCK_NAME, digest_trigger
 
 STALE_AFTER = timedelta(hours=1)  # a source not polled for this long is marked stale
@@ -25,9 +27,10 @@ class ServiceStatus:
     scheduler: str  # who holds the scheduler lock, or "not running"
     next_digest: datetime | None
     poll_minutes: int
-    campaigns: list[dict[str, Any]]  # id, kind, list, status and delivery counts by status
+    campaigns: list[dict[str, Any]]  # id, kind, list, status, delivery counts, complaints
     sources: list[SourceState]
     now: datetime
+    providers: ProviderDay  # messages sent today (UTC) by the recipients' provider
 
     def is_stale(self, source: SourceState) -> bool:
         """Whether a source's last successful poll is older than STALE_AFTER."""
@@ -49,11 +52,14 @@ class ServiceStatus:
                 }
                 for s in self.sources
             ],
+            "providers_today": self.providers.as_json(),
         }
 
 
 def service_status(session: Session, *, settings: Settings, now: datetime) -> ServiceStatus:
     """The service's state now: scheduler, next digest, unfinished campaigns, sources."""
+    unfinished = list(session.scalars(select(Campaign).where(Campaign.status.in_(UNFINISHED))))
+    complaints = complaint_counts(session, [c.id for c in unfinished])
     campaigns = [
         {
             "id": c.id,
@@ -61,8 +67,10 @@ def service_status(session: Session, *, settings: Settings, now: datetime) -> Se
             "list": c.mailing_list.slug,
             "status": c.status,
             **delivery_counts(session, c.id),
+            "complaints": complaints.get(c.id, 0),
+            "pause_reason": c.pause_reason,
         }
-        for c in session.scalars(select(Campaign).where(Campaign.status.in_(UNFINISHED)))
+        for c in unfinished
     ]
     return ServiceStatus(
         scheduler=lock_holder(session, LOCK_NAME) or "not running",
@@ -71,4 +79,5 @@ def service_status(session: Session, *, settings: Settings, now: datetime) -> Se
         campaigns=campaigns,
         sources=source_states(session),
         now=now,
+        providers=provider_day(session, now=now),
     )

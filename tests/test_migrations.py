@@ -228,3 +228,75 @@ def test_0007_keeps_campaigns_deliveries_and_keys_and_adds_cases(database_url: s
         assert c.execute(text("select count(*) from case_letters")).scalar() == 0
         assert c.execute(text("select count(*) from campaigns")).scalar() == 1
     engine.dispose()
+
+
+def test_0008_keeps_campaigns_and_deliveries_and_counts_complaints_once(database_url: str) -> None:
+    """From 0007 with a campaign and two sent deliveries, to head: all there; a complaint per
+    delivery can be written, a second one for the same delivery cannot, and complaints go with
+    their campaign."""
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0007_cases")
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
+                " values ('l', 'L', '{}', 'alerts', true, 'l.example.org', 0)"
+            )
+        )
+        for email in ("a@gmail.com", "b@example.org"):
+            c.execute(
+                text(
+                    "insert into subscribers (email, name, language, country, tags, attributes,"
+                    " status, created_at, discreet, on_key_problem) values (:email, '', 'en', '',"
+                    " '[]', '{}', 'active', :now, 'off', 'withhold')"
+                ),
+                {"email": email, "now": NOW},
+            )
+        c.execute(
+            text(
+                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
+                " created_by, approved_by, pause_reason, created_at, translations, source_text,"
+                " training, slug, archived) values ('alert', 1, 'running', 'k', 'T', '', '',"
+                " 'cli', '', '', :now, '{}', '{}', false, 'alert-x', true)"
+            ),
+            {"now": NOW},
+        )
+        for subscriber in (1, 2):
+            c.execute(
+                text(
+                    "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                    " next_attempt_at, created_at, sent_at) values (1, :s, 'sent', 1, :now, :now,"
+                    " :now)"
+                ),
+                {"s": subscriber, "now": NOW},
+            )
+    migrate(engine)
+    with engine.begin() as c:
+        assert (
+            c.execute(
+                text("select count(*) from deliveries where sent_at = :now"), {"now": NOW}
+            ).scalar()
+            == 2
+        )
+        assert c.execute(text("select status from campaigns")).scalar() == "running"
+        for delivery in (1, 2):
+            c.execute(
+                text(
+                    "insert into complaints (delivery_id, campaign_id, created_at)"
+                    " values (:d, 1, :now)"
+                ),
+                {"d": delivery, "now": NOW},
+            )
+    with pytest.raises(SQLAlchemyError), engine.begin() as c:  # one per delivery
+        c.execute(
+            text(
+                "insert into complaints (delivery_id, campaign_id, created_at) values (1, 1, :now)"
+            ),
+            {"now": NOW},
+        )
+    with engine.begin() as c:
+        assert c.execute(text("select count(*) from complaints")).scalar() == 2
+        c.execute(text("delete from campaigns"))  # its deliveries and complaints go with it
+        assert c.execute(text("select count(*) from complaints")).scalar() == 0
+        assert c.execute(text("select count(*) from subscribers")).scalar() == 2
+    engine.dispose()

@@ -161,6 +161,7 @@ COMMAND_MODULES = (
     "demo",
     "devsmtp",
     "digest",
+    "doctor",
     "ingest",
     "init",
     "lists",

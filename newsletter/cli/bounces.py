@@ -1,4 +1,4 @@
-"""`newsletter bounces process MAILDIR`: apply bounces that arrived in a Maildir."""
+"""`newsletter bounces process MAILDIR`: apply bounces and complaints that arrived in a Maildir."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
-from newsletter.bounces import UNREADABLE, handle_bounce, process_maildir
+from newsletter.bounces import UNREADABLE, process_maildir
 from newsletter.cli import State, app, console
+from newsletter.complaints import handle_return
 from newsletter.db import unit_of_work
 from newsletter.errors import ConfigError
 
@@ -27,6 +28,9 @@ def process(
 ) -> None:
     """Mark bounced deliveries failed and suppress hard bounces; processed mail is marked seen.
 
+    Feedback-loop reports (spam complaints) unsubscribe and suppress the person and count on the
+    campaign, which pauses itself past [smtp] complaint_pause_rate.
+
     A message that cannot be read is moved to the Maildir's .unreadable folder, one line each.
     """
     state: State = ctx.obj
@@ -36,7 +40,7 @@ def process(
 
     def apply(raw: bytes) -> str:
         with unit_of_work(factory) as session:
-            return handle_bounce(
+            return handle_return(
                 session=session, raw=raw, settings=state.settings, now=state.clock.now()
             )
 

@@ -310,6 +310,8 @@ class Delivery(Base):
         # claim_batch claims campaign by campaign (alerts first) and walks this index, so a claim
         # reads only due rows instead of sorting every pending row of every campaign.
         Index("ix_deliveries_due", "campaign_id", "status", "next_attempt_at"),
+        # The providers' daily counts (newsletter.metrics) read the messages sent today.
+        Index("ix_deliveries_sent_at", "sent_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
@@ -326,6 +328,19 @@ class Delivery(Base):
     # `campaigns retry` restarts the retry deadline from here instead of from created_at.
     requeued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Complaint(Base):
+    """A recipient marked a delivery as spam (a feedback-loop report): counted once per delivery."""
+
+    __tablename__ = "complaints"
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    campaign_id: Mapped[int] = mapped_column(
+        ForeignKey("campaigns.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Suppression(Base):

@@ -1,0 +1,284 @@
+"""SPF (RFC 7208) for `newsletter doctor`: parse a record, count its DNS lookups, evaluate it.
+
+Pure over a `Lookup` (txt, addresses, mx), so the doctor can ask the authoritative servers and
+the tests can give records in a dict. Macros are expanded for the letters s, l, o, d, i, h (with
+the digit and `r` transformers); `ptr` is counted but never matches (RFC 7208 says not to use it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+LOOKUP_LIMIT = 10  # RFC 7208 §4.6.4: mechanisms and modifiers that cause DNS queries
+VOID_LIMIT = 2  # RFC 7208 §4.6.4: lookups that return no answer
+LOOKUP_TERMS = ("include", "a", "mx", "ptr", "exists")
+MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")
+QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
+# One macro: %{letter digits r delimiters}. Linear: a fixed sequence of single-character classes,
+# each repeated without overlap, on a record of at most a few hundred characters.
+_MACRO = re.compile(r"%\{([slodiphcrtvSLODIPHCRTV])([0-9]*)(r?)([.+,/_=-]*)\}")
+
+
+class Lookup(Protocol):
+    """The DNS queries SPF needs."""
+
+    def txt(self, name: str) -> list[str]: ...
+    def addresses(self, name: str, version: int) -> list[str]: ...
+    def mx(self, name: str) -> list[str]: ...
+
+
+class SpfPermError(Exception):
+    """The record cannot be evaluated (RFC 7208 permerror): says why."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term of a record: a mechanism with its qualifier, or a modifier (qualifier "=")."""
+
+    qualifier: str
+    name: str
+    value: str  # the domain-spec, address, or modifier value; "" when absent
+
+    def text(self) -> str:
+        """The term as written in a record ("+" left out)."""
+        if self.qualifier == "=":
+            return f"{self.name}={self.value}"
+        prefix = "" if self.qualifier == "+" else self.qualifier
+        sep = "" if self.value.startswith("/") or not self.value else ":"  # a/24 has no domain
+        return f"{prefix}{self.name}{sep}{self.value}"
+
+
+def spf_records(txts: list[str]) -> list[str]:
+    """The SPF records among a name's TXT records (those that start with "v=spf1")."""
+    return [t for t in txts if t.lower() == "v=spf1" or t.lower().startswith("v=spf1 ")]
+
+
+def parse_spf(record: str) -> list[Term]:
+    """The terms of one SPF record; SpfPermError for a term that does not parse."""
+    terms = []
+    for word in record.split()[1:]:
+        name, eq, value = word.partition("=")
+        modifier = eq and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        if modifier and name.lower() not in MECHANISMS:
+            terms.append(Term("=", name.lower(), value))
+            continue
+        qualifier = word[0] if word[0] in QUALIFIERS else "+"
+        body = word[1:] if word[0] in QUALIFIERS else word
+        name, sep, value = body.partition(":")
+        if "/" in name and not sep:  # a/24, mx/24//64
+            name, slash, rest = name.partition("/")
+            value = slash + rest
+        name = name.lower()
+        if name not in MECHANISMS:
+            raise SpfPermError(f"unknown term {word!r}")
+        if name in ("ip4", "ip6", "include", "exists") and not value:
+            raise SpfPermError(f"{name} needs a value in {word!r}")
+        terms.append(Term(qualifier, name, value))
+    return terms
+
+
+def term_cost(term: Term) -> int:
+    """1 when the term itself causes a DNS lookup (RFC 7208 §4.6.4), else 0."""
+    if term.qualifier == "=":
+        return 1 if term.name == "redirect" else 0
+    return 1 if term.name in LOOKUP_TERMS else 0
+
+
+def count_lookups(domain: str, dns: Lookup, *, depth: int = 0) -> int:
+    """The DNS-querying terms of `domain`'s SPF record with every include and redirect expanded.
+
+    The count a receiver reaches for a sender matching nothing (the worst case); above
+    LOOKUP_LIMIT the record is a permerror for everyone. Stops counting past LOOKUP_LIMIT + 5
+    (loops). SpfPermError when the record is missing or doubled or does not parse.
+    """
+    records = spf_records(dns.txt(domain))
+    if len(records) != 1:
+        raise SpfPermError(f"{domain} has {len(records)} SPF records")
+    terms = parse_spf(records[0])
+    total = 0
+    has_all = any(t.name == "all" and t.qualifier != "=" for t in terms)
+    for term in terms:
+        if term.qualifier == "=" and (term.name != "redirect" or has_all):
+            continue
+        total += term_cost(term)
+        if term.name in ("include", "redirect") and depth < LOOKUP_LIMIT + 5:
+            total += count_lookups(term.value, dns, depth=depth + 1)
+        if total > LOOKUP_LIMIT + 5:
+            break
+    return total
+
+
+@dataclass
+class _Run:
+    """One evaluation's counters (shared by nested includes)."""
+
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    sender: str
+    dns: Lookup
+    lookups: int = 0
+    voids: int = 0
+
+    def charge(self) -> None:
+        self.lookups += 1
+        if self.lookups > LOOKUP_LIMIT:
+            raise SpfPermError(f"more than {LOOKUP_LIMIT} DNS lookups")
+
+    def void(self, answers: list[str]) -> list[str]:
+        if not answers:
+            self.voids += 1
+            if self.voids > VOID_LIMIT:
+                raise SpfPermError(f"more than {VOID_LIMIT} lookups found nothing")
+        return answers
+
+
+def check_host(ip: str, domain: str, sender: str, dns: Lookup) -> str:
+    """The SPF result for mail from `sender` (envelope address) sent by `ip`, RFC 7208 §4.
+
+    One of pass, fail, softfail, neutral, none, permerror (DnsError propagates: temperror).
+    """
+    run = _Run(ipaddress.ip_address(ip), sender, dns)
+    try:
+        return _check(run, domain, depth=0)
+    except SpfPermError:
+        return "permerror"
+
+
+def _check(run: _Run, domain: str, depth: int) -> str:
+    records = spf_records(run.dns.txt(domain))
+    if not records:
+        return "none"
+    if len(records) > 1:
+        raise SpfPermError(f"{domain} has {len(records)} SPF records")
+    terms = parse_spf(records[0])
+    for term in terms:
+        if term.qualifier != "=" and _matches(run, term, domain, depth):
+            return QUALIFIERS[term.qualifier]
+    redirect = next((t for t in terms if t.qualifier == "=" and t.name == "redirect"), None)
+    if redirect is None:
+        return "neutral"
+    run.charge()
+    result = _check(run, expand(redirect.value, run, domain), depth + 1)
+    if result == "none":
+        raise SpfPermError(f"redirect to {redirect.value}, which has no SPF record")
+    return result
+
+
+def _matches(run: _Run, term: Term, domain: str, depth: int) -> bool:
+    """Whether one mechanism matches the sending address."""
+    if term.name == "all":
+        return True
+    if term.name in ("ip4", "ip6"):
+        try:
+            return run.ip in ipaddress.ip_network(term.value, strict=False)
+        except ValueError:
+            raise SpfPermError(f"bad address {term.text()!r}") from None
+    run.charge()
+    spec, v4, v6 = _cidr(term.value)
+    target = expand(spec, run, domain) if spec else domain
+    if term.name == "include":
+        if depth >= LOOKUP_LIMIT:
+            raise SpfPermError("includes nested too deep")
+        result = _check(run, target, depth + 1)
+        if result in ("none",):
+            raise SpfPermError(f"include:{target} has no SPF record")
+        return result == "pass"
+    if term.name == "exists":
+        return bool(run.void(run.dns.addresses(target, 4)))
+    if term.name == "ptr":
+        return False
+    hosts = [target]
+    if term.name == "mx":
+        hosts = run.void(run.dns.mx(target))[:10]
+    prefix = v4 if run.ip.version == 4 else v6
+    for host in hosts:
+        for address in run.void(run.dns.addresses(host, run.ip.version)):
+            if run.ip in ipaddress.ip_network(f"{address}/{prefix}", strict=False):
+                return True
+    return False
+
+
+def _cidr(value: str) -> tuple[str, int, int]:
+    """A domain-spec and its dual CIDR lengths: "example.org/24//64" → (example.org, 24, 64)."""
+    spec, _, lengths = value.partition("/")
+    v4_text, _, v6_text = lengths.partition("//")
+    if lengths.startswith("/"):  # only an IPv6 length: "//64"
+        v4_text, v6_text = "", lengths[1:]
+    try:
+        v4 = int(v4_text) if v4_text else 32
+        v6 = int(v6_text) if v6_text else 128
+    except ValueError:
+        raise SpfPermError(f"bad prefix length in {value!r}") from None
+    if not (0 <= v4 <= 32 and 0 <= v6 <= 128):
+        raise SpfPermError(f"bad prefix length in {value!r}")
+    return spec, v4, v6
+
+
+def expand(spec: str, run: _Run, domain: str) -> str:
+    """A domain-spec with its macros expanded (RFC 7208 §7)."""
+    local, _, sender_domain = run.sender.rpartition("@")
+    ip = run.ip
+    dotted = str(ip) if ip.version == 4 else ".".join(ip.exploded.replace(":", ""))
+    values: dict[str, str] = {
+        "s": run.sender,
+        "l": local or "postmaster",
+        "o": sender_domain,
+        "d": domain,
+        "i": dotted,
+        "p": "unknown",
+        "v": "in-addr" if ip.version == 4 else "ip6",
+        "h": sender_domain,
+    }
+
+    def one(match: re.Match[str]) -> str:
+        letter, digits, reverse, delimiters = match.groups()
+        parts = re.split("[" + re.escape(delimiters or ".") + "]", values.get(letter.lower(), ""))
+        if reverse:
+            parts.reverse()
+        if digits:
+            parts = parts[-int(digits) :] if int(digits) else parts
+        return ".".join(parts)
+
+    text = spec.replace("%%", "\0").replace("%_", " ").replace("%-", "%20")
+    return _MACRO.sub(one, text).replace("\0", "%")
+
+
+def suggest_spf(
+    records: list[str], relay_ips: list[str], cost: Callable[[Term], int]
+) -> tuple[str, list[str]]:
+    """One SPF record that lets the relays send and stays within the lookup limit.
+
+    The terms of every record found are kept in order (duplicates once), the relays' addresses
+    added in front, one `all` last (the first record's, else -all); DNS-querying terms that
+    would pass LOOKUP_LIMIT (their cost, includes expanded, from `cost`) are left out and named.
+    """
+    kept: list[str] = [f"ip{ipaddress.ip_address(ip).version}:{ip}" for ip in relay_ips]
+    dropped: list[str] = []
+    ending = "-all"
+    budget = 0
+    for record in records:
+        try:
+            terms = parse_spf(record)
+        except SpfPermError:
+            continue
+        for term in terms:
+            text = term.text()
+            if term.name == "all" and term.qualifier != "=":
+                # The first record's ending, if it refuses others (+all or ?all would not).
+                if record == records[0] and term.qualifier in "~-":
+                    ending = text
+                continue
+            if term.qualifier == "=" and term.name == "redirect":
+                continue  # an all ends the record: a redirect would be ignored
+            if text in kept or text in dropped:
+                continue
+            spent = cost(term)
+            if budget + spent > LOOKUP_LIMIT:
+                dropped.append(text)
+                continue
+            budget += spent
+            kept.append(text)
+    return " ".join(["v=spf1", *kept, ending]), dropped
