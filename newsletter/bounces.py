@@ -260,6 +260,17 @@ def original_key(msg: Message, settings: Settings) -> tuple[int, int] | None:
     return None
 
 
+def our_message_id(value: str, settings: Settings) -> tuple[int, int] | None:
+    """(campaign, subscriber) when a Message-ID field's value is exactly one Message-ID of ours
+    (signature checked); None for anything else, however much of ours it quotes."""
+    found = value[:MAX_HEADER_CHARS].strip()
+    match = _MESSAGE_ID.fullmatch(found)
+    if match is None:
+        return None
+    cid, sid = int(match["cid"]), int(match["sid"])
+    return (cid, sid) if _is_ours(found, cid, sid, settings) else None
+
+
 def _is_ours(found: str, cid: int, sid: int, settings: Settings) -> bool:
     """Whether a Message-ID found in returned text carries our signature for (cid, sid)."""
     domain = found.rpartition("@")[2].rstrip(">")

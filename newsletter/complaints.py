@@ -8,8 +8,12 @@ or its headers (text/rfc822-headers), often with the recipient's address redacte
 
 The complained-about delivery is found as a bounce's is (newsletter.bounces): a VERP address
 with a valid signature (the envelope recipient, the report's Original-Mail-From, the original's
-Return-Path), else the original's Message-ID, which carries our HMAC. The recipient's address in
-the report is never used: anyone can write one. A Message-ID alone is enough here, where a bounce
+Return-Path), else the original's Message-ID, which carries our HMAC. Stricter than for a bounce,
+"the original" is only the report's own: the first message/rfc822 or text/rfc822-headers part
+directly under the multipart/report, and only its Message-ID field, holding exactly one id of
+ours. A reply to our message (our id in In-Reply-To or References) or someone else's message
+carrying ours as an attachment names no delivery. The recipient's address in the report is never
+used: anyone can write one. A Message-ID alone is enough here, where a bounce
 needs a second one: only someone who saw the message knows it, and the message carries its own
 unsubscribe links, so a complaint gives no one a power they did not have.
 
@@ -24,10 +28,14 @@ in one log line without any address.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import quopri
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from email.errors import MissingHeaderBodySeparatorDefect
 from email.message import Message
 from email.parser import HeaderParser
 from email.policy import compat32
@@ -39,13 +47,13 @@ from newsletter.audit import record_event
 from newsletter.bounces import (
     MAX_HEADER_CHARS,
     MAX_HEADERS_TEXT,
+    MAX_PARTS,
     UnreadableMailError,
     apply_bounce,
     delivery_for,
     find_delivery,
     header_text,
-    mail_parts,
-    original_key,
+    our_message_id,
     read_mail,
 )
 from newsletter.campaigns import pause_campaign
@@ -101,11 +109,16 @@ def parse_report(msg: Message, envelope: Sequence[str], settings: Settings) -> R
         fields = _feedback_fields(msg)
         if fields is None:
             return Report("", None, None)
-        candidates = [*envelope, header_text(fields, "Original-Mail-From"), *_return_paths(msg)]
+        original = _original(msg)
+        candidates = [
+            *envelope,
+            header_text(fields, "Original-Mail-From"),
+            *_return_paths(original),
+        ]
         return Report(
             feedback_type=header_text(fields, "Feedback-Type").lower()[:20],
             delivery_id=find_delivery(msg, candidates, settings),
-            message_key=original_key(msg, settings),
+            message_key=_original_key(original, settings),
         )
     except NewsletterError:
         raise
@@ -113,17 +126,57 @@ def parse_report(msg: Message, envelope: Sequence[str], settings: Settings) -> R
         raise UnreadableMailError(f"unexpected content ({type(e).__name__})") from None
 
 
+def _report_parts(msg: Message) -> list[Message]:
+    """The parts directly under the multipart/report (nothing nested deeper)."""
+    payload = msg.get_payload()
+    if not isinstance(payload, list):
+        return []
+    return [part for part in payload[:MAX_PARTS] if isinstance(part, Message)]
+
+
 def _feedback_fields(msg: Message) -> Message | None:
-    """The fields of the first message/feedback-report part, as headers."""
-    for part in mail_parts(msg):
-        if part.get_content_type() != "message/feedback-report":
-            continue
-        payload = part.get_payload()
-        if isinstance(payload, list):  # the parser reads a message/* part as a message
-            return payload[0] if payload and isinstance(payload[0], Message) else None
-        body = part.get_payload(decode=True)  # base64-encoded, which some senders do
-        return _headers_of(body) if isinstance(body, bytes) else None
+    """The fields of the report's message/feedback-report part, as headers."""
+    for part in _report_parts(msg):
+        if part.get_content_type() == "message/feedback-report":
+            return _message_headers(part)
     return None
+
+
+def _original(msg: Message) -> Message | None:
+    """The headers of the report's own original: the first message/rfc822 or
+    text/rfc822-headers part directly under the report; None when there is none."""
+    for part in _report_parts(msg):
+        kind = part.get_content_type()
+        if kind == "message/rfc822":
+            return _message_headers(part)
+        if kind == "text/rfc822-headers":
+            body = part.get_payload(decode=True)  # it may come base64-encoded
+            return _headers_of(body) if isinstance(body, bytes) else None
+    return None
+
+
+def _message_headers(part: Message) -> Message | None:
+    """A message/* part's content as a header block, decoded first when it came base64- or
+    quoted-printable-encoded (which the parser ignores for message/* parts)."""
+    payload = part.get_payload()
+    inner = payload[0] if isinstance(payload, list) and payload else None
+    if not isinstance(inner, Message):
+        return None
+    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+    if encoding not in ("base64", "quoted-printable"):
+        return inner
+    # The encoded text as it came: whatever the parser took for header lines, a blank line only
+    # if there was one, then the rest (a str: the parser keeps it undecoded).
+    head = "".join(f"{name}: {value}\n" for name, value in inner.raw_items())
+    blank = not any(isinstance(d, MissingHeaderBodySeparatorDefect) for d in inner.defects)
+    rest = inner.get_payload()
+    text = head + ("\n" if head and blank else "") + (rest if isinstance(rest, str) else "")
+    raw = text[: 2 * MAX_HEADERS_TEXT].encode("ascii", "replace")
+    try:
+        body = base64.b64decode(raw) if encoding == "base64" else quopri.decodestring(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return _headers_of(body)
 
 
 def _headers_of(body: bytes) -> Message:
@@ -132,22 +185,23 @@ def _headers_of(body: bytes) -> Message:
     return HeaderParser(policy=compat32).parsestr(text, headersonly=True)
 
 
-def _return_paths(msg: Message) -> list[str]:
-    """The Return-Path fields of the returned original: where the provider saw our VERP address."""
-    for part in mail_parts(msg):
-        kind = part.get_content_type()
-        if kind == "message/rfc822":
-            payload = part.get_payload()
-            original = payload[0] if isinstance(payload, list) and payload else None
-        elif kind == "text/rfc822-headers":
-            body = part.get_payload(decode=True)
-            original = _headers_of(body) if isinstance(body, bytes) else None
-        else:
-            continue
-        if isinstance(original, Message):
-            found = original.get_all("Return-Path", [])[:MAX_RETURN_PATHS]
-            return [str(value)[:MAX_HEADER_CHARS] for value in found]
-    return []
+def _return_paths(original: Message | None) -> list[str]:
+    """The Return-Path fields of the report's original: where the provider saw our VERP address."""
+    if original is None:
+        return []
+    found = original.get_all("Return-Path", [])[:MAX_RETURN_PATHS]
+    return [str(value)[:MAX_HEADER_CHARS] for value in found]
+
+
+def _original_key(original: Message | None, settings: Settings) -> tuple[int, int] | None:
+    """(campaign, subscriber) from the original's one Message-ID field, when it is exactly one
+    Message-ID of ours; never from In-Reply-To, References or anything nested."""
+    if original is None:
+        return None
+    fields = original.get_all("Message-ID", [])
+    if len(fields) != 1:
+        return None
+    return our_message_id(str(fields[0]), settings)
 
 
 def handle_return(

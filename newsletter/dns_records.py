@@ -2,7 +2,8 @@
 
 A caching resolver may hold yesterday's SPF or DKIM record for hours, so each name is asked of
 its zone's own servers (found by walking up the labels for an NS set, with recursion not desired)
-or, with `[doctor] nameservers`, of the servers given. Every query has a timeout; a server that
+or, with `[doctor] nameservers`, of the servers given (with recursion desired: split DNS
+usually means a recursive resolver). Every query has a timeout; a server that
 did not answer once is not asked again in the same run, so a dead or hostile server costs one
 timeout, not one per name. Failures are DnsError: one line naming the server and what happened.
 """
@@ -77,7 +78,10 @@ class AuthoritativeDns:
         return self._answers[key]
 
     def _query(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
-        qname = dns.name.from_text(name)
+        try:
+            qname = dns.name.from_text(name)
+        except (dns.exception.DNSException, UnicodeError, ValueError) as e:
+            raise DnsError(f"{name!r} is not a domain name ({type(e).__name__})") from None
         wanted = dns.rdatatype.from_text(rdtype)
         for _ in range(MAX_CNAME_HOPS):
             response = self._ask(qname, wanted)
@@ -120,9 +124,16 @@ class AuthoritativeDns:
     def _ask_one(
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, server: tuple[str, int]
     ) -> dns.message.Message:
-        """Ask one server over UDP (recursion not desired), again over TCP if truncated."""
+        """Ask one server over UDP, again over TCP if truncated.
+
+        Recursion is desired only of `servers` given in [doctor] nameservers (behind split DNS
+        these are usually recursive resolvers); never of the zone's authoritative servers.
+        """
         request = dns.message.make_query(qname, rdtype, use_edns=0, payload=4096)
-        request.flags &= ~dns.flags.RD
+        if self.servers:
+            request.flags |= dns.flags.RD
+        else:
+            request.flags &= ~dns.flags.RD
         host, port = server
         response = dns.query.udp(request, host, port=port, timeout=self.timeout)
         if response.flags & dns.flags.TC:

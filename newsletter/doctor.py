@@ -8,7 +8,9 @@ check, each with the exact record to publish when something is wrong:
 - DKIM: the selector the service signs with is published, its key is the configured key's, and
   a message signed now with the service's own signer verifies against it (dkimpy).
 - DMARC of the From domain: a record, its policy, and alignment through SPF or DKIM.
-- With --live: the one-click unsubscribe (RFC 8058) of a throwaway subscriber, over HTTP.
+- With --live: the one-click unsubscribe (RFC 8058) of a throwaway subscriber, over HTTP
+  (`one-click`, the mechanics), and whether [web] base_url is a public https URL as RFC 8058
+  requires (`one-click-https`).
 
 The checks are functions of what DNS answers (an `AuthoritativeDns`, or any object with its
 methods); DNS failures become failed findings of one line, never an exception.
@@ -17,24 +19,26 @@ methods); DNS failures become failed findings of one line, never an exception.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from email.utils import format_datetime, make_msgid
 from typing import Any
+from urllib.parse import urlsplit
 
 import dkim as dkimpy
 import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from publicsuffixlist import PublicSuffixList
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audit import record_event
 from newsletter.config import Settings
-from newsletter.db.models import MailingList, Subscriber, Subscription, SubscriptionStatus
+from newsletter.db.models import MailingList, Subscription, SubscriptionStatus
 from newsletter.dkim import DkimSigner, load_discreet_signer, load_signer
 from newsletter.dns_records import DnsError
 from newsletter.message import ListInfo, Recipient, link_urls, plain_identity
@@ -49,7 +53,7 @@ from newsletter.spf import (
     suggest_spf,
     term_cost,
 )
-from newsletter.subscriptions import subscribe
+from newsletter.subscriptions import forget, subscribe
 
 DOCTOR_ACTION = "doctor.checked"
 _PSL = PublicSuffixList()  # the bundled list: offline
@@ -165,7 +169,7 @@ def check_spf(identity: SendingIdentity, ips: Sequence[str], dns: Lookup) -> lis
 
     def cost(term: Term) -> int:
         nested = 0
-        if term.name in ("include", "redirect"):
+        if term.name in ("include", "redirect") and "%" not in term.value:
             try:
                 nested = count_lookups(term.value, dns)
             except (SpfPermError, DnsError):
@@ -346,11 +350,19 @@ def check_dmarc(
         message = f"_dmarc.{where}: {len(records)} DMARC records: receivers ignore them all"
         return [Finding(name, "dmarc", False, message, suggestion)]
     tags = parse_tags(records[0])
-    policy = tags.get(policy_tag) or tags.get("p", "")
-    if policy not in ("none", "quarantine", "reject"):
-        message = f"_dmarc.{where}: no valid policy (p={policy or 'missing'})"
+    policies = ("none", "quarantine", "reject")  # case-insensitive (RFC 7489 §6.4)
+    policy = tags.get(policy_tag, "").lower()
+    if policy not in policies:
+        policy = tags.get("p", "").lower()
+    note = ""
+    if "p" not in tags and "rua" in tags:
+        # RFC 7489 §6.6.3: no p= but a rua= is read as p=none.
+        policy, note = "none", " (no p= tag: read as p=none, RFC 7489 §6.6.3; add p=none)"
+    if policy not in policies:
+        message = f"_dmarc.{where}: no valid policy (p={tags.get('p') or 'missing'})"
         return [Finding(name, "dmarc", False, message, suggestion)]
-    findings = [Finding(name, "dmarc", True, f"_dmarc.{where}: policy {policy}: {records[0]}")]
+    message = f"_dmarc.{where}: policy {policy}{note}: {records[0]}"
+    findings = [Finding(name, "dmarc", True, message)]
     aspf, adkim = tags.get("aspf", "r")[:1], tags.get("adkim", "r")[:1]
     envelope = identity.envelope_domain
     dkim_domain = identity.signer.domain.decode() if identity.signer else ""
@@ -404,11 +416,15 @@ def check_dns(settings: Settings, dns: Lookup, now: datetime) -> list[Finding]:
     ips = relay_ips(settings)
     findings: list[Finding] = []
     for identity in sending_identities(settings):
-        spf = check_spf(identity, ips, dns)
-        dkim = check_dkim(identity, dns, now)
-        spf_ok = bool(ips) and all(f.ok for f in spf)
-        dkim_ok = all(f.ok for f in dkim)
-        findings += spf + dkim + check_dmarc(identity, dns, spf_ok=spf_ok, dkim_ok=dkim_ok)
+        try:
+            spf = check_spf(identity, ips, dns)
+            dkim = check_dkim(identity, dns, now)
+            spf_ok = bool(ips) and all(f.ok for f in spf)
+            dkim_ok = all(f.ok for f in dkim)
+            findings += spf + dkim + check_dmarc(identity, dns, spf_ok=spf_ok, dkim_ok=dkim_ok)
+        except Exception as e:  # a backstop: one failed line, the report and verdict still out
+            message = f"the checks stopped: {type(e).__name__}: {e}"
+            findings.append(Finding(identity.name, "checks", False, message))
     return findings
 
 
@@ -432,7 +448,7 @@ def check_one_click(
     *,
     client: httpx.Client,
 ) -> Finding:
-    """Subscribe a throwaway address, POST its one-click link once, check it left; remove it."""
+    """Subscribe a throwaway address, POST its one-click link once, check it left; forget it."""
     secret = settings.security.require_secret()
     address = f"doctor-{secrets.token_hex(8)}@doctor.example"  # reserved TLD (RFC 2606)
     with factory() as session:
@@ -482,15 +498,47 @@ def check_one_click(
         )
         return Finding("main", "one-click", ok, message)
     finally:
-        remove_subscriber(factory, subscriber_id)
+        remove_subscriber(factory, address, secret=secret, now=now())
 
 
-def remove_subscriber(factory: sessionmaker[Session], subscriber_id: int) -> None:
-    """Delete the throwaway subscriber and their subscriptions (their events name an id only)."""
+def remove_subscriber(
+    factory: sessionmaker[Session], address: str, *, secret: str, now: datetime
+) -> None:
+    """Forget the throwaway subscriber: no personal data left, the row kept as a tombstone.
+
+    Not deleted: its id is in the unsubscribe URL the doctor used (and maybe logged), and a
+    deleted id could be given to the next real subscriber (SQLite reuses the highest id).
+    """
     with factory() as session:
-        session.execute(delete(Subscription).where(Subscription.subscriber_id == subscriber_id))
-        session.execute(delete(Subscriber).where(Subscriber.id == subscriber_id))
+        forget(session=session, email=address, secret=secret, now=now, actor="doctor")
         session.commit()
+
+
+def check_public_https(settings: Settings) -> Finding:
+    """Whether [web] base_url is an https URL the mailbox providers can reach (RFC 8058)."""
+    url = settings.web.base_url
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower().rstrip(".")
+    problem = ""
+    if parts.scheme != "https":
+        problem = "is not https (RFC 8058 needs an https URI)"
+    elif not _public_host(host):
+        problem = f"names {host or 'no host'}, which the mailbox providers cannot reach"
+    if problem:
+        message = f"[web] base_url {_origin(url)} {problem}: set it to the public https address"
+        return Finding("main", "one-click-https", False, message)
+    return Finding("main", "one-click-https", True, f"{_origin(url)}: https, a public host")
+
+
+def _public_host(host: str) -> bool:
+    """Whether a host may be reachable from the Internet: a global address, or a dotted name
+    outside the loopback and reserved names (not resolved: only what the name says)."""
+    try:
+        return ipaddress.ip_address(host).is_global
+    except ValueError:
+        pass
+    reserved = ("localhost", "local", "internal", "lan", "home.arpa", "test", "example", "invalid")
+    return "." in host and not any(host == r or host.endswith("." + r) for r in reserved)
 
 
 def _origin(url: str) -> str:

@@ -20,12 +20,26 @@ from newsletter.db.models import (
 )
 from newsletter.db.queries import PENDING_STATUSES, delivery_counts
 
-# The big providers by the recipient's domain (SQL LIKE patterns on the lower-cased address);
-# "others" is everything else. "hotmail.%" takes hotmail.com, hotmail.co.uk and the like.
-PROVIDER_DOMAINS: dict[str, tuple[str, ...]] = {
-    "gmail": ("gmail.com", "googlemail.com"),
-    "outlook": ("outlook.com", "hotmail.%", "live.%", "msn.com"),
-    "yahoo": ("yahoo.%", "ymail.com", "aol.com"),
+# The big providers by the recipient's registrable domain: a provider's name as the first label
+# and, after it, exactly one of these public suffixes (a short explicit list, so that
+# live.example.org or yahoo.evil.example count as "others"); "others" is everything else.
+PUBLIC_SUFFIXES = (
+    "com", "net", "org", "fr", "de", "co.uk", "uk", "it", "es", "ca", "com.au", "ru", "by",
+    "lt", "lv", "ee", "pl", "ua", "kz", "be", "nl", "at", "ch", "se", "dk", "no", "fi", "ie",
+    "pt", "gr", "cz", "sk", "hu", "ro", "bg", "co.jp", "jp", "co.in", "in", "co.nz",
+    "co.za", "com.br", "com.ar", "com.mx", "com.tr", "com.sg", "com.hk", "com.tw", "cn",
+)  # fmt: skip
+PROVIDER_NAMES: dict[str, tuple[str, ...]] = {
+    "outlook": ("outlook", "hotmail", "live", "msn", "windowslive"),
+    "yahoo": ("yahoo", "ymail", "aol", "rocketmail"),
+}
+# Every domain counted for a provider, spelled out: Gmail is gmail.com and googlemail.com only.
+PROVIDER_DOMAINS: dict[str, frozenset[str]] = {
+    "gmail": frozenset(("gmail.com", "googlemail.com")),
+    **{
+        provider: frozenset(f"{name}.{suffix}" for name in names for suffix in PUBLIC_SUFFIXES)
+        for provider, names in PROVIDER_NAMES.items()
+    },
 }
 PROVIDERS = (*PROVIDER_DOMAINS, "others")
 # Gmail's and Outlook.com's bulk-sender threshold: past it a day, the stricter rules apply.
@@ -66,18 +80,18 @@ def provider_of(email: str) -> str:
     """The provider an address's domain belongs to (gmail, outlook, yahoo or others)."""
     domain = email.rpartition("@")[2].strip().lower()
     for provider, domains in PROVIDER_DOMAINS.items():
-        for d in domains:
-            if domain == d or (d.endswith(".%") and domain.startswith(d[:-1])):
-                return provider
+        if domain in domains:
+            return provider
     return "others"
 
 
 def _provider_column() -> Any:
-    """provider_of as SQL: a CASE over LIKE patterns, the same on SQLite and PostgreSQL."""
+    """provider_of as SQL: a CASE over the same explicit domains (LIKE '%@domain', none of them
+    holding a LIKE wildcard), the same on SQLite and PostgreSQL."""
     email = func.lower(Subscriber.email)
     return case(
         *(
-            (or_(*(email.like(f"%@{d}") for d in domains)), provider)
+            (or_(*(email.like(f"%@{d}") for d in sorted(domains))), provider)
             for provider, domains in PROVIDER_DOMAINS.items()
         ),
         else_="others",

@@ -20,7 +20,7 @@ MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")
 QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
 # One macro: %{letter digits r delimiters}. Linear: a fixed sequence of single-character classes,
 # each repeated without overlap, on a record of at most a few hundred characters.
-_MACRO = re.compile(r"%\{([slodiphcrtvSLODIPHCRTV])([0-9]*)(r?)([.+,/_=-]*)\}")
+_MACRO = re.compile(r"%\{([slodiphcrtvSLODIPHCRTV])([0-9]*)([rR]?)([.+,/_=-]*)\}")
 
 
 class Lookup(Protocol):
@@ -58,12 +58,22 @@ def spf_records(txts: list[str]) -> list[str]:
 
 
 def parse_spf(record: str) -> list[Term]:
-    """The terms of one SPF record; SpfPermError for a term that does not parse."""
-    terms = []
+    """The terms of one SPF record; SpfPermError for any term that does not parse.
+
+    The whole record is checked before it is evaluated (RFC 7208 §4.6): an error after the term
+    that matches still makes the record a permerror.
+    """
+    terms: list[Term] = []
     for word in record.split()[1:]:
         name, eq, value = word.partition("=")
-        modifier = eq and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        modifier = eq and name[:1].isascii() and name[:1].isalpha()
+        modifier = modifier and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
         if modifier and name.lower() not in MECHANISMS:
+            _check_macro_string(value, word)
+            if name.lower() in ("redirect", "exp"):
+                if any(t.qualifier == "=" and t.name == name.lower() for t in terms):
+                    raise SpfPermError(f"more than one {name.lower()}= in the record")
+                _check_domain_spec(value, word)
             terms.append(Term("=", name.lower(), value))
             continue
         qualifier = word[0] if word[0] in QUALIFIERS else "+"
@@ -75,10 +85,84 @@ def parse_spf(record: str) -> list[Term]:
         name = name.lower()
         if name not in MECHANISMS:
             raise SpfPermError(f"unknown term {word!r}")
-        if name in ("ip4", "ip6", "include", "exists") and not value:
-            raise SpfPermError(f"{name} needs a value in {word!r}")
+        _check_mechanism(name, value, bool(sep), word)
         terms.append(Term(qualifier, name, value))
     return terms
+
+
+def _check_mechanism(name: str, value: str, colon: bool, word: str) -> None:
+    """SpfPermError when a mechanism's value is not what RFC 7208 §5 allows."""
+    if colon and not value:
+        raise SpfPermError(f"empty value in {word!r}")
+    if name == "all":
+        if value or colon:
+            raise SpfPermError(f"all takes no value: {word!r}")
+    elif name in ("ip4", "ip6"):
+        if not value:
+            raise SpfPermError(f"{name} needs a value in {word!r}")
+        address, slash, length = value.partition("/")
+        kind = ipaddress.IPv4Address if name == "ip4" else ipaddress.IPv6Address
+        top = 32 if name == "ip4" else 128
+        try:
+            kind(address)
+        except ValueError:
+            raise SpfPermError(f"bad address in {word!r}") from None
+        if slash and not (length.isascii() and length.isdigit() and int(length) <= top):
+            raise SpfPermError(f"bad prefix length in {word!r}")
+    elif name in ("include", "exists", "ptr"):
+        if name != "ptr" and not value:
+            raise SpfPermError(f"{name} needs a value in {word!r}")
+        if value:
+            _check_domain_spec(value, word)
+    else:  # a, mx: [":" domain-spec] [dual-cidr-length]
+        spec, _, _ = _cidr(value)
+        if spec:
+            _check_domain_spec(spec, word)
+
+
+def _check_macro_string(text: str, word: str) -> None:
+    """SpfPermError unless `text` is a macro-string (RFC 7208 §7.1).
+
+    Linear: one pass over the text; each `%` is followed by `%`, `_`, `-` or one macro matched
+    by _MACRO (anchored at that `%`, a fixed sequence of non-overlapping character classes).
+    """
+    if not text.isascii() or not text.isprintable():
+        raise SpfPermError(f"not printable ASCII: {word!r}")
+    i = text.find("%")
+    while i != -1:
+        if text[i + 1 : i + 2] in ("%", "_", "-"):
+            i = text.find("%", i + 2)
+            continue
+        match = _MACRO.match(text, i)
+        if match is None:
+            raise SpfPermError(f"bad macro in {word!r}")
+        i = text.find("%", match.end())
+
+
+def _check_domain_spec(spec: str, word: str) -> None:
+    """SpfPermError unless `spec` is a domain-spec: a macro-string ending in a top label or a
+    macro; without macros, a domain name (labels of 1 to 63 characters, at most 253 in all)."""
+    _check_macro_string(spec, word)
+    if spec.endswith("}"):
+        return
+    if "%" not in spec and not valid_domain(spec):
+        raise SpfPermError(f"bad domain in {word!r}")
+    top = spec.rstrip(".").rpartition(".")[2]
+    if not top or not top.replace("-", "").isalnum() or top.isdigit():
+        raise SpfPermError(f"bad domain in {word!r}")
+
+
+def valid_domain(domain: str) -> bool:
+    """Whether `domain` can be asked of DNS: ASCII labels of 1 to 63, at most 253 characters."""
+    name = domain[:-1] if domain.endswith(".") else domain
+    labels = name.split(".")
+    return (
+        name.isascii()
+        and 0 < len(name) <= 253
+        and all(0 < len(label) <= 63 for label in labels)
+        and "/" not in name
+        and not any(c.isspace() for c in name)
+    )
 
 
 def term_cost(term: Term) -> int:
@@ -105,6 +189,8 @@ def count_lookups(domain: str, dns: Lookup, *, depth: int = 0) -> int:
         if term.qualifier == "=" and (term.name != "redirect" or has_all):
             continue
         total += term_cost(term)
+        if "%" in term.value:  # a macro: known only per message; counted once, not expanded
+            continue
         if term.name in ("include", "redirect") and depth < LOOKUP_LIMIT + 5:
             total += count_lookups(term.value, dns, depth=depth + 1)
         if total > LOOKUP_LIMIT + 5:
@@ -161,7 +247,7 @@ def _check(run: _Run, domain: str, depth: int) -> str:
     if redirect is None:
         return "neutral"
     run.charge()
-    result = _check(run, expand(redirect.value, run, domain), depth + 1)
+    result = _check(run, _target(redirect.value, run, domain), depth + 1)
     if result == "none":
         raise SpfPermError(f"redirect to {redirect.value}, which has no SPF record")
     return result
@@ -178,7 +264,7 @@ def _matches(run: _Run, term: Term, domain: str, depth: int) -> bool:
             raise SpfPermError(f"bad address {term.text()!r}") from None
     run.charge()
     spec, v4, v6 = _cidr(term.value)
-    target = expand(spec, run, domain) if spec else domain
+    target = _target(spec, run, domain) if spec else domain
     if term.name == "include":
         if depth >= LOOKUP_LIMIT:
             raise SpfPermError("includes nested too deep")
@@ -199,6 +285,17 @@ def _matches(run: _Run, term: Term, domain: str, depth: int) -> bool:
             if run.ip in ipaddress.ip_network(f"{address}/{prefix}", strict=False):
                 return True
     return False
+
+
+def _target(spec: str, run: _Run, domain: str) -> str:
+    """A domain-spec expanded, cut to 253 characters from the left (RFC 7208 §7.3); permerror
+    when the result is no domain name DNS could be asked for."""
+    target = expand(spec, run, domain)
+    while len(target.rstrip(".")) > 253 and "." in target:
+        target = target.partition(".")[2]
+    if not valid_domain(target):
+        raise SpfPermError(f"{spec!r} expands to a bad domain name")
+    return target
 
 
 def _cidr(value: str) -> tuple[str, int, int]:

@@ -168,7 +168,8 @@ class Wrote:
     """What an "I sent my letter" link finds: which page to show, in which language.
 
     `page` is "form" (the button), "done" (counted), "left" (forgotten, or off the case's list),
-    "neutral" (a discreet reader, who was never to get the link) or "gone" (no such case).
+    "neutral" (a discreet reader, who was never to get the link), "gone" (no such case) or
+    "closed" (the count is final: nothing more is kept).
     """
 
     page: str

@@ -32,9 +32,11 @@ def _rdata(rtype: str, value: str) -> object:
     return {"A": A, "AAAA": AAAA, "CNAME": CNAME}[rtype](value)
 
 
-def answer(zone: Zone, packet: bytes) -> DNSRecord:
-    """The authoritative reply to one query packet."""
+def answer(zone: Zone, packet: bytes, log: list[tuple[str, bool]] | None = None) -> DNSRecord:
+    """The authoritative reply to one query packet (noted in `log` as (name, RD flag))."""
     request = DNSRecord.parse(packet)
+    if log is not None:
+        log.append((str(request.q.qname).rstrip(".").lower(), bool(request.header.rd)))
     reply = request.reply(aa=1, ra=0)
     qname = str(request.q.qname).rstrip(".").lower()
     qtype = QTYPE[request.q.qtype]
@@ -52,7 +54,7 @@ def answer(zone: Zone, packet: bytes) -> DNSRecord:
 class _Udp(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         data, sock = self.request
-        reply = answer(self.server.zone, data)  # type: ignore[attr-defined]
+        reply = answer(self.server.zone, data, self.server.log)  # type: ignore[attr-defined]
         packed = reply.pack()
         if len(packed) > self.server.udp_limit:  # type: ignore[attr-defined]
             reply.rr = []
@@ -75,7 +77,7 @@ class _Tcp(socketserver.BaseRequestHandler):
             if not chunk:
                 return
             data += chunk
-        packed = answer(self.server.zone, data).pack()  # type: ignore[attr-defined]
+        packed = answer(self.server.zone, data, self.server.log).pack()  # type: ignore[attr-defined]
         conn.sendall(struct.pack("!H", len(packed)) + packed)
 
 
@@ -103,10 +105,13 @@ def _free_port_pair() -> tuple[_UdpServer, _TcpServer]:
 
 
 @contextmanager
-def serve_dns(zone: Zone, *, udp_limit: int = UDP_LIMIT) -> Iterator[int]:
+def serve_dns(
+    zone: Zone, *, udp_limit: int = UDP_LIMIT, log: list[tuple[str, bool]] | None = None
+) -> Iterator[int]:
     """Serve `zone` on 127.0.0.1 (UDP and TCP) until the block ends; yields the port.
 
     UDP answers longer than `udp_limit` bytes are truncated (TC) to send the client to TCP.
+    Each query is appended to `log`, when given, as (name, whether recursion was desired).
     """
     for name in list(zone):  # in place: a test may change the zone while it is served
         zone[name.rstrip(".").lower()] = zone.pop(name)
@@ -115,6 +120,7 @@ def serve_dns(zone: Zone, *, udp_limit: int = UDP_LIMIT) -> Iterator[int]:
     for server in (udp, tcp):
         server.zone = zone  # type: ignore[attr-defined]
         server.udp_limit = udp_limit  # type: ignore[attr-defined]
+        server.log = log  # type: ignore[attr-defined]
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
         thread.daemon = True
         thread.start()

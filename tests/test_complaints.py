@@ -260,3 +260,49 @@ def test_a_campaign_past_the_complaint_rate_pauses_itself_once(
         pauses = session.scalars(select(Event).where(Event.action == "campaign.paused")).all()
         assert [(e.actor, e.detail["campaign"]) for e in pauses] == [("complaints", campaign_id)]
         assert session.scalar(select(func.count()).select_from(Complaint)) == 3
+
+
+# case: (fixture, how it is changed, outcome, whether its person complained)
+ORIGINAL_CASES = {
+    "reply-headers": ("reply-headers", "", "unknown delivery", False),
+    "forwarded-attachment": ("forwarded-attachment", "", "unknown delivery", False),
+    "two-ids": ("yahoo-cfl-message-id-only", "two-ids", "unknown delivery", False),
+    "base64-feedback": ("base64-feedback", "", "complaint", True),
+    "quoted-printable-feedback": ("quoted-printable-feedback", "", "complaint", True),
+}
+
+
+def test_only_the_reports_own_original_names_the_delivery(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A reported reply (our id in In-Reply-To/References), someone else's message carrying ours
+    as an attachment, a Message-ID field with a second id: nothing changes, the person stays
+    subscribed everywhere. A transfer-encoded feedback part is read as any other."""
+    sent = send_everyone(factory, clock, database_url, tuple(ORIGINAL_CASES))
+    settings = make_settings(database_url)
+    for case, (name, how, outcome, _) in ORIGINAL_CASES.items():
+        raw = fill(name, sent[case], "person@example.net")
+        if how == "two-ids":  # the original's Message-ID field with someone else's id first
+            found = MESSAGE_ID.search(sent[case].headers)
+            assert found is not None
+            mine = b"Message-ID: " + found.group(1)
+            assert mine in raw
+            raw = raw.replace(mine, b"Message-ID: <other.1@example.com> " + found.group(1))
+        with unit_of_work(factory) as session:
+            got = handle_return(session=session, raw=raw, settings=settings, now=clock.now())
+        assert (case, got) == (case, outcome)
+    with unit_of_work(factory) as session:
+        for case, (*_, complained) in ORIGINAL_CASES.items():
+            d = session.get(Delivery, sent[case].delivery_id)
+            assert d is not None
+            person = session.get(Subscriber, d.subscriber_id)
+            assert person is not None
+            statuses = set(
+                session.scalars(
+                    select(Subscription.status).where(Subscription.subscriber_id == person.id)
+                )
+            )
+            expected = "unsubscribed" if complained else "active"
+            assert (case, statuses) == (case, {expected})
+            assert is_suppressed(session, person.email, secret=SECRET) == complained
+            assert (session.get(Complaint, d.id) is not None) == complained

@@ -19,19 +19,26 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.clock import FrozenClock
 from newsletter.config import load_settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import Event, MailingList, Subscriber
-from newsletter.dns_records import AuthoritativeDns
+from newsletter.db.models import (
+    Event,
+    MailingList,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+)
+from newsletter.dns_records import AuthoritativeDns, DnsError
 from newsletter.doctor import (
     Finding,
     aligned,
     check_dns,
+    check_public_https,
     organizational_domain,
     passed,
     public_key_b64,
     txt_record,
 )
 from newsletter.lists import read_lists, sync_lists
-from newsletter.spf import count_lookups, parse_spf, suggest_spf, term_cost
+from newsletter.spf import SpfPermError, count_lookups, parse_spf, suggest_spf, term_cost
 from tests.builders import run
 from tests.conftest import SECRET
 from tests.dns_server import Zone, serve_dns, silent_dns
@@ -405,7 +412,7 @@ def lists_ready(factory: sessionmaker[Session]) -> sessionmaker[Session]:
     return factory
 
 
-def test_live_one_click_unsubscribes_and_leaves_nothing(
+def test_live_one_click_unsubscribes_and_leaves_a_tombstone(
     tmp_path: Path,
     keys: tuple[bytes, bytes],
     lists_ready: sessionmaker[Session],
@@ -419,14 +426,25 @@ def test_live_one_click_unsubscribes_and_leaves_nothing(
         first_list = session.scalars(select(MailingList.id).order_by(MailingList.id)).first()
     with serve_pages(base, lists_ready, clock) as (url, _), serve_dns(good_zone(keys[0])) as port:
         config = write_config(tmp_path, port, keys[0], extra=f"[web]\nbase_url = '{url}'\n")
-        result = run(["--config", str(config), "doctor", "--live", "--json"], tmp_path, env)
+        args = ["--config", str(config), "doctor", "--live", "--json"]
+        result = run(args, tmp_path, env, ok=False)
     findings = json.loads(result.stdout)
     (one_click,) = [f for f in findings if f["check"] == "one-click"]
-    assert one_click["ok"], one_click
+    assert one_click["ok"], one_click  # the mechanics work
     assert "unsubscribed in one request" in one_click["message"]
+    # ... but an http URL on loopback is no RFC 8058 link: the doctor does not pass.
+    (https,) = [f for f in findings if f["check"] == "one-click-https"]
+    assert not https["ok"] and "is not https" in https["message"]
+    assert result.returncode == 1
     with unit_of_work(lists_ready) as session:
-        assert session.scalars(select(Subscriber.id)).all() == before
+        (tombstone,) = session.scalars(select(Subscriber).where(Subscriber.id.not_in(before))).all()
+        # No personal data left; the row stays, so its id is never given to a real reader.
+        assert tombstone.status == SubscriberStatus.FORGOTTEN
+        assert tombstone.email == f"{tombstone.id}@forgotten.invalid"
         assert session.scalar(select(Subscriber).where(Subscriber.email.like("doctor-%"))) is None
+        assert not session.scalars(
+            select(Subscription).where(Subscription.subscriber_id == tombstone.id)
+        ).all()
         actions = session.scalars(select(Event.action).order_by(Event.id)).all()
         assert "subscriber.unsubscribed" in actions  # through the web, by the one POST
         assert actions[-1] == "doctor.checked"
@@ -447,3 +465,163 @@ def test_live_one_click_fails_when_the_site_is_down(
     assert "FAIL main one-click: POST http://127.0.0.1" in result.stdout
     with unit_of_work(lists_ready) as session:
         assert session.scalar(select(Subscriber).where(Subscriber.email.like("doctor-%"))) is None
+
+
+# --- review fixes ---------------------------------------------------------------------------
+
+
+def test_malformed_domain_in_the_spf_chain_is_a_permerror_not_a_crash(
+    tmp_path: Path, keys: tuple[bytes, bytes]
+) -> None:
+    """A vendor's include with an empty label; the CLI still writes JSON and the verdict."""
+    env = {"NEWSLETTER_SECRET": SECRET}
+    zone = good_zone(keys[0])
+    zone[DOMAIN] = [("TXT", f"v=spf1 include:spf.vendor.example.net ip4:{RELAY} -all")]
+    zone["spf.vendor.example.net"] = [("TXT", "v=spf1 include:_spf.vendor..example -all")]
+    with serve_dns(zone) as port:
+        resolver = AuthoritativeDns(timeout=2, servers=(("127.0.0.1", port),))
+        with pytest.raises(DnsError, match="not a domain name"):
+            resolver.txt("_spf.vendor..example")
+        with pytest.raises(DnsError, match="not a domain name"):
+            resolver.txt("a" * 70 + ".example.org")
+        config = write_config(tmp_path, port, keys[0])
+        run(["--config", str(config), "init"], tmp_path, env)
+        result = run(["--config", str(config), "doctor", "--json"], tmp_path, env, ok=False)
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)
+    (spf_pass,) = [f for f in findings if f["check"] == "spf-pass"]
+    assert not spf_pass["ok"] and "permerror" in spf_pass["message"]
+    settings = load_settings(config, env)
+    from newsletter.db import make_engine, make_sessionmaker
+
+    engine = make_engine(settings.database.url)
+    with make_sessionmaker(engine)() as session:
+        verdict = session.scalar(select(Event).where(Event.action == "doctor.checked"))
+        assert verdict is not None and verdict.detail["passed"] is False
+    engine.dispose()
+
+
+def test_an_unexpected_error_in_one_identity_is_one_failed_finding(
+    tmp_path: Path, keys: tuple[bytes, bytes]
+) -> None:
+    class Broken:
+        def txt(self, name: str) -> list[str]:
+            raise RuntimeError("boom")
+
+        def addresses(self, name: str, version: int) -> list[str]:
+            return []
+
+        def mx(self, name: str) -> list[str]:
+            return []
+
+    settings = load_settings(write_config(tmp_path, 53, keys[0]), {"NEWSLETTER_SECRET": SECRET})
+    findings = check_dns(settings, Broken(), NOW)
+    assert [(f.check, f.ok) for f in findings] == [("checks", False)]
+    assert "RuntimeError: boom" in findings[0].message
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        f"v=spf1 ip4:{RELAY} ip4:999.1.1.1 -all",
+        f"v=spf1 ip4:{RELAY} ip4:2001:db8::1 -all",
+        f"v=spf1 ip4:{RELAY} ip4:192.0.2.0/33 -all",
+        f"v=spf1 ip4:{RELAY} ip6:192.0.2.1 -all",
+        f"v=spf1 ip4:{RELAY} a/33 -all",
+        f"v=spf1 ip4:{RELAY} exists:%{{x}}.example.org -all",
+        f"v=spf1 ip4:{RELAY} exists:100%.example.org -all",
+        f"v=spf1 ip4:{RELAY} redirect=a.example redirect=b.example",
+        f"v=spf1 ip4:{RELAY} bogus:x.example -all",
+    ],
+)
+def test_spf_syntax_errors_after_the_match_are_a_permerror(
+    tmp_path: Path, keys: tuple[bytes, bytes], record: str
+) -> None:
+    zone = good_zone(keys[0])
+    zone[DOMAIN] = [("TXT", record)]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    (spf_pass,) = by_check(findings, "spf-pass")
+    assert not spf_pass.ok and "permerror" in spf_pass.message
+    assert not passed(findings)
+
+
+def test_spf_parse_accepts_valid_macros_and_cidrs() -> None:
+    record = (
+        "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 a:mail.example.org/24//64 mx//64 "
+        "exists:%{ir}.%{l1r-}._spf.%{d} include:%{d2}.spf.example.org ptr "
+        "exp=explain.%{d} -all"
+    )
+    assert len(parse_spf(record)) == 9
+    with pytest.raises(SpfPermError):
+        parse_spf("v=spf1 exists:%{d}% -all")
+
+
+def test_a_macro_include_counts_one_lookup_unexpanded() -> None:
+    asked: list[str] = []
+
+    class Dns:
+        def txt(self, name: str) -> list[str]:
+            asked.append(name)
+            return [f"v=spf1 ip4:{RELAY} include:%{{d}}.spf.example.org -all"]
+
+        def addresses(self, name: str, version: int) -> list[str]:
+            return []
+
+        def mx(self, name: str) -> list[str]:
+            return []
+
+    assert count_lookups("example.org", Dns()) == 1
+    assert asked == ["example.org"]
+
+
+@pytest.mark.parametrize(
+    ("record", "policy"),
+    [
+        ("v=DMARC1; p=Reject", "policy reject"),
+        ("v=DMARC1; rua=mailto:d@portal.example.org", "policy none (no p= tag"),
+    ],
+)
+def test_dmarc_policy_case_and_missing_p_with_rua(
+    tmp_path: Path, keys: tuple[bytes, bytes], record: str, policy: str
+) -> None:
+    zone = good_zone(keys[0])
+    zone[f"_dmarc.{DOMAIN}"] = [("TXT", record)]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    (dmarc,) = by_check(findings, "dmarc")
+    assert dmarc.ok and policy in dmarc.message
+    assert passed(findings)
+
+
+def test_recursion_desired_only_of_configured_nameservers(keys: tuple[bytes, bytes]) -> None:
+    log: list[tuple[str, bool]] = []
+    with serve_dns(good_zone(keys[0]), log=log) as port:
+        configured = AuthoritativeDns(timeout=2, servers=(("127.0.0.1", port),))
+        assert configured.txt(DOMAIN)
+        assert log == [(DOMAIN, True)]
+        log.clear()
+        walking = AuthoritativeDns(timeout=2)  # as if the NS walk had found this server
+        walking._zones[f"{DOMAIN}."] = (("127.0.0.1", port),)
+        assert walking.txt(DOMAIN)
+        assert log == [(DOMAIN, False)]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "ok"),
+    [
+        ("https://news.example", False),  # a reserved name (RFC 2606)
+        ("https://portal.campaign.net", True),
+        ("http://portal.campaign.net", False),
+        ("https://127.0.0.1:8000", False),
+        ("https://10.1.2.3", False),
+        ("https://localhost", False),
+        ("https://8.8.8.8", True),
+    ],
+)
+def test_live_needs_a_public_https_base_url(
+    tmp_path: Path, keys: tuple[bytes, bytes], base_url: str, ok: bool
+) -> None:
+    config = write_config(tmp_path, 53, keys[0], extra=f"[web]\nbase_url = '{base_url}'\n")
+    finding = check_public_https(load_settings(config, {"NEWSLETTER_SECRET": SECRET}))
+    assert finding.check == "one-click-https" and finding.ok is ok, finding

@@ -11,7 +11,14 @@ from rich.text import Text
 from newsletter.cli import State, app, console, one_line, print_json, say
 from newsletter.db import unit_of_work
 from newsletter.dns_records import AuthoritativeDns
-from newsletter.doctor import Finding, check_dns, check_one_click, passed, record_verdict
+from newsletter.doctor import (
+    Finding,
+    check_dns,
+    check_one_click,
+    check_public_https,
+    passed,
+    record_verdict,
+)
 from newsletter.errors import NewsletterError
 
 
@@ -22,7 +29,8 @@ def doctor(
         bool,
         typer.Option(
             "--live",
-            help="Also POST a one-click unsubscribe to [web] base_url for a throwaway subscriber.",
+            help="Also POST a one-click unsubscribe to [web] base_url for a throwaway subscriber "
+            "and check base_url is a public https URL.",
         ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the findings as JSON.")] = False,
@@ -42,6 +50,7 @@ def doctor(
             findings.append(
                 check_one_click(settings, state.factory(), state.clock.now, client=client)
             )
+        findings.append(check_public_https(settings))
     ok = passed(findings)
     if as_json:
         print_json([f.as_json() for f in findings])
