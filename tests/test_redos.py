@@ -252,13 +252,13 @@ def _list_unsubscribe_header() -> str:
 def _dsn_recipient_run() -> str:
     message = Message()
     message["To"] = "a" * 300_000
-    return str(bounces._find_delivery(message, [], check_settings()))
+    return str(bounces.find_delivery(message, [], check_settings()))
 
 
 def _dsn_unclosed_message_ids() -> str:
     message = MIMEMultipart("report")
     message.attach(MIMEText("<1.1.0123456789abcdef@x " * 150_000, "rfc822-headers"))
-    return str(bounces._original_key(message, check_settings()))
+    return str(bounces.original_key(message, check_settings()))
 
 
 KNOWN: dict[str, tuple[Callable[..., str], tuple[Any, ...]]] = {
