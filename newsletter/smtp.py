@@ -4,9 +4,7 @@
 at RCPT is about the mailbox, so the address is suppressed. Transport failures (refused or
 dropped connections, time-outs, TLS errors) are outcomes too; a bug (a TypeError, an
 AttributeError) is not, and raises. Each relay ([smtp] and [smtp] relays) has its own pool of
-stdlib smtplib connections, each driven by one thread: on loopback the SMTP dialogue is
-CPU-bound, and smtplib on a reused connection outran aiosmtplib here. The sender stays asyncio;
-it awaits the threads.
+connections on the event loop (smtp_wire.py): no thread, no hand-off per message.
 
 Every sender opens its pool with `open_pool`, which seeds each capped relay with its sends of
 the last hour from the database, so an `hourly_limit` holds across runs and restarts.
@@ -16,14 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import random
 import smtplib
-import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -35,6 +30,7 @@ from newsletter.clock import Clock
 from newsletter.config import RelaySettings, Settings, SmtpSettings
 from newsletter.db import unit_of_work
 from newsletter.db.queries import recent_sends
+from newsletter.smtp_wire import SmtpConnection
 
 HOUR = 3600.0
 # What can go wrong on the wire: smtplib.SMTPException, ssl.SSLError, TimeoutError and
@@ -63,24 +59,35 @@ class Outcome:
 class Transport(Protocol):
     """What the sender needs from a mail transport."""
 
-    async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome: ...
+    async def send(
+        self,
+        message: bytes,
+        *,
+        sender: str,
+        recipient: str,
+        ready: Awaitable[object] | None = None,
+    ) -> Outcome:
+        """Send one message; its final dot (acceptance) waits for `ready`, if given."""
+        ...
 
     def interrupt(self) -> None: ...
 
     async def close(self) -> None: ...
 
 
-def classify(code: int | None, reply: str | bytes, *, recipient_level: bool = False) -> Outcome:
+def classify(
+    code: int | None, reply: str | bytes, *, recipient_level: bool = False, relay: str = ""
+) -> Outcome:
     """Turn an SMTP reply code into an Outcome."""
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
     reply = " ".join(reply.split())
     text = f"{code} {reply}".strip() if code else reply
     if code is not None and 200 <= code < 300:
-        return Outcome(Result.SENT, text, code)
+        return Outcome(Result.SENT, text, code, relay=relay)
     if code is not None and 500 <= code < 600:
-        return Outcome(Result.PERMANENT, text, code, recipient_level)
-    return Outcome(Result.TEMPORARY, text, code)
+        return Outcome(Result.PERMANENT, text, code, recipient_level, relay)
+    return Outcome(Result.TEMPORARY, text, code, relay=relay)
 
 
 def classify_error(error: BaseException) -> Outcome:
@@ -106,151 +113,60 @@ def unusable_envelope(sender: str, recipient: str) -> Outcome | None:
 
 
 class ConnectionPool:
-    """Up to `pool_size` connections to one relay, each used by one thread at a time."""
+    """Up to `pool_size` connections to one relay, each carrying one message at a time."""
 
     def __init__(self, relay: RelaySettings) -> None:
         self.relay = relay
-        self._idle: queue.SimpleQueue[smtplib.SMTP] = queue.SimpleQueue()
-        self._executor = ThreadPoolExecutor(relay.pool_size, thread_name_prefix="smtp")
+        self._idle: list[SmtpConnection] = []
+        self._slots = asyncio.Semaphore(relay.pool_size)
+        self._closed = False
 
-    async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome:
-        """Send one message over a pooled connection, in the pool's threads."""
-        loop = asyncio.get_running_loop()
-        outcome = await loop.run_in_executor(
-            self._executor, self._send_blocking, message, sender, recipient
-        )
-        return replace(outcome, relay=self.relay.label)
+    async def send(
+        self,
+        message: bytes,
+        *,
+        sender: str,
+        recipient: str,
+        ready: Awaitable[object] | None = None,
+    ) -> Outcome:
+        """Send one message over a pooled connection (a new one if none is idle).
 
-    def _send_blocking(self, message: bytes, sender: str, recipient: str) -> Outcome:
+        `ready` (the previous outcome's commit): awaited before the final dot; if it fails, the
+        connection is dropped mid-DATA, so the server keeps nothing, and its error raises.
+        """
         refused = unusable_envelope(sender, recipient)
         if refused is not None:
-            return refused
-        conn = None
-        try:
-            conn = self._take()
-            outcome = _exchange(conn, message, sender, recipient)
-        except TRANSPORT_ERRORS as error:  # a failure on the wire is an Outcome, not a crash
-            _close_quietly(conn)
-            return classify_error(error)
-        except BaseException:  # a bug: the connection's state is unknown, so it goes too
-            _close_quietly(conn)
-            raise
-        if outcome.code == 421:  # the server is closing this connection
-            _close_quietly(conn)
-        else:
-            self._idle.put(conn)
-        return outcome
+            return replace(refused, relay=self.relay.label)
+        async with self._slots:
+            conn = None
+            try:
+                conn = self._idle.pop() if self._idle else await SmtpConnection.open(self.relay)
+                code, reply, recipient_level = await conn.send(
+                    message, sender, recipient, ready=ready
+                )
+            except TRANSPORT_ERRORS as error:  # a failure on the wire is an Outcome, not a crash
+                if conn is not None:
+                    conn.abort()
+                return replace(classify_error(error), relay=self.relay.label)
+            except BaseException:  # a bug or a cancel: the connection's state is unknown
+                if conn is not None:
+                    conn.abort()
+                raise
+            if code == 421 or self._closed:  # the server is closing this connection
+                conn.abort()
+            else:
+                self._idle.append(conn)
+        return classify(code, reply, recipient_level=recipient_level, relay=self.relay.label)
 
-    def _take(self) -> smtplib.SMTP:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            return self._connect()
-
-    def _connect(self) -> smtplib.SMTP:
-        r = self.relay
-        context = ssl.create_default_context() if r.security != "none" else None
-        conn: smtplib.SMTP
-        if r.security == "tls":
-            conn = smtplib.SMTP_SSL(
-                local_hostname="localhost", timeout=r.timeout_seconds, context=context
-            )
-        else:
-            conn = smtplib.SMTP(local_hostname="localhost", timeout=r.timeout_seconds)
-        conn.connect(r.host, r.port)
-        conn.ehlo()
-        if r.security == "starttls":
-            conn.starttls(context=context)
-            conn.ehlo()
-        if r.username:
-            conn.login(r.username, r.password)
-        return conn
-
-    def close_blocking(self) -> None:
-        """Say QUIT on every idle connection and stop the threads."""
-        self._executor.shutdown(wait=True)
-        self.quit_idle()
-
-    def quit_idle(self) -> None:
+    async def quit_idle(self) -> None:
         """Say QUIT on every idle connection; the next message opens a new one."""
-        while True:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                conn.quit()
-            except (smtplib.SMTPException, OSError):
-                _close_quietly(conn)
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(conn.quit() for conn in idle))
 
-
-def _exchange(conn: smtplib.SMTP, message: bytes, sender: str, recipient: str) -> Outcome:
-    """MAIL, RCPT, DATA on an open connection; a refusal resets it for the next message."""
-    if conn.has_extn("pipelining"):
-        return _exchange_pipelined(conn, message, sender, recipient)
-    code, reply = conn.mail(sender)
-    if code != 250:
-        return _refused(conn, classify(code, reply))
-    code, reply = conn.rcpt(recipient)
-    if code not in (250, 251):
-        return _refused(conn, classify(code, reply, recipient_level=True))
-    conn.putcmd("data")
-    code, reply = conn.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, reply)
-    return classify(*_send_body(conn, message))
-
-
-def _exchange_pipelined(conn: smtplib.SMTP, message: bytes, sender: str, recipient: str) -> Outcome:
-    """MAIL, RCPT and DATA in one write (RFC 2920), then the body: two round trips, not four.
-
-    The addresses were checked first (unusable_envelope): no line break can end a command.
-    """
-    conn.send(
-        f"MAIL FROM:{smtplib.quoteaddr(sender)}\r\n"
-        f"RCPT TO:{smtplib.quoteaddr(recipient)}\r\nDATA\r\n"
-    )
-    mail = conn.getreply()
-    if mail[0] == 421:  # the server is closing; the other replies will not come
-        return classify(*mail)
-    rcpt = conn.getreply()
-    if rcpt[0] == 421:
-        return classify(*rcpt)
-    data = conn.getreply()
-    refusal = None
-    if mail[0] != 250:
-        refusal = classify(*mail)
-    elif rcpt[0] not in (250, 251):
-        refusal = classify(*rcpt, recipient_level=True)
-    if refusal is not None:
-        if data[0] == 354:  # a server that opened DATA anyway gets an empty message, then RSET
-            conn.send(b".\r\n")
-            conn.getreply()
-        return _refused(conn, refusal)
-    if data[0] != 354:
-        raise smtplib.SMTPDataError(*data)
-    return classify(*_send_body(conn, message))
-
-
-def _send_body(conn: smtplib.SMTP, message: bytes) -> tuple[int, bytes]:
-    """The message, dot-stuffed (RFC 5321 4.5.2) with bytes.replace, then the final dot."""
-    body = message.replace(b"\n.", b"\n..")
-    if body.startswith(b"."):
-        body = b"." + body
-    conn.send(body + (b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"))
-    return conn.getreply()
-
-
-def _refused(conn: smtplib.SMTP, outcome: Outcome) -> Outcome:
-    if outcome.code != 421:
-        conn.rset()
-    return outcome
-
-
-def _close_quietly(conn: smtplib.SMTP | None) -> None:
-    if conn is not None:
-        with contextlib.suppress(OSError):
-            conn.close()
+    async def close(self) -> None:
+        """Say QUIT on idle connections; one still in use closes when its message is done."""
+        self._closed = True
+        await self.quit_idle()
 
 
 class Pace:
@@ -304,20 +220,37 @@ class SmtpPool:
         self._paces = [Pace(r, history.monotonic(r.label) if history else ()) for r in relays]
         self._rng = rng or random.Random()
         self._interrupted = asyncio.Event()
+        self._unpaced = (
+            len(relays) == 1 and not relays[0].rate_per_second and not relays[0].hourly_limit
+        )
 
     @property
     def labels(self) -> list[str]:
         """The relays' names, as kept on deliveries."""
         return [p.relay.label for p in self._pools]
 
-    async def send(self, message: bytes, *, sender: str, recipient: str) -> Outcome:
-        """Send through a relay under its limits; UNSENT if interrupted while waiting."""
+    async def send(
+        self,
+        message: bytes,
+        *,
+        sender: str,
+        recipient: str,
+        ready: Awaitable[object] | None = None,
+    ) -> Outcome:
+        """Send through a relay under its limits; UNSENT if interrupted while waiting.
+
+        `ready`: awaited before the message's final dot (ConnectionPool.send).
+        """
         index = await self._pick()
         if index is None:
             return Outcome(Result.UNSENT, "stopped before sending")
-        return await self._pools[index].send(message, sender=sender, recipient=recipient)
+        return await self._pools[index].send(
+            message, sender=sender, recipient=recipient, ready=ready
+        )
 
     async def _pick(self) -> int | None:
+        if self._unpaced:  # one relay without limits: nothing to choose or wait for
+            return None if self._interrupted.is_set() else 0
         while not self._interrupted.is_set():
             now = time.monotonic()
             waits = [pace.wait_seconds(now) for pace in self._paces]
@@ -338,12 +271,12 @@ class SmtpPool:
     async def close_idle(self) -> None:
         """Say QUIT on idle connections (a long wait ahead); the limits keep their count."""
         for pool in self._pools:
-            await asyncio.to_thread(pool.quit_idle)
+            await pool.quit_idle()
 
     async def close(self) -> None:
-        """Finish what is in flight, say QUIT, stop the threads."""
+        """Say QUIT on every connection."""
         for pool in self._pools:
-            await asyncio.to_thread(pool.close_blocking)
+            await pool.close()
 
 
 def load_history(

@@ -1,0 +1,328 @@
+"""One SMTP client connection on the event loop: greeting, EHLO, STARTTLS, AUTH, transactions.
+
+The sender's hot path. An asyncio Protocol reads the server's replies as they arrive and the
+commands go out with one write each, so a message costs the event loop a few callbacks and no
+thread: smtplib driven by a pool of threads paid two hand-offs per message and passed the GIL
+between up to eleven threads, which made the SMTP exchange most of the sender's CPU
+(docs/performance.md). Failures raise smtplib's exceptions (all OSErrors), so `smtp.classify_error`
+reads them as it always has.
+
+A server cannot make the client wait or grow without bound: every reply has `timeout_seconds`
+from the moment it is awaited, a reply line is at most 8,192 bytes (smtplib's own limit) and a
+multi-line reply at most 64 KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import smtplib
+import ssl
+from collections import deque
+from collections.abc import Awaitable
+
+from newsletter.config import RelaySettings
+
+MAX_LINE = 8192
+MAX_REPLY = 64 * 1024
+QUIT_SECONDS = 2.0
+# Characters that make an address more than a bare addr-spec: such a one goes through
+# smtplib.quoteaddr (an email.utils parse, 17 us) instead of plain angle brackets.
+NOT_BARE = frozenset('<>()",;: \t\\[]')
+
+
+def stuff(data: bytes) -> bytes:
+    """Dot-stuffed for SMTP's DATA (RFC 5321 4.5.2): a line starting with "." gets another.
+
+    `data` must start at the start of a line (or not with a dot).
+    """
+    data = data.replace(b"\n.", b"\n..")
+    return b"." + data if data.startswith(b".") else data
+
+
+class Wire(bytes):
+    """A message already dot-stuffed (message.MessageTemplate.render's wire form): the
+    transport sends it as it is, sparing a scan of every byte."""
+
+
+class NotReady(Exception):
+    """What a message's final dot waited for failed: the caller drops the connection mid-DATA."""
+
+
+class SmtpProtocol(asyncio.Protocol):
+    """Collects the server's replies as (code, text) and hands them to whoever awaits one."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []  # the reply being read, line by line
+        self._size = 0
+        self._replies: deque[tuple[int, bytes]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: OSError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport the commands are written to."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        """Split what came into lines and lines into replies (each byte looked at once)."""
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while (end := buffer.find(b"\n", start)) >= 0:
+            self._line(bytes(buffer[start:end]).rstrip(b"\r"))
+            start = end + 1
+        del buffer[:start]
+        if len(buffer) > MAX_LINE:
+            self._fail(smtplib.SMTPResponseException(500, b"reply line too long"))
+        self._wake()
+
+    def _line(self, line: bytes) -> None:
+        self._size += len(line)
+        if len(line) > MAX_LINE or self._size > MAX_REPLY:
+            self._fail(smtplib.SMTPResponseException(500, b"reply too long"))
+            return
+        self._lines.append(line[4:].strip())
+        if line[3:4] != b"-":  # the last line of a reply: "250 ok", not "250-PIPELINING"
+            code = int(line[:3]) if line[:3].isdigit() else -1  # as smtplib reads a bad code
+            self._replies.append((code, b"\n".join(self._lines)))
+            self._lines, self._size = [], 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The server (or we) closed the connection: whoever waits learns it."""
+        if self._error is None:
+            self._error = smtplib.SMTPServerDisconnected(
+                f"connection closed: {exc}" if exc else "connection closed by the server"
+            )
+        self._wake()
+
+    def _fail(self, error: OSError) -> None:
+        self._error = error
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._replies:
+            waiter.set_result(None)
+        elif self._error is not None:
+            waiter.set_exception(self._error)
+
+    async def reply(self, timeout: float) -> tuple[int, bytes]:
+        """The next reply, waiting at most `timeout` seconds for it."""
+        if not self._replies:
+            if self._error is not None:
+                raise self._error
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._replies.popleft()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes; a connection already lost says so at the next reply."""
+        if self.transport is None or self.transport.is_closing():
+            raise self._error or smtplib.SMTPServerDisconnected("not connected")
+        self.transport.write(data)
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("timed out waiting for the server's reply"))
+
+
+def envelope_address(address: str) -> str:
+    """The address in angle brackets for MAIL FROM / RCPT TO."""
+    if NOT_BARE.isdisjoint(address):
+        return f"<{address}>"
+    return smtplib.quoteaddr(address)
+
+
+class SmtpConnection:
+    """An open, greeted (and, as configured, encrypted and logged-in) connection to a relay."""
+
+    def __init__(self, protocol: SmtpProtocol, relay: RelaySettings) -> None:
+        self.protocol, self.relay = protocol, relay
+        self.timeout = relay.timeout_seconds
+        self.extensions: dict[str, str] = {}
+
+    @classmethod
+    async def open(cls, relay: RelaySettings) -> SmtpConnection:
+        """Connect, read the greeting, EHLO, STARTTLS and AUTH as the relay is configured."""
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if relay.security != "none" else None
+        _transport, protocol = await asyncio.wait_for(
+            loop.create_connection(
+                SmtpProtocol,
+                relay.host,
+                relay.port,
+                ssl=context if relay.security == "tls" else None,
+            ),
+            relay.timeout_seconds,
+        )
+        conn = cls(protocol, relay)
+        try:
+            code, text = await protocol.reply(conn.timeout)
+            if code != 220:
+                raise smtplib.SMTPConnectError(code, text)
+            await conn._hello()
+            if relay.security == "starttls":
+                await conn._starttls(context or ssl.create_default_context())
+            if relay.username:
+                await conn._login(relay.username, relay.password)
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def command(self, line: str) -> tuple[int, bytes]:
+        """Send one command line and return its reply."""
+        self.protocol.write(line.encode("ascii") + b"\r\n")
+        return await self.protocol.reply(self.timeout)
+
+    async def _hello(self) -> None:
+        code, text = await self.command("EHLO localhost")
+        if code != 250:
+            code, text = await self.command("HELO localhost")
+            if code != 250:
+                raise smtplib.SMTPHeloError(code, text)
+            self.extensions = {}
+            return
+        self.extensions = {}
+        for line in text.split(b"\n")[1:]:
+            keyword, _, params = line.decode("ascii", "replace").partition(" ")
+            self.extensions[keyword.lower()] = params.strip()
+
+    async def _starttls(self, context: ssl.SSLContext) -> None:
+        if "starttls" not in self.extensions:
+            raise smtplib.SMTPNotSupportedError("STARTTLS extension not supported by server.")
+        code, text = await self.command("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, text)
+        protocol = self.protocol
+        assert protocol.transport is not None
+        loop = asyncio.get_running_loop()
+        secure = await asyncio.wait_for(
+            loop.start_tls(protocol.transport, protocol, context, server_hostname=self.relay.host),
+            self.timeout,
+        )
+        assert isinstance(secure, asyncio.Transport)
+        protocol.transport = secure
+        await self._hello()
+
+    async def _login(self, user: str, password: str) -> None:
+        """AUTH with the first of PLAIN, LOGIN, CRAM-MD5 the server offers."""
+        if "auth" not in self.extensions:
+            raise smtplib.SMTPNotSupportedError("SMTP AUTH extension not supported by server.")
+        offered = self.extensions["auth"].upper().split()
+        if "PLAIN" in offered:
+            code, text = await self.command("AUTH PLAIN " + _b64(f"\0{user}\0{password}".encode()))
+        elif "LOGIN" in offered:
+            code, text = await self.command("AUTH LOGIN " + _b64(user.encode()))
+            if code == 334:
+                code, text = await self.command(_b64(password.encode()))
+        elif "CRAM-MD5" in offered:
+            code, text = await self.command("AUTH CRAM-MD5")
+            if code == 334:
+                challenge = base64.b64decode(text)
+                digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
+                code, text = await self.command(_b64(f"{user} {digest}".encode()))
+        else:
+            raise smtplib.SMTPException("no suitable authentication method offered")
+        if code not in (235, 503):  # 503: already authenticated
+            raise smtplib.SMTPAuthenticationError(code, text)
+
+    async def send(
+        self,
+        message: bytes,
+        sender: str,
+        recipient: str,
+        *,
+        ready: Awaitable[object] | None = None,
+    ) -> tuple[int, bytes, bool]:
+        """One mail transaction: (code, reply, whether a refusal was about the recipient).
+
+        MAIL, RCPT and DATA go in one write when the server offers PIPELINING (RFC 2920): two
+        round trips, not four. The addresses were checked first (smtp.unusable_envelope): no
+        line break can end a command early. The final dot, which lets the server accept the
+        message, waits for `ready`; the caller drops the connection if that raises.
+        """
+        body = message if isinstance(message, Wire) else stuff(message)
+        end = b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"
+        protocol, timeout = self.protocol, self.timeout
+        mail_from, rcpt_to = envelope_address(sender), envelope_address(recipient)
+        if "pipelining" in self.extensions:
+            protocol.write(f"MAIL FROM:{mail_from}\r\nRCPT TO:{rcpt_to}\r\nDATA\r\n".encode())
+            mail = await protocol.reply(timeout)
+            if mail[0] == 421:  # the server is closing; the other replies will not come
+                return (*mail, False)
+            rcpt = await protocol.reply(timeout)
+            if rcpt[0] == 421:
+                return (*rcpt, False)
+            data = await protocol.reply(timeout)
+            refusal = None
+            if mail[0] != 250:
+                refusal = (*mail, False)
+            elif rcpt[0] not in (250, 251):
+                refusal = (*rcpt, True)
+            if refusal is not None:
+                if data[0] == 354:  # a server that opened DATA anyway gets an empty message
+                    protocol.write(b".\r\n")
+                    await protocol.reply(timeout)
+                return await self._refused(refusal)
+        else:
+            mail = await self.command(f"MAIL FROM:{mail_from}")
+            if mail[0] != 250:
+                return await self._refused((*mail, False))
+            rcpt = await self.command(f"RCPT TO:{rcpt_to}")
+            if rcpt[0] not in (250, 251):
+                return await self._refused((*rcpt, True))
+            data = await self.command("DATA")
+        if data[0] != 354:
+            raise smtplib.SMTPDataError(*data)
+        if ready is None:
+            protocol.write(body + end)
+        else:
+            protocol.write(body)
+            try:
+                await ready
+            except Exception as error:  # not an OSError: no outcome of this message
+                raise NotReady(
+                    "what this message waited for failed; nothing was accepted"
+                ) from error
+            protocol.write(end)
+        return (*await protocol.reply(timeout), False)
+
+    async def _refused(self, refusal: tuple[int, bytes, bool]) -> tuple[int, bytes, bool]:
+        """After a refusal, RSET so the connection serves the next message."""
+        if refusal[0] != 421:
+            await self.command("RSET")
+        return refusal
+
+    async def quit(self) -> None:
+        """Say QUIT (waiting briefly for the answer) and close."""
+        try:
+            self.protocol.write(b"QUIT\r\n")
+            await self.protocol.reply(min(self.timeout, QUIT_SECONDS))
+        except OSError:
+            pass
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close at once: the connection's state is unknown or no longer wanted."""
+        if self.protocol.transport is not None:
+            self.protocol.transport.abort()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
