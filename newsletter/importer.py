@@ -2,19 +2,36 @@
 
 Rows are written in chunks, each with a handful of bulk statements (look up the chunk's addresses
 and suppression hashes, insert the new people, update the known ones, add missing subscriptions),
-so time grows with the file and memory does not. Each chunk is written in a savepoint: if the
-database refuses it, its rows are written one by one and only the refused row is rejected.
+so time grows with the file and memory does not. On PostgreSQL each statement takes the chunk as
+one JSON parameter (json_to_recordset, or an array for `= ANY`); on SQLite, Core executemany.
+Only people known before a chunk are asked for their subscriptions. Each chunk is written in a
+savepoint: if the database refuses it, its rows are written one by one and only the refused row
+is rejected.
 Nobody who unsubscribed, bounced, was forgotten or is suppressed is brought back.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import (
+    JSON,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
@@ -28,6 +45,8 @@ from newsletter.db.models import (
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
+    Suppression,
+    UTCDateTime,
 )
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
@@ -41,7 +60,7 @@ from newsletter.subscriber_csv import (
     merge_rows,
     parse_row,
 )
-from newsletter.suppression import KEPT_OUT_STATUSES, suppressed_forms
+from newsletter.suppression import KEPT_OUT_STATUSES, hash_address
 
 
 @dataclass
@@ -94,6 +113,7 @@ class _Target:
     confirmed: bool
     secret: str
     now: datetime
+    postgres: bool  # rows and look-ups go as JSON parameters (see _among, _PG_INSERT_...)
     # Keys the file gave, as read_key read them (by their armored text): checked once.
     keys: dict[str, KeyInfo] = field(default_factory=dict)
 
@@ -123,7 +143,8 @@ def import_rows(
     lists = {ml.slug: ml for ml in session.scalars(select(MailingList))}
     if default_list and default_list not in lists:
         get_list(session, default_list)  # raises with the known lists
-    target = _Target(lists, default_list, confirmed, secret, now)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    target = _Target(lists, default_list, confirmed, secret, now, postgres)
     report = ImportReport()
     # The start is an event of its own: the audit trail is append-only, so the counts go in a
     # second event at the end rather than into this one.
@@ -183,6 +204,8 @@ def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow |
         except KeyProblem as problem:
             return f"openpgp_key: {problem}"
         key, target.keys[info.armored] = info.armored, info
+    if wanted == row.lists and key == row.openpgp_key:
+        return row  # as almost every row is: no copy
     return replace(row, lists=tuple(wanted), openpgp_key=key)
 
 
@@ -238,14 +261,14 @@ def _import_chunk(
                 Subscriber.status,
                 Subscriber.name,
                 Subscriber.country,
-                Subscriber.tags,
-                Subscriber.attributes,
+                cast(Subscriber.tags, Text).label("tags"),  # JSON, read only when needed
+                cast(Subscriber.attributes, Text).label("attributes"),
                 Subscriber.discreet,
                 Subscriber.on_key_problem,
-            ).where(Subscriber.email.in_(list(forms)))
+            ).where(_among(Subscriber.email, list(forms), target.postgres))
         )
     }
-    suppressed = {forms[f] for f in suppressed_forms(session, forms, secret=target.secret)}
+    suppressed = {forms[f] for f in _suppressed(session, forms, target)}
     ids: dict[str, int] = {}
     new: list[SubscriberRow] = []
     changes: list[dict[str, Any]] = []
@@ -262,11 +285,11 @@ def _import_chunk(
                 change["email"] = email
             if change:
                 changes.append({"id": old.id, **change})
-    ids.update(_insert_subscribers(session, new, target.now))
-    if changes:
-        session.execute(update(Subscriber), changes)
+    known_ids = set(ids.values())  # people inserted below have no subscriptions yet
+    ids.update(_insert_subscribers(session, new, target))
+    _update_subscribers(session, changes, target.postgres)
     wanted = {ids[email]: merged[email].lists for email in ids}
-    subscribed = _add_subscriptions(session, wanted, target, report)
+    subscribed = _add_subscriptions(session, wanted, known_ids, target, report)
     changed = {c["id"] for c in changes} | subscribed
     report.keys += _add_keys(session, {ids[e]: r for e, r in merged.items() if e in ids}, target)
     report.imported += len(new)
@@ -275,6 +298,33 @@ def _import_chunk(
             report.updated += 1
         else:
             report.unchanged += 1
+
+
+def _among(column: Any, values: list[Any], postgres: bool) -> Any:
+    """`column IN values`; on PostgreSQL `= ANY` of an array made from one JSON parameter.
+
+    So no statement with a placeholder per value is built and parsed for every chunk, and the
+    values go as one string (psycopg dumps a list value by value, in Python).
+    """
+    if not postgres:
+        return column.in_(values)
+    document = cast(bindparam(None, json.dumps(values), type_=String()), JSON)
+    listed = select(cast(func.json_array_elements_text(document), column.type)).scalar_subquery()
+    return column == any_(func.array(listed))
+
+
+def _suppressed(session: Session, forms: Iterable[str], target: _Target) -> set[str]:
+    """Which of these address forms are suppressed (as suppression.suppressed_forms: one
+    look-up by keyed hash)."""
+    by_hash: dict[str, list[str]] = {}
+    for form in forms:
+        by_hash.setdefault(hash_address(form, secret=target.secret), []).append(form)
+    found = session.scalars(
+        select(Suppression.email_hash).where(
+            _among(Suppression.email_hash, list(by_hash), target.postgres)
+        )
+    )
+    return {form for digest in found for form in by_hash[digest]}
 
 
 # How discreet each mode is: a file may move a known person up this scale, never down.
@@ -324,18 +374,58 @@ def _fill_in(old: Any, row: SubscriberRow) -> dict[str, Any]:
         change["name"] = row.name
     if row.country and not old.country:
         change["country"] = row.country
-    tags = list(old.tags or [])
+    # The stored tags and attributes (JSON text) are decoded only when the row has some.
+    tags = list(json.loads(old.tags) or []) if row.tags else []
     if set(row.tags) - set(tags):
         change["tags"] = sorted(set(tags) | set(row.tags))
-    attributes = dict(old.attributes or {})
+    attributes = dict(json.loads(old.attributes) or {}) if row.attributes else {}
     added = {k: v for k, v in row.attributes.items() if k not in attributes}
     if added:
         change["attributes"] = {**attributes, **added}
     return change
 
 
+# On PostgreSQL a chunk's rows go as one JSON parameter, read by json_to_recordset: one
+# statement and one string, where psycopg would dump row by row or value by value in Python.
+# A key a row does not have reads as NULL; `now` is converted by its column type.
+_PG_INSERT_SUBSCRIBERS = text(
+    "INSERT INTO subscribers (email, name, language, country, tags, attributes, status,"
+    " created_at, discreet, on_key_problem)"
+    " SELECT v.email, v.name, v.language, v.country, v.tags, v.attributes, CAST(:status AS text),"
+    " :now, v.discreet, v.on_key_problem"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS v(email text, name text, language text,"
+    " country text, tags json, attributes json, discreet text, on_key_problem text)"
+    " RETURNING id, email"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+# Only what _fill_in changed is in a row: a missing key (NULL) leaves its column as it is.
+_PG_UPDATE_SUBSCRIBERS = text(
+    "UPDATE subscribers AS s SET email = COALESCE(v.email, s.email),"
+    " name = COALESCE(v.name, s.name), country = COALESCE(v.country, s.country),"
+    " tags = COALESCE(v.tags, s.tags), attributes = COALESCE(v.attributes, s.attributes),"
+    " discreet = COALESCE(v.discreet, s.discreet),"
+    " on_key_problem = COALESCE(v.on_key_problem, s.on_key_problem)"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS v(id integer, email text, name text,"
+    " country text, tags json, attributes json, discreet text, on_key_problem text)"
+    " WHERE s.id = v.id"
+)
+
+_PG_INSERT_SUBSCRIPTIONS = text(
+    "INSERT INTO subscriptions (subscriber_id, list_id, status, created_at, confirmed_at)"
+    " SELECT v.subscriber_id, v.list_id, v.status, :now,"
+    " CASE WHEN v.status = CAST(:active AS text) THEN CAST(:now AS timestamp) END"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS v(subscriber_id integer, list_id integer,"
+    " status text)"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+# The tables themselves, for Core statements (no ORM bookkeeping per row).
+SUBSCRIBERS: Table = Subscriber.__table__  # type: ignore[assignment]
+SUBSCRIPTIONS: Table = Subscription.__table__  # type: ignore[assignment]
+ACTIVE, PENDING = SubscriptionStatus.ACTIVE.value, SubscriptionStatus.PENDING.value
+
+
 def _insert_subscribers(
-    session: Session, rows: list[SubscriberRow], now: datetime
+    session: Session, rows: list[SubscriberRow], target: _Target
 ) -> dict[str, int]:
     """Insert new people in one statement; returns their ids by address."""
     if not rows:
@@ -348,32 +438,58 @@ def _insert_subscribers(
             "country": r.country,
             "tags": sorted(r.tags),
             "attributes": r.attributes,
-            "status": SubscriberStatus.ACTIVE.value,
-            "created_at": now,
             "discreet": r.discreet or DiscreetMode.OFF.value,
             "on_key_problem": r.on_key_problem or KeyProblemChoice.WITHHOLD.value,
         }
         for r in rows
     ]
-    result = session.execute(insert(Subscriber).returning(Subscriber.id, Subscriber.email), params)
+    status = SubscriberStatus.ACTIVE.value
+    if target.postgres:
+        values = {"rows": json.dumps(params), "status": status, "now": target.now}
+        result = session.execute(_PG_INSERT_SUBSCRIBERS, values)
+    else:
+        stmt = insert(SUBSCRIBERS).returning(SUBSCRIBERS.c.id, SUBSCRIBERS.c.email)
+        result = session.execute(
+            stmt, [{**p, "status": status, "created_at": target.now} for p in params]
+        )
     return {email: sid for sid, email in result}
 
 
+def _update_subscribers(session: Session, changes: list[dict[str, Any]], postgres: bool) -> None:
+    """Write what _fill_in found: each person's changed columns, nothing else."""
+    if not changes:
+        return
+    if postgres:
+        session.execute(_PG_UPDATE_SUBSCRIBERS, {"rows": json.dumps(changes)})
+    else:
+        session.execute(update(Subscriber), changes)
+
+
+def _subscriptions_of(session: Session, ids: list[int], postgres: bool) -> set[tuple[int, int]]:
+    """The (person, list) pairs these people have, in any state."""
+    if not ids:
+        return set()
+    stmt = select(Subscription.subscriber_id, Subscription.list_id).where(
+        _among(Subscription.subscriber_id, ids, postgres)
+    )
+    return {(sid, lid) for sid, lid in session.execute(stmt)}
+
+
 def _add_subscriptions(
-    session: Session, wanted: dict[int, tuple[str, ...]], target: _Target, report: ImportReport
+    session: Session,
+    wanted: dict[int, tuple[str, ...]],
+    known_ids: set[int],
+    target: _Target,
+    report: ImportReport,
 ) -> set[int]:
-    """Add the subscriptions people do not have yet; one they left is never added back."""
+    """Add the subscriptions people do not have yet; one they left is never added back.
+
+    Only people known before this chunk can have any: those it inserted are not looked up.
+    """
     ids = [sid for sid, slugs in wanted.items() if slugs]
     if not ids:
         return set()
-    have = {
-        (int(sid), int(lid))
-        for sid, lid in session.execute(
-            select(Subscription.subscriber_id, Subscription.list_id).where(
-                Subscription.subscriber_id.in_(ids)
-            )
-        )
-    }
+    have = _subscriptions_of(session, [sid for sid in ids if sid in known_ids], target.postgres)
     params: list[dict[str, Any]] = []
     for sid in ids:
         for slug in wanted[sid]:
@@ -387,11 +503,19 @@ def _add_subscriptions(
                 {
                     "subscriber_id": sid,
                     "list_id": ml.id,
-                    "status": (SubscriptionStatus.ACTIVE if active else SubscriptionStatus.PENDING),
-                    "created_at": target.now,
-                    "confirmed_at": target.now if active else None,
+                    "status": ACTIVE if active else PENDING,
                 }
             )
-    if params:
-        session.execute(insert(Subscription), params)
+    if not params:
+        return set()
+    if target.postgres:
+        values = {"rows": json.dumps(params), "now": target.now, "active": ACTIVE}
+        session.execute(_PG_INSERT_SUBSCRIPTIONS, values)
+    else:
+        now = target.now
+        rows = [
+            {**p, "created_at": now, "confirmed_at": now if p["status"] == ACTIVE else None}
+            for p in params
+        ]
+        session.execute(insert(SUBSCRIPTIONS), rows)
     return {int(p["subscriber_id"]) for p in params}
