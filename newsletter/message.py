@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
-import hashlib
+import functools
 import hmac
 import html
 import re
@@ -27,7 +27,6 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
-from urllib.parse import quote
 
 from newsletter.addresses import header_problem
 from newsletter.config import DiscreetSettings, Settings
@@ -39,6 +38,7 @@ from newsletter.render import (
     personalise,
     without_wrote,
 )
+from newsletter.smtp_wire import stuff
 from newsletter.tokens import make_token, make_wrote_token, page_url
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
@@ -125,8 +125,8 @@ def identity_for(settings: Settings, discreet: str) -> Identity:
 
 def message_id(*, campaign_id: int, subscriber_id: int, secret: str, domain: str) -> str:
     """The same Message-ID for the same (campaign, subscriber), every time it is built."""
-    tag = hmac.new(secret.encode(), f"{campaign_id}:{subscriber_id}".encode(), hashlib.sha256)
-    return f"<{campaign_id}.{subscriber_id}.{tag.hexdigest()[:16]}@{domain}>"
+    tag = hmac.digest(secret.encode(), f"{campaign_id}:{subscriber_id}".encode(), "sha256")
+    return f"<{campaign_id}.{subscriber_id}.{tag.hex()[:16]}@{domain}>"
 
 
 def link_urls(
@@ -164,7 +164,8 @@ def link_urls(
     return {
         "unsubscribe": page_url(base, "unsubscribe", unsub),
         "preferences": page_url(base, "preferences", prefs),
-        "mailto": f"mailto:{mailto}?subject={quote('unsubscribe ' + unsub)}" if mailto else "",
+        # A token is URL-safe base64 and dots: only the space needs quoting (quote() is slow).
+        "mailto": f"mailto:{mailto}?subject=unsubscribe%20{unsub}" if mailto else "",
         "wrote": wrote,
     }
 
@@ -280,6 +281,7 @@ class _Body:
     pieces: tuple[bytes, ...]
     links: tuple[str, ...]  # the link ("unsubscribe", "preferences") between two pieces
     escape: bool
+    stuffed: tuple[bytes, ...]  # the pieces dot-stuffed, as the wire form carries them
 
     @classmethod
     def encode(cls, body: str, *, markers: dict[str, str], escape: bool) -> _Body:
@@ -290,15 +292,21 @@ class _Body:
         parts = cut.split(body)
         key = {marker: name for name, marker in markers.items()}
         links = tuple(key[marker] for marker in parts[1::2])
-        return cls(tuple(_qp(p) for p in parts[::2]), links, escape)
+        pieces = tuple(_qp(p) for p in parts[::2])
+        return cls(pieces, links, escape, tuple(stuff(p) for p in pieces))
 
-    def fill(self, urls: dict[str, str]) -> bytes:
-        """The encoded body with this recipient's links, each between soft line breaks."""
-        out = [self.pieces[0]]
-        for link, piece in zip(self.links, self.pieces[1:], strict=True):
+    def fill(self, urls: dict[str, str], *, wire: bool = False) -> bytes:
+        """The encoded body with this recipient's links, each between soft line breaks.
+
+        `wire`: dot-stuffed. Each piece and each link starts a line (after a soft break), so
+        stuffing them one by one stuffs the whole.
+        """
+        pieces = self.stuffed if wire else self.pieces
+        out = [pieces[0]]
+        for link, piece in zip(self.links, pieces[1:], strict=True):
             value = urls[link]
-            out += (SOFT_BREAK, _qp(html.escape(value) if self.escape else value), SOFT_BREAK)
-            out.append(piece)
+            encoded = _qp(html.escape(value) if self.escape else value)
+            out += (SOFT_BREAK, stuff(encoded) if wire else encoded, SOFT_BREAK, piece)
         return b"".join(out)
 
 
@@ -316,6 +324,8 @@ class MessageTemplate:
     identity: Identity
     # The case whose "I sent my letter" link the bodies carry (None: no such link).
     wrote_case: int | None = None
+    # head, middle and tail dot-stuffed (they start a line or with a line break)
+    stuffed: tuple[bytes, bytes, bytes] = (b"", b"", b"")
 
     @classmethod
     def build(
@@ -366,10 +376,18 @@ class MessageTemplate:
             campaign_id=campaign_id,
             identity=identity,
             wrote_case=case_id if has_link(variant, "wrote") else None,
+            stuffed=(stuff(head), stuff(middle), stuff(tail)),
         )
 
-    def render(self, recipient: Recipient, *, settings: Settings, now: datetime) -> bytes:
-        """One recipient's message: their headers in front, their links spliced into the parts."""
+    def render(
+        self, recipient: Recipient, *, settings: Settings, now: datetime, wire: bool = False
+    ) -> bytes:
+        """One recipient's message: their headers in front, their links spliced into the parts.
+
+        `wire`: dot-stuffed as SMTP's DATA carries it, at no cost beyond the links (the fixed
+        stretches were stuffed once); equal to `stuff(render(...))`. Header lines never start
+        with a dot, and head, middle and tail start with a header name or a line break.
+        """
         urls = link_urls(
             recipient=recipient,
             mlist=self.mlist,
@@ -386,21 +404,28 @@ class MessageTemplate:
         )
         headers = (
             f"To: {format_to(recipient)}\r\n"
-            f"Date: {format_datetime(now)}\r\n"
+            f"Date: {_date(now)}\r\n"
             f"Message-ID: {mid}\r\n"
             f"{thread_headers(recipient, secret=secret, domain=self.identity.domain)}"
             f"List-Unsubscribe: {list_unsubscribe(urls)}\r\n"
         )
+        head, middle, tail = self.stuffed if wire else (self.head, self.middle, self.tail)
         return b"".join(
             (
                 headers.encode("ascii"),
-                self.head,
-                self.text.fill(urls),
-                self.middle,
-                self.html.fill(urls),
-                self.tail,
+                head,
+                self.text.fill(urls, wire=wire),
+                middle,
+                self.html.fill(urls, wire=wire),
+                tail,
             )
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _date(now: datetime) -> str:
+    """The Date header's value: a batch's messages share one `now`, so it is formatted once."""
+    return format_datetime(now)
 
 
 PREHEADER_START = '<div class="preheader"'

@@ -16,6 +16,7 @@ event loop that drives the connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -75,6 +76,7 @@ from newsletter.openpgp import (
 from newsletter.openpgp import Signer as PgpSigner
 from newsletter.render import RenderedVariant, render_pointer
 from newsletter.smtp import Outcome, Result, Transport, open_pool
+from newsletter.smtp_wire import NotReady, Wire
 from newsletter.tokens import make_copy_token, page_url
 
 __all__ = [
@@ -148,6 +150,14 @@ class Job:
     envelope_from: str
     message: bytes
     error: str = ""  # set when no message could be built: fail without sending
+    # Builds the message when its lane is about to send it (a plain one): on the event loop,
+    # one at a time, so a batch's messages are never all in memory and the builder thread
+    # does not fight the lanes for the GIL. Raises PermanentDeliveryError as building does.
+    build: Callable[[], bytes] | None = None
+
+    def payload(self) -> bytes:
+        """The message bytes, built now if they are built late."""
+        return self.build() if self.build is not None else self.message
 
 
 # --- who holds a claim: worker names name the host and the process --------------------------
@@ -576,16 +586,16 @@ def _job(
 ) -> Job:
     """One reader's message: spliced from the template, encrypted to their key, DKIM-signed."""
     identity = identity_for(settings, row.discreet)
-    message, error = b"", ""
+    discreet = identity.discreet is not None
+    message, error, build = b"", "", None
     try:
         sealed = encrypt and bool(row.key_armored)
         template = templates.get(
             session, row.campaign_id, row.language, row.discreet, sealed=sealed
         )
-        message = template.render(
-            Recipient(row.subscriber_id, row.email, row.name, thread), settings=settings, now=now
-        )
+        recipient = Recipient(row.subscriber_id, row.email, row.name, thread)
         if sealed and row.key_armored:
+            message = template.render(recipient, settings=settings, now=now)
             message = encrypt_message(
                 message,
                 armored_key=row.key_armored,
@@ -594,7 +604,17 @@ def _job(
                 autocrypt=identity.discreet is None,
                 checked=not _needs_full_check(row, now),  # key_trouble judged the rest
             )
-        message = signers.dkim.sign(message, discreet=identity.discreet is not None)
+            message = signers.dkim.sign(message, discreet=discreet)
+        else:
+            build = functools.partial(
+                _plain_message,
+                template,
+                recipient,
+                settings=settings,
+                now=now,
+                dkim=signers.dkim,
+                discreet=discreet,
+            )
     except PermanentDeliveryError as e:
         error = str(e)
     envelope = verp_address(
@@ -610,7 +630,23 @@ def _job(
         envelope,
         message,
         error,
+        build,
     )
+
+
+def _plain_message(
+    template: MessageTemplate,
+    recipient: Recipient,
+    *,
+    settings: Settings,
+    now: datetime,
+    dkim: IdentitySigners,
+    discreet: bool,
+) -> bytes:
+    """A plain message: DKIM-signed if its identity signs, else already dot-stuffed."""
+    if dkim.discreet if discreet else dkim.plain:
+        return dkim.sign(template.render(recipient, settings=settings, now=now), discreet=discreet)
+    return Wire(template.render(recipient, settings=settings, now=now, wire=True))
 
 
 @dataclass
@@ -771,22 +807,41 @@ class Sender:
     # --- the lanes: one message at a time each, recorded before the next --------------------
 
     async def _lane(self) -> None:
+        recording: asyncio.Task[None] | None = None  # this lane's last outcome, committing
         while (job := await self.jobs.take()) is not None:
             try:
-                await self._one(job)
+                recording = await self._one(job, recording) or recording
+            except NotReady:  # the previous outcome's commit failed: its own error stops us
+                assert recording is not None
+                await recording
+                raise
             finally:
                 await self.jobs.done()
+        if recording is not None:
+            await recording
 
-    async def _one(self, job: Job) -> None:
+    async def _one(
+        self, job: Job, recording: asyncio.Task[None] | None
+    ) -> asyncio.Task[None] | None:
+        """Send one job; the task committing its outcome (None if it was set aside).
+
+        The message goes while the lane's previous outcome (`recording`) is still being
+        committed: only its final dot, the moment the server may accept it, waits for that
+        commit. So a connection never has more than one accepted-but-unrecorded message, and
+        the commit's latency hides behind the next message's envelope and body.
+        """
         if not self._may_send(job.campaign_id):
             self.unstarted.append(job)
-            return
-        outcome = await self._attempt(job)
+            return None
+        outcome = await self._attempt(job, recording)
         if outcome.result is Result.UNSENT:
             self.unstarted.append(job)
-            return
+            return None
         held = job.campaign_id in self.control.held
         pause = self.guard.observe(job.campaign_id, outcome, held=held)
+        return asyncio.create_task(self._record(job, outcome, pause))
+
+    async def _record(self, job: Job, outcome: Outcome, pause: str | None) -> None:
         for recorded in await self.writer.submit(job, outcome, pause=pause):
             self._report(SendReport.of(recorded))
         if pause:
@@ -795,10 +850,16 @@ class Sender:
     def _may_send(self, campaign_id: int) -> bool:
         return self.control.may_send(campaign_id) and not self.guard.holds(campaign_id)
 
-    async def _attempt(self, job: Job) -> Outcome:
+    async def _attempt(self, job: Job, recording: asyncio.Task[None] | None) -> Outcome:
         if job.error:
             return Outcome(Result.PERMANENT, job.error)
-        return await self.transport.send(job.message, sender=job.envelope_from, recipient=job.email)
+        try:
+            message = job.payload()
+        except PermanentDeliveryError as error:
+            return Outcome(Result.PERMANENT, str(error))
+        return await self.transport.send(
+            message, sender=job.envelope_from, recipient=job.email, ready=recording
+        )
 
     def _poke_threadsafe(self) -> None:
         """Wake the producer and the lanes (a stop was asked), from any thread."""

@@ -8,7 +8,9 @@ build their links with page_url / page_path.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hmac
 from dataclasses import dataclass
 from datetime import datetime
 from typing import overload
@@ -43,6 +45,26 @@ def _serializer(secret: str, purpose: str) -> URLSafeSerializer:
     return URLSafeSerializer(secret, salt=f"newsletter.{purpose}")
 
 
+@functools.lru_cache(maxsize=16)
+def _signing_key(secret: str, purpose: str) -> bytes:
+    return _serializer(secret, purpose).make_signer().derive_key()
+
+
+def sign_ints(secret: str, purpose: str, values: tuple[int, ...]) -> str:
+    """What URLSafeSerializer.dumps makes of a list of ints, at a tenth of its cost.
+
+    The sender signs two or three links per message: itsdangerous derived its key, built two
+    HMAC objects and tried zlib on every call. Here the key is derived once (by itsdangerous),
+    the payload is its compact JSON uncompressed (which its loads reads as it reads its own),
+    and the signature is its HMAC-SHA1 over the base64 payload (tests/test_tokens.py compares).
+    """
+    payload = base64.urlsafe_b64encode(
+        ("[" + ",".join(map(str, map(int, values))) + "]").encode("ascii")
+    ).rstrip(b"=")
+    signature = hmac.digest(_signing_key(secret, purpose), payload, "sha1")
+    return (payload + b"." + base64.urlsafe_b64encode(signature).rstrip(b"=")).decode("ascii")
+
+
 def make_token(
     *,
     secret: str,
@@ -52,10 +74,12 @@ def make_token(
     issued_at: datetime | None = None,
 ) -> str:
     """Sign (subscriber, list) for one purpose; with `issued_at`, the token can expire."""
-    payload = [subscriber_id, list_id]
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown token purpose {purpose!r}")
+    payload: tuple[int, ...] = (subscriber_id, list_id)
     if issued_at is not None:  # from the injected clock, so tests can age a link
-        payload.append(int(issued_at.timestamp()))
-    return str(_serializer(secret, purpose).dumps(payload))
+        payload += (int(issued_at.timestamp()),)
+    return sign_ints(secret, purpose, payload)
 
 
 @overload
@@ -172,7 +196,7 @@ def read_copy_token(token: str, *, secret: str) -> tuple[int, str]:
 
 def make_wrote_token(*, secret: str, subscriber_id: int, case_id: int) -> str:
     """Sign (subscriber, case): a reader's "I sent my letter" link in a case's first message."""
-    return str(_serializer(secret, "wrote").dumps([subscriber_id, case_id]))
+    return sign_ints(secret, "wrote", (subscriber_id, case_id))
 
 
 def read_wrote_token(token: str, *, secret: str) -> tuple[int, int]:

@@ -35,6 +35,7 @@ from newsletter.message import (
     message_id,
 )
 from newsletter.render import RenderedVariant, link_markers
+from newsletter.smtp_wire import stuff
 from tests.smtp_faults import FaultyHandler, faulty_smtpd
 from tests.test_send import deliver, settings_for
 
@@ -342,3 +343,36 @@ def test_an_address_that_looks_encoded_is_refused() -> None:
     recipient = Recipient(7, "=?utf-8?q?=0D=0A?=@example.org", "")
     with pytest.raises(PermanentDeliveryError, match="encoded-word"):
         format_to(recipient)
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("https://news.portal.example.org", id="short"),
+        # a link folded by quoted-printable so that a continuation line starts with "."
+        pytest.param("https://a" + "b" * 66 + "c.example.org/" + "x." * 40, id="dot-at-fold"),
+    ],
+)
+def test_the_wire_form_is_the_message_dot_stuffed(base_url: str) -> None:
+    """render(wire=True), which the sender hands to SMTP as it is, equals the message stuffed
+    whole; the fixtures' lines start with dots in the bodies and at a link's fold."""
+    settings = settings_for("sqlite://", 25)
+    settings = replace(settings, web=replace(settings.web, base_url=base_url))
+    dotted = ".starts with a dot\n..two dots\n.\nplain\n."
+    variant = RenderedVariant(
+        "en",
+        ".Subject with a dot",
+        dotted + "\n" + body(HTML, "en") + "\n" + dotted,
+        dotted + "\n" + body(TEXT, "en") + "\n" + dotted,
+    )
+    template = MessageTemplate.build(
+        variant=variant, campaign_id=1, mlist=ListInfo(1, "w", "w.example.org"), settings=settings
+    )
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    for name in NAMES.values():
+        recipient = Recipient(7, "reader@example.org", name)
+        plain = template.render(recipient, settings=settings, now=now)
+        wire = template.render(recipient, settings=settings, now=now, wire=True)
+        assert b"\n." in plain  # the case is exercised
+        assert wire == stuff(plain)
+        assert wire.replace(b"\n..", b"\n.") == plain  # nothing else changed

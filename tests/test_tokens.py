@@ -5,12 +5,21 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from itsdangerous import URLSafeSerializer
 from sqlalchemy.orm import sessionmaker
 from starlette.routing import Match
 
 from newsletter.clock import FrozenClock
 from newsletter.errors import TokenError
-from newsletter.tokens import PURPOSES, TokenClaims, make_token, page_path, page_url, read_token
+from newsletter.tokens import (
+    PURPOSES,
+    TokenClaims,
+    make_token,
+    page_path,
+    page_url,
+    read_token,
+    sign_ints,
+)
 from newsletter.web import create_app
 from tests.conftest import SECRET, make_settings
 
@@ -63,6 +72,27 @@ def test_a_token_round_trips_for_each_purpose() -> None:
     for purpose in PURPOSES:
         token = make_token(secret=SECRET, purpose=purpose, subscriber_id=7, list_id=2)
         assert read_token(token, secret=SECRET, purpose=purpose) == TokenClaims(purpose, 7, 2)
+
+
+@pytest.mark.parametrize("purpose", PURPOSES)
+@pytest.mark.parametrize(
+    "payload", [(1, 2), (987654321, 3), (12, 4, 1893456000), (1111111111, 1111111111, 1111111111)]
+)
+def test_the_fast_signer_makes_what_itsdangerous_makes_and_reads(
+    purpose: str, payload: tuple[int, ...]
+) -> None:
+    """The sender's signer equals URLSafeSerializer.dumps where that does not compress, and
+    itsdangerous itself reads every token it makes (compressible payloads included)."""
+    serializer = URLSafeSerializer(SECRET, salt=f"newsletter.{purpose}")
+    token = sign_ints(SECRET, purpose, payload)
+    assert serializer.loads(token) == list(payload)
+    reference = serializer.dumps(list(payload))
+    if not reference.startswith("."):  # "." = itsdangerous chose zlib; we never do
+        assert token == reference
+    assert (
+        URLSafeSerializer("another secret", salt=f"newsletter.{purpose}").loads_unsafe(token)[0]
+        is False
+    )
 
 
 def test_a_token_for_one_purpose_opens_no_other() -> None:
