@@ -93,7 +93,10 @@ def classify(
 def classify_error(error: BaseException) -> Outcome:
     """Turn a transport error raised while sending one message into an Outcome; a bug raises."""
     if isinstance(error, smtplib.SMTPResponseException):
-        return classify(error.smtp_code, error.smtp_error)
+        outcome = classify(error.smtp_code, error.smtp_error)
+        if outcome.result is Result.SENT:  # a 2xx where another reply belonged: nothing went
+            return Outcome(Result.TEMPORARY, f"out of step: {outcome.reply}", outcome.code)
+        return outcome
     if isinstance(error, UnicodeEncodeError):  # not a usable envelope address
         return Outcome(Result.PERMANENT, f"unusable address: {type(error).__name__}")
     if isinstance(error, OSError):
@@ -140,7 +143,7 @@ class ConnectionPool:
         async with self._slots:
             conn = None
             try:
-                conn = self._idle.pop() if self._idle else await SmtpConnection.open(self.relay)
+                conn = self._take_idle() or await SmtpConnection.open(self.relay)
                 code, reply, recipient_level = await conn.send(
                     message, sender, recipient, ready=ready
                 )
@@ -152,11 +155,20 @@ class ConnectionPool:
                 if conn is not None:
                     conn.abort()
                 raise
-            if code == 421 or self._closed:  # the server is closing this connection
+            if code == 421 or self._closed or not conn.usable:  # closing, or out of step
                 conn.abort()
             else:
                 self._idle.append(conn)
         return classify(code, reply, recipient_level=recipient_level, relay=self.relay.label)
+
+    def _take_idle(self) -> SmtpConnection | None:
+        """An idle connection still open (a server may close one that idled too long)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                return conn
+            conn.abort()
+        return None
 
     async def quit_idle(self) -> None:
         """Say QUIT on every idle connection; the next message opens a new one."""

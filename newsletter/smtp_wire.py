@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import smtplib
 import ssl
@@ -128,6 +129,20 @@ class SmtpProtocol(asyncio.Protocol):
                 self._waiter = None
         return self._replies.popleft()
 
+    def quiet(self) -> bool:
+        """Nothing received that was not read: no reply waiting, no partial line."""
+        return not self._replies and not self._buffer
+
+    def usable(self) -> bool:
+        """Still open, nothing failed, and nothing unread."""
+        transport = self.transport
+        return (
+            self._error is None
+            and transport is not None
+            and not transport.is_closing()
+            and self.quiet()
+        )
+
     def write(self, data: bytes) -> None:
         """Send bytes; a connection already lost says so at the next reply."""
         if self.transport is None or self.transport.is_closing():
@@ -209,6 +224,8 @@ class SmtpConnection:
         if code != 220:
             raise smtplib.SMTPResponseException(code, text)
         protocol = self.protocol
+        if not protocol.quiet():  # sent in clear after the 220: an injection (CVE-2011-0411)
+            raise smtplib.SMTPResponseException(-1, b"data after the STARTTLS reply")
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
         secure = await asyncio.wait_for(
@@ -216,6 +233,8 @@ class SmtpConnection:
             self.timeout,
         )
         assert isinstance(secure, asyncio.Transport)
+        if not protocol.quiet():  # came in clear while the handshake was being set up
+            raise smtplib.SMTPResponseException(-1, b"data in clear before the TLS handshake")
         protocol.transport = secure
         await self._hello()
 
@@ -233,7 +252,10 @@ class SmtpConnection:
         elif "CRAM-MD5" in offered:
             code, text = await self.command("AUTH CRAM-MD5")
             if code == 334:
-                challenge = base64.b64decode(text)
+                try:
+                    challenge = base64.b64decode(text, validate=True)
+                except ValueError:  # binascii.Error
+                    raise smtplib.SMTPException("not a CRAM-MD5 challenge") from None
                 digest = hmac.new(password.encode(), challenge, "md5").hexdigest()
                 code, text = await self.command(_b64(f"{user} {digest}".encode()))
         else:
@@ -261,25 +283,32 @@ class SmtpConnection:
         protocol, timeout = self.protocol, self.timeout
         mail_from, rcpt_to = envelope_address(sender), envelope_address(recipient)
         if "pipelining" in self.extensions:
+            if not protocol.quiet():  # a reply nobody asked for: the dialogue is out of step
+                raise smtplib.SMTPResponseException(-1, b"unexpected reply before MAIL")
             protocol.write(f"MAIL FROM:{mail_from}\r\nRCPT TO:{rcpt_to}\r\nDATA\r\n".encode())
             mail = await protocol.reply(timeout)
             if mail[0] == 421:  # the server is closing; the other replies will not come
                 return (*mail, False)
-            rcpt = await protocol.reply(timeout)
-            if rcpt[0] == 421:
-                return (*rcpt, False)
-            data = await protocol.reply(timeout)
-            refusal = None
-            if mail[0] != 250:
-                refusal = (*mail, False)
-            elif rcpt[0] not in (250, 251):
-                refusal = (*rcpt, True)
+            refusal = None if mail[0] == 250 else (*mail, False)
+            try:
+                rcpt = await protocol.reply(timeout)
+                if rcpt[0] == 421:
+                    return (*rcpt, False)
+                if refusal is None and rcpt[0] not in (250, 251):
+                    refusal = (*rcpt, True)
+                data = await protocol.reply(timeout)
+            except OSError:
+                if refusal is not None:  # refused, then hung up: the refusal is the answer
+                    return refusal
+                raise
             if refusal is not None:
                 if data[0] == 354:  # a server that opened DATA anyway gets an empty message
                     protocol.write(b".\r\n")
                     await protocol.reply(timeout)
                 return await self._refused(refusal)
         else:
+            if not protocol.quiet():
+                raise smtplib.SMTPResponseException(-1, b"unexpected reply before MAIL")
             mail = await self.command(f"MAIL FROM:{mail_from}")
             if mail[0] != 250:
                 return await self._refused((*mail, False))
@@ -303,10 +332,17 @@ class SmtpConnection:
         return (*await protocol.reply(timeout), False)
 
     async def _refused(self, refusal: tuple[int, bytes, bool]) -> tuple[int, bytes, bool]:
-        """After a refusal, RSET so the connection serves the next message."""
+        """After a refusal, RSET so the connection serves the next message (a server that hung
+        up instead leaves the refusal standing, and the connection unusable)."""
         if refusal[0] != 421:
-            await self.command("RSET")
+            with contextlib.suppress(OSError):
+                await self.command("RSET")
         return refusal
+
+    @property
+    def usable(self) -> bool:
+        """Open, and in step: nothing failed and no reply is waiting unread."""
+        return self.protocol.usable()
 
     async def quit(self) -> None:
         """Say QUIT (waiting briefly for the answer) and close."""
