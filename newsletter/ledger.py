@@ -94,6 +94,7 @@ def record_outcomes(
     report = Recorded()
     sent: list[dict[str, object]] = []
     other: list[dict[str, object]] = []
+    bounced: list[tuple[int, str, str]] = []
     deadline = timedelta(hours=settings.smtp.retry_deadline_hours)
     for job, outcome in results:
         row = {"b_id": job.delivery_id, "b_reply": scrub(outcome.reply, job.email)}
@@ -111,14 +112,11 @@ def record_outcomes(
             other.append(row | {"b_status": DeliveryStatus.FAILED, "b_next": now})
             report.failed += 1
             if outcome.result is Result.PERMANENT and outcome.recipient_level:
-                suppress_bounced(
-                    session,
-                    job.subscriber_id,
-                    job.email,
-                    settings=settings,
-                    now=now,
-                    reply=str(row["b_reply"]),
-                )
+                bounced.append((job.subscriber_id, job.email, str(row["b_reply"])))
+    # In one order (by reader) in every transaction: two writers' commits never wait for each
+    # other's rows in opposite orders.
+    for subscriber_id, email, reply in sorted(bounced):
+        suppress_bounced(session, subscriber_id, email, settings=settings, now=now, reply=reply)
     record_sent(session, sent)
     record_unsent(session, other)
     return report
@@ -158,13 +156,44 @@ def pause_running(session: Session, *, campaign_id: int, reason: str, now: datet
 Submitted = tuple[Attempt, Outcome, str | None, asyncio.Future[None]]
 
 
-class LedgerWriter:
-    """The sender's one writer of outcomes: its own thread, its own long-lived connection.
+class _Channel:
+    """One writing thread and its long-lived connection and session."""
 
-    `submit` returns once the outcome is committed. Outcomes that arrive while a commit is under
-    way wait for the next one, so the event loop keeps serving the connections and commits grow
-    with the load. An outcome may carry a pause (a failure burst): it is written in the same
-    transaction as the outcomes it came with.
+    def __init__(self, factory: sessionmaker[Session]) -> None:
+        self.factory = factory
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        # Held for the writer's life: a new session per commit cost twice the commit itself at
+        # thousands of commits a second, and a pool checkout (with PostgreSQL's pre-ping, one
+        # more round trip) as much again.
+        self.session: Session | None = None
+        self.connection: Connection | None = None
+
+    def open(self) -> Session:
+        """The channel's session (in its thread)."""
+        if self.session is None:
+            self.connection = self.factory.kw["bind"].connect()
+            self.session = Session(bind=self.connection, expire_on_commit=False)
+        return self.session
+
+    def close(self) -> None:
+        """Close the session and the connection (a broken one is not reused)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class LedgerWriter:
+    """The sender's writer of outcomes: its own threads, each with a long-lived connection.
+
+    `submit` returns once the outcome is committed. Outcomes that arrive while every channel's
+    commit is under way wait for the next one, so the event loop keeps serving the connections
+    and commits grow with the load. On PostgreSQL two channels commit side by side (a commit
+    waits for the server's WAL flush, and the other's outcomes need not wait behind it); on
+    SQLite, with one writer at a time anyway, one. An outcome may carry a pause (a failure
+    burst): it is written in the same transaction as the outcomes it came with.
     """
 
     def __init__(
@@ -174,16 +203,16 @@ class LedgerWriter:
         settings: Settings,
         clock: Clock,
         rng: random.Random,
+        channels: int | None = None,
     ) -> None:
         self._factory, self._settings, self._clock, self._rng = factory, settings, clock, rng
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+        if channels is None:
+            channels = 2 if factory.kw["bind"].dialect.name == "postgresql" else 1
+        self._channels = [_Channel(factory) for _ in range(channels)]
+        self._free = list(self._channels)
         self._pending: list[Submitted] = []
         self._idle = asyncio.Event()
         self._idle.set()
-        # Outcomes are written by one thread through one long-lived session: a new session per
-        # commit cost twice the commit itself at thousands of commits a second.
-        self._session: Session | None = None
-        self._connection: Connection | None = None
 
     async def submit(
         self, attempt: Attempt, outcome: Outcome, *, pause: str | None = None
@@ -193,7 +222,8 @@ class LedgerWriter:
         done: asyncio.Future[None] = loop.create_future()
         self._pending.append((attempt, outcome, pause, done))
         written: list[Recorded] = []
-        if self._idle.is_set():
+        if self._free:
+            channel = self._free.pop()
             self._idle.clear()
             try:
                 await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
@@ -201,16 +231,21 @@ class LedgerWriter:
                     group, self._pending = self._pending, []
                     try:
                         written.append(
-                            await loop.run_in_executor(self._executor, self._write, group)
+                            await loop.run_in_executor(
+                                channel.executor, self._write, channel, group
+                            )
                         )
                     except BaseException as error:
                         _fail(group + self._pending, error, done)
                         self._pending = []
                         raise
                     for *_, fut in group:
-                        fut.set_result(None)
+                        if not fut.done():
+                            fut.set_result(None)
             finally:
-                self._idle.set()
+                self._free.append(channel)
+                if len(self._free) == len(self._channels):
+                    self._idle.set()
         await done
         return written
 
@@ -219,15 +254,17 @@ class LedgerWriter:
         await self._idle.wait()
 
     async def close(self) -> None:
-        """Flush, then close the connection and stop the thread."""
+        """Flush, then close the connections and stop the threads."""
         await self.flush()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        for channel in self._channels:
+            await loop.run_in_executor(channel.executor, channel.close)
+            channel.executor.shutdown(wait=True)
 
-    def _write(self, group: list[Submitted]) -> Recorded:
-        """Commit a group of outcomes and the pauses they carry (in the writer's thread)."""
+    def _write(self, channel: _Channel, group: list[Submitted]) -> Recorded:
+        """Commit a group of outcomes and the pauses they carry (in the channel's thread)."""
         now = self._clock.now()
-        session = self._open()
+        session = channel.open()
         try:
             report = record_outcomes(
                 session,
@@ -244,28 +281,12 @@ class LedgerWriter:
             session.commit()  # the connection was idle: the session's transaction is its own
         except BaseException:
             session.rollback()
-            self._close()  # a broken connection is not reused
+            channel.close()  # a broken connection is not reused
             raise
         finally:
-            if self._session is not None:
-                self._session.expunge_all()  # read afresh (a campaign may be resumed)
+            if channel.session is not None:
+                channel.session.expunge_all()  # read afresh (a campaign may be resumed)
         return report
-
-    def _open(self) -> Session:
-        if self._session is None:
-            # Held for the writer's life: a pool checkout per commit (with PostgreSQL's
-            # pre-ping, one more round trip) cost as much as the commit.
-            self._connection = self._factory.kw["bind"].connect()
-            self._session = Session(bind=self._connection, expire_on_commit=False)
-        return self._session
-
-    def _close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
 
 
 class RecordError(Exception):
