@@ -41,7 +41,6 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import DeliveryStatus, DiscreetMode, KeyProblemChoice, KeyStatus
 from newsletter.db.queries import (
     ClaimedRow,
-    any_alert,
     case_delivery_states,
     case_of,
     claim_batch,
@@ -655,7 +654,6 @@ class Batch:
 
     ids: list[int]
     jobs: list[Job] = field(default_factory=list)
-    alerts: bool = False
     report: SendReport = field(default_factory=SendReport)
 
 
@@ -747,9 +745,10 @@ class Sender:
                 self.active |= cids
                 await self.jobs.put(batch.jobs)
                 short = len(batch.ids) < limit
-                # Nothing more due: let them finish, then close campaigns. An alert's batch goes
-                # out whole before anything claimed after it starts.
-                if short or batch.alerts:
+                # Nothing more due: let them finish, then close campaigns. Claims take alerts
+                # first and the queue is first in, first out: a digest's message starts only
+                # once every alert message claimed before it has started.
+                if short:
                     await self.jobs.wait_until(self.jobs.idle)
                 else:  # claim the next batch when half of this one has gone out
                     await self.jobs.wait_until(
@@ -788,11 +787,10 @@ class Sender:
                 withhold(session, prepared.withheld)
                 owe_key_notices(session, prepared.key_notices, now=now)
                 postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
-                alerts = any_alert(session, {job.campaign_id for job in prepared.jobs})
         except MissingVariantError as error:
             return self._set_aside(ids, error)
         report = SendReport(suppressed=len(prepared.gone), withheld=len(prepared.withheld))
-        return Batch(ids, prepared.jobs, alerts, report)
+        return Batch(ids, prepared.jobs, report)
 
     def _set_aside(self, ids: list[int], error: MissingVariantError) -> Batch:
         """A campaign no message can be built for is paused, with why; the batch goes back."""

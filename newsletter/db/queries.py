@@ -511,18 +511,6 @@ def owe_key_notices(
     session.execute(insert(KeyNotice).values(rows).on_conflict_do_nothing())
 
 
-def any_alert(session: Session, campaign_ids: Iterable[int]) -> bool:
-    """Whether any of these campaigns is an alert (its batch goes out whole before the next).
-
-    By primary key over the few campaigns of one batch.
-    """
-    ids = list(campaign_ids)
-    if not ids:
-        return False
-    stmt = select(Campaign.id).where(Campaign.id.in_(ids), Campaign.kind == CampaignKind.ALERT)
-    return session.scalar(stmt.limit(1)) is not None
-
-
 def stopped_campaigns(session: Session, campaign_ids: Iterable[int]) -> set[int]:
     """Which of these campaigns are no longer running (paused, cancelled, finished).
 
