@@ -13,6 +13,7 @@ message accepted by the sink (the delivery's sent_at, written right after the si
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, insert, select  # noqa: E402
 
+from newsletter.config import load_settings  # noqa: E402
 from newsletter.db import make_engine, make_sessionmaker, unit_of_work  # noqa: E402
 from newsletter.db.models import (  # noqa: E402
     Campaign,
@@ -46,6 +48,12 @@ from newsletter.db.models import (  # noqa: E402
 from newsletter.devsmtp import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from send import (  # noqa: E402
+    CEILING_SESSIONS,
+    deliveries_by_language,
+    mix_ceiling,
+    sample_messages,
+)
 from sinks import start_sink, stop_sink  # noqa: E402
 
 SECRET = "benchmark-secret-" + "s" * 32
@@ -160,6 +168,30 @@ def newsletter(cwd: Path, *args: str) -> None:
     )
 
 
+def stop(run: subprocess.Popen[bytes]) -> None:
+    """Stop `newsletter run` gracefully, once."""
+    if run.poll() is None:
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+
+
+def alert_ceiling(work: Path, url: str, sink: str, port: int) -> tuple[int, float, float]:
+    """(messages, seconds, mean bytes): the sink's own time for the alert's messages, by
+    language as sent, with a minimal client; what no sender can beat on this machine."""
+    settings = load_settings(work / "config.toml", {"NEWSLETTER_SECRET": SECRET})
+    factory = make_sessionmaker(make_engine(url))
+    with contextlib.closing(factory()) as session:
+        cid = session.scalar(select(Campaign.id).where(Campaign.kind == "alert"))
+        assert cid is not None
+        messages = sample_messages(session, settings, cid)
+        readers = deliveries_by_language(session, cid)
+        session.rollback()
+    total = sum(readers.values())
+    rate = mix_ceiling(sink, port, messages, readers)
+    mean = sum(len(messages[lang]) * n for lang, n in readers.items()) / total
+    return total, total / rate, mean
+
+
 def wait(predicate: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -229,9 +261,10 @@ def main() -> None:
         wait(lambda: counts(url).get("alert_sent", 0) >= args.alert, 600, "the alert")
         last = last_alert_sent(url)
         after = counts(url)
+        stop(run)
+        alone = alert_ceiling(work, url, args.sink, sink_port)
     finally:
-        run.send_signal(signal.SIGTERM)
-        run.wait(timeout=60)
+        stop(run)
         log.close()
         stop_sink(sink)
         httpd.shutdown()
@@ -246,6 +279,10 @@ def main() -> None:
     print(
         f"digest messages sent when the alert was done: {after.get('digest_sent', 0):,} "
         f"of {after.get('digest_total', 0):,}"
+    )
+    print(
+        f"the sink alone, for the same {alone[0]:,} alert messages (smtp-source, "
+        f"{CEILING_SESSIONS} sessions, mean {alone[2]:,.0f} bytes): {alone[1]:.1f} s"
     )
     print(f"work folder (database, run.log): {work}")
 
