@@ -346,24 +346,34 @@ def newsletter_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "newsletter"]
 
 
-def run_newsletter(work: Path, config: Path, *args: str) -> str:
-    """Run `newsletter --config CONFIG ARGS` with no NEWSLETTER_* variables; returns stdout."""
+def run_newsletter(work: Path, config: Path, *args: str) -> tuple[str, float]:
+    """Run `newsletter --config CONFIG ARGS` with no NEWSLETTER_* variables.
+
+    Returns its stdout and its own peak memory in MB (with its worker processes', the largest),
+    from wait4 on that one child: RUSAGE_CHILDREN's ru_maxrss would be the largest of every
+    child so far, and a child forked from this process starts with this process's pages.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    done = subprocess.run(
-        [*newsletter_command(), "--config", str(config), *args],
-        cwd=work,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"newsletter {' '.join(args)} failed: {done.stdout}{done.stderr}")
-    return done.stdout
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(
+            [*newsletter_command(), "--config", str(config), *args],
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+        )
+        _pid, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if child.returncode != 0:
+        raise SystemExit(f"newsletter {' '.join(args)} failed: {stdout}{stderr}")
+    return stdout, usage.ru_maxrss / 1024
 
 
-def send_with_workers(work: Path, settings: Settings, workers: int, n: int) -> None:
+def send_with_workers(work: Path, settings: Settings, workers: int, n: int) -> float:
     """`newsletter send --workers N` as the operator would run it."""
     smtp = settings.smtp
     config = work / f"config-{workers}.toml"
@@ -372,23 +382,24 @@ def send_with_workers(work: Path, settings: Settings, workers: int, n: int) -> N
         f"[smtp]\nhost = '{smtp.host}'\nport = {smtp.port}\npool_size = {smtp.pool_size}\n"
         f"batch_size = {smtp.batch_size}\n[security]\nsecret = '{SECRET}'\n"
     )
-    out = run_newsletter(work, config, "send", "--workers", str(workers))
+    out, peak = run_newsletter(work, config, "send", "--workers", str(workers))
     if f"sent {n}," not in out:
         raise SystemExit(f"newsletter send did not send {n}: {out}")
+    return peak
 
 
-def send_with_cli(work: Path, url: str, port: int, n: int) -> str:
-    """`newsletter --config FILE digest send` on default settings; returns its summary line."""
+def send_with_cli(work: Path, url: str, port: int, n: int) -> tuple[str, float]:
+    """`newsletter --config FILE digest send` on default settings: its summary line and peak MB."""
     config = work / "config-cli.toml"
     config.write_text(
         f"[database]\nurl = '{url}'\n[smtp]\nhost = '127.0.0.1'\nport = {port}\n"
         f"[security]\nsecret = '{SECRET}'\n"
     )
-    out = run_newsletter(work, config, "digest", "send")
+    out, peak = run_newsletter(work, config, "digest", "send")
     if f"sent {n}," not in out:
         raise SystemExit(f"newsletter digest send did not send {n}: {out}")
     # Rich wraps lines at 80 columns when stdout is not a terminal: join the summary again.
-    return " ".join(out[out.index("sent ") :].split())
+    return " ".join(out[out.index("sent ") :].split()), peak
 
 
 def last_campaign_span(factory: sessionmaker[Session]) -> tuple[int, float]:
@@ -512,7 +523,7 @@ def run_cli(
 ) -> tuple[int, dict[str, Any]]:
     """`newsletter digest send` timed and costed; returns the campaign it made and figures."""
     c0, t0 = cpu_seconds(), time.perf_counter()
-    summary = send_with_cli(work, url, port, n)
+    summary, peak = send_with_cli(work, url, port, n)
     wall = time.perf_counter() - t0
     own, kids = cpu_delta(c0, cpu_seconds())
     cid, elapsed = last_campaign_span(factory)
@@ -520,7 +531,7 @@ def run_cli(
         "seconds": elapsed,
         "own_cpu": own,
         "children_cpu": kids,
-        "peak_mb": peak_mb(resource.RUSAGE_CHILDREN),
+        "peak_mb": peak,
         "note": f"command wall time {wall:.1f} s, its own summary: {summary}",
     }
 
@@ -546,8 +557,7 @@ def run_sender(
         mix = measure_mix(args.sink, settings.smtp.port, args.n, sample)
     c2, t1 = cpu_seconds(), time.perf_counter()
     if workers:
-        send_with_workers(work, settings, workers, args.n)
-        peak = peak_mb(resource.RUSAGE_CHILDREN)
+        peak = send_with_workers(work, settings, workers, args.n)
     else:
         send_in_process(factory, settings, args.n)
         peak = peak_mb(resource.RUSAGE_SELF)
