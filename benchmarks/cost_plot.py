@@ -6,8 +6,8 @@
 
 Each run of send.py prints `RESULT {json}` lines; this collects them (or reads them from a file
 of such lines, with or without the `RESULT ` prefix), prints the table it plots and writes an SVG
-of three panels, msg/s, CPU ms per message and peak MB against recipients (log x axis), one line
-per kind of sender (in-process, workers N, cli).
+of four panels (% of the ceiling, msg/s, CPU ms per message and peak MB) against recipients
+(log x axis), one line per kind of sender (in-process, workers N, cli).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 SEND = Path(__file__).resolve().parent / "send.py"
 PANELS = (
+    ("ratio_pct", "% of the sink's ceiling, same run"),
     ("msg_per_s", "messages per second"),
     ("cpu_ms_per_msg", "CPU ms per message"),
     ("peak_mb", "peak memory, MB"),
@@ -43,10 +44,15 @@ def run_sizes(sizes: list[int], extra: list[str]) -> list[dict[str, Any]]:
             for line in proc.stdout:
                 print(line, end="", flush=True)
                 if line.startswith("RESULT "):
-                    results.append(json.loads(line.removeprefix("RESULT ")))
+                    results.append(derived(json.loads(line.removeprefix("RESULT "))))
         if proc.returncode != 0:
             raise SystemExit(f"send.py --n {n} failed with exit code {proc.returncode}")
     return results
+
+
+def derived(record: dict[str, Any]) -> dict[str, Any]:
+    """A result with the figures plotted but not printed by send.py (the ratio in percent)."""
+    return record | {"ratio_pct": record["ratio"] * 100}
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -55,17 +61,20 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         line = line.strip().removeprefix("RESULT ").strip()
         if line:
-            records.append(json.loads(line))
+            records.append(derived(json.loads(line)))
     return records
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     """The plotted figures, one row per run."""
-    print(f"{'recipients':>10}  {'sender':<12} {'msg/s':>8} {'CPU ms/msg':>10} {'peak MB':>8}")
+    print(
+        f"{'recipients':>10}  {'sender':<12} {'msg/s':>8} {'ceiling':>8} "
+        f"{'CPU ms/msg':>10} {'peak MB':>8}"
+    )
     for r in sorted(results, key=lambda r: (r["label"], r["recipients"])):
         print(
             f"{r['recipients']:>10}  {r['label']:<12} {r['msg_per_s']:>8,.0f} "
-            f"{r['cpu_ms_per_msg']:>10.3f} {r['peak_mb']:>8.0f}"
+            f"{r['ratio']:>8.0%} {r['cpu_ms_per_msg']:>10.3f} {r['peak_mb']:>8.0f}"
         )
 
 

@@ -349,11 +349,12 @@ def newsletter_command() -> list[str]:
 def run_newsletter(work: Path, config: Path, *args: str) -> tuple[str, float]:
     """Run `newsletter --config CONFIG ARGS` with no NEWSLETTER_* variables.
 
-    Returns its stdout and its own peak memory in MB (with its worker processes', the largest),
-    from wait4 on that one child: RUSAGE_CHILDREN's ru_maxrss would be the largest of every
-    child so far, and a child forked from this process starts with this process's pages.
+    Returns its stdout and its peak memory in MB: the largest VmHWM of it and its worker
+    processes, read from /proc while they run. (ru_maxrss is no use here: a child started from
+    this process records this process's resident set, grown by seeding, when it execs.)
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    peak = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         child = subprocess.Popen(
             [*newsletter_command(), "--config", str(config), *args],
@@ -363,14 +364,39 @@ def run_newsletter(work: Path, config: Path, *args: str) -> tuple[str, float]:
             stdout=out,
             stderr=err,
         )
-        _pid, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        while child.poll() is None:
+            peak = max([peak, *(high_water_kb(pid) for pid in process_tree(child.pid))])
+            time.sleep(0.2)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
     if child.returncode != 0:
         raise SystemExit(f"newsletter {' '.join(args)} failed: {stdout}{stderr}")
-    return stdout, usage.ru_maxrss / 1024
+    return stdout, peak / 1024
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(p) for p in task.read_text().split()]
+    return found
+
+
+def high_water_kb(pid: int) -> int:
+    """A process's peak resident set so far (VmHWM), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def send_with_workers(work: Path, settings: Settings, workers: int, n: int) -> float:
