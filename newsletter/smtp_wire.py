@@ -69,7 +69,11 @@ class SmtpProtocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        """Split what came into lines and lines into replies (each byte looked at once)."""
+        """Split what came into lines and lines into replies.
+
+        Linear in what arrived: a complete line is scanned once; a partial one (at most
+        MAX_LINE bytes, past that the connection fails) is scanned again when more comes.
+        """
         buffer = self._buffer
         buffer += data
         start = 0
