@@ -340,10 +340,25 @@ def send_in_process(factory: sessionmaker[Session], settings: Settings, n: int) 
     asyncio.run(run())
 
 
+# Set from --profile: the newsletter command runs under py-spy, which writes its samples here.
+PROFILE: list[str] = []
+
+
 def newsletter_command() -> list[str]:
     """The `newsletter` entry point of this environment, as an operator runs it."""
     script = Path(sys.executable).parent / "newsletter"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "newsletter"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "newsletter"]
+    if not PROFILE:
+        return command
+    spy = Path(sys.executable).parent / "py-spy"
+    path, *extra = PROFILE
+    return [str(spy), "record", "--subprocesses", "--rate", "250", "--format", "raw"] + [
+        *extra,
+        "--output",
+        path,
+        "--",
+        *command,
+    ]
 
 
 def run_newsletter(work: Path, config: Path, *args: str) -> tuple[str, float]:
@@ -519,6 +534,17 @@ def parse_args() -> argparse.Namespace:
     how.add_argument(
         "--cli", action="store_true", help="run `newsletter digest send` on default settings"
     )
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the newsletter command with py-spy (every thread, GIL or not) into FILE, "
+        "in py-spy's raw (collapsed stacks) format; benchmarks/profile_summary.py reads it",
+    )
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (Python's own CPU time)",
+    )
     ap.add_argument("--pool-size", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=500)
     return ap.parse_args()
@@ -549,16 +575,21 @@ def run_cli(
 ) -> tuple[int, dict[str, Any]]:
     """`newsletter digest send` timed and costed; returns the campaign it made and figures."""
     c0, t0 = cpu_seconds(), time.perf_counter()
+    u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary, peak = send_with_cli(work, url, port, n)
     wall = time.perf_counter() - t0
     own, kids = cpu_delta(c0, cpu_seconds())
+    u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    user, system = u1.ru_utime - u0.ru_utime, u1.ru_stime - u0.ru_stime
     cid, elapsed = last_campaign_span(factory)
     return cid, {
         "seconds": elapsed,
         "own_cpu": own,
         "children_cpu": kids,
         "peak_mb": peak,
-        "note": f"command wall time {wall:.1f} s, its own summary: {summary}",
+        "note": f"command wall time {wall:.1f} s (CPU per message: user "
+        f"{user * 1000 / n:.3f} ms, system {system * 1000 / n:.3f} ms), its own summary: "
+        f"{summary}",
     }
 
 
@@ -601,6 +632,9 @@ def run_sender(
 def main() -> None:
     """Seed, send, measure, print."""
     args = parse_args()
+    if args.profile:
+        PROFILE.append(str(Path(args.profile).resolve()))
+        PROFILE.extend(["--gil"] if args.gil else [])
     work = Path(tempfile.mkdtemp(prefix="nl-bench-"))
     port = free_port()
     sink = start_sink(args.sink, port)
