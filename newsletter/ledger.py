@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
@@ -62,6 +63,7 @@ class Recorded:
     deferred: int = 0
     failed: int = 0
     paused: dict[int, str] = field(default_factory=dict)
+    pause_asked: set[int] = field(default_factory=set)  # campaigns whose pause came with these
 
 
 def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> timedelta:
@@ -154,6 +156,8 @@ def pause_running(session: Session, *, campaign_id: int, reason: str, now: datet
 
 
 Submitted = tuple[Attempt, Outcome, str | None, asyncio.Future[None]]
+# An outcome nobody has asked about yet is committed at the latest this long after it came.
+MAX_UNCOMMITTED_SECONDS = 0.05
 
 
 class _Channel:
@@ -185,15 +189,39 @@ class _Channel:
             self.connection = None
 
 
+class Ticket:
+    """An outcome handed to the writer; awaiting it asks for its commit and waits for it.
+
+    Awaitable more than once: after the commit it returns at once (or raises its error again).
+    """
+
+    __slots__ = ("_writer", "future")
+
+    def __init__(self, writer: LedgerWriter, future: asyncio.Future[None]) -> None:
+        self._writer, self.future = writer, future
+
+    def __await__(self) -> Generator[Any, None, None]:
+        if not self.future.done():
+            self._writer.want()
+        return self.future.__await__()
+
+    def done(self) -> bool:
+        """Whether the outcome's commit is over (made, or failed)."""
+        return self.future.done()
+
+
 class LedgerWriter:
     """The sender's writer of outcomes: its own threads, each with a long-lived connection.
 
-    `submit` returns once the outcome is committed. Outcomes that arrive while every channel's
-    commit is under way wait for the next one, so the event loop keeps serving the connections
-    and commits grow with the load. On PostgreSQL two channels commit side by side (a commit
-    waits for the server's WAL flush, and the other's outcomes need not wait behind it); on
-    SQLite, with one writer at a time anyway, one. An outcome may carry a pause (a failure
-    burst): it is written in the same transaction as the outcomes it came with.
+    `add` hands over an outcome and returns its Ticket. Outcomes wait until someone needs one
+    of them committed (a lane at its next message's final dot awaits its ticket), a pause
+    comes, or MAX_UNCOMMITTED_SECONDS pass; then one commit takes every outcome waiting. So
+    commits are as large as the lanes allow (a commit costs about the same for one row as for
+    ten), and the event loop keeps serving the connections meanwhile. On PostgreSQL two
+    channels commit side by side (a commit waits for the server's WAL flush, and the next
+    group need not wait behind it); on SQLite, with one writer at a time anyway, one. An
+    outcome may carry a pause (a failure burst): it is written in the same transaction as the
+    outcomes it came with. `on_commit` hears of each commit, in the event loop.
     """
 
     def __init__(
@@ -204,6 +232,7 @@ class LedgerWriter:
         clock: Clock,
         rng: random.Random,
         channels: int | None = None,
+        on_commit: Callable[[Recorded], None] | None = None,
     ) -> None:
         self._factory, self._settings, self._clock, self._rng = factory, settings, clock, rng
         if channels is None:
@@ -211,47 +240,74 @@ class LedgerWriter:
         self._channels = [_Channel(factory) for _ in range(channels)]
         self._free = list(self._channels)
         self._pending: list[Submitted] = []
+        self._wanted = False  # someone waits for an outcome not yet in a commit
+        self._deadline: asyncio.TimerHandle | None = None
+        self._drivers: set[asyncio.Task[None]] = set()
+        self._on_commit = on_commit
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def submit(
-        self, attempt: Attempt, outcome: Outcome, *, pause: str | None = None
-    ) -> list[Recorded]:
-        """Return once this outcome is committed, with what the commits this call made wrote."""
+    def add(self, attempt: Attempt, outcome: Outcome, *, pause: str | None = None) -> Ticket:
+        """Hand over an outcome for a coming commit; await the ticket to have it committed."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((attempt, outcome, pause, done))
-        written: list[Recorded] = []
-        if self._free:
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            self._deadline = loop.call_later(MAX_UNCOMMITTED_SECONDS, self.want)
+        self._pending.append((attempt, outcome, pause, future))
+        if pause:  # others should learn of the pause at once
+            self.want()
+        return Ticket(self, future)
+
+    async def submit(self, attempt: Attempt, outcome: Outcome, *, pause: str | None = None) -> None:
+        """Hand over an outcome and return once it is committed."""
+        await self.add(attempt, outcome, pause=pause)
+
+    def want(self) -> None:
+        """Commit the waiting outcomes as soon as a channel is free."""
+        if not self._pending:
+            return
+        self._wanted = True
+        while self._free:
             channel = self._free.pop()
             self._idle.clear()
-            try:
-                await asyncio.sleep(0)  # let lanes finishing in the same tick join this commit
-                while self._pending:
-                    group, self._pending = self._pending, []
-                    try:
-                        written.append(
-                            await loop.run_in_executor(
-                                channel.executor, self._write, channel, group
-                            )
-                        )
-                    except BaseException as error:
-                        _fail(group + self._pending, error, done)
-                        self._pending = []
-                        raise
-                    for *_, fut in group:
-                        if not fut.done():
-                            fut.set_result(None)
-            finally:
-                self._free.append(channel)
-                if len(self._free) == len(self._channels):
-                    self._idle.set()
-        await done
-        return written
+            driver = asyncio.get_running_loop().create_task(self._drive(channel))
+            self._drivers.add(driver)  # kept until done: the loop holds tasks only weakly
+            driver.add_done_callback(self._drivers.discard)
+
+    async def _drive(self, channel: _Channel) -> None:
+        """Commit groups on this channel while outcomes are wanted."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._wanted and self._pending:
+                group, self._pending, self._wanted = self._pending, [], False
+                if self._deadline is not None:
+                    self._deadline.cancel()
+                    self._deadline = None
+                try:
+                    recorded = await loop.run_in_executor(
+                        channel.executor, self._write, channel, group
+                    )
+                except Exception as error:  # its tickets carry it; the next group tries again
+                    _fail(group, error)
+                    continue
+                except BaseException as error:  # cancelled: nothing more is committed here
+                    _fail(group + self._pending, error)
+                    self._pending = []
+                    raise
+                for *_, future in group:
+                    future.set_result(None)
+                if self._on_commit is not None:
+                    self._on_commit(recorded)
+        finally:
+            self._free.append(channel)
+            if len(self._free) == len(self._channels):
+                self._idle.set()
 
     async def flush(self) -> None:
-        """Wait until every outcome submitted so far is committed (or its commit failed)."""
-        await self._idle.wait()
+        """Wait until every outcome handed over so far is committed (or its commit failed)."""
+        while self._pending or not self._idle.is_set():
+            self.want()
+            await self._idle.wait()
 
     async def close(self) -> None:
         """Flush, then close the connections and stop the threads."""
@@ -274,10 +330,12 @@ class LedgerWriter:
                 rng=self._rng,
             )
             for attempt, _o, reason, _f in group:
-                if reason and pause_running(
-                    session, campaign_id=attempt.campaign_id, reason=reason, now=now
-                ):
-                    report.paused[attempt.campaign_id] = reason
+                if reason:
+                    report.pause_asked.add(attempt.campaign_id)
+                    if pause_running(
+                        session, campaign_id=attempt.campaign_id, reason=reason, now=now
+                    ):
+                        report.paused[attempt.campaign_id] = reason
             session.commit()  # the connection was idle: the session's transaction is its own
         except BaseException:
             session.rollback()
@@ -293,7 +351,12 @@ class RecordError(Exception):
     """Another lane's commit failed; this lane's outcome was not recorded either."""
 
 
-def _fail(waiting: list[Submitted], error: BaseException, own: asyncio.Future[None]) -> None:
-    for *_, fut in waiting:
-        if fut is not own and not fut.done():
-            fut.set_exception(RecordError(error))
+def _fail(group: list[Submitted], error: BaseException) -> None:
+    """The first outcome's ticket carries the error itself; the others say it was another's."""
+    for index, (*_, future) in enumerate(group):
+        if future.done():
+            continue
+        if not isinstance(error, Exception):  # cancelled: so are the commits it held
+            future.cancel()
+        else:
+            future.set_exception(error if index == 0 else RecordError(error))

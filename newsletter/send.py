@@ -1,10 +1,11 @@
 """The sender: claim a batch, re-check who may still be mailed, build, send, record.
 
 A batch is claimed in one short transaction (with a lease, and this worker's name), then sent over
-as many lanes as the transport has connections. Each lane records its message's outcome through
-the ledger's writer, committed together with whatever other lanes finished meanwhile, before it
-sends the next one: a sender killed at any moment leaves at most one accepted-but-unrecorded
-message per connection, and that one goes again with the same Message-ID. A watcher re-reads
+as many lanes as the transport has connections. Each lane hands its message's outcome to the
+ledger's writer, and its next message's final dot (the moment the server may accept it) waits
+until that outcome is committed, together with whatever other lanes' outcomes wait by then: a
+sender killed at any moment leaves at most one accepted-but-unrecorded message per connection,
+and that one goes again with the same Message-ID. A watcher re-reads
 the campaigns' states twice a second (pause, cancel), renews the leases of live claims and puts
 back the claims of sender processes on this host that no longer exist. Whatever this worker
 still holds when it stops (the database knows: claimed by it) is released.
@@ -63,7 +64,14 @@ from newsletter.db.queries import (
 from newsletter.dkim import DkimSigner, IdentitySigners, load_discreet_signer, load_signer
 from newsletter.errors import MissingVariantError, PermanentDeliveryError
 from newsletter.i18n import N_
-from newsletter.ledger import LedgerWriter, Recorded, RecordError, pause_running, retry_delay
+from newsletter.ledger import (
+    LedgerWriter,
+    Recorded,
+    RecordError,
+    Ticket,
+    pause_running,
+    retry_delay,
+)
 from newsletter.message import ListInfo, MessageTemplate, Recipient, identity_for
 from newsletter.openpgp import (
     OBSCURED_SUBJECT,
@@ -688,7 +696,9 @@ class Sender:
         self.campaign_id, self.on_batch = campaign_id, on_batch
         self.signers = Signers.load(settings, signer)
         self.templates = TemplateCache(settings)
-        self.writer = LedgerWriter(factory=factory, settings=settings, clock=clock, rng=rng)
+        self.writer = LedgerWriter(
+            factory=factory, settings=settings, clock=clock, rng=rng, on_commit=self._committed
+        )
         self.guard = BurstGuard(settings.smtp.failure_burst)
         self.jobs = JobQueue()
         self.total = SendReport()
@@ -754,7 +764,8 @@ class Sender:
                     await self.jobs.wait_until(
                         lambda: len(self.jobs) <= limit // 2 or self.control.stopping
                     )
-                if short:
+                if short:  # what went is committed first: a campaign with nothing left finishes
+                    await self.writer.flush()
                     await self._finish_done(cids)
         finally:
             await self.jobs.close()
@@ -805,7 +816,7 @@ class Sender:
     # --- the lanes: one message at a time each, recorded before the next --------------------
 
     async def _lane(self) -> None:
-        recording: asyncio.Task[None] | None = None  # this lane's last outcome, committing
+        recording: Ticket | None = None  # this lane's last outcome, handed to the writer
         while (job := await self.jobs.take()) is not None:
             try:
                 recording = await self._one(job, recording) or recording
@@ -818,15 +829,13 @@ class Sender:
         if recording is not None:
             await recording
 
-    async def _one(
-        self, job: Job, recording: asyncio.Task[None] | None
-    ) -> asyncio.Task[None] | None:
-        """Send one job; the task committing its outcome (None if it was set aside).
+    async def _one(self, job: Job, recording: Ticket | None) -> Ticket | None:
+        """Send one job; the ticket of its outcome's commit (None if it was set aside).
 
-        The message goes while the lane's previous outcome (`recording`) is still being
-        committed: only its final dot, the moment the server may accept it, waits for that
-        commit. So a connection never has more than one accepted-but-unrecorded message, and
-        the commit's latency hides behind the next message's envelope and body.
+        The message goes while the lane's previous outcome (`recording`) is still waiting for
+        its commit: only its final dot, the moment the server may accept it, awaits that commit
+        (and so asks for it). So a connection never has more than one accepted-but-unrecorded
+        message, and the commit's latency hides behind the next message's envelope and body.
         """
         if not self._may_send(job.campaign_id):
             self.unstarted.append(job)
@@ -837,18 +846,18 @@ class Sender:
             return None
         held = job.campaign_id in self.control.held
         pause = self.guard.observe(job.campaign_id, outcome, held=held)
-        return asyncio.create_task(self._record(job, outcome, pause))
+        return self.writer.add(job, outcome, pause=pause)
 
-    async def _record(self, job: Job, outcome: Outcome, pause: str | None) -> None:
-        for recorded in await self.writer.submit(job, outcome, pause=pause):
-            self._report(SendReport.of(recorded))
-        if pause:
-            self.guard.committed(job.campaign_id)
+    def _committed(self, recorded: Recorded) -> None:
+        """A commit of the writer: counted, and the pauses it carried are in the database."""
+        self._report(SendReport.of(recorded))
+        for campaign_id in recorded.pause_asked:
+            self.guard.committed(campaign_id)
 
     def _may_send(self, campaign_id: int) -> bool:
         return self.control.may_send(campaign_id) and not self.guard.holds(campaign_id)
 
-    async def _attempt(self, job: Job, recording: asyncio.Task[None] | None) -> Outcome:
+    async def _attempt(self, job: Job, recording: Ticket | None) -> Outcome:
         if job.error:
             return Outcome(Result.PERMANENT, job.error)
         try:

@@ -7,9 +7,10 @@ import random
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter import ledger
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
@@ -24,7 +25,7 @@ from newsletter.db.models import (
     Suppression,
 )
 from newsletter.db.queries import claim_batch, release_claims
-from newsletter.ledger import LedgerWriter, Recorded, retry_delay
+from newsletter.ledger import LedgerWriter, Recorded, RecordError, retry_delay
 from newsletter.send import Job
 from newsletter.smtp import Outcome, Result
 from newsletter.suppression import hash_address
@@ -71,14 +72,21 @@ def write(
     """Submit every outcome at once, as lanes finishing together do; the writer's reports."""
 
     async def run() -> list[Recorded]:
-        writer = LedgerWriter(factory=factory, settings=settings, clock=clock, rng=random.Random(7))
+        reports: list[Recorded] = []
+        writer = LedgerWriter(
+            factory=factory,
+            settings=settings,
+            clock=clock,
+            rng=random.Random(7),
+            on_commit=reports.append,
+        )
         try:
-            done = await asyncio.gather(
+            await asyncio.gather(
                 *(writer.submit(job, outcome, pause=pause) for job, outcome, pause in items)
             )
         finally:
             await writer.close()
-        return [report for reports in done for report in reports]
+        return reports
 
     return asyncio.run(run())
 
@@ -179,7 +187,7 @@ def test_outcomes_that_arrive_together_share_one_commit(
     """Twenty lanes finishing in the same tick are written by one commit, not twenty."""
     jobs = claimed_jobs(factory, clock, 20)
     reports = write(factory, make_settings(database_url), clock, [(j, SENT, None) for j in jobs])
-    # The first submit yields once before it writes, so the other nineteen join its commit.
+    # Nothing commits until an outcome is awaited: by then all twenty wait for the same commit.
     assert [r.sent for r in reports] == [20]
     with unit_of_work(factory) as session:
         assert set(session.scalars(select(Delivery.status))) == {DeliveryStatus.SENT}
@@ -216,3 +224,159 @@ def test_an_outcome_never_overwrites_a_row_that_is_no_longer_claimed(
     write(factory, make_settings(database_url), clock, [(job, SENT, None)])
     row = delivery(factory, job.delivery_id)
     assert (row.status, row.sent_at) == (DeliveryStatus.QUEUED, None)
+
+
+def _trip_on(factory: sessionmaker[Session], delivery_id: int) -> None:
+    """A trigger that makes the database refuse to record this one delivery."""
+    with unit_of_work(factory) as session:
+        if session.get_bind().dialect.name == "sqlite":
+            session.execute(
+                text(
+                    "create trigger refuse_one before update on deliveries "
+                    f"when old.id = {delivery_id} begin select raise(abort, 'refused'); end"
+                )
+            )
+        else:
+            session.execute(
+                text(
+                    "create function refuse_one() returns trigger language plpgsql as "
+                    "$$ begin raise exception 'refused'; end $$"
+                )
+            )
+            session.execute(
+                text(
+                    "create trigger refuse_one before update on deliveries for each row "
+                    f"when (old.id = {delivery_id}) execute function refuse_one()"
+                )
+            )
+
+
+def test_an_outcome_waits_until_it_is_asked_for_then_one_commit_takes_every_waiting_one(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Handed over, an outcome is not yet written; awaiting one ticket commits all waiting."""
+    monkeypatch.setattr(ledger, "MAX_UNCOMMITTED_SECONDS", 30.0)
+    settings = make_settings(database_url)
+    jobs = claimed_jobs(factory, clock, 4)
+    reports: list[Recorded] = []
+
+    async def run() -> list[DeliveryStatus]:
+        writer = LedgerWriter(
+            factory=factory,
+            settings=settings,
+            clock=clock,
+            rng=random.Random(7),
+            on_commit=reports.append,
+        )
+        try:
+            tickets = [writer.add(job, SENT) for job in jobs[:3]]
+            await asyncio.sleep(0.3)  # nobody asked: nothing is written
+            before = [delivery(factory, job.delivery_id).status for job in jobs]
+            assert not any(t.done() for t in tickets) and reports == []
+            await tickets[1]
+            assert all(t.done() for t in tickets)
+            await tickets[1]  # a ticket may be awaited again
+            last = writer.add(jobs[3], SENT)
+        finally:
+            await writer.close()  # commits what still waits
+        assert last.done()
+        return before
+
+    before = asyncio.run(run())
+    assert before == [DeliveryStatus.CLAIMED] * 4
+    assert [r.sent for r in reports] == [3, 1]
+    with unit_of_work(factory) as session:
+        assert set(session.scalars(select(Delivery.status))) == {DeliveryStatus.SENT}
+
+
+def test_an_outcome_nobody_asks_for_is_committed_within_its_deadline(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """The record never lags far behind the server's word, even when no lane waits."""
+    [job] = claimed_jobs(factory, clock, 1)
+    reports: list[Recorded] = []
+
+    async def run() -> None:
+        writer = LedgerWriter(
+            factory=factory,
+            settings=make_settings(database_url),
+            clock=clock,
+            rng=random.Random(7),
+            on_commit=reports.append,
+        )
+        try:
+            ticket = writer.add(job, SENT)
+            for _ in range(100):  # the deadline is 50 ms; a busy machine may take longer
+                await asyncio.sleep(ledger.MAX_UNCOMMITTED_SECONDS)
+                if ticket.done():
+                    break
+            assert ticket.done() and [r.sent for r in reports] == [1]
+        finally:
+            await writer.close()
+
+    asyncio.run(run())
+    assert delivery(factory, job.delivery_id).status == DeliveryStatus.SENT
+
+
+def test_a_pause_is_committed_at_once_without_being_asked_for(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other senders must learn of a failure burst's pause now, not at the next final dot."""
+    monkeypatch.setattr(ledger, "MAX_UNCOMMITTED_SECONDS", 30.0)
+    [job] = claimed_jobs(factory, clock, 1)
+    reports: list[Recorded] = []
+
+    async def run() -> None:
+        writer = LedgerWriter(
+            factory=factory,
+            settings=make_settings(database_url),
+            clock=clock,
+            rng=random.Random(7),
+            on_commit=reports.append,
+        )
+        try:
+            writer.add(job, LATER, pause="paused after 1 failure")
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if reports:
+                    break
+            assert reports and reports[0].pause_asked == {job.campaign_id}
+        finally:
+            await writer.close()
+
+    asyncio.run(run())
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(Campaign.status)) == CampaignStatus.PAUSED
+
+
+def test_a_failed_commit_fails_its_tickets_and_the_next_group_is_written(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """The database refuses one row: that group's tickets raise (one with the error, the others
+    naming it), nothing of it is written, and the writer goes on with a new connection."""
+    first, second, third = claimed_jobs(factory, clock, 3)
+    _trip_on(factory, first.delivery_id)
+
+    async def run() -> list[BaseException | None]:
+        writer = LedgerWriter(
+            factory=factory, settings=make_settings(database_url), clock=clock, rng=random.Random(7)
+        )
+        try:
+            failing = [writer.add(first, SENT), writer.add(second, SENT)]
+            results = await asyncio.gather(*failing, return_exceptions=True)
+            await writer.add(third, SENT)
+        finally:
+            await writer.close()
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    own, other = asyncio.run(run())
+    assert own is not None and "refused" in str(own) and not isinstance(own, RecordError)
+    assert isinstance(other, RecordError) and "refused" in str(other)
+    statuses = [delivery(factory, j.delivery_id).status for j in (first, second, third)]
+    assert statuses == [DeliveryStatus.CLAIMED, DeliveryStatus.CLAIMED, DeliveryStatus.SENT]
