@@ -22,7 +22,6 @@ UnreadableMailError, and its reader sets it aside (a Maildir folder, an SMTP ans
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -90,9 +89,8 @@ class Bounce:
 
 
 def _signature(delivery_id: int, secret: str) -> str:
-    return hmac.new(secret.encode(), f"verp:{delivery_id}".encode(), hashlib.sha256).hexdigest()[
-        :10
-    ]
+    # hmac.digest: OpenSSL's one-shot HMAC, a third of the cost of an hmac.new object.
+    return hmac.digest(secret.encode(), f"verp:{delivery_id}".encode(), "sha256").hex()[:10]
 
 
 def verp_address(delivery_id: int, *, settings: Settings, bounce_address: str = "") -> str:

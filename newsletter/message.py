@@ -295,18 +295,26 @@ class _Body:
         pieces = tuple(_qp(p) for p in parts[::2])
         return cls(pieces, links, escape, tuple(stuff(p) for p in pieces))
 
-    def fill(self, urls: dict[str, str], *, wire: bool = False) -> bytes:
+    def fill(
+        self, urls: dict[str, str], *, wire: bool = False, encoded: dict[str, bytes] | None = None
+    ) -> bytes:
         """The encoded body with this recipient's links, each between soft line breaks.
 
         `wire`: dot-stuffed. Each piece and each link starts a line (after a soft break), so
-        stuffing them one by one stuffs the whole.
+        stuffing them one by one stuffs the whole. `encoded`: the links' encodings made so far
+        for this recipient (the text and HTML parts share a link that HTML escaping leaves as
+        it is, as signed URLs are), filled in as they are made.
         """
         pieces = self.stuffed if wire else self.pieces
+        made = {} if encoded is None else encoded
         out = [pieces[0]]
         for link, piece in zip(self.links, pieces[1:], strict=True):
             value = urls[link]
-            encoded = _qp(html.escape(value) if self.escape else value)
-            out += (SOFT_BREAK, stuff(encoded) if wire else encoded, SOFT_BREAK, piece)
+            if self.escape:
+                value = html.escape(value)
+            if (done := made.get(value)) is None:
+                done = made[value] = stuff(_qp(value)) if wire else _qp(value)
+            out += (SOFT_BREAK, done, SOFT_BREAK, piece)
         return b"".join(out)
 
 
@@ -410,13 +418,14 @@ class MessageTemplate:
             f"List-Unsubscribe: {list_unsubscribe(urls)}\r\n"
         )
         head, middle, tail = self.stuffed if wire else (self.head, self.middle, self.tail)
+        encoded: dict[str, bytes] = {}  # by the link's text as it stands in the part
         return b"".join(
             (
                 headers.encode("ascii"),
                 head,
-                self.text.fill(urls, wire=wire),
+                self.text.fill(urls, wire=wire, encoded=encoded),
                 middle,
-                self.html.fill(urls, wire=wire),
+                self.html.fill(urls, wire=wire, encoded=encoded),
                 tail,
             )
         )
@@ -482,7 +491,10 @@ def format_to(recipient: Recipient) -> str:
     email = recipient.email
     if (problem := header_problem(email)) is not None:
         raise PermanentDeliveryError(problem)
-    name = " ".join("".join(c for c in recipient.name if c.isprintable()).split())
+    name = recipient.name
+    if not name.isprintable():  # checked first: most names are, and the scan is per character
+        name = "".join(c for c in name if c.isprintable())
+    name = " ".join(name.split())
     if not name:
         return email
     if name.isascii() and not _looks_encoded(name):
