@@ -147,14 +147,16 @@ def counts(url: str) -> dict[str, int]:
     return out
 
 
-def last_alert_sent(url: str) -> datetime | None:
+def alert_span(url: str) -> tuple[datetime | None, datetime | None]:
+    """When the first and the last alert message were accepted (their sent_at)."""
     factory = make_sessionmaker(make_engine(url))
     with unit_of_work(factory) as session:
-        return session.scalar(
-            select(func.max(Delivery.sent_at))
+        first, last = session.execute(
+            select(func.min(Delivery.sent_at), func.max(Delivery.sent_at))
             .join(Campaign, Campaign.id == Delivery.campaign_id)
             .where(Campaign.kind == "alert", Delivery.status == DeliveryStatus.SENT)
-        )
+        ).one()
+        return first, last
 
 
 def newsletter(cwd: Path, *args: str) -> None:
@@ -259,7 +261,7 @@ def main() -> None:
         answered = datetime.now(UTC)
         at_call = counts(url)
         wait(lambda: counts(url).get("alert_sent", 0) >= args.alert, 600, "the alert")
-        last = last_alert_sent(url)
+        first, last = alert_span(url)
         after = counts(url)
         stop(run)
         alone = alert_ceiling(work, url, args.sink, sink_port)
@@ -268,13 +270,14 @@ def main() -> None:
         log.close()
         stop_sink(sink)
         httpd.shutdown()
-    assert last is not None
+    assert first is not None and last is not None
     print(f"sink: {args.sink}; digest readers {args.digest:,}, alert readers {args.alert:,}")
     print(f"webhook answered in {(answered - called).total_seconds():.2f} s: {answer['sources']}")
     print(f"digest messages sent before the call: {at_call.get('digest_sent', 0):,}")
     print(
-        f"alert: {after.get('alert_sent', 0):,} accepted; last one "
-        f"{(last - called).total_seconds():.1f} s after the webhook call"
+        f"alert: {after.get('alert_sent', 0):,} accepted; first one "
+        f"{(first - called).total_seconds():.1f} s after the webhook call, last one "
+        f"{(last - called).total_seconds():.1f} s after it"
     )
     print(
         f"digest messages sent when the alert was done: {after.get('digest_sent', 0):,} "
