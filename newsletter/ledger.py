@@ -2,9 +2,9 @@
 
 `record_outcomes` writes in the caller's transaction, with one executemany per kind of outcome
 (db/queries.py), so recording stays cheap at thousands of messages a second. `LedgerWriter` is
-the sender's one writer: it owns a thread and a long-lived connection and commits outcomes as
-they come. SMTP replies are stored with the recipient's address blanked out: the record says
-what happened, not to whom in clear.
+the sender's one writer: it owns a thread and a long-lived connection, and commits the outcomes
+handed to it once one of them is needed (see its docstring). SMTP replies are stored with the
+recipient's address blanked out: the record says what happened, not to whom in clear.
 """
 
 from __future__ import annotations
