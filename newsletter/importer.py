@@ -6,18 +6,21 @@ so time grows with the file and memory does not. On PostgreSQL each statement ta
 one JSON parameter (json_to_recordset, or an array for `= ANY`); on SQLite, Core executemany.
 Only people known before a chunk are asked for their subscriptions. Each chunk is written in a
 savepoint: if the database refuses it, its rows are written one by one and only the refused row
-is rejected.
+is rejected. On PostgreSQL a chunk's last statement (its new subscriptions, which return nothing)
+is sent without waiting: the next chunk is read and checked while the database works, and the
+savepoint is released only once that statement has succeeded (see _finish).
 Nobody who unsubscribed, bounced, was forgotten or is suppressed is brought back.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     JSON,
     String,
@@ -45,7 +48,6 @@ from newsletter.db.models import (
     SubscriberStatus,
     Subscription,
     SubscriptionStatus,
-    Suppression,
     UTCDateTime,
 )
 from newsletter.errors import AudienceError
@@ -60,7 +62,7 @@ from newsletter.subscriber_csv import (
     merge_rows,
     parse_row,
 )
-from newsletter.suppression import KEPT_OUT_STATUSES, hash_address
+from newsletter.suppression import KEPT_OUT_STATUSES, suppressed_forms
 
 
 @dataclass
@@ -114,11 +116,23 @@ class _Target:
     secret: str
     now: datetime
     postgres: bool  # rows and look-ups go as JSON parameters (see _among, _PG_INSERT_...)
-    # Keys the file gave, as read_key read them (by their armored text): checked once.
-    keys: dict[str, KeyInfo] = field(default_factory=dict)
 
 
 Checked = tuple[int, RawRow | None, SubscriberRow]  # line, row as read, row as parsed
+Rejected = tuple[int, str, RawRow | None]  # line, reason, row as read
+
+
+@dataclass
+class _Batch:
+    """Rows read and checked: the rejects met since the last batch, in file order, then a chunk
+    to write (full, or the file's last), the keys its rows gave (as read_key read them, by
+    their armored text: each checked once), and the line reached."""
+
+    rejects: list[Rejected] = field(default_factory=list)
+    chunk: list[Checked] = field(default_factory=list)
+    keys: dict[str, KeyInfo] = field(default_factory=dict)
+    line: int = 0
+    full: bool = False  # the chunk has chunk_rows rows (progress is reported after it)
 
 
 def import_rows(
@@ -160,22 +174,26 @@ def import_rows(
         else:
             on_reject(line, reason, raw)
 
-    chunk: list[Checked] = []
+    batches = _batches(rows, target, chunk_rows)
+    ahead: list[_Batch | None] = []  # the next batch, once read
+
+    def read_next() -> None:
+        """Read the next batch, once: while a chunk's last statement runs, if it can."""
+        if not ahead:
+            ahead.append(next(batches, None))
+
+    batch: _Batch | None = next(batches)
     last_line = 0
-    for line, raw, error in rows:
-        last_line = line
-        row = _checked(raw, error, target)
-        if isinstance(row, str):
-            reject(line, row, raw)
-            continue
-        chunk.append((line, raw, row))
-        if len(chunk) >= chunk_rows:
-            _write_chunk(session, chunk, target, report, reject)
-            chunk = []
-            if on_progress:
-                on_progress(line)
-    if chunk:
-        _write_chunk(session, chunk, target, report, reject)
+    while batch is not None:
+        for rejected in batch.rejects:
+            reject(*rejected)
+        if batch.chunk:
+            _write_chunk(session, batch.chunk, batch.keys, target, report, reject, read_next)
+        read_next()
+        last_line = batch.line
+        if batch.full and on_progress:
+            on_progress(last_line)
+        batch = ahead.pop()
     if on_progress:
         on_progress(last_line)
     record_event(
@@ -185,8 +203,29 @@ def import_rows(
     return report
 
 
-def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow | str:
-    """The row, parsed and with its lists resolved, or the reason it is rejected."""
+def _batches(rows: Iterable[RowResult], target: _Target, chunk_rows: int) -> Iterator[_Batch]:
+    """The rows checked and cut into chunks of chunk_rows good rows, rejects kept in order; the
+    last batch (maybe with no rows) ends at the file's last line."""
+    batch = _Batch()
+    for line, raw, error in rows:
+        batch.line = line
+        row = _checked(raw, error, target, batch.keys)
+        if isinstance(row, str):
+            batch.rejects.append((line, row, raw))
+            continue
+        batch.chunk.append((line, raw, row))
+        if len(batch.chunk) >= chunk_rows:
+            batch.full = True
+            yield batch
+            batch = _Batch(line=line)
+    yield batch
+
+
+def _checked(
+    raw: RawRow | None, error: str, target: _Target, keys: dict[str, KeyInfo]
+) -> SubscriberRow | str:
+    """The row, parsed and with its lists resolved, or the reason it is rejected; a key it
+    gives is read once and kept in `keys` by its armored text."""
     if raw is None or error:
         return error
     try:
@@ -203,7 +242,7 @@ def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow |
             info = read_key(key, email=row.email, now=target.now)
         except KeyProblem as problem:
             return f"openpgp_key: {problem}"
-        key, target.keys[info.armored] = info.armored, info
+        key, keys[info.armored] = info.armored, info
     if wanted == row.lists and key == row.openpgp_key:
         return row  # as almost every row is: no copy
     return replace(row, lists=tuple(wanted), openpgp_key=key)
@@ -212,37 +251,73 @@ def _checked(raw: RawRow | None, error: str, target: _Target) -> SubscriberRow |
 def _write_chunk(
     session: Session,
     chunk: list[Checked],
+    keys: dict[str, KeyInfo],
     target: _Target,
     report: ImportReport,
     reject: RejectSink,
+    meanwhile: Callable[[], None] | None = None,
 ) -> None:
     """Write a chunk in a savepoint; if the database refuses it, write its rows one at a time.
 
     So a value the checks above did not foresee rejects only its own row. The reason names the
-    error's kind only: a database error's text may quote other rows' values.
+    error's kind only: a database error's text may quote other rows' values. `meanwhile` is
+    called while the chunk's last statement runs, inside the savepoint (see _finish).
     """
     part = ImportReport()
     try:
         with session.begin_nested():
-            _import_chunk(session, [row for _, _, row in chunk], target, part)
+            last = _import_chunk(session, [row for _, _, row in chunk], keys, target, part)
+            _finish(session, last, meanwhile)
     except StatementError as e:
         if isinstance(e, DBAPIError) and not isinstance(e, ROW_REFUSALS):
             raise
         if len(chunk) > 1:
             for one in chunk:
-                _write_chunk(session, [one], target, report, reject)
+                _write_chunk(session, [one], keys, target, report, reject)
             return
         line, raw, _ = chunk[0]
         reject(line, f"the database refused this row ({type(e).__name__})", raw)
         return
     report.absorb(part)
-    target.keys.clear()  # the chunk's keys are written: the next chunk reads its own
+
+
+Deferred = tuple[str, dict[str, Any]]  # a PostgreSQL statement (psycopg's style) and its values
+
+
+def _finish(session: Session, last: Deferred | None, meanwhile: Callable[[], None] | None) -> None:
+    """Run a chunk's last statement and call `meanwhile`, overlapped on PostgreSQL.
+
+    The statement is sent in psycopg's pipeline mode and `meanwhile` (reading the next chunk,
+    which touches no database) runs before its result is awaited; leaving the pipeline awaits
+    it, so the savepoint is released, or rolled back on an error, only after. An error comes as
+    SQLAlchemy's (IntegrityError, DataError...) without its values, as the session's would.
+    """
+    if last is None:
+        if meanwhile is not None:
+            meanwhile()
+        return
+    statement, values = last
+    connection = session.connection().connection.dbapi_connection
+    if not isinstance(connection, psycopg.Connection):  # make_engine gives psycopg (pyproject)
+        raise TypeError("PostgreSQL is reached through psycopg 3 (postgresql+psycopg://)")
+    try:
+        with connection.pipeline():
+            connection.execute(statement, values)
+            if meanwhile is not None:
+                meanwhile()
+    except psycopg.Error as e:
+        raise DBAPIError.instance(statement, None, e, psycopg.Error, hide_parameters=True) from e
 
 
 def _import_chunk(
-    session: Session, rows: list[SubscriberRow], target: _Target, report: ImportReport
-) -> None:
-    """Write one chunk with a few bulk statements."""
+    session: Session,
+    rows: list[SubscriberRow],
+    keys: dict[str, KeyInfo],
+    target: _Target,
+    report: ImportReport,
+) -> Deferred | None:
+    """Write one chunk with a few bulk statements; on PostgreSQL the last one, the new
+    subscriptions, is returned for _finish to run."""
     merged: dict[str, SubscriberRow] = {}
     for row in rows:
         if row.email in merged:
@@ -268,7 +343,7 @@ def _import_chunk(
             ).where(_among(Subscriber.email, list(forms), target.postgres))
         )
     }
-    suppressed = {forms[f] for f in _suppressed(session, forms, target)}
+    suppressed = {forms[f] for f in suppressed_forms(session, forms, secret=target.secret)}
     ids: dict[str, int] = {}
     new: list[SubscriberRow] = []
     changes: list[dict[str, Any]] = []
@@ -289,15 +364,17 @@ def _import_chunk(
     ids.update(_insert_subscribers(session, new, target))
     _update_subscribers(session, changes, target.postgres)
     wanted = {ids[email]: merged[email].lists for email in ids}
-    subscribed = _add_subscriptions(session, wanted, known_ids, target, report)
+    subscribed, last = _add_subscriptions(session, wanted, known_ids, target, report)
     changed = {c["id"] for c in changes} | subscribed
-    report.keys += _add_keys(session, {ids[e]: r for e, r in merged.items() if e in ids}, target)
+    given = {ids[e]: r for e, r in merged.items() if e in ids}
+    report.keys += _add_keys(session, given, keys, target)
     report.imported += len(new)
     for email in ids.keys() - {r.email for r in new}:
         if ids[email] in changed:
             report.updated += 1
         else:
             report.unchanged += 1
+    return last
 
 
 def _among(column: Any, values: list[Any], postgres: bool) -> Any:
@@ -313,20 +390,6 @@ def _among(column: Any, values: list[Any], postgres: bool) -> Any:
     return column == any_(func.array(listed))
 
 
-def _suppressed(session: Session, forms: Iterable[str], target: _Target) -> set[str]:
-    """Which of these address forms are suppressed (as suppression.suppressed_forms: one
-    look-up by keyed hash)."""
-    by_hash: dict[str, list[str]] = {}
-    for form in forms:
-        by_hash.setdefault(hash_address(form, secret=target.secret), []).append(form)
-    found = session.scalars(
-        select(Suppression.email_hash).where(
-            _among(Suppression.email_hash, list(by_hash), target.postgres)
-        )
-    )
-    return {form for digest in found for form in by_hash[digest]}
-
-
 # How discreet each mode is: a file may move a known person up this scale, never down.
 DISCREET_RANK: dict[str, int] = {
     DiscreetMode.OFF: 0,
@@ -335,7 +398,9 @@ DISCREET_RANK: dict[str, int] = {
 }
 
 
-def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target) -> int:
+def _add_keys(
+    session: Session, rows: dict[int, SubscriberRow], keys: dict[str, KeyInfo], target: _Target
+) -> int:
     """The file's keys for people with none yet: active at once with `--confirmed` (an admin's
     word, as `subscribers key --confirmed`), else pending until the reader follows the link
     sent encrypted to it; someone's own key is never replaced by a file's."""
@@ -352,7 +417,7 @@ def _add_keys(session: Session, rows: dict[int, SubscriberRow], target: _Target)
         if sid in have:
             continue
         proven = target.now if target.confirmed else None
-        session.add(key_row(sid, target.keys[armored], now=target.now, proven=proven))
+        session.add(key_row(sid, keys[armored], now=target.now, proven=proven))
         added += 1
     session.flush()
     return added
@@ -410,13 +475,15 @@ _PG_UPDATE_SUBSCRIBERS = text(
     " WHERE s.id = v.id"
 )
 
-_PG_INSERT_SUBSCRIPTIONS = text(
+# Run by _finish on the session's psycopg connection (psycopg's placeholders): `now` is given
+# as UTCDateTime stores it, naive UTC.
+_PG_INSERT_SUBSCRIPTIONS = (
     "INSERT INTO subscriptions (subscriber_id, list_id, status, created_at, confirmed_at)"
-    " SELECT v.subscriber_id, v.list_id, v.status, :now,"
-    " CASE WHEN v.status = CAST(:active AS text) THEN CAST(:now AS timestamp) END"
-    " FROM json_to_recordset(CAST(:rows AS json)) AS v(subscriber_id integer, list_id integer,"
-    " status text)"
-).bindparams(bindparam("now", type_=UTCDateTime()))
+    " SELECT v.subscriber_id, v.list_id, v.status, CAST(%(now)s AS timestamp),"
+    " CASE WHEN v.status = CAST(%(active)s AS text) THEN CAST(%(now)s AS timestamp) END"
+    " FROM json_to_recordset(CAST(%(rows)s AS json)) AS v(subscriber_id integer,"
+    " list_id integer, status text)"
+)
 
 # The tables themselves, for Core statements (no ORM bookkeeping per row).
 SUBSCRIBERS: Table = Subscriber.__table__  # type: ignore[assignment]
@@ -481,14 +548,15 @@ def _add_subscriptions(
     known_ids: set[int],
     target: _Target,
     report: ImportReport,
-) -> set[int]:
+) -> tuple[set[int], Deferred | None]:
     """Add the subscriptions people do not have yet; one they left is never added back.
 
     Only people known before this chunk can have any: those it inserted are not looked up.
+    Returns who gets one and, on PostgreSQL, the statement that adds them, for _finish to run.
     """
     ids = [sid for sid, slugs in wanted.items() if slugs]
     if not ids:
-        return set()
+        return set(), None
     have = _subscriptions_of(session, [sid for sid in ids if sid in known_ids], target.postgres)
     params: list[dict[str, Any]] = []
     for sid in ids:
@@ -506,11 +574,13 @@ def _add_subscriptions(
                     "status": ACTIVE if active else PENDING,
                 }
             )
+    subscribed = {int(p["subscriber_id"]) for p in params}
     if not params:
-        return set()
+        return subscribed, None
     if target.postgres:
-        values = {"rows": json.dumps(params), "now": target.now, "active": ACTIVE}
-        session.execute(_PG_INSERT_SUBSCRIPTIONS, values)
+        now = UTCDateTime().process_bind_param(target.now, None)  # as the column stores it
+        values = {"rows": json.dumps(params), "now": now, "active": ACTIVE}
+        return subscribed, (_PG_INSERT_SUBSCRIPTIONS, values)
     else:
         now = target.now
         rows = [
@@ -518,4 +588,4 @@ def _add_subscriptions(
             for p in params
         ]
         session.execute(insert(SUBSCRIPTIONS), rows)
-    return {int(p["subscriber_id"]) for p in params}
+    return subscribed, None

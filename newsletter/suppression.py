@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from sqlalchemy.orm import Session
@@ -32,10 +32,20 @@ KEPT_OUT_STATUSES = (
 
 def hash_address(email: str, *, secret: str) -> str:
     """A keyed hash of an address, so suppressions keep no readable address."""
-    key = secret.encode()
-    return hmac.new(
-        key, b"suppression:" + email.strip().lower().encode(), hashlib.sha256
-    ).hexdigest()
+    return address_hasher(secret)(email)
+
+
+def address_hasher(secret: str) -> Callable[[str], str]:
+    """hash_address for one secret, for many addresses (an import's): the key and the prefix are
+    hashed once, and each address continues a copy of that state."""
+    keyed = hmac.new(secret.encode(), b"suppression:", hashlib.sha256)
+
+    def hashed(email: str) -> str:
+        digest = keyed.copy()
+        digest.update(email.strip().lower().encode())
+        return digest.hexdigest()
+
+    return hashed
 
 
 def _hashes(email: str, secret: str) -> list[str]:
@@ -45,9 +55,10 @@ def _hashes(email: str, secret: str) -> list[str]:
 
 def suppressed_forms(session: Session, forms: Iterable[str], *, secret: str) -> set[str]:
     """Which of these address forms are suppressed (one look-up for them all)."""
+    hashed = address_hasher(secret)
     by_hash: dict[str, list[str]] = {}
     for form in forms:
-        by_hash.setdefault(hash_address(form, secret=secret), []).append(form)
+        by_hash.setdefault(hashed(form), []).append(form)
     found = find_suppressions(session, list(by_hash))
     return {form for digest in found for form in by_hash[digest]}
 
