@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.clock import FrozenClock
 from newsletter.config import FeedSource
 from newsletter.db import unit_of_work
-from newsletter.db.queries import claim_batch
+from newsletter.db.queries import claim_batch, load_claimed, release_claims
 from newsletter.devsmtp import free_port
 from newsletter.importer import import_rows
 from newsletter.lists import read_lists, sync_lists
@@ -144,11 +144,20 @@ def test_alerts_are_claimed_before_the_rest_of_a_digest(
         launch_campaign(
             session=session, campaign=alert, settings=settings, now=clock.now(), actor="t"
         )
-        second = claim_batch(session, now=clock.now(), lease_seconds=60, limit=8, campaign_id=None)
+        second = claim_batch(
+            session, now=clock.now(), lease_seconds=60, limit=8, campaign_id=None, worker="w"
+        )
         from newsletter.db.models import Delivery
 
         campaigns = {session.get(Delivery, i).campaign_id for i in second}
         assert len(first) == 4 and campaigns == {alert.id}
+        # A claim that takes the alert's rest and digest rows lists the alert's first, though
+        # the digest's rows are older (smaller ids); the rows read for sending keep that order.
+        assert release_claims(session, second[:3], worker="w") == 3
+        third = claim_batch(session, now=clock.now(), lease_seconds=60, limit=7, campaign_id=None)
+        kinds = [session.get(Delivery, i).campaign_id for i in third]
+        assert kinds == [alert.id] * 3 + [digest.id] * 4 and min(third[3:]) < min(third[:3])
+        assert [row.delivery_id for row in load_claimed(session, third)] == third
 
 
 def wait_for(

@@ -232,7 +232,8 @@ def claim_batch(
     campaign_id: int | None,
     worker: str = "",
 ) -> list[int]:
-    """Claim up to `limit` due deliveries of running campaigns, alerts first; returns their ids.
+    """Claim up to `limit` due deliveries of running campaigns, alerts first; returns their ids
+    in the order they should go (alerts first, then by campaign; by id within a campaign).
 
     Campaign by campaign (a handful of rows, alerts first), each claim is one UPDATE ... WHERE id
     IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) ... RETURNING that walks ix_deliveries_due:
@@ -250,8 +251,8 @@ def claim_batch(
     for cid in list(session.scalars(pick.order_by(alert_first, Campaign.id))):
         for due in (_waiting_due(now), _lease_expired(now)):
             if len(claimed) < limit:
-                claimed += _claim(session, cid, due, limit - len(claimed), lease, worker)
-    return sorted(claimed)
+                claimed += sorted(_claim(session, cid, due, limit - len(claimed), lease, worker))
+    return claimed
 
 
 def _waiting_due(now: datetime) -> ColumnElement[bool]:
@@ -427,7 +428,8 @@ class ClaimedRow(NamedTuple):
 
 
 def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
-    """The claimed rows with their person and subscription, read at send time, in id order.
+    """The claimed rows with their person and subscription, read at send time, in the order of
+    `ids` (claim_batch's: alerts first).
 
     Read after the claim, not at enqueue: an unsubscribe or bounce made a second ago shows here.
     The outer join to the subscription keeps rows whose subscription row is gone, so they are
@@ -469,9 +471,10 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
             & ReaderKey.status.in_([KeyStatus.ACTIVE, KeyStatus.REMOVED, KeyStatus.REVOKED]),
         )
         .where(Delivery.id.in_(list(ids)))
-        .order_by(Delivery.id)
     )
-    return [ClaimedRow._make(row) for row in session.execute(stmt)]
+    order = {delivery_id: place for place, delivery_id in enumerate(ids)}
+    rows = [ClaimedRow._make(row) for row in session.execute(stmt)]
+    return sorted(rows, key=lambda row: order[row.delivery_id])
 
 
 def skip_left(session: Session, ids: Sequence[int]) -> None:
