@@ -42,7 +42,7 @@ class RelaySettings:
     password: str = ""
     security: str = "none"
     timeout_seconds: float = 30.0
-    pool_size: int = 10
+    pool_size: int = 20
     weight: int = 1
     rate_per_second: float = 0.0
     hourly_limit: int = 0
@@ -63,7 +63,7 @@ class SmtpSettings:
     password: str = ""
     security: str = "none"
     timeout_seconds: float = 30.0
-    pool_size: int = 10
+    pool_size: int = 20
     batch_size: int = 200
     lease_seconds: int = 60
     retry_base_seconds: int = 60
