@@ -68,7 +68,7 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from newsletter.assemble import assemble_digest  # noqa: E402
 from newsletter.clock import SystemClock  # noqa: E402
-from newsletter.config import Settings, load_settings  # noqa: E402
+from newsletter.config import Settings, SmtpSettings, load_settings  # noqa: E402
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work  # noqa: E402
 from newsletter.db.models import (  # noqa: E402
     Campaign,
@@ -560,8 +560,9 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --profile: sample only the thread holding the GIL (Python's own CPU time)",
     )
-    ap.add_argument("--pool-size", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=500)
+    # The configuration's defaults, so a run without these measures what an operator gets.
+    ap.add_argument("--pool-size", type=int, default=SmtpSettings().pool_size)
+    ap.add_argument("--batch-size", type=int, default=SmtpSettings().batch_size)
     return ap.parse_args()
 
 
