@@ -226,6 +226,22 @@ def test_an_outcome_never_overwrites_a_row_that_is_no_longer_claimed(
     assert (row.status, row.sent_at) == (DeliveryStatus.QUEUED, None)
 
 
+def new_writer(
+    factory: sessionmaker[Session],
+    database_url: str,
+    clock: FrozenClock,
+    reports: list[Recorded] | None = None,
+) -> LedgerWriter:
+    """A writer on this database that keeps each commit's report in `reports`."""
+    return LedgerWriter(
+        factory=factory,
+        settings=make_settings(database_url),
+        clock=clock,
+        rng=random.Random(7),
+        on_commit=None if reports is None else reports.append,
+    )
+
+
 def _trip_on(factory: sessionmaker[Session], delivery_id: int) -> None:
     """A trigger that makes the database refuse to record this one delivery."""
     with unit_of_work(factory) as session:
@@ -259,18 +275,11 @@ def test_an_outcome_waits_until_it_is_asked_for_then_one_commit_takes_every_wait
 ) -> None:
     """Handed over, an outcome is not yet written; awaiting one ticket commits all waiting."""
     monkeypatch.setattr(ledger, "MAX_UNCOMMITTED_SECONDS", 30.0)
-    settings = make_settings(database_url)
     jobs = claimed_jobs(factory, clock, 4)
     reports: list[Recorded] = []
 
     async def run() -> list[DeliveryStatus]:
-        writer = LedgerWriter(
-            factory=factory,
-            settings=settings,
-            clock=clock,
-            rng=random.Random(7),
-            on_commit=reports.append,
-        )
+        writer = new_writer(factory, database_url, clock, reports)
         try:
             tickets = [writer.add(job, SENT) for job in jobs[:3]]
             await asyncio.sleep(0.3)  # nobody asked: nothing is written
@@ -300,13 +309,7 @@ def test_an_outcome_nobody_asks_for_is_committed_within_its_deadline(
     reports: list[Recorded] = []
 
     async def run() -> None:
-        writer = LedgerWriter(
-            factory=factory,
-            settings=make_settings(database_url),
-            clock=clock,
-            rng=random.Random(7),
-            on_commit=reports.append,
-        )
+        writer = new_writer(factory, database_url, clock, reports)
         try:
             ticket = writer.add(job, SENT)
             for _ in range(100):  # the deadline is 50 ms; a busy machine may take longer
@@ -333,13 +336,7 @@ def test_a_pause_is_committed_at_once_without_being_asked_for(
     reports: list[Recorded] = []
 
     async def run() -> None:
-        writer = LedgerWriter(
-            factory=factory,
-            settings=make_settings(database_url),
-            clock=clock,
-            rng=random.Random(7),
-            on_commit=reports.append,
-        )
+        writer = new_writer(factory, database_url, clock, reports)
         try:
             writer.add(job, LATER, pause="paused after 1 failure")
             for _ in range(100):
@@ -364,9 +361,7 @@ def test_a_failed_commit_fails_its_tickets_and_the_next_group_is_written(
     _trip_on(factory, first.delivery_id)
 
     async def run() -> list[BaseException | None]:
-        writer = LedgerWriter(
-            factory=factory, settings=make_settings(database_url), clock=clock, rng=random.Random(7)
-        )
+        writer = new_writer(factory, database_url, clock)
         try:
             failing = [writer.add(first, SENT), writer.add(second, SENT)]
             results = await asyncio.gather(*failing, return_exceptions=True)
