@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from sqlalchemy import (
     JSON,
     String,
@@ -296,6 +295,8 @@ def _finish(session: Session, last: Deferred | None, meanwhile: Callable[[], Non
         if meanwhile is not None:
             meanwhile()
         return
+    import psycopg  # here, not at the top: SQLite runs (and every command) need not load libpq
+
     statement, values = last
     connection = session.connection().connection.dbapi_connection
     if not isinstance(connection, psycopg.Connection):  # make_engine gives psycopg (pyproject)
