@@ -10,15 +10,17 @@ recipient's address blanked out: the record says what happened, not to whom in c
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audit import record_event
@@ -31,6 +33,12 @@ from newsletter.smtp import Outcome, Result
 from newsletter.suppression import suppress
 
 MAX_BACKOFF = timedelta(hours=6)
+# PostgreSQL's codes for a transaction it broke off so that others could go on (a deadlock, a
+# serialization failure): nothing of it was written, and running it again is the remedy.
+BROKEN_OFF = frozenset({"40P01", "40001"})
+WRITE_TRIES = 3
+
+log = logging.getLogger(__name__)
 
 
 class Attempt(Protocol):
@@ -119,9 +127,14 @@ def record_outcomes(
     # other's rows in opposite orders.
     for subscriber_id, email, reply in sorted(bounced):
         suppress_bounced(session, subscriber_id, email, settings=settings, now=now, reply=reply)
-    record_sent(session, sent)
-    record_unsent(session, other)
+    # Rows in id order too: a statement that walks deliveries by id meets them in our order.
+    record_sent(session, sorted(sent, key=_by_id))
+    record_unsent(session, sorted(other, key=_by_id))
     return report
+
+
+def _by_id(row: dict[str, object]) -> int:
+    return cast(int, row["b_id"])
 
 
 def suppress_bounced(
@@ -318,7 +331,23 @@ class LedgerWriter:
             channel.executor.shutdown(wait=True)
 
     def _write(self, channel: _Channel, group: list[Submitted]) -> Recorded:
-        """Commit a group of outcomes and the pauses they carry (in the channel's thread)."""
+        """Commit a group of outcomes and the pauses they carry (in the channel's thread).
+
+        A commit the database broke off to end a deadlock is written again: failing it would
+        stop the sender with messages accepted and not recorded.
+        """
+        tries = 1
+        while True:
+            try:
+                return self._write_once(channel, group)
+            except DBAPIError as error:
+                code = getattr(error.orig, "sqlstate", None)
+                if code not in BROKEN_OFF or tries >= WRITE_TRIES:
+                    raise
+            tries += 1
+            log.warning("the database broke off a ledger commit (%s); writing it again", code)
+
+    def _write_once(self, channel: _Channel, group: list[Submitted]) -> Recorded:
         now = self._clock.now()
         session = channel.open()
         try:

@@ -7,7 +7,7 @@ import random
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter import ledger
@@ -24,7 +24,7 @@ from newsletter.db.models import (
     SubscriberStatus,
     Suppression,
 )
-from newsletter.db.queries import claim_batch, release_claims
+from newsletter.db.queries import claim_batch, extend_leases, release_claims, release_claims_of
 from newsletter.ledger import LedgerWriter, Recorded, RecordError, retry_delay
 from newsletter.send import Job
 from newsletter.smtp import Outcome, Result
@@ -375,3 +375,83 @@ def test_a_failed_commit_fails_its_tickets_and_the_next_group_is_written(
     assert isinstance(other, RecordError) and "refused" in str(other)
     statuses = [delivery(factory, j.delivery_id).status for j in (first, second, third)]
     assert statuses == [DeliveryStatus.CLAIMED, DeliveryStatus.CLAIMED, DeliveryStatus.SENT]
+
+
+def _lock_row(connection: Connection, delivery_id: int) -> None:
+    """Lock one delivery row in this connection's open transaction, as a writer of it would."""
+    connection.execute(
+        text("select id from deliveries where id = :id for update"), {"id": delivery_id}
+    )
+
+
+async def _until_a_backend_waits_for_a_lock(engine: Engine) -> None:
+    """Return once some session of this database waits for a row lock (at most 10 s)."""
+    query = text(
+        "select count(*) from pg_stat_activity "
+        "where datname = current_database() and wait_event_type = 'Lock'"
+    )
+    for _ in range(500):
+        with engine.connect() as probe:
+            if probe.execute(query).scalar():
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no session ever waited for a lock")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_commit_broken_off_by_a_deadlock_is_written_again(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another transaction locks the ledger's rows in the opposite order: PostgreSQL ends the
+    deadlock by failing the ledger's commit (it waited first), and the ledger writes the group
+    again once the other transaction is over. No ticket fails; both outcomes are recorded."""
+    first, second = claimed_jobs(factory, clock, 2)
+    engine = factory.kw["bind"]
+
+    async def run() -> None:
+        writer = new_writer(factory, database_url, clock)
+        try:
+            with engine.connect() as other:
+                _lock_row(other, second.delivery_id)
+                tickets = [writer.add(first, SENT), writer.add(second, SENT)]
+                both = asyncio.ensure_future(asyncio.gather(*tickets))
+                await _until_a_backend_waits_for_a_lock(engine)  # the ledger, on `second`
+                await asyncio.to_thread(_lock_row, other, first.delivery_id)  # the cycle
+                other.commit()
+                await both
+        finally:
+            await writer.close()
+
+    with caplog.at_level("WARNING", logger="newsletter.ledger"):
+        asyncio.run(run())
+    assert "broke off a ledger commit (40P01)" in caplog.text
+    statuses = [delivery(factory, job.delivery_id).status for job in (first, second)]
+    assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_lease_renewal_and_putting_back_skip_rows_being_recorded_instead_of_waiting(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """The sender's housekeeping changes many claimed rows in one statement; it must never
+    wait for a row the ledger holds (that wait, in a cycle, is a deadlock). The row held is
+    left as it was, the others are changed."""
+    free, held = claimed_jobs(factory, clock, 2)
+    engine = factory.kw["bind"]
+    until = clock.now() + timedelta(minutes=5)
+    with engine.connect() as ledger_side:
+        _lock_row(ledger_side, held.delivery_id)
+        with unit_of_work(factory) as session:
+            session.execute(text("set local lock_timeout = '3s'"))  # waiting fails the test
+            extend_leases(session, worker="w", until=until)
+        assert delivery(factory, free.delivery_id).lease_until == until
+        assert delivery(factory, held.delivery_id).lease_until != until
+        with unit_of_work(factory) as session:
+            session.execute(text("set local lock_timeout = '3s'"))
+            assert release_claims_of(session, ["w"]) == 1
+        ledger_side.rollback()
+    assert delivery(factory, free.delivery_id).status == DeliveryStatus.QUEUED
+    assert delivery(factory, held.delivery_id).status == DeliveryStatus.CLAIMED

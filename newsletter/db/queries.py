@@ -342,12 +342,29 @@ def extend_leases(session: Session, *, worker: str, until: datetime) -> None:
     One UPDATE by claimed_by over the claimed rows (ix_deliveries_claim, status first), not by
     id: the database knows which rows the worker holds, whatever its queue looks like.
     """
+    mine = and_(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by == worker)
     session.execute(
         update(Delivery)
-        .where(Delivery.status == DeliveryStatus.CLAIMED, Delivery.claimed_by == worker)
+        .where(_not_locked(session, mine))
         .values(lease_until=until)
         .execution_options(synchronize_session=False)
     )
+
+
+def _not_locked(session: Session, which: ColumnElement[bool]) -> ColumnElement[bool]:
+    """`which`, less (on PostgreSQL) the rows another transaction holds locked right now.
+
+    For the housekeeping statements that change many claimed rows at once (renewing leases,
+    putting back dead workers' claims) while the ledger records outcomes. Waiting for a row the
+    ledger is writing, while the ledger waits for one of ours, would be a deadlock, and
+    PostgreSQL would break it off by failing one side, maybe the ledger's commit. A row the
+    ledger holds is being recorded (it needs no lease), and the next sweep sees what is left.
+    """
+    if _dialect(session) != "postgresql":
+        return which  # SQLite lets one transaction write at a time: no row locks to wait for
+    # The ANY(ARRAY(...)) form of _claim: the locked ids once, then each by primary key.
+    free = select(Delivery.id).where(which).with_for_update(skip_locked=True)
+    return Delivery.id == func.any(func.array(free.scalar_subquery()))
 
 
 def claim_holders(session: Session) -> list[str]:
@@ -386,7 +403,7 @@ def release_claims_of(session: Session, workers: Iterable[str]) -> int:
 def _put_back(session: Session, which: ColumnElement[bool]) -> int:
     stmt = (
         update(Delivery)
-        .where(which)
+        .where(_not_locked(session, which))
         .values(status=DeliveryStatus.QUEUED, lease_until=None, claimed_by=None)
         .execution_options(synchronize_session=False)
     )
