@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +27,7 @@ def make_engine(url: str) -> Engine:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "savepoint", _sqlite_savepoint)
         else:
             engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
     except (SQLAlchemyError, ImportError, ValueError) as e:
@@ -40,6 +41,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _sqlite_savepoint(conn: Connection, _name: str | None) -> None:
+    """A savepoint that would open the transaction takes the write lock first (BEGIN IMMEDIATE).
+
+    The sqlite3 module opens a transaction only before a write, so a plain unit of work reads
+    outside one and then waits (busy timeout) for the lock. But SQLite's SAVEPOINT opens a
+    deferred transaction at once: its first read pins a snapshot, and if another connection
+    (the sender's ledger, say) commits before its first write, that write fails at once with
+    "database is locked", since no waiting makes a stale snapshot current. Savepoints guard
+    writes here (an import chunk, a case number), so taking the lock first costs nothing.
+    """
+    dbapi_connection = conn.connection.dbapi_connection
+    if dbapi_connection is not None and not dbapi_connection.in_transaction:
+        dbapi_connection.execute("BEGIN IMMEDIATE")
 
 
 def _redact(url: str) -> str:
