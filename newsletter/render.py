@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Iterable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import jinja2
@@ -204,6 +204,27 @@ def render_variant(view: CampaignView, *, lang: str, settings: Settings) -> Rend
         chars = int(full * fraction)
         variant = _render_once(view, lang=lang, settings=settings, summary_chars=chars)
     return variant
+
+
+def warm_up(settings: Settings) -> None:
+    """Render a small alert and digest in each configured language once, and forget them.
+
+    A process's first render of a kind compiles its templates, loads each language's
+    catalogue and readies the CSS inliner: about 0.2 s of CPU for an alert in three languages,
+    against 0.02 s once warm. The service does this at start, so that the first urgent alert
+    after a restart goes out as soon as the next one would.
+    """
+    item = ItemView(
+        title="Warm-up",
+        link="https://example.org/warm-up",
+        summary_html="<p>Warm-up.</p>",
+        published_at=datetime(2026, 1, 1, tzinfo=UTC),
+        categories=("Warm-up",),
+    )
+    for kind in ("alert", "digest"):
+        view = CampaignView(kind=kind, list_name="Warm-up", items=(item,))
+        for lang in settings.render.languages:
+            render_variant(view, lang=lang, settings=settings)
 
 
 def _render_once(

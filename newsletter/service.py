@@ -39,6 +39,7 @@ from newsletter.dkim import DkimSigner, load_signer
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
+from newsletter.render import warm_up
 from newsletter.schedule import Scheduler
 from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool, open_pool
@@ -278,6 +279,14 @@ def start_inbound_safely(service: Service) -> Any:
         return None
 
 
+def warm_up_templates(settings: Settings) -> None:
+    """Ready the email templates (render.warm_up); a failure is logged, the service goes on."""
+    try:
+        warm_up(settings)
+    except Exception as error:  # a broken template is reported when a campaign is rendered
+        log.warning("could not ready the email templates: %s", error)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the service stops all its tasks together."""
 
@@ -309,6 +318,8 @@ async def run_service(
         asyncio.create_task(keep_lock(service)),
         asyncio.create_task(keep_sending(service)),
         asyncio.create_task(server.serve()),
+        # In a thread: the first urgent alert should not pay for compiling the templates.
+        asyncio.create_task(asyncio.to_thread(warm_up_templates, service.settings)),
     ]
     staff = console_server(service, host=console[0], port=console[1]) if console else None
     if staff is not None:

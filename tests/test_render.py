@@ -22,9 +22,11 @@ from newsletter.render import (
     CampaignView,
     ItemView,
     RenderedVariant,
+    _environment,
     compile_mjml,
     personalise,
     render_variant,
+    warm_up,
 )
 
 LANGS = ("en", "be", "ru")
@@ -424,3 +426,16 @@ def test_headings_form_an_outline() -> None:
     assert len(tree.findall(".//h3")) == 8
     assert all(t.get("role") == "presentation" for t in tree.iter("table"))
     assert 'name="color-scheme" content="light dark"' in variant.html
+
+
+def test_warm_up_compiles_the_alert_and_digest_templates_of_every_language() -> None:
+    """The service's start-up render leaves each language's alert and digest templates
+    compiled, so the first urgent alert does not pay for compiling them."""
+    _environment.cache_clear()
+    settings = Settings()
+    warm_up(settings)
+    for lang in settings.render.languages:
+        cache = _environment(lang).cache
+        assert cache is not None
+        compiled = {name for _loader, name in cache.keys()}  # noqa: SIM118 (not a dict)
+        assert {"email/alert.mjml.j2", "email/digest.mjml.j2"} <= compiled, lang
