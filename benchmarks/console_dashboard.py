@@ -1,7 +1,7 @@
 """Does a staffer watching the dashboard slow the sender? A digest sent with and without it.
 
     .venv/bin/python benchmarks/console_dashboard.py [--n 100000] [--rounds 2]
-        [--sink postfix|aiosmtpd] [--database URL] [--pool-size 4] [--batch-size 500]
+        [--sink postfix|aiosmtpd] [--database URL] [--pool-size N] [--batch-size N]
 
 The set-up is benchmarks/send.py's (same seed, same render-check-enqueue, the in-process sender,
 a fresh database per send, Postfix smtp-sink by default when installed). Here the sender shares
@@ -243,8 +243,9 @@ def main() -> None:
         default="postfix" if Path("/usr/sbin/smtp-sink").exists() else "aiosmtpd",
     )
     ap.add_argument("--database", help="SQLAlchemy URL (PostgreSQL: the server to use)")
-    ap.add_argument("--pool-size", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=500)
+    # The configuration's defaults, as an operator gets them.
+    ap.add_argument("--pool-size", type=int, default=Settings().smtp.pool_size)
+    ap.add_argument("--batch-size", type=int, default=Settings().smtp.batch_size)
     ap.add_argument("--paths", default=PAGES, help="what the poller fetches every 2 s")
     ap.add_argument("--poll", help=argparse.SUPPRESS)
     ap.add_argument("--code", help=argparse.SUPPRESS)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
@@ -85,37 +85,38 @@ def provider_of(email: str) -> str:
     return "others"
 
 
-def _provider_column() -> Any:
-    """provider_of as SQL: a CASE over the same explicit domains (LIKE '%@domain', none of them
-    holding a LIKE wildcard), the same on SQLite and PostgreSQL."""
-    email = func.lower(Subscriber.email)
-    return case(
-        *(
-            (or_(*(email.like(f"%@{d}") for d in sorted(domains))), provider)
-            for provider, domains in PROVIDER_DOMAINS.items()
-        ),
-        else_="others",
-    )
-
-
 def day_start(now: datetime) -> datetime:
     """The start of the UTC day of `now` (the providers count per day; UTC is what they show)."""
     return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 def provider_counts(session: Session, *, since: datetime) -> dict[str, int]:
-    """Messages sent since `since`, by the recipient's provider; every provider, zeros too."""
-    provider = _provider_column()
+    """Messages sent since `since`, by the recipient's provider; every provider, zeros too.
+
+    The database counts by what follows the address's first @ (one cut per message), and
+    provider_of names each of those few tails here. Matching every message against each of
+    the 443 provider domains in SQL cost about 20 us a message: 0.6 s of CPU per dashboard
+    load or /metrics scrape after 30,000 messages in a day, taken from the sender.
+    """
+    email = Subscriber.email
+    at = func.strpos(email, "@") if _dialect(session) == "postgresql" else func.instr(email, "@")
+    tail = func.lower(func.substr(email, at + 1))
     stmt = (
-        select(provider, func.count())
+        select(tail, func.count())
         .select_from(Delivery)
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
         .where(Delivery.sent_at >= since)
-        .group_by(provider)
+        .group_by(tail)
     )
     counts = dict.fromkeys(PROVIDERS, 0)
-    counts.update({str(p): int(n) for p, n in session.execute(stmt)})
+    for after_at, n in session.execute(stmt):
+        # provider_of takes the part after the last @: a tail holding another @ is read right.
+        counts[provider_of(f"@{after_at}")] += int(n)
     return counts
+
+
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
 
 
 def doctor_passed(session: Session) -> bool | None:
