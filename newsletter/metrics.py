@@ -99,7 +99,8 @@ def provider_counts(session: Session, *, since: datetime) -> dict[str, int]:
     load or /metrics scrape after 30,000 messages in a day, taken from the sender.
     """
     email = Subscriber.email
-    at = func.strpos(email, "@") if _dialect(session) == "postgresql" else func.instr(email, "@")
+    postgresql = session.get_bind().dialect.name == "postgresql"
+    at = func.strpos(email, "@") if postgresql else func.instr(email, "@")
     tail = func.lower(func.substr(email, at + 1))
     stmt = (
         select(tail, func.count())
@@ -113,10 +114,6 @@ def provider_counts(session: Session, *, since: datetime) -> dict[str, int]:
         # provider_of takes the part after the last @: a tail holding another @ is read right.
         counts[provider_of(f"@{after_at}")] += int(n)
     return counts
-
-
-def _dialect(session: Session) -> str:
-    return session.get_bind().dialect.name
 
 
 def doctor_passed(session: Session) -> bool | None:
