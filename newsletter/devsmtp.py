@@ -31,6 +31,19 @@ class MaildirHandler:
         self.count = 0
         self.keys: list[str] = []  # Maildir keys in the order the messages arrived
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Offer PIPELINING, as real relays do: aiosmtpd reads commands line by line, so it
+        serves pipelined ones (and a next envelope sent with a final dot) in order."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         head = (

@@ -18,7 +18,7 @@ import random
 import smtplib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -30,7 +30,7 @@ from newsletter.clock import Clock
 from newsletter.config import RelaySettings, Settings, SmtpSettings
 from newsletter.db import unit_of_work
 from newsletter.db.queries import recent_sends
-from newsletter.smtp_wire import SmtpConnection
+from newsletter.smtp_wire import EnvelopeLost, SmtpConnection
 
 HOUR = 3600.0
 # What can go wrong on the wire: smtplib.SMTPException, ssl.SSLError, TimeoutError and
@@ -66,8 +66,13 @@ class Transport(Protocol):
         sender: str,
         recipient: str,
         ready: Awaitable[object] | None = None,
+        chain: Chain | None = None,
     ) -> Outcome:
-        """Send one message; its final dot (acceptance) waits for `ready`, if given."""
+        """Send one message; its final dot (acceptance) waits for `ready`, if given.
+
+        `chain`: the calling lane's, so its next message's envelope may go with this one's
+        final dot (see Chain); a transport may ignore it.
+        """
         ...
 
     def interrupt(self) -> None: ...
@@ -115,6 +120,48 @@ def unusable_envelope(sender: str, recipient: str) -> Outcome | None:
     return None
 
 
+class Chain:
+    """One lane's way of sending its next message on the connection its last one used.
+
+    `follow` is asked, when a message's final dot may go, for the lane's next message's
+    (sender, recipient), or None. An envelope it names goes in the dot's write, and the
+    connection, with its pool slot, stays here for that message: the lane must send it next
+    with this chain, or `drop` the chain (the server is waiting for that message's content).
+    """
+
+    def __init__(self, follow: Callable[[], tuple[str, str] | None]) -> None:
+        self._follow = follow
+        self._held: tuple[ConnectionPool, SmtpConnection] | None = None
+
+    def follow(self) -> tuple[str, str] | None:
+        """The next message's envelope, if the lane has one an SMTP command can carry."""
+        following = self._follow()
+        if following is None or unusable_envelope(*following) is not None:
+            return None  # the lane sends it on its own, and learns there why it cannot go
+        return following
+
+    def hold(self, pool: ConnectionPool, conn: SmtpConnection) -> None:
+        """Keep a connection carrying the next message's envelope."""
+        self.drop()
+        self._held = (pool, conn)
+
+    def take(self, pool: ConnectionPool) -> SmtpConnection | None:
+        """The connection held for `pool`, if any (its slot goes with it)."""
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        if held[0] is not pool:
+            held[0].let_go(held[1])
+            return None
+        return held[1]
+
+    def drop(self) -> None:
+        """Close a connection held for a message that will not come."""
+        held, self._held = self._held, None
+        if held is not None:
+            held[0].let_go(held[1])
+
+
 class ConnectionPool:
     """Up to `pool_size` connections to one relay, each carrying one message at a time."""
 
@@ -131,35 +178,60 @@ class ConnectionPool:
         sender: str,
         recipient: str,
         ready: Awaitable[object] | None = None,
+        chain: Chain | None = None,
     ) -> Outcome:
         """Send one message over a pooled connection (a new one if none is idle).
 
         `ready` (the previous outcome's commit): awaited before the final dot; if it fails, the
         connection is dropped mid-DATA, so the server keeps nothing, and its error raises.
+        `chain`: the connection carrying this message's envelope, if the lane's last message
+        sent it; the next message's envelope may go with this one's final dot.
         """
+        conn = chain.take(self) if chain is not None else None
         refused = unusable_envelope(sender, recipient)
         if refused is not None:
+            if conn is not None:  # not a message Chain.follow names; kept safe all the same
+                self.let_go(conn)
             return replace(refused, relay=self.relay.label)
-        async with self._slots:
-            conn = None
+        if conn is None:
+            await self._slots.acquire()
+        follow = chain.follow if chain is not None and not self._closed else None
+        try:
+            conn = conn or self._take_idle() or await SmtpConnection.open(self.relay)
             try:
+                code, reply, recipient_level = await conn.send(
+                    message, sender, recipient, ready=ready, follow=follow
+                )
+            except EnvelopeLost:  # e.g. a server that hangs up after so many messages
+                conn.abort()
+                conn = None
                 conn = self._take_idle() or await SmtpConnection.open(self.relay)
                 code, reply, recipient_level = await conn.send(
-                    message, sender, recipient, ready=ready
+                    message, sender, recipient, ready=ready, follow=follow
                 )
-            except TRANSPORT_ERRORS as error:  # a failure on the wire is an Outcome, not a crash
-                if conn is not None:
-                    conn.abort()
-                return replace(classify_error(error), relay=self.relay.label)
-            except BaseException:  # a bug or a cancel: the connection's state is unknown
-                if conn is not None:
-                    conn.abort()
-                raise
-            if code == 421 or self._closed or not conn.usable:  # closing, or out of step
+        except TRANSPORT_ERRORS as error:  # a failure on the wire is an Outcome, not a crash
+            if conn is not None:
                 conn.abort()
-            else:
-                self._idle.append(conn)
+            self._slots.release()
+            return replace(classify_error(error), relay=self.relay.label)
+        except BaseException:  # a bug or a cancel: the connection's state is unknown
+            if conn is not None:
+                conn.abort()
+            self._slots.release()
+            raise
+        if code == 421 or self._closed or not conn.usable:  # closing, or out of step
+            self.let_go(conn)
+        elif conn.carried is not None and chain is not None:
+            chain.hold(self, conn)
+        else:
+            self._idle.append(conn)
+            self._slots.release()
         return classify(code, reply, recipient_level=recipient_level, relay=self.relay.label)
+
+    def let_go(self, conn: SmtpConnection) -> None:
+        """Close a connection that was in use and free its slot."""
+        conn.abort()
+        self._slots.release()
 
     def _take_idle(self) -> SmtpConnection | None:
         """An idle connection still open (a server may close one that idled too long)."""
@@ -248,16 +320,25 @@ class SmtpPool:
         sender: str,
         recipient: str,
         ready: Awaitable[object] | None = None,
+        chain: Chain | None = None,
     ) -> Outcome:
         """Send through a relay under its limits; UNSENT if interrupted while waiting.
 
-        `ready`: awaited before the message's final dot (ConnectionPool.send).
+        `ready`: awaited before the message's final dot (ConnectionPool.send). `chain` is used
+        with one relay without limits only: elsewhere the next message's relay is chosen when
+        it is due, and its envelope cannot go ahead of it.
         """
         index = await self._pick()
         if index is None:
+            if chain is not None:
+                chain.drop()
             return Outcome(Result.UNSENT, "stopped before sending")
         return await self._pools[index].send(
-            message, sender=sender, recipient=recipient, ready=ready
+            message,
+            sender=sender,
+            recipient=recipient,
+            ready=ready,
+            chain=chain if self._unpaced else None,
         )
 
     async def _pick(self) -> int | None:

@@ -21,7 +21,7 @@ import hmac
 import smtplib
 import ssl
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from newsletter.config import RelaySettings
 
@@ -49,6 +49,11 @@ class Wire(bytes):
 
 class NotReady(Exception):
     """What a message's final dot waited for failed: the caller drops the connection mid-DATA."""
+
+
+class EnvelopeLost(smtplib.SMTPServerDisconnected):
+    """The connection failed before the server answered an envelope sent with the previous
+    message's final dot: nothing of this message went, and it may go on another connection."""
 
 
 class SmtpProtocol(asyncio.Protocol):
@@ -137,14 +142,14 @@ class SmtpProtocol(asyncio.Protocol):
         """Nothing received that was not read: no reply waiting, no partial line."""
         return not self._replies and not self._buffer
 
-    def usable(self) -> bool:
-        """Still open, nothing failed, and nothing unread."""
+    def usable(self, *, expected: bool = False) -> bool:
+        """Still open, nothing failed, and nothing unread (unless replies are `expected`)."""
         transport = self.transport
         return (
             self._error is None
             and transport is not None
             and not transport.is_closing()
-            and self.quiet()
+            and (expected or self.quiet())
         )
 
     def write(self, data: bytes) -> None:
@@ -173,6 +178,9 @@ class SmtpConnection:
         self.protocol, self.relay = protocol, relay
         self.timeout = relay.timeout_seconds
         self.extensions: dict[str, str] = {}
+        # The envelope (sender, recipient) written with the last message's final dot, whose
+        # replies are still to be read: the next `send` must be for it.
+        self.carried: tuple[str, str] | None = None
 
     @classmethod
     async def open(cls, relay: RelaySettings) -> SmtpConnection:
@@ -274,6 +282,7 @@ class SmtpConnection:
         recipient: str,
         *,
         ready: Awaitable[object] | None = None,
+        follow: Callable[[], tuple[str, str] | None] | None = None,
     ) -> tuple[int, bytes, bool]:
         """One mail transaction: (code, reply, whether a refusal was about the recipient).
 
@@ -281,16 +290,30 @@ class SmtpConnection:
         round trips, not four. The addresses were checked first (smtp.unusable_envelope): no
         line break can end a command early. The final dot, which lets the server accept the
         message, waits for `ready`; the caller drops the connection if that raises.
+
+        `follow`, asked once the final dot may go, names the next message's envelope, or None.
+        Its MAIL, RCPT and DATA then go in the dot's write (RFC 2920 3.1: message content may
+        open a group), so the next message costs one round trip here, not two. The connection
+        then `carried` that envelope; only a `send` for it may come next (or an abort).
         """
         body = message if isinstance(message, Wire) else stuff(message)
         end = b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"
         protocol, timeout = self.protocol, self.timeout
-        mail_from, rcpt_to = envelope_address(sender), envelope_address(recipient)
-        if "pipelining" in self.extensions:
-            if not protocol.quiet():  # a reply nobody asked for: the dialogue is out of step
-                raise smtplib.SMTPResponseException(-1, b"unexpected reply before MAIL")
-            protocol.write(f"MAIL FROM:{mail_from}\r\nRCPT TO:{rcpt_to}\r\nDATA\r\n".encode())
-            mail = await protocol.reply(timeout)
+        pipelining = "pipelining" in self.extensions
+        if pipelining:
+            carried, self.carried = self.carried, None
+            if carried is None:
+                if not protocol.quiet():  # a reply nobody asked for: the dialogue is out of step
+                    raise smtplib.SMTPResponseException(-1, b"unexpected reply before MAIL")
+                protocol.write(_envelope(sender, recipient))
+            elif carried != (sender, recipient):
+                raise ValueError("a send for another envelope than the one carried")
+            try:
+                mail = await protocol.reply(timeout)
+            except OSError as error:
+                if carried is None:
+                    raise
+                raise EnvelopeLost(f"before the carried envelope's reply: {error}") from error
             if mail[0] == 421:  # the server is closing; the other replies will not come
                 return (*mail, False)
             refusal = None if mail[0] == 250 else (*mail, False)
@@ -313,26 +336,30 @@ class SmtpConnection:
         else:
             if not protocol.quiet():
                 raise smtplib.SMTPResponseException(-1, b"unexpected reply before MAIL")
-            mail = await self.command(f"MAIL FROM:{mail_from}")
+            mail = await self.command(f"MAIL FROM:{envelope_address(sender)}")
             if mail[0] != 250:
                 return await self._refused((*mail, False))
-            rcpt = await self.command(f"RCPT TO:{rcpt_to}")
+            rcpt = await self.command(f"RCPT TO:{envelope_address(recipient)}")
             if rcpt[0] not in (250, 251):
                 return await self._refused((*rcpt, True))
             data = await self.command("DATA")
         if data[0] != 354:
             raise smtplib.SMTPDataError(*data)
-        if ready is None:
-            protocol.write(body + end)
-        else:
+        if ready is not None:
             protocol.write(body)
+            body = b""
             try:
                 await ready
             except Exception as error:  # not an OSError: no outcome of this message
                 raise NotReady(
                     "what this message waited for failed; nothing was accepted"
                 ) from error
-            protocol.write(end)
+        following = follow() if follow is not None and pipelining else None
+        if following is None:
+            protocol.write(body + end)
+        else:
+            protocol.write(body + end + _envelope(*following))
+            self.carried = following
         return (*await protocol.reply(timeout), False)
 
     async def _refused(self, refusal: tuple[int, bytes, bool]) -> tuple[int, bytes, bool]:
@@ -345,8 +372,9 @@ class SmtpConnection:
 
     @property
     def usable(self) -> bool:
-        """Open, and in step: nothing failed and no reply is waiting unread."""
-        return self.protocol.usable()
+        """Open, and in step: nothing failed and no reply is waiting unread but a carried
+        envelope's."""
+        return self.protocol.usable(expected=self.carried is not None)
 
     async def quit(self) -> None:
         """Say QUIT (waiting briefly for the answer) and close."""
@@ -362,6 +390,12 @@ class SmtpConnection:
         """Close at once: the connection's state is unknown or no longer wanted."""
         if self.protocol.transport is not None:
             self.protocol.transport.abort()
+
+
+def _envelope(sender: str, recipient: str) -> bytes:
+    """MAIL, RCPT and DATA for one message, to be written as one group (PIPELINING)."""
+    mail_from, rcpt_to = envelope_address(sender), envelope_address(recipient)
+    return f"MAIL FROM:{mail_from}\r\nRCPT TO:{rcpt_to}\r\nDATA\r\n".encode()
 
 
 def _b64(data: bytes) -> str:

@@ -10,6 +10,7 @@ import smtplib
 import socket
 import ssl
 import threading
+from collections import deque
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -24,7 +25,15 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import Delivery
 from newsletter.devsmtp import free_port
 from newsletter.send import SendReport
-from newsletter.smtp import Outcome, Result, SmtpPool, classify, classify_error, open_pool
+from newsletter.smtp import (
+    Chain,
+    Outcome,
+    Result,
+    SmtpPool,
+    classify,
+    classify_error,
+    open_pool,
+)
 from tests.conftest import SECRET
 from tests.smtp_faults import Fault, FaultyHandler, faulty_smtpd
 from tests.test_send import deliver, seed, settings_for
@@ -61,17 +70,36 @@ class PlainHandler(FaultyHandler):
         return responses
 
 
-def send_all(port: int, recipients: list[str]) -> list[Outcome]:
+def send_all(port: int, recipients: list[str], *, chained: bool = False) -> list[Outcome]:
+    """Send BODY to each recipient in turn on one connection's pool; `chained` as a sender's
+    lane does, each message's final dot carrying the next one's envelope (smtp.Chain)."""
     base = load_settings(None, {"NEWSLETTER_SECRET": SECRET})
     settings = replace(base.smtp, host="127.0.0.1", port=port, pool_size=1)
+    sender = "bounces@example.org"
 
     async def go() -> list[Outcome]:
         pool = SmtpPool(settings)
+        waiting = deque(recipients)
+        following: list[str] = []
+
+        def follow() -> tuple[str, str] | None:
+            if not waiting:
+                return None
+            following.append(waiting.popleft())
+            return sender, following[-1]
+
+        chain = Chain(follow) if chained else None
+        outcomes = []
         try:
-            return [
-                await pool.send(BODY, sender="bounces@example.org", recipient=r) for r in recipients
-            ]
+            while following or waiting:
+                recipient = following.pop() if following else waiting.popleft()
+                outcomes.append(
+                    await pool.send(BODY, sender=sender, recipient=recipient, chain=chain)
+                )
+            return outcomes
         finally:
+            if chain is not None:
+                chain.drop()
             await pool.close()
 
     return asyncio.run(go())
@@ -113,6 +141,45 @@ def test_each_reply_is_classified_and_the_connection_serves_the_next_message(
     assert [rcpts for _s, rcpts, _raw in handler.received][-1] == ["second@example.net"]
     # A refusal resets the connection for the next message; only a drop needs a new one.
     assert handler.connections == (2 if fault and fault.drop else 1)
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param([], id="accepted"),
+        # MAIL knows no recipient: the first fault lets the first MAIL by, the second answers.
+        pytest.param(
+            [Fault("MAIL", times=1), Fault("MAIL", "451 4.3.0 later", times=1)], id="mail-451"
+        ),
+        pytest.param(
+            [Fault("MAIL", times=1), Fault("MAIL", "421 4.3.2 bye", times=1)], id="mail-421"
+        ),
+        pytest.param([Fault("RCPT", "550 5.1.1 no such user", only="second")], id="rcpt-550"),
+        pytest.param([Fault("RCPT", "452 4.2.2 mailbox full", only="second")], id="rcpt-452"),
+        pytest.param([Fault("DATA", "554 5.7.1 refused", only="second")], id="data-554"),
+        pytest.param([Fault("RCPT", drop=True, only="second")], id="rcpt-drop"),
+        pytest.param([Fault("DATA", drop=True, only="second")], id="data-drop"),
+    ],
+)
+def test_a_carried_envelope_gets_the_outcome_it_gets_on_its_own(faults: list[Fault]) -> None:
+    """The next envelope sent with the final dot (RFC 2920 3.1) changes no outcome: the
+    second of three messages gets what it gets when its envelope waits for the first's 250,
+    the same messages arrive, and a connection the server kept serves all three."""
+    recipients = ["first@example.net", "second@example.net", "third@example.net"]
+    seen = {}
+    for chained in (False, True):
+        handler = PipeliningHandler(faults=[replace(f) for f in faults])
+        with faulty_smtpd(handler) as port:
+            outcomes = send_all(port, recipients, chained=chained)
+        got = [(o.result, o.code, o.recipient_level) for o in outcomes]
+        seen[chained] = got, [rcpts for _s, rcpts, _raw in handler.received], handler.connections
+    assert seen[True][:2] == seen[False][:2]
+    outcomes, received, connections = seen[True]
+    assert outcomes[0][0] is outcomes[2][0] is Result.SENT
+    assert (outcomes[1][0] is Result.SENT) == (not faults)
+    assert received == [[r] for r in recipients if faults == [] or r != "second@example.net"]
+    dropped = any(f.drop for f in faults) or "421" in str(faults)
+    assert connections == (2 if dropped else 1)
 
 
 @pytest.mark.parametrize("handler_type", [PipeliningHandler, PlainHandler], ids=["pipe", "plain"])

@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from newsletter.config import SmtpSettings, load_settings
 from newsletter.devsmtp import free_port
-from newsletter.smtp import Outcome, Result, SmtpPool
+from newsletter.smtp import Chain, Outcome, Result, SmtpPool
 from newsletter.smtp_wire import NotReady, SmtpConnection, SmtpProtocol, Wire, stuff
 from tests.conftest import SECRET
 
@@ -890,17 +890,23 @@ async def _greeting_then_hang_up(peer: Peer) -> None:
         ),
     ],
 )
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained"])
 def test_a_hostile_server_gives_an_outcome_and_the_next_message_goes(
-    dialogue: dict[str, Any], expected: Result, code: int | None, pipelining: bool
+    dialogue: dict[str, Any], expected: Result, code: int | None, pipelining: bool, chained: bool
 ) -> None:
     """Flood, silence, hang-up or garbage: an Outcome within the time-out, never a hang or a
-    raise; the message after it is delivered (a new connection where the old one is gone)."""
+    raise; the message after it is delivered (a new connection where the old one is gone),
+    also when its envelope went with the first one's final dot."""
 
     async def go() -> tuple[list[Outcome], float, Scripted]:
         extensions = (b"PIPELINING",) if pipelining else ()
         first = session(extensions=extensions, **dialogue)
         async with Scripted(first, session(extensions=extensions)) as srv:
             settings = smtp_settings(srv.port, timeout_seconds=0.5)
+            if chained:
+                start = time.monotonic()
+                outcomes = await send_chained(settings, [body(1), body(2)])
+                return outcomes, time.monotonic() - start, srv
             pool = SmtpPool(settings)
             try:
                 start = time.monotonic()
@@ -1158,3 +1164,131 @@ def test_a_wire_message_arrives_exactly_as_built(raw: bytes) -> None:
     assert [o.result for o in outcomes] == [Result.SENT, Result.SENT], outcomes
     expected = raw if raw.endswith(b"\r\n") else raw + b"\r\n"
     assert handler.contents() == [expected, expected]
+
+
+# --- 7. the next message's envelope with the final dot (RFC 2920 3.1) ------------------------
+
+
+async def send_chained(settings: SmtpSettings, messages: list[bytes]) -> list[Outcome]:
+    """Send the messages as a sender's lane does: each final dot carries the next envelope."""
+    pool = SmtpPool(settings)
+    waiting = list(enumerate(messages))
+    following: list[tuple[int, bytes]] = []
+
+    def follow() -> tuple[str, str] | None:
+        if not waiting:
+            return None
+        following.append(waiting.pop(0))
+        return SENDER, f"reader{following[-1][0]}@example.net"
+
+    chain = Chain(follow)
+    outcomes = []
+    try:
+        while following or waiting:
+            n, message = following.pop() if following else waiting.pop(0)
+            recipient = f"reader{n}@example.net"
+            outcomes.append(
+                await pool.send(message, sender=SENDER, recipient=recipient, chain=chain)
+            )
+        return outcomes
+    finally:
+        chain.drop()
+        await pool.close()
+
+
+def looking_ahead(messages: int) -> Script:
+    """A server that answers each final dot but the last only once the next message's MAIL,
+    RCPT and DATA have come: a client waiting for that answer first is stuck here (1 s)."""
+
+    async def script(srv: Scripted, reader: asyncio.StreamReader, writer: Any) -> None:
+        peer = Peer(srv, reader, writer, trickle=False)
+        await peer.send(b"220 hostile.test\r\n")
+        await reader.readline()  # EHLO
+        await peer.send(ehlo_reply((b"PIPELINING",)))
+        envelope = [await reader.readline() for _ in range(3)]
+        for n in range(messages):
+            srv.commands.extend(envelope)
+            await peer.send(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+            lines = []
+            while (line := await reader.readline()) != b".\r\n":
+                lines.append(line)
+            srv.received.append(b"".join(lines))
+            if n < messages - 1:
+                try:
+                    envelope = [await asyncio.wait_for(reader.readline(), 1) for _ in range(3)]
+                except TimeoutError:
+                    srv.commands.append(b"no envelope before the reply to the dot")
+                    return
+            await peer.send(b"250 2.0.0 queued\r\n")
+        await reader.readline()  # QUIT
+        await peer.send(b"221 bye\r\n")
+
+    return script
+
+
+def test_the_next_envelope_goes_with_the_final_dot() -> None:
+    """Three messages on one connection, each next MAIL, RCPT and DATA sent before the reply
+    to the final dot: one round trip a message, not two. The same server keeps a client that
+    waits for the reply (as without a chain) stuck, so the test tells the two apart."""
+
+    async def go(chained: bool) -> tuple[list[Outcome], Scripted]:
+        async with Scripted(looking_ahead(3)) as srv:
+            settings = smtp_settings(srv.port)
+            messages = [body(0), body(1), body(2)]
+            sent = await (send_chained if chained else send_each)(settings, messages)
+            return sent, srv
+
+    outcomes, srv = run(go(True))
+    assert [o.result for o in outcomes] == [Result.SENT] * 3, outcomes
+    assert srv.received == [body(0), body(1), body(2)]
+    assert srv.connections == 1
+    rcpts = [c for c in srv.commands if c.startswith(b"RCPT")]
+    assert rcpts == [f"RCPT TO:<reader{n}@example.net>\r\n".encode() for n in range(3)]
+    outcomes, srv = run(go(False))
+    assert outcomes[0].result is Result.TEMPORARY  # no reply to its dot ever came
+    assert srv.commands[-1] == b"no envelope before the reply to the dot"
+
+
+async def _accept_then_hang_up(peer: Peer) -> bool:
+    await peer.send(b"250 2.0.0 queued\r\n")
+    return False
+
+
+def test_a_server_that_hangs_up_after_a_message_defers_nothing() -> None:
+    """A relay that closes each connection after one message (its limit), never reading the
+    envelope that came with the dot: the next message goes on a new connection, accepted."""
+
+    async def go() -> tuple[list[Outcome], Scripted]:
+        first = session(answers={b".": _accept_then_hang_up})
+        async with Scripted(first, first, session()) as srv:
+            outcomes = await send_chained(smtp_settings(srv.port), [body(0), body(1), body(2)])
+            return outcomes, srv
+
+    outcomes, srv = run(go())
+    assert [o.result for o in outcomes] == [Result.SENT] * 3, outcomes
+    assert srv.received == [body(0), body(1), body(2)]
+    assert srv.connections == 3
+
+
+def test_a_dropped_chain_leaves_the_carried_message_undelivered() -> None:
+    """A lane that will not send the message whose envelope went ahead (a pause came) drops
+    the connection mid-DATA: the server keeps nothing of it, and the next send opens anew."""
+
+    async def go() -> tuple[Outcome, Outcome, Scripted]:
+        async with Scripted(session(), session()) as srv:
+            pool = SmtpPool(smtp_settings(srv.port))
+            chain = Chain(lambda: (SENDER, "paused@example.net"))
+            try:
+                first = await pool.send(body(0), sender=SENDER, recipient=RECIPIENT, chain=chain)
+                chain.drop()
+                await asyncio.sleep(0.1)
+                after = await pool.send(body(1), sender=SENDER, recipient=RECIPIENT)
+            finally:
+                await pool.close()
+            return first, after, srv
+
+    first, after, srv = run(go())
+    assert (first.result, after.result) == (Result.SENT, Result.SENT)
+    assert srv.received == [body(0), body(1)]  # nothing for paused@, not even an empty one
+    assert srv.connections == 2
+    assert b"RCPT TO:<paused@example.net>\r\n" in srv.commands
