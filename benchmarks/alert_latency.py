@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/alert_latency.py [--digest 100000] [--alert 10000]
                                                 [--sink postfix|aiosmtpd] [--head-start 5000]
+                                                [--profile FILE [--gil]]
 
 A real `newsletter run` process (SQLite, the default settings) starts sending a digest to
 --digest readers through a local SMTP sink. Once --head-start digest messages are out, the portal
 publishes an urgent item and calls POST /hooks/ingest; the alert (auto mode) goes to --alert
 other readers. Prints the webhook's answer time and the time from the call to the last alert
 message accepted by the sink (the delivery's sent_at, written right after the sink's 250).
+With --profile, py-spy samples the service from just before the call for --profile-seconds;
+benchmarks/profile_summary.py reads the file.
 """
 
 from __future__ import annotations
@@ -194,6 +197,27 @@ def alert_ceiling(work: Path, url: str, sink: str, port: int) -> tuple[int, floa
     return total, total / rate, mean
 
 
+def start_profile(pid: int, path: str, seconds: float, gil: bool) -> subprocess.Popen[bytes]:
+    """py-spy sampling process `pid` into `path` (raw collapsed stacks) for `seconds`."""
+    spy = Path(sys.executable).parent / "py-spy"
+    command = [str(spy), "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+    command += ["--duration", str(max(1, round(seconds))), "--output", path]
+    spy_run = subprocess.Popen([*command, *(["--gil"] if gil else [])], stdout=subprocess.DEVNULL)
+    time.sleep(0.5)  # py-spy attaches before the call it is meant to see
+    return spy_run
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each thread of process `pid` has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
 def wait(predicate: Any, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -213,6 +237,9 @@ def main() -> None:
         else "aiosmtpd"
     )
     parser.add_argument("--sink", choices=("postfix", "aiosmtpd"), default=default_sink)
+    parser.add_argument("--profile", metavar="FILE", help="py-spy samples of the service, raw")
+    parser.add_argument("--profile-seconds", type=float, default=4.0)
+    parser.add_argument("--gil", action="store_true", help="with --profile: the GIL holder only")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="alert-latency-"))
@@ -255,14 +282,24 @@ def main() -> None:
             method="POST",
             headers={"X-Newsletter-Secret": HOOK},
         )
+        spy = (
+            start_profile(run.pid, args.profile, args.profile_seconds, args.gil)
+            if args.profile
+            else None
+        )
+        cpu_before = thread_cpu(run.pid)
         called = datetime.now(UTC)
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         answered = datetime.now(UTC)
         at_call = counts(url)
         wait(lambda: counts(url).get("alert_sent", 0) >= args.alert, 600, "the alert")
+        cpu_after = thread_cpu(run.pid)
+        done = datetime.now(UTC)
         first, last = alert_span(url)
         after = counts(url)
+        if spy is not None:
+            spy.wait(timeout=60)
         stop(run)
         alone = alert_ceiling(work, url, args.sink, sink_port)
     finally:
@@ -286,6 +323,13 @@ def main() -> None:
     print(
         f"the sink alone, for the same {alone[0]:,} alert messages (smtp-source, "
         f"{CEILING_SESSIONS} sessions, mean {alone[2]:,.0f} bytes): {alone[1]:.1f} s"
+    )
+    span = (done - called).total_seconds()
+    used = sorted((cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after), reverse=True)
+    print(
+        f"service CPU from the call to the last alert seen ({span:.1f} s): "
+        f"{sum(used) / span:.2f} cores; busiest threads "
+        + ", ".join(f"{u / span:.2f}" for u in used[:4])
     )
     print(f"work folder (database, run.log): {work}")
 

@@ -85,7 +85,7 @@ from newsletter.enqueue import launch_campaign  # noqa: E402
 from newsletter.variants import render_campaign, store_variants  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sinks import start_sink, stop_sink  # noqa: E402
+from sinks import start_delay, start_sink, stop_sink  # noqa: E402
 
 from newsletter.send import TemplateCache, deliver_queued, prepare_jobs  # noqa: E402
 from newsletter.smtp import SmtpPool  # noqa: E402
@@ -560,6 +560,13 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --profile: sample only the thread holding the GIL (Python's own CPU time)",
     )
+    ap.add_argument(
+        "--relay-rtt-ms",
+        type=float,
+        default=0.0,
+        help="send through a proxy adding this round trip, as to a relay that far away; "
+        "the ceiling stays the sink's own, on loopback",
+    )
     # The configuration's defaults, so a run without these measures what an operator gets.
     ap.add_argument("--pool-size", type=int, default=SmtpSettings().pool_size)
     ap.add_argument("--batch-size", type=int, default=SmtpSettings().batch_size)
@@ -619,6 +626,7 @@ def run_sender(
     workers: int,
     args: argparse.Namespace,
     mix: Mix | None,
+    sink_port: int,
 ) -> tuple[Mix, dict[str, Any]]:
     """Enqueue and send in this process (workers 0) or with `newsletter send --workers N`.
 
@@ -629,7 +637,7 @@ def run_sender(
     queued, c1 = time.perf_counter() - t0, cpu_seconds()
     if mix is None:
         sample = sample_prepared(factory, settings, cid)
-        mix = measure_mix(args.sink, settings.smtp.port, args.n, sample)
+        mix = measure_mix(args.sink, sink_port, args.n, sample)
     c2, t1, m1 = cpu_seconds(), time.perf_counter(), machine_busy()
     if workers:
         peak = send_with_workers(work, settings, workers, args.n)
@@ -658,6 +666,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nl-bench-"))
     port = free_port()
     sink = start_sink(args.sink, port)
+    relay, proxy = port, None  # where the sender sends: the sink, or a delaying proxy to it
+    if args.relay_rtt_ms:
+        relay = free_port()
+        proxy = start_delay(relay, port, args.relay_rtt_ms)
     databases = Database(args.database, work)
     if args.cli:
         counts = [-1]
@@ -668,7 +680,7 @@ def main() -> None:
     try:
         for workers in counts:
             url = databases.fresh("cli" if workers < 0 else f"w{workers}")
-            settings = bench_settings(url, port, args)
+            settings = bench_settings(url, relay, args)
             engine = make_engine(url)
             migrate(engine)
             factory = make_sessionmaker(engine)
@@ -676,11 +688,11 @@ def main() -> None:
                 seed_audience(factory, args.n)
                 before = peak_mb(resource.RUSAGE_SELF)
                 mix = measure_mix(args.sink, port, args.n, sample_rehearsed(factory, settings))
-                cid, run = run_cli(work, factory, url, port, args.n)
+                cid, run = run_cli(work, factory, url, relay, args.n)
             else:
                 cid = seed(factory, args.n)
                 before = peak_mb(resource.RUSAGE_SELF)
-                mix, run = run_sender(work, factory, settings, cid, workers, args, mix)
+                mix, run = run_sender(work, factory, settings, cid, workers, args, mix, port)
             with unit_of_work(factory) as s:
                 sent = deliveries_by_language(s, cid, status="sent")
                 n_variants = s.scalar(
@@ -711,6 +723,8 @@ def main() -> None:
         top_after = mix_ceiling(args.sink, port, mix.messages, mix.split)
     finally:
         stop_sink(sink)
+        if proxy is not None:
+            stop_sink(proxy)
         databases.drop_all()
         shutil.rmtree(work, ignore_errors=True)
     top = (top_before + top_after) / 2
@@ -721,6 +735,13 @@ def main() -> None:
         "defaults" if args.cli else f"pool_size {args.pool_size}; batch_size {args.batch_size}"
     )
     print(f"sink {args.sink}; {where}; recipients {args.n}; {sending}")
+    if args.relay_rtt_ms:
+        pool = SmtpSettings().pool_size if args.cli else args.pool_size
+        print(
+            f"relay round trip {args.relay_rtt_ms:g} ms (a delaying proxy): {pool} connections "
+            f"at one round trip a message can do at most {pool * 1000 / args.relay_rtt_ms:,.0f} "
+            f"msg/s, at two {pool * 500 / args.relay_rtt_ms:,.0f}"
+        )
     print(
         "message bytes per language: "
         + ", ".join(f"{lang} {sizes[lang]:,} ({readers[lang]} readers)" for lang in sizes)

@@ -24,6 +24,64 @@ controller.stop()
 """
 
 
+# A TCP proxy that holds every chunk for half the round trip each way, in order: a relay that
+# far away (for its latency only: loopback's bandwidth and the sink's speed stay).
+DELAY_PROXY = """
+import asyncio, sys
+listen, target, half = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 2000
+
+async def pipe(reader, writer):
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+
+    async def later():
+        while (item := await queue.get()) is not None:
+            due, data = item
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    forward = asyncio.create_task(later())
+    try:
+        while data := await reader.read(1 << 16):
+            queue.put_nowait((loop.time() + half, data))
+    except OSError:
+        pass
+    queue.put_nowait(None)
+    await forward
+
+async def serve(reader, writer):
+    try:
+        far_reader, far_writer = await asyncio.open_connection("127.0.0.1", target)
+    except OSError:
+        writer.close()
+        return
+    await asyncio.gather(
+        pipe(reader, far_writer), pipe(far_reader, writer), return_exceptions=True
+    )
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def start_delay(port: int, target: int, rtt_ms: float) -> subprocess.Popen[bytes]:
+    """A proxy on 127.0.0.1:port to the sink on `target`, adding `rtt_ms` to each round trip.
+
+    Returns once it accepts connections. Its own process: its CPU is not the sender's.
+    """
+    command = [sys.executable, "-c", DELAY_PROXY, str(port), str(target), str(rtt_ms)]
+    proxy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, proxy)
+    return proxy
+
+
 def start_sink(kind: str, port: int) -> subprocess.Popen[bytes]:
     """Start a sink on 127.0.0.1:port; "postfix" (smtp-sink, 256 connections) or "aiosmtpd".
 
