@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from newsletter import schedule
+from newsletter import fetch, render, schedule
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
@@ -39,7 +39,6 @@ from newsletter.dkim import DkimSigner, load_signer
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
-from newsletter.render import warm_up
 from newsletter.schedule import Scheduler
 from newsletter.send import SendControl, SendReport, deliver_queued
 from newsletter.smtp import SmtpPool, open_pool
@@ -279,12 +278,17 @@ def start_inbound_safely(service: Service) -> Any:
         return None
 
 
-def warm_up_templates(settings: Settings) -> None:
-    """Ready the email templates (render.warm_up); a failure is logged, the service goes on."""
+def warm_up(settings: Settings) -> None:
+    """Ready what the first urgent alert would load on its way: the email templates, the
+    fetching code. A failure is logged, the service goes on."""
     try:
-        warm_up(settings)
+        render.warm_up(settings)
     except Exception as error:  # a broken template is reported when a campaign is rendered
         log.warning("could not ready the email templates: %s", error)
+    try:
+        fetch.warm_up(settings.sources)
+    except Exception as error:  # the first fetch loads it, then
+        log.warning("could not ready the fetching code: %s", error)
 
 
 class _QuietServer(uvicorn.Server):
@@ -319,7 +323,7 @@ async def run_service(
         asyncio.create_task(keep_sending(service)),
         asyncio.create_task(server.serve()),
         # In a thread: the first urgent alert should not pay for compiling the templates.
-        asyncio.create_task(asyncio.to_thread(warm_up_templates, service.settings)),
+        asyncio.create_task(asyncio.to_thread(warm_up, service.settings)),
     ]
     staff = console_server(service, host=console[0], port=console[1]) if console else None
     if staff is not None:

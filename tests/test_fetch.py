@@ -759,3 +759,20 @@ def test_healthz_answers_while_a_slow_huge_feed_is_ingested(
         source = session.scalars(select(Source)).one()
         assert "no complete answer within timeout_seconds=5" in (source.last_error or "")
     engine.dispose()
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warmed", "cold"])
+def test_warm_up_loads_what_a_first_fetch_would_load(warm: bool) -> None:
+    """A new process that ran fetch.warm_up has httpx's asyncio machinery loaded (the service
+    does it at start, so the first urgent item's fetch does not); one that did not, has not."""
+    code = (
+        "import sys\n"
+        "from newsletter import fetch\n"
+        "from newsletter.config import SourcesSettings\n"
+        + ("fetch.warm_up(SourcesSettings())\n" if warm else "")
+        + "print('anyio._backends._asyncio' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == str(warm), result.stderr
