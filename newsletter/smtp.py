@@ -168,7 +168,7 @@ class ConnectionPool:
     def __init__(self, relay: RelaySettings) -> None:
         self.relay = relay
         self._idle: list[SmtpConnection] = []
-        self._slots = asyncio.Semaphore(relay.pool_size)
+        self._slots = asyncio.BoundedSemaphore(relay.pool_size)  # a slot freed twice raises
         self._closed = False
 
     async def send(

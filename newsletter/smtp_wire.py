@@ -311,7 +311,9 @@ class SmtpConnection:
             try:
                 mail = await protocol.reply(timeout)
             except OSError as error:
-                if carried is None:
+                # Only a hang-up: a server silent past the time-out may still be at work, and
+                # this message's outcome (deferred) should not wait for a second time-out.
+                if carried is None or isinstance(error, TimeoutError):
                     raise
                 raise EnvelopeLost(f"before the carried envelope's reply: {error}") from error
             if mail[0] == 421:  # the server is closing; the other replies will not come
@@ -328,6 +330,8 @@ class SmtpConnection:
                 if refusal is not None:  # refused, then hung up: the refusal is the answer
                     return refusal
                 raise
+            if not protocol.quiet():  # more than three replies: the dialogue is out of step
+                raise smtplib.SMTPResponseException(-1, b"unexpected reply after DATA")
             if refusal is not None:
                 if data[0] == 354:  # a server that opened DATA anyway gets an empty message
                     protocol.write(b".\r\n")
@@ -345,6 +349,8 @@ class SmtpConnection:
             data = await self.command("DATA")
         if data[0] != 354:
             raise smtplib.SMTPDataError(*data)
+        if not protocol.quiet():  # the server waits for the content: a reply now is out of step
+            raise smtplib.SMTPResponseException(-1, b"unexpected reply after 354")
         if ready is not None:
             protocol.write(body)
             body = b""
@@ -367,7 +373,8 @@ class SmtpConnection:
         up instead leaves the refusal standing, and the connection unusable)."""
         if refusal[0] != 421:
             with contextlib.suppress(OSError):
-                await self.command("RSET")
+                if (await self.command("RSET"))[0] != 250:  # out of step: not reused
+                    self.abort()
         return refusal
 
     @property

@@ -37,6 +37,15 @@ class FaultyHandler:
     faults: list[Fault] = field(default_factory=list)
     received: list[tuple[str, list[str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Offered as real relays offer it: the sender then sends each next envelope with the final
+    # dot (smtp.Chain), so the faults meet that path too.
+    pipelining: bool = True
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        session.host_name = hostname
+        if not self.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     def _match(self, stage: str, rcpts: list[str]) -> Fault | None:
         with self.lock:

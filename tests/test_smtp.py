@@ -70,9 +70,12 @@ class PlainHandler(FaultyHandler):
         return responses
 
 
-def send_all(port: int, recipients: list[str], *, chained: bool = False) -> list[Outcome]:
+def send_all(
+    port: int, recipients: list[str], *, chained: bool = False, carried: list[str] | None = None
+) -> list[Outcome]:
     """Send BODY to each recipient in turn on one connection's pool; `chained` as a sender's
-    lane does, each message's final dot carrying the next one's envelope (smtp.Chain)."""
+    lane does, each message's final dot carrying the next one's envelope (smtp.Chain), whose
+    recipients go to `carried`."""
     base = load_settings(None, {"NEWSLETTER_SECRET": SECRET})
     settings = replace(base.smtp, host="127.0.0.1", port=port, pool_size=1)
     sender = "bounces@example.org"
@@ -86,6 +89,8 @@ def send_all(port: int, recipients: list[str], *, chained: bool = False) -> list
             if not waiting:
                 return None
             following.append(waiting.popleft())
+            if carried is not None:
+                carried.append(following[-1])
             return sender, following[-1]
 
         chain = Chain(follow) if chained else None
@@ -167,13 +172,15 @@ def test_a_carried_envelope_gets_the_outcome_it_gets_on_its_own(faults: list[Fau
     the same messages arrive, and a connection the server kept serves all three."""
     recipients = ["first@example.net", "second@example.net", "third@example.net"]
     seen = {}
+    carried: list[str] = []
     for chained in (False, True):
         handler = PipeliningHandler(faults=[replace(f) for f in faults])
         with faulty_smtpd(handler) as port:
-            outcomes = send_all(port, recipients, chained=chained)
+            outcomes = send_all(port, recipients, chained=chained, carried=carried)
         got = [(o.result, o.code, o.recipient_level) for o in outcomes]
         seen[chained] = got, [rcpts for _s, rcpts, _raw in handler.received], handler.connections
     assert seen[True][:2] == seen[False][:2]
+    assert carried[:1] == ["second@example.net"]  # its envelope went with the first's dot
     outcomes, received, connections = seen[True]
     assert outcomes[0][0] is outcomes[2][0] is Result.SENT
     assert (outcomes[1][0] is Result.SENT) == (not faults)

@@ -880,6 +880,12 @@ async def _greeting_then_hang_up(peer: Peer) -> None:
             None,
             id="hang-up-mid-body",
         ),
+        pytest.param(
+            dict(answers={b"DATA": b"354 go ahead\r\n250 2.0.0 stray\r\n"}),
+            Result.TEMPORARY,
+            -1,
+            id="reply-after-354",
+        ),
         pytest.param(dict(answers={b".": _silence}), Result.TEMPORARY, None, id="dot-silent"),
         pytest.param(dict(answers={b".": _flood}), Result.PERMANENT, 500, id="dot-endless"),
         pytest.param(
@@ -1268,6 +1274,32 @@ def test_a_server_that_hangs_up_after_a_message_defers_nothing() -> None:
     assert [o.result for o in outcomes] == [Result.SENT] * 3, outcomes
     assert srv.received == [body(0), body(1), body(2)]
     assert srv.connections == 3
+
+
+async def _accept_then_fall_silent(peer: Peer) -> bool:
+    await peer.send(b"250 2.0.0 queued\r\n")
+    await peer.until_closed()
+    return False
+
+
+def test_a_server_silent_after_a_message_defers_the_carried_one_once() -> None:
+    """A relay that accepts a message, then answers nothing: the message whose envelope went
+    with its dot is deferred after one time-out (not tried again on a new connection while a
+    pause may have come); the one after it goes on a new connection."""
+
+    async def go() -> tuple[list[Outcome], float, Scripted]:
+        first = session(answers={b".": _accept_then_fall_silent})
+        async with Scripted(first, session()) as srv:
+            settings = smtp_settings(srv.port, timeout_seconds=0.5)
+            start = time.monotonic()
+            outcomes = await send_chained(settings, [body(0), body(1), body(2)])
+            return outcomes, time.monotonic() - start, srv
+
+    outcomes, elapsed, srv = run(go())
+    assert [o.result for o in outcomes] == [Result.SENT, Result.TEMPORARY, Result.SENT], outcomes
+    assert srv.received == [body(0), body(2)]
+    assert srv.connections == 2
+    assert elapsed < 1.5, elapsed  # one time-out, not two
 
 
 def test_a_dropped_chain_leaves_the_carried_message_undelivered() -> None:
