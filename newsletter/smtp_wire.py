@@ -294,7 +294,7 @@ class SmtpConnection:
         `follow`, asked once the final dot may go, names the next message's envelope, or None.
         Its MAIL, RCPT and DATA then go in the dot's write (RFC 2920 3.1: message content may
         open a group), so the next message costs one round trip here, not two. The connection
-        then `carried` that envelope; only a `send` for it may come next (or an abort).
+        then carries that envelope (`carried`): only a `send` for it may come next, or an abort.
         """
         body = message if isinstance(message, Wire) else stuff(message)
         end = b".\r\n" if body.endswith(b"\r\n") else b"\r\n.\r\n"
