@@ -1,10 +1,12 @@
 """The ledger: record each delivery's outcome, back off on 4xx, suppress refused mailboxes.
 
-`record_outcomes` writes in the caller's transaction, with one executemany per kind of outcome
-(db/queries.py), so recording stays cheap at thousands of messages a second. `LedgerWriter` is
-the sender's one writer: it owns a thread and a long-lived connection, and commits the outcomes
-handed to it once one of them is needed (see its docstring). SMTP replies are stored with the
-recipient's address blanked out: the record says what happened, not to whom in clear.
+`plan_outcomes` works out a group's rows; `write_plan` writes them in the caller's transaction,
+in one statement (db/queries.py), so recording stays cheap at thousands of messages a second.
+`LedgerWriter` is the sender's one writer: it owns long-lived connections (on PostgreSQL, one
+on the event loop besides each thread's), and commits the outcomes handed to it once one of
+them is needed (see its docstring). SMTP replies
+are stored with the recipient's address blanked out: the record says what happened, not to
+whom in clear.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
+import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +31,13 @@ from newsletter.campaigns import pause_campaign
 from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignStatus, DeliveryStatus
-from newsletter.db.queries import mark_bounced, record_sent, record_unsent
+from newsletter.db.queries import (
+    OUTCOMES_SQL,
+    OutcomeRow,
+    mark_bounced,
+    outcome_arrays,
+    record_outcomes,
+)
 from newsletter.smtp import Outcome, Result
 from newsletter.suppression import suppress
 
@@ -92,49 +101,57 @@ def scrub(reply: str, email: str) -> str:
     return reply[:1000]
 
 
-def record_outcomes(
-    session: Session,
-    results: list[tuple[Attempt, Outcome]],
-    *,
-    settings: Settings,
-    now: datetime,
-    rng: random.Random,
-) -> Recorded:
-    """Write each outcome to its delivery row; suppress addresses refused for good."""
-    report = Recorded()
-    sent: list[dict[str, object]] = []
-    other: list[dict[str, object]] = []
-    bounced: list[tuple[int, str, str]] = []
+@dataclass
+class Plan:
+    """A group's writes, worked out before any is made: a write tried again writes the same."""
+
+    rows: list[OutcomeRow] = field(default_factory=list)  # by delivery id
+    bounced: list[tuple[int, str, str]] = field(default_factory=list)  # by reader
+
+    def recorded(self) -> Recorded:
+        """What writing this plan records, in counts."""
+        statuses = [row.status for row in self.rows]
+        return Recorded(
+            sent=statuses.count(DeliveryStatus.SENT),
+            deferred=statuses.count(DeliveryStatus.DEFERRED),
+            failed=statuses.count(DeliveryStatus.FAILED),
+        )
+
+
+def plan_outcomes(
+    results: list[tuple[Attempt, Outcome]], *, settings: Settings, now: datetime, rng: random.Random
+) -> Plan:
+    """Each outcome's row, with its retry time; the addresses refused for good."""
+    plan = Plan()
     deadline = timedelta(hours=settings.smtp.retry_deadline_hours)
     for job, outcome in results:
-        row = {"b_id": job.delivery_id, "b_reply": scrub(outcome.reply, job.email)}
-        row["b_relay"] = outcome.relay or None
+        reply, relay = scrub(outcome.reply, job.email), outcome.relay or None
         if outcome.result is Result.SENT:
-            sent.append(row | {"b_at": now})
-            report.sent += 1
+            row = OutcomeRow(job.delivery_id, DeliveryStatus.SENT, now, None, reply, relay)
         elif outcome.result is Result.TEMPORARY and now - job.retry_from < deadline:
             delay = retry_delay(
                 job.attempts, base_seconds=settings.smtp.retry_base_seconds, rng=rng
             )
-            other.append(row | {"b_status": DeliveryStatus.DEFERRED, "b_next": now + delay})
-            report.deferred += 1
+            row = OutcomeRow(
+                job.delivery_id, DeliveryStatus.DEFERRED, None, now + delay, reply, relay
+            )
         else:
-            other.append(row | {"b_status": DeliveryStatus.FAILED, "b_next": now})
-            report.failed += 1
+            row = OutcomeRow(job.delivery_id, DeliveryStatus.FAILED, None, now, reply, relay)
             if outcome.result is Result.PERMANENT and outcome.recipient_level:
-                bounced.append((job.subscriber_id, job.email, str(row["b_reply"])))
-    # In one order (by reader) in every transaction: two writers' commits never wait for each
-    # other's rows in opposite orders.
-    for subscriber_id, email, reply in sorted(bounced):
+                plan.bounced.append((job.subscriber_id, job.email, reply))
+        plan.rows.append(row)
+    # In one order in every transaction (readers, then deliveries by id): two writers' commits
+    # never wait for each other's rows in opposite orders.
+    plan.bounced.sort()
+    plan.rows.sort()
+    return plan
+
+
+def write_plan(session: Session, plan: Plan, *, settings: Settings, now: datetime) -> None:
+    """Write a plan in the caller's transaction: suppress the refused addresses, record outcomes."""
+    for subscriber_id, email, reply in plan.bounced:
         suppress_bounced(session, subscriber_id, email, settings=settings, now=now, reply=reply)
-    # Rows in id order too: a statement that walks deliveries by id meets them in our order.
-    record_sent(session, sorted(sent, key=_by_id))
-    record_unsent(session, sorted(other, key=_by_id))
-    return report
-
-
-def _by_id(row: dict[str, object]) -> int:
-    return cast(int, row["b_id"])
+    record_outcomes(session, plan.rows)
 
 
 def suppress_bounced(
@@ -174,7 +191,7 @@ MAX_UNCOMMITTED_SECONDS = 0.05
 
 
 class _Channel:
-    """One writing thread and its long-lived connection and session."""
+    """One writer's connections: a thread with a session, and on PostgreSQL one for the loop."""
 
     def __init__(self, factory: sessionmaker[Session]) -> None:
         self.factory = factory
@@ -184,6 +201,7 @@ class _Channel:
         # more round trip) as much again.
         self.session: Session | None = None
         self.connection: Connection | None = None
+        self.on_loop: psycopg.AsyncConnection[Any] | None = None
 
     def open(self) -> Session:
         """The channel's session (in its thread)."""
@@ -191,6 +209,14 @@ class _Channel:
             self.connection = self.factory.kw["bind"].connect()
             self.session = Session(bind=self.connection, expire_on_commit=False)
         return self.session
+
+    async def open_on_loop(self) -> psycopg.AsyncConnection[Any]:
+        """The channel's connection for the event loop, in autocommit (PostgreSQL only)."""
+        if self.on_loop is None or self.on_loop.closed:
+            engine = self.factory.kw["bind"]
+            args, kwargs = engine.dialect.create_connect_args(engine.url)
+            self.on_loop = await psycopg.AsyncConnection.connect(*args, **kwargs, autocommit=True)
+        return self.on_loop
 
     def close(self) -> None:
         """Close the session and the connection (a broken one is not reused)."""
@@ -200,6 +226,12 @@ class _Channel:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
+
+    async def close_on_loop(self) -> None:
+        """Close the event loop's connection (it does not wait for the server)."""
+        if self.on_loop is not None:
+            await self.on_loop.close()
+            self.on_loop = None
 
 
 class Ticket:
@@ -232,7 +264,8 @@ class LedgerWriter:
     commits are as large as the lanes allow (a commit costs about the same for one row as for
     ten), and the event loop keeps serving the connections meanwhile. On PostgreSQL two
     channels commit side by side (a commit waits for the server's WAL flush, and the next
-    group need not wait behind it); on SQLite, with one writer at a time anyway, one. An
+    group need not wait behind it), and a group of outcomes alone is one statement sent from
+    the event loop (see _commit); on SQLite, with one writer at a time anyway, one channel. An
     outcome may carry a pause (a failure burst): it is written in the same transaction as the
     outcomes it came with. `on_commit` hears of each commit, in the event loop.
     """
@@ -251,6 +284,8 @@ class LedgerWriter:
         if channels is None:
             channels = 2 if factory.kw["bind"].dialect.name == "postgresql" else 1
         self._channels = [_Channel(factory) for _ in range(channels)]
+        # With psycopg, a group of outcomes alone is written from the event loop (see _commit).
+        self._on_loop = factory.kw["bind"].dialect.driver == "psycopg"
         self._free = list(self._channels)
         self._pending: list[Submitted] = []
         self._wanted = False  # someone waits for an outcome not yet in a commit
@@ -289,7 +324,6 @@ class LedgerWriter:
 
     async def _drive(self, channel: _Channel) -> None:
         """Commit groups on this channel while outcomes are wanted."""
-        loop = asyncio.get_running_loop()
         try:
             while self._wanted and self._pending:
                 group, self._pending, self._wanted = self._pending, [], False
@@ -297,9 +331,7 @@ class LedgerWriter:
                     self._deadline.cancel()
                     self._deadline = None
                 try:
-                    recorded = await loop.run_in_executor(
-                        channel.executor, self._write, channel, group
-                    )
+                    recorded = await self._commit(channel, group)
                 except Exception as error:  # its tickets carry it; the next group tries again
                     _fail(group, error)
                     continue
@@ -329,17 +361,31 @@ class LedgerWriter:
         for channel in self._channels:
             await loop.run_in_executor(channel.executor, channel.close)
             channel.executor.shutdown(wait=True)
+            await channel.close_on_loop()
 
-    def _write(self, channel: _Channel, group: list[Submitted]) -> Recorded:
-        """Commit a group of outcomes and the pauses they carry (in the channel's thread).
+    async def _commit(self, channel: _Channel, group: list[Submitted]) -> Recorded:
+        """Commit a group of outcomes and the pauses they carry.
 
-        A commit the database broke off to end a deadlock is written again: failing it would
-        stop the sender with messages accepted and not recorded.
+        The common group, outcomes only, is one statement: on PostgreSQL it goes from the event
+        loop, in autocommit. A write from the channel's thread cost twice the CPU in round trips
+        (BEGIN, the statement, COMMIT) and the hand-overs between the thread and the loop, and
+        took longer, while the lanes waited for it. Bounces and pauses take a transaction in
+        the thread. A commit the database broke off to end a deadlock is written again:
+        failing it would stop the sender with messages accepted and not recorded.
         """
+        now = self._clock.now()
+        attempts = [(attempt, outcome) for attempt, outcome, _p, _f in group]
+        plan = plan_outcomes(attempts, settings=self._settings, now=now, rng=self._rng)
+        pauses = [(attempt.campaign_id, reason) for attempt, _o, reason, _f in group if reason]
+        loop = asyncio.get_running_loop()
         tries = 1
         while True:
             try:
-                return self._write_once(channel, group)
+                if self._on_loop and not (plan.bounced or pauses):
+                    return await self._write_on_loop(channel, plan)
+                return await loop.run_in_executor(
+                    channel.executor, self._write, channel, plan, pauses, now
+                )
             except DBAPIError as error:
                 code = getattr(error.orig, "sqlstate", None)
                 if code not in BROKEN_OFF or tries >= WRITE_TRIES:
@@ -347,24 +393,43 @@ class LedgerWriter:
             tries += 1
             log.warning("the database broke off a ledger commit (%s); writing it again", code)
 
-    def _write_once(self, channel: _Channel, group: list[Submitted]) -> Recorded:
-        now = self._clock.now()
+    async def _write_on_loop(self, channel: _Channel, plan: Plan) -> Recorded:
+        """Write a plan of outcomes only, in one statement on the event loop's connection.
+
+        A connection lost on the way (the server restarted, a proxy's idle time-out) is
+        replaced once and the statement sent again: if the first one was committed after all,
+        the second finds its rows no longer claimed and changes nothing.
+        """
+        retried = False
+        while True:
+            try:
+                connection = await channel.open_on_loop()
+                await connection.execute(OUTCOMES_SQL, outcome_arrays(plan.rows))
+                return plan.recorded()
+            except BaseException as error:
+                lost = channel.on_loop is not None and channel.on_loop.broken
+                await channel.close_on_loop()  # a broken connection is not reused
+                if not isinstance(error, psycopg.Error):
+                    raise
+                if not lost or retried:  # as SQLAlchemy's errors: parameters never shown
+                    raise DBAPIError.instance(
+                        OUTCOMES_SQL, None, error, psycopg.Error, hide_parameters=True
+                    ) from error
+            retried = True
+            log.warning("the ledger's database connection was lost; writing again")
+
+    def _write(
+        self, channel: _Channel, plan: Plan, pauses: list[tuple[int, str]], now: datetime
+    ) -> Recorded:
+        """Write a plan and the pauses that came with it in one transaction (in the thread)."""
         session = channel.open()
         try:
-            report = record_outcomes(
-                session,
-                [(attempt, outcome) for attempt, outcome, _p, _f in group],
-                settings=self._settings,
-                now=now,
-                rng=self._rng,
-            )
-            for attempt, _o, reason, _f in group:
-                if reason:
-                    report.pause_asked.add(attempt.campaign_id)
-                    if pause_running(
-                        session, campaign_id=attempt.campaign_id, reason=reason, now=now
-                    ):
-                        report.paused[attempt.campaign_id] = reason
+            write_plan(session, plan, settings=self._settings, now=now)
+            report = plan.recorded()
+            for campaign_id, reason in pauses:
+                report.pause_asked.add(campaign_id)
+                if pause_running(session, campaign_id=campaign_id, reason=reason, now=now):
+                    report.paused[campaign_id] = reason
             session.commit()  # the connection was idle: the session's transaction is its own
         except BaseException:
             session.rollback()

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter import ledger
@@ -455,3 +456,70 @@ def test_lease_renewal_and_putting_back_skip_rows_being_recorded_instead_of_wait
         ledger_side.rollback()
     assert delivery(factory, free.delivery_id).status == DeliveryStatus.QUEUED
     assert delivery(factory, held.delivery_id).status == DeliveryStatus.CLAIMED
+
+
+def _end_ledger_backends(engine: Engine) -> int:
+    """End (as an administrator or a restart would) the sessions that last wrote outcomes."""
+    query = text(
+        "select pg_terminate_backend(pid) from pg_stat_activity "
+        "where datname = current_database() and pid <> pg_backend_pid() "
+        "and query like 'UPDATE deliveries AS d%'"
+    )
+    with engine.connect() as admin:
+        return sum(admin.execute(query).scalars())
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_ledger_connection_the_server_ended_is_replaced_and_the_group_written(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outcomes alone are written from the event loop's own connection. If the server ends
+    it between two commits, the next group goes on a new connection: no ticket fails, and a
+    commit that failed here would stop the sender with messages accepted and unrecorded."""
+    first, second, third = claimed_jobs(factory, clock, 3)
+    engine = factory.kw["bind"]
+
+    async def run() -> int:
+        writer = new_writer(factory, database_url, clock)
+        try:
+            await writer.add(first, SENT)
+            ended = await asyncio.to_thread(_end_ledger_backends, engine)
+            await writer.add(second, LATER)
+            await writer.add(third, SENT)
+        finally:
+            await writer.close()
+        return ended
+
+    with caplog.at_level("WARNING", logger="newsletter.ledger"):
+        assert asyncio.run(run()) == 1
+    assert "connection was lost; writing again" in caplog.text
+    statuses = [delivery(factory, job.delivery_id).status for job in (first, second, third)]
+    assert statuses == [DeliveryStatus.SENT, DeliveryStatus.DEFERRED, DeliveryStatus.SENT]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_ledger_error_from_the_event_loop_names_no_values(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """The statement written from the event loop fails as a session's would: a database error
+    whose text shows the statement but none of its values (a reply may quote a person)."""
+    (job,) = claimed_jobs(factory, clock, 1)
+    _trip_on(factory, job.delivery_id)
+    secret_reply = Outcome(Result.SENT, "250 ok for reader-secret@example.net", 250)
+
+    async def run() -> BaseException:
+        writer = new_writer(factory, database_url, clock)
+        try:
+            with pytest.raises(DBAPIError) as failed:
+                await writer.add(job, secret_reply)
+        finally:
+            await writer.close()
+        return failed.value
+
+    error = asyncio.run(run())
+    assert "refused" in str(error) and "reader-secret" not in str(error)
+    assert "UPDATE deliveries" in str(error)
+    assert delivery(factory, job.delivery_id).status == DeliveryStatus.CLAIMED

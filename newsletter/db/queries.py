@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import (
@@ -49,6 +49,7 @@ from newsletter.db.models import (
     Subscription,
     SubscriptionStatus,
     Suppression,
+    UTCDateTime,
     Variant,
 )
 
@@ -575,26 +576,13 @@ def load_variant(
     return None if row is None else (row[0], row[1])
 
 
-# The ledger's writes: one executemany per kind of outcome, on the session's connection (the
-# same transaction, without the ORM's per-statement work: a third of the cost of recording at a
-# few rows per commit). Each is guarded by status = claimed, so an outcome never overwrites a
-# row that was released and recorded elsewhere meanwhile.
-_SENT = (
-    update(DELIVERIES)
-    .where(
-        DELIVERIES.c.id == bindparam("b_id"),
-        DELIVERIES.c.status == DeliveryStatus.CLAIMED,
-    )
-    .values(
-        status=DeliveryStatus.SENT,
-        sent_at=bindparam("b_at"),
-        last_reply=bindparam("b_reply"),
-        relay=bindparam("b_relay"),
-        lease_until=None,
-        claimed_by=None,
-    )
-)
-_RETRY = (
+# The ledger's writes, guarded by status = claimed, so an outcome never overwrites a row that was
+# released and recorded elsewhere meanwhile. A row's sent_at or next_attempt_at is None where
+# the outcome leaves that column as it is (sent: next_attempt_at; deferred or failed: sent_at).
+_OUTCOME_VALUES = {"lease_until": None, "claimed_by": None}
+# SQLite: one executemany on the session's connection (no ORM work per row; SQLite is in the
+# process, so a statement per row costs no round trip).
+_ONE_OUTCOME = (
     update(DELIVERIES)
     .where(
         DELIVERIES.c.id == bindparam("b_id"),
@@ -602,25 +590,68 @@ _RETRY = (
     )
     .values(
         status=bindparam("b_status"),
-        next_attempt_at=bindparam("b_next"),
+        sent_at=func.coalesce(bindparam("b_at", type_=UTCDateTime()), DELIVERIES.c.sent_at),
+        next_attempt_at=func.coalesce(
+            bindparam("b_next", type_=UTCDateTime()), DELIVERIES.c.next_attempt_at
+        ),
         last_reply=bindparam("b_reply"),
         relay=bindparam("b_relay"),
-        lease_until=None,
-        claimed_by=None,
+        **_OUTCOME_VALUES,
     )
 )
+# PostgreSQL: one statement for the whole group, its rows given as arrays (unnest). Plain SQL
+# for the driver, so that the sender's writer can run it on its event loop (ledger.py) as well
+# as in a session. The timestamps are naive UTC, as UTCDateTime stores them.
+OUTCOMES_SQL = """UPDATE deliveries AS d SET status = v.status,
+    sent_at = coalesce(v.sent_at, d.sent_at),
+    next_attempt_at = coalesce(v.next_at, d.next_attempt_at),
+    last_reply = v.reply, relay = v.relay, lease_until = NULL, claimed_by = NULL
+FROM unnest(%(ids)s::bigint[], %(statuses)s::varchar[], %(sent_at)s::timestamp[],
+    %(next_at)s::timestamp[], %(replies)s::varchar[], %(relays)s::varchar[])
+    AS v(id, status, sent_at, next_at, reply, relay)
+WHERE d.id = v.id AND d.status = 'claimed'"""
 
 
-def record_sent(session: Session, rows: list[dict[str, object]]) -> None:
-    """Mark deliveries sent: rows of b_id, b_at, b_reply, b_relay."""
-    if rows:
-        session.connection().execute(_SENT, rows)
+class OutcomeRow(NamedTuple):
+    """One delivery's outcome as record_outcomes writes it to the delivery's row."""
+
+    delivery_id: int
+    status: DeliveryStatus
+    sent_at: datetime | None  # None: left as it is
+    next_attempt_at: datetime | None  # None: left as it is
+    reply: str
+    relay: str | None
 
 
-def record_unsent(session: Session, rows: list[dict[str, object]]) -> None:
-    """Mark deliveries deferred or failed: rows of b_id, b_status, b_next, b_reply, b_relay."""
-    if rows:
-        session.connection().execute(_RETRY, rows)
+def record_outcomes(session: Session, rows: Sequence[OutcomeRow]) -> None:
+    """Write outcomes to their claimed deliveries, in one statement on PostgreSQL."""
+    if not rows:
+        return
+    if _dialect(session) == "postgresql":
+        session.connection().exec_driver_sql(OUTCOMES_SQL, outcome_arrays(rows))
+    else:
+        params = [dict(zip(_PARAMS, row, strict=True)) for row in rows]
+        session.connection().execute(_ONE_OUTCOME, params)
+
+
+def outcome_arrays(rows: Sequence[OutcomeRow]) -> dict[str, list[object]]:
+    """OUTCOMES_SQL's parameters for these rows: one array per column."""
+    return {
+        "ids": [row.delivery_id for row in rows],
+        "statuses": [str(row.status) for row in rows],
+        "sent_at": [_naive_utc(row.sent_at) for row in rows],
+        "next_at": [_naive_utc(row.next_attempt_at) for row in rows],
+        "replies": [row.reply for row in rows],
+        "relays": [row.relay for row in rows],
+    }
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
+# _ONE_OUTCOME's parameters, in OutcomeRow's order.
+_PARAMS = ("b_id", "b_status", "b_at", "b_next", "b_reply", "b_relay")
 
 
 def mark_bounced(session: Session, subscriber_id: int) -> None:
