@@ -24,7 +24,10 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("signing the links and Message-ID", ("make_token", "sign_ints", "message_id", "verp_address")),
     ("building the message (splice, headers)", ("Job.payload", "_plain_message")),
-    ("ledger: write and commit", ("LedgerWriter._write", "record_outcomes")),
+    (
+        "ledger: write and commit",
+        ("LedgerWriter._write", "LedgerWriter._commit", "record_outcomes", "outcome_arrays"),
+    ),
     ("claim and load rows", ("Sender._claim_and_prepare",)),
     (
         "hand-offs between the loop and threads",

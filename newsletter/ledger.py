@@ -215,6 +215,7 @@ class _Channel:
         if self.on_loop is None or self.on_loop.closed:
             engine = self.factory.kw["bind"]
             args, kwargs = engine.dialect.create_connect_args(engine.url)
+            kwargs.setdefault("application_name", "newsletter ledger")  # in pg_stat_activity
             self.on_loop = await psycopg.AsyncConnection.connect(*args, **kwargs, autocommit=True)
         return self.on_loop
 
@@ -359,9 +360,9 @@ class LedgerWriter:
         await self.flush()
         loop = asyncio.get_running_loop()
         for channel in self._channels:
+            await channel.close_on_loop()  # first: it cannot fail
             await loop.run_in_executor(channel.executor, channel.close)
             channel.executor.shutdown(wait=True)
-            await channel.close_on_loop()
 
     async def _commit(self, channel: _Channel, group: list[Submitted]) -> Recorded:
         """Commit a group of outcomes and the pauses they carry.
@@ -398,7 +399,9 @@ class LedgerWriter:
 
         A connection lost on the way (the server restarted, a proxy's idle time-out) is
         replaced once and the statement sent again: if the first one was committed after all,
-        the second finds its rows no longer claimed and changes nothing.
+        the second finds its rows no longer claimed and changes nothing. Cancelled (the event
+        loop torn down mid-write), psycopg cancels the statement in the server: as with a
+        killed sender, each connection's last message may then go again (same Message-ID).
         """
         retried = False
         while True:

@@ -10,8 +10,9 @@ the campaigns' states twice a second (pause, cancel), renews the leases of live 
 back the claims of sender processes on this host that no longer exist. Whatever this worker
 still holds when it stops (the database knows: claimed by it) is released.
 
-Every database call runs in a thread (the producer's, the watcher's, the writer's), never on the
-event loop that drives the connections.
+Database calls run in threads (the producer's, the watcher's, the writer's), not on the event
+loop that drives the connections; the one exception is the writer's common write on PostgreSQL,
+a single statement the loop waits for like any other socket (ledger.py).
 """
 
 from __future__ import annotations

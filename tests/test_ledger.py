@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Connection, Engine, select, text, update
@@ -25,7 +25,14 @@ from newsletter.db.models import (
     SubscriberStatus,
     Suppression,
 )
-from newsletter.db.queries import claim_batch, extend_leases, release_claims, release_claims_of
+from newsletter.db.queries import (
+    OutcomeRow,
+    claim_batch,
+    extend_leases,
+    outcome_arrays,
+    release_claims,
+    release_claims_of,
+)
 from newsletter.ledger import LedgerWriter, Recorded, RecordError, retry_delay
 from newsletter.send import Job
 from newsletter.smtp import Outcome, Result
@@ -459,10 +466,10 @@ def test_lease_renewal_and_putting_back_skip_rows_being_recorded_instead_of_wait
 
 
 def _end_ledger_backends(engine: Engine) -> int:
-    """End (as an administrator or a restart would) the sessions that last wrote outcomes."""
+    """End (as an administrator or a restart would) the ledger's own connections."""
     query = text(
         "select pg_terminate_backend(pid) from pg_stat_activity "
-        "where datname = current_database() and pid <> pg_backend_pid() "
+        "where datname = current_database() and application_name = 'newsletter ledger' "
         "and query like 'UPDATE deliveries AS d%'"
     )
     with engine.connect() as admin:
@@ -523,3 +530,15 @@ def test_a_ledger_error_from_the_event_loop_names_no_values(
     assert "refused" in str(error) and "reader-secret" not in str(error)
     assert "UPDATE deliveries" in str(error)
     assert delivery(factory, job.delivery_id).status == DeliveryStatus.CLAIMED
+
+
+def test_outcome_arrays_store_naive_utc_and_refuse_a_naive_moment() -> None:
+    """The arrays the PostgreSQL statement takes hold moments as UTCDateTime stores them (naive
+    UTC, converted from any zone); a moment without a zone is refused, not guessed."""
+    kyiv = timezone(timedelta(hours=2))
+    row = OutcomeRow(7, DeliveryStatus.SENT, datetime(2026, 12, 6, 12, tzinfo=kyiv), None, "", None)
+    arrays = outcome_arrays([row])
+    assert arrays["sent_at"] == [datetime(2026, 12, 6, 10)] and arrays["next_at"] == [None]
+    assert arrays["ids"] == [7] and arrays["statuses"] == ["sent"] and arrays["relays"] == [None]
+    with pytest.raises(ValueError, match="naive"):
+        outcome_arrays([row._replace(sent_at=datetime(2026, 12, 6, 12))])

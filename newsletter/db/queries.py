@@ -647,7 +647,12 @@ def outcome_arrays(rows: Sequence[OutcomeRow]) -> dict[str, list[object]]:
 
 
 def _naive_utc(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+    """As UTCDateTime stores a moment: naive UTC; a naive one is refused, not guessed."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return moment.astimezone(UTC).replace(tzinfo=None)
 
 
 # _ONE_OUTCOME's parameters, in OutcomeRow's order.
