@@ -4,9 +4,8 @@
 in one statement (db/queries.py), so recording stays cheap at thousands of messages a second.
 `LedgerWriter` is the sender's one writer: it owns long-lived connections (on PostgreSQL, one
 on the event loop besides each thread's), and commits the outcomes handed to it once one of
-them is needed (see its docstring). SMTP replies
-are stored with the recipient's address blanked out: the record says what happened, not to
-whom in clear.
+them is needed (see its docstring). SMTP replies are stored with the recipient's address
+blanked out: the record says what happened, not to whom in clear.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import psycopg
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,6 +38,9 @@ from newsletter.db.queries import (
 )
 from newsletter.smtp import Outcome, Result
 from newsletter.suppression import suppress
+
+if TYPE_CHECKING:  # imported where used: libpq is memory that a process on SQLite never needs
+    import psycopg
 
 MAX_BACKOFF = timedelta(hours=6)
 # PostgreSQL's codes for a transaction it broke off so that others could go on (a deadlock, a
@@ -212,6 +213,8 @@ class _Channel:
 
     async def open_on_loop(self) -> psycopg.AsyncConnection[Any]:
         """The channel's connection for the event loop, in autocommit (PostgreSQL only)."""
+        import psycopg
+
         if self.on_loop is None or self.on_loop.closed:
             engine = self.factory.kw["bind"]
             args, kwargs = engine.dialect.create_connect_args(engine.url)
@@ -403,6 +406,8 @@ class LedgerWriter:
         loop torn down mid-write), psycopg cancels the statement in the server: as with a
         killed sender, each connection's last message may then go again (same Message-ID).
         """
+        import psycopg
+
         retried = False
         while True:
             try:

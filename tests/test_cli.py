@@ -218,3 +218,19 @@ def test_alert_send_refuses_an_alert_held_for_approval(
     assert smtpd.messages() == []
     run(["alert", "approve", str(held_id)], tmp_path, env)
     assert len(smtpd.messages()) == 8
+
+
+def test_loading_every_command_leaves_libpq_unloaded() -> None:
+    """psycopg (and libpq, about 9 MB) is imported only where PostgreSQL is used: a process on
+    SQLite, and every command's start, go without it."""
+    probe = (
+        "import sys\n"
+        "from newsletter.cli import load_commands\n"
+        "load_commands()\n"
+        "import newsletter.ledger, newsletter.send, newsletter.service, newsletter.importer\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -579,7 +579,6 @@ def load_variant(
 # The ledger's writes, guarded by status = claimed, so an outcome never overwrites a row that was
 # released and recorded elsewhere meanwhile. A row's sent_at or next_attempt_at is None where
 # the outcome leaves that column as it is (sent: next_attempt_at; deferred or failed: sent_at).
-_OUTCOME_VALUES = {"lease_until": None, "claimed_by": None}
 # SQLite: one executemany on the session's connection (no ORM work per row; SQLite is in the
 # process, so a statement per row costs no round trip).
 _ONE_OUTCOME = (
@@ -596,7 +595,8 @@ _ONE_OUTCOME = (
         ),
         last_reply=bindparam("b_reply"),
         relay=bindparam("b_relay"),
-        **_OUTCOME_VALUES,
+        lease_until=None,
+        claimed_by=None,
     )
 )
 # PostgreSQL: one statement for the whole group, its rows given as arrays (unnest). Plain SQL
