@@ -91,7 +91,9 @@ def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> time
 
 
 def scrub(reply: str, email: str) -> str:
-    """An SMTP reply without the recipient's address in it, cut to the column's size."""
+    """An SMTP reply without the recipient's address or control characters, cut to size."""
+    if not reply.isprintable():  # a relay's NUL would be refused by PostgreSQL, losing the group
+        reply = "".join(c if c.isprintable() else "\ufffd" for c in reply)
     # Checked first: most replies ("250 2.0.0 Ok: queued") never name the recipient, and
     # compiling a pattern per address (none is ever in re's cache) cost more than the insert.
     # re.escape makes the pattern a literal: matching it is linear in the reply's length.

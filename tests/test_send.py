@@ -162,6 +162,34 @@ def test_each_smtp_reply_moves_the_delivery_as_promised(
         assert campaign.status == (CampaignStatus.RUNNING if running else CampaignStatus.FINISHED)
 
 
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        pytest.param("250 2.0.0 queued\x00 \x1b[2J\x85", "sent", id="2xx"),
+        pytest.param("451 4.3.0 busy\x00", "deferred", id="4xx"),
+        pytest.param("550 5.1.1 \x00<person3@example.net>\x07", "failed", id="5xx"),
+    ],
+)
+def test_control_characters_in_a_relays_reply_are_recorded_as_replacement_marks(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str, reply: str, expected: str
+) -> None:
+    """A NUL in a reply (PostgreSQL refuses it in text) still records every outcome once."""
+    seed(factory, clock, 6)
+    handler = FaultyHandler(
+        [Fault("RCPT" if expected == "failed" else "DATA", reply, only="person3@")]
+    )
+    with faulty_smtpd(handler) as port:
+        report = deliver(factory, settings_for(database_url, port), clock)
+    assert sorted(statuses(factory)) == sorted(["sent"] * 5 + [expected])
+    assert report.sent == 5 + (expected == "sent")
+    with unit_of_work(factory) as session:
+        recorded = session.scalars(
+            select(Delivery.last_reply).where(Delivery.last_reply.is_not(None))
+        )
+        odd = [r for r in recorded if "\ufffd" in r]
+    assert len(odd) == 1 and odd[0].isprintable() and "person3@" not in odd[0], odd
+
+
 def test_deferred_mail_is_retried_until_the_deadline_then_failed(
     factory: sessionmaker[Session], clock: FrozenClock, database_url: str
 ) -> None:
