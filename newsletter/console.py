@@ -32,7 +32,7 @@ from newsletter.console_core import (
     TransportFactory,
 )
 from newsletter.console_i18n import refusal_line
-from newsletter.console_security import ConsoleHeaders
+from newsletter.console_security import ConsoleHeaders, PlainQueries
 from newsletter.errors import NewsletterError
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
@@ -62,6 +62,7 @@ def create_console_app(
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.add_middleware(AuditOrigin)
+    app.add_middleware(PlainQueries)
     app.add_middleware(ConsoleHeaders)
     return app
 

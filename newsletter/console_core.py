@@ -35,6 +35,7 @@ from newsletter.console_security import (
 )
 from newsletter.db import unit_of_work
 from newsletter.errors import SignInError
+from newsletter.sanitize import drop_controls
 from newsletter.smtp import Transport, open_pool
 from newsletter.staff_sessions import SessionInfo
 from newsletter.web import read_capped_body
@@ -66,6 +67,13 @@ class Form:
     def all(self, name: str) -> list[str]:
         """Every value of a field (checkboxes, multiple selects)."""
         return list(self.fields.get(name, []))
+
+
+def form_fields(body: bytes) -> dict[str, list[str]]:
+    """A urlencoded body's fields, each value without control characters: values are stored,
+    looked up and rendered, and PostgreSQL refuses a NUL (sanitize.drop_controls)."""
+    fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+    return {name: [drop_controls(value) for value in values] for name, values in fields.items()}
 
 
 def static_version(name: str) -> str:
@@ -196,8 +204,7 @@ class Console:
         """
         if is_cross_site(request, self.origin):
             raise HTTPException(403)
-        body = await self.read_body(request)
-        fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        fields = form_fields(await self.read_body(request))
         sent = (fields.get("csrf") or [""])[0]
         if info is not None:
             ok = tokens_equal(sent, info.csrf_token)

@@ -4,7 +4,7 @@ A state-changing request must come from the console's own pages: its Origin, whe
 names one, must be [console] base_url's origin (never the Host header, which the client writes),
 its Sec-Fetch-Site, when sent, same-origin, and its `csrf` field must equal the session's form
 token (or, before sign-in, a signed token bound to a pre-session cookie). Anything else is a 403
-that changes nothing.
+that changes nothing. A query string with a control character is a 400 (PlainQueries).
 """
 
 from __future__ import annotations
@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from itsdangerous import BadSignature, URLSafeSerializer
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from newsletter.sanitize import drop_controls
 
 PRE_FORM_MAX_AGE = 3600  # a sign-in or enrolment form left open longer is shown again
 CONSOLE_CSP = (
@@ -63,6 +65,26 @@ class ConsoleHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class PlainQueries:
+    """Answers 400 to a query string with a control character (%00 …) before any page runs.
+
+    The pages look query values up in the database (a list, a segment, a search), and
+    PostgreSQL refuses a NUL in text; none of our links carries a control character.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse the request, or pass it on."""
+        query = unquote(scope.get("query_string", b"").decode("utf-8", "replace"))
+        if scope["type"] == "http" and drop_controls(query) != query:
+            refused = PlainTextResponse("a control character in the address", status_code=400)
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def url_origin(url: str) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from newsletter.audit import record_event
 from newsletter.db.models import ListKind, MailingList, Subscription, SubscriptionStatus
 from newsletter.errors import AudienceError
+from newsletter.sanitize import control_character
 from newsletter.segments import read_segments, sync_segments
 
 
@@ -68,16 +69,31 @@ def read_lists(path: Path, *, from_address: str | None = None) -> list[ListSpec]
         list_id = str(raw.get("list_id") or "")
         if not list_id and from_address is None:
             raise AudienceError(f"{where} ({slug}): 'list_id' is required")
-        specs.append(
-            ListSpec(
-                slug=slug,
-                kind=raw["kind"],
-                double_opt_in=bool(raw.get("double_opt_in", True)),
-                list_id=list_id or default_list_id(slug, from_address=from_address or ""),
-                names={str(k): str(v) for k, v in names.items()},
-            )
+        spec = ListSpec(
+            slug=slug,
+            kind=raw["kind"],
+            double_opt_in=bool(raw.get("double_opt_in", True)),
+            list_id=list_id or default_list_id(slug, from_address=from_address or ""),
+            names={str(k): str(v) for k, v in names.items()},
         )
+        if problem := spec_problem(spec):
+            raise AudienceError(f"{where}: {problem}")
+        specs.append(spec)
     return specs
+
+
+def spec_problem(spec: ListSpec) -> str:
+    """Why a list's slug, List-Id or names cannot be stored as they are, or "".
+
+    They go into headers and every rendered message, and PostgreSQL refuses a NUL; the value
+    itself is not quoted.
+    """
+    named = [("slug", spec.slug), ("list_id", spec.list_id)]
+    named += [(f"names.{lang}", name) for lang, name in spec.names.items()]
+    for key, value in named:
+        if char := control_character(value):
+            return f"'{key}' holds a control character ({char})"
+    return ""
 
 
 def sync_lists(*, session: Session, specs: list[ListSpec]) -> SyncReport:
@@ -119,6 +135,8 @@ def create_list(*, session: Session, spec: ListSpec, now: datetime, actor: str) 
         raise AudienceError(f"list '{spec.slug}' exists already")
     if spec.kind not in tuple(ListKind):
         raise AudienceError("kind must be digest or alerts")
+    if problem := spec_problem(spec):
+        raise AudienceError(problem)
     ml = MailingList(
         slug=spec.slug,
         kind=spec.kind,

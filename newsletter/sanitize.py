@@ -2,7 +2,9 @@
 
 Feeds are untrusted input that ends up in people's inboxes, so the rules are allow-lists:
 a few text tags, links only to http/https/mailto (made absolute), no images (a remote image is
-a tracking pixel for whoever controls the feed), and header-safe single lines of text.
+a tracking pixel for whoever controls the feed), and header-safe single lines of text. The
+control-character rules here serve the other ways text comes in too (the console's forms, list
+and segment files).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ MAX_HTML_DEPTH = 100
 VOID_TAGS = frozenset(
     {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
 )
+# Never kept in stored text: PostgreSQL refuses NUL, and MJML's parser refuses the other C0
+# controls and U+FFFE/U+FFFF (one "&#x1;" in a feed item stopped every digest). DEL and the C1
+# controls go too: no one writes them. Tab and line breaks stay.
+_CONTROLS = dict.fromkeys(
+    [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFFFE, 0xFFFF]
+)
 
 
 def clean_html(html_fragment: str, *, base_url: str) -> str:
@@ -61,7 +69,23 @@ def clean_html(html_fragment: str, *, base_url: str) -> str:
         link_rel="noopener noreferrer",
         strip_comments=True,
     )
-    return cleaner.clean(html_fragment).strip()
+    return drop_controls(cleaner.clean(html_fragment)).strip()
+
+
+def drop_controls(text: str) -> str:
+    """Text without control characters (tab, LF and CR kept) and without U+FFFE or U+FFFF."""
+    return text.translate(_CONTROLS)
+
+
+def control_character(text: str, *, allowed: str = "") -> str:
+    """The first control character of text not in `allowed`, a lone surrogate (bytes that were
+    not UTF-8) too, as "U+XXXX"; "" when there is none. For values refused, not cleaned."""
+    if text.isprintable():  # the common case, checked in C
+        return ""
+    for char in text:
+        if char not in allowed and unicodedata.category(char) in ("Cc", "Cs"):
+            return f"U+{ord(char):04X}"
+    return ""
 
 
 def clean_text(value: str, *, max_length: int) -> str:

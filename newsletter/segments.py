@@ -35,6 +35,7 @@ from sqlalchemy.types import String
 from newsletter.config import LANGUAGES
 from newsletter.db.models import Segment, Subscriber
 from newsletter.errors import AudienceError
+from newsletter.sanitize import control_character
 
 FIELDS = ("lang", "country", "subscribed_before", "subscribed_after", "attr.NAME", "tag:NAME")
 # Limits that keep a rule quick to parse and compile, and well within Python's recursion limit.
@@ -311,6 +312,9 @@ def read_segments(path: Path) -> list[SegmentSpec]:
         name, rule = raw.get("name"), raw.get("rule")
         if not isinstance(name, str) or not name or not isinstance(rule, str):
             raise AudienceError(f"{path}: segments[{i}]: 'name' and 'rule' are required")
+        # Stored and looked up as text (PostgreSQL refuses a NUL); a long rule may span lines.
+        if char := control_character(name) or control_character(rule, allowed="\t\n\r"):
+            raise AudienceError(f"{path}: segments[{i}]: a control character ({char})")
         try:
             compile_rule(rule)
         except SegmentError as e:

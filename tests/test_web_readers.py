@@ -191,6 +191,7 @@ KINDS = {
     "secret": "this is a secret key",
     "binary": "this is not text",
     "non-utf8": "this is not text",
+    "nul": "this is not an OpenPGP public key",  # PostgreSQL would refuse the NUL if kept
     "html": "this is not an OpenPGP public key",
     "junk": "this is not an OpenPGP public key",
     "several": "this holds 2 keys",
@@ -208,6 +209,8 @@ def refused_key(kind: str, keys: Keys) -> bytes:
         return random.Random(7).randbytes(3000)
     if kind == "non-utf8":
         return "-----BEGIN PGP PUBLIC KEY BLOCK-----\nclé\n".encode("latin-1")
+    if kind == "nul":
+        return keys.good()[1].replace("\n=", "\x00\n=").encode()
     if kind == "html":
         return b"<html><body><script>alert(1)</script><p>-----BEGIN PGP</p></body></html>"
     if kind == "junk":
