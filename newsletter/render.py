@@ -19,7 +19,6 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import jinja2
-import premailer
 from babel import Locale
 from babel.dates import format_date
 from mjml import mjml2html
@@ -313,6 +312,10 @@ def compile_mjml(source: str) -> str:
 
 def inline_css(page: str) -> str:
     """Inline the <style> rules into style attributes, never fetching anything."""
+    # Imported here: premailer brings cssutils and requests (0.1-0.2 s), which a sender that
+    # only splices stored variants, and every other command, never needs.
+    import premailer
+
     inliner = premailer.Premailer(
         allow_network=False,
         allow_loading_external_files=False,

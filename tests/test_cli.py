@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import typer.main
 
-from newsletter.cli import app, load_commands
+from newsletter.cli import COMMANDS, app, command_name, load_commands
 from tests.builders import run
 from tests.conftest import SECRET, SmtpServer
 
@@ -218,6 +218,63 @@ def test_alert_send_refuses_an_alert_held_for_approval(
     assert smtpd.messages() == []
     run(["alert", "approve", str(held_id)], tmp_path, env)
     assert len(smtpd.messages()) == 8
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["send", "--workers", "2"], "send"),
+        (["--config", "send", "digest", "send"], "digest"),
+        (["--config=x.toml", "--debug", "lists", "--help"], "lists"),
+        (["--help"], None),
+        (["--config"], None),
+        ([], None),
+    ],
+)
+def test_the_command_is_the_first_argument_that_is_not_a_root_option(
+    argv: list[str], name: str | None
+) -> None:
+    """--config's value is skipped, so a config file named like a command is not taken for one."""
+    assert command_name(argv) == name
+
+
+def test_each_command_is_registered_by_the_module_loaded_for_it_alone() -> None:
+    """A command starts with only its own module loaded: the map from command to module must
+    name the module that registers it, and every command module must be in the map."""
+    probe = (
+        "import os, sys, typer.main\n"
+        "from newsletter.cli import COMMANDS, app, load_commands\n"
+        "for name in COMMANDS:\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        load_commands([name, '--help'])\n"
+        "        os._exit(0 if name in typer.main.get_command(app).commands else 1)\n"
+        "    if os.waitpid(pid, 0)[1] != 0:\n"
+        "        print(name)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.split() == []
+    helpers = {"__init__", "progress", "workers"}
+    modules = {p.stem for p in (ROOT / "newsletter" / "cli").glob("*.py")} - helpers
+    assert modules == set(COMMANDS.values())
+    assert sorted(path[0] for path in all_commands() if len(path) == 1) == sorted(COMMANDS)
+
+
+def test_a_command_starts_without_loading_the_others() -> None:
+    """`newsletter send` leaves the web stack, OpenPGP's console pages and CSS inlining out."""
+    probe = (
+        "import sys\n"
+        "from newsletter.cli import load_commands\n"
+        "load_commands(['send'])\n"
+        "print(sorted(m for m in ('starlette', 'premailer', 'newsletter.console', "
+        "'newsletter.cli.digest') if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_loading_every_command_leaves_libpq_unloaded() -> None:
