@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import datetime, timedelta, timezone
 
@@ -29,7 +30,7 @@ from newsletter.db.queries import (
     OutcomeRow,
     claim_batch,
     extend_leases,
-    outcome_arrays,
+    outcome_json,
     release_claims,
     release_claims_of,
 )
@@ -129,6 +130,32 @@ def test_each_outcome_is_committed_before_submit_returns(
     assert (refused.status, refused.last_reply) == (DeliveryStatus.FAILED, SPAM.reply)
     with unit_of_work(factory) as session:  # a refusal of the message is not of the mailbox
         assert session.scalar(select(Suppression.id)) is None
+
+
+def test_replies_and_moments_are_stored_exactly_as_given(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Quotes, backslashes, braces, commas, NULL-like words, Cyrillic, emoji, a 1000-character
+    reply, a NULL relay and microseconds: read back as they were written, on both databases."""
+    settings = make_settings(database_url)
+    clock.advance(seconds=0.000123)
+    replies = [
+        '250 "quoted" \\ back\\slash {a,b} NULL null',
+        "250 Прынята ✉️ 𝔘",
+        "250 " + "x" * 996,
+        "250 " + "y" * 2000,
+    ]
+    jobs = claimed_jobs(factory, clock, len(replies))
+    items: list[tuple[Job, Outcome, str | None]] = [
+        (job, Outcome(Result.SENT, reply, 250, relay="" if i == 1 else "main"), None)
+        for i, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+    ]
+    write(factory, settings, clock, items)
+    for i, job in enumerate(jobs):
+        got = delivery(factory, job.delivery_id)
+        assert got.last_reply == replies[i][:1000]
+        assert got.sent_at == clock.now() and got.sent_at.microsecond == 123
+        assert got.relay == (None if i == 1 else "main")
 
 
 def test_a_refused_mailbox_is_failed_bounced_and_suppressed_without_its_address(
@@ -532,13 +559,20 @@ def test_a_ledger_error_from_the_event_loop_names_no_values(
     assert delivery(factory, job.delivery_id).status == DeliveryStatus.CLAIMED
 
 
-def test_outcome_arrays_store_naive_utc_and_refuse_a_naive_moment() -> None:
-    """The arrays the PostgreSQL statement takes hold moments as UTCDateTime stores them (naive
+def test_outcome_json_stores_naive_utc_and_refuses_a_naive_moment() -> None:
+    """The JSON the PostgreSQL statement takes holds moments as UTCDateTime stores them (naive
     UTC, converted from any zone); a moment without a zone is refused, not guessed."""
     kyiv = timezone(timedelta(hours=2))
-    row = OutcomeRow(7, DeliveryStatus.SENT, datetime(2026, 12, 6, 12, tzinfo=kyiv), None, "", None)
-    arrays = outcome_arrays([row])
-    assert arrays["sent_at"] == [datetime(2026, 12, 6, 10)] and arrays["next_at"] == [None]
-    assert arrays["ids"] == [7] and arrays["statuses"] == ["sent"] and arrays["relays"] == [None]
+    moment = datetime(2026, 12, 6, 12, 0, 0, 5, tzinfo=kyiv)
+    row = OutcomeRow(7, DeliveryStatus.SENT, moment, None, 'Ok "q" \\ {a,b} ё', None)
+    (got,) = json.loads(outcome_json([row])["rows"])
+    assert got == {
+        "id": 7,
+        "status": "sent",
+        "sent_at": "2026-12-06T10:00:00.000005",
+        "next_at": None,
+        "reply": 'Ok "q" \\ {a,b} ё',
+        "relay": None,
+    }
     with pytest.raises(ValueError, match="naive"):
-        outcome_arrays([row._replace(sent_at=datetime(2026, 12, 6, 12))])
+        outcome_json([row._replace(sent_at=datetime(2026, 12, 6, 12))])
