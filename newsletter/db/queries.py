@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -655,6 +656,7 @@ def outcome_json(rows: Sequence[OutcomeRow]) -> dict[str, str]:
     }
 
 
+@functools.lru_cache(maxsize=64)  # a group's outcomes share a moment or two (ledger.plan_outcomes)
 def _naive_utc_text(moment: datetime | None) -> str | None:
     """As UTCDateTime stores a moment (naive UTC), in ISO 8601; a naive one is refused."""
     if moment is None:
