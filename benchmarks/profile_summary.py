@@ -26,7 +26,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("building the message (splice, headers)", ("Job.payload", "_plain_message")),
     (
         "ledger: write and commit",
-        ("LedgerWriter._write", "LedgerWriter._commit", "record_outcomes", "outcome_json"),
+        ("LedgerWriter._write", "LedgerWriter._commit", "record_outcomes", "outcome_arrays"),
     ),
     ("claim and load rows", ("Sender._claim_and_prepare",)),
     (

@@ -33,7 +33,7 @@ from newsletter.db.queries import (
     OUTCOMES_SQL,
     OutcomeRow,
     mark_bounced,
-    outcome_json,
+    outcome_arrays,
     record_outcomes,
 )
 from newsletter.smtp import Outcome, Result
@@ -414,7 +414,7 @@ class LedgerWriter:
         while True:
             try:
                 connection = await channel.open_on_loop()
-                await connection.execute(OUTCOMES_SQL, outcome_json(plan.rows))
+                await connection.execute(OUTCOMES_SQL, outcome_arrays(plan.rows))
                 return plan.recorded()
             except BaseException as error:
                 lost = channel.on_loop is not None and channel.on_loop.broken

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 from datetime import datetime, timedelta, timezone
 
@@ -30,7 +29,7 @@ from newsletter.db.queries import (
     OutcomeRow,
     claim_batch,
     extend_leases,
-    outcome_json,
+    outcome_arrays,
     release_claims,
     release_claims_of,
 )
@@ -559,20 +558,13 @@ def test_a_ledger_error_from_the_event_loop_names_no_values(
     assert delivery(factory, job.delivery_id).status == DeliveryStatus.CLAIMED
 
 
-def test_outcome_json_stores_naive_utc_and_refuses_a_naive_moment() -> None:
-    """The JSON the PostgreSQL statement takes holds moments as UTCDateTime stores them (naive
+def test_outcome_arrays_store_naive_utc_and_refuse_a_naive_moment() -> None:
+    """The arrays the PostgreSQL statement takes hold moments as UTCDateTime stores them (naive
     UTC, converted from any zone); a moment without a zone is refused, not guessed."""
     kyiv = timezone(timedelta(hours=2))
-    moment = datetime(2026, 12, 6, 12, 0, 0, 5, tzinfo=kyiv)
-    row = OutcomeRow(7, DeliveryStatus.SENT, moment, None, 'Ok "q" \\ {a,b} ё', None)
-    (got,) = json.loads(outcome_json([row])["rows"])
-    assert got == {
-        "id": 7,
-        "status": "sent",
-        "sent_at": "2026-12-06T10:00:00.000005",
-        "next_at": None,
-        "reply": 'Ok "q" \\ {a,b} ё',
-        "relay": None,
-    }
+    row = OutcomeRow(7, DeliveryStatus.SENT, datetime(2026, 12, 6, 12, tzinfo=kyiv), None, "", None)
+    arrays = outcome_arrays([row])
+    assert arrays["sent_at"] == [datetime(2026, 12, 6, 10)] and arrays["next_at"] == [None]
+    assert arrays["ids"] == [7] and arrays["statuses"] == ["sent"] and arrays["relays"] == [None]
     with pytest.raises(ValueError, match="naive"):
-        outcome_json([row._replace(sent_at=datetime(2026, 12, 6, 12))])
+        outcome_arrays([row._replace(sent_at=datetime(2026, 12, 6, 12))])

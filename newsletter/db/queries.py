@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -600,17 +599,19 @@ _ONE_OUTCOME = (
         claimed_by=None,
     )
 )
-# PostgreSQL: one statement for the whole group, its rows given as one JSON array. Plain SQL
+# PostgreSQL: one statement for the whole group, its rows given as arrays (unnest). Plain SQL
 # for the driver, so that the sender's writer can run it on its event loop (ledger.py) as well
-# as in a session. The timestamps are naive UTC, as UTCDateTime stores them. JSON rather than
-# one array per column: psycopg turns each element of a list into array text in Python, which
-# cost the sender more than the statement's whole round trip; json.dumps runs in C.
+# as in a session. The timestamps are naive UTC, as UTCDateTime stores them. Arrays, not one
+# JSON parameter (cheaper to build): PostgreSQL plans unnest() for the rows it is given, but
+# json_to_recordset() for 100, and then scanned every claimed row's index entry at each commit
+# (measured: 1,190-1,230 msg/s at 100k against 1,750, the server's CPU per commit tripled).
 OUTCOMES_SQL = """UPDATE deliveries AS d SET status = v.status,
     sent_at = coalesce(v.sent_at, d.sent_at),
     next_attempt_at = coalesce(v.next_at, d.next_attempt_at),
     last_reply = v.reply, relay = v.relay, lease_until = NULL, claimed_by = NULL
-FROM json_to_recordset(%(rows)s::json) AS v(id bigint, status varchar, sent_at timestamp,
-    next_at timestamp, reply varchar, relay varchar)
+FROM unnest(%(ids)s::bigint[], %(statuses)s::varchar[], %(sent_at)s::timestamp[],
+    %(next_at)s::timestamp[], %(replies)s::varchar[], %(relays)s::varchar[])
+    AS v(id, status, sent_at, next_at, reply, relay)
 WHERE d.id = v.id AND d.status = 'claimed'"""
 
 
@@ -630,40 +631,31 @@ def record_outcomes(session: Session, rows: Sequence[OutcomeRow]) -> None:
     if not rows:
         return
     if _dialect(session) == "postgresql":
-        session.connection().exec_driver_sql(OUTCOMES_SQL, outcome_json(rows))
+        session.connection().exec_driver_sql(OUTCOMES_SQL, outcome_arrays(rows))
     else:
         params = [dict(zip(_PARAMS, row, strict=True)) for row in rows]
         session.connection().execute(_ONE_OUTCOME, params)
 
 
-def outcome_json(rows: Sequence[OutcomeRow]) -> dict[str, str]:
-    """OUTCOMES_SQL's parameter for these rows: one JSON object per row."""
+def outcome_arrays(rows: Sequence[OutcomeRow]) -> dict[str, list[object]]:
+    """OUTCOMES_SQL's parameters for these rows: one array per column."""
     return {
-        "rows": json.dumps(
-            [
-                {
-                    "id": row.delivery_id,
-                    "status": str(row.status),
-                    "sent_at": _naive_utc_text(row.sent_at),
-                    "next_at": _naive_utc_text(row.next_attempt_at),
-                    "reply": row.reply,
-                    "relay": row.relay,
-                }
-                for row in rows
-            ],
-            ensure_ascii=False,
-        )
+        "ids": [row.delivery_id for row in rows],
+        "statuses": [str(row.status) for row in rows],
+        "sent_at": [_naive_utc(row.sent_at) for row in rows],
+        "next_at": [_naive_utc(row.next_attempt_at) for row in rows],
+        "replies": [row.reply for row in rows],
+        "relays": [row.relay for row in rows],
     }
 
 
-@functools.lru_cache(maxsize=64)  # a group's outcomes share a moment or two (ledger.plan_outcomes)
-def _naive_utc_text(moment: datetime | None) -> str | None:
-    """As UTCDateTime stores a moment (naive UTC), in ISO 8601; a naive one is refused."""
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    """As UTCDateTime stores a moment: naive UTC; a naive one is refused, not guessed."""
     if moment is None:
         return None
     if moment.tzinfo is None:
         raise ValueError("naive datetime given to a UTC column")
-    return moment.astimezone(UTC).replace(tzinfo=None).isoformat()
+    return moment.astimezone(UTC).replace(tzinfo=None)
 
 
 # _ONE_OUTCOME's parameters, in OutcomeRow's order.
