@@ -220,6 +220,18 @@ def test_alert_send_refuses_an_alert_held_for_approval(
     assert len(smtpd.messages()) == 8
 
 
+def in_new_process(*lines: str) -> str:
+    """Run these lines of Python in a new interpreter; what it printed."""
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(lines)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
 @pytest.mark.parametrize(
     ("argv", "name"),
     [
@@ -241,21 +253,18 @@ def test_the_command_is_the_first_argument_that_is_not_a_root_option(
 def test_each_command_is_registered_by_the_module_loaded_for_it_alone() -> None:
     """A command starts with only its own module loaded: the map from command to module must
     name the module that registers it, and every command module must be in the map."""
-    probe = (
-        "import os, sys, typer.main\n"
-        "from newsletter.cli import COMMANDS, app, load_commands\n"
-        "for name in COMMANDS:\n"
-        "    pid = os.fork()\n"
-        "    if pid == 0:\n"
-        "        load_commands([name, '--help'])\n"
-        "        os._exit(0 if name in typer.main.get_command(app).commands else 1)\n"
-        "    if os.waitpid(pid, 0)[1] != 0:\n"
-        "        print(name)\n"
+    unregistered = in_new_process(
+        "import os, sys, typer.main",
+        "from newsletter.cli import COMMANDS, app, load_commands",
+        "for name in COMMANDS:",
+        "    pid = os.fork()",
+        "    if pid == 0:",
+        "        load_commands([name, '--help'])",
+        "        os._exit(0 if name in typer.main.get_command(app).commands else 1)",
+        "    if os.waitpid(pid, 0)[1] != 0:",
+        "        print(name)",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.split() == []
+    assert unregistered == ""
     helpers = {"__init__", "progress", "workers"}
     modules = {p.stem for p in (ROOT / "newsletter" / "cli").glob("*.py")} - helpers
     assert modules == set(COMMANDS.values())
@@ -264,30 +273,24 @@ def test_each_command_is_registered_by_the_module_loaded_for_it_alone() -> None:
 
 def test_a_command_starts_without_loading_the_others() -> None:
     """`newsletter send` leaves the web stack, OpenPGP's console pages and CSS inlining out."""
-    probe = (
-        "import sys\n"
-        "from newsletter.cli import load_commands\n"
-        "load_commands(['send'])\n"
-        "print(sorted(m for m in ('starlette', 'premailer', 'newsletter.console', "
-        "'newsletter.cli.digest') if m in sys.modules))\n"
+    loaded = in_new_process(
+        "import sys",
+        "from newsletter.cli import load_commands",
+        "load_commands(['send'])",
+        "others = ('starlette', 'premailer', 'newsletter.console', 'newsletter.cli.digest')",
+        "print(sorted(m for m in others if m in sys.modules))",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert loaded == "[]"
 
 
 def test_loading_every_command_leaves_libpq_unloaded() -> None:
     """psycopg (and libpq, about 9 MB) is imported only where PostgreSQL is used: a process on
     SQLite, and every command's start, go without it."""
-    probe = (
-        "import sys\n"
-        "from newsletter.cli import load_commands\n"
-        "load_commands()\n"
-        "import newsletter.ledger, newsletter.send, newsletter.service, newsletter.importer\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg'))\n"
+    loaded = in_new_process(
+        "import sys",
+        "from newsletter.cli import load_commands",
+        "load_commands()",
+        "import newsletter.ledger, newsletter.send, newsletter.service, newsletter.importer",
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'psycopg'))",
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert loaded == "[]"

@@ -56,7 +56,7 @@ from tests.test_complaints import ARF
 from tests.test_console import sending_alert, signed_in
 from tests.test_send import seed
 from tests.test_web import ROOT, Site, add_person, form_token
-from tests.webserver import serve_pages
+from tests.test_web import site as site  # the fixture
 
 # PostgreSQL only: SQLite takes a NUL, so the same tests there would prove nothing.
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -85,15 +85,6 @@ def one_line(stderr: str) -> str:
 
 
 # --- the public pages ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def site(factory: sessionmaker[Session], database_url: str, clock: FrozenClock) -> Iterator[Site]:
-    """The declared lists, and the supporters' pages served on a free loopback port."""
-    with unit_of_work(factory) as session:
-        sync_lists(session=session, specs=read_lists(ROOT / "subscribers" / "lists.toml"))
-    with serve_pages(make_settings(database_url), factory, clock) as (url, settings):
-        yield Site(url, settings, factory, clock)
 
 
 def test_signup_with_nul_gets_the_form_again_and_keeps_nothing(site: Site) -> None:
