@@ -39,13 +39,14 @@ def timed(argv: list[str], cwd: str) -> tuple[float, float]:
     done = subprocess.run(  # run elsewhere: `-c` puts the current directory first on sys.path
         [sys.executable, "-c", PROBE, *argv],
         cwd=cwd,
-        check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    if done.returncode != 0:
+        raise SystemExit(f"newsletter {' '.join(argv)} failed:\n{done.stderr}")
     seconds = time.perf_counter() - start
-    kilobytes = int(done.stderr.rsplit("RSS ", 1)[1])
+    kilobytes = int(done.stderr.rsplit("RSS ", 1)[1])  # ru_maxrss is in KB on Linux
     return seconds, kilobytes / 1024
 
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -92,8 +93,6 @@ def retry_delay(attempts: int, *, base_seconds: int, rng: random.Random) -> time
 
 def scrub(reply: str, email: str) -> str:
     """An SMTP reply without the recipient's address or control characters, cut to size."""
-    if not reply.isprintable():  # a relay's NUL would be refused by PostgreSQL, losing the group
-        reply = "".join(c if c.isprintable() else "\ufffd" for c in reply)
     # Checked first: most replies ("250 2.0.0 Ok: queued") never name the recipient, and
     # compiling a pattern per address (none is ever in re's cache) cost more than the insert.
     # re.escape makes the pattern a literal: matching it is linear in the reply's length.
@@ -101,6 +100,8 @@ def scrub(reply: str, email: str) -> str:
         # A literal (re.escape) pattern: each position compares at most len(email) characters,
         # so this is linear in the reply for an address of bounded length.
         reply = re.sub(re.escape(email), "<recipient>", reply, flags=re.IGNORECASE)
+    if not reply.isprintable():  # a relay's NUL would be refused by PostgreSQL, losing the group
+        reply = "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cs") else c for c in reply)
     return reply[:1000]
 
 

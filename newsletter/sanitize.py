@@ -47,9 +47,13 @@ VOID_TAGS = frozenset(
 # Never kept in stored text: PostgreSQL refuses NUL, and MJML's parser refuses the other C0
 # controls and U+FFFE/U+FFFF (one "&#x1;" in a feed item stopped every digest). DEL and the C1
 # controls go too: no one writes them. Tab and line breaks stay.
-_CONTROLS = dict.fromkeys(
-    [*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0), 0xFFFE, 0xFFFF]
+_CONTROLS: dict[int, str | None] = dict.fromkeys(
+    [*range(0x09), *range(0x0E, 0x1C), *range(0x7F, 0x85), *range(0x86, 0xA0), 0xFFFE, 0xFFFF]
 )
+# The controls that separate lines (Word's soft line break is a VT): a line break, so that
+# the words on either side stay apart.
+_CONTROLS.update(dict.fromkeys([0x0B, 0x0C, *range(0x1C, 0x20), 0x85], "\n"))
+_NONCHARACTERS = "\ufffe\uffff"
 
 
 def clean_html(html_fragment: str, *, base_url: str) -> str:
@@ -73,7 +77,8 @@ def clean_html(html_fragment: str, *, base_url: str) -> str:
 
 
 def drop_controls(text: str) -> str:
-    """Text without control characters (tab, LF and CR kept) and without U+FFFE or U+FFFF."""
+    """Text without control characters (tab, LF and CR kept; line separators become LF) and
+    without U+FFFE or U+FFFF."""
     return text.translate(_CONTROLS)
 
 
@@ -83,7 +88,9 @@ def control_character(text: str, *, allowed: str = "") -> str:
     if text.isprintable():  # the common case, checked in C
         return ""
     for char in text:
-        if char not in allowed and unicodedata.category(char) in ("Cc", "Cs"):
+        if char in allowed:
+            continue
+        if unicodedata.category(char) in ("Cc", "Cs") or char in _NONCHARACTERS:
             return f"U+{ord(char):04X}"
     return ""
 
@@ -110,12 +117,13 @@ def clean_line(value: str, *, max_length: int) -> str:
 
 
 def _one_line(text: str) -> str:
-    """Turn all whitespace into single spaces and drop control, format and bidi characters."""
+    """Turn all whitespace into single spaces; drop control, format and bidi characters, and
+    U+FFFE and U+FFFF (MJML refuses them)."""
     kept = []
     for char in text:
         if char.isspace():
             kept.append(" ")
-        elif unicodedata.category(char) not in ("Cc", "Cf", "Cs"):
+        elif unicodedata.category(char) not in ("Cc", "Cf", "Cs") and char not in _NONCHARACTERS:
             kept.append(char)
     return " ".join("".join(kept).split())
 

@@ -239,6 +239,7 @@ def in_new_process(*lines: str) -> str:
         (["--config", "send", "digest", "send"], "digest"),
         (["--config=x.toml", "--debug", "lists", "--help"], "lists"),
         (["--help"], None),
+        (["--help", "send"], None),
         (["--config"], None),
         ([], None),
     ],

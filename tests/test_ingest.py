@@ -394,3 +394,22 @@ def test_one_bad_source_does_not_stop_the_others(
         broken = session.scalars(select(Source).where(Source.name == "broken")).one()
         assert broken.lang == "be" and "HTTP 500" in (broken.last_error or "")
     assert count_items(factory) == 20
+
+
+@pytest.mark.parametrize("label", ["ISO-8859-1", "latin1"])
+def test_a_feed_labelled_latin1_keeps_words_curly_quotes_and_dashes(label: str) -> None:
+    """Word's curly quote and en dash (0x92, 0x96) in a feed labelled latin-1 are read as
+    windows-1252 (feedparser does, as browsers do), not dropped with the C1 controls; a byte
+    windows-1252 leaves undefined (0x81) is a control and goes."""
+    feed = (
+        f'<?xml version="1.0" encoding="{label}"?><rss version="2.0"><channel><title>P</title>'
+        "<link>https://portal.example.org/</link><description>d</description>"
+        "<item><title>It\x92s 10\x9620 caf\xe9\x81</title>"
+        "<link>https://portal.example.org/a</link><guid>a</guid>"
+        "<pubDate>Mon, 04 Mar 2024 08:00:00 GMT</pubDate>"
+        "<description>&lt;p&gt;It\x92s 10\x9620\x81&lt;/p&gt;</description></item>"
+        "</channel></rss>"
+    ).encode("latin-1")
+    (item,) = parse(feed)
+    assert item.title == "It\u2019s 10\u201320 caf\u00e9"
+    assert item.summary_html == "<p>It\u2019s 10\u201320</p>"

@@ -568,3 +568,12 @@ def test_outcome_arrays_store_naive_utc_and_refuse_a_naive_moment() -> None:
     assert arrays["ids"] == [7] and arrays["statuses"] == ["sent"] and arrays["relays"] == [None]
     with pytest.raises(ValueError, match="naive"):
         outcome_arrays([row._replace(sent_at=datetime(2026, 12, 6, 12))])
+
+
+def test_scrub_blanks_the_address_and_marks_only_control_characters() -> None:
+    """NUL and escapes (PostgreSQL refuses a NUL) become U+FFFD; other characters a reply may
+    hold stay, and the address goes whatever its case."""
+    reply = "550 5.1.1 <Person2@Example.NET>\x00 \x1b[2J unknown\u200d \u00a0 \ud800 ok"
+    assert ledger.scrub(reply, "person2@example.net") == (
+        "550 5.1.1 <<recipient>>\ufffd \ufffd[2J unknown\u200d \u00a0 \ufffd ok"
+    )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from newsletter.sanitize import clean_html, clean_text, clean_url, to_utc
+from newsletter.sanitize import clean_html, clean_text, clean_url, control_character, to_utc
 
 BASE = "https://portal.example.org/2014/07/item/"
 FALLBACK = datetime(2024, 1, 1, tzinfo=UTC)
@@ -76,6 +76,13 @@ FALLBACK = datetime(2024, 1, 1, tzinfo=UTC)
         ),
         pytest.param("<svg onload=alert(1)><text>t</text></svg>ok", "ok", id="svg-dropped"),
         pytest.param("<iframe src=x>&lt;script&gt;</iframe>ok", "ok", id="iframe-dropped"),
+        pytest.param("<p>a&#0;b&#1;c\x7fd\x9ae</p>", "<p>a\ufffdbcde</p>", id="controls-dropped"),
+        pytest.param(
+            "<p>line one&#11;line two\x0cthree\x85four</p>",
+            "<p>line one\nline two\nthree\nfour</p>",
+            id="line-separating-controls-break-lines",
+        ),
+        pytest.param("<p>x&#xFFFE;y&#xFFFF;</p>", "<p>xy</p>", id="noncharacters-dropped"),
     ],
 )
 def test_clean_html(fragment: str, expected: str) -> None:
@@ -93,6 +100,7 @@ def test_clean_html(fragment: str, expected: str) -> None:
         pytest.param("\u2066x\u2069\u200e\u200f\u061c", "x", id="bidi-isolates-and-marks"),
         pytest.param("zero\u200bwidth\ufeff", "zerowidth", id="zero-width"),
         pytest.param("a\x00b\x07c\x1bd", "abcd", id="controls"),
+        pytest.param("T &#xFFFF; x\ufffe", "T x", id="noncharacters"),
         pytest.param("  many \t  spaces\u2028here ", "many spaces here", id="whitespace-collapsed"),
         pytest.param(
             "<b>Bold</b> &amp; <i>it</i>", "Bold & it", id="tags-stripped-entities-unescaped"
@@ -164,3 +172,22 @@ def test_to_utc(parsed: time.struct_time | None, expected: datetime) -> None:
     result = to_utc(parsed, fallback=FALLBACK)
     assert result == expected
     assert result.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("text", "allowed", "found"),
+    [
+        ("Weekly news", "", ""),
+        ("Weekly\x00", "", "U+0000"),
+        ("Weekly\ufffe", "", "U+FFFE"),
+        ("a\tb\nc", "\t\n", ""),
+        ("a\tb", "", "U+0009"),
+        ("bad \udce9 byte", "", "U+DCE9"),
+        ("non\u00a0breaking", "", ""),
+    ],
+)
+def test_control_character_names_the_first_refused_character(
+    text: str, allowed: str, found: str
+) -> None:
+    """Controls, lone surrogates and U+FFFE/U+FFFF are reported; other unprintables are not."""
+    assert control_character(text, allowed=allowed) == found

@@ -189,11 +189,14 @@ def load_commands(argv: list[str] | None = None) -> None:
 
 
 def command_name(argv: list[str]) -> str | None:
-    """The first argument that is not a root option (nor --config's value), if any."""
+    """The first argument that is not a root option (nor --config's value), if any; none when
+    the root's --help comes first (it lists every command)."""
     args = iter(argv)
     for arg in args:
         if arg == "--config":
             next(args, None)
+        elif arg == "--help":
+            return None
         elif not arg.startswith("-"):
             return arg
     return None
@@ -203,6 +206,7 @@ def main() -> None:
     """Entry point: run the app, turning our errors into one line and an exit code."""
     if any(not_text(arg) for arg in sys.argv[1:]):
         say("error:", "red", "an argument is not UTF-8 text: check the terminal's encoding")
+        # File names too: the names given here end up in messages, pages and the database.
         sys.exit(2)
     load_commands(sys.argv[1:])
     try:
