@@ -15,7 +15,8 @@ and the poster learns nothing about the address (the answer is the same page for
 a subscribed, unsubscribed, bounced or forgotten one). The confirmation email is not sent here but
 queued (a pending subscription without confirm_sent_at) for notices.send_confirmations, so the
 request takes the same time whatever the address; and one address gets at most one confirmation
-per [web] confirm_resend_hours (confirmation_marks keeps a keyed hash of it that long, no more).
+per [web] confirm_resend_hours (confirmation_marks keeps a keyed hash of it that long, no more),
+counted by inbox (inbox()): tagged and dotted forms of one mailbox share that one.
 """
 
 from __future__ import annotations
@@ -186,9 +187,23 @@ def parse_address(raw: str) -> str | None:
         return None
 
 
+# Providers whose mailboxes ignore dots in the part before @ (and their other names).
+_DOTLESS_DOMAINS = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+
+
+def inbox(address: str) -> str:
+    """The mailbox an address reaches, as far as confirmations are counted: without a +tag,
+    and without the dots a provider ignores (so a+1@, a+2@ and a.b@ are one person's inbox)."""
+    local, _, domain = address.rpartition("@")
+    local = local.split("+", 1)[0] or local
+    if domain in _DOTLESS_DOMAINS:
+        local, domain = local.replace(".", "") or local, _DOTLESS_DOMAINS[domain]
+    return f"{local}@{domain}"
+
+
 def mark_key(address: str, *, secret: str) -> str:
-    """The keyed hash an address is remembered by in confirmation_marks."""
-    message = f"confirmation-mark:{address}".encode()
+    """The keyed hash an address's inbox is remembered by in confirmation_marks."""
+    message = f"confirmation-mark:{inbox(address)}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 

@@ -373,7 +373,8 @@ def set_preferences(
         raise KeptOutError("mail to this address bounced; sign up again to confirm it works")
     changed = sub.language != language
     sub.language = language
-    for m in memberships(session, subscriber_id):
+    known = memberships(session, subscriber_id)
+    for m in known:
         wanted = m.list_id in list_ids
         if wanted and m.status != SubscriptionStatus.ACTIVE:
             _activate(session, subscriber_id, m.list_id, now)
@@ -395,7 +396,8 @@ def set_preferences(
             actor=actor,
             action="subscriber.preferences",
             subscriber=subscriber_id,
-            lists=sorted(list_ids),
+            # The lists that exist: a form's other numbers (any length) are not worth keeping.
+            lists=sorted(m.list_id for m in known if m.list_id in list_ids),
             language=language,
         )
     session.flush()

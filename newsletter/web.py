@@ -190,13 +190,17 @@ def read_reading(session: Session, subscriber_id: int) -> Reading:
 
 
 async def read_capped_body(request: Request, limit: int) -> bytes:
-    """A request's body, refused with 413 as soon as it passes `limit` bytes."""
-    body = b""
+    """A request's body, refused with 413 as soon as it passes `limit` bytes.
+
+    Gathered in a bytearray: a body trickled in tiny chunks must not cost a copy of all that came
+    before for each one (quadratic, on the event loop every page shares).
+    """
+    body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             raise HTTPException(413)
-    return body
+    return bytes(body)
 
 
 class SecurityHeaders:
@@ -338,7 +342,8 @@ class Pages:
     # --- unsubscribe -----------------------------------------------------------------------
 
     async def unsubscribe_page(self, request: Request) -> Response:
-        """What you are leaving, one button, and a link to preferences."""
+        """What you are leaving, one button, and a link to preferences (none for a reader with a
+        key or discreet mail: this link is the one that travels in the clear)."""
         claims = self.claims(request, "unsubscribe")
         person, reading = await self.step(link_view, claims, allow_gone=True)
         # Someone forgotten may have chosen discreet mail: their page names no one either.
@@ -347,13 +352,18 @@ class Pages:
             return self.render(
                 "unsubscribed", person.language, discreet=discreet, list_name=person.list_name
             )
+        # The unsubscribe link travels in the clear (List-Unsubscribe, even on encrypted mail):
+        # for a reader with a key or discreet mail it must not open the page that turns those off.
+        guarded = reading.is_discreet or bool(
+            reading.keys.active_fingerprint or reading.keys.pending_fingerprint
+        )
         return self.render(
             "unsubscribe",
             person.language,
             discreet=discreet,
             list_name=person.list_name,
             subscribed=person.subscribed_to(claims.list_id),
-            preferences_url=self.preferences_url(person, claims.list_id),
+            preferences_url="" if guarded else self.preferences_url(person, claims.list_id),
         )
 
     async def unsubscribe_post(self, request: Request) -> Response:
@@ -802,7 +812,10 @@ class Pages:
         if sent and sent != "null" and sent not in self.signup_origins:
             raise HTTPException(403)
         body = await self.read_body(request)
-        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+        try:
+            fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
+        except ValueError:  # more fields than the form has: a bot's post, not a server error
+            raise HTTPException(400) from None
 
         def first(name: str) -> str:
             return (fields.get(name) or [""])[0]
