@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.audience import audience_size
@@ -25,12 +25,13 @@ from newsletter.audit import record_event
 from newsletter.check import Problem, check_campaign, stored_variants
 from newsletter.compose import editable_draft, void_revisions
 from newsletter.config import Settings
-from newsletter.db.models import Approval, Campaign, CampaignRevision, Event
+from newsletter.db.models import Approval, Campaign, CampaignRevision, Event, Staff
 from newsletter.enqueue import launch_campaign
 from newsletter.errors import ApprovalError
 from newsletter.i18n import N_
 from newsletter.render import RenderedVariant
 from newsletter.sanitize import clean_text
+from newsletter.staff import is_active
 from newsletter.variants import render_campaign, store_variants
 
 APPROVING_ROLES = ("approver", "admin")
@@ -123,6 +124,7 @@ def submit_for_approval(
     session: Session, *, campaign_id: int, settings: Settings, now: datetime, actor: str
 ) -> RevisionView:
     """Render and freeze the draft as a new revision (older ones voided); audited with its hash."""
+    lock_alert(session, campaign_id)
     campaign = editable_draft(session, campaign_id)
     variants = render_campaign(campaign, settings=settings)
     store_variants(session, campaign, variants)
@@ -199,7 +201,7 @@ def approve(
     test_send.send_training to the staff addresses (training_addresses, else its authors and
     approvers), and 0 is returned.
     """
-    campaign = _alert(session, campaign_id)
+    campaign = _locked_alert(session, campaign_id)
     state = approval_state(session, campaign_id=campaign_id, settings=settings)
     refusal = approval_refusal(state, approver)
     if refusal is None and state.revision and state.revision.hash != revision_hash:
@@ -222,8 +224,7 @@ def approve(
         revision=revision.number,
         hash=revision.hash,
     )
-    approvers = _approvers(session, revision)
-    if len(approvers) < state.needed:
+    if len(_standing_approvers(session, revision)) < state.needed:
         return None
     return _launch(
         session, campaign, revision, settings=settings, now=now, actor=approver.email,
@@ -256,7 +257,7 @@ def break_glass(
         raise ApprovalError.of(N_("say why in at least %(n)d characters"), n=REASON_MIN_CHARS)
     if staff.role not in APPROVING_ROLES:
         raise ApprovalError.of(N_("an %(role)s may not send alone"), role=staff.role)
-    campaign = _alert(session, campaign_id)
+    campaign = _locked_alert(session, campaign_id)
     if str(campaign.status) != "draft":
         raise ApprovalError.of(
             N_("alert %(id)s is %(status)s"), id=campaign_id, status=str(campaign.status)
@@ -374,6 +375,31 @@ def _alert(session: Session, campaign_id: int) -> Campaign:
     return campaign
 
 
+def lock_alert(session: Session, campaign_id: int) -> None:
+    """Lock a campaign's row for the rest of the transaction, before anything of it is read.
+
+    Edits, submissions, approvals and break-glass sends of one alert then run one after
+    another: two approvers at once each count the other's approval, a double-clicked approve
+    is refused as already given (not a broken unique key), and an edit saved while the approval
+    launches the alert finds it started and changes nothing. A no-op UPDATE takes the lock on
+    both databases (SQLite ignores FOR UPDATE; its first write takes the database's write lock).
+    """
+    session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign_id)
+        .values(kind=Campaign.kind)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _locked_alert(session: Session, campaign_id: int) -> Campaign:
+    """The alert, read after its row is locked (lock_alert)."""
+    lock_alert(session, campaign_id)
+    campaign = _alert(session, campaign_id)
+    session.refresh(campaign)
+    return campaign
+
+
 def _latest_revision(session: Session, campaign_id: int) -> CampaignRevision | None:
     return session.scalar(
         select(CampaignRevision)
@@ -400,6 +426,35 @@ def _approvers(session: Session, revision: CampaignRevision) -> list[str]:
             .order_by(Approval.at, Approval.id)
         )
     )
+
+
+def _standing_approvers(session: Session, revision: CampaignRevision) -> list[str]:
+    """The revision's approvers whose approval still counts: one from an account disabled,
+    reset or re-enrolled since (a stolen phone), or no longer an approver or admin, does not."""
+    approvals = list(
+        session.scalars(
+            select(Approval)
+            .where(Approval.revision_id == revision.id)
+            .order_by(Approval.at, Approval.id)
+        )
+    )
+    emails = [a.approver.lower() for a in approvals]
+    accounts = {
+        s.email.casefold(): s
+        for s in session.scalars(select(Staff).where(func.lower(Staff.email).in_(emails)))
+    }
+    standing = []
+    for approval in approvals:
+        account = accounts.get(approval.approver.casefold())
+        if account is not None and not (
+            is_active(account)
+            and account.role in APPROVING_ROLES
+            and account.enrolled_at is not None
+            and account.enrolled_at <= approval.at
+        ):
+            continue
+        standing.append(approval.approver)
+    return standing
 
 
 def _authors(session: Session, campaign: Campaign) -> set[str]:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from newsletter import console_queries, staff
-from newsletter.console_core import Console
+from newsletter.console_core import Console, parse_id
 from newsletter.db.models import Event
 from newsletter.subscriber_csv import neutralise_cell
 
@@ -75,7 +75,7 @@ class AdminPages:
         """One page of the audit log, newest first."""
         info = await self.c.staff(request, roles=ADMIN)
         raw = request.query_params.get("page", "0")
-        page = min(int(raw), 10**6) if raw.isdigit() else 0
+        page = min(parse_id(raw) or 0, 10**6)
 
         def read(session: Session) -> tuple[list[dict[str, str]], bool]:
             events, more = console_queries.events_page(session, page=page, size=PAGE_SIZE)

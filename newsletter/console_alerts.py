@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -47,13 +48,13 @@ def routes(console: Console) -> list[Route]:
     return [
         Route("/alerts/new", pages.new_page, methods=["GET"]),
         Route("/alerts/new", pages.new_post, methods=["POST"]),
-        Route("/alerts/{id:int}", pages.alert_page, methods=["GET"]),
-        Route("/alerts/{id:int}", pages.edit_post, methods=["POST"]),
-        Route("/alerts/{id:int}/preview/{lang:str}", pages.preview_frame, methods=["GET"]),
-        Route("/alerts/{id:int}/test", pages.test_post, methods=["POST"]),
-        Route("/alerts/{id:int}/submit", pages.submit_post, methods=["POST"]),
-        Route("/alerts/{id:int}/approve", pages.approve_post, methods=["POST"]),
-        Route("/alerts/{id:int}/break-glass", pages.break_glass_post, methods=["POST"]),
+        Route("/alerts/{id:id}", pages.alert_page, methods=["GET"]),
+        Route("/alerts/{id:id}", pages.edit_post, methods=["POST"]),
+        Route("/alerts/{id:id}/preview/{lang:str}", pages.preview_frame, methods=["GET"]),
+        Route("/alerts/{id:id}/test", pages.test_post, methods=["POST"]),
+        Route("/alerts/{id:id}/submit", pages.submit_post, methods=["POST"]),
+        Route("/alerts/{id:id}/approve", pages.approve_post, methods=["POST"]),
+        Route("/alerts/{id:id}/break-glass", pages.break_glass_post, methods=["POST"]),
         Route("/api/recipients", pages.recipients_api, methods=["GET"]),
     ]
 
@@ -160,6 +161,23 @@ def draft_from_form(form: Form, languages: tuple[str, ...]) -> compose.DraftInpu
     )
 
 
+def save_edit(
+    session: Session,
+    *,
+    campaign_id: int,
+    draft: compose.DraftInput,
+    settings: Settings,
+    now: datetime,
+    actor: str,
+) -> None:
+    """Save an edited draft once its row is locked: an edit racing the approval that launches
+    the alert waits for it, then finds it started and changes nothing."""
+    approvals.lock_alert(session, campaign_id)
+    compose.update_draft(
+        session, campaign_id=campaign_id, draft=draft, settings=settings, now=now, actor=actor
+    )
+
+
 def parse_addresses(raw: str) -> list[str]:
     """The test addresses typed in: split on commas, semicolons and spaces, duplicates dropped."""
     return list(dict.fromkeys(a for a in _ADDRESS_SPLIT.split(raw[:2000]) if a))
@@ -250,7 +268,7 @@ class AlertPages:
             return await self.compose_page(request, info, draft, campaign_id=campaign_id)
         try:
             await self.c.db(
-                compose.update_draft,
+                save_edit,
                 campaign_id=campaign_id,
                 draft=draft,
                 settings=self.c.settings,

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -47,6 +48,33 @@ STATIC_FILES = {
     "console.js": "text/javascript; charset=utf-8",
 }
 TransportFactory = Callable[[], AbstractAsyncContextManager[Transport]]
+# A row id as the console's addresses and forms carry it: ASCII digits that fit every
+# database's integer (a longer one overflows SQLite and PostgreSQL, "²" passes str.isdigit()).
+ID_DIGITS = 18
+
+
+class IdConvertor(Convertor[int]):
+    """`{id:id}` in a route: 1 to 18 ASCII digits; anything longer matches no route (404)."""
+
+    regex = f"[0-9]{{1,{ID_DIGITS}}}"
+
+    def convert(self, value: str) -> int:
+        """The id as a number."""
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        """The id as it appears in an address."""
+        return str(value)
+
+
+register_url_convertor("id", IdConvertor())
+
+
+def parse_id(raw: str) -> int | None:
+    """A query or form value as a row id, or None if it is not 1 to 18 ASCII digits."""
+    if 0 < len(raw) <= ID_DIGITS and raw.isascii() and raw.isdigit():
+        return int(raw)
+    return None
 
 
 class SignInNeeded(Exception):
@@ -271,7 +299,7 @@ class Console:
             csrf=csrf,
             training=self.training(info),
             static=self.static,
-            path=request.url.path,
+            path=local_path(request.url.path),
             when=format_when,
             **context,
         )
@@ -287,6 +315,12 @@ class Console:
         lang = request.query_params.get("lang", "")
         if lang in LANGUAGES:
             self.cookies.set(response, self.cookies.lang, lang, max_age=365 * 24 * 3600)
+
+
+def local_path(path: str) -> str:
+    """A request's path as a link on its page may use it: one leading slash, since a browser
+    reads //host (and /\\host) in an href as another site's address."""
+    return "/" + path.lstrip("/\\")
 
 
 def format_when(value: datetime | None) -> str:

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from newsletter import approvals, campaigns, compose, console_queries, digest_control
 from newsletter.config import Settings
-from newsletter.console_core import Console
+from newsletter.console_core import Console, parse_id
 from newsletter.db.models import Campaign, ListKind, MailingList
 from newsletter.status import service_status
 
@@ -32,8 +32,8 @@ def routes(console: Console) -> list[Route]:
     return [
         Route("/", pages.dashboard, methods=["GET"]),
         Route("/api/progress", pages.progress, methods=["GET"]),
-        Route("/campaigns/{id:int}", pages.watch, methods=["GET"]),
-        Route("/campaigns/{id:int}/{action:str}", pages.campaign_action, methods=["POST"]),
+        Route("/campaigns/{id:id}", pages.watch, methods=["GET"]),
+        Route("/campaigns/{id:id}/{action:str}", pages.campaign_action, methods=["POST"]),
         Route("/digest", pages.digest, methods=["GET"]),
         Route("/digest/{action:str}", pages.digest_action, methods=["POST"]),
     ]
@@ -133,7 +133,7 @@ class WatchPages:
         """JSON for console.js: each campaign's counts, rate and time left."""
         await self.c.staff(request)
         raw = request.query_params.get("campaign", "")
-        campaign_id = int(raw) if raw.isdigit() else None
+        campaign_id = parse_id(raw)
         rows = await self.c.db(progress_data, now=self.c.now(), campaign_id=campaign_id)
         return JSONResponse({"campaigns": [p.as_json() for p in rows]})
 
@@ -198,10 +198,10 @@ class WatchPages:
         slug = form.get("list")[:100]
         kw: dict[str, Any] = {"list_slug": slug, "now": self.c.now(), "actor": info.staff.email}
         if action in ("exclude", "include"):
-            item = form.get("item")
-            if not item.isdigit():
+            item_id = parse_id(form.get("item"))
+            if item_id is None:
                 raise HTTPException(400)
-            kw["item_id"] = int(item)
+            kw["item_id"] = item_id
 
         def run(session: Session) -> object:
             if action == "exclude":
