@@ -6,13 +6,20 @@ bounce is read with the email package: RFC 3464 message/delivery-status parts gi
 status per recipient; the original message's Message-ID (text/rfc822-headers or message/rfc822) is
 the fallback when the bounce lost the VERP address.
 
-A hard bounce (action failed, status 5.x.x) with a valid VERP signature marks the delivery failed
-and suppresses the address at once. When only the returned Message-ID names the delivery, anyone
-who saw that message could have written the bounce: it is counted (an event and a note on the
-delivery) and suppresses only when a second such bounce arrives for another delivery of the same
-person, that is from another campaign. Bounces repeated for the same delivery never count twice,
-however far apart in time: a forger can repeat one bounce, but cannot make a second Message-ID. A
-delay (4.x.x) is noted on the delivery.
+A hard bounce (action failed, status 5.x.x about the mailbox: X.0.0, X.1.x but the sender's
+X.1.7 and X.1.8, X.2.x; RFC 3463) with a valid VERP signature marks the delivery failed and
+suppresses the address at once. A permanent failure about anything else (policy and
+authentication X.7.x, such as a DMARC rejection, content X.6.x, routing, protocol) refused this
+message, not the address: it marks the delivery failed (a VERP signature required) and suppresses
+no one, as the sender does for a 5xx after RCPT. A relay that accepts and then forwards would
+otherwise turn one DNS mistake into every reader of a provider suppressed for good.
+
+When only the returned Message-ID names the delivery, anyone who saw that message could have
+written the bounce: a hard one is counted (an event and a note on the delivery) and suppresses only
+when a second such bounce arrives for another delivery of the same person, that is from another
+campaign. Bounces repeated for the same delivery never count twice, however far apart in time: a
+forger can repeat one bounce, but cannot make a second Message-ID. A delay (4.x.x) is noted on the
+delivery.
 
 Mail from outside is read with limits (read_mail): only its first MAX_READ_BYTES, at most
 MAX_CONTENT_TYPES Content-Type fields (which bounds how deep MIME can nest before the recursive
@@ -37,17 +44,15 @@ from sqlalchemy.orm import Session
 
 from newsletter.audit import record_event
 from newsletter.config import Settings
-from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber
+from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber, SubscriberStatus
 from newsletter.errors import NewsletterError
 from newsletter.ledger import scrub, suppress_bounced
 from newsletter.message import message_id
 
-# Linear: anchored (match), each quantified class is disjoint from the literal after it ([^+@]
-# from "+", digits from "-", [^@>] from the end), so a failed attempt gives characters back at
-# most once each; and parse_verp never feeds it more than MAX_ADDRESS characters.
-_VERP = re.compile(
-    r"^(?P<local>[^+@]+)\+(?P<id>\d{1,18})-(?P<sig>[0-9a-f]{10})@(?P<domain>[^@>]+)$"
-)
+# The part of a VERP address after its last "+": <delivery>-<signature>. Linear: fullmatch of two
+# bounded runs of disjoint classes around a literal "-"; the address is split by rpartition first,
+# so the bounce address's own local part may hold a "+" too (news+bounces@).
+_VERP_TAIL = re.compile(r"(?P<id>\d{1,18})-(?P<sig>[0-9a-f]{10})")
 # Linear: every match starts at a literal "<" and every quantifier after it is bounded (at most
 # 18 + 18 + 16 + 255 characters), so each start position costs a bounded number of steps whatever
 # follows; the text is cut to MAX_HEADERS_TEXT first anyway.
@@ -83,7 +88,7 @@ class Bounce:
 
     delivery_id: int | None  # from a VERP address whose signature is valid
     message_key: tuple[int, int] | None  # (campaign, subscriber) from the original Message-ID
-    hard: bool
+    hard: bool  # failed for good (5.x.x)
     status: str
     diagnostic: str
 
@@ -107,12 +112,16 @@ def verp_address(delivery_id: int, *, settings: Settings, bounce_address: str = 
 def parse_verp(address: str, *, settings: Settings) -> int | None:
     """The delivery a VERP address names, or None if it is not ours or the signature is wrong."""
     address = address.strip().strip("<>").lower()
-    match = _VERP.match(address) if len(address) <= MAX_ADDRESS else None
+    if len(address) > MAX_ADDRESS:
+        return None
+    local_part, _, domain = address.rpartition("@")
+    local, plus, tail = local_part.rpartition("+")
+    match = _VERP_TAIL.fullmatch(tail) if plus else None
     ours = {
         tuple(a.lower().rpartition("@")[::2])
         for a in (settings.mail.bounce_address, settings.discreet.bounce_address)
     }
-    if not match or (match["local"], match["domain"]) not in ours:
+    if not match or (local, domain) not in ours:
         return None
     delivery_id = int(match["id"])
     expected = _signature(delivery_id, settings.security.require_secret())
@@ -201,8 +210,28 @@ def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bou
         message_key=original_key(msg, settings),
         hard=action == "failed" and status.startswith("5"),
         status=status,
-        diagnostic=diagnostic[:500],
+        diagnostic=without_addresses(diagnostic)[:500],
     )
+
+
+def mailbox_refused(status: str) -> bool:
+    """Whether a permanent status code is about the recipient's mailbox or address (RFC 3463:
+    X.0.0 undetermined, X.1.x addressing but X.1.7/X.1.8 the sender's address, X.2.x mailbox)."""
+    _, subject, detail = status.split(".") if status.count(".") == 2 else ("", "", "")
+    if subject == "0":
+        return detail == "0"
+    return subject == "2" or (subject == "1" and detail not in ("7", "8"))
+
+
+def without_addresses(text: str) -> str:
+    """One-line text with each word that holds an "@" replaced by "<address>".
+
+    A remote server's diagnostic may name the reader in a form scrub() cannot know (the
+    forwarding target of their alias, the domain as Unicode, a +tag), and the reply is kept in
+    the append-only audit events, which `subscribers forget` does not erase. A split and a join:
+    linear.
+    """
+    return " ".join("<address>" if "@" in word else word for word in text.split())
 
 
 def _delivery_status(msg: Message) -> tuple[str, str, str] | None:
@@ -216,7 +245,9 @@ def _delivery_status(msg: Message) -> tuple[str, str, str] | None:
                 continue
             action = header_text(block, "Action").lower()
             if action in ("failed", "delayed"):
-                status = header_text(block, "Status")[:20]
+                # The code is the field's first word: some servers add a comment after it
+                # ("5.1.1 (bad destination mailbox address)"), RFC 822 style.
+                status = header_text(block, "Status")[:40].partition(" ")[0][:20]
                 status = status if _STATUS.fullmatch(status) else ""
                 return action, status, header_text(block, "Diagnostic-Code")
     return None
@@ -285,7 +316,9 @@ def handle_bounce(
     settings: Settings,
     now: datetime,
 ) -> str:
-    """Apply one incoming bounce: "hard", "unconfirmed", "soft", "not a bounce", "unknown delivery".
+    """Apply one incoming bounce: "hard", "unconfirmed", "refused" (failed for good, not for the
+    mailbox: nobody suppressed), "soft", "not a bounce", "unknown delivery"; "hard again" and
+    "refused again" for a bounce already applied (nothing written).
 
     Raises UnreadableMailError, before touching the database, when the message cannot be read.
     """
@@ -319,9 +352,23 @@ def apply_bounce(
     if not bounce.hard:
         delivery.last_reply = reply
         return "soft"
+    if not mailbox_refused(bounce.status):
+        if bounce.delivery_id is not None and delivery.status == DeliveryStatus.FAILED:
+            return "refused again"  # the same report twice writes nothing twice
+        delivery.last_reply = reply
+        if bounce.delivery_id is not None:  # a Message-ID alone may be forged: a note only
+            delivery.status = DeliveryStatus.FAILED
+            record_event(
+                session, now=now, actor="bounces", action="delivery.refused", delivery=delivery.id
+            )
+        session.flush()
+        return "refused"
     if bounce.delivery_id is None and not _bounced_elsewhere(session, delivery):
         _count_unconfirmed(session, delivery, reply, now=now)
         return "unconfirmed"
+    done = subscriber is None or subscriber.status == SubscriberStatus.BOUNCED
+    if delivery.status == DeliveryStatus.FAILED and done:
+        return "hard again"  # failed and suppressed already: no second event for one bounce
     delivery.last_reply = reply
     delivery.status = DeliveryStatus.FAILED
     if subscriber is not None:
@@ -335,8 +382,14 @@ UNCONFIRMED = "delivery.bounce_unconfirmed"
 
 
 def _count_unconfirmed(session: Session, delivery: Delivery, reply: str, *, now: datetime) -> None:
-    """Note a hard bounce named only by Message-ID: an event, and a line on the delivery."""
+    """Note a hard bounce named only by Message-ID: an event (once per delivery), and a line on
+    the delivery."""
     delivery.last_reply = f"{reply[:900]} (unconfirmed: Message-ID only, no VERP signature)"
+    noted = select(func.count()).where(
+        Event.action == UNCONFIRMED, Event.detail["delivery"].as_integer() == delivery.id
+    )
+    if session.scalar(noted):
+        return
     record_event(
         session,
         now=now,

@@ -5,11 +5,15 @@ its zone's own servers (found by walking up the labels for an NS set, with recur
 or, with `[doctor] nameservers`, of the servers given (with recursion desired: split DNS
 usually means a recursive resolver). Every query has a timeout; a server that
 did not answer once is not asked again in the same run, so a dead or hostile server costs one
-timeout, not one per name. Failures are DnsError: one line naming the server and what happened.
+timeout, not one per name. A server that answers, but slowly, is bounded by the run's budget
+(TIMEOUTS_PER_RUN timeouts in all, from the first query): past it nothing more is asked and each
+name left is a DnsError at once. Failures are DnsError: one line naming the server and what
+happened.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +36,10 @@ from newsletter.config import split_server
 from newsletter.errors import NewsletterError
 
 MAX_CNAME_HOPS = 8
+# A run's DNS time in all, in timeouts: a normal check asks a few dozen names in milliseconds each;
+# an SPF chain of hundreds of names on a server that answers just before each timeout would
+# otherwise hold the doctor for many minutes.
+TIMEOUTS_PER_RUN = 10
 
 
 class DnsError(NewsletterError):
@@ -47,6 +55,7 @@ class AuthoritativeDns:
     _dead: set[tuple[str, int]] = field(default_factory=set)
     _zones: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
     _answers: dict[tuple[str, str], list[dns.rdata.Rdata]] = field(default_factory=dict)
+    _deadline: float | None = None  # time.monotonic() at which the run's budget is spent
 
     @classmethod
     def from_settings(cls, nameservers: Sequence[str], timeout: float) -> AuthoritativeDns:
@@ -98,19 +107,35 @@ class AuthoritativeDns:
             qname = alias[0].target
         raise DnsError(f"{name}: more than {MAX_CNAME_HOPS} CNAMEs in a row")
 
+    def _left(self, qname: dns.name.Name) -> float:
+        """Seconds the run may still spend on DNS (at most one timeout); DnsError when none."""
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + TIMEOUTS_PER_RUN * self.timeout
+        left = min(self.timeout, self._deadline - now)
+        if left <= 0:
+            spent = TIMEOUTS_PER_RUN * self.timeout
+            raise DnsError(
+                f"cannot ask DNS for {qname.to_text(True)}: the run's DNS budget of {spent:g}s"
+                " is spent (slow name servers); not asked"
+            )
+        return left
+
     def _ask(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message:
         """One answer from the first server that gives one; DnsError when none does."""
+        self._left(qname)
         servers = self.servers or self._zone_servers(qname)
         problem = "no name server to ask"
         for server in servers:
             if server in self._dead:
                 problem = f"{_show(server)} did not answer earlier"
                 continue
+            left = self._left(qname)
             try:
-                response = self._ask_one(qname, rdtype, server)
+                response = self._ask_one(qname, rdtype, server, left)
             except (dns.exception.Timeout, TimeoutError):
                 self._dead.add(server)
-                problem = f"no answer from {_show(server)} within {self.timeout:g}s"
+                problem = f"no answer from {_show(server)} within {left:g}s"
                 continue
             except (dns.exception.DNSException, OSError, ValueError) as e:
                 self._dead.add(server)
@@ -122,9 +147,13 @@ class AuthoritativeDns:
         raise DnsError(f"cannot ask DNS for {qname.to_text(True)}: {problem}")
 
     def _ask_one(
-        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, server: tuple[str, int]
+        self,
+        qname: dns.name.Name,
+        rdtype: dns.rdatatype.RdataType,
+        server: tuple[str, int],
+        timeout: float,
     ) -> dns.message.Message:
-        """Ask one server over UDP, again over TCP if truncated.
+        """Ask one server over UDP, again over TCP if truncated, within `timeout` in all.
 
         Recursion is desired only of `servers` given in [doctor] nameservers (behind split DNS
         these are usually recursive resolvers); never of the zone's authoritative servers.
@@ -135,21 +164,25 @@ class AuthoritativeDns:
         else:
             request.flags &= ~dns.flags.RD
         host, port = server
-        response = dns.query.udp(request, host, port=port, timeout=self.timeout)
+        deadline = time.monotonic() + timeout
+        response = dns.query.udp(request, host, port=port, timeout=timeout)
         if response.flags & dns.flags.TC:
-            response = dns.query.tcp(request, host, port=port, timeout=self.timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise dns.exception.Timeout
+            response = dns.query.tcp(request, host, port=port, timeout=left)
         return response
 
     def _zone_servers(self, qname: dns.name.Name) -> tuple[tuple[str, int], ...]:
         """The addresses of the authoritative servers of the zone holding `qname`."""
         resolver = dns.resolver.Resolver()
-        resolver.lifetime = self.timeout
         name = qname
         try:
             while True:
                 key = name.to_text()
                 if key in self._zones:
                     return self._zones[key]
+                resolver.lifetime = self._left(qname)  # one label at a time, up to 127 of them
                 try:
                     ns = resolver.resolve(name, "NS", raise_on_no_answer=False)
                 except dns.resolver.NXDOMAIN:
@@ -160,6 +193,7 @@ class AuthoritativeDns:
             found: list[tuple[str, int]] = []
             for record in ns.rrset:
                 for kind in ("A", "AAAA"):
+                    resolver.lifetime = self._left(qname)
                     answer = resolver.resolve(record.target, kind, raise_on_no_answer=False)
                     found.extend((a.address, 53) for a in answer.rrset or ())
         except dns.name.NoParent:

@@ -297,6 +297,11 @@ def check_dkim(identity: SendingIdentity, dns: Lookup, now: datetime) -> list[Fi
         return fail("the key is revoked (empty p=)")
     if not same_public_key(tags["p"], signer.private_key):
         return fail("the published key is not the configured key's ([dkim] key_file)")
+    hashes = tags.get("h", "")
+    if hashes and "sha256" not in hashes.lower().split(":"):
+        # RFC 6376 §3.6.1: a verifier refuses a signature whose hash h= does not list; dkimpy
+        # ignores h=, so its verification below would pass what the providers fail.
+        return fail(f"h={hashes[:40]} does not allow sha256, which the service signs with")
     signed = signer.sign(test_message(identity, now))
 
     def dnsfunc(qname: bytes, timeout: float = 5) -> bytes:

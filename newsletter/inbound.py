@@ -148,7 +148,9 @@ def token_from_subject(message: Message) -> str | None:
 
 
 def _decoded(subject: str) -> str:
-    """A subject with its RFC 2047 encoded words decoded; unknown charsets read as ASCII."""
+    """A subject with its RFC 2047 encoded words decoded; unknown or unusable charsets (a codec
+    that is no text encoding, or refuses errors="replace": idna, undefined) read as
+    ASCII."""
     try:
         chunks = decode_header(subject)
     except Exception as e:  # a broken encoded word (bad base64)
@@ -160,7 +162,7 @@ def _decoded(subject: str) -> str:
             continue
         try:
             text.append(chunk.decode(charset or "ascii", "replace"))
-        except LookupError:
+        except (LookupError, UnicodeError):  # UnicodeError: idna's "Unsupported error handling"
             text.append(chunk.decode("ascii", "replace"))
     return "".join(text)
 
