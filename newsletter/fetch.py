@@ -5,8 +5,8 @@ What a feed's server (or whoever controls it) can make this module do is bounded
 - time: one deadline, `[sources] timeout_seconds`, covers the whole fetch (name lookup,
   connect, TLS, headers, body, every redirect hop), so a server that drips its answer a byte at
   a time is cut off when the deadline passes, not when a single read stalls;
-- redirects: followed by hand, at most MAX_REDIRECTS hops, only to http(s), never from https
-  to plain http;
+- redirects: followed by hand, at most MAX_REDIRECTS hops, only to http(s) with a usable host
+  and port, never from https to plain http;
 - addresses: every host is resolved once, each address is classified (`address_kind`), and the
   request goes to the checked address itself (the name stays in the Host header and in the TLS
   server name, so the certificate is still checked against it). A DNS answer that changes
@@ -46,6 +46,9 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "newsletter-ingest/0.1 (+https://portal.example.org/)"
 ACCEPT_ENCODING = "gzip, deflate"
 SHOWN_MAX = 200  # how much of a URL an error line shows
+# The sources.etag and sources.last_modified columns: PostgreSQL refuses longer values.
+ETAG_MAX = 500
+LAST_MODIFIED_MAX = 100
 
 IPAddress = IPv4Address | IPv6Address
 THIS_NETWORK = ip_network("0.0.0.0/8")  # "this host" on Linux: 0.0.0.0 reaches loopback
@@ -84,7 +87,13 @@ def fetch_source(
     """Fetch an http(s) URL (conditional GET) or read a file, never more than max_bytes."""
     scheme = _scheme(url_or_path)
     if scheme in ("http", "https"):
+        if not _usable_port(url_or_path):
+            raise FeedFetchError(shown(url_or_path), "not a usable URL: its port is out of range")
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING}
+        etag, last_modified = (
+            _validator(etag, ETAG_MAX),
+            _validator(last_modified, LAST_MODIFIED_MAX),
+        )
         if etag:
             headers["If-None-Match"] = etag
         if last_modified:
@@ -182,9 +191,20 @@ def redirect_refusal(current: str, target: str, *, hops: int) -> str | None:
         return "it leaves https for plain http"
     if not urlsplit(target).hostname:
         return "it names no host"
+    if not _usable_port(target):
+        return "its port is not a number from 0 to 65535"
     if hops > MAX_REDIRECTS:
         return f"more than {MAX_REDIRECTS} redirects"
     return None
+
+
+def _usable_port(url: str) -> bool:
+    """False for a port urllib refuses ("99999"): httpx would pass it on to connect(), whose
+    OverflowError escapes httpx's errors."""
+    try:
+        return (urlsplit(url).port or 0) >= 0
+    except ValueError:
+        return False
 
 
 def shown(url: object) -> str:
@@ -213,6 +233,12 @@ async def _fetch_http(
         raise FeedFetchError(url, f"{type(e).__name__}: {shown(e)}{_where(trail)}") from e
     except httpx.InvalidURL as e:  # the configured URL itself (a redirect's is checked apart)
         raise FeedFetchError(url, f"not a usable URL: {shown(e)}") from None
+    except UnicodeError as e:
+        # httpx decodes a redirect's host as it receives the response (Response.next_request),
+        # before _redirect_target sees it; an invalid IDNA label ("xn--a") raises there.
+        raise FeedFetchError(
+            url, f"a redirect names an unusable host: {shown(e)}{_where(trail)}"
+        ) from None
 
 
 async def _follow(
@@ -339,9 +365,21 @@ async def _result(
         reason = clean_text(response.reason_phrase, max_length=100)
         raise FeedFetchError(source, f"HTTP {response.status_code} {reason}{_where(trail)}")
     body = await _read_capped(source, response, settings.max_bytes)
-    return FetchResult(
-        body, response.headers.get("etag"), response.headers.get("last-modified"), redirected
-    )
+    etag = _validator(response.headers.get("etag"), ETAG_MAX)
+    last_modified = _validator(response.headers.get("last-modified"), LAST_MODIFIED_MAX)
+    return FetchResult(body, etag, last_modified, redirected)
+
+
+def _validator(value: str | None, max_length: int) -> str | None:
+    """A validator (ETag, Last-Modified) worth keeping and sending back, else None.
+
+    httpx sends header values as ASCII and the columns have a length: a server's "é" or a
+    thousand-character ETag would otherwise break every later fetch of the source, or its store.
+    Dropping one only costs an unconditional GET.
+    """
+    if value and len(value) <= max_length and value.isascii() and value.isprintable():
+        return value
+    return None
 
 
 def _where(trail: list[str]) -> str:

@@ -38,6 +38,8 @@ from newsletter.fetch import FetchResult, fetch_source, file_path, is_file_sourc
 from newsletter.lock import acquire_lock, release_lock
 from newsletter.parse import ParsedItem, parse_feed
 
+GUID_BATCH = 1000  # guids looked up per query
+
 
 @dataclass(frozen=True)
 class IngestReport:
@@ -158,12 +160,13 @@ def _upsert_items(
 ) -> IngestReport:
     """Insert new items, update changed ones, count the rest as unchanged."""
     guids = [item.guid for item in items]
-    existing = {
-        row.guid: row
-        for row in session.scalars(
-            select(Item).where(Item.source_id == source.id, Item.guid.in_(guids))
-        )
-    }
+    existing: dict[str, Item] = {}
+    # One IN list per GUID_BATCH guids: a feed of 70,000 tiny items fits in max_bytes, and
+    # PostgreSQL takes at most 65,535 parameters in one statement (SQLite 32,766).
+    for start in range(0, len(guids), GUID_BATCH):
+        batch = guids[start : start + GUID_BATCH]
+        stmt = select(Item).where(Item.source_id == source.id, Item.guid.in_(batch))
+        existing.update((row.guid, row) for row in session.scalars(stmt))
     counts = {"new": 0, "updated": 0, "unchanged": 0}
     for item in items:
         row = existing.get(item.guid)
@@ -173,7 +176,10 @@ def _upsert_items(
         elif row.content_hash == item.content_hash:
             counts["unchanged"] += 1
         else:
-            for key, value in _item_values(item, now).items():
+            values = _item_values(item, now)
+            if not item.dated:  # "now" is only when it was first seen: keep that date
+                del values["published_at"]
+            for key, value in values.items():
                 setattr(row, key, value)
             counts["updated"] += 1
     session.flush()

@@ -7,7 +7,8 @@ problem, so a bad feed is never half-ingested:
 2. encoding: a byte-order mark wins, else the XML declaration, else UTF-8. The bytes are decoded
    strictly with that encoding (windows-1251, UTF-16 … are ingested correctly) and handed on as
    UTF-8. A declared single-byte encoding whose bytes are in fact UTF-8 is refused, because
-   decoding it "as declared" would silently store mojibake;
+   decoding it "as declared" would silently store mojibake. A codec no feed is written in
+   (punycode, whose decoder is quadratic, utf-7 …) is refused by name;
 3. DTDs: any <!ENTITY declaration is refused before any XML parser runs (entity-expansion
    bombs, external entities such as file:///etc/passwd), and defusedxml enforces the same
    while checking the document is well-formed XML whose root is a feed (rss, RDF, Atom). A
@@ -37,7 +38,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urljoin
 from xml.parsers import expat
@@ -60,6 +61,9 @@ from newsletter.sanitize import (
 )
 
 TITLE_MAX = 300
+# A date further ahead than this is no date: it would keep an item first in every list, and
+# "recent" for the urgent alerts, for years. A day covers any time zone written wrong.
+FUTURE_SLACK = timedelta(days=1)
 CATEGORY_MAX = 100
 GUID_MAX = 500
 LINK_MAX = 2000  # the items.link column; PostgreSQL refuses longer values
@@ -108,7 +112,27 @@ MAX_ATTRIBUTES = 32
 PEOPLE_ELEMENTS = frozenset(
     {"author", "creator", "managingeditor", "webmaster", "publisher", "owner"}
 )
+# Elements feedparser makes categories ("tags") of, one each or one per comma of their text
+# (itunes:keywords, media:keywords, tags). It checks each new one against all the entry's others
+# (a linear scan, so quadratic in their number: 20,000 keywords in 109 KB took 7 s). A feed
+# with more than MAX_TAGS of them (counting commas) on one item, or MAX_FEED_TAGS in all, is
+# refused before feedparser runs: the scans then compare at most MAX_FEED_TAGS * MAX_TAGS / 2
+# pairs, a fraction of a second.
+TAG_ELEMENTS = frozenset({"category", "subject", "keywords", "tags"})
+ENTRY_ELEMENTS = frozenset({"item", "entry"})
+MAX_TAGS = 100
+MAX_FEED_TAGS = 20_000
 UNICODE_FAMILY = ("utf-8", "utf-16", "utf-32")
+# The encodings a feed may declare, by Python's codec name: Unicode, the single-byte code pages
+# (charmap tables: one lookup per byte) and the usual East Asian multi-byte ones. Python also
+# decodes "punycode" (quadratic: 1.3 MB took 80 s, a 5 MB feed would hold its ingest about 20
+# minutes), "idna", "utf-7" and the escape codecs, which no feed is written in.
+SINGLE_BYTE_PREFIXES = ("iso8859-", "cp", "mac-", "koi8-")
+OTHER_ENCODINGS = frozenset(
+    {"ascii", "tis-620", "kz1048", "ptcp154", "hp-roman8", "gbk", "gb2312", "gb18030", "big5"}
+    | {"big5hkscs", "euc_jp", "euc_jis_2004", "euc_jisx0213", "euc_kr", "iso2022_jp", "johab"}
+    | {"iso2022_kr", "shift_jis", "shift_jis_2004", "shift_jisx0213", "hz"}
+)
 # feedparser flags these as "bozo" although the document is fine for us: we chose and applied
 # the encoding ourselves, and we never hand it an HTTP Content-Type. Anything else it flags
 # (a SAX error, an undeclared namespace, an unknown encoding) means it read the document
@@ -164,6 +188,10 @@ class ParsedItem:
     categories: tuple[str, ...]
     urgent: bool
     content_hash: str
+    # False when the entry had no usable date (none, unreadable, or more than FUTURE_SLACK
+    # ahead): published_at is then `now`, and the content hash leaves it out, so the next
+    # ingest sees the item unchanged instead of moving it to the top again.
+    dated: bool = True
 
 
 def parse_feed(
@@ -197,6 +225,14 @@ def _decode(content: bytes, source: str) -> str:
         raise FeedParseError(source, "empty document, not a feed")
     encoding, body = _sniff_encoding(content, source)
     try:
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise FeedParseError(source, f"unknown encoding {encoding!r} declared") from None
+    if not _feed_encoding(codec):
+        raise FeedParseError(
+            source, f"encoding {encoding!r} is refused: feeds are not written in it"
+        )
+    try:
         text = body.decode(encoding)
     except LookupError:
         raise FeedParseError(source, f"unknown encoding {encoding!r} declared") from None
@@ -209,6 +245,11 @@ def _decode(content: bytes, source: str) -> str:
             source, f"declares encoding {encoding!r} but the bytes are UTF-8; fix the declaration"
         )
     return text
+
+
+def _feed_encoding(codec: str) -> bool:
+    """True for a Python codec name a feed may be decoded with (see OTHER_ENCODINGS)."""
+    return codec.startswith((*UNICODE_FAMILY, *SINGLE_BYTE_PREFIXES)) or codec in OTHER_ENCODINGS
 
 
 def _sniff_encoding(content: bytes, source: str) -> tuple[str, bytes]:
@@ -337,7 +378,8 @@ def _for_feedparser(document: bytes, source: str) -> bytes:
 
 
 class _ElementScan:
-    """One expat pass: where the root starts, which byte ranges to leave out, attribute counts."""
+    """One expat pass: where the root starts, which byte ranges to leave out, attribute and
+    category counts."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -346,15 +388,32 @@ class _ElementScan:
         self._cut_start = -1
         self._skip_depth = 0
         self._cut_pending = False
+        self._tags = 0  # categories of the current entry (or of the feed, before the first)
+        self._feed_tags = 0
+        self._tag_depth = 0  # inside a TAG_ELEMENTS element: its commas count too
         self._parser = expat.ParserCreate()
 
     def run(self, document: bytes) -> None:
         parser = self._parser
         parser.StartElementHandler = self._start
         parser.EndElementHandler = self._end
-        for name in ("CharacterData", "Comment", "ProcessingInstruction", "StartCdataSection"):
+        parser.CharacterDataHandler = self._text
+        for name in ("Comment", "ProcessingInstruction", "StartCdataSection"):
             setattr(parser, f"{name}Handler", self._event)
         parser.Parse(document, True)
+
+    def _text(self, data: str) -> None:
+        self._event()
+        if self._tag_depth:
+            self._count_tags(data.count(","))
+
+    def _count_tags(self, more: int) -> None:
+        self._tags += more
+        self._feed_tags += more
+        if self._tags > MAX_TAGS:
+            raise FeedParseError(self.source, f"an item has more than {MAX_TAGS} categories")
+        if self._feed_tags > MAX_FEED_TAGS:
+            raise FeedParseError(self.source, f"the feed has more than {MAX_FEED_TAGS} categories")
 
     def _event(self, *_: object) -> None:
         """Any event after a left-out element's end marks where that element ended."""
@@ -370,14 +429,22 @@ class _ElementScan:
             )
         if self.root < 0:
             self.root = self._parser.CurrentByteIndex
+        local = name.rpartition(":")[2].lower()
+        if local in ENTRY_ELEMENTS:
+            self._tags = 0
+        elif local in TAG_ELEMENTS:
+            self._tag_depth += 1
+            self._count_tags(1)
         if self._skip_depth:
             self._skip_depth += 1
-        elif name.rpartition(":")[2].lower() in PEOPLE_ELEMENTS:
+        elif local in PEOPLE_ELEMENTS:
             self._skip_depth = 1
             self._cut_start = self._parser.CurrentByteIndex
 
     def _end(self, name: str) -> None:
         self._event()
+        if self._tag_depth and name.rpartition(":")[2].lower() in TAG_ELEMENTS:
+            self._tag_depth -= 1
         if self._skip_depth:
             self._skip_depth -= 1
             self._cut_pending = self._skip_depth == 0
@@ -402,17 +469,19 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     link = clean_url(entry.get("link", ""), base_url=base_url)
     link = link if len(link) <= LINK_MAX else ""
     categories = _categories(entry)
+    published = to_utc(_entry_date(entry), fallback=now)
+    dated = published is not now and published <= now + FUTURE_SLACK
     fields: dict[str, Any] = {
         "link": link,
         "title": title,
         "summary_html": summary,
         "content_html": content,
-        "published_at": to_utc(_entry_date(entry), fallback=now),
+        "published_at": published if dated else now,
         "categories": categories,
         "urgent": urgent_category.casefold() in {c.casefold() for c in categories},
     }
     guid = _identity(entry.get("id", ""), link, title, summary)
-    return ParsedItem(guid=guid, content_hash=_hash_fields(fields), **fields)
+    return ParsedItem(guid=guid, content_hash=_hash_fields(fields, dated), dated=dated, **fields)
 
 
 def _clean_field(value: str, detail: Any, base_url: str) -> str:
@@ -520,7 +589,9 @@ def _check_references(value: str) -> None:
 
 def _entry_date(entry: Any) -> Any:
     """The entry's publication date, else its update date (feedparser's UTC struct_time)."""
-    return entry.get("published_parsed") or entry.get("updated_parsed")
+    # dict.get: feedparser's own get("updated_parsed") falls back to published_parsed with a
+    # DeprecationWarning, one per entry whose date it could not read.
+    return dict.get(entry, "published_parsed") or dict.get(entry, "updated_parsed")
 
 
 def _categories(entry: Any) -> tuple[str, ...]:
@@ -539,9 +610,10 @@ def _identity(guid: str, link: str, title: str, summary: str) -> str:
     return link or "sha256:" + _sha256(f"{title}\n{summary}")
 
 
-def _hash_fields(fields: dict[str, Any]) -> str:
+def _hash_fields(fields: dict[str, Any], dated: bool) -> str:
     """A stable hash of the cleaned fields, to tell changed items from unchanged ones."""
-    payload = {**fields, "published_at": fields["published_at"].isoformat()}
+    published = fields["published_at"].isoformat() if dated else None  # `now` changes each run
+    payload = {**fields, "published_at": published}
     return _sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False))
 
 
