@@ -39,7 +39,7 @@ def alerts_for_urgent_items(
             list_slug=settings.alerts.list,
             now=now,
             actor=actor,
-            item_ref=item.guid,
+            item=item,  # itself: its guid may also be another source's guid or link
         )
         if not created:
             continue
@@ -53,8 +53,29 @@ def alerts_for_urgent_items(
                 continue
             except CheckError:  # held for a person, who sees why and may approve with --force
                 action = "alert.held_by_check"
-        record_event(session, now=now, actor=actor, action=action, campaign=campaign.id)
+        record_event(
+            session,
+            now=now,
+            actor=actor,
+            action=action,
+            campaign=campaign.id,
+            item_hashes=item_hashes(campaign),
+        )
     return made
+
+
+def item_hashes(campaign: Campaign) -> dict[str, str]:
+    """The content hash of each of the campaign's items, by item id (a str: JSON keys are)."""
+    return {str(item.id): item.content_hash for item in campaign.items}
+
+
+def held_item_hashes(session: Session, campaign: Campaign) -> dict[str, str] | None:
+    """The item hashes recorded when the alert was held (the last hold), or None if none were."""
+    events = [e for a in HELD_ACTIONS for e in campaign_events(session, campaign.id, action=a)]
+    if not events:
+        return None
+    held = max(events, key=lambda e: e.id).detail.get("item_hashes")
+    return dict(held) if isinstance(held, dict) else None
 
 
 def approve_alert(
@@ -72,10 +93,23 @@ def approve_alert(
         raise CampaignError(f"campaign {campaign_id} is a {campaign.kind}, not an alert")
     if campaign.status != CampaignStatus.DRAFT:
         raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not awaiting approval")
+    # The approver reviewed the item as it was when held; a feed may rewrite it (same guid)
+    # since, and the send renders it again from what is stored now.
+    held = held_item_hashes(session, campaign)
+    changed = held is not None and held != item_hashes(campaign)
+    if changed and not force:
+        raise CampaignError(
+            f"alert {campaign_id} was not approved: its item changed since it was held (the "
+            f"feed rewrote it); read it again (`newsletter check {campaign_id}`) and approve "
+            "with --force to send it as it is now"
+        )
 
     def approve(_overridden: Sequence[Problem]) -> None:
         campaign.approved_by = actor
-        record_event(session, now=now, actor=actor, action="alert.approved", campaign=campaign_id)
+        extra = {"item_changed": True} if changed else {}
+        record_event(
+            session, now=now, actor=actor, action="alert.approved", campaign=campaign_id, **extra
+        )
 
     return launch_campaign(
         session=session,

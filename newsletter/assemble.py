@@ -108,13 +108,23 @@ def items_for_language(items: Sequence[Item], *, lang: str, default_lang: str) -
 
 
 def find_item(session: Session, ref: str) -> Item:
-    """Find an ingested item by its guid or its link."""
+    """Find the one ingested item whose guid or link is `ref`; refuse a reference to several.
+
+    Any source may publish an item whose link or guid is another source's guid: picking one of
+    several matches would let it stand in for the item meant.
+    """
     items = session.scalars(
-        select(Item).where(or_(Item.guid == ref, Item.link == ref)).order_by(Item.id.desc())
+        select(Item).where(or_(Item.guid == ref, Item.link == ref)).order_by(Item.id).limit(10)
     ).all()
     if not items:
         raise CampaignError(
             f"no ingested item has the guid or link {ref!r}; run `newsletter ingest`"
+        )
+    if len(items) > 1:
+        many = f"{len(items)}" if len(items) < 10 else "10 or more"
+        raise CampaignError(
+            f"{ref!r} matches {many} items (by guid or link); "
+            "give the guid of one source's item, or a link only it has"
         )
     return items[0]
 
@@ -126,6 +136,7 @@ def assemble_alert(
     now: datetime,
     actor: str,
     item_ref: str | None = None,
+    item: Item | None = None,
     title: str = "",
     body_html: str = "",
     url: str = "",
@@ -134,12 +145,16 @@ def assemble_alert(
 ) -> tuple[Campaign, bool]:
     """Make an urgent alert from an item or from staff text; returns (campaign, created).
 
+    The item is given itself (`item`, as the scheduler has it) or by reference (`item_ref`, its
+    guid or link, as staff type it: find_item).
+
     The same alert to the same list is one campaign: asking again returns the existing one, so a
     repeated command can finish a send but never doubles it.
     """
     ml = get_list(session, list_slug)
-    if item_ref:
+    if item is None and item_ref:
         item = find_item(session, item_ref)
+    if item is not None:
         key, items = f"alert:{ml.id}:item:{item.id}", [item]
         title, body_html, url = "", "", ""
     else:

@@ -110,9 +110,18 @@ def update_draft(
     actor: str,
 ) -> Campaign:
     """Change a console draft not yet started; every open revision and its approvals is voided."""
+    # Imported here: approvals imports this module.
+    from newsletter.approvals import lock_alert
+
+    # Locked before it is read: an approval launching the alert meanwhile finishes first, and
+    # the draft is then found started and left as it is.
+    lock_alert(session, campaign_id)
+    session.get(Campaign, campaign_id, populate_existing=True)  # the row as read under the lock
     campaign = editable_draft(session, campaign_id)
     ml = get_list(session, draft.list_slug)
-    content = _content(session, draft, settings)
+    # The form gives the item back by its guid (draft_input): the draft's own item stays, even
+    # where another source's item has that guid or link too.
+    content = _content(session, draft, settings, current=campaign.items)
     campaign.list_id = ml.id
     campaign.segment_id = _segment_id(session, draft.segment)
     campaign.approved_by = ""
@@ -236,7 +245,9 @@ def console_drafts(session: Session, *, limit: int = 50) -> list[Campaign]:
 # --- the form's content, checked and cleaned --------------------------------------------------
 
 
-def _content(session: Session, draft: DraftInput, settings: Settings) -> _Content:
+def _content(
+    session: Session, draft: DraftInput, settings: Settings, current: Sequence[Item] = ()
+) -> _Content:
     default = settings.render.default_language
     texts = {lang: t for lang, t in draft.texts.items() if t.title.strip() or t.body.strip()}
     unknown = sorted(set(texts) - set(settings.render.languages))
@@ -246,7 +257,9 @@ def _content(session: Session, draft: DraftInput, settings: Settings) -> _Conten
     if draft.item_ref:
         if texts:
             raise CampaignError.of(N_("an alert is made from a portal item or from text, not both"))
-        return _Content("", "", "", {}, {}, [find_item(session, draft.item_ref)])
+        same = [item for item in current if item.guid == draft.item_ref]
+        item = same[0] if same else find_item(session, draft.item_ref)
+        return _Content("", "", "", {}, {}, [item])
     if default not in texts:
         raise CampaignError.of(
             N_("an alert needs a portal item, or a title in %(lang)s"), lang=default

@@ -174,7 +174,7 @@ def _send_alert(factory: sessionmaker[Session], settings: Settings, clock: Clock
             list_slug=settings.alerts.list,
             now=clock.now(),
             actor=ACTOR,
-            item_ref=urgent.guid,
+            item=urgent,
         )
         launch_campaign(
             session=session, campaign=campaign, settings=settings, now=clock.now(), actor=ACTOR

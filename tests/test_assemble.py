@@ -116,3 +116,26 @@ def test_alert_needs_an_item_or_a_title(factory: sessionmaker[Session], clock: F
         assemble_alert(session=session, list_slug="urgent-actions", now=clock.now(), actor="t")
     with unit_of_work(factory) as session:
         assert session.scalar(select(func.count()).select_from(Campaign)) == 0
+
+
+def test_an_item_reference_matching_several_items_is_refused(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A guid that is also another item's link names neither: one line, and nothing is made;
+    the item given itself is still found."""
+    prepare(factory, clock)
+    add_item(factory, "act-now", clock.now(), urgent=True)
+    add_item(factory, "forged", clock.now())
+    with unit_of_work(factory) as session:
+        forged = session.scalars(select(Item).where(Item.guid == "test:forged")).one()
+        forged.link = "test:act-now"
+    with pytest.raises(CampaignError, match="matches 2 items") as caught:
+        alert(factory, clock, item_ref="test:act-now")
+    assert "\n" not in str(caught.value)
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(func.count()).select_from(Campaign)) == 0
+        real = session.scalars(select(Item).where(Item.guid == "test:act-now")).one()
+        campaign, created = assemble_alert(
+            session=session, list_slug="urgent-actions", now=clock.now(), actor="t", item=real
+        )
+        assert created and [i.guid for i in campaign.items] == ["test:act-now"]

@@ -194,3 +194,42 @@ def test_recipients_by_language_and_an_item_picker(
             session, draft=item_draft, settings=settings, now=clock.now(), actor="a"
         )
         assert campaign.items[0].guid == "g0" and draft_input(campaign).item_ref == "g0"
+
+
+def test_an_edit_keeps_the_drafts_item_when_another_item_takes_its_guid(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock
+) -> None:
+    """The form gives the item back by its guid; once another source's item has that guid as
+    its link, the guid names two items: the edit keeps the draft's own, a new draft is refused."""
+    seed_people(factory, clock, 1)
+    with unit_of_work(factory) as session:
+        portal, other = (Source(url=f"https://{h}.example.org/feed", lang="en") for h in "po")
+        session.add_all([portal, other])
+        session.flush()
+        for source, guid, link in (
+            (portal, "g0", "https://portal.example.org/0"),
+            (other, "x", "g0"),
+        ):
+            session.add(
+                Item(
+                    source_id=source.id, guid=guid, link=link, title=f"from {guid}",
+                    published_at=clock.now(), content_hash=guid, ingested_at=clock.now(),
+                    updated_at=clock.now(),
+                )
+            )  # fmt: skip
+        session.flush()
+        draft = DraftInput(ALERTS, None, "g0", {})
+        with pytest.raises(CampaignError, match="matches 2 items"):
+            create_draft(session, draft=draft, settings=settings, now=clock.now(), actor="a")
+        own = session.scalars(select(Item).where(Item.guid == "g0")).one()
+        campaign = create_draft(
+            session, draft=text_draft("T"), settings=settings, now=clock.now(), actor="a"
+        )
+        campaign.items = [own]
+        campaign.title, campaign.source_text = "", {}
+        session.flush()
+        update_draft(
+            session, campaign_id=campaign.id, draft=draft_input(campaign), settings=settings,
+            now=clock.now(), actor="a",
+        )  # fmt: skip
+        assert [i.title for i in campaign.items] == ["from g0"]

@@ -132,7 +132,8 @@ def test_auto_alert_refused_by_the_check_is_held_then_approved_only_with_force(
         alert_id = alert.id
     assert deliveries(factory) == 0
     [held] = events(factory, "alert.held_by_check")
-    assert held.detail == {"campaign": alert_id}
+    # With the content hash of its item as held: approve refuses it if the feed rewrote it.
+    assert held.detail["campaign"] == alert_id and len(held.detail["item_hashes"]) == 1
 
     def approve(session: Session, force: bool) -> int:
         return approve_alert(
