@@ -239,7 +239,7 @@ def test_many_items_with_many_categories_are_refused_whole() -> None:
     parsed = parse_feed(
         many_tagged(200), source="t", base_url="https://p.example/", urgent_category="u", now=T1
     )
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3  # 0.3 s here: ten times that for a loaded machine
     assert len(parsed) == 200 and all(len(item.categories) == 100 for item in parsed)
 
 
