@@ -233,7 +233,6 @@ def test_a_bounce_address_with_a_plus_still_names_its_deliveries(
 
 
 def test_an_old_verp_address_never_names_another_readers_delivery(
-    request: pytest.FixtureRequest,
     factory: sessionmaker[Session],
     clock: FrozenClock,
     database_url: str,
@@ -241,18 +240,10 @@ def test_an_old_verp_address_never_names_another_readers_delivery(
     """A reader forgotten (their deliveries deleted) keeps the VERP address of their last
     message; a bounce sent to it later must not suppress whoever got the next delivery.
 
-    On SQLite a deleted highest id is given again (INTEGER PRIMARY KEY without AUTOINCREMENT),
-    and the VERP signature covers the delivery id alone: the forgotten reader's old address then
-    names the victim's delivery of the next campaign.
+    SQLite gave a deleted highest id again (INTEGER PRIMARY KEY without AUTOINCREMENT), and the
+    VERP signature covers the delivery id alone: the forgotten reader's old address then named
+    the victim's delivery of the next campaign. Migration 0009 declares AUTOINCREMENT.
     """
-    if "sqlite" in database_url:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="deliveries.id is reused on SQLite; fix outside newsletter/bounces.py: "
-                "sqlite_autoincrement on deliveries (models.py and a migration)",
-            )
-        )
     sent = send_everyone(factory, clock, database_url, ["victim", "leaver"])
     leaver = sent["leaver"]
     with unit_of_work(factory) as session:

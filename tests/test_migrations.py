@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from newsletter.db import MIGRATIONS, make_engine, migrate
@@ -21,6 +21,44 @@ def _upgrade_to(engine: object, revision: str) -> None:
     with engine.begin() as connection:  # type: ignore[attr-defined]
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
+
+
+def _two_sent_deliveries(engine: Engine) -> None:
+    """A list, two readers and an alert campaign with one sent delivery to each (ids 1 and 2)."""
+    with engine.begin() as c:
+        c.execute(
+            text(
+                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
+                " values ('l', 'L', '{}', 'alerts', true, 'l.example.org', 0)"
+            )
+        )
+        for email in ("a@gmail.com", "b@example.org"):
+            c.execute(
+                text(
+                    "insert into subscribers (email, name, language, country, tags, attributes,"
+                    " status, created_at, discreet, on_key_problem) values (:email, '', 'en', '',"
+                    " '[]', '{}', 'active', :now, 'off', 'withhold')"
+                ),
+                {"email": email, "now": NOW},
+            )
+        c.execute(
+            text(
+                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
+                " created_by, approved_by, pause_reason, created_at, translations, source_text,"
+                " training, slug, archived) values ('alert', 1, 'running', 'k', 'T', '', '',"
+                " 'cli', '', '', :now, '{}', '{}', false, 'alert-x', true)"
+            ),
+            {"now": NOW},
+        )
+        for subscriber in (1, 2):
+            c.execute(
+                text(
+                    "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                    " next_attempt_at, created_at, sent_at) values (1, :s, 'sent', 1, :now, :now,"
+                    " :now)"
+                ),
+                {"s": subscriber, "now": NOW},
+            )
 
 
 def test_0004_keeps_every_campaign_variant_delivery_and_event(database_url: str) -> None:
@@ -236,40 +274,7 @@ def test_0008_keeps_campaigns_and_deliveries_and_counts_complaints_once(database
     their campaign."""
     engine = make_engine(database_url)
     _upgrade_to(engine, "0007_cases")
-    with engine.begin() as c:
-        c.execute(
-            text(
-                "insert into lists (slug, name, names, kind, double_opt_in, list_id, digest_cursor)"
-                " values ('l', 'L', '{}', 'alerts', true, 'l.example.org', 0)"
-            )
-        )
-        for email in ("a@gmail.com", "b@example.org"):
-            c.execute(
-                text(
-                    "insert into subscribers (email, name, language, country, tags, attributes,"
-                    " status, created_at, discreet, on_key_problem) values (:email, '', 'en', '',"
-                    " '[]', '{}', 'active', :now, 'off', 'withhold')"
-                ),
-                {"email": email, "now": NOW},
-            )
-        c.execute(
-            text(
-                "insert into campaigns (kind, list_id, status, dedupe_key, title, body_html, url,"
-                " created_by, approved_by, pause_reason, created_at, translations, source_text,"
-                " training, slug, archived) values ('alert', 1, 'running', 'k', 'T', '', '',"
-                " 'cli', '', '', :now, '{}', '{}', false, 'alert-x', true)"
-            ),
-            {"now": NOW},
-        )
-        for subscriber in (1, 2):
-            c.execute(
-                text(
-                    "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
-                    " next_attempt_at, created_at, sent_at) values (1, :s, 'sent', 1, :now, :now,"
-                    " :now)"
-                ),
-                {"s": subscriber, "now": NOW},
-            )
+    _two_sent_deliveries(engine)
     migrate(engine)
     with engine.begin() as c:
         assert (
@@ -299,4 +304,49 @@ def test_0008_keeps_campaigns_and_deliveries_and_counts_complaints_once(database
         c.execute(text("delete from campaigns"))  # its deliveries and complaints go with it
         assert c.execute(text("select count(*) from complaints")).scalar() == 0
         assert c.execute(text("select count(*) from subscribers")).scalar() == 2
+    engine.dispose()
+
+
+def test_0009_keeps_deliveries_and_complaints_and_never_gives_a_delivery_id_twice(
+    database_url: str,
+) -> None:
+    """From 0008 with two sent deliveries and a complaint, to head: all there, every index and
+    cascade in place; and once the newest delivery is deleted (as `forget` deletes a reader's),
+    the next delivery gets a new id, so an old VERP address cannot name someone else's."""
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0008_complaints")
+    _two_sent_deliveries(engine)
+    with engine.begin() as c:
+        c.execute(
+            text("insert into complaints (delivery_id, campaign_id, created_at) values (2, 1, :n)"),
+            {"n": NOW},
+        )
+    migrate(engine)
+    with engine.begin() as c:
+        rows = c.execute(text("select id, subscriber_id, status from deliveries order by id"))
+        assert [tuple(r) for r in rows] == [(1, 1, "sent"), (2, 2, "sent")]
+        assert c.execute(text("select delivery_id from complaints")).scalars().all() == [2]
+        indexes = {i["name"] for i in inspect(c).get_indexes("deliveries")}
+        assert {"ix_deliveries_claim", "ix_deliveries_due", "ix_deliveries_sent_at"} <= indexes
+        c.execute(text("delete from deliveries where id = 2"))  # the complaint goes with it
+        assert c.execute(text("select count(*) from complaints")).scalar() == 0
+        c.execute(
+            text(
+                "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                " next_attempt_at, created_at) values (1, 2, 'queued', 0, :n, :n)"
+            ),
+            {"n": NOW},
+        )
+        assert c.execute(text("select max(id) from deliveries")).scalar() == 3
+    with pytest.raises(SQLAlchemyError), engine.begin() as c:  # still one per reader and campaign
+        c.execute(
+            text(
+                "insert into deliveries (campaign_id, subscriber_id, status, attempts,"
+                " next_attempt_at, created_at) values (1, 1, 'queued', 0, :n, :n)"
+            ),
+            {"n": NOW},
+        )
+    with engine.begin() as c:
+        c.execute(text("delete from campaigns"))  # its deliveries go with it
+        assert c.execute(text("select count(*) from deliveries")).scalar() == 0
     engine.dispose()

@@ -312,6 +312,8 @@ class Delivery(Base):
         Index("ix_deliveries_due", "campaign_id", "status", "next_attempt_at"),
         # The providers' daily counts (newsletter.metrics) read the messages sent today.
         Index("ix_deliveries_sent_at", "sent_at"),
+        # A VERP address names a delivery by id: SQLite must never give a deleted one again.
+        {"sqlite_autoincrement": True},
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
