@@ -92,6 +92,15 @@ def key_on(site: Site, keys: Keys, page: Any) -> None:
     page.click("button[type=submit]")
 
 
+def unsubscribe_at_risk(site: Site, keys: Keys, page: Any) -> None:
+    """The unsubscribe page of a reader with a key and discreet mail: its link travels in the
+    clear, so it offers no way to the preferences that would turn those off."""
+    sid = discreet_reader(site, "envelope")
+    give_key(site, sid, keys, confirmed=True)
+    page.goto(f"{site.url}/u/{site.token('unsubscribe', sid)}")
+    assert page.locator("a[href*='/preferences/']").count() == 0
+
+
 def web_copy(site: Site, keys: Keys, page: Any) -> None:
     campaign_id = alert(site, "Write to Ales")
     token = make_copy_token(secret=SECRET, campaign_id=campaign_id, lang="be")
@@ -106,6 +115,7 @@ STATES: dict[str, tuple[Callable[[Site, Keys, Any], None], str]] = {
     "key-link": (key_link, "button[type=submit]"),
     "key-on": (key_on, "[role=status]"),
     "web-copy": (web_copy, "h1"),
+    "unsubscribe-at-risk": (unsubscribe_at_risk, "form"),
 }
 
 
