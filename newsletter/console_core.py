@@ -193,8 +193,11 @@ class Console:
         """The client's address (uvicorn resolves trusted proxies' X-Forwarded-For)."""
         return request.client.host if request.client else ""
 
-    async def session_info(self, request: Request) -> SessionInfo | None:
-        """The live session of the request's cookie, or None; looked up once per request."""
+    async def session_info(self, request: Request, *, activity: bool = True) -> SessionInfo | None:
+        """The live session of the request's cookie, or None; looked up once per request.
+
+        `activity=False` (a page's background polling) leaves the session's idle clock alone.
+        """
         if "console_session" in request.scope:
             found: SessionInfo | None = request.scope["console_session"]
             return found
@@ -206,13 +209,16 @@ class Console:
                 cookie=cookie,
                 now=self.now(),
                 settings=self.settings,
+                activity=activity,
             )
         request.scope["console_session"] = info
         return info
 
-    async def staff(self, request: Request, *, roles: Collection[str] = ()) -> SessionInfo:
+    async def staff(
+        self, request: Request, *, roles: Collection[str] = (), activity: bool = True
+    ) -> SessionInfo:
         """The signed-in session; SignInNeeded without one, 403 for a role not in `roles`."""
-        info = await self.session_info(request)
+        info = await self.session_info(request, activity=activity)
         if info is None:
             raise SignInNeeded()
         if roles and info.staff.role not in roles:

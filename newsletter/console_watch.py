@@ -131,7 +131,7 @@ class WatchPages:
 
     async def progress(self, request: Request) -> Response:
         """JSON for console.js: each campaign's counts, rate and time left."""
-        await self.c.staff(request)
+        await self.c.staff(request, activity=False)  # polled every 2 s: not someone's activity
         raw = request.query_params.get("campaign", "")
         campaign_id = parse_id(raw)
         rows = await self.c.db(progress_data, now=self.c.now(), campaign_id=campaign_id)

@@ -68,9 +68,13 @@ def _live(row: StaffSession | None, staff: Staff | None, now: datetime, idle: ti
 
 
 def current_session(
-    session: Session, *, cookie: str, now: datetime, settings: Settings
+    session: Session, *, cookie: str, now: datetime, settings: Settings, activity: bool = True
 ) -> SessionInfo | None:
-    """The live session this cookie names, its last use moved to now; else None."""
+    """The live session this cookie names, its last use moved to now by `activity`; else None.
+
+    A page's own polling (live figures) is not activity: a console left open on a watch page
+    must still go idle and sign itself out.
+    """
     if not cookie:
         return None
     row = session.get(StaffSession, hash_token(cookie))
@@ -78,7 +82,8 @@ def current_session(
     if not _live(row, staff, now, timedelta(minutes=settings.console.idle_minutes)):
         return None
     assert row is not None and staff is not None
-    row.last_seen_at = now
+    if activity:
+        row.last_seen_at = now
     return _info(row, staff)
 
 

@@ -23,6 +23,7 @@ from newsletter.clock import FrozenClock
 from newsletter.db import make_engine, make_sessionmaker, migrate, unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery
 from newsletter.staff import add_staff
+from newsletter.staff_sessions import revoke_sessions
 from tests.conftest import SmtpServer, make_settings
 from tests.console_site import (
     PASSWORD,
@@ -403,5 +404,23 @@ def test_the_axe_check_finds_a_violation_when_there_is_one(
             signin_page(world, page)
             page.evaluate("document.querySelector('label[for=email]').remove()")
             assert "label" in [rule for rule, _, _ in axe_violations(page)]
+        finally:
+            page.close()
+
+
+def test_a_watch_page_left_open_goes_to_sign_in_when_its_session_ends(
+    tmp_path: Path, smtpd: SmtpServer, browser: Any
+) -> None:
+    """A watch page polls its figures every 2 s; once its session is over (here revoked, as an
+    idle one is), the next poll's 401 takes the page to /signin: an unattended screen stops
+    showing the campaign instead of keeping stale figures on view."""
+    with serve_world(tmp_path, smtpd, training=False) as world:
+        page = browser.new_page(viewport={"width": PHONE, "height": 800})
+        try:
+            watch_page(world, page)
+            assert page.url.startswith(f"{world.url}/campaigns/")
+            with unit_of_work(world.factory) as session:
+                revoke_sessions(session, staff_id=None, now=world.clock.now(), actor="t")
+            page.wait_for_url(f"{world.url}/signin", timeout=20_000)
         finally:
             page.close()

@@ -173,6 +173,34 @@ def test_idle_sessions_expire(
     assert response.status_code == 303 and response.headers["location"] == "/signin"
 
 
+def test_live_figures_polling_does_not_keep_a_session_from_going_idle(
+    client: ConsoleClient, editor: Staffer, clock: FrozenClock, settings: Settings
+) -> None:
+    """A console left open on a watch page polls /api/progress every 2 s: that is the page,
+    not its staffer, so past idle_minutes the session is over (the poll answers 401) although
+    the page never stopped asking; a page opened in between still counts as use."""
+    client.sign_in(editor)
+    idle = settings.console.idle_minutes
+    for _ in range(4):
+        clock.advance(minutes=idle / 4)
+        assert client.get("/api/progress").status_code == 200
+    clock.advance(minutes=1)
+    assert client.get("/api/progress").status_code == 401
+    assert client.get("/").headers["location"] == "/signin"
+
+
+def test_a_page_opened_between_polls_keeps_the_session(
+    client: ConsoleClient, editor: Staffer, clock: FrozenClock, settings: Settings
+) -> None:
+    """Opening a page is use: the idle clock starts again from it, polls or not."""
+    client.sign_in(editor)
+    idle = settings.console.idle_minutes
+    clock.advance(minutes=idle - 1)
+    assert client.get("/").status_code == 200
+    clock.advance(minutes=idle - 1)
+    assert client.get("/api/progress").status_code == 200
+
+
 def test_sessions_end_after_max_hours_however_busy(
     client: ConsoleClient, editor: Staffer, clock: FrozenClock, settings: Settings
 ) -> None:

@@ -31,10 +31,23 @@
 
   function poll(url) {
     fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(function (data) { if (data) { showProgress(data.campaigns); } })
-      .catch(function () { /* the next poll tries again */ })
-      .finally(function () { window.setTimeout(function () { poll(url); }, POLL_MS); });
+      .then(function (r) {
+        if (r.status === 401) {
+          // Signed out (idle, revoked): leave the figures behind, for the sign-in page.
+          window.location.assign("/signin");
+          return "stop";
+        }
+        return r.ok ? r.json() : null;
+      })
+      .then(function (data) {
+        if (data === "stop") { return data; }
+        if (data) { showProgress(data.campaigns); }
+        return null;
+      })
+      .catch(function () { return null; /* the next poll tries again */ })
+      .then(function (next) {
+        if (next !== "stop") { window.setTimeout(function () { poll(url); }, POLL_MS); }
+      });
   }
 
   function watchRecipients() {
