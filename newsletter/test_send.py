@@ -132,6 +132,8 @@ async def send_test(
             campaign=campaign_id,
             lang=variant.lang,
             addresses=len(chosen),
+            # Who got an unapproved text: the audit must show where a draft went.
+            to=chosen,
             sent=sum(1 for _, result in outcomes if result == Result.SENT),
         )
     return outcomes

@@ -76,7 +76,13 @@ def test_a_test_arrives_marked_with_no_working_token_and_no_delivery(
     with unit_of_work(factory) as session:
         assert session.scalar(select(func.count()).select_from(Delivery)) == 0
         event = session.scalars(select(Event).where(Event.action == "alert.test_sent")).one()
-        assert event.detail == {"campaign": cid, "lang": "en", "addresses": 2, "sent": 2}
+        assert event.detail == {
+            "campaign": cid,
+            "lang": "en",
+            "addresses": 2,
+            "to": [AUTHOR.email, "Coach@staff.example.org"],  # where the unapproved text went
+            "sent": 2,
+        }
         assert event.actor == AUTHOR.email
 
 
