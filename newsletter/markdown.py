@@ -10,6 +10,8 @@ are written once.
 from __future__ import annotations
 
 from markdown_it import MarkdownIt
+from markdown_it.parser_block import ParserBlock
+from markdown_it.rules_block import StateBlock
 from markdown_it.token import Token
 
 from newsletter.errors import CampaignError
@@ -24,9 +26,41 @@ RULES = ["paragraph", "newline", "emphasis", "link", "autolink", "list", "blockq
 HEADING_TAGS = {"h1": "h3"}
 
 
+class _Blocks(ParserBlock):
+    """markdown-it's block parser, keeping as text what lies past MAX_NESTING.
+
+    At the limit, markdown-it skips the rest of its range: a list nested ten deep lost its
+    deepest item and every paragraph after the list, silently, from an alert. Here the lines it
+    would skip become one paragraph (the deeper markers in it stay as typed).
+    """
+
+    def tokenize(self, state: StateBlock, startLine: int, endLine: int) -> None:
+        """Tokens for the lines of a range, those past the nesting limit as one paragraph."""
+        if state.level < state.md.options.maxNesting:
+            super().tokenize(state, startLine, endLine)
+            return
+        # The lines the nested block owns, as markdown-it's own loop counts them: up to the
+        # first non-blank line indented less than the block.
+        line = stop = state.skipEmptyLines(startLine)
+        while stop < endLine and (state.isEmpty(stop) or state.sCount[stop] >= state.blkIndent):
+            stop += 1
+        state.line = stop
+        text = state.getLines(line, stop, state.blkIndent, False).strip()
+        if not text:
+            return
+        state.push("paragraph_open", "p", 1).map = [line, stop]
+        inline = state.push("inline", "", 0)
+        inline.content, inline.map, inline.children = text, [line, stop], []
+        state.push("paragraph_close", "p", -1)
+
+
 def _parser() -> MarkdownIt:
     options = {"html": False, "linkify": False, "breaks": True, "maxNesting": MAX_NESTING}
-    return MarkdownIt("zero", options).enable(RULES)
+    md = MarkdownIt("zero", options)
+    blocks = _Blocks()
+    blocks.ruler = md.block.ruler  # the preset's rules, as enabled
+    md.block = blocks
+    return md.enable(RULES)
 
 
 _MD = _parser()

@@ -54,6 +54,15 @@ _CONTROLS: dict[int, str | None] = dict.fromkeys(
 # the words on either side stay apart.
 _CONTROLS.update(dict.fromkeys([0x0B, 0x0C, *range(0x1C, 0x20), 0x85], "\n"))
 _NONCHARACTERS = "\ufffe\uffff"
+# The bidi embeddings, overrides and isolates (LRE, RLE, PDF, LRO, RLO, LRI, RLI, FSI, PDI) show
+# the text after them in another order than it is written: "\u202egro.latrop//:sptth" reads as
+# the portal's address, and one left open in a link's text reverses the address the plain-text
+# part writes out after it. Dropped from HTML bodies as clean_text drops them from lines; other
+# format characters (ZWJ in emoji, soft hyphens, the LRM and RLM marks) override no order: kept.
+_BIDI_CONTROLS: dict[int, str | None] = dict.fromkeys(
+    [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+)
+_HTML_TEXT_DROPS = _CONTROLS | _BIDI_CONTROLS
 
 
 def clean_html(html_fragment: str, *, base_url: str) -> str:
@@ -73,7 +82,7 @@ def clean_html(html_fragment: str, *, base_url: str) -> str:
         link_rel="noopener noreferrer",
         strip_comments=True,
     )
-    return drop_controls(cleaner.clean(html_fragment)).strip()
+    return cleaner.clean(html_fragment).translate(_HTML_TEXT_DROPS).strip()
 
 
 def drop_controls(text: str) -> str:
@@ -171,12 +180,16 @@ def _absolute_url(url: str, *, base_url: str, schemes: frozenset[str]) -> str:
         return urlunsplit(
             ("mailto", "", quote(parts.path, safe=URL_SAFE), quote(parts.query, safe=URL_SAFE), "")
         )
-    if not parts.netloc or NETLOC_FORBIDDEN & set(parts.netloc):
+    # Credentials go: "https://portal.example.org@evil.example/" leads to evil.example while
+    # it reads as the portal's address, and no link in a newsletter needs a password. The host
+    # is what follows the last "@", as for browsers and urlsplit's hostname.
+    netloc = parts.netloc.rpartition("@")[2]
+    if not netloc or NETLOC_FORBIDDEN & set(parts.netloc):
         return ""
     return urlunsplit(
         (
             scheme,
-            parts.netloc,
+            netloc,
             quote(parts.path, safe=URL_SAFE),
             quote(parts.query, safe=URL_SAFE),
             quote(parts.fragment, safe=URL_SAFE),
