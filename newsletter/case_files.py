@@ -136,12 +136,21 @@ def parse_letter(text: str, *, where: str, default_subject: str) -> Letter:
     return Letter(subject=subject or default_subject, body=body)
 
 
+# Noncharacters the MJML renderer refuses (sanitize.clean_line drops them too): a letter with one
+# would make every message of the case fail to render.
+_NONCHARACTERS = "\ufffe\uffff"
+
+
 def _clean_line(line: str) -> str:
-    """One line of a letter: no controls, format or bidirectional characters; tabs as spaces."""
+    """One line of a letter: no controls, format, bidirectional or noncharacters; tabs as spaces."""
     kept = (
         " " if c == "\t" else c
         for c in line
-        if c == "\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Zl", "Zp")
+        if c == "\t"
+        or (
+            unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Zl", "Zp")
+            and c not in _NONCHARACTERS
+        )
     )
     return "".join(kept).rstrip()
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -206,9 +206,17 @@ def edit_case(
                 f"case {case.reference}: {draft.deadline.isoformat()} has passed; "
                 "an open case's deadline can only move to today or later"
             )
+    moved = draft.deadline is not None and draft.deadline != case.deadline
     _apply(case, draft, settings)
     record_event(session, now=now, actor=actor, action="case.edited", case=case.id)
     session.flush()
+    if moved and case.status != CaseStatus.DRAFT:
+        # The web copies name the deadline in their text, under a box saying the new one: they
+        # are rendered again, as on closing, so that no page shows two deadlines.
+        for message in messages_of(session, case.id):
+            campaign = session.get(Campaign, message.campaign_id)
+            if campaign is not None:
+                store_case_copies(session, campaign, settings)
     return case
 
 
@@ -377,20 +385,35 @@ def message_campaign(
         created_at=now,
         archived=case.archived,
     )
-    session.add(campaign)
-    session.flush()
-    session.add(
-        CaseMessage(
-            campaign_id=campaign.id,
-            case_id=case.id,
-            role=role,
-            number=number,
-            body_html=campaign.body_html,
-            include_new=include_new,
-            copies={},
-        )
-    )
-    session.flush()
+    try:
+        # Two staff sending the same message at once both found none: the unique key lets one
+        # make it; the other (waiting for it, in its savepoint) takes it, or for a message with
+        # its own text (an update, the closing) is told, rather than sending the other's text.
+        with session.begin_nested():
+            session.add(campaign)
+            session.flush()
+            session.add(
+                CaseMessage(
+                    campaign_id=campaign.id,
+                    case_id=case.id,
+                    role=role,
+                    number=number,
+                    body_html=campaign.body_html,
+                    include_new=include_new,
+                    copies={},
+                )
+            )
+            session.flush()
+    except IntegrityError:
+        made = session.scalar(select(Campaign).where(Campaign.dedupe_key == key))
+        if made is None:
+            raise
+        if role in (CaseRole.UPDATE, CaseRole.CLOSING):
+            raise CampaignError(
+                f"case {case.reference}: someone else made its {role} at the same moment "
+                f"(campaign {made.id}); see `newsletter actions show {case.id}`"
+            ) from None
+        return made
     session.refresh(campaign, ["case_message"])
     return campaign
 
@@ -787,13 +810,27 @@ def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
 
     Nothing is kept for a closed case (the count is final, the rows are gone).
     """
-    case = session.get(ActionCase, case_id)
-    if case is None or case.status == CaseStatus.CLOSED:
-        return False
-    values = {"case_id": case_id, "subscriber_id": subscriber_id}
     dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        # Held until this transaction ends: a closing (which locks the case to update it) waits
+        # for this click, then counts and deletes its row; a click after a closing sees it.
+        lock = select(ActionCase.id).where(ActionCase.id == case_id).with_for_update(read=True)
+        session.execute(lock)
+    # The status as the database has it now, in the insert itself, not as this session first
+    # read it: the reader's page may have read the case before staff closed it, and a row
+    # written after the closing deleted them all would stay for good.
+    still_open = select(ActionCase.id).where(
+        ActionCase.id == case_id, ActionCase.status != CaseStatus.CLOSED
+    )
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(CaseLetter).values(**values).on_conflict_do_nothing()
+    stmt = (
+        insert(CaseLetter)
+        .from_select(
+            ["case_id", "subscriber_id"],
+            select(literal(case_id), literal(subscriber_id)).where(still_open.exists()),
+        )
+        .on_conflict_do_nothing()
+    )
     # RETURNING gives a row only when this insert wrote one: exact with two readers at once.
     return session.execute(stmt.returning(CaseLetter.case_id)).first() is not None
 

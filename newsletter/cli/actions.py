@@ -14,7 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from newsletter.audience import campaign_audience
-from newsletter.case_files import Letter, parse_letter, parse_letter_option, parse_targets
+from newsletter.case_files import (
+    MAX_FILE_BYTES,
+    Letter,
+    parse_letter,
+    parse_letter_option,
+    parse_targets,
+)
 from newsletter.case_view import MAILTO_COMFORT, long_mailto_links
 from newsletter.cases import (
     CaseDraft,
@@ -96,10 +102,20 @@ QueueOnly = Annotated[
 
 
 def _read_text(path: Path) -> str:
+    """A targets or letter file as text, read no further than a case file can be long.
+
+    Read whole, a huge file (or a pipe or device that never ends) would fill memory before
+    the parser's size check said a word.
+    """
     try:
-        return path.read_text(encoding="utf-8-sig")  # a byte order mark is not text
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise CampaignError(f"{path}: over {MAX_FILE_BYTES // 1024} KB; not a case file")
+        text = data.decode("utf-8-sig")  # a byte order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise CampaignError(f"{path}: cannot read it: {e}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads line ends
 
 
 def _draft(
