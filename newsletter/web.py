@@ -58,7 +58,6 @@ from newsletter.config import LANGUAGES, Settings, WebSettings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     ActionCase,
-    CaseLetter,
     CaseStatus,
     DiscreetMode,
     KeyProblemChoice,
@@ -177,8 +176,6 @@ class Wrote:
     discreet: bool = False
     reference: str = ""
     title: str = ""
-    count: int = 0
-    already: bool = False
 
 
 def read_reading(session: Session, subscriber_id: int) -> Reading:
@@ -642,12 +639,13 @@ class Pages:
             )
             if sub.status == SubscriberStatus.UNSUBSCRIBED or on_list != SubscriptionStatus.ACTIVE:
                 return Wrote("left", lang)
+            # Neither page tells whether or how many have written: a live count, posted again
+            # and again, would time each reader's click, and whoever holds a reader's link (a
+            # seized phone's mail) would learn that they wrote. The count shows once closed.
             if record:
                 cases.record_wrote(session, case_id=case.id, subscriber_id=sub.id)
-                count = cases.wrote_count(session, case.id)
-                return Wrote("done", lang, reference=case.reference, title=case.title, count=count)
-            already = session.get(CaseLetter, (case.id, sub.id)) is not None
-            return Wrote("form", lang, reference=case.reference, title=case.title, already=already)
+                return Wrote("done", lang, reference=case.reference, title=case.title)
+            return Wrote("form", lang, reference=case.reference, title=case.title)
 
     def wrote_answer(self, request: Request, found: Wrote, *, expired: bool = False) -> Response:
         """The page for what the link found: the button, the thanks, or why nothing counts."""
@@ -657,7 +655,6 @@ class Pages:
                 found.lang,
                 reference=found.reference,
                 title=found.title,
-                already=found.already,
                 expired=expired,
                 form_token=self.form_token(request.path_params["token"]),
             )
@@ -667,7 +664,6 @@ class Pages:
                 found.lang,
                 reference=found.reference,
                 title=found.title,
-                count=found.count,
             )
         status = 404 if found.page == "gone" else 200
         return self.render(
@@ -685,7 +681,7 @@ class Pages:
         return self.wrote_answer(request, found)
 
     async def wrote_post(self, request: Request) -> Response:
-        """POST /wrote/TOKEN: count the reader's letter once, and say how many wrote."""
+        """POST /wrote/TOKEN: count the reader's letter once, and thank them."""
         token = request.path_params["token"]
         read_wrote_token(token, secret=self.secret)  # a forged link: the links' 400, first
         fields = parse_qs((await self.read_body(request)).decode("utf-8", "replace"))
