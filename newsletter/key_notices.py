@@ -13,6 +13,7 @@ temporary failure leaves it for the next run and a crash never sends one twice i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -235,9 +236,18 @@ def _mark(session: Session, owed: list[Owed], now: datetime) -> None:
 
 
 async def send_key_notices(
-    *, factory: sessionmaker[Session], settings: Settings, transport: Transport, clock: Clock
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    transport: Transport,
+    clock: Clock,
+    hold: Callable[[], bool] = lambda: True,
 ) -> tuple[int, int]:
-    """Send every key message owed, in batches; returns (sent, not sent yet or refused)."""
+    """Send every key message owed, in batches; returns (sent, not sent yet or refused).
+
+    `hold` renews the notices lease (notices.NoticeLease) before each message: once it says
+    another process holds it, nothing more is sent here.
+    """
     signer = load_signing_key(settings.openpgp.signing_key_file)
     dkim = IdentitySigners.load(settings)
     days = settings.openpgp.expiry_reminder_days
@@ -248,7 +258,11 @@ async def send_key_notices(
             batch = owed_key_messages(session, now=now, days=days, limit=BATCH)
             messages = [_build(session, owed, settings, signer, now) for owed in batch]
         done: list[Owed] = []
+        lost = False
         for owed, message in zip(batch, messages, strict=True):
+            if not hold():  # another process took over: what it reads, it sends
+                lost = True
+                break
             if message is None:  # cannot be built (the key broke meanwhile): not owed any more
                 done.append(owed)
                 continue
@@ -263,7 +277,7 @@ async def send_key_notices(
                 done.append(owed)
         with unit_of_work(factory) as session:
             _mark(session, done, clock.now())
-        if len(done) < len(batch) or not batch:
+        if lost or len(done) < len(batch) or not batch:
             return sent, failed
 
 

@@ -12,7 +12,12 @@ cannot be used), and says nothing of any campaign.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -35,12 +40,14 @@ from newsletter.db.models import (
 from newsletter.dkim import IdentitySigners
 from newsletter.htmltext import wrap_text
 from newsletter.i18n import gettext_for, web_environment
+from newsletter.lock import acquire_lock, release_lock
 from newsletter.message import POLICY, Identity, identity_for, plain_identity, set_subject
 from newsletter.render import compile_mjml, inline_css, neutral_brand
 from newsletter.smtp import Result, Transport
 from newsletter.tokens import make_token, page_url
 
 BATCH = 100
+LEASE_NAME = "notices"
 
 
 @dataclass(frozen=True)
@@ -116,17 +123,28 @@ class _Pending:
 
 def _unsent_confirmations(session: Session, limit: int) -> list[_Pending]:
     """Subscribers with pending subscriptions whose confirmation email has not gone out."""
+    owed = (
+        Subscription.status == SubscriptionStatus.PENDING,
+        Subscription.confirm_sent_at.is_(None),
+        Subscriber.status != SubscriberStatus.FORGOTTEN,
+    )
+    # The batch's people are chosen in the database: reading every owed row for each batch of
+    # `limit` made mailing N owed confirmations (a signup flood, an import) cost N * N rows.
+    people_ids = (
+        select(Subscriber.id)
+        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+        .where(*owed)
+        .group_by(Subscriber.id)
+        .order_by(Subscriber.id)
+        .limit(limit)
+    )
     rows = session.execute(
         select(
             Subscriber.id, Subscriber.email, Subscriber.language, Subscriber.discreet, MailingList
         )
         .join(Subscription, Subscription.subscriber_id == Subscriber.id)
         .join(MailingList, MailingList.id == Subscription.list_id)
-        .where(
-            Subscription.status == SubscriptionStatus.PENDING,
-            Subscription.confirm_sent_at.is_(None),
-            Subscriber.status != SubscriberStatus.FORGOTTEN,
-        )
+        .where(*owed, Subscriber.id.in_(people_ids.scalar_subquery()))
         .order_by(Subscriber.id, MailingList.slug)
     ).all()
     people: dict[int, _Pending] = {}
@@ -165,21 +183,103 @@ def confirmation_message(pending: _Pending, *, settings: Settings, now: datetime
     return build_notice(notice, to=pending.email, settings=settings, now=now, identity=identity)
 
 
+@dataclass
+class NoticeLease:
+    """The "notices" lease: one process at a time mails confirmations and key messages.
+
+    Each process (a second `newsletter run`, `newsletter web`, a `subscribers add`) reads what
+    is owed, sends it, then marks it: two at once would both send all of it. The lease is
+    renewed before each message once a third of it has gone, and lasts long enough for one
+    message however slow the relay, so it never runs out while its holder is mid-send; if the
+    holder dies, another process takes over once it runs out.
+    """
+
+    factory: sessionmaker[Session]
+    clock: Clock
+    seconds: int
+    holder: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    )
+    _renewed: float = -1.0  # time.monotonic() of the last renewal; < 0: not held
+
+    @classmethod
+    def for_settings(
+        cls, factory: sessionmaker[Session], settings: Settings, clock: Clock
+    ) -> NoticeLease:
+        """A lease longer than the slowest message (each of its SMTP replies may time out)."""
+        per_message = int(settings.smtp.timeout_seconds * 10)
+        return cls(factory, clock, max(settings.schedule.lock_seconds, per_message))
+
+    def hold(self) -> bool:
+        """Take or renew the lease; False when another process holds it."""
+        if self._renewed >= 0 and time.monotonic() - self._renewed < self.seconds / 3:
+            return True
+        with unit_of_work(self.factory) as session:
+            held = acquire_lock(
+                session,
+                name=LEASE_NAME,
+                holder=self.holder,
+                now=self.clock.now(),
+                seconds=self.seconds,
+            )
+        self._renewed = time.monotonic() if held else -1.0
+        return held
+
+    def release(self) -> None:
+        """Give the lease back, so that the next round of any process goes ahead at once."""
+        if self._renewed >= 0:
+            with unit_of_work(self.factory) as session:
+                release_lock(session, name=LEASE_NAME, holder=self.holder)
+            self._renewed = -1.0
+
+
 async def send_confirmations(
     *, factory: sessionmaker[Session], settings: Settings, transport: Transport, clock: Clock
 ) -> tuple[int, int]:
-    """Send every confirmation email still owed, in batches; returns (sent, not sent yet).
+    """Send every confirmation email and key message still owed; returns (sent, not sent yet).
 
     A confirmation is marked sent once the SMTP server accepts it or refuses it for good; a
-    temporary failure leaves it owed, for the next run.
+    temporary failure leaves it owed, for the next run. While another process mails notices
+    (it holds the lease), this one sends nothing: (0, 0).
     """
+    lease = NoticeLease.for_settings(factory, settings, clock)
+    if not lease.hold():
+        return 0, 0
+    try:
+        sent, failed = await _send_confirmations(
+            factory=factory, settings=settings, transport=transport, clock=clock, hold=lease.hold
+        )
+        # Imported here: key_notices builds its messages with this module's render/build_notice.
+        from newsletter.key_notices import send_key_notices
+
+        key_sent, key_failed = await send_key_notices(
+            factory=factory, settings=settings, transport=transport, clock=clock, hold=lease.hold
+        )
+    finally:
+        lease.release()
+    return sent + key_sent, failed + key_failed
+
+
+async def _send_confirmations(
+    *,
+    factory: sessionmaker[Session],
+    settings: Settings,
+    transport: Transport,
+    clock: Clock,
+    hold: Callable[[], bool],
+) -> tuple[int, int]:
+    """The confirmations, in batches, while the lease holds."""
     sent = failed = 0
     dkim = IdentitySigners.load(settings)
     while True:
         with unit_of_work(factory) as session:
             batch = _unsent_confirmations(session, BATCH)
         done: list[int] = []
+        lost = False
         for pending in batch:
+            if not hold():  # another process took over: what it reads, it sends
+                lost = True
+                break
             msg = confirmation_message(pending, settings=settings, now=clock.now())
             identity = identity_for(settings, pending.discreet)
             message = dkim.sign(msg.as_bytes(), discreet=identity.discreet is not None)
@@ -194,15 +294,8 @@ async def send_confirmations(
                 done.append(pending.subscriber_id)
         with unit_of_work(factory) as session:
             _mark_sent(session, done, clock.now())
-        if len(done) < len(batch) or not batch:
-            break
-    # Imported here: key_notices builds its messages with this module's render/build_notice.
-    from newsletter.key_notices import send_key_notices
-
-    key_sent, key_failed = await send_key_notices(
-        factory=factory, settings=settings, transport=transport, clock=clock
-    )
-    return sent + key_sent, failed + key_failed
+        if lost or len(done) < len(batch) or not batch:
+            return sent, failed
 
 
 def _mark_sent(session: Session, subscriber_ids: list[int], now: datetime) -> None:

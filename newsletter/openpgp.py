@@ -33,7 +33,7 @@ from pathlib import Path
 import pysequoia
 from pysequoia.packet import Packet, PacketPile, SignatureType, Tag
 
-from newsletter.addresses import header_problem
+from newsletter.addresses import header_problem, stored_forms
 from newsletter.errors import ConfigError, NewsletterError, PermanentDeliveryError
 from newsletter.i18n import N_
 from newsletter.message import POLICY, set_subject
@@ -318,7 +318,7 @@ def _check(key: _Key, *, email: str | None, now: datetime) -> KeyProblem | None:
         return None
     wanted = email.strip().lower()
     addresses = [address for uid in key.user_ids if (address := _address(uid)) is not None]
-    if wanted in addresses:
+    if wanted in addresses or _same_mailbox(wanted, addresses):
         return None
     named = ", ".join(addresses or key.user_ids) or "no address"
     return _problem(
@@ -326,6 +326,18 @@ def _check(key: _Key, *, email: str | None, now: datetime) -> KeyProblem | None:
         N_("this key is not for %(email)s (it names %(named)s)"),
         email=_printable(email),
         named=_printable(named),
+    )
+
+
+def _same_mailbox(wanted: str, addresses: list[str]) -> bool:
+    """Whether one of the addresses is `wanted` in another form: an internationalised domain
+    as Unicode (as gpg writes what the reader typed) where we store its xn-- form, or back."""
+    forms = set(stored_forms(wanted))
+    # No stored address is longer than 254 characters: a longer user ID is not checked further.
+    return any(
+        forms.intersection(stored_forms(address))
+        for address in addresses
+        if len(address) <= 254 and (not address.isascii() or "xn--" in address)
     )
 
 

@@ -49,6 +49,20 @@ class KeyView:
 
 
 def _subscriber(session: Session, subscriber_id: int) -> Subscriber:
+    """The reader, their row locked first for the rest of the transaction.
+
+    Two changes to one reader's keys at once (a double click on "Save" or on the activation
+    button, two tabs, the page and the CLI) each read the key rows and then replaced them: the
+    second failed on the one row per (reader, status), or updated a row the first had deleted,
+    and the reader got a 500. Locked, the second waits for the first and sees what it did. A
+    write that changes nothing takes the lock on SQLite (which has no FOR UPDATE) and PostgreSQL.
+    """
+    session.execute(
+        update(Subscriber)
+        .where(Subscriber.id == subscriber_id)
+        .values(discreet=Subscriber.discreet)
+        .execution_options(synchronize_session=False)
+    )
     sub = session.get(Subscriber, subscriber_id)
     if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
         raise AudienceError("no such subscriber")
