@@ -34,7 +34,7 @@ from newsletter.db.models import (
     SubscriptionStatus,
 )
 from newsletter.dkim import IdentitySigners
-from newsletter.errors import NewsletterError
+from newsletter.errors import PermanentDeliveryError
 from newsletter.i18n import N_, gettext_for
 from newsletter.message import identity_for
 from newsletter.notices import build_notice, render_notice
@@ -286,7 +286,9 @@ def _build(
 ) -> bytes | None:
     try:
         return key_message(session, owed, settings=settings, signer=signer, now=now)
-    except NewsletterError as error:  # e.g. a pending key that expired before its proof went
+    except (KeyProblem, PermanentDeliveryError) as error:  # e.g. a key expired before its proof
+        # Only what this reader's message cannot be (it is then owed no more); our own setup's
+        # errors (a signing key that cannot sign, ConfigError) go up, and the message stays owed.
         # The code, not the message: a key's refusal may name the reader's address.
         why = error.code if isinstance(error, KeyProblem) else type(error).__name__
         log.warning(

@@ -39,6 +39,9 @@ from newsletter.i18n import N_
 from newsletter.message import POLICY, set_subject
 
 MAX_KEY_BYTES = 64 * 1024
+# Each subkey binding is checked by a trial encryption (0.5-0.75 s of CPU, holding the GIL, for
+# the 250 that fit in MAX_KEY_BYTES). Real keys have a few; a key rotated yearly for decades, 30.
+MAX_SUBKEY_BINDINGS = 50
 OBSCURED_SUBJECT = "[...]"  # RFC 9788's obscured Subject
 _SHOWN_CHARS = 100  # the most of a key's text (a user ID, an error) a message shows
 _SETTING = "[openpgp] signing_key_file"
@@ -396,6 +399,17 @@ def _parse(data: bytes) -> _Key:
         revoked = cert.is_revoked
         expires_at = cert.expiration
         packets = tuple(PacketPile.from_bytes(bytes(cert)))
+        bindings = sum(
+            1
+            for p in packets
+            if p.tag == Tag.Signature and p.signature_type == SignatureType.SubkeyBinding
+        )
+        if bindings > MAX_SUBKEY_BINDINGS:
+            raise _problem(
+                "unreadable",
+                N_("this key cannot be used (%(reason)s)"),
+                reason=f"{bindings} subkey bindings; at most {MAX_SUBKEY_BINDINGS}",
+            )
         head, groups = _components(packets)
         return _Key(
             fingerprint=cert.fingerprint.upper(),

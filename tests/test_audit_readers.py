@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,33 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from newsletter.clock import FrozenClock
 from newsletter.config import LoggingSettings
 from newsletter.db import unit_of_work
-from newsletter.db.models import KeyNotice, Subscriber, Subscription
+from newsletter.db.models import KeyNotice, ReaderKey, Subscriber, Subscription
+from newsletter.errors import ConfigError
 from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.logs import configure_logging
 from newsletter.notices import _unsent_confirmations, send_confirmations
-from newsletter.openpgp import KeyProblem, key_problem, read_key
+from newsletter.openpgp import (
+    MAX_KEY_BYTES,
+    MAX_SUBKEY_BINDINGS,
+    KeyProblem,
+    key_problem,
+    read_key,
+)
 from newsletter.readers import confirm_key, key_view, set_key
 from newsletter.smtp import SmtpPool
 from newsletter.subscriptions import subscribe
 from tests.conftest import SECRET, SmtpServer, make_settings
+from tests.gpg_keys import GpgHome
+from tests.test_flow import prepare
+from tests.test_readers_send import (
+    KEYED,
+    portal_key,
+    reader_key,
+    service_mail,
+    settings_with,
+    subscriber_id,
+    to,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,3 +323,62 @@ def test_a_batch_of_confirmations_reads_only_its_own_people(
     assert [p.subscriber_id for p in batch] == list(ids[:100])
     assert all(len(p.list_ids) == 2 for p in batch)
     assert sum(fetched) <= 2 * 100 + 10, fetched  # each person's two lists, not 3,000 rows
+
+
+READER_EMAIL = "reader@example.org"
+READER_UID = f"Reader <{READER_EMAIL}>"
+
+
+def test_a_key_with_more_subkey_bindings_than_any_real_key_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """Attack: a key that fits in 64 KB with hundreds of encryption subkeys, pasted on the
+    preferences page. Each subkey's binding was checked by a trial encryption, holding the GIL
+    (0.5-0.75 s for 250, the web server's event loop starved meanwhile). Now a key with more
+    than MAX_SUBKEY_BINDINGS bindings is refused before any trial; one at the limit is read."""
+    home = GpgHome.make(tmp_path / "gnupg")
+    try:
+        fpr = home.generate(READER_UID)
+        for _ in range(MAX_SUBKEY_BINDINGS):
+            home.add_key(fpr)
+        now = datetime.now(UTC)
+        at_limit = home.export(fpr)
+        assert len(read_key(at_limit, email=READER_EMAIL, now=now).armored) <= MAX_KEY_BYTES
+        home.add_key(fpr)
+        with pytest.raises(KeyProblem) as caught:
+            read_key(home.export(fpr), email=READER_EMAIL, now=now)
+    finally:
+        home.close()
+    assert caught.value.code == "unreadable"
+    assert f"at most {MAX_SUBKEY_BINDINGS}" in str(caught.value)
+
+
+def test_a_key_message_our_own_setup_cannot_make_stays_owed(
+    factory: sessionmaker[Session], smtpd: SmtpServer, database_url: str, tmp_path: Path
+) -> None:
+    """Attack (on a reader, by our own setup): a key proof owed while the portal's OpenPGP setup
+    cannot make it (here a From address the Autocrypt header cannot carry, a ConfigError like a
+    signing key that can no longer sign). Every NewsletterError was taken for the reader's key
+    failing: the proof was marked answered and never sent, even once the setup was fixed. Now
+    our setup's error goes up (one line, the service's next round tries again), the proof stays
+    owed, and it goes once the setup is fixed."""
+    clock = FrozenClock(datetime.now(UTC))  # the keys are made by gpg at the real time
+    _portal, _fpr, key_file = portal_key(tmp_path)
+    fixed = settings_with(database_url, smtpd, signing_key_file=str(key_file))
+    broken = replace(fixed, mail=replace(fixed.mail, from_address="news=?x@portal.example.org"))
+    prepare(factory, clock)
+    _home, armored = reader_key(tmp_path, KEYED)
+    with unit_of_work(factory) as session:
+        set_key(
+            session, subscriber_id=subscriber_id(factory, KEYED), data=armored, now=clock.now(),
+            actor="test",
+        )  # fmt: skip
+    with pytest.raises(ConfigError):
+        service_mail(factory, broken, clock)
+    with factory() as session:
+        [key] = session.scalars(select(ReaderKey)).all()
+        assert key.confirm_sent_at is None  # still owed
+    assert not to(smtpd.messages(), KEYED)
+    service_mail(factory, fixed, clock)
+    [proof] = to(smtpd.messages(), KEYED)
+    assert proof.get_content_type() == "multipart/encrypted"
