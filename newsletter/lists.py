@@ -6,6 +6,7 @@ beside them) through sync_declarations; `lists create` adds one list from the co
 
 from __future__ import annotations
 
+import string
 import tomllib
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,11 @@ from newsletter.db.models import ListKind, MailingList, Subscription, Subscripti
 from newsletter.errors import AudienceError
 from newsletter.sanitize import control_character
 from newsletter.segments import read_segments, sync_segments
+
+# What a slug may hold: no ';' (it separates slugs in a CSV cell), no spaces, nothing a terminal
+# or a page could show as something else (bidi controls, look-alike letters).
+SLUG_CHARS = frozenset(string.ascii_letters + string.digits + "-_.")
+MAX_SLUG_CHARS = 64
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def spec_problem(spec: ListSpec) -> str:
     """Why a list's slug, List-Id or names cannot be stored as they are, or "".
 
     They go into headers and every rendered message, and PostgreSQL refuses a NUL; the value
-    itself is not quoted.
+    itself is not quoted. (A new list's slug must also pass slug_problem.)
     """
     named = [("slug", spec.slug), ("list_id", spec.list_id)]
     named += [(f"names.{lang}", name) for lang, name in spec.names.items()]
@@ -96,6 +102,21 @@ def spec_problem(spec: ListSpec) -> str:
     return ""
 
 
+def slug_problem(slug: str) -> str:
+    """Why a new list cannot have this slug, or "".
+
+    A slug is a word of CSV files (`lists`, joined by ';'), forms and the command line, and is
+    shown on terminals and pages: kept to SLUG_CHARS, nothing can make one list read as another.
+    Only new lists are held to it: a list made before the rule keeps its slug (and its people).
+    """
+    if 0 < len(slug) <= MAX_SLUG_CHARS and SLUG_CHARS.issuperset(slug) and slug[0].isalnum():
+        return ""
+    return (
+        f"'slug' must be 1 to {MAX_SLUG_CHARS} ASCII letters, digits, '-', '_' or '.', "
+        f"starting with a letter or digit: {slug!r} is not"
+    )
+
+
 def sync_lists(*, session: Session, specs: list[ListSpec]) -> SyncReport:
     """Make the lists table match the declarations; lists no longer declared are only reported."""
     existing = {ml.slug: ml for ml in session.scalars(select(MailingList))}
@@ -103,6 +124,8 @@ def sync_lists(*, session: Session, specs: list[ListSpec]) -> SyncReport:
     for spec in specs:
         ml = existing.get(spec.slug)
         if ml is None:
+            if problem := slug_problem(spec.slug):
+                raise AudienceError(problem)
             ml = MailingList(slug=spec.slug, digest_cursor=0)
             session.add(ml)
             created.append(spec.slug)
@@ -135,7 +158,7 @@ def create_list(*, session: Session, spec: ListSpec, now: datetime, actor: str) 
         raise AudienceError(f"list '{spec.slug}' exists already")
     if spec.kind not in tuple(ListKind):
         raise AudienceError("kind must be digest or alerts")
-    if problem := spec_problem(spec):
+    if problem := spec_problem(spec) or slug_problem(spec.slug):
         raise AudienceError(problem)
     ml = MailingList(
         slug=spec.slug,

@@ -55,6 +55,8 @@ KNOWN_COLUMNS = (
 _KNOWN = frozenset(KNOWN_COLUMNS)  # for membership: a hash, not nine comparisons per cell
 CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
 MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
+MAX_COLUMNS = 200  # a wider header is refused: each column may become an attribute of everyone
+MAX_ROW_CHARS = 1 << 20  # a longer row (all its lines) stops the file: no CSV row is that long
 RawRow = dict[str, str | None]
 RowResult = tuple[int, RawRow | None, str]
 
@@ -206,48 +208,116 @@ def read_csv(path: Path) -> Iterator[RowResult]:
     """Stream (first line number, row or None, error) from a CSV file read by its header.
 
     A UTF-8 BOM and Windows line ends are fine. Bytes that are not UTF-8 spoil only their row:
-    they are kept as surrogates while reading, and such a row is rejected.
+    they are kept as surrogates while reading, and such a row is rejected. A file that cannot be
+    read as CSV at all (its header, or a row longer than MAX_ROW_CHARS) stops with one line.
     """
-    try:
-        handle = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
-    except OSError as e:
-        raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
-    with handle:
+    with _open(path) as handle:
         yield from _read_rows(handle, str(path))
 
 
-def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
-    reader = csv.DictReader(handle)
+def read_header(path: Path) -> list[str]:
+    """The column names of a CSV file as read_csv reads them; [] when it has no usable header."""
     try:
-        header = reader.fieldnames
+        with _open(path) as handle:
+            return _header(_Lines(handle, str(path)), str(path))
+    except AudienceError:
+        return []
+
+
+def _open(path: Path) -> io.TextIOWrapper:
+    try:
+        return path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
+
+
+class _Lines:
+    """A file's lines for the csv module, refusing a row (over one or more lines) longer than
+    MAX_ROW_CHARS: without a bound, a file with no line end (or one quote never closed) is read
+    whole into memory before a single row comes out. `mark()` starts the next row's count."""
+
+    def __init__(self, handle: io.TextIOBase | Any, where: str) -> None:
+        self.readline = handle.readline
+        self.where = where
+        self.line = 0
+        self.row_chars = 0
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        text: str = self.readline(MAX_ROW_CHARS + 1)
+        if not text:
+            raise StopIteration
+        self.line += 1
+        self.row_chars += len(text)
+        if self.row_chars > MAX_ROW_CHARS:
+            raise AudienceError(
+                f"{self.where}: line {self.line}: a row longer than {MAX_ROW_CHARS:,} characters "
+                "(is it a CSV file, with every quote closed?); nothing was imported"
+            )
+        return text
+
+    def mark(self) -> None:
+        """A row was read: the next one starts counting from here."""
+        self.row_chars = 0
+
+
+def _header(lines: _Lines, where: str) -> list[str]:
+    """The checked column names: UTF-8 text, an email column, none twice, at most MAX_COLUMNS."""
+    try:
+        first = next(csv.reader(lines, strict=True), [])
     except csv.Error as e:
         raise AudienceError(f"{where}: cannot read the header: {e}") from None
-    names = [restore_cell(h.strip()).lower() for h in header or []]
+    lines.mark()
+    names = [restore_cell(h.strip()).lower() for h in first]
     if "email" not in names or any(_cell_problem(n) for n in names):
         raise AudienceError(
             f"{where}: the header must be UTF-8 text without control characters "
             "and have an 'email' column"
         )
-    reader.fieldnames = names
-    line = reader.line_num
+    if len(names) > MAX_COLUMNS:
+        raise AudienceError(
+            f"{where}: the header has {len(names):,} columns, more than {MAX_COLUMNS}: "
+            "keep the columns you need"
+        )
+    twice = next((n for i, n in enumerate(names) if n and n in names[:i]), None)
+    if twice is not None:  # a second value would silently replace the first
+        raise AudienceError(f"{where}: the header names the column {twice!r} twice")
+    return names
+
+
+def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
+    lines = _Lines(handle, where)
+    names = _header(lines, where)
+    width = len(names)
+    # strict: a quote left open is an error at the end of the file rather than a last row that
+    # silently swallowed every line after it.
+    reader = csv.reader(lines, strict=True)
     while True:
-        start = line + 1
+        start = lines.line + 1
         try:
-            row = next(reader)
+            fields = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            line = reader.line_num
-            yield start, None, f"unreadable row: {e}"
+            lines.mark()
+            span = f" (lines {start}-{lines.line})" if lines.line > start else ""
+            yield start, None, f"unreadable row{span}: {e}"
             continue
-        line = reader.line_num
+        lines.mark()
+        if not fields:
+            continue  # a blank line, as csv.DictReader skips it
+        if len(fields) > width:
+            yield start, dict(zip(names, fields, strict=False)), "more fields than the header has"
+            continue
+        # Only the cells the row has: work per row follows its length, not the header's.
+        row: RawRow = dict(zip(names, fields, strict=False))
         yield start, row, _row_problem(row)
 
 
-def _row_problem(row: dict[str | None, Any]) -> str:
+def _row_problem(row: RawRow) -> str:
     """Why a row cannot be stored as it is ("" when it can), naming the column, not the value."""
-    if None in row:
-        return "more fields than the header has"
     for key, value in row.items():
         limit = MAX_KEY_BYTES if key == "openpgp_key" else MAX_CELL_CHARS
         problem = _cell_problem(value, limit) if value else ""
@@ -353,15 +423,30 @@ def export_rows(
             }
 
 
+def shown_cell(value: str) -> str:
+    """A cell as written to a file or a terminal: each control character (ESC, BEL, NUL...)
+    and undecodable byte as U+FFFD, then neutralised. Tab, CR and LF stay (csv quotes them).
+
+    What import refuses is never written, so a stored name holding an escape sequence neither
+    drives the terminal an export is printed on nor keeps its owner out of a re-import.
+    """
+    if not value.isprintable():  # the common case, checked in C
+        value = "".join(
+            "\ufffd" if ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cs") else ch
+            for ch in value
+        )
+    return neutralise_cell(value)
+
+
 def write_csv(rows: Iterable[dict[str, str]], columns: list[str], handle: Any) -> int:
-    """Write rows under a header, every cell neutralised; returns how many rows were written."""
+    """Write rows under a header, every cell shown_cell; returns how many rows were written."""
     # CRLF line ends (RFC 4180): the csv module quotes a cell holding either, so a lone CR in a
     # value cannot end its row early.
     writer = csv.writer(handle, lineterminator="\r\n")
-    writer.writerow([neutralise_cell(c) for c in columns])
+    writer.writerow([shown_cell(c) for c in columns])
     n = 0
     for row in rows:
-        writer.writerow([neutralise_cell(_text(row.get(c))) for c in columns])
+        writer.writerow([shown_cell(_text(row.get(c))) for c in columns])
         n += 1
     return n
 

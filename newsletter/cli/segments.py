@@ -71,7 +71,7 @@ def show(
     name: NameArg = None,
     rule: RuleOption = None,
     list_slug: ListOption = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 20,
     as_json: JsonOption = False,
 ) -> None:
     """The first people a campaign with this segment reaches (address, name, language, country)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import sys
-import unicodedata
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
@@ -28,9 +29,10 @@ from newsletter.subscriber_csv import (
     count_lines,
     export_columns,
     export_rows,
-    neutralise_cell,
     read_csv,
+    read_header,
     restore_cell,
+    shown_cell,
     write_csv,
 )
 from newsletter.subscriptions import (
@@ -152,51 +154,55 @@ def _rejected_cells(raw: RawRow | None, header: list[str]) -> list[str]:
 
 
 @contextmanager
+def private_file(path: Path) -> Iterator[TextIO]:
+    """A text file only its owner may read, put in place whole when the block ends well.
+
+    Exports and rejects hold people's addresses: written to a new file made with mode 0600 in
+    the same folder, then renamed over `path`, so no other account can read it, no link or file
+    someone else made there is written through, and an interruption leaves no half file.
+    """
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot write: {e.strerror or type(e).__name__}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+        os.replace(temporary, path)
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot write: {e.strerror or type(e).__name__}") from None
+    finally:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
+@contextmanager
 def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
     """A sink for rejected rows: line, reason and the row's own columns, opened on first use.
 
     Cells are written as import would read them, neutralised against spreadsheet formulas, with
-    control characters and undecodable bytes shown as U+FFFD.
+    control characters and undecodable bytes shown as U+FFFD. The file (see private_file) is
+    put in place only when the import went through: one stopped imported nothing.
     """
-    header = _header(source)
-    state: dict[str, Any] = {"n": 0}
-    handle: TextIO | None = None
-    try:
+    header = [h for h in read_header(source) if h not in ("line", "reason")]
+    with ExitStack() as files:
+        writer: Any = None
 
         def write(line: int, reason: str, raw: RawRow | None) -> None:
-            nonlocal handle
-            if handle is None:
-                handle = path.open("w", encoding="utf-8", newline="")
-                state["writer"] = csv.writer(handle)
-                state["writer"].writerow([_reject_cell(c) for c in ["line", "reason", *header]])
+            nonlocal writer
+            if writer is None:
+                writer = csv.writer(files.enter_context(private_file(path)))
+                writer.writerow([_reject_cell(c) for c in ["line", "reason", *header]])
             # A key cell is left out: it may hold a secret key pasted by mistake.
             cells = [str(line), reason, *_rejected_cells(raw, header)]
-            state["writer"].writerow([_reject_cell(c) for c in cells])
-            state["n"] += 1
+            writer.writerow([_reject_cell(c) for c in cells])
 
         yield write
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def _header(source: Path) -> list[str]:
-    try:
-        with source.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
-            first = next(csv.reader(handle), [])
-    except (OSError, csv.Error):
-        return []
-    names = [restore_cell(h.strip()).lower() for h in first]
-    return [h for h in names if h not in ("line", "reason")]
 
 
 def _reject_cell(value: str) -> str:
     """A cell of the rejects file: readable, safe to open, and read back as it was read."""
-    shown = "".join(
-        "\ufffd" if ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cs") else ch
-        for ch in value
-    )
-    return neutralise_cell(restore_cell(shown))
+    return shown_cell(restore_cell(value))
 
 
 @subscribers_app.command("import")
@@ -228,6 +234,8 @@ def import_(
     secret = state.settings.security.require_secret()
     total = max(count_lines(file) - 1, 0)
     rejects_path = rejects or file.with_suffix(".rejects.csv")
+    if rejects_path.resolve() == file.resolve():  # it would replace the file being imported
+        raise AudienceError(f"{rejects_path}: the rejects file cannot be the file imported")
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -281,7 +289,7 @@ def export(
         if out is None:
             n = write_csv(rows, columns, sys.stdout)
         else:
-            with out.open("w", encoding="utf-8", newline="") as handle:
+            with private_file(out) as handle:
                 n = write_csv(rows, columns, handle)
     if out is not None:
         err_console.print(f"exported {n} subscribers to {out}")
@@ -439,7 +447,7 @@ def list_(
     status: Annotated[
         str | None, typer.Option(help="Only this status: active, unsubscribed, bounced.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many rows.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """List subscribers (address, name, language, status); with --list or --segment, an audience."""
