@@ -50,7 +50,10 @@ from newsletter.db.models import (
     CaseStatus,
     Delivery,
     DeliveryStatus,
+    DiscreetMode,
     Item,
+    Subscriber,
+    SubscriberStatus,
 )
 from newsletter.db.queries import count_audience, drop_pending
 from newsletter.enqueue import launch_campaign
@@ -808,26 +811,38 @@ def held_reminder(session: Session, case_id: int) -> int | None:
 def record_wrote(session: Session, *, case_id: int, subscriber_id: int) -> bool:
     """Count a reader's "I sent my letter" once; True when it was not counted before.
 
-    Nothing is kept for a closed case (the count is final, the rows are gone).
+    Nothing is kept for a closed case (the count is final, the rows are gone), nor for a reader
+    who is discreet or forgotten (their rows are deleted when they become so).
     """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        # Held until this transaction ends: a closing (which locks the case to update it) waits
-        # for this click, then counts and deletes its row; a click after a closing sees it.
-        lock = select(ActionCase.id).where(ActionCase.id == case_id).with_for_update(read=True)
-        session.execute(lock)
-    # The status as the database has it now, in the insert itself, not as this session first
-    # read it: the reader's page may have read the case before staff closed it, and a row
-    # written after the closing deleted them all would stay for good.
+        # Held until this transaction ends: a closing (which locks the case to update it), a
+        # reader turning discreet or being forgotten (which lock the reader) wait for this click,
+        # then delete its row; a click after them sees them.
+        for lock in (
+            select(ActionCase.id).where(ActionCase.id == case_id),
+            select(Subscriber.id).where(Subscriber.id == subscriber_id),
+        ):
+            session.execute(lock.with_for_update(read=True))
+    # The states as the database has them now, in the insert itself, not as this session first
+    # read them: the reader's page may have read the case before staff closed it (or the reader
+    # before they turned discreet), and a row written after the rows were deleted would stay.
     still_open = select(ActionCase.id).where(
         ActionCase.id == case_id, ActionCase.status != CaseStatus.CLOSED
+    )
+    still_counted = select(Subscriber.id).where(
+        Subscriber.id == subscriber_id,
+        Subscriber.discreet == DiscreetMode.OFF,
+        Subscriber.status != SubscriberStatus.FORGOTTEN,
     )
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = (
         insert(CaseLetter)
         .from_select(
             ["case_id", "subscriber_id"],
-            select(literal(case_id), literal(subscriber_id)).where(still_open.exists()),
+            select(literal(case_id), literal(subscriber_id)).where(
+                still_open.exists(), still_counted.exists()
+            ),
         )
         .on_conflict_do_nothing()
     )

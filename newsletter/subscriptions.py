@@ -497,7 +497,9 @@ def forget(*, session: Session, email: str, secret: str, now: datetime, actor: s
     """
     forms = lookup_forms(email)  # also someone stored in a form no longer accepted
     suppress(session, email, secret=secret, reason="forgotten", now=now)
-    sub = session.scalar(select(Subscriber).where(Subscriber.email.in_(forms)).limit(1))
+    # Locked first: a reader's "I wrote" click in flight (cases.record_wrote) waits, or is seen.
+    found = select(Subscriber).where(Subscriber.email.in_(forms)).limit(1)
+    sub = session.scalar(found.with_for_update())
     if sub is not None:
         session.execute(delete(Subscription).where(Subscription.subscriber_id == sub.id))
         session.execute(delete(Delivery).where(Delivery.subscriber_id == sub.id))

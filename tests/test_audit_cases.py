@@ -29,9 +29,18 @@ from newsletter.cli.actions import _read_text
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import ActionCase, Campaign, CaseLetter, CaseMessage, Delivery
+from newsletter.db.models import (
+    ActionCase,
+    Campaign,
+    CaseLetter,
+    CaseMessage,
+    Delivery,
+    Subscriber,
+)
 from newsletter.errors import CampaignError
-from tests.conftest import SmtpServer
+from newsletter.readers import set_reading
+from newsletter.subscriptions import forget
+from tests.conftest import SECRET, SmtpServer
 from tests.test_case_render import LETTERS, render_case
 from tests.test_cases import make_case, make_world, people, send
 
@@ -220,3 +229,29 @@ def test_a_case_file_that_never_ends_is_refused_without_reading_it_all(tmp_path:
     [error] = outcome
     assert isinstance(error, CampaignError) and "over 256 KB" in str(error)
     assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize("change", ["discreet", "forgotten"])
+def test_a_click_read_before_the_reader_turned_discreet_or_was_forgotten_keeps_no_row(
+    world: World, change: str
+) -> None:
+    """Attack (a race on a reader at risk): the reader's "I wrote" page read them as not
+    discreet, then they turned discreet (or asked to be forgotten), which deletes their rows,
+    then the click counted. Before, the row was written after the deletion and kept, linking a
+    discreet reader to the case; now the insert reads the reader's state from the database (on
+    PostgreSQL under a lock the change waits for), and nothing is recorded."""
+    factory, _, clock = world
+    case_id, ids = _sent_case(world)
+    with unit_of_work(factory) as page:
+        reader = page.get(Subscriber, ids[0])
+        assert reader is not None and reader.discreet == "off"
+        with unit_of_work(factory) as other:
+            if change == "discreet":
+                set_reading(
+                    other, subscriber_id=ids[0], discreet="pointer", now=clock.now(), actor="t"
+                )
+            else:
+                email = other.get(Subscriber, ids[0]).email  # type: ignore[union-attr]
+                forget(session=other, email=email, secret=SECRET, now=clock.now(), actor="t")
+        assert not record_wrote(page, case_id=case_id, subscriber_id=ids[0])
+    assert _rows(factory) == 0
