@@ -176,6 +176,9 @@ async def send_training(
         campaign = session.get(Campaign, campaign_id)
         assert campaign is not None
         if sent:
+            # Marked, whatever made it training (its author's account, or the console's
+            # training mode, which may be switched off later): never in the public archive.
+            campaign.training = True
             campaign.status = CampaignStatus.FINISHED
             campaign.started_at = campaign.started_at or now
             campaign.finished_at = now

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.archive import is_public
 from newsletter.audit import record_event
 from newsletter.clock import FrozenClock
 from newsletter.compose import DraftInput, LanguageText, create_draft
@@ -457,3 +459,30 @@ def test_training_alerts_go_only_to_the_staff(
     assert got == ["ap@example.org"]
     with unit_of_work(factory) as session:
         assert session.scalar(select(Delivery)) is None
+
+
+def test_an_alert_drafted_before_training_mode_and_sent_in_it_stays_out_of_the_archive(
+    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock, smtpd: SmtpServer
+) -> None:
+    """An alert drafted while training mode was off, then approved and sent as training once it
+    was on: only staff get it, and it is marked training. Before, it finished unmarked, so the
+    public archive listed a practice alert no reader was sent."""
+    seed_people(factory, clock, 2)
+    with serve_console(console_settings(settings), factory, clock) as site:
+        who = enrol_staff(factory, site.settings, clock, "ap@example.org", "approver")
+        client = site.client()
+        client.sign_in(who)
+        path, revision = submitted_alert(client, "Practice alert")
+    with serve_console(console_settings(settings, training=True), factory, clock) as site:
+        client = site.client()
+        client.sign_in(who)
+        form = {"revision": revision, "code": next_code(who.secret, clock)}
+        assert client.post(f"{path}/approve", form, csrf_from=path).status_code == 303
+    got = [m["To"] for m in smtpd.messages() if "Practice alert" in str(m["Subject"])]
+    assert got == ["ap@example.org"]
+    public = replace(settings, archive=replace(settings.archive, enabled=True, include_alerts=True))
+    with unit_of_work(factory) as session:
+        assert session.scalar(select(Delivery)) is None
+        practice = session.scalars(select(Campaign).where(Campaign.title == "Practice alert")).one()
+        assert practice.status == "finished" and practice.training
+        assert not is_public(practice, public)
