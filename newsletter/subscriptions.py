@@ -38,6 +38,7 @@ from newsletter.readers import (
     parse_key_problem,
     set_reading,
 )
+from newsletter.sanitize import control_character
 from newsletter.suppression import (
     KEPT_OUT_STATUSES,
     lift_suppression,
@@ -174,6 +175,8 @@ def subscribe(
     address = forms[0]
     if language and language not in LANGUAGES:
         raise AudienceError(f"language must be one of {', '.join(LANGUAGES)}")
+    if char := control_character(name):  # as import refuses it: an escape would drive terminals
+        raise AudienceError(f"the name holds a control character ({char})")
     # Checked before anything is written, so a bad value adds no one.
     mode = parse_discreet(discreet) if discreet is not None else None
     choice = parse_key_problem(on_key_problem) if on_key_problem is not None else None

@@ -329,3 +329,18 @@ def test_cli_export_of_a_name_with_escapes_is_safe_on_a_terminal_and_reads_back(
             assert name.startswith("Ann \ufffd]0;pwned")
     listed = run(["subscribers", "list", "--list", "weekly-digest", "--json"], tmp_path, env)
     assert "ann@example.org" in listed.stdout
+
+
+def test_cli_add_refuses_a_name_with_a_control_character(tmp_path: Path, database_url: str) -> None:
+    """Attack: `subscribers add --name` with an escape sequence (or a NUL). Import refused such
+    a name, `add` stored it: it then drove the terminal of whoever listed or exported readers,
+    and the reader's exported row never read back. Now it is one line and adds no one."""
+    env = cli_env(tmp_path, database_url)
+    run(["init"], tmp_path, env)
+    result = run(
+        ["subscribers", "add", "ann@example.org", "--list", "weekly-digest", "--confirmed",
+         "--name", "Ann \x1b]0;owned\x07"],
+        tmp_path, env, ok=False,
+    )  # fmt: skip
+    assert result.returncode == 1 and "control character (U+001B)" in result.stderr
+    assert "ann@example.org" not in run(["subscribers", "list"], tmp_path, env).stdout

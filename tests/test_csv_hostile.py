@@ -447,9 +447,11 @@ def test_cli_prints_outside_text_as_text(
     assert "[/x] [bold red]boom[/bold red]" in ingest.stdout and "\x1b" not in ingest.stdout
     # fetch drops the ESC from the reason phrase itself (clean_text); the rest prints as text
     assert "[31mred" in ingest.stdout
-    run(["subscribers", "add", "ann@example.org", "--list", "weekly-digest", "--confirmed",
-         "--name", HOSTILE], tmp_path, env)  # fmt: skip
+    run(["subscribers", "add", "ann@example.org", "--list", "weekly-digest", "--confirmed"],
+        tmp_path, env)  # fmt: skip
     with opened(sqlite_url) as factory, unit_of_work(factory) as session:
+        # `subscribers add --name` refuses control characters now; one stored before is shown.
+        session.execute(update(Subscriber).values(name=" ".join(HOSTILE.split())))
         campaign_id = seed_failure(session)
         session.add(Source(url="https://feeds.example.org/x", last_error=HOSTILE))
     outputs = {
