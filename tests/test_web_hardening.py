@@ -554,3 +554,44 @@ def test_a_bounced_reader_rejoining_from_preferences_is_told_why(pages: Site) ->
     assert re.search(rf'value="{alerts}" checked', reply.text)  # their choices still marked
     assert pages.status(sid, "urgent-actions") != SubscriptionStatus.ACTIVE
     assert_strict_headers(reply.headers, "409")
+
+
+def pinned_open_files() -> None:
+    """In the child: an open-files limit of 300 that cannot be raised (the warning's cause)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
+
+
+@pytest.mark.parametrize("command", ["web", "console"])
+def test_the_listeners_log_as_the_service_does(tmp_path: Path, command: str) -> None:
+    """`newsletter web` and `console` log through the service's formatter (time, level, logger;
+    addresses masked, controls escaped), not Python's bare last-resort handler: here the
+    warning that the open-files limit caps the connections."""
+    port = free_port()
+    (tmp_path / "config.toml").write_text(
+        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n"
+        f"[web]\nbase_url = 'http://127.0.0.1:{port}'\n"
+        f"[console]\nbase_url = 'http://127.0.0.1:{port}'\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
+        "NEWSLETTER_SECRET": SECRET,
+    }
+    newsletter = [sys.executable, "-m", "newsletter"]
+    subprocess.run([*newsletter, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    with (tmp_path / "server.log").open("w") as log:
+        proc = subprocess.Popen(
+            [*newsletter, command, "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            preexec_fn=pinned_open_files,
+        )
+        try:
+            wait_for(f"http://127.0.0.1:{port}/healthz")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    warning = [line for line in lines if "open-files limit 300" in line]
+    assert warning and re.match(r"\S+ \S+ WARNING newsletter\.web: open-files", warning[0])

@@ -27,10 +27,12 @@ def console_command(
     import uvicorn
 
     from newsletter.console import create_console_app
+    from newsletter.logs import configure_logging
     from newsletter.webserver import listener_config
 
     state: State = ctx.obj
     settings, factory = state.settings, state.factory()
+    configure_logging(settings.logging)  # lines as `run` writes them: no address, no controls
     settings.security.require_secret()
     host, port = host or settings.console.host, port or settings.console.port
     console.print(

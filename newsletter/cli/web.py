@@ -23,11 +23,13 @@ def web(
     import uvicorn
 
     from newsletter.inbound import inbound_for
+    from newsletter.logs import configure_logging
     from newsletter.web import create_app
     from newsletter.webserver import listener_config
 
     state: State = ctx.obj
     settings, factory = state.settings, state.factory()
+    configure_logging(settings.logging)  # lines as `run` writes them: no address, no controls
     host, port = host or settings.web.host, port or settings.web.port
     inbound = inbound_for(settings, factory, state.clock)
     if inbound is not None:
