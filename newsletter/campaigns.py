@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from newsletter.audit import record_event
 from newsletter.db.models import Campaign, CampaignStatus
@@ -43,18 +47,42 @@ def running_campaign_ids(session: Session) -> list[int]:
 # --- pause, resume, cancel, retry (from another terminal while a sender runs) ---------------
 
 
+def change_if(
+    session: Session, campaign: Campaign, *, when: Collection[CampaignStatus], **values: Any
+) -> bool:
+    """Write `values` only if the campaign's status is still one of `when`; False if not.
+
+    One conditional UPDATE: a change another process committed since the campaign was read (a
+    cancel while the sender pauses it, a resume racing a cancel) is never written over.
+    """
+    done = session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign.id, Campaign.status.in_(list(when)))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(done, "rowcount", 0) != 1:
+        session.refresh(campaign)  # for the error: the status it has now
+        return False
+    for key, value in values.items():
+        set_committed_value(campaign, key, value)
+    return True
+
+
 def pause_campaign(
     *, session: Session, campaign_id: int, now: datetime, actor: str, reason: str
 ) -> Campaign:
     """Stop new claims for a running campaign; senders let in-flight messages finish."""
     campaign = get_campaign(session, campaign_id)
-    if campaign.status != CampaignStatus.RUNNING:
+    running = (CampaignStatus.RUNNING,)
+    if campaign.status != CampaignStatus.RUNNING or not change_if(
+        session, campaign, when=running, status=CampaignStatus.PAUSED, pause_reason=reason[:500]
+    ):
         raise CampaignError.of(
             N_("campaign %(id)s is %(status)s, not running"),
             id=campaign_id,
             status=str(campaign.status),
         )
-    campaign.status, campaign.pause_reason = CampaignStatus.PAUSED, reason[:500]
     record_event(
         session,
         now=now,
@@ -70,13 +98,15 @@ def pause_campaign(
 def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor: str) -> Campaign:
     """Let a paused campaign be claimed again; only what was not sent goes out."""
     campaign = get_campaign(session, campaign_id)
-    if campaign.status != CampaignStatus.PAUSED:
+    paused = (CampaignStatus.PAUSED,)
+    if campaign.status != CampaignStatus.PAUSED or not change_if(
+        session, campaign, when=paused, status=CampaignStatus.RUNNING, pause_reason=""
+    ):
         raise CampaignError.of(
             N_("campaign %(id)s is %(status)s, not paused"),
             id=campaign_id,
             status=str(campaign.status),
         )
-    campaign.status, campaign.pause_reason = CampaignStatus.RUNNING, ""
     record_event(session, now=now, actor=actor, action="campaign.resumed", campaign=campaign_id)
     session.flush()
     return campaign
@@ -85,13 +115,16 @@ def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor:
 def cancel_campaign(*, session: Session, campaign_id: int, now: datetime, actor: str) -> Campaign:
     """Stop a campaign for good; its deliveries stay as they are, as the record."""
     campaign = get_campaign(session, campaign_id)
-    if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
+    ended = (CampaignStatus.FINISHED, CampaignStatus.CANCELLED)
+    open_ = [s for s in CampaignStatus if s not in ended]
+    if campaign.status in ended or not change_if(
+        session, campaign, when=open_, status=CampaignStatus.CANCELLED, finished_at=now
+    ):
         raise CampaignError.of(
             N_("campaign %(id)s is already %(status)s"),
             id=campaign_id,
             status=str(campaign.status),
         )
-    campaign.status, campaign.finished_at = CampaignStatus.CANCELLED, now
     record_event(session, now=now, actor=actor, action="campaign.cancelled", campaign=campaign_id)
     session.flush()
     return campaign

@@ -71,10 +71,16 @@ def _load(
         key = Path(key_file).read_bytes()
     except OSError as e:
         raise ConfigError(f"{settings.source_path}: cannot read '{key_name}': {e}") from None
+    if not (selector.isascii() and domain.isascii()):  # d= and s= are DNS names in ASCII
+        named = "dkim.selector" if key_name == "dkim.key_file" else "discreet.dkim_selector"
+        raise ConfigError(
+            f"{settings.source_path}: '{named}' and the signing domain must be ASCII"
+            " (a domain as IDNA A-labels)"
+        )
     signer = DkimSigner(selector=selector, domain=domain, private_key=key)
     try:
         signer.sign(b"From: check@" + domain.encode() + b"\r\n\r\nkey check\r\n")
-    except dkimpy.KeyFormatError as e:
+    except (dkimpy.DKIMException, ValueError) as e:  # ValueError: a PEM body not in base64
         raise ConfigError(f"{settings.source_path}: '{key_name}' is not an RSA key: {e}") from None
     return signer
 

@@ -15,12 +15,15 @@ from sqlalchemy.orm import Session
 
 from newsletter.audience import enqueue_audience
 from newsletter.audit import record_event
+from newsletter.campaigns import change_if
 from newsletter.check import Problem, require_clean
 from newsletter.config import Settings
 from newsletter.db.models import Campaign, CampaignStatus
 from newsletter.errors import CampaignError
 
 Checked = Callable[[Sequence[Problem]], None]
+# A campaign in these states is not started (a paused one is resumed, a cancelled one never).
+STOPPED = (CampaignStatus.CANCELLED, CampaignStatus.PAUSED)
 
 
 def launch_campaign(
@@ -43,7 +46,7 @@ def launch_campaign(
     start is recorded once.
     """
     problems = require_clean(session, campaign, settings, force=force, actor=actor, now=now)
-    if campaign.status in (CampaignStatus.CANCELLED, CampaignStatus.PAUSED):
+    if campaign.status in STOPPED:
         raise CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")
     if on_checked is not None:
         on_checked(problems)
@@ -54,8 +57,14 @@ def _start(session: Session, *, campaign: Campaign, now: datetime, actor: str) -
     """Queue the campaign's audience (its variants are stored: the check rendered them)."""
     added = enqueue_audience(session, campaign=campaign, now=now)
     if campaign.status != CampaignStatus.RUNNING:
-        campaign.status = CampaignStatus.RUNNING
-        campaign.started_at = campaign.started_at or now
+        # Only from the status read: a cancel (or pause) committed meanwhile by someone else
+        # stands, and this start, its deliveries included, is rolled back with the error.
+        startable = [s for s in CampaignStatus if s not in STOPPED]
+        started_at = campaign.started_at or now
+        if not change_if(
+            session, campaign, when=startable, status=CampaignStatus.RUNNING, started_at=started_at
+        ):
+            raise CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")
         record_event(
             session,
             now=now,

@@ -37,6 +37,7 @@ from newsletter.db.queries import (
     outcome_arrays,
     record_outcomes,
 )
+from newsletter.errors import CampaignError
 from newsletter.smtp import Outcome, Result
 from newsletter.suppression import suppress
 
@@ -185,7 +186,12 @@ def pause_running(session: Session, *, campaign_id: int, reason: str, now: datet
     campaign = session.get(Campaign, campaign_id)
     if campaign is None or campaign.status != CampaignStatus.RUNNING:
         return False
-    pause_campaign(session=session, campaign_id=campaign_id, now=now, actor="sender", reason=reason)
+    try:
+        pause_campaign(
+            session=session, campaign_id=campaign_id, now=now, actor="sender", reason=reason
+        )
+    except CampaignError:  # cancelled or paused by someone else meanwhile: theirs stands
+        return False
     return True
 
 
@@ -383,7 +389,13 @@ class LedgerWriter:
         now = self._clock.now()
         attempts = [(attempt, outcome) for attempt, outcome, _p, _f in group]
         plan = plan_outcomes(attempts, settings=self._settings, now=now, rng=self._rng)
-        pauses = [(attempt.campaign_id, reason) for attempt, _o, reason, _f in group if reason]
+        # A pause's reason quotes the last reply: scrubbed as every stored reply is (a NUL would
+        # fail the commit, an address would name a reader in the campaign and its audit event).
+        pauses = [
+            (attempt.campaign_id, scrub(reason, attempt.email))
+            for attempt, _o, reason, _f in group
+            if reason
+        ]
         loop = asyncio.get_running_loop()
         tries = 1
         while True:

@@ -876,6 +876,10 @@ class Sender:
         With PIPELINING, the lane's next job's envelope goes with the final dot (`chain`).
         """
         if not self._may_send(job.campaign_id):
+            if recording is not None and recording.done():
+                # A failed commit (a burst's pause among them) stops the lane, as at a final
+                # dot: else a hold whose pause never reached the database would last forever.
+                await recording
             chain.drop()  # its envelope may be waiting on the connection: nothing more goes
             self.unstarted.append(job)
             return None

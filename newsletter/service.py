@@ -36,6 +36,7 @@ from newsletter.clock import Clock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.dkim import DkimSigner, load_signer
+from newsletter.errors import ConfigError
 from newsletter.inbound import inbound_for
 from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
@@ -72,12 +73,20 @@ async def keep_lock(service: Service) -> None:
     period = max(service.settings.schedule.lock_seconds / 3, 1)
     catch_up: asyncio.Task[None] | None = None
     while not service.stop.is_set():
-        held = await asyncio.to_thread(service.scheduler.hold_lock)
+        try:
+            held = await asyncio.to_thread(service.scheduler.hold_lock)
+        except Exception as error:  # a database hiccup must not end the lease's keeping
+            # Not renewed, so perhaps no longer ours: stand by until a renewal succeeds.
+            log.warning("scheduler lock not renewed (%s)", type(error).__name__)
+            held = False
         if held and not service.active:
             log.info("scheduler lock taken by %s", service.holder)
             service.active = True
-            # A slot missed while nobody held the lock.
-            await asyncio.to_thread(schedule.job_digests)
+            # A slot missed while nobody held the lock (else the minute's poll makes it).
+            try:
+                await asyncio.to_thread(schedule.job_digests)
+            except Exception:  # must not end the lease's keeping either
+                log.exception("catch-up digests failed")
             # Not awaited here: a slow source must not hold up renewing the lease.
             catch_up = asyncio.create_task(_catch_up_poll())
         elif not held and service.active:
@@ -87,8 +96,11 @@ async def keep_lock(service: Service) -> None:
     if catch_up is not None:
         await catch_up  # bounded by the fetch deadline
     if service.active:
-        await asyncio.to_thread(service.scheduler.let_go)
         service.active = False
+        try:
+            await asyncio.to_thread(service.scheduler.let_go)
+        except Exception as error:  # the lease then runs out by itself
+            log.warning("scheduler lock not released (%s)", type(error).__name__)
 
 
 async def _catch_up_poll() -> None:
@@ -107,14 +119,18 @@ async def keep_sending(service: Service) -> None:
     and again after a failure). Idle connections are closed between rounds.
     """
     interval = service.settings.schedule.send_interval_seconds
-    signer = load_signer(service.settings)
     while not service.stop.is_set():
         try:
+            # Read again after a failure: a key that could not be read may have been fixed.
+            signer = load_signer(service.settings)
             async with open_pool(service.settings, service.factory, service.clock) as pool:
                 while not service.stop.is_set():
                     await send_round(service, pool, signer)
                     await pool.close_idle()
                     await _sleep(service, interval)
+        except ConfigError as error:  # a signing key replaced by one that cannot sign
+            log.error("sender cannot send: %s; trying again in %ss", error, interval)
+            await _sleep(service, interval)
         except Exception:  # a database or network hiccup must not end the service
             log.exception("sender failed; retrying in %ss", interval)
             await _sleep(service, interval)

@@ -286,7 +286,11 @@ class SendHistory:
     def monotonic(self, label: str) -> list[float]:
         """A relay's send times as points on the monotonic clock the pacing runs on."""
         mono = time.monotonic()
-        return [mono - (self.as_of - t).total_seconds() for t in self.sends.get(label, [])]
+        # A send recorded ahead of the clock (set back since) counts as just now: else a capped
+        # relay would wait for the jump as well as the hour.
+        return [
+            mono - max((self.as_of - t).total_seconds(), 0.0) for t in self.sends.get(label, [])
+        ]
 
 
 class SmtpPool:

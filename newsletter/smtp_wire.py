@@ -8,8 +8,8 @@ between up to eleven threads, which made the SMTP exchange most of the sender's 
 reads them as it always has.
 
 A server cannot make the client wait or grow without bound: every reply has `timeout_seconds`
-from the moment it is awaited, a reply line is at most 8,192 bytes (smtplib's own limit) and a
-multi-line reply at most 64 KiB.
+from the moment it is awaited, a reply line is at most 8,192 bytes (smtplib's own limit), a
+multi-line reply at most 64 KiB, and more than MAX_WAITING replies unread close the connection.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from newsletter.config import RelaySettings
 
 MAX_LINE = 8192
 MAX_REPLY = 64 * 1024
+# Replies received and not yet read: a pipelined transaction with a carried envelope has four
+# at most (the dot's, MAIL, RCPT, DATA); more is a server talking unasked, out of step.
+MAX_WAITING = 16
 QUIT_SECONDS = 2.0
 # Characters that make an address more than a bare addr-spec: such a one goes through
 # smtplib.quoteaddr (an email.utils parse, 17 us) instead of plain angle brackets.
@@ -88,6 +91,8 @@ class SmtpProtocol(asyncio.Protocol):
         del buffer[:start]
         if len(buffer) > MAX_LINE:
             self._fail(smtplib.SMTPResponseException(500, b"reply line too long"))
+        elif len(self._replies) > MAX_WAITING:  # once per read, not per reply
+            self._fail(smtplib.SMTPResponseException(-1, b"replies nobody asked for"))
         self._wake()
 
     def _line(self, line: bytes) -> None:

@@ -39,7 +39,7 @@ SHOWN_COUNTS = ("sent", "queued", "deferred", "failed", "suppressed", "withheld"
 @campaigns_app.command("list")
 def list_(
     ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List campaigns, newest first, with their delivery counts."""
@@ -78,7 +78,7 @@ def show(
     failures: Annotated[
         bool, typer.Option("--failures", help="List failed addresses with the SMTP reply.")
     ] = False,
-    limit: Annotated[int, typer.Option(help="At most this many failures.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many failures.")] = 100,
 ) -> None:
     """Show one campaign: what it carries, how its deliveries stand, rate and time left."""
     state: State = ctx.obj

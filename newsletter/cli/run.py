@@ -27,11 +27,16 @@ def run(
     ] = False,
 ) -> None:
     """Run the service: scheduler, sender, web pages and staff console, until SIGTERM or Ctrl-C."""
+    from newsletter.dkim import load_signer
+    from newsletter.send import Signers
     from newsletter.service import Service, run_service
 
     state: State = ctx.obj
     settings = state.settings
     settings.security.require_secret()
+    # Every signing key, read now: one that cannot sign stops `run` here, in one line, instead
+    # of a service that serves its pages while its sender cannot send.
+    Signers.load(settings, load_signer(settings))
     configure_logging(settings.logging)
     engine = state.engine()
     staff = None
