@@ -305,15 +305,18 @@ def test_cli_rejects_file_cannot_be_the_file_imported(tmp_path: Path, database_u
 def test_cli_export_of_a_name_with_escapes_is_safe_on_a_terminal_and_reads_back(
     tmp_path: Path, database_url: str
 ) -> None:
-    """Attack: a name holding ESC sequences and BEL (`subscribers add --name` stores it).
-    `subscribers export` to a terminal wrote them raw, retitling and recolouring it, and the
-    exported row was refused on import, so export then import lost that reader. Now each such
-    character is written as U+FFFD and the reader reads back, still on their list."""
+    """Attack: a name holding ESC sequences and BEL (`subscribers add --name` stored it before
+    it refused control characters; such a name may still be in a database). `subscribers
+    export` to a terminal wrote them raw, retitling and recolouring it, and the exported row
+    was refused on import, so export then import lost that reader. Now each such character is
+    written as U+FFFD and the reader reads back, still on their list."""
     env = cli_env(tmp_path, database_url)
     run(["init"], tmp_path, env)
     hostile = "Ann \x1b]0;pwned\x07 \x1b[31mred"
     add = ["subscribers", "add", "ann@example.org", "--list", "weekly-digest", "--confirmed"]
-    run([*add, "--name", hostile], tmp_path, env)
+    run(add, tmp_path, env)
+    with opened(database_url) as factory, unit_of_work(factory) as session:
+        session.execute(Subscriber.__table__.update().values(name=hostile))
     shown = run(["subscribers", "export"], tmp_path, env).stdout
     assert "\x1b" not in shown and "\x07" not in shown
     assert "Ann \ufffd]0;pwned\ufffd \ufffd[31mred" in shown
