@@ -169,7 +169,8 @@ def suppress_bounced(
     reply: str,
 ) -> None:
     """Mark an address refused for good as bounced, so nothing is sent to it again."""
-    mark_bounced(session, subscriber_id)
+    if not mark_bounced(session, subscriber_id):
+        return  # forgotten while the message was in flight: already kept out, nothing to add
     suppress(session, email, secret=settings.security.require_secret(), reason="bounce", now=now)
     record_event(
         session,

@@ -28,7 +28,14 @@ from newsletter.assemble import assemble_digest
 from newsletter.campaigns import cancel_campaign, pause_campaign, resume_campaign
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign, CampaignStatus, Delivery, Event
+from newsletter.db.models import (
+    Campaign,
+    CampaignStatus,
+    Delivery,
+    Event,
+    Subscriber,
+    Suppression,
+)
 from newsletter.devsmtp import free_port
 from newsletter.dkim import load_signer
 from newsletter.enqueue import launch_campaign
@@ -40,7 +47,8 @@ from newsletter.send import SendReport, deliver_queued
 from newsletter.service import Service, keep_lock
 from newsletter.smtp import HOUR, Pace, SmtpPool, load_history
 from newsletter.smtp_wire import SmtpConnection
-from tests.conftest import make_settings
+from newsletter.subscriptions import forget
+from tests.conftest import SECRET, make_settings
 from tests.sender_cli import NewsletterCli
 from tests.smtp_faults import FaultyHandler, faulty_smtpd
 from tests.test_flow import prepare
@@ -413,3 +421,28 @@ def test_an_alert_cancelled_while_it_is_being_approved_is_not_started(
         campaign = session.get(Campaign, cid)
         assert campaign is not None and campaign.status == CampaignStatus.CANCELLED
         assert session.scalar(select(func.count()).select_from(Delivery)) == 0
+
+
+def test_a_reader_forgotten_while_their_message_was_in_flight_stays_forgotten_when_refused(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A reader is forgotten while their message is with the relay, which then refuses it for
+    good (5xx at RCPT). Before, the erased record became "bounced" again and the audit gained a
+    `subscriber.bounced` event naming them; now it stays forgotten and nothing is added."""
+    prepare(factory, clock)
+    settings = make_settings(database_url)
+    with unit_of_work(factory) as session:
+        reader = session.scalars(select(Subscriber).order_by(Subscriber.id)).first()
+        assert reader is not None
+        sid, email = reader.id, reader.email
+        forget(session=session, email=email, secret=SECRET, now=clock.now(), actor="t")
+    with unit_of_work(factory) as session:
+        before = session.scalar(select(func.count()).select_from(Event))
+        ledger.suppress_bounced(
+            session, sid, email, settings=settings, now=clock.now(), reply="550 5.1.1 no such user"
+        )
+    with unit_of_work(factory) as session:
+        assert session.get(Subscriber, sid).status == "forgotten"  # type: ignore[union-attr]
+        assert session.scalar(select(func.count()).select_from(Event)) == before
+        reasons = session.scalars(select(Suppression.reason)).all()
+        assert reasons == ["forgotten"]

@@ -662,13 +662,18 @@ def _naive_utc(moment: datetime | None) -> datetime | None:
 _PARAMS = ("b_id", "b_status", "b_at", "b_next", "b_reply", "b_relay")
 
 
-def mark_bounced(session: Session, subscriber_id: int) -> None:
-    """A person whose mailbox was refused for good is bounced: never claimed for mail again."""
-    session.execute(
+def mark_bounced(session: Session, subscriber_id: int) -> bool:
+    """A person whose mailbox was refused for good is bounced: never claimed for mail again.
+
+    False for someone forgotten meanwhile (their message was in flight): the erased record
+    stays as it is, with nothing more said about them.
+    """
+    done = session.execute(
         update(Subscriber)
-        .where(Subscriber.id == subscriber_id)
+        .where(Subscriber.id == subscriber_id, Subscriber.status != SubscriberStatus.FORGOTTEN)
         .values(status=SubscriberStatus.BOUNCED)
     )
+    return getattr(done, "rowcount", 0) == 1
 
 
 def running_campaigns(session: Session) -> list[int]:
