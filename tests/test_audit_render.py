@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from lxml import html as lxml_html
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.clock import FrozenClock
-from newsletter.config import Settings, SourcesSettings
-from newsletter.db import unit_of_work
-from newsletter.db.models import Item
-from newsletter.ingest import ingest_source
+from newsletter.config import Settings
 from newsletter.markdown import markdown_to_html
 from newsletter.render import CampaignView, ItemView, RenderedVariant, render_variant
 from newsletter.sanitize import clean_html, clean_url, html_depth
+from tests.test_hostile_to_email import ingested_views
 
-NOW = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
 BASE = "https://portal.example.org/"
 # Bidi embeddings, overrides and isolates: each shows the text after it in another order.
 BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -44,22 +38,8 @@ def ingest(factory: sessionmaker[Session], tmp_path: Path) -> ItemView:
     """The one item of the hostile feed, ingested (sanitised) and read back as a render view."""
     feed = tmp_path / "feed.xml"
     feed.write_text(FEED, encoding="utf-8")
-    with unit_of_work(factory) as session:
-        ingest_source(
-            session=session,
-            url_or_path=str(feed),
-            settings=SourcesSettings(),
-            clock=FrozenClock(NOW),
-        )
-    with factory() as session:
-        row = session.scalars(select(Item)).one()
-        return ItemView(
-            title=row.title,
-            link=row.link,
-            summary_html=row.summary_html,
-            published_at=row.published_at,
-            categories=(),
-        )
+    (view,) = ingested_views(factory, feed)
+    return view
 
 
 def rendered(item: ItemView) -> list[RenderedVariant]:
