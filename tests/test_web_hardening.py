@@ -475,18 +475,14 @@ def lower_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
 
 
-@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("command", ["web", "run"])
-def test_the_commands_serve_with_the_limits(tmp_path: Path, command: str) -> None:
-    """`newsletter web` and `run`: per-client cap, slowloris cut, metrics token, files limit."""
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
-        pytest.skip("the hard open-files limit is below 4096")
-    port = free_port()
+@contextmanager
+def serving(
+    tmp_path: Path, command: str, port: int, config: str, preexec: Callable[[], None]
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`newsletter COMMAND --port PORT` on a new SQLite database with `config` added, its
+    stderr in server.log, once /healthz answers; stopped with SIGTERM at the end."""
     (tmp_path / "config.toml").write_text(
-        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n"
-        f"[web]\nbase_url = 'http://127.0.0.1:{port}'\nheader_timeout_seconds = {HEADER_TIMEOUT}\n"
-        "max_connections_per_client = 3\ntrusted_proxies = []\n"
-        f"[metrics]\ntoken = '{METRICS_TOKEN}'\n"
+        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n{config}"
     )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
@@ -494,33 +490,49 @@ def test_the_commands_serve_with_the_limits(tmp_path: Path, command: str) -> Non
     }
     newsletter = [sys.executable, "-m", "newsletter"]
     subprocess.run([*newsletter, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
-    with ExitStack() as stack:
-        log = stack.enter_context((tmp_path / "server.log").open("w"))
+    with (tmp_path / "server.log").open("w") as log:
         proc = subprocess.Popen(
             [*newsletter, command, "--port", str(port)],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=log,
-            preexec_fn=lower_open_files,
+            preexec_fn=preexec,
         )
         try:
             wait_for(f"http://127.0.0.1:{port}/healthz")
-            limits = Path(f"/proc/{proc.pid}/limits").read_text()
-            idle = [stack.enter_context(connect(port)) for _ in range(4)]
-            fourth = read_to_close(idle[3], time.monotonic() + BUDGET)
-            seconds, answer = slowloris(port, "127.0.0.3", SLOW_HEADERS)
-            with normal_client() as client:
-                healthz = client.get(f"http://127.0.0.1:{port}/healthz")
-                metrics = client.get(f"http://127.0.0.1:{port}/metrics")
-                authorized = client.get(
-                    f"http://127.0.0.1:{port}/metrics",
-                    headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
-                )
-            held = [read_to_close(s, time.monotonic() + BUDGET) for s in idle[:3]]
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["web", "run"])
+def test_the_commands_serve_with_the_limits(tmp_path: Path, command: str) -> None:
+    """`newsletter web` and `run`: per-client cap, slowloris cut, metrics token, files limit."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
+        pytest.skip("the hard open-files limit is below 4096")
+    port = free_port()
+    config = (
+        f"[web]\nbase_url = 'http://127.0.0.1:{port}'\nheader_timeout_seconds = {HEADER_TIMEOUT}\n"
+        "max_connections_per_client = 3\ntrusted_proxies = []\n"
+        f"[metrics]\ntoken = '{METRICS_TOKEN}'\n"
+    )
+    with ExitStack() as stack:
+        proc = stack.enter_context(serving(tmp_path, command, port, config, lower_open_files))
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        idle = [stack.enter_context(connect(port)) for _ in range(4)]
+        fourth = read_to_close(idle[3], time.monotonic() + BUDGET)
+        seconds, answer = slowloris(port, "127.0.0.3", SLOW_HEADERS)
+        with normal_client() as client:
+            healthz = client.get(f"http://127.0.0.1:{port}/healthz")
+            metrics = client.get(f"http://127.0.0.1:{port}/metrics")
+            authorized = client.get(
+                f"http://127.0.0.1:{port}/metrics",
+                headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+            )
+        held = [read_to_close(s, time.monotonic() + BUDGET) for s in idle[:3]]
     soft = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits)
     assert soft and soft.group(1) == soft.group(2) == "4096"  # raised from 256 at startup
     assert status_of(fourth) == 503  # the fourth from one client
@@ -556,6 +568,9 @@ def test_a_bounced_reader_rejoining_from_preferences_is_told_why(pages: Site) ->
     assert_strict_headers(reply.headers, "409")
 
 
+LOCAL = "http://127.0.0.1"
+
+
 def pinned_open_files() -> None:
     """In the child: an open-files limit of 300 that cannot be raised (the warning's cause)."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))
@@ -567,31 +582,9 @@ def test_the_listeners_log_as_the_service_does(tmp_path: Path, command: str) -> 
     addresses masked, controls escaped), not Python's bare last-resort handler: here the
     warning that the open-files limit caps the connections."""
     port = free_port()
-    (tmp_path / "config.toml").write_text(
-        f"[database]\nurl = 'sqlite:///{tmp_path / 'n.db'}'\n"
-        f"[web]\nbase_url = 'http://127.0.0.1:{port}'\n"
-        f"[console]\nbase_url = 'http://127.0.0.1:{port}'\n"
-    )
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")},
-        "NEWSLETTER_SECRET": SECRET,
-    }
-    newsletter = [sys.executable, "-m", "newsletter"]
-    subprocess.run([*newsletter, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
-    with (tmp_path / "server.log").open("w") as log:
-        proc = subprocess.Popen(
-            [*newsletter, command, "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            preexec_fn=pinned_open_files,
-        )
-        try:
-            wait_for(f"http://127.0.0.1:{port}/healthz")
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+    config = f"[web]\nbase_url = '{LOCAL}:{port}'\n[console]\nbase_url = '{LOCAL}:{port}'\n"
+    with serving(tmp_path, command, port, config, pinned_open_files):
+        pass
     lines = (tmp_path / "server.log").read_text().splitlines()
     warning = [line for line in lines if "open-files limit 300" in line]
     assert warning and re.match(r"\S+ \S+ WARNING newsletter\.web: open-files", warning[0])
