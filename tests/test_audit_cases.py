@@ -26,8 +26,6 @@ from newsletter.cases import (
     wrote_count,
 )
 from newsletter.cli.actions import _read_text
-from newsletter.clock import FrozenClock
-from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import (
     ActionCase,
@@ -40,17 +38,12 @@ from newsletter.db.models import (
 from newsletter.errors import CampaignError
 from newsletter.readers import set_reading
 from newsletter.subscriptions import forget
-from tests.conftest import SECRET, SmtpServer
+from tests.conftest import SECRET
 from tests.test_case_render import LETTERS, render_case
-from tests.test_cases import make_case, make_world, people, send
+from tests.test_cases import make_case, people, send
+from tests.test_cases_edges import World, world
 
-World = tuple[sessionmaker[Session], Settings, FrozenClock]
-
-
-@pytest.fixture
-def world(factory: sessionmaker[Session], database_url: str, smtpd: SmtpServer) -> World:
-    """The demo's lists and people, a clock, real SMTP (tests/test_cases.py)."""
-    return make_world(factory, database_url, smtpd)
+__all__ = ["world"]  # the fixture, shared with test_cases_edges
 
 
 # --- hostile case files ------------------------------------------------------------------------
