@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -21,31 +20,16 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import Approval, Campaign, CampaignRevision, Delivery
 from newsletter.errors import ApprovalError
 from newsletter.staff import disable_staff, set_role
-from tests.conftest import SmtpServer, make_settings
 from tests.console_site import (
     ConsoleSite,
     Staffer,
-    console_settings,
     csrf_of,
     enrol_staff,
-    serve_console,
 )
 from tests.test_approvals import APPROVER, SECOND, deliveries, drafted, seed_people, submitted
-from tests.test_console import signed_in
+from tests.test_console import settings, signed_in, site
 
-
-@pytest.fixture
-def settings(database_url: str, smtpd: SmtpServer) -> Settings:
-    return console_settings(make_settings(database_url, smtpd))
-
-
-@pytest.fixture
-def site(
-    factory: sessionmaker[Session], settings: Settings, clock: FrozenClock
-) -> Iterator[ConsoleSite]:
-    seed_people(factory, clock, 3, langs=("en", "be"))
-    with serve_console(settings, factory, clock) as served:
-        yield served
+__all__ = ["settings", "site"]  # the fixtures, shared with test_console
 
 
 HUGE = "9" * 30
