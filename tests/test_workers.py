@@ -205,3 +205,74 @@ def test_send_with_more_workers_than_an_hourly_cap_is_refused_in_one_line(
     assert result.returncode != 0
     assert "use at most 1 workers" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_stray_line_on_a_workers_stdout_is_shown_and_the_send_goes_on(
+    tmp_path: Path, sqlite_url: str, clock: FrozenClock
+) -> None:
+    """A worker that prints something else (here at start-up, through sitecustomize) does not
+    stop the parent: the line reaches stderr made safe, everyone gets one message, exit 0."""
+    from newsletter.db import make_engine, make_sessionmaker, migrate
+
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    factory = make_sessionmaker(engine)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "if '--worker-of' in sys.argv:\n"
+        "    print('not json \\x1b[31mred\\x1b[0m')\n"
+        "    print('[1, 2]')\n"
+        '    print(\'{"sent": "many"}\')\n'
+    )
+    try:
+        seed(factory, clock, 100)
+        handler = FaultyHandler()
+        with faulty_smtpd(handler) as port:
+            cli = NewsletterCli(tmp_path, worker_config(sqlite_url, port))
+            cli.env["PYTHONPATH"] = os.pathsep.join(
+                [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+            out = cli.run("send", "--workers", "2", timeout=60)
+        err = "".join(p.read_text() for p in tmp_path.glob("*-send.log"))
+        assert "sent 100," in out
+        assert "worker #0: not json \\u001b[31mred\\u001b[0m" in err
+        assert "worker #1: [1, 2]" in err
+        assert 'worker #1: {"sent": "many"}' in err
+        assert "\x1b" not in err
+        assert set(copies_by_recipient(handler)) == {f"person{i}@example.net" for i in range(100)}
+    finally:
+        engine.dispose()
+
+
+def test_a_workers_report_reads_back_as_it_was_written_and_nothing_else_reads_as_one() -> None:
+    """Every report survives its JSON line; lines of other shapes are not reports."""
+    import json
+    from dataclasses import asdict
+
+    from newsletter.cli.workers import report_to_json, worker_report
+    from newsletter.send import SendReport
+
+    report = SendReport(sent=3, deferred=1, finished=[7], paused={8: "a burst"}, stopped=True)
+    assert worker_report(report_to_json(report) + "\n") == (False, report)
+    assert worker_report(json.dumps({"final": asdict(report)})) == (True, report)
+    for line in [
+        "",
+        "null",
+        "3",
+        '"x"',
+        "[]",
+        '{"sent": true}',
+        '{"sent": 1.5}',
+        '{"x": 1}',
+        '{"finished": ["1"]}',
+        '{"paused": {"x": "y"}}',
+        '{"paused": {"1": 2}}',
+        '{"stopped": 1}',
+        '{"final": 1}',
+        '{"final": {"sent": "1"}}',
+        "{" * 100_000,
+        "[" * 100_000,
+    ]:
+        assert worker_report(line) is None, line

@@ -5,7 +5,9 @@ pool) that claims batches from the shared database exactly as a worker on anothe
 would: PostgreSQL's `FOR UPDATE SKIP LOCKED` (or SQLite's write lock) keeps them apart, and a
 worker that dies leaves its claims to the lease. Workers report each batch as one JSON line on
 stdout; this parent adds them up for the progress bar and the summary, and passes SIGTERM and
-SIGINT on, so a stop is as graceful as with one process.
+SIGINT on, so a stop is as graceful as with one process. Any other line a worker prints (a
+library's warning, a print left in a plugin) is passed on to stderr, made safe for a terminal:
+it must not stop the parent, which would take the workers down with it mid-send.
 
 A relay's `rate_per_second` and `hourly_limit` hold for the whole group: each of N workers takes
 1/N of them (and 1/N of the last hour's sends, for the hourly cap).
@@ -20,11 +22,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from types import FrameType
 from typing import IO, Any
 
-from newsletter.cli import State
+from newsletter.cli import State, one_line
 from newsletter.cli.progress import done_count, print_summary, progress_stats, send_progress
 from newsletter.config import Settings
 from newsletter.errors import ConfigError, WorkerError
@@ -37,10 +39,22 @@ def report_to_json(report: SendReport) -> str:
 
 
 def report_from_json(data: dict[str, Any]) -> SendReport:
-    """The report a worker printed."""
-    report = SendReport(**{k: v for k, v in data.items() if k not in ("finished", "paused")})
-    report.finished = [int(c) for c in data.get("finished", [])]
-    report.paused = {int(c): str(r) for c, r in data.get("paused", {}).items()}
+    """The report a worker printed; ValueError for keys or values of any other shape."""
+    counts = {f.name for f in fields(SendReport)} - {"finished", "paused", "stopped"}
+    if not set(data) <= counts | {"finished", "paused", "stopped"}:
+        raise ValueError("unknown keys")
+    if any(type(data.get(k, 0)) is not int for k in counts):  # bool is an int: not here
+        raise ValueError("a count is not a whole number")
+    finished, paused = data.get("finished", []), data.get("paused", {})
+    if not isinstance(finished, list) or any(type(c) is not int for c in finished):
+        raise ValueError("finished is not a list of campaign ids")
+    if not isinstance(paused, dict) or any(not isinstance(r, str) for r in paused.values()):
+        raise ValueError("paused is not campaigns and reasons")
+    if not isinstance(data.get("stopped", False), bool):
+        raise ValueError("stopped is not true or false")
+    report = SendReport(**{k: data[k] for k in counts | {"stopped"} if k in data})
+    report.finished = list(finished)
+    report.paused = {int(c): r for c, r in paused.items()}
     return report
 
 
@@ -117,6 +131,26 @@ def worker_argv(state: State, *, campaign_id: int | None, index: int, count: int
 
 Lines = queue.SimpleQueue[tuple[int, str | None]]
 
+MAX_SHOWN = 500  # characters of a stray worker line shown on stderr
+
+
+def worker_report(line: str) -> tuple[bool, SendReport] | None:
+    """A worker's report (and whether it is its final one), or None for any other line."""
+    try:
+        data = json.loads(line)
+        final = isinstance(data, dict) and set(data) == {"final"}
+        report = report_from_json(data["final"] if final else data)
+    except (ValueError, TypeError, AttributeError, RecursionError):  # not JSON, or not a report
+        return None
+    return final, report
+
+
+def stray_line(index: int, line: str) -> str:
+    """A line a worker printed that is not a report, as one safe line for stderr."""
+    text = line.rstrip("\r\n")
+    cut = "…" if len(text) > MAX_SHOWN else ""
+    return f"worker #{index}: {one_line(text[:MAX_SHOWN])}{cut}"
+
 
 def _read_lines(index: int, stream: IO[str], into: Lines) -> None:
     for line in stream:
@@ -160,17 +194,21 @@ def deliver_with_workers(state: State, *, campaign_id: int | None, workers: int)
             open_streams = workers
             while open_streams:
                 try:
-                    _index, line = lines.get(timeout=0.5)
+                    index, line = lines.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if line is None:
                     open_streams -= 1
                     continue
-                data = json.loads(line)
-                if "final" in data:
-                    finals.add(report_from_json(data["final"]))
+                got = worker_report(line)
+                if got is None:
+                    progress.console.print(stray_line(index, line), markup=False, soft_wrap=True)
                     continue
-                seen.add(report_from_json(data))
+                final, report = got
+                if final:
+                    finals.add(report)
+                    continue
+                seen.add(report)
                 progress.update(
                     task, completed=done_count(seen), stats=progress_stats(seen, started)
                 )
