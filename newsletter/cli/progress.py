@@ -32,8 +32,10 @@ def deliver_with_progress(
     """
     import time
 
+    from newsletter.lock import check_clock
     from newsletter.send import count_due_now, deliver_all
 
+    check_clock(state.factory(), state.settings)
     if workers > 1:
         from newsletter.cli.workers import deliver_with_workers
 

@@ -28,6 +28,7 @@ def run(
 ) -> None:
     """Run the service: scheduler, sender, web pages and staff console, until SIGTERM or Ctrl-C."""
     from newsletter.dkim import load_signer
+    from newsletter.lock import check_clock
     from newsletter.send import Signers
     from newsletter.service import Service, run_service
 
@@ -39,6 +40,7 @@ def run(
     Signers.load(settings, load_signer(settings))
     configure_logging(settings.logging)
     engine = state.engine()
+    check_clock(state.factory(), settings)
     staff = None
     if not no_console:
         staff = (console_host or settings.console.host, console_port or settings.console.port)
