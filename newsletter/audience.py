@@ -29,7 +29,12 @@ from newsletter.db.models import (
     Subscriber,
     SubscriberStatus,
 )
-from newsletter.db.queries import audience_query, count_audience, insert_deliveries
+from newsletter.db.queries import (
+    audience_query,
+    count_audience,
+    insert_deliveries,
+    refresh_statistics,
+)
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
 from newsletter.segments import compile_rule, get_segment, segment_filter
@@ -97,9 +102,14 @@ PENDING = (DeliveryStatus.QUEUED, DeliveryStatus.CLAIMED, DeliveryStatus.DEFERRE
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:
-    """Queue one delivery per member of a campaign's audience; a second call adds nothing."""
+    """Queue one delivery per member of a campaign's audience; a second call adds nothing.
+
+    A large queue on PostgreSQL also refreshes the statistics its claims are planned by.
+    """
     audience = campaign_audience(session, campaign)
-    return insert_deliveries(session, campaign_id=campaign.id, audience=audience, now=now)
+    added = insert_deliveries(session, campaign_id=campaign.id, audience=audience, now=now)
+    refresh_statistics(session, added=added)
+    return added
 
 
 def audience_size(session: Session, list_id: int, segment_id: int | None = None) -> int:

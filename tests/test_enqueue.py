@@ -196,3 +196,85 @@ def test_cli_send_refused_by_the_check_queues_nothing_unless_forced(
     assert "overridden:" in forced.stderr and "queued for" in forced.stdout
     assert deliveries(factory) > 0
     assert len(events(factory, FORCED)) == len(events(factory, "campaign.started")) == 1
+
+
+def _reltuples(factory: sessionmaker[Session]) -> dict[str, float]:
+    from sqlalchemy import text
+
+    with unit_of_work(factory) as session:
+        rows = session.execute(
+            text(
+                "SELECT relname, reltuples FROM pg_class WHERE oid IN (to_regclass('subscribers'),"
+                " to_regclass('subscriptions'), to_regclass('deliveries'))"
+            )
+        )
+        return {str(name): float(count) for name, count in rows}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_large_queue_on_postgresql_leaves_statistics_its_claims_are_planned_by(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Queued in one transaction with a fresh import, 1,500 deliveries are counted at once (in
+    that transaction): no claim is planned as if the tables were empty."""
+    from tests.test_send import seed
+
+    assert set(_reltuples(factory).values()) == {-1}  # never analysed
+    seed(factory, clock, 1500)
+    assert _reltuples(factory) == {"subscribers": 1500, "subscriptions": 1500, "deliveries": 1500}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_small_queue_or_fresh_statistics_are_left_to_autovacuum(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Under 1,000 deliveries nothing is analysed; over, only tables whose counts are stale."""
+    from newsletter.db.queries import refresh_statistics
+    from tests.test_send import seed
+
+    seed(factory, clock, 300)
+    assert set(_reltuples(factory).values()) == {-1}
+    with unit_of_work(factory) as session:
+        assert refresh_statistics(session, added=999) == []
+        stale = ["subscribers", "subscriptions", "deliveries"]
+        assert refresh_statistics(session, added=1000) == stale
+        assert refresh_statistics(session, added=1000) == stale  # 300 is still under 80% of it
+        assert refresh_statistics(session, added=375) == []  # 300 is 80% of 375
+
+
+def test_sqlite_plans_by_rule_and_is_never_analysed(sqlite_url: str, clock: FrozenClock) -> None:
+    from newsletter.db import make_engine, make_sessionmaker, migrate
+    from newsletter.db.queries import refresh_statistics
+
+    engine = make_engine(sqlite_url)
+    migrate(engine)
+    try:
+        with unit_of_work(make_sessionmaker(engine)) as session:
+            assert refresh_statistics(session, added=10**6) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_statistics_held_by_a_vacuum_do_not_hold_the_launch(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """ANALYZE waits for its lock 2 s at most (a wraparound VACUUM does not yield); then the
+    launch goes on in the same transaction, with its lock time-out as it was."""
+    import time
+
+    from sqlalchemy import text
+
+    from newsletter.db.queries import refresh_statistics
+    from tests.test_send import seed
+
+    seed(factory, clock, 10)
+    with unit_of_work(factory) as vacuum:
+        vacuum.execute(text("LOCK TABLE deliveries IN SHARE UPDATE EXCLUSIVE MODE"))
+        with unit_of_work(factory) as session:
+            started = time.monotonic()
+            assert refresh_statistics(session, added=5000) == ["subscribers", "subscriptions"]
+            assert 1.5 < time.monotonic() - started < 20
+            assert session.scalar(text("SELECT current_setting('lock_timeout')")) == "0"
+            assert session.scalar(select(func.count()).select_from(Delivery)) == 10
+    assert _reltuples(factory) == {"subscribers": 10, "subscriptions": 10, "deliveries": -1}

@@ -23,10 +23,12 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
@@ -142,6 +144,58 @@ def insert_deliveries(
     before = count_deliveries(session, campaign_id)
     session.execute(stmt)
     return count_deliveries(session, campaign_id) - before
+
+
+# The tables a send reads by key, claim after claim: PostgreSQL plans those statements by their
+# statistics. Without them (a fresh database, a big import, a first campaign) it hash-joined
+# every claim's 200 rows against a sequential scan of all subscribers and subscriptions: at
+# 50,000 readers 40 ms of the server's CPU per claim instead of 1 ms, growing with the list,
+# and autovacuum's own ANALYZE comes a minute later at the earliest.
+SEND_TABLES = ("subscribers", "subscriptions", "deliveries")  # always in this order (locks)
+# Statistics counting fewer rows than this share of what a launch just queued are stale.
+STALE_SHARE = 0.8
+# A smaller launch is left to autovacuum: scanning a few thousand rows per claim costs little.
+ANALYZE_MIN_ROWS = 1000
+
+
+def refresh_statistics(session: Session, *, added: int) -> list[str]:
+    """On PostgreSQL, ANALYZE the tables a send reads whose statistics a launch of `added`
+    deliveries left behind; returns the tables analysed (none on SQLite, which plans by rule,
+    nor a table whose lock a VACUUM holds).
+
+    In the launch's own transaction, so the deliveries it queued are counted (ANALYZE counts a
+    transaction's own new rows as live) and no sender claims from the queue before the plans
+    can see it. pg_class.reltuples, not the activity counters, which lag by seconds.
+    """
+    if _dialect(session) != "postgresql" or added < ANALYZE_MIN_ROWS:
+        return []
+    rows = session.execute(
+        text(
+            "SELECT relname, reltuples FROM pg_class WHERE oid IN"
+            " (to_regclass('subscribers'), to_regclass('subscriptions'),"
+            " to_regclass('deliveries'))"
+        )
+    )
+    known: dict[str, float] = {str(name): float(tuples) for name, tuples in rows}
+    # reltuples is -1 for a table never analysed; the audience is at most every subscriber
+    # (and subscription), and the deliveries hold at least the ones just queued.
+    stale = [t for t in SEND_TABLES if known.get(t, -1) < added * STALE_SHARE]
+    if not stale:
+        return []
+    # A VACUUM that will not yield (one against wraparound) holds ANALYZE's lock for as long as
+    # it runs: rather than hold the launch, give up after a moment and leave it to autovacuum.
+    before = session.scalar(text("SELECT current_setting('lock_timeout')"))
+    session.execute(text("SELECT set_config('lock_timeout', '2s', true)"))
+    analysed = []
+    for table in stale:  # names from SEND_TABLES, never outside text
+        try:
+            with session.begin_nested():
+                session.execute(text(f"ANALYZE {table}"))
+            analysed.append(table)
+        except OperationalError:  # the lock time-out, rolled back to the savepoint
+            continue
+    session.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": before})
+    return analysed
 
 
 # --- suppression: keyed address hashes (newsletter.suppression hashes, these look up) ----------
