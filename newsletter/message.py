@@ -17,7 +17,6 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import functools
-import hmac
 import html
 import re
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from newsletter.render import (
     without_wrote,
 )
 from newsletter.smtp_wire import stuff
-from newsletter.tokens import make_token, make_wrote_token, page_url
+from newsletter.tokens import keyed_hash, make_token, make_wrote_token, page_url
 
 # Folding at 78 columns made the email package RFC 2047-encode the long List-Unsubscribe URLs,
 # which mail clients then cannot read. That header is set raw, folded between its two URLs (a
@@ -125,7 +124,7 @@ def identity_for(settings: Settings, discreet: str) -> Identity:
 
 def message_id(*, campaign_id: int, subscriber_id: int, secret: str, domain: str) -> str:
     """The same Message-ID for the same (campaign, subscriber), every time it is built."""
-    tag = hmac.digest(secret.encode(), f"{campaign_id}:{subscriber_id}".encode(), "sha256")
+    tag = keyed_hash(secret, "sha256").digest(b"%d:%d" % (campaign_id, subscriber_id))
     return f"<{campaign_id}.{subscriber_id}.{tag.hex()[:16]}@{domain}>"
 
 

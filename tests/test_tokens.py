@@ -174,3 +174,24 @@ def test_every_built_link_is_a_page_the_web_app_serves(sqlite_url: str, clock: F
             scope = {"type": "http", "path": page_path(purpose, token), "method": method}
             matches = [route.matches(scope)[0] for route in app.routes]
             assert Match.FULL in matches, (purpose, method)
+
+
+@pytest.mark.parametrize("name", ["sha1", "sha256"])
+def test_the_keyed_hash_is_hmac_for_keys_and_messages_of_every_length(name: str) -> None:
+    """Keys shorter than, as long as and longer than the hash's block (hashed first), as bytes
+    and as text; messages from empty to several blocks."""
+    import hmac
+    import random
+
+    from newsletter.tokens import KeyedHash, keyed_hash
+
+    rng = random.Random(7)
+    for key_length in [0, 1, 19, 20, 32, 63, 64, 65, 127, 128, 129, 300]:
+        key = rng.randbytes(key_length)
+        mac = KeyedHash(key, name)
+        for message_length in [0, 1, 10, 55, 56, 63, 64, 65, 200, 1000]:
+            message = rng.randbytes(message_length)
+            assert mac.digest(message) == hmac.digest(key, message, name)
+            assert mac.digest(message) == hmac.digest(key, message, name)  # states not used up
+    text = "пароль-" * 20  # a secret as configured: text, UTF-8
+    assert keyed_hash(text, name).digest(b"m") == hmac.digest(text.encode(), b"m", name)
