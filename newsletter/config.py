@@ -8,6 +8,7 @@ embedded defaults (which `config.example.toml` repeats, key for key). `NEWSLETTE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import tomllib
@@ -49,7 +50,7 @@ class RelaySettings:
     # The public addresses this relay sends from, for `newsletter doctor`'s SPF check.
     ips: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property  # asked once a message; a frozen dataclass never changes
     def label(self) -> str:
         """The name kept on each delivery this relay carried."""
         return self.name or f"{self.host}:{self.port}"

@@ -73,7 +73,7 @@ from newsletter.ledger import (
     pause_running,
     retry_delay,
 )
-from newsletter.message import ListInfo, MessageTemplate, Recipient, identity_for
+from newsletter.message import Identity, ListInfo, MessageTemplate, Recipient, identity_for
 from newsletter.openpgp import (
     OBSCURED_SUBJECT,
     KeyProblem,
@@ -375,6 +375,13 @@ class TemplateCache:
         self._settings = settings
         self._cache: dict[tuple[int, str, str, bool], MessageTemplate | None] = {}
         self._threads: dict[int, tuple[int, ...]] = {}
+        self._identities: dict[str, Identity] = {}
+
+    def identity(self, discreet: str) -> Identity:
+        """The sending identity of a reader's discreet mode, made once."""
+        if (found := self._identities.get(discreet)) is None:
+            found = self._identities[discreet] = identity_for(self._settings, discreet)
+        return found
 
     def thread(self, session: Session, campaign_id: int) -> tuple[int, ...]:
         """The earlier messages of the campaign's case, oldest first (() outside a case)."""
@@ -410,7 +417,7 @@ class TemplateCache:
             return None
         v, ml = found
         settings = self._settings
-        identity = identity_for(settings, discreet)
+        identity = self.identity(discreet)
         if identity.discreet and not identity.discreet.configured:
             log.warning(
                 "discreet readers' links name [web] base_url's host: set [discreet] base_url"
@@ -613,7 +620,7 @@ def _job(
     now: datetime,
 ) -> Job:
     """One reader's message: spliced from the template, encrypted to their key, DKIM-signed."""
-    identity = identity_for(settings, row.discreet)
+    identity = templates.identity(row.discreet)
     discreet = identity.discreet is not None
     message, error, build = b"", "", None
     try:
