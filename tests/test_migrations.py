@@ -350,3 +350,47 @@ def test_0009_keeps_deliveries_and_complaints_and_never_gives_a_delivery_id_twic
         c.execute(text("delete from campaigns"))  # its deliveries go with it
         assert c.execute(text("select count(*) from deliveries")).scalar() == 0
     engine.dispose()
+
+
+def test_the_newest_migration_file_names_alembics_head() -> None:
+    """check_schema reads the head from the file that sorts last: it must be Alembic's head."""
+    from alembic.script import ScriptDirectory
+
+    from newsletter.db import head_revision
+
+    assert head_revision() == ScriptDirectory(str(MIGRATIONS)).get_current_head()
+
+
+def test_checking_the_schema_loads_no_migration_machinery(tmp_path: object) -> None:
+    """Every command checks the schema at start; Alembic (and Mako, Pygments) stay unloaded."""
+    from tests.test_cli import in_new_process
+
+    url = f"sqlite:///{tmp_path}/check.db"
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    loaded = in_new_process(
+        "import sys",
+        "from newsletter.db import check_schema, make_engine",
+        f"check_schema(make_engine({url!r}))",
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako', 'pygments'}))",
+    )
+    assert loaded == "[]"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_the_schema_check_refuses_an_empty_or_older_database(database_url: str) -> None:
+    from newsletter.db import check_schema
+    from newsletter.errors import DatabaseError
+
+    engine = make_engine(database_url)
+    try:
+        with pytest.raises(DatabaseError, match="is not initialised: run `newsletter init`"):
+            check_schema(engine)
+        _upgrade_to(engine, "0008_complaints")
+        with pytest.raises(DatabaseError, match="is at revision 0008_complaints: run"):
+            check_schema(engine)
+        migrate(engine)
+        check_schema(engine)
+    finally:
+        engine.dispose()
