@@ -37,12 +37,12 @@ def deliver_with_progress(
     from newsletter.lock import check_clock
     from newsletter.send import count_due_now, deliver_all
 
-    check_clock(state.factory(), state.settings)
+    factory = state.factory()
+    check_clock(factory, state.settings)
     if workers > 1:
         from newsletter.cli.workers import deliver_with_workers
 
         return deliver_with_workers(state, campaign_id=campaign_id, workers=workers)
-    factory = state.factory()
     total = count_due_now(factory=factory, clock=state.clock, campaign_id=campaign_id)
     started, seen = time.monotonic(), SendReport()
     shown = [started]

@@ -40,15 +40,14 @@ def run(
     Signers.load(settings, load_signer(settings))
     configure_logging(settings.logging)
     engine = state.engine()
-    check_clock(state.factory(), settings)
+    factory = state.factory()
+    check_clock(factory, settings)
     staff = None
     if not no_console:
         staff = (console_host or settings.console.host, console_port or settings.console.port)
 
     async def main() -> None:
-        service = Service(
-            settings=settings, engine=engine, factory=state.factory(), clock=state.clock
-        )
+        service = Service(settings=settings, engine=engine, factory=factory, clock=state.clock)
         await run_service(
             service,
             host=host or settings.web.host,
