@@ -18,6 +18,7 @@ import math
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import Clock
@@ -159,14 +160,7 @@ def _upsert_items(
     session: Session, source: Source, items: list[ParsedItem], now: datetime
 ) -> IngestReport:
     """Insert new items, update changed ones, count the rest as unchanged."""
-    guids = [item.guid for item in items]
-    existing: dict[str, Item] = {}
-    # One IN list per GUID_BATCH guids: a feed of 70,000 tiny items fits in max_bytes, and
-    # PostgreSQL takes at most 65,535 parameters in one statement (SQLite 32,766).
-    for start in range(0, len(guids), GUID_BATCH):
-        batch = guids[start : start + GUID_BATCH]
-        stmt = select(Item).where(Item.source_id == source.id, Item.guid.in_(batch))
-        existing.update((row.guid, row) for row in session.scalars(stmt))
+    existing = {row.guid: row for row in _stored_items(session, source, items)}
     counts = {"new": 0, "updated": 0, "unchanged": 0}
     for item in items:
         row = existing.get(item.guid)
@@ -186,6 +180,23 @@ def _upsert_items(
     return IngestReport(
         source.url, new=counts["new"], updated=counts["updated"], unchanged=counts["unchanged"]
     )
+
+
+def _stored_items(session: Session, source: Source, items: list[ParsedItem]) -> Iterator[Item]:
+    """The source's stored items that share a guid with items."""
+    guids = [item.guid for item in items]
+    by_source = select(Item).where(Item.source_id == source.id)
+    if len(guids) <= GUID_BATCH:
+        yield from session.scalars(by_source.where(Item.guid.in_(guids)))
+        return
+    # A longer feed (70,000 tiny items fit in max_bytes) is matched in one pass over the
+    # source's rows. IN lists of GUID_BATCH would each be filtered row by row against every
+    # stored item once PostgreSQL switches a prepared statement to its generic plan: 2 s a
+    # batch at 70,000 rows. One list of all guids would pass PostgreSQL's 65,535 parameters.
+    wanted = set(guids)
+    for row in session.scalars(by_source.execution_options(yield_per=GUID_BATCH)):
+        if row.guid in wanted:
+            yield row
 
 
 def _item_values(item: ParsedItem, now: datetime) -> dict[str, Any]:
@@ -242,16 +253,27 @@ def _ingest_one(
     settings: SourcesSettings,
     clock: Clock,
 ) -> IngestReport:
-    """Ingest one source unless another ingest of it holds its lease (then report it busy)."""
+    """Ingest one source unless another ingest of it holds its lease (then report it busy).
+
+    A database that cannot take the source's writes (SQLite's write lock held past the busy
+    timeout by a long store, a lost PostgreSQL connection) fails this source only: its
+    transaction is rolled back whole and the next run tries it again.
+    """
     key, holder = source_key(url), _holder()
-    if not _take_lease(factory, key, holder=holder, clock=clock, settings=settings):
-        return IngestReport(key, busy=True)
     try:
-        return _fetch_and_store(factory, key, name=name, lang=lang, settings=settings, clock=clock)
-    except IntegrityError:  # another process stored this source at the same moment (lease ran out)
-        return IngestReport(key, busy=True)
-    finally:
-        _release_lease(factory, key, holder=holder)
+        if not _take_lease(factory, key, holder=holder, clock=clock, settings=settings):
+            return IngestReport(key, busy=True)
+        try:
+            return _fetch_and_store(
+                factory, key, name=name, lang=lang, settings=settings, clock=clock
+            )
+        except IntegrityError:  # another process stored this source at once (lease ran out)
+            return IngestReport(key, busy=True)
+        finally:
+            _release_lease(factory, key, holder=holder)
+    except OperationalError as e:
+        reason = (str(e.orig).strip().splitlines() or ["unavailable"])[0]
+        return IngestReport(key, error=f"database: {reason}; not stored, tried again next run")
 
 
 def _fetch_and_store(
@@ -331,8 +353,12 @@ def _take_lease(
 
 
 def _release_lease(factory: sessionmaker[Session], key: str, *, holder: str) -> None:
-    with unit_of_work(factory) as session:
-        release_lock(session, name=lease_name(key), holder=holder)
+    """Give the lease back; one the database cannot take back now runs out on its own."""
+    try:
+        with unit_of_work(factory) as session:
+            release_lock(session, name=lease_name(key), holder=holder)
+    except OperationalError:  # the store (if any) is committed: its report stands
+        pass
 
 
 def describe_report(report: IngestReport) -> str:

@@ -16,8 +16,8 @@ from newsletter.errors import DatabaseError
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout.
+def make_engine(url: str, *, busy_timeout: float = 30.0) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout (seconds).
 
     hide_parameters: an error's text never carries the statement's values (subscribers' data).
     """
@@ -25,7 +25,9 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+            engine = create_engine(
+                url, connect_args={"timeout": busy_timeout}, hide_parameters=True
+            )
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "savepoint", _sqlite_savepoint)
         else:
