@@ -111,33 +111,48 @@ def test_a_feed_of_more_items_than_a_query_takes_parameters_is_ingested(
 ) -> None:
     """70,000 tiny items fit in max_bytes; looking them all up in one IN list passed
     PostgreSQL's 65,535 parameters (SQLite's 32,766) and the error stopped the whole run.
-    Looking them up in IN lists of 1,000 then took PostgreSQL 2 s a list once it planned the
-    prepared statement generically (277 s for the second run): they are matched in one pass."""
+    IN lists of 1,000 then took PostgreSQL 2 s each once it planned the prepared lookup
+    generically (277 s for the second run): there it is one array parameter."""
+
+    def items(guids: range, changed: range = range(0)) -> bytes:
+        return feed(
+            "".join(
+                f"<item><guid>{i}</guid><title>{'u' if i in changed else 't'}</title></item>"
+                for i in guids
+            )
+        )
+
     many = tmp_path / "many.xml"
-    many.write_bytes(
-        feed("".join(f"<item><guid>{i}</guid><title>t</title></item>" for i in range(70_000)))
-    )
+    many.write_bytes(items(range(70_000)))
     other = tmp_path / "other.xml"
     other.write_bytes(SAMPLE.read_bytes())
     sources = [(str(many), "many", "en"), (str(other), "other", "en")]
     reports = ingest_all(factory=factory, sources=sources, settings=SETTINGS, clock=FrozenClock(T1))
     assert [(r.new, r.error) for r in reports] == [(70_000, None), (10, None)]
+    # 0-9 are no longer in the feed, 10-19 changed, 70,000-70,009 are new
+    many.write_bytes(items(range(10, 70_010), changed=range(10, 20)))
     engine = factory.kw["bind"]
-    reads: list[str] = []
+    reads: list[tuple[str, Any]] = []
 
-    def count_item_reads(*args: Any) -> None:
+    def record_item_reads(*args: Any) -> None:
         if args[2].lstrip().startswith("SELECT") and "FROM items" in args[2]:
-            reads.append(args[2])
+            reads.append((args[2], args[3]))
 
-    event.listen(engine, "before_cursor_execute", count_item_reads)
+    event.listen(engine, "before_cursor_execute", record_item_reads)
     try:
         again = ingest_all(
             factory=factory, sources=sources, settings=SETTINGS, clock=FrozenClock(T1)
         )
     finally:
-        event.remove(engine, "before_cursor_execute", count_item_reads)
-    assert [(r.unchanged, r.error) for r in again] == [(70_000, None), (10, None)]
-    assert len(reads) == 2  # one pass for the long feed, one IN list for the other
+        event.remove(engine, "before_cursor_execute", record_item_reads)
+    counts = [(r.new, r.updated, r.unchanged, r.error) for r in again]
+    assert counts == [(10, 10, 69_980, None), (0, 0, 10, None)]
+    assert item_count(factory) == 70_020
+    with unit_of_work(factory) as session:
+        titles = session.scalars(select(Item.title).where(Item.guid.in_(["9", "10", "20"])))
+        assert sorted(titles) == ["t", "t", "u"]
+    if engine.dialect.name == "postgresql":  # one lookup a source, its guids one parameter
+        assert [len(params) for _, params in reads] == [2, 2]
 
 
 @pytest.mark.parametrize(
@@ -382,28 +397,48 @@ def test_a_configured_url_with_a_port_out_of_range_is_one_line(tmp_path: Path) -
 
 def test_a_database_locked_past_its_busy_timeout_fails_each_source_alone(tmp_path: Path) -> None:
     """SQLite's write lock held past the busy timeout (a long store elsewhere) failed the whole
-    run with an exception; now each source says so in one line, stores nothing, and the next
-    run stores it."""
+    run with an exception. Taken here while the feeds are fetched, after each source's lease:
+    each source says so in one line and stores nothing, and a run after the leases stores both."""
     path = tmp_path / "locked.db"
     engine = make_engine(f"sqlite:///{path}", busy_timeout=0.2)
     migrate(engine)
     factory = make_sessionmaker(engine)
-    first, second = tmp_path / "first.xml", tmp_path / "second.xml"
-    first.write_bytes(SAMPLE.read_bytes())
-    second.write_bytes(SAMPLE.read_bytes().replace(b"?p=", b"?q="))
-    sources = [(str(first), "first", "en"), (str(second), "second", "en")]
-    holder = sqlite3.connect(path)
-    holder.execute("BEGIN IMMEDIATE")
+    holder = sqlite3.connect(path, check_same_thread=False)
+    bodies = {"/first": SAMPLE.read_bytes(), "/second": SAMPLE.read_bytes().replace(b"?p=", b"?q=")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if locking.is_set() and not holder.in_transaction:
+                holder.execute("BEGIN IMMEDIATE")
+            body = bodies[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    locking = threading.Event()
+    locking.set()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    sources = [(f"{base}/first", "first", "en"), (f"{base}/second", "second", "en")]
     try:
         reports = ingest_all(
             factory=factory, sources=sources, settings=SETTINGS, clock=FrozenClock(T1)
         )
-    finally:
         holder.rollback()
+        locking.clear()
+        locked = "database: database is locked; nothing stored, tried again later"
+        assert [(r.new, r.error) for r in reports] == [(0, locked), (0, locked)]
+        assert item_count(factory) == 0
+        later = FrozenClock(T1 + timedelta(hours=1))  # any lease left behind has run out
+        again = ingest_all(factory=factory, sources=sources, settings=SETTINGS, clock=later)
+        assert [(r.new, r.error) for r in again] == [(10, None), (10, None)]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
         holder.close()
-    locked = "database: database is locked; not stored, tried again next run"
-    assert [(r.new, r.error) for r in reports] == [(0, locked), (0, locked)]
-    assert item_count(factory) == 0
-    again = ingest_all(factory=factory, sources=sources, settings=SETTINGS, clock=FrozenClock(T1))
-    assert [(r.new, r.error) for r in again] == [(10, None), (10, None)]
-    engine.dispose()
+        engine.dispose()
