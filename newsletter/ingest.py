@@ -13,7 +13,9 @@ and one ingest per source at a time across threads and processes (a lease in ser
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import math
 import os
 import socket
@@ -104,7 +106,12 @@ def store_fetched(
 ) -> IngestReport:
     """Parse a fetched document and upsert its items in the caller's transaction."""
     source = _get_or_create_source(session, key, name=name, lang=lang)
-    if fetched.content is None:
+    digest = None
+    if fetched.content is not None:
+        digest = document_digest(fetched.content, urgent_category=settings.urgent_category)
+    if fetched.content is None or (digest == source.document_digest and not source.last_error):
+        # Not modified, by the server's word or by the bytes: the last store of this very
+        # document, by this very code, stands (a server without validators sends it whole).
         report = IngestReport(source.url, not_modified=True, redirected_to=fetched.redirected_to)
         return _record_fetch(session, source, fetched, now, report)
     try:
@@ -121,7 +128,31 @@ def store_fetched(
         raise
     report = _upsert_items(session, source, items, now)
     report = dataclasses.replace(report, redirected_to=fetched.redirected_to)
+    # An item dated ahead gets its date once that comes: the same document must be read again.
+    source.document_digest = None if any(item.ahead for item in items) else digest
     return _record_fetch(session, source, fetched, now, report)
+
+
+def document_digest(content: bytes, *, urgent_category: str) -> str:
+    """sha256 of a fetched document with what parsing it depends on: code, libraries, settings."""
+    digest = hashlib.sha256(_parser_fingerprint())
+    digest.update(urgent_category.encode("utf-8") + b"\0")
+    digest.update(content)
+    return digest.hexdigest()
+
+
+@functools.cache
+def _parser_fingerprint() -> bytes:
+    """The parsing code and the libraries it uses: an upgrade that may clean items otherwise
+    (a sanitiser fixed) reads every feed again, and so updates the items it changes."""
+    from newsletter import parse, sanitize
+
+    digest = hashlib.sha256()
+    for module in (parse, sanitize):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    for package in ("feedparser", "nh3", "defusedxml"):
+        digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
+    return digest.digest()
 
 
 def source_key(url_or_path: str) -> str:

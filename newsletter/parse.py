@@ -192,6 +192,9 @@ class ParsedItem:
     # ahead): published_at is then `now`, and the content hash leaves it out, so the next
     # ingest sees the item unchanged instead of moving it to the top again.
     dated: bool = True
+    # True when its date was more than FUTURE_SLACK ahead: once that date comes, the same
+    # document gives the item its date (and a new content hash).
+    ahead: bool = False
 
 
 def parse_feed(
@@ -470,7 +473,8 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     link = link if len(link) <= LINK_MAX else ""
     categories = _categories(entry)
     published = to_utc(_entry_date(entry), fallback=now)
-    dated = published is not now and published <= now + FUTURE_SLACK
+    ahead = published is not now and published > now + FUTURE_SLACK
+    dated = published is not now and not ahead
     fields: dict[str, Any] = {
         "link": link,
         "title": title,
@@ -481,7 +485,8 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
         "urgent": urgent_category.casefold() in {c.casefold() for c in categories},
     }
     guid = _identity(entry.get("id", ""), link, title, summary)
-    return ParsedItem(guid=guid, content_hash=_hash_fields(fields, dated), dated=dated, **fields)
+    content_hash = _hash_fields(fields, dated)
+    return ParsedItem(guid=guid, content_hash=content_hash, dated=dated, ahead=ahead, **fields)
 
 
 def _clean_field(value: str, detail: Any, base_url: str) -> str:

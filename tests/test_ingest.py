@@ -7,7 +7,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -290,16 +290,25 @@ def count_items(factory: sessionmaker[Session]) -> int:
         return session.scalar(select(func.count()).select_from(Item)) or 0
 
 
-def test_ingest_twice_changes_nothing(factory: sessionmaker[Session], clock: FrozenClock) -> None:
-    """Ingesting the sample feed twice inserts ten items once; the second run is all unchanged."""
-    first = ingest(factory, str(SAMPLE), clock)
+def test_ingest_twice_changes_nothing(
+    factory: sessionmaker[Session], clock: FrozenClock, tmp_path: Path
+) -> None:
+    """Ingesting the sample feed twice inserts ten items once; the same bytes again are not
+    modified, and a document that differs only where no item changes is all unchanged."""
+    feed = tmp_path / "feed.xml"
+    feed.write_bytes(SAMPLE.read_bytes())
+    first = ingest(factory, str(feed), clock)
     clock.advance(hours=1)
-    second = ingest(factory, str(SAMPLE), clock)
+    second = ingest(factory, str(feed), clock)
+    feed.write_bytes(SAMPLE.read_bytes() + b"\n<!-- served again -->\n")
+    third = ingest(factory, str(feed), clock)
     assert (first.new, first.updated, first.unchanged) == (10, 0, 0)
-    assert (second.new, second.updated, second.unchanged) == (0, 0, 10)
+    assert second == IngestReport(str(feed), not_modified=True)
+    assert (third.new, third.updated, third.unchanged, third.not_modified) == (0, 0, 10, False)
     assert count_items(factory) == 10
     with factory() as session:
         assert {i.updated_at for i in session.scalars(select(Item))} == {NOW}
+        assert session.scalars(select(Source.last_fetched_at)).one() == clock.now()
 
 
 def test_changed_item_is_updated(
@@ -331,7 +340,7 @@ def test_source_is_stored_by_absolute_path(
     monkeypatch.chdir(tmp_path)
     ingest(factory, "feed.xml", clock)
     report = ingest(factory, (tmp_path / "feed.xml").as_uri(), clock)
-    assert report.unchanged == 10
+    assert report == IngestReport(str(tmp_path / "feed.xml"), not_modified=True)
     with factory() as session:
         assert session.scalars(select(Source.url)).all() == [str(tmp_path / "feed.xml")]
 
@@ -376,6 +385,76 @@ def test_second_ingest_over_http_is_not_modified(
         assert (source.etag, source.last_fetched_at) == ('"v1"', clock.now())
         assert {i.updated_at for i in session.scalars(select(Item))} == {NOW}
     assert count_items(factory) == 10
+
+
+def test_a_document_sent_whole_again_is_not_parsed_again(
+    factory: sessionmaker[Session], clock: FrozenClock, feed_server: FeedServer
+) -> None:
+    """A server without ETag or Last-Modified sends the same bytes: not modified, and nothing
+    is parsed or written (a row changed in the database stays); other parse settings are read
+    again (the row is mended, the urgent item no longer urgent)."""
+    url = f"{feed_server.base}/other"
+    assert ingest(factory, url, clock).new == 10
+    with unit_of_work(factory) as session:
+        first = session.scalars(select(Item).order_by(Item.id)).first()
+        assert first is not None
+        title, first.title, first.content_hash = first.title, "changed in the database", "x"
+    clock.advance(hours=1)
+    assert ingest(factory, url, clock) == IngestReport(url, not_modified=True)
+    assert "If-None-Match" not in feed_server.requests[-1]
+    with factory() as session:
+        assert session.scalar(select(func.count()).where(Item.title == title)) == 0
+        assert session.scalars(select(Source.last_fetched_at)).one() == clock.now()
+    other = replace(SETTINGS, urgent_category="something else")
+    with unit_of_work(factory) as session:
+        report = ingest_source(session=session, url_or_path=url, settings=other, clock=clock)
+    assert (report.not_modified, report.new, report.updated) == (False, 0, 2)  # and urgent
+    with factory() as session:
+        assert session.scalar(select(func.count()).where(Item.title == title)) == 1
+        assert session.scalar(select(func.count()).where(Item.urgent)) == 0
+
+
+def test_after_an_error_the_same_document_is_parsed_again(
+    factory: sessionmaker[Session], clock: FrozenClock, tmp_path: Path
+) -> None:
+    """A refused document in between: the good one again is read, then not modified."""
+    feed = tmp_path / "feed.xml"
+    feed.write_bytes(SAMPLE.read_bytes())
+    assert ingest(factory, str(feed), clock).new == 10
+    feed.write_bytes((CORPUS / "xxe_file" / "feed.xml").read_bytes())
+    sources = [(str(feed), "", "en")]
+    [refused] = ingest_all(factory=factory, sources=sources, settings=SETTINGS, clock=clock)
+    assert refused.error and "entity declarations" in refused.error
+    feed.write_bytes(SAMPLE.read_bytes())
+    again = ingest(factory, str(feed), clock)
+    assert (again.unchanged, again.not_modified) == (10, False)
+    assert ingest(factory, str(feed), clock).not_modified
+
+
+def test_a_document_with_an_item_dated_ahead_is_read_until_that_date_comes(
+    factory: sessionmaker[Session], clock: FrozenClock, tmp_path: Path
+) -> None:
+    """An item dated days ahead is stored with the time it was seen; the same bytes are read
+    at every poll, so the item takes its own date once it comes; then they are not modified."""
+    ahead = datetime(2024, 3, 7, 9, 0, tzinfo=UTC)
+    document = re.sub(
+        rb"<pubDate>.*?</pubDate>",
+        ahead.strftime("<pubDate>%a, %d %b %Y %H:%M:%S +0000</pubDate>").encode(),
+        SAMPLE.read_bytes(),
+        count=1,
+    )
+    feed = tmp_path / "feed.xml"
+    feed.write_bytes(document)
+    assert ingest(factory, str(feed), clock).new == 10
+    clock.advance(hours=1)
+    same = ingest(factory, str(feed), clock)
+    assert (same.unchanged, same.not_modified) == (10, False)
+    clock.advance(hours=72)
+    dated = ingest(factory, str(feed), clock)
+    assert (dated.updated, dated.unchanged) == (1, 9)
+    with factory() as session:
+        assert session.scalar(select(func.count()).where(Item.published_at == ahead)) == 1
+    assert ingest(factory, str(feed), clock).not_modified
 
 
 def test_one_bad_source_does_not_stop_the_others(

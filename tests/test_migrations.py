@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from newsletter.db import MIGRATIONS, make_engine, migrate
+from newsletter.parse import parse_feed
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).replace(tzinfo=None)
 
@@ -349,6 +352,68 @@ def test_0009_keeps_deliveries_and_complaints_and_never_gives_a_delivery_id_twic
     with engine.begin() as c:
         c.execute(text("delete from campaigns"))  # its deliveries go with it
         assert c.execute(text("select count(*) from deliveries")).scalar() == 0
+    engine.dispose()
+
+
+def test_0010_keeps_sources_and_items_and_reads_each_feed_once_more(
+    database_url: str, tmp_path: Path
+) -> None:
+    """From 0009 with a source and its ten items, to head: both kept, the source with no
+    document digest, so its next document is parsed (all unchanged) and the one after is not."""
+    from newsletter.clock import FrozenClock
+    from newsletter.config import SourcesSettings
+    from newsletter.ingest import ingest_source
+
+    feed = tmp_path / "feed.xml"
+    feed.write_bytes((Path(__file__).parents[1] / "newsletter/data/portal-feed.xml").read_bytes())
+    engine = make_engine(database_url)
+    _upgrade_to(engine, "0009_delivery_ids_never_reused")
+    settings, clock = SourcesSettings(), FrozenClock(NOW.replace(tzinfo=UTC))
+    with engine.begin() as c:
+        c.execute(
+            text("insert into sources (url, name, lang, etag) values (:u, 'portal', 'be', 'e')"),
+            {"u": str(feed)},
+        )
+    with Session(engine) as session:  # the columns 0009 has, as an operator's database has them
+        for item in parse_feed(
+            feed.read_bytes(),
+            source=str(feed),
+            base_url=feed.as_uri(),
+            urgent_category=settings.urgent_category,
+            now=clock.now(),
+        ):
+            session.execute(
+                text(
+                    "insert into items (source_id, guid, link, title, summary_html, content_html,"
+                    " published_at, categories, urgent, content_hash, ingested_at, updated_at)"
+                    " values (1, :guid, :link, :title, :summary, :content, :published, '[]',"
+                    " :urgent, :hash, :now, :now)"
+                ),
+                {
+                    "guid": item.guid,
+                    "link": item.link,
+                    "title": item.title,
+                    "summary": item.summary_html,
+                    "content": item.content_html,
+                    "published": item.published_at.replace(tzinfo=None),
+                    "urgent": item.urgent,
+                    "hash": item.content_hash,
+                    "now": NOW,
+                },
+            )
+        session.commit()
+    migrate(engine)
+    with engine.begin() as c:
+        row = c.execute(text("select name, lang, etag, document_digest from sources")).one()
+        assert tuple(row) == ("portal", "be", "e", None)
+        assert c.execute(text("select count(*) from items")).scalar() == 10
+    for expected in ((0, 0, False), (0, 0, True)):
+        with Session(engine) as session:
+            report = ingest_source(
+                session=session, url_or_path=str(feed), settings=settings, clock=clock
+            )
+            session.commit()
+        assert (report.new, report.updated, report.not_modified) == expected
     engine.dispose()
 
 

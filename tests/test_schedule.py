@@ -249,7 +249,7 @@ def test_sources_are_polled_on_their_own_interval(
     clock.advance(minutes=10)
     assert scheduler.poll_sources() == []
     clock.advance(minutes=20)
-    assert [r.unchanged for r in scheduler.poll_sources()] == [10]
+    assert [r.not_modified for r in scheduler.poll_sources()] == [True]
 
 
 def run_at_once(count: int, work: Callable[[int], object]) -> list[object]:

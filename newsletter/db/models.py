@@ -146,6 +146,9 @@ class Source(Base):
     last_modified: Mapped[str | None] = mapped_column(String(100))
     last_fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # sha256 of the last document stored whole, with the code and settings that parsed it:
+    # the same again is not parsed again (see ingest.document_digest).
+    document_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class Item(Base):
