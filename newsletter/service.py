@@ -17,8 +17,10 @@ import hmac
 import logging
 import math
 import os
+import random
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +44,14 @@ from newsletter.metrics import render_metrics
 from newsletter.notices import send_confirmations
 from newsletter.schedule import Scheduler
 from newsletter.send import SendControl, SendReport, deliver_queued
+from newsletter.signup import CONFIRM_DELAY_SECONDS
 from newsletter.smtp import SmtpPool, open_pool
 from newsletter.webserver import listener_config
 
 log = logging.getLogger("newsletter.service")
+
+
+_RANDOM = random.SystemRandom()  # nothing outside may predict the next round
 
 
 @dataclass
@@ -61,6 +67,10 @@ class Service:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     last_send: SendReport | None = None
     control: SendControl = field(default_factory=SendControl)
+    # Owed confirmations go at a random moment in this range after the last round of them (see
+    # signup.CONFIRM_DELAY_SECONDS); the first round at once.
+    confirm_delay: tuple[float, float] = CONFIRM_DELAY_SECONDS
+    confirm_at: float = 0.0  # time.monotonic() of the next round of confirmations
 
     def __post_init__(self) -> None:
         self.scheduler = Scheduler(
@@ -137,10 +147,12 @@ async def keep_sending(service: Service) -> None:
 
 
 async def send_round(service: Service, pool: SmtpPool, signer: DkimSigner | None) -> None:
-    """One round: owed confirmations, then every due delivery; logs what happened."""
-    await send_confirmations(
-        factory=service.factory, settings=service.settings, transport=pool, clock=service.clock
-    )
+    """One round: owed confirmations when their moment has come, then every due delivery."""
+    if time.monotonic() >= service.confirm_at:
+        service.confirm_at = time.monotonic() + _RANDOM.uniform(*service.confirm_delay)
+        await send_confirmations(
+            factory=service.factory, settings=service.settings, transport=pool, clock=service.clock
+        )
     report = await deliver_queued(
         factory=service.factory,
         settings=service.settings,

@@ -3,7 +3,8 @@
 The layers, in the order a post meets them (web.py runs them):
 
 1. the Origin: our own pages, a mirror, or one of [web] signup_origins;
-2. per client address at most [web] signups_per_hour posts (throttle.py, in the database);
+2. per client address at most [web] signups_per_hour signups (throttle.py, in the database),
+   counting only posts that passed every other check with a fresh ticket;
 3. a honeypot field people never see: filled, nothing is done (and the usual page is shown);
 4. the ticket: signed (itsdangerous), dated, and good for one post (used_challenges);
 5. the fill time: at least [web] signup_min_seconds after the form was served, or
@@ -16,7 +17,8 @@ a subscribed, unsubscribed, bounced or forgotten one). The confirmation email is
 queued (a pending subscription without confirm_sent_at) for notices.send_confirmations, so the
 request takes the same time whatever the address; and one address gets at most one confirmation
 per [web] confirm_resend_hours (confirmation_marks keeps a keyed hash of it that long, no more),
-counted by inbox (inbox()): tagged and dotted forms of one mailbox share that one.
+counted by inbox (inbox()): tagged and dotted forms of one mailbox, and a provider's other
+domains (Yandex's), share that one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ from newsletter.suppression import KEPT_OUT_STATUSES, suppressed_forms
 # A form left open longer than this is served again (its ticket is remembered this long).
 TICKET_MAX_AGE_SECONDS = 24 * 3600
 THROTTLE_WINDOW_SECONDS = 3600
+# Owed confirmations go in rounds this many seconds apart (least, most), drawn at random each
+# time (`newsletter web` and `newsletter run` alike): never right after a post, which would tell
+# whoever posted that the address was owed one, i.e. not subscribed; random, not periodic, so a
+# post cannot be timed just before a round; a reader waits at most a minute for the email.
+CONFIRM_DELAY_SECONDS = (5.0, 60.0)
 _SALT = "newsletter.signup-form"
 
 
@@ -155,19 +162,34 @@ def client_key(host: str) -> str:
     return str(ip)
 
 
-def count_post(session: Session, *, client: str, settings: Settings, now: datetime) -> int:
-    """Count one post from a client; the seconds to wait when it is over the limit, else 0."""
-    key = throttle.limit_key("signup:client", client_key(client), secret=settings.security.secret)
-    wait = throttle.retry_after(
+def _client_limit_key(client: str, settings: Settings) -> str:
+    return throttle.limit_key("signup:client", client_key(client), secret=settings.security.secret)
+
+
+def client_wait(session: Session, *, client: str, settings: Settings, now: datetime) -> int:
+    """The seconds a client must wait before its next signup counts; 0 while under the limit."""
+    return throttle.retry_after(
         session,
-        key=key,
+        key=_client_limit_key(client, settings),
         limit=settings.web.signups_per_hour,
         window_seconds=THROTTLE_WINDOW_SECONDS,
         now=now,
     )
-    if not wait:
-        throttle.count_attempt(session, key=key, window_seconds=THROTTLE_WINDOW_SECONDS, now=now)
-    return wait
+
+
+def count_signup(session: Session, *, client: str, settings: Settings, now: datetime) -> None:
+    """Count one signup against its client's hourly limit.
+
+    Only a post that passed every check and used a fresh ticket is counted: junk posts (no
+    ticket, a forged one, the honeypot, no proof of work) would otherwise use up the quota of an
+    address many readers share (a Tor exit, a carrier's NAT) and lock them all out for an hour.
+    """
+    throttle.count_attempt(
+        session,
+        key=_client_limit_key(client, settings),
+        window_seconds=THROTTLE_WINDOW_SECONDS,
+        now=now,
+    )
 
 
 # --- the address and the signup ----------------------------------------------------------------
@@ -189,15 +211,23 @@ def parse_address(raw: str) -> str | None:
 
 # Providers whose mailboxes ignore dots in the part before @ (and their other names).
 _DOTLESS_DOMAINS = {"gmail.com": "gmail.com", "googlemail.com": "gmail.com"}
+# Yandex: one mailbox under each of these names, and "-" in a login is the same as ".".
+_YANDEX_DOMAINS = frozenset(
+    {"yandex.ru", "ya.ru", "yandex.by", "yandex.com", "yandex.kz", "yandex.ua"}
+)
 
 
 def inbox(address: str) -> str:
     """The mailbox an address reaches, as far as confirmations are counted: without a +tag,
-    and without the dots a provider ignores (so a+1@, a+2@ and a.b@ are one person's inbox)."""
+    without the dots a provider ignores, under one name for a provider's domains (so a+1@,
+    a.b@gmail.com and a-b@ya.ru vs a.b@yandex.by are one person's inbox). Only for counting:
+    mail still goes to the address as given."""
     local, _, domain = address.rpartition("@")
     local = local.split("+", 1)[0] or local
     if domain in _DOTLESS_DOMAINS:
         local, domain = local.replace(".", "") or local, _DOTLESS_DOMAINS[domain]
+    elif domain in _YANDEX_DOMAINS:
+        local, domain = local.replace("-", "."), "yandex.ru"
     return f"{local}@{domain}"
 
 

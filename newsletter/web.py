@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -103,6 +103,7 @@ NO_STORE = "no-store"
 IMMUTABLE = "public, max-age=31536000, immutable"
 # The archive's list and feed, and a web copy still sending: public, but they change.
 SHORT_PUBLIC = "public, max-age=300"
+_RANDOM = random.SystemRandom()
 SECURITY_HEADERS = {
     "content-security-policy": (
         f"default-src 'none'; style-src 'sha256-{CSS_HASH}'; form-action 'self'; "
@@ -250,8 +251,6 @@ class Pages:
             *(_origin(u) for u in settings.web.mirror_urls),
             *(_origin(u) for u in settings.web.signup_origins),
         }
-        # Set when a signup queues a confirmation, so a sender waiting in this process wakes.
-        self.confirmations_owed = asyncio.Event()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -442,6 +441,8 @@ class Pages:
         raw = _form_bytes(await self.read_body(request))
         fields = {name: [v.decode("utf-8", "replace") for v in vs] for name, vs in raw.items()}
         expired = self.check_form(request, fields)
+        if wrong := _preferences_problem(raw):
+            return self.form_refused(request, wrong)
         marked = _choices(fields, key=(raw.get("key") or [b""])[0])
         if expired:  # nothing saved: the same choices again, under a fresh form token
             person, reading = await self.step(link_view, claims)
@@ -455,42 +456,44 @@ class Pages:
             person, reading = await self.step(link_view, claims)
             reason = _key_reason(problem, person.language)
             return self.preferences_form(request, person, reading, marked, key_problem=reason)
+        except AudienceError:  # gone meanwhile (forgotten): nothing to save, no one to name
+            raise HTTPException(400) from None
         return RedirectResponse(f"{request.url.path}?saved=1", status_code=303)
 
     def _save(self, claims: TokenClaims, chosen: Choices) -> None:
         """One transaction: lists and language, then discreet mail and the key (or leave all)."""
         now, sid = self.clock.now(), claims.subscriber_id
         key = "" if chosen.leave else _pasted_key(chosen.key)
-        try:
-            with unit_of_work(self.factory) as session:
-                save_preferences(
-                    session,
-                    subscriber_id=sid,
-                    list_ids=set() if chosen.leave else chosen.list_ids,
-                    language=chosen.language,
-                    leave=chosen.leave,
-                    now=now,
-                )
-                if chosen.leave:  # leaving needs no valid key, nor a change of envelope
-                    return
-                readers.set_reading(
-                    session,
-                    subscriber_id=sid,
-                    discreet=chosen.discreet,
-                    on_key_problem=chosen.on_key_problem,
-                    now=now,
-                    actor="web",
-                )
-                if chosen.remove_key:
-                    readers.remove_key(
-                        session, subscriber_id=sid, now=now, actor="web", by_reader=True
-                    )
-                if key:
-                    readers.set_key(session, subscriber_id=sid, data=key, now=now, actor="web")
-        except (KeptOutError, KeyProblem):
-            raise
-        except AudienceError:
-            raise HTTPException(400) from None
+        with unit_of_work(self.factory) as session:
+            save_preferences(
+                session,
+                subscriber_id=sid,
+                list_ids=set() if chosen.leave else chosen.list_ids,
+                language=chosen.language,
+                leave=chosen.leave,
+                now=now,
+            )
+            if chosen.leave:  # leaving needs no valid key, nor a change of envelope
+                return
+            readers.set_reading(
+                session,
+                subscriber_id=sid,
+                discreet=chosen.discreet,
+                on_key_problem=chosen.on_key_problem,
+                now=now,
+                actor="web",
+            )
+            if chosen.remove_key:
+                readers.remove_key(session, subscriber_id=sid, now=now, actor="web", by_reader=True)
+            if key:
+                readers.set_key(session, subscriber_id=sid, data=key, now=now, actor="web")
+
+    def form_refused(self, request: Request, problem: str) -> Response:
+        """400 for a form no page of ours sends, saying in one line what was wrong with it
+        (discreet, as every page under a signed link's path: it cannot tell whose link it is)."""
+        lang = _accepted_language(request)
+        reason = gettext_for(lang)(problem)
+        return self.render("error", lang, 400, discreet=True, kind="form", problem=reason)
 
     # --- confirmation ----------------------------------------------------------------------
 
@@ -812,6 +815,14 @@ class Pages:
             fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=20)
         except ValueError:  # more fields than the form has: a bot's post, not a server error
             raise HTTPException(400) from None
+        # Our pages send no Referrer, so our own posts carry Origin null, as do another site's
+        # no-referrer page's: Sec-Fetch-Site tells them apart. A post with a ticket comes from
+        # our form (the embedded one included: our page in their frame posts same-origin); one
+        # from elsewhere would sign up whoever its page named. The portal's plain form carries
+        # no ticket and only opens our form, filled in.
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site != "same-origin" and fields.get("form_token"):
+            return self.render("error", _accepted_language(request), 403, kind="403-signup")
 
         def first(name: str) -> str:
             return (fields.get(name) or [""])[0]
@@ -859,7 +870,6 @@ class Pages:
             return await again("address")
         if verdict is signup.Verdict.ACCEPTED and not wanted:
             return await again("lists")
-        self.confirmations_owed.set()
         response = self.render("subscribe_sent", lang, root="")
         response.headers.update(self.signup_headers(embed))
         return response
@@ -877,7 +887,8 @@ class Pages:
         wanted: tuple[str, ...],
         discreet: bool,
     ) -> tuple[signup.Verdict, int]:
-        """One transaction: count the post, use up its ticket, and sign up when all passed.
+        """One transaction: use up the post's ticket and, when all passed, count it against the
+        client's limit and sign up.
 
         Two posts for one new address at once may both insert it: the loser's transaction is
         run again, and then finds the row the winner made.
@@ -901,13 +912,16 @@ class Pages:
         discreet: bool,
     ) -> tuple[signup.Verdict, int]:
         now = self.clock.now()
+        if ticket is None:  # no ticket, a forged one or the honeypot: refused with no database
+            return verdict, 0
         with unit_of_work(self.factory) as session:
-            wait = signup.count_post(session, client=client, settings=self.settings, now=now)
+            wait = signup.client_wait(session, client=client, settings=self.settings, now=now)
             if wait:
                 return signup.Verdict.THROTTLED, wait
-            if ticket is not None and not signup.claim_ticket(session, ticket):
+            if not signup.claim_ticket(session, ticket):
                 return signup.Verdict.REUSED, 0
             if verdict is signup.Verdict.ACCEPTED and address is not None and wanted:
+                signup.count_signup(session, client=client, settings=self.settings, now=now)
                 signup.request_signup(
                     session,
                     address=address,
@@ -1074,12 +1088,13 @@ def create_app(
     clock: Clock,
     *,
     send_confirmations: bool = False,
+    confirm_delay: tuple[float, float] = signup.CONFIRM_DELAY_SECONDS,
 ) -> Starlette:
     """The web app: the supporters' and public pages, with strict headers.
 
     With send_confirmations (`newsletter web`, which runs alone), the app also mails the
-    confirmations signups queue, at once and then every [schedule] send_interval_seconds;
-    under `newsletter run` the service's sender does it instead.
+    confirmations signups queue, in rounds a random `confirm_delay` (seconds, least and most)
+    apart; under `newsletter run` the service's sender does it instead.
     """
     pages = Pages(settings, factory, clock)
     routes = [
@@ -1112,35 +1127,47 @@ def create_app(
         HTTPException: pages.http_error,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
+    # Starlette's slash redirect writes an absolute Location from the Host header, which the
+    # client writes: /u/TOKEN/ would send a reader's token to any host. A stray slash is a 404.
+    app.router.redirect_slashes = False
     app.add_middleware(SecurityHeaders)
     if send_confirmations:
-        app.add_middleware(ConfirmationSender, pages=pages)
+        app.add_middleware(ConfirmationSender, pages=pages, delay=confirm_delay)
     return app
 
 
 class ConfirmationSender:
     """Starts the confirmation sender with the first request (the listener runs no lifespan)."""
 
-    def __init__(self, app: ASGIApp, pages: Pages) -> None:
+    def __init__(self, app: ASGIApp, pages: Pages, delay: tuple[float, float]) -> None:
         self.app = app
         self.pages = pages
+        self.delay = delay
         self.task: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on, starting the sender first if it is not running."""
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(_keep_confirming(self.pages))
+            self.task = asyncio.create_task(_keep_confirming(self.pages, self.delay))
         await self.app(scope, receive, send)
 
 
-async def _keep_confirming(pages: Pages) -> None:
-    """Send owed confirmations and forget stale signups; wake early when a signup is queued."""
+async def _keep_confirming(pages: Pages, delay: tuple[float, float]) -> None:
+    """Send owed confirmations and forget stale signups, in rounds a random delay apart.
+
+    A post never wakes the sender: mail leaving (or the work of preparing it) right after a post
+    would tell whoever posted that the address was owed a confirmation, i.e. not subscribed. What
+    is owed stays in the database (confirm_sent_at unset) until a round sends it, so a stop
+    between the post and the round loses nothing: the next process sends it.
+    """
     from newsletter.notices import send_confirmations
     from newsletter.smtp import open_pool
 
-    settings, interval = pages.settings, pages.settings.schedule.send_interval_seconds
+    settings = pages.settings
     while True:
-        pages.confirmations_owed.clear()
+        # Random, not periodic: a fixed period would let a poster time a post just before a
+        # round and watch that round. SystemRandom: nothing outside may predict the next round.
+        await asyncio.sleep(_RANDOM.uniform(*delay))
         try:
             async with open_pool(settings, pages.factory, pages.clock) as pool:
                 await send_confirmations(
@@ -1148,9 +1175,7 @@ async def _keep_confirming(pages: Pages) -> None:
                 )
             await run_in_threadpool(_purge, pages)
         except Exception:  # a database or SMTP hiccup: the next round tries again
-            log.exception("sending confirmations failed; retrying in %ss", interval)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pages.confirmations_owed.wait(), timeout=interval)
+            log.exception("sending confirmations failed; the next round tries again")
 
 
 def _purge(pages: Pages) -> None:
@@ -1208,12 +1233,42 @@ def _form_bytes(body: bytes) -> dict[str, list[bytes]]:
     return fields
 
 
-def _choices(fields: dict[str, list[str]], *, key: bytes) -> Choices:
-    """What a preferences form asks for; a list id that is not a number is a 400."""
-    try:
-        list_ids = {int(v) for v in fields.get("lists", [])}
+# What a preferences post may carry besides the key, and what each field may say.
+_DISCREET_WORDS = frozenset(m.value for m in DiscreetMode)
+_KEY_PROBLEM_WORDS = frozenset(c.value for c in KeyProblemChoice)
+
+
+def _preferences_problem(raw: dict[str, list[bytes]]) -> str | None:
+    """What is wrong with a preferences post our page would never send (untranslated), or None.
+
+    The pasted key is not looked at here: its own checks say what is wrong with it.
+    """
+    text: dict[str, list[str]] = {}
+    for name, values in raw.items():
+        if name == "key":
+            continue
+        try:
+            text[name] = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            return N_("Something sent with the form is not text.")
+    if not all(v in LANGUAGES for v in text.get("language", [""])):
+        return N_("The language sent is not one this page offers.")
+    try:  # a number no list has is left out when saving; one past int()'s digit cap is not one
+        if not all(v.isascii() and v.isdigit() and int(v) >= 0 for v in text.get("lists", [])):
+            return N_("The lists sent are not ones this page offers.")
     except ValueError:
-        raise HTTPException(400) from None
+        return N_("The lists sent are not ones this page offers.")
+    if not all(v.strip().lower() in _DISCREET_WORDS | {""} for v in text.get("discreet", [])):
+        return N_("The choice of discreet emails sent is not one this page offers.")
+    words = _KEY_PROBLEM_WORDS | {""}
+    if not all(v.strip().lower() in words for v in text.get("on_key_problem", [])):
+        return N_("The choice for a key that cannot be used is not one this page offers.")
+    return None
+
+
+def _choices(fields: dict[str, list[str]], *, key: bytes) -> Choices:
+    """What a preferences form asks for (_preferences_problem has checked its fields)."""
+    list_ids = {int(v) for v in fields.get("lists", [])}
 
     def first(name: str) -> str | None:
         values = fields.get(name)

@@ -91,6 +91,51 @@ def test_double_opt_in_mails_one_confirmation_then_confirms(
     assert reach(lists) == 1
 
 
+def test_newsletter_run_sends_confirmations_at_a_random_moment_not_each_round(
+    lists: sessionmaker[Session], clock: FrozenClock, smtpd: SmtpServer, database_url: str
+) -> None:
+    """Under `newsletter run` a round sends owed confirmations only once the random delay since
+    the last such round has passed: a signup just after one waits, and is then sent once."""
+    import time
+
+    from newsletter.db import make_engine, make_sessionmaker
+    from newsletter.service import Service, send_round
+
+    settings = make_settings(database_url, smtpd)
+    engine = make_engine(database_url)
+    service = Service(
+        settings=settings,
+        engine=engine,
+        factory=make_sessionmaker(engine),
+        clock=clock,
+        confirm_delay=(1.5, 2.0),
+    )
+
+    async def round_() -> None:
+        pool = SmtpPool(settings.smtp)
+        try:
+            await send_round(service, pool, None)
+        finally:
+            await pool.close()
+
+    add(lists, clock, "first@example.org")
+    started = time.monotonic()
+    asyncio.run(round_())  # the first round sends at once, and draws the next one's moment
+    assert [m["X-Delivered-To"] for m in smtpd.messages()] == ["first@example.org"]
+    assert 1.5 <= service.confirm_at - started <= 2.0 + 0.5
+    add(lists, clock, "second@example.org")
+    asyncio.run(round_())
+    assert len(smtpd.messages()) == 1 or time.monotonic() >= service.confirm_at  # owed, kept
+    time.sleep(max(0.0, service.confirm_at - time.monotonic()))
+    asyncio.run(round_())
+    asyncio.run(round_())
+    assert [m["X-Delivered-To"] for m in smtpd.messages()] == [
+        "first@example.org",
+        "second@example.org",
+    ]
+    engine.dispose()
+
+
 def test_confirmed_flag_and_single_opt_in_skip_the_email(
     lists: sessionmaker[Session], clock: FrozenClock
 ) -> None:
