@@ -171,11 +171,22 @@ class ConsoleSettings:
     break_glass: bool = False
     # Alerts go only to the staff's own addresses; self-approval allowed (and only here).
     training: bool = False
-    # Failed sign-ins allowed per 15 minutes: per (account, client address), per client address,
-    # and for the second-factor step per account.
+    # Failed sign-ins allowed per 15 minutes: per (account, client address), per client address;
+    # and per UTC day: per (account, client address), and per account from every address.
     failures_per_account_client: int = 5
     failures_per_client: int = 20
-    code_failures_per_account: int = 5
+    failures_per_account_client_day: int = 20
+    failures_per_account_day: int = 100
+    # Failed second-factor codes allowed per 15 minutes: per (account, client address), and per
+    # account from every address; and at an approval's step-up, per signed-in session.
+    code_failures_per_account_client: int = 5
+    code_failures_per_account: int = 15
+    step_up_failures_per_session: int = 5
+    # Proxies whose X-Forwarded-For the console believes; none by default, so the address it
+    # throttles and audits is the connection's unless an operator names their proxy here.
+    trusted_proxies: tuple[str, ...] = ()
+    # The largest request body: the compose form in three languages, Cyrillic percent-encoded.
+    max_body_bytes: int = 393216
 
 
 @dataclass(frozen=True)
@@ -716,10 +727,30 @@ def _validate_console(settings: Settings) -> None:
         "enrol_hours",
         "failures_per_account_client",
         "failures_per_client",
+        "failures_per_account_client_day",
+        "failures_per_account_day",
+        "code_failures_per_account_client",
         "code_failures_per_account",
+        "step_up_failures_per_session",
+        "max_body_bytes",
     ):
         if getattr(console, key) < 1:
             raise ConfigError(f"{where}: 'console.{key}' must be at least 1")
+    # One address alone must never reach an account's limit: that would lock the owner out
+    # from everywhere else.
+    for one, every in (
+        ("failures_per_account_client_day", "failures_per_account_day"),
+        ("code_failures_per_account_client", "code_failures_per_account"),
+    ):
+        if getattr(console, every) <= getattr(console, one):
+            raise ConfigError(f"{where}: 'console.{every}' must be greater than 'console.{one}'")
+    for i, proxy in enumerate(console.trusted_proxies):
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: 'console.trusted_proxies[{i}]' must be an IP address or network"
+            ) from None
     if not 0 <= settings.actions.remind_days_before <= 60:
         raise ConfigError(f"{where}: 'actions.remind_days_before' must be between 0 and 60")
     prefix = settings.actions.prefix

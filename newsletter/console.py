@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,10 +57,12 @@ def create_console_app(
     handlers: dict[Any, Handler] = {
         SignInNeeded: _sign_in_needed,
         HTTPException: _error_page(console),
+        ClientDisconnect: _client_gone,
         # Any step's refusal (a campaign, a list, a staff account...): its one line, never a 500.
         NewsletterError: _error_page(console),
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
+    app.state.console = True  # webserver.listener_web: the console's proxies and body cap
     app.add_middleware(AuditOrigin)
     app.add_middleware(PlainQueries)
     app.add_middleware(ConsoleHeaders)
@@ -96,6 +98,12 @@ def _static_endpoint() -> Callable[[Request], Awaitable[Response]]:
         return Response(files[name], media_type=STATIC_FILES[name])
 
     return static
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client left (or the listener cut an oversized body) while its body was read: nobody
+    reads the answer, and it is no error of ours to log."""
+    return Response(status_code=400)
 
 
 async def _sign_in_needed(request: Request, exc: Exception) -> Response:

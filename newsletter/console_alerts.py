@@ -26,7 +26,13 @@ from newsletter.console_core import Console, Form
 from newsletter.console_i18n import N_, refusal_line
 from newsletter.console_security import PREVIEW_CSP
 from newsletter.db.models import CampaignKind, CampaignStatus
-from newsletter.errors import ApprovalError, CampaignError, NewsletterError, SignInError
+from newsletter.errors import (
+    ApprovalError,
+    CampaignError,
+    NewsletterError,
+    SignInError,
+    ThrottledError,
+)
 from newsletter.render import RenderedVariant, personalise
 from newsletter.smtp import Result
 from newsletter.staff_sessions import SessionInfo
@@ -40,6 +46,9 @@ _DARK_MEDIA = re.compile(r"@media\s*\(\s*prefers-color-scheme\s*:\s*dark\s*\)")
 _COLOR_SCHEME = re.compile(r'<meta name="color-scheme" content="light dark"\s*/?>')
 _ADDRESS_SPLIT = re.compile(r"[\s,;]+")  # one character class, repeated: linear
 PICKER_LIMIT = 20
+# A language's text at most, as the compose form's textareas say (maxlength); [console]
+# max_body_bytes holds three of them percent-encoded.
+BODY_MAX_CHARS = 20000
 
 
 def routes(console: Console) -> list[Route]:
@@ -148,7 +157,7 @@ def draft_from_form(form: Form, languages: tuple[str, ...]) -> compose.DraftInpu
     texts = {}
     for lang in languages:
         title = form.get(f"title_{lang}").strip()[:500]
-        body = form.get(f"body_{lang}").replace("\r\n", "\n")[:20000]
+        body = form.get(f"body_{lang}").replace("\r\n", "\n")[:BODY_MAX_CHARS]
         if title or body.strip():
             texts[lang] = compose.LanguageText(title=title, body=body)
     return compose.DraftInput(
@@ -312,6 +321,7 @@ class AlertPages:
         campaign_id: int,
         *,
         status: int = 200,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> Response:
         """The alert page for a campaign, with any results or errors of the last action."""
@@ -334,6 +344,7 @@ class AlertPages:
             "alert",
             info=info,
             status=status,
+            headers=headers,
             langs=self.languages,
             preview_lang=lang if lang in self.languages else self.languages[0],
             scheme="dark" if scheme == "dark" else "light",
@@ -420,10 +431,17 @@ class AlertPages:
             await self.c.db_keeping_failures(
                 staff_auth.verify_step_up,
                 staff_id=info.staff.id,
+                session_id=info.session_id,
                 code=form.get("code").strip()[:64],
                 now=self.c.now(),
                 settings=self.c.settings,
                 purpose=purpose,
+            )
+        except ThrottledError as e:  # its own line: the code may well be right
+            error = refusal_line(e, self.c.language(request, info))
+            headers = {"retry-after": str(e.retry_after)}
+            return await self.show_alert(
+                request, info, campaign_id, status=429, headers=headers, error=error
             )
         except SignInError:
             error = refusal_line(N_("That code is not valid."), self.c.language(request, info))

@@ -39,7 +39,6 @@ from newsletter.errors import SignInError
 from newsletter.sanitize import drop_controls
 from newsletter.smtp import Transport, open_pool
 from newsletter.staff_sessions import SessionInfo
-from newsletter.web import read_capped_body
 
 T = TypeVar("T")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -51,6 +50,7 @@ TransportFactory = Callable[[], AbstractAsyncContextManager[Transport]]
 # A row id as the console's addresses and forms carry it: ASCII digits that fit every
 # database's integer (a longer one overflows SQLite and PostgreSQL, "²" passes str.isdigit()).
 ID_DIGITS = 18
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 class IdConvertor(Convertor[int]):
@@ -190,7 +190,8 @@ class Console:
         return self.clock.now()
 
     def client(self, request: Request) -> str:
-        """The client's address (uvicorn resolves trusted proxies' X-Forwarded-For)."""
+        """The client's address (uvicorn believes X-Forwarded-For only from [console]
+        trusted_proxies, none by default)."""
         return request.client.host if request.client else ""
 
     async def session_info(self, request: Request, *, activity: bool = True) -> SessionInfo | None:
@@ -228,16 +229,32 @@ class Console:
     # --- forms -----------------------------------------------------------------------------
 
     async def read_body(self, request: Request) -> bytes:
-        """The request body, refused past [web] max_body_bytes."""
-        return await read_capped_body(request, self.settings.web.max_body_bytes)
+        """The request body, refused with 413 past [console] max_body_bytes.
+
+        The rest of a body too large is read and dropped (the listener caps it at twice the
+        limit) before the answer: a browser still sending may show a reset, not the page.
+        """
+        limit = self.settings.console.max_body_bytes
+        body = bytearray()  # appended to: a trickled body costs no copy per chunk
+        async for chunk in request.stream():
+            if len(body) <= limit:
+                body += chunk
+        if len(body) > limit:
+            raise HTTPException(413)
+        return bytes(body)
 
     async def form(self, request: Request, info: SessionInfo | None) -> Form:
-        """A POST's fields, once its origin and form token are checked (403 otherwise).
+        """A POST's fields, once its origin and form token are checked (403 otherwise) and its
+        type is a urlencoded form (415 otherwise).
 
         With a session the token is the session's; without one, the signed pre-session token.
         """
         if is_cross_site(request, self.origin):
             raise HTTPException(403)
+        # Our forms are all urlencoded; another type (text/plain, JSON) is not one of them.
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != FORM_TYPE:
+            raise HTTPException(415)
         fields = form_fields(await self.read_body(request))
         sent = (fields.get("csrf") or [""])[0]
         if info is not None:

@@ -209,7 +209,7 @@ class WatchPages:
             elif action == "include":
                 digest_control.include_item(session, **kw)
             elif action == "skip":
-                return digest_control.skip_digest(session, **kw)
+                return digest_control.skip_digest(session, settings=self.c.settings, **kw)
             else:
                 return digest_control.send_digest_now(session, settings=self.c.settings, **kw)
             return None

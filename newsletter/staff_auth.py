@@ -1,9 +1,18 @@
 """Signing in to the console: the password step, the code step, and step-up for approvals.
 
-Throttling, not lockout: failures are counted per (account, client) and per client for the
-password step, and per account for the code step, in 15-minute windows (throttle.py); past a
-limit the answer is ThrottledError, given before any password or code is checked. There is no
-per-account limit on the password step, so an attacker elsewhere cannot lock the owner out.
+Throttling, not lockout. Failures are counted in fixed windows (throttle.py), and past a limit
+the answer is ThrottledError, given before any password or code is checked:
+
+- password step: per (account, client) and per client in 15 minutes; per (account, client) and
+  per account in a UTC day, a slow ceiling on guessing from many addresses;
+- code step: per (account, client), and per account from every client, in 15 minutes;
+- step-up (an approval, a break-glass send): per signed-in session, so no one outside that
+  session can make it fail.
+
+Every per-account ceiling is above its per-(account, client) limit and a throttled try counts
+only against the limit that refused it, so one address alone never reaches the ceiling: a
+password-holder at one address cannot lock the owner out from elsewhere. A client is its
+address, or an IPv6 address's /64 (one subscriber line owns a whole /64).
 
 A refused attempt is committed before SignInError is raised: the caller's unit of work rolls
 back on the error, and that must not undo the count or the audit event.
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import secrets
 from datetime import datetime
 
@@ -45,6 +55,7 @@ EXPIRED = N_("the sign-in took too long or is not valid: start again")
 THROTTLED = N_("too many attempts: try again in %(seconds)s seconds")
 PENDING_SECONDS = 5 * 60
 WINDOW = throttle.WINDOW_SECONDS
+DAY = 24 * 3600  # no longer than throttle.KEEP_SECONDS, which prune() keeps
 # Who an unknown account's events are recorded for: what was typed may be a password.
 UNKNOWN_ACTOR = "unknown"
 
@@ -72,40 +83,90 @@ def _password_ok(stored: str, password: str) -> bool:
         return False
 
 
-def _keys(email: str, client: str, secret: str) -> tuple[str, str]:
-    """The (account, client) and client keys of the password step."""
-    return (
-        throttle.limit_key(
-            "signin-account-client", f"{email.strip().lower()}|{client}", secret=secret
+def client_net(client: str) -> str:
+    """What a client is counted as: its address, or an IPv6 address's /64."""
+    try:
+        ip = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _key(kind: str, *parts: str, secret: str) -> str:
+    return throttle.limit_key(kind, "|".join(parts), secret=secret)
+
+
+def _password_limits(email: str, client: str, settings: Settings) -> list[tuple[str, int, int]]:
+    """The password step's (key, limit, window) per (account, client), client and account."""
+    secret = settings.security.require_secret()
+    account, net, console = email.strip().lower(), client_net(client), settings.console
+    return [
+        (
+            _key("signin-account-client", account, net, secret=secret),
+            console.failures_per_account_client,
+            WINDOW,
         ),
-        throttle.limit_key("signin-client", client, secret=secret),
-    )
+        (_key("signin-client", net, secret=secret), console.failures_per_client, WINDOW),
+        (
+            _key("signin-account-client-day", account, net, secret=secret),
+            console.failures_per_account_client_day,
+            DAY,
+        ),
+        (_key("signin-account-day", account, secret=secret), console.failures_per_account_day, DAY),
+    ]
 
 
-def _code_key(staff_id: int, secret: str) -> str:
-    return throttle.limit_key("signin-code", str(staff_id), secret=secret)
+def _code_limits(staff_id: int, client: str, settings: Settings) -> list[tuple[str, int, int]]:
+    """The code step's (key, limit, window): per (account, client), then per account.
+
+    Why a ceiling, and why this one: one address stops at code_failures_per_account_client (5)
+    in 15 minutes, and needs the password to get here at all. Across addresses the ceiling (15)
+    bounds guessing at 15 x 96 = 1,440 codes a day, each with 3 in 1,000,000 accepted (a step
+    either side), about 0.4% a day, where one address alone gets 480 (0.14%). Since 5 < 15, an
+    attacker needs three addresses to reach it: one address cannot lock the owner out.
+    """
+    secret = settings.security.require_secret()
+    console = settings.console
+    return [
+        (
+            _key("signin-code-client", str(staff_id), client_net(client), secret=secret),
+            console.code_failures_per_account_client,
+            WINDOW,
+        ),
+        (
+            _key("signin-code", str(staff_id), secret=secret),
+            console.code_failures_per_account,
+            WINDOW,
+        ),
+    ]
 
 
 def _throttle(
     session: Session,
     *,
-    limits: list[tuple[str, int]],
+    limits: list[tuple[str, int, int]],
     now: datetime,
     actor: str,
     client: str,
     action: str = "staff.signin_throttled",
     **detail: object,
 ) -> None:
-    """Raise ThrottledError if any key is at its limit; audited once per key and window."""
-    for key, limit in limits:
-        wait = throttle.retry_after(session, key=key, limit=limit, window_seconds=WINDOW, now=now)
+    """Raise ThrottledError if any (key, limit, window) is at its limit; audited once per key
+    and window."""
+    for key, limit, window in limits:
+        wait = throttle.retry_after(session, key=key, limit=limit, window_seconds=window, now=now)
         if not wait:
             continue
         # Counting throttled tries too means only the first one is audited (count == limit):
-        # a flood of refused requests does not flood the append-only events table.
-        if throttle.attempts(session, key=key, window_seconds=WINDOW, now=now) == limit:
+        # a flood of refused requests does not flood the append-only events table. They count
+        # on this key only, never towards another (an account's ceiling).
+        if throttle.attempts(session, key=key, window_seconds=window, now=now) == limit:
             record_event(session, now=now, actor=actor, action=action, client=client, **detail)
-        throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
+        throttle.count_attempt(session, key=key, window_seconds=window, now=now)
         session.commit()
         raise ThrottledError(wait).keeping(THROTTLED, {"seconds": wait})
 
@@ -113,7 +174,7 @@ def _throttle(
 def _refuse(
     session: Session,
     *,
-    keys: list[str],
+    limits: list[tuple[str, int, int]],
     now: datetime,
     actor: str,
     action: str,
@@ -121,8 +182,8 @@ def _refuse(
     **detail: object,
 ) -> SignInError:
     """Count a failure on every key, audit it, commit; returns the error to raise."""
-    for key in keys:
-        throttle.count_attempt(session, key=key, window_seconds=WINDOW, now=now)
+    for key, _, window in limits:
+        throttle.count_attempt(session, key=key, window_seconds=window, now=now)
     record_event(session, now=now, actor=actor, action=action, **detail)
     session.commit()
     return SignInError.of(message)
@@ -139,26 +200,15 @@ def password_step(
 ) -> str:
     """Check email and password; return a signed pending token for the code step (5 minutes)."""
     secret = settings.security.require_secret()
-    account_client, by_client = _keys(email, client, secret)
+    limits = _password_limits(email, client, settings)
     staff = find_staff(session, email)
     actor = staff.email if staff is not None else UNKNOWN_ACTOR
-    console = settings.console
-    _throttle(
-        session,
-        limits=[
-            (account_client, console.failures_per_account_client),
-            (by_client, console.failures_per_client),
-        ],
-        now=now,
-        actor=actor,
-        client=client,
-        step="password",
-    )
+    _throttle(session, limits=limits, now=now, actor=actor, client=client, step="password")
     ok = _password_ok(staff.password_hash if staff is not None else "", password)
     if staff is None or not ok or not is_active(staff):
         raise _refuse(
             session,
-            keys=[account_client, by_client],
+            limits=limits,
             now=now,
             actor=actor,
             action="staff.signin_failed",
@@ -197,22 +247,15 @@ def code_step(
     """Check the TOTP code (or an unused recovery code) of a pending sign-in."""
     secret = settings.security.require_secret()
     staff = _pending_staff(session, pending, now=now, secret=secret)
-    key = _code_key(staff.id, secret)
-    _throttle(
-        session,
-        limits=[(key, settings.console.code_failures_per_account)],
-        now=now,
-        actor=staff.email,
-        client=client,
-        step="code",
-    )
+    limits = _code_limits(staff.id, client, settings)
+    _throttle(session, limits=limits, now=now, actor=staff.email, client=client, step="code")
     method = "totp"
     if not _totp_ok(session, staff, code, now):
         method = "recovery_code"
         if not use_recovery_code(session, staff=staff, code=code, now=now):
             raise _refuse(
                 session,
-                keys=[key],
+                limits=limits,
                 now=now,
                 actor=staff.email,
                 action="staff.signin_failed",
@@ -220,8 +263,10 @@ def code_step(
                 client=client,
                 reason="code",
             )
-    throttle.clear(session, key=key)
-    throttle.clear(session, key=_keys(staff.email, client, secret)[0])
+    # This address's counts start again; the account's ceilings keep what others spent.
+    password_limits = _password_limits(staff.email, client, settings)
+    for key, _, _ in (limits[0], password_limits[0], password_limits[2]):
+        throttle.clear(session, key=key)
     record_event(
         session,
         now=now,
@@ -238,20 +283,26 @@ def verify_step_up(
     session: Session,
     *,
     staff_id: int,
+    session_id: str,
     code: str,
     now: datetime,
     settings: Settings,
     purpose: str,
 ) -> None:
-    """A fresh TOTP code (no recovery code) before an approval or a break-glass send."""
+    """A fresh TOTP code (no recovery code) before an approval or a break-glass send.
+
+    Its failures count per signed-in session (`session_id`), apart from sign-in's: someone
+    with the password guessing codes at the sign-in page cannot make an approval fail.
+    """
     secret = settings.security.require_secret()
     staff = session.get(Staff, staff_id)
     if staff is None or not is_active(staff):
         raise SignInError.of(WRONG_CODE)
-    key = _code_key(staff.id, secret)
+    key = _key("step-up", session_id, secret=secret)
+    limits = [(key, settings.console.step_up_failures_per_session, WINDOW)]
     _throttle(
         session,
-        limits=[(key, settings.console.code_failures_per_account)],
+        limits=limits,
         now=now,
         actor=staff.email,
         client="",
@@ -262,7 +313,7 @@ def verify_step_up(
     if not _totp_ok(session, staff, code, now):
         raise _refuse(
             session,
-            keys=[key],
+            limits=limits,
             now=now,
             actor=staff.email,
             action="staff.step_up_failed",

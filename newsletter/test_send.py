@@ -1,6 +1,8 @@
 """Test sends of an alert to a few staff addresses, and a training alert's send to staff only.
 
-A test message is the stored variant, made into bytes by the sender's own builder
+A test is of an alert not yet started and of nothing else (a digest, a case message or a started
+alert is refused before anything is rendered). Its message is the draft's submitted variant,
+else a fresh render that is never stored, made into bytes by the sender's own builder
 (message.MessageTemplate), with "[TEST] " before the subject and every personal link replaced by
 an inert one (the alert's page in the console), so no working token leaves the service. Nothing
 is written to the delivery ledger and nothing is counted in the campaign; each send is an event.
@@ -18,15 +20,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.approvals import is_training, training_recipients
 from newsletter.audit import record_event
-from newsletter.check import check_campaign, stored_variants
+from newsletter.check import stored_variants
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign, CampaignStatus
+from newsletter.db.models import Campaign, CampaignKind, CampaignStatus
 from newsletter.errors import CampaignError
 from newsletter.i18n import N_
 from newsletter.message import ListInfo, MessageTemplate
 from newsletter.render import RenderedVariant
 from newsletter.smtp import Result, Transport
+from newsletter.variants import render_campaign
 
 MAX_TEST_ADDRESSES = 5
 TEST_PREFIX = "[TEST] "
@@ -117,8 +120,12 @@ async def send_test(
 ) -> list[tuple[str, str]]:
     """Send one language's variant (the default one's unless `lang`) as a test; per address."""
     chosen = clean_addresses(addresses)
-    with unit_of_work(factory) as session:
+    session = factory()
+    try:  # read only: a fresh render is made for the test and never stored
         variant, mlist = _variant(session, campaign_id, lang or "", settings)
+    finally:
+        session.rollback()
+        session.close()
     outcomes = await _send_all(
         variant, campaign_id=campaign_id, mlist=mlist, to=chosen, settings=settings,
         now=now, transport=transport, prefix=TEST_PREFIX,
@@ -219,12 +226,26 @@ async def _send_all(
 def _variant(
     session: Session, campaign_id: int, lang: str, settings: Settings
 ) -> tuple[RenderedVariant, ListInfo]:
-    """The stored variant in `lang` (else the default language's); rendered first if needed."""
-    campaign = session.get(Campaign, campaign_id)
-    if campaign is None:
-        raise CampaignError.of(N_("no campaign %(id)s"), id=campaign_id)
-    check_campaign(session, campaign, settings)  # stores the variants of a draft not rendered yet
-    by_lang = {v.lang: v for v in stored_variants(session, campaign)}
+    """The variant in `lang` (else the default language's) of an alert not started (composed in
+    the console or held from the feed): its stored variants once submitted, else a fresh
+    render; anything else (a digest, a case message, a started alert) is refused before."""
+    campaign = session.get(Campaign, campaign_id)  # checked first: an alert not started yet,
+    if (  # composed, held from the feed or from the CLI; a case's messages are alerts too
+        campaign is None
+        or campaign.kind != CampaignKind.ALERT
+        or not campaign.dedupe_key.startswith("alert:")
+    ):
+        raise CampaignError.of(N_("no console alert draft %(id)s"), id=campaign_id)
+    if campaign.status != CampaignStatus.DRAFT or campaign.started_at is not None:
+        raise CampaignError.of(
+            N_("alert %(id)s is %(status)s: it can no longer change"),
+            id=campaign_id,
+            status=str(campaign.status),
+        )
+    variants = stored_variants(session, campaign)
+    if not variants or any(not v.nonce for v in variants):
+        variants = render_campaign(campaign, settings=settings)
+    by_lang = {v.lang: v for v in variants}
     variant = by_lang.get(lang) or by_lang.get(settings.render.default_language)
     if variant is None:
         if not lang:

@@ -13,13 +13,15 @@ protocol below adds, per listener ([web] settings):
 - a cap on the body (a Content-Length above it is refused before any of it is read).
 
 The header block's size is capped by h11 (`max_header_bytes`), idle keep-alive connections by
-uvicorn (`keep_alive_seconds`). Every reply, the canned ones here included, carries the pages'
-security headers, and no `server` header.
+uvicorn (`keep_alive_seconds`). The console's listener takes [console] trusted_proxies (none by
+default) and a body cap of its own instead of [web]'s (listener_web). Every reply, the canned
+ones here included, carries the pages' security headers, and no `server` header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import resource
@@ -270,9 +272,23 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def listener_web(app: ASGIApp, settings: Settings) -> WebSettings:
+    """The limits of the listener serving `app`: [web]'s, but the console (an app whose state
+    says `console`) believes only [console] trusted_proxies and takes larger bodies."""
+    if not getattr(getattr(app, "state", None), "console", False):
+        return settings.web
+    console = settings.console
+    return dataclasses.replace(
+        settings.web,
+        trusted_proxies=console.trusted_proxies,
+        # The console answers a body past its own cap with its page; twice that is dropped here.
+        max_body_bytes=2 * console.max_body_bytes,
+    )
+
+
 def listener_config(app: ASGIApp, settings: Settings, *, host: str, port: int) -> uvicorn.Config:
-    """The uvicorn settings of the public listener, with the [web] limits; raises RLIMIT_NOFILE."""
-    web = settings.web
+    """The uvicorn settings of a listener, with its limits (listener_web); raises RLIMIT_NOFILE."""
+    web = listener_web(app, settings)
     max_total = web.max_connections
     soft = raise_open_files_limit()
     if soft != resource.RLIM_INFINITY and max_total > soft - OPEN_FILES_RESERVE:

@@ -17,9 +17,21 @@ from newsletter.check import stored_variants
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
-from newsletter.db.models import Approval, Campaign, CampaignRevision, Delivery
+from newsletter.db.models import (
+    Approval,
+    Campaign,
+    CampaignKind,
+    CampaignRevision,
+    CampaignStatus,
+    Delivery,
+    Event,
+    MailingList,
+    Variant,
+)
+from newsletter.digest_control import next_slot
 from newsletter.errors import ApprovalError
 from newsletter.staff import disable_staff, set_role
+from tests.conftest import SmtpServer
 from tests.console_site import (
     ConsoleSite,
     Staffer,
@@ -28,6 +40,7 @@ from tests.console_site import (
 )
 from tests.test_approvals import APPROVER, SECOND, deliveries, drafted, seed_people, submitted
 from tests.test_console import settings, signed_in, site
+from tests.test_digest_control import add_items, scheduler
 
 __all__ = ["settings", "site"]  # the fixtures, shared with test_console
 
@@ -239,3 +252,71 @@ def test_the_language_links_never_point_off_site(site: ConsoleSite, path: str) -
     assert any("lang=be" in link for link in links)
     off_site = [link for link in links if link.replace("\t", "").startswith(("//", "/\\"))]
     assert not off_site, links
+
+
+# --- test sends and the digest's skip --------------------------------------------------------
+
+
+def draft_row(factory: sessionmaker[Session], clock: FrozenClock, kind: str, key: str) -> int:
+    """A draft campaign that is not a console alert (a digest, a case message), as its own
+    steps leave it: on the alert list, with a text only its audience should see."""
+    with unit_of_work(factory) as session:
+        ml = session.scalars(select(MailingList).where(MailingList.slug == "urgent-actions")).one()
+        campaign = Campaign(
+            kind=kind, list_id=ml.id, status=CampaignStatus.DRAFT, dedupe_key=key,
+            title="Private to its readers", body_html="<p>Private to its readers.</p>",
+            created_at=clock.now(),
+        )  # fmt: skip
+        session.add(campaign)
+        session.flush()
+        return campaign.id
+
+
+def count_rows(factory: sessionmaker[Session], model: type, **where: object) -> int:
+    with unit_of_work(factory) as session:
+        query = select(func.count()).select_from(model).filter_by(**where)
+        return int(session.scalar(query) or 0)
+
+
+def test_a_test_send_is_only_of_a_console_alert_draft_and_stores_nothing(
+    site: ConsoleSite, factory: sessionmaker[Session], clock: FrozenClock, smtpd: SmtpServer
+) -> None:
+    """A digest or a case message is refused before anything is rendered or sent; a console
+    draft's test, and an alert's held from the feed or the CLI, are sent from a fresh render
+    that is not stored."""
+    editor = signed_in(site, factory, "ed@example.org", "editor")
+    digest = draft_row(factory, clock, CampaignKind.DIGEST, "digest:test:1-2")
+    case = draft_row(factory, clock, CampaignKind.ALERT, "case:1:first:0")
+    for cid in (digest, case):
+        reply = editor.post(f"/alerts/{cid}/test", {"addresses": "outsider@evil.example"})
+        assert reply.status_code in (400, 404), (cid, reply.status_code)
+        assert count_rows(factory, Variant, campaign_id=cid) == 0
+    assert smtpd.messages() == []
+    assert count_rows(factory, Event, action="alert.test_sent") == 0
+    cid = drafted(factory, site.settings, clock)
+    reply = editor.post(f"/alerts/{cid}/test", {"addresses": "coach@staff.example.org"})
+    assert reply.status_code == 200 and len(smtpd.messages()) == 1
+    assert count_rows(factory, Variant, campaign_id=cid) == 0
+    held = draft_row(factory, clock, CampaignKind.ALERT, "alert:2:text:0123")  # from the feed/CLI
+    reply = editor.post(f"/alerts/{held}/test", {"addresses": "coach@staff.example.org"})
+    assert reply.status_code == 200 and len(smtpd.messages()) == 2
+    assert count_rows(factory, Variant, campaign_id=held) == 0
+
+
+def test_skipping_the_digest_in_the_console_claims_the_schedulers_slot(
+    site: ConsoleSite, factory: sessionmaker[Session], clock: FrozenClock, smtpd: SmtpServer
+) -> None:
+    """As skip_digest with the settings does: the slot is the list's, so items that arrive
+    before it are not sent then."""
+    add_items(factory, clock, "Skipped in the console")
+    approver = signed_in(site, factory, "appr@example.org", "approver")
+    slot = next_slot(site.settings, clock.now(), after=None)
+    reply = approver.post("/digest/skip", {"list": "weekly-digest"}, csrf_from="/digest")
+    assert reply.status_code == 303
+    with unit_of_work(factory) as session:
+        ml = session.scalars(select(MailingList).where(MailingList.slug == "weekly-digest")).one()
+        assert slot is not None and ml.last_digest_slot == slot
+    add_items(factory, clock, "Arrived after the skip")
+    clock.advance(days=1)
+    assert scheduler(factory, site.settings, clock).run_digests() == []
+    assert smtpd.messages() == []

@@ -6,7 +6,10 @@ replay, roles, escaping of staff text, and who sees subscriber addresses.
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import time
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
 
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.clock import FrozenClock
 from newsletter.config import Settings
+from newsletter.console_alerts import BODY_MAX_CHARS
 from newsletter.console_security import CONSOLE_CSP
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, Event
@@ -33,6 +37,7 @@ from tests.console_site import (
     next_code,
     serve_console,
 )
+from tests.test_console import submitted_alert
 
 EVIL = "https://evil.example"
 
@@ -294,11 +299,69 @@ def test_a_session_token_does_not_sign_another_session(
     assert b.post("/alerts/new", {**draft_form(), "csrf": token_a}).status_code == 403
 
 
-def test_bodies_are_capped(client: ConsoleClient, editor: Staffer, settings: Settings) -> None:
-    """A body past [web] max_body_bytes is refused with 413."""
+def test_the_largest_compose_form_fits_and_a_larger_one_gets_a_page(
+    client: ConsoleClient, editor: Staffer, settings: Settings, factory: sessionmaker[Session]
+) -> None:
+    """Three languages of the longest Cyrillic text (6 bytes a letter encoded) are saved; a body
+    past [console] max_body_bytes gets the console's translated page, not bare text."""
     client.sign_in(editor)
-    big = "x" * (settings.web.max_body_bytes + 10)
-    assert client.post("/alerts/new", {**draft_form(), "body_en": big}).status_code == 413
+    compose = client.get("/alerts/new").text
+    assert compose.count(f'maxlength="{BODY_MAX_CHARS}"') == len(settings.render.languages)
+    longest = ("Вызваліце палітвязняў " * BODY_MAX_CHARS)[:BODY_MAX_CHARS]
+    form = {**draft_form(), "title_be": "Вызваліце", "title_ru": "Освободите"}
+    for lang in settings.render.languages:
+        form[f"body_{lang}"] = longest
+    saved = client.post("/alerts/new", form, csrf_from="/alerts/new")
+    assert saved.status_code == 303, saved.text[:200]
+    big = "x" * (settings.console.max_body_bytes + 10)
+    refused = client.post("/alerts/new?lang=ru", {**draft_form(), "body_en": big})
+    assert refused.status_code == 413
+    assert refused.headers["content-type"].startswith("text/html")
+    assert "Форма слишком большая." in refused.text and 'class="error"' not in refused.text
+    assert count(factory, Campaign) == 1
+
+
+def test_posts_that_are_not_urlencoded_forms_are_refused(
+    client: ConsoleClient, editor: Staffer, factory: sessionmaker[Session]
+) -> None:
+    """A text/plain or JSON body is none of our forms: 415, nothing saved."""
+    client.sign_in(editor)
+    token = csrf_of(client.get("/alerts/new").text)
+    body = "&".join(f"{k}={v}" for k, v in {**draft_form(), "csrf": token}.items())
+    for kind in ("text/plain", "application/json", ""):
+        reply = client.http.post(
+            "/alerts/new",
+            content=body.encode(),
+            headers={"content-type": kind, "origin": client.origin},
+        )
+        assert reply.status_code == 415, kind
+    assert count(factory, Campaign) == 0
+
+
+def test_an_aborted_post_leaves_no_traceback(site: ConsoleSite, editor: Staffer) -> None:
+    """A client that goes away in the middle of its body: no "Exception in ASGI application"."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.DEBUG)
+    logging.getLogger("uvicorn.error").addHandler(keep)
+    try:
+        port = int(site.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(
+                b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: 5000\r\n\r\nemail=a"
+            )
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert site.client().get("/healthz").status_code == 200
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(keep)
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
 
 
 # --- sign-in ---------------------------------------------------------------------------------
@@ -335,6 +398,81 @@ def test_failed_sign_ins_are_throttled_with_retry_after(
     with unit_of_work(factory) as session:
         actions = set(session.scalars(select(Event.action)))
     assert {"staff.signin_failed", "staff.signin_throttled"} <= actions
+
+
+def failed_clients(factory: sessionmaker[Session]) -> list[str]:
+    with unit_of_work(factory) as session:
+        events = session.scalars(select(Event).where(Event.action == "staff.signin_failed"))
+        return [str(e.detail.get("client")) for e in events]
+
+
+def test_forwarded_addresses_count_only_from_the_consoles_own_trusted_proxies(
+    site: ConsoleSite,
+    editor: Staffer,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+) -> None:
+    """By default X-Forwarded-For is ignored, even from loopback: a forged one neither dodges
+    the throttle nor writes the audit log's address. Named in [console] trusted_proxies, the
+    proxy's header is believed."""
+    client = site.client()
+    limit = settings.console.failures_per_account_client
+    answers = []
+    for n in range(limit + 1):
+        reply = client.post(
+            "/signin",
+            {"email": editor.email, "password": "wrong wrong wrong"},
+            csrf_from="/signin",
+            headers={"x-forwarded-for": f"10.9.{n}.1"},
+        )
+        answers.append(reply.status_code)
+    assert answers == [400] * limit + [429]
+    assert set(failed_clients(factory)) == {"127.0.0.1"}
+    proxied = console_settings(settings, trusted_proxies=("127.0.0.1",))
+    with serve_console(proxied, factory, clock) as behind_proxy:
+        reply = behind_proxy.client().post(
+            "/signin",
+            {"email": editor.email, "password": "wrong wrong wrong"},
+            csrf_from="/signin",
+            headers={"x-forwarded-for": "198.51.100.77"},
+        )
+    assert reply.status_code == 400
+    assert failed_clients(factory)[-1] == "198.51.100.77"
+
+
+def test_a_throttled_step_up_says_so_and_is_this_sessions_alone(
+    site: ConsoleSite, editor: Staffer, factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Wrong codes at the sign-in page (a password-holder) do not touch the owner's approval;
+    the owner's own wrong codes throttle this session, with a line that says so."""
+    approver = enrol_staff(factory, site.settings, clock, "ap@example.org", "approver")
+    author = site.client()
+    author.sign_in(editor)
+    path, revision = submitted_alert(author)
+    owner, other = site.client(), site.client()
+    owner.sign_in(approver)
+    other.sign_in(approver)
+    attacker = site.client()
+    first = attacker.post(
+        "/signin", {"email": approver.email, "password": approver.password}, csrf_from="/signin"
+    )
+    for _ in range(site.settings.console.code_failures_per_account_client + 1):
+        attacker.post(
+            "/signin/code",
+            {"csrf": csrf_of(first.text), "pending": field_of(first.text, "pending"), "code": "1"},
+        )
+    for _ in range(site.settings.console.step_up_failures_per_session):
+        wrong = owner.post(
+            f"{path}/approve", {"revision": revision, "code": "000000"}, csrf_from=path
+        )
+        assert wrong.status_code == 400 and "That code is not valid." in wrong.text
+    form = {"revision": revision, "code": next_code(approver.secret, clock)}
+    throttled = owner.post(f"{path}/approve", form, csrf_from=path)
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) > 0
+    assert "too many attempts" in throttled.text and "not valid" not in throttled.text
+    form = {"revision": revision, "code": next_code(approver.secret, clock)}
+    assert other.post(f"{path}/approve", form, csrf_from=path).status_code == 303
 
 
 def test_a_totp_code_signs_in_once(

@@ -113,7 +113,8 @@ def test_every_refusal_gets_the_same_answer(
         assert PASSWORD not in str(event.detail) and email not in str(event.detail)
         # an existing account is named; what was typed for an unknown one may be a password
         assert event.actor == {"unknown": "unknown", "malformed": "unknown"}.get(case, email)
-        assert sorted(r.count for r in session.scalars(select(RateLimit))) == [1, 1]
+        # (account, client) and client per 15 minutes; (account, client) and account per day
+        assert sorted(r.count for r in session.scalars(select(RateLimit))) == [1, 1, 1, 1]
 
 
 def test_unknown_account_takes_as_long_as_a_wrong_password(
@@ -260,20 +261,121 @@ def test_spraying_many_accounts_from_one_client_is_throttled(
     assert sign_in_password(factory, settings, clock, who.email, client="203.0.113.99")
 
 
-def test_wrong_codes_are_throttled_per_account(
+def test_wrong_codes_are_throttled_per_account_and_client_not_the_owner(
     factory: sessionmaker[Session], clock: FrozenClock
 ) -> None:
-    """Past code_failures_per_account the code step waits, even with the right code."""
+    """A password-holder's wrong codes from one address throttle that address, even with the
+    right code; the owner signs in from another."""
     who = enrol(factory, clock)
     settings = settings_of(factory)
     pending = sign_in_password(factory, settings, clock, who.email)
-    for _ in range(settings.console.code_failures_per_account):
+    for _ in range(settings.console.code_failures_per_account_client):
         with pytest.raises(SignInError, match="the code is wrong"):
             sign_in_code(factory, settings, clock, pending, "000000")
+    with pytest.raises(ThrottledError):
+        sign_in_code(factory, settings, clock, pending, code_for(who.secret, clock))
+    owner = "203.0.113.99"
+    pending = sign_in_password(factory, settings, clock, who.email, client=owner)
+    code = code_for(who.secret, clock, steps=1)
+    assert sign_in_code(factory, settings, clock, pending, code, client=owner) == who.email
+
+
+def test_wrong_codes_from_many_addresses_reach_the_accounts_ceiling(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Past code_failures_per_account from every address together, every address waits."""
+    who = enrol(factory, clock)
+    settings = settings_of(factory)
+    console = settings.console
+    per_client = console.code_failures_per_account_client
+    clients = [
+        f"198.51.100.{n}" for n in range(-(-console.code_failures_per_account // per_client))
+    ]
+    for client in clients:
+        pending = sign_in_password(factory, settings, clock, who.email, client=client)
+        for _ in range(per_client):
+            with pytest.raises(SignInError):
+                sign_in_code(factory, settings, clock, pending, "000000", client=client)
+    pending = sign_in_password(factory, settings, clock, who.email, client="203.0.113.99")
     with pytest.raises(ThrottledError):
         sign_in_code(
             factory, settings, clock, pending, code_for(who.secret, clock), client="203.0.113.99"
         )
+
+
+def test_an_ipv6_client_is_counted_by_its_64(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Another address in the same /64 is the same client: it cannot dodge the limit."""
+    who = enrol(factory, clock)
+    settings = settings_of(factory)
+    for n in range(settings.console.failures_per_account_client):
+        with pytest.raises(SignInError):
+            sign_in_password(factory, settings, clock, who.email, "guess guess", f"2001:db8::{n}")
+    with pytest.raises(ThrottledError):
+        sign_in_password(factory, settings, clock, who.email, client="2001:db8::ffff")
+    assert sign_in_password(factory, settings, clock, who.email, client="2001:db8:1::1")
+
+
+def test_wrong_passwords_have_a_slow_ceiling_per_account_one_address_cannot_reach(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Per UTC day one address stops at its own limit and the owner elsewhere signs in; the
+    account's ceiling, from several addresses, stops every address."""
+    who = enrol(factory, clock)
+    console = replace(
+        settings_of(factory).console,
+        failures_per_account_client=100,
+        failures_per_client=100,
+        failures_per_account_client_day=3,
+        failures_per_account_day=7,
+    )
+    settings = replace(settings_of(factory), console=console)
+
+    def fail(client: str, times: int) -> None:
+        for _ in range(times):
+            with pytest.raises(SignInError) as raised:
+                sign_in_password(factory, settings, clock, who.email, "guess guess", client)
+            assert not isinstance(raised.value, ThrottledError)
+
+    fail("198.51.100.1", 3)
+    for _ in range(10):  # throttled, and never counted towards the account's ceiling
+        with pytest.raises(ThrottledError):
+            sign_in_password(factory, settings, clock, who.email, client="198.51.100.1")
+    assert sign_in_password(factory, settings, clock, who.email, client="203.0.113.99")
+    fail("198.51.100.2", 3)
+    fail("198.51.100.3", 1)
+    with pytest.raises(ThrottledError):
+        sign_in_password(factory, settings, clock, who.email, client="203.0.113.99")
+    clock.advance(days=1)
+    assert sign_in_password(factory, settings, clock, who.email, client="203.0.113.99")
+
+
+def test_sign_in_code_failures_never_touch_an_approvers_step_up(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """Step-up failures count per signed-in session: a password-holder's wrong codes at the
+    sign-in page, or another session's, do not refuse the owner's right code."""
+    who: Enrolled = enrol(factory, clock, role="approver")
+    settings = settings_of(factory)
+    pending = sign_in_password(factory, settings, clock, who.email)
+    for _ in range(settings.console.code_failures_per_account + 1):
+        with pytest.raises(SignInError):
+            sign_in_code(factory, settings, clock, pending, "000000")
+
+    def step_up(session_id: str, code: str) -> None:
+        with unit_of_work(factory) as session:
+            verify_step_up(
+                session, staff_id=who.id, session_id=session_id, code=code,
+                now=clock.now(), settings=settings, purpose="approve",
+            )  # fmt: skip
+
+    for _ in range(settings.console.step_up_failures_per_session):
+        with pytest.raises(SignInError):
+            step_up("another session", "000000")
+    with pytest.raises(ThrottledError):
+        step_up("another session", code_for(who.secret, clock))
+    step_up("the owner's session", code_for(who.secret, clock, steps=1))
 
 
 def test_step_up_needs_a_fresh_totp_code(
@@ -287,6 +389,7 @@ def test_step_up_needs_a_fresh_totp_code(
         verify_step_up(
             session,
             staff_id=who.id,
+            session_id="s",
             code=code,
             now=clock.now(),
             settings=settings,
@@ -297,6 +400,7 @@ def test_step_up_needs_a_fresh_totp_code(
             verify_step_up(
                 session,
                 staff_id=who.id,
+                session_id="s",
                 code=wrong,
                 now=clock.now(),
                 settings=settings,
