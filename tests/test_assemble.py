@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.assemble import assemble_alert, assemble_digest
+from newsletter.assemble import MAX_DIGEST_ITEMS, assemble_alert, assemble_digest
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item, MailingList
@@ -60,6 +60,27 @@ def test_digest_takes_the_items_since_the_cursor_then_nothing_new_is_none(
         {"list": "weekly-digest", "items": total},
         {"list": "weekly-digest", "items": 1},
     ]
+
+
+def test_a_digest_takes_the_newest_hundred_items_and_passes_the_rest_over(
+    factory: sessionmaker[Session], clock: FrozenClock
+) -> None:
+    """A feed of thousands of items made a digest nobody could render; the newest 100 go, the
+    older ones are passed over for good and counted in the event."""
+    prepare(factory, clock)
+    assert digest(factory, clock) is not None  # the sample's items
+    for n in range(130):
+        add_item(factory, f"item-{n:03}", clock.now() + timedelta(minutes=130 - n))
+    made = digest(factory, clock)
+    assert made is not None and made[1] == MAX_DIGEST_ITEMS == 100
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, made[0])
+        assert campaign is not None
+        assert sorted(i.title for i in campaign.items) == [f"item-{n:03}" for n in range(100)]
+        last = session.scalars(select(Event).where(Event.action == "digest.assembled")).all()[-1]
+        assert last.detail == {"list": "weekly-digest", "items": 100, "passed_over": 30}
+        assert cursor(factory) == session.scalar(select(func.max(Item.id)))
+    assert digest(factory, clock) is None
 
 
 def test_digest_of_an_alert_list_is_refused(
