@@ -10,6 +10,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.audit import record_event
+from newsletter.config import Settings
 from newsletter.db.models import (
     Campaign,
     CampaignKind,
@@ -32,19 +33,29 @@ MAX_DIGEST_ITEMS = 100
 
 
 def assemble_digest(
-    *, session: Session, list_slug: str, now: datetime, actor: str
+    *,
+    session: Session,
+    list_slug: str,
+    now: datetime,
+    actor: str,
+    settings: Settings | None = None,
 ) -> Campaign | None:
     """Make a digest of the items since this list's last digest; None when nothing is new.
 
     The list's cursor moves in the same transaction that creates the campaign, so a repeated run
     finds nothing new and a missed run picks up everything since the last digest. Items staff
     left out (DigestExclusion, digest_control.py) are never in it; the cursor moves past them,
-    as past items beyond the newest MAX_DIGEST_ITEMS.
+    as past items beyond the newest MAX_DIGEST_ITEMS. With the settings, an item the pre-send
+    check would refuse (an http link, a host not allowed, a reader's page named in its text) is
+    set aside as staff would leave it out, with an event saying why, and the others go: one
+    item of one source must not hold every source's news.
     """
     ml = _digest_list(session, list_slug)
     window = list(items_since(session, ml.digest_cursor))
     excluded = excluded_item_ids(session, ml.id)
     items = [item for item in window if item.id not in excluded]
+    if settings is not None:
+        items = _set_aside_refused(session, ml, items, settings=settings, now=now)
     newest = sorted(items, key=lambda item: (item.published_at, item.id))[-MAX_DIGEST_ITEMS:]
     passed_over, kept = len(items) - len(newest), {item.id for item in newest}
     items = [item for item in items if item.id in kept]
@@ -78,6 +89,36 @@ def assemble_digest(
     )
     session.flush()
     return campaign
+
+
+SET_ASIDE_BY = "check"  # DigestExclusion.excluded_by of an item the check would refuse
+
+
+def _set_aside_refused(
+    session: Session, ml: MailingList, items: list[Item], *, settings: Settings, now: datetime
+) -> list[Item]:
+    """The items the pre-send check would let through; the others excluded, each with why."""
+    from newsletter.check import item_problem  # the check loads lxml: only when asked for
+
+    kept = []
+    for item in items:
+        why = item_problem(item.title, item.link, item.summary_html, settings)
+        if not why:
+            kept.append(item)
+            continue
+        exclusion = DigestExclusion(list_id=ml.id, item_id=item.id, excluded_at=now)
+        exclusion.excluded_by = SET_ASIDE_BY
+        session.add(exclusion)
+        record_event(
+            session,
+            now=now,
+            actor=SET_ASIDE_BY,
+            action="digest.item_set_aside",
+            list=ml.slug,
+            item=item.id,
+            reason=why,
+        )
+    return kept
 
 
 def excluded_item_ids(session: Session, list_id: int) -> set[int]:

@@ -361,6 +361,24 @@ def _link_problem(url: str, settings: Settings) -> str:
     return ""
 
 
+def item_problem(title: str, link: str, summary_html: str, settings: Settings) -> str:
+    """Why a digest carrying this item would be refused by the check, or "": a link it may not
+    send (not https, a host not allowed, not a web link), or one of the readers' own pages
+    named anywhere in it (which the check takes for a personal link smuggled in)."""
+    tree = lxml_html.document_fromstring(f"<html><body>{summary_html}</body></html>")
+    text = " ".join((title, tree.text_content()))
+    for url, _where in [(link, "link"), *_links(tree, text)] if link else _links(tree, text):
+        what = _link_problem(url, settings)
+        if what:
+            return f"{what}: {_short(url)}"
+    base = settings.web.base_url.rstrip("/")
+    everything = " ".join((title, link, summary_html, text))
+    for key in PERSONAL_LINKS:
+        if base + PAGE_PATHS[key] in everything:
+            return f"it names the readers' {key} page ({base + PAGE_PATHS[key]})"
+    return ""
+
+
 def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
     if not allowed:
         return True

@@ -141,7 +141,11 @@ def _send_digest(
 ) -> int:
     with unit_of_work(factory) as session:
         campaign = assemble_digest(
-            session=session, list_slug=settings.digest.list, now=clock.now(), actor=ACTOR
+            session=session,
+            list_slug=settings.digest.list,
+            now=clock.now(),
+            actor=ACTOR,
+            settings=settings,
         )
         if campaign is None:
             raise CampaignError(

@@ -131,7 +131,9 @@ def send_digest_now(
     session: Session, *, list_slug: str, settings: Settings, now: datetime, actor: str
 ) -> Campaign | None:
     """Assemble the digest (without the items left out) and start it; None if nothing is new."""
-    campaign = assemble_digest(session=session, list_slug=list_slug, now=now, actor=actor)
+    campaign = assemble_digest(
+        session=session, list_slug=list_slug, now=now, actor=actor, settings=settings
+    )
     if campaign is None:
         return None
     launch_campaign(session=session, campaign=campaign, settings=settings, now=now, actor=actor)

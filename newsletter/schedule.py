@@ -230,7 +230,9 @@ class Scheduler:
         with unit_of_work(self.factory) as session:
             if not claim_digest_slot(session, list_id=list_id, slot=slot):
                 return None
-            campaign = assemble_digest(session=session, list_slug=slug, now=now, actor=self.actor)
+            campaign = assemble_digest(
+                session=session, list_slug=slug, now=now, actor=self.actor, settings=self.settings
+            )
             if campaign is None:
                 log.info("digest %s for %s: nothing new", slug, slot.isoformat())
                 return None

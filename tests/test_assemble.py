@@ -11,7 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.assemble import MAX_DIGEST_ITEMS, assemble_alert, assemble_digest
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign, CampaignKind, CampaignStatus, Event, Item, MailingList
+from newsletter.db.models import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    DigestExclusion,
+    Event,
+    Item,
+    MailingList,
+)
 from newsletter.errors import CampaignError
 from tests.test_flow import prepare
 from tests.test_schedule import add_item
@@ -81,6 +89,48 @@ def test_a_digest_takes_the_newest_hundred_items_and_passes_the_rest_over(
         assert last.detail == {"list": "weekly-digest", "items": 100, "passed_over": 30}
         assert cursor(factory) == session.scalar(select(func.max(Item.id)))
     assert digest(factory, clock) is None
+
+
+def test_items_the_check_would_refuse_are_set_aside_and_the_digest_goes(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """One item with an http link, or naming the readers' own pages, made the check refuse the
+    whole digest (every source's news) while ingest said ok: such items are set aside, as staff
+    would leave them out, each with an event saying why, and the rest go."""
+    from tests.test_schedule import settings_for
+
+    settings = settings_for(database_url)
+    prepare(factory, clock)
+    assert digest(factory, clock) is not None  # the sample's items
+    base = settings.web.base_url.rstrip("/")
+    later = clock.now() + timedelta(hours=1)
+    add_item(factory, "fine", later)
+    add_item(factory, "plain-http", later)
+    add_item(factory, "names-our-page", later)
+    with unit_of_work(factory) as session:
+        for item in session.scalars(select(Item).where(Item.guid.like("test:%"))):
+            if item.title == "plain-http":
+                item.link = "http://old-partner.example.org/report"
+            elif item.title == "names-our-page":
+                item.summary_html = f"<p>Write to {base}/preferences/abc please</p>"
+    with unit_of_work(factory) as session:
+        campaign = assemble_digest(
+            session=session,
+            list_slug="weekly-digest",
+            now=clock.now(),
+            actor="t",
+            settings=settings,
+        )
+        assert campaign is not None and [i.title for i in campaign.items] == ["fine"]
+        events = select(Event).where(Event.action == "digest.item_set_aside")
+        reasons = sorted(e.detail["reason"] for e in session.scalars(events))
+        page = f"{base}/preferences/"
+        assert reasons == [
+            f"it names the readers' preferences page ({page})",
+            "not https: http://old-partner.example.org/report",
+        ]
+        excluded = session.scalars(select(DigestExclusion.excluded_by)).all()
+        assert excluded == ["check", "check"]
 
 
 def test_digest_of_an_alert_list_is_refused(

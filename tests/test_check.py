@@ -450,22 +450,26 @@ def write_config(tmp_path: Path) -> dict[str, str]:
 
 
 def test_cli_check_and_digest_send_refuse_then_force(tmp_path: Path) -> None:
-    """`check ID` lists problems and exits 1; `digest send` refuses; --force sends, recorded."""
+    """`check ID` lists problems and exits 1; `digest send` refuses; --force sends, recorded.
+    Items with an http link are set aside, not refused: the mirror link of every message is."""
     feed = tmp_path / "feed.xml"
     sample = (ROOT / "newsletter" / "data" / "portal-feed.xml").read_text()
     feed.write_text(
         sample.replace("https://portal.example.org/2014/07/", "http://portal.example.org/2014/07/")
     )
     env = write_config(tmp_path)
+    with (tmp_path / "config.toml").open("a") as config:
+        config.write('[brand]\nmirror_url = "http://mirror.example.org/"\n')
     run(["init"], tmp_path, env)
     run(["ingest", str(feed)], tmp_path, env)
     refused = run(["digest", "send", "--queue-only"], tmp_path, env, ok=False)
     assert refused.returncode != 0
-    assert "refused: en, be, ru HTML, item «" in refused.stderr
-    assert "not https: http://portal.example.org/2014/07/" in refused.stderr
+    assert "refused: en, be, ru HTML" in refused.stderr
+    assert "not https: http://mirror.example.org/" in refused.stderr
+    assert "http://portal.example.org/2014/07/" not in refused.stderr  # those items set aside
     assert "--force" in refused.stderr and "Traceback" not in refused.stderr
     sent = run(["digest", "send", "--queue-only", "--force"], tmp_path, env)
-    assert "overridden:" in sent.stderr and "campaign 1:" in sent.stdout
+    assert "overridden:" in sent.stderr and "campaign 1: digest of 8 items" in sent.stdout
     check = run(["check", "1"], tmp_path, env, ok=False)
     assert check.returncode == 1
     lines = [line for line in check.stderr.splitlines() if line.startswith("refused:")]

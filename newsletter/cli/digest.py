@@ -77,7 +77,11 @@ def _to_preview(state: State, session: Session, slug: str, *, last: bool) -> Cam
     if last:
         return last_digest(session=session, list_slug=slug)
     return assemble_digest(
-        session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
+        session=session,
+        list_slug=slug,
+        now=state.clock.now(),
+        actor=state.actor,
+        settings=state.settings,
     )
 
 
@@ -116,7 +120,11 @@ def send(
     session = state.factory()()
     try:
         campaign = assemble_digest(
-            session=session, list_slug=slug, now=state.clock.now(), actor=state.actor
+            session=session,
+            list_slug=slug,
+            now=state.clock.now(),
+            actor=state.actor,
+            settings=state.settings,
         )
         if campaign is None:
             console.print(f"nothing new since the last digest of '{slug}': no digest sent")
