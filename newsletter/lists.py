@@ -61,9 +61,14 @@ def read_lists(path: Path, *, from_address: str | None = None) -> list[ListSpec]
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise AudienceError(f"{path}: cannot read list declarations: {e}") from None
-    specs = []
-    for i, raw in enumerate(data.get("lists", [])):
+    declared = data.get("lists", [])
+    if not isinstance(declared, list):
+        raise AudienceError(f"{path}: 'lists' must be tables: [[lists]] with slug, kind, name")
+    specs: list[ListSpec] = []
+    for i, raw in enumerate(declared):
         where = f"{path}: lists[{i}]"
+        if not isinstance(raw, dict):
+            raise AudienceError(f"{where}: must be a table: [[lists]] with slug, kind, name")
         slug = raw.get("slug", "")
         if not slug or not isinstance(slug, str):
             raise AudienceError(f"{where}: 'slug' is required")
@@ -72,6 +77,10 @@ def read_lists(path: Path, *, from_address: str | None = None) -> list[ListSpec]
         names = raw.get("name", {})
         if isinstance(names, str):
             names = {"en": names}
+        if not isinstance(names, dict):
+            raise AudienceError(f"{where} ({slug}): 'name' must be text or a table LANG = NAME")
+        if any(slug == s.slug for s in specs):  # a second one would replace the first
+            raise AudienceError(f"{where}: the list '{slug}' is declared twice")
         list_id = str(raw.get("list_id") or "")
         if not list_id and from_address is None:
             raise AudienceError(f"{where} ({slug}): 'list_id' is required")

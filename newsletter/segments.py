@@ -248,6 +248,8 @@ def _compare(rule: str, field: _Tok, op: str, values: list[_Tok]) -> ColumnEleme
         day = _day(rule, values[0])
         if name == "subscribed_before":
             return Subscriber.created_at < day
+        if day.date() == date.max:  # no day after it to count from
+            return false()
         return Subscriber.created_at >= day + timedelta(days=1)
     texts = [_text(rule, v) for v in values]
     column: ColumnElement[str] | InstrumentedAttribute[str]
@@ -307,8 +309,11 @@ def read_segments(path: Path) -> list[SegmentSpec]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise AudienceError(f"{path}: cannot read segment declarations: {e}") from None
+    declared = data.get("segments", [])
+    if not isinstance(declared, list) or not all(isinstance(raw, dict) for raw in declared):
+        raise AudienceError(f"{path}: 'segments' must be tables: [[segments]] with name, rule")
     specs: list[SegmentSpec] = []
-    for i, raw in enumerate(data.get("segments", [])):
+    for i, raw in enumerate(declared):
         name, rule = raw.get("name"), raw.get("rule")
         if not isinstance(name, str) or not name or not isinstance(rule, str):
             raise AudienceError(f"{path}: segments[{i}]: 'name' and 'rule' are required")

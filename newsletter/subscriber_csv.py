@@ -5,10 +5,10 @@ cannot be stored as it is, the reason (newsletter.importer writes the good rows)
 anyone but the row's own values.
 
 Spreadsheets run cells that look like formulas (OWASP "CSV injection"). Every cell we write
-(export, rejects file, header included) that starts with = + - @ (or their fullwidth forms), a
-tab, CR or LF, also after leading spaces, or with ' itself, gets one leading ' (which
-spreadsheets show as "text"); import removes exactly that one ', so an export reads back
-unchanged.
+(export, rejects file, header included) that starts with = + - @ (or a form NFKC folds to one of
+them: fullwidth, small), a tab, CR or LF, also after leading spaces or format characters (a
+zero-width space, a BOM), or with ' itself, gets one leading ' (which spreadsheets show as
+"text"); import removes exactly that one ', so an export reads back unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import stat
 import string
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -57,6 +58,13 @@ CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
 MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
 MAX_COLUMNS = 200  # a wider header is refused: each column may become an attribute of everyone
 MAX_ROW_CHARS = 1 << 20  # a longer row (all its lines) stops the file: no CSV row is that long
+# The csv module's own cap on a cell (131,072 by default) raises in the middle of a quoted cell,
+# and reading would go on inside it, taking the cell's text for rows. A cell cannot be longer
+# than its row, which _Lines bounds; with this cap the csv module never stops on a cell first.
+csv.field_size_limit(MAX_ROW_CHARS)
+# Columns of the rejects file itself (its line and reason): import ignores them, so a rejects
+# file read back stores neither, and a source's own `line` or `reason` columns are kept.
+REJECTS_COLUMNS = ("rejected_line", "rejected_reason")
 RawRow = dict[str, str | None]
 RowResult = tuple[int, RawRow | None, str]
 
@@ -77,12 +85,24 @@ class SubscriberRow:
 
 
 # Cells a spreadsheet may take for a formula begin with one of these (OWASP's list: = + - @ tab
-# CR; LF and the fullwidth forms, which some spreadsheets fold to ASCII, too).
-FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
+# CR; LF and the fullwidth and small forms, which some spreadsheets fold to ASCII, too).
+FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20\ufe66\ufe62\ufe63\ufe6b")
+
+
+def _first_significant(value: str) -> str:
+    """The first character a spreadsheet acts on, NFKC-folded (so \ufe66 reads as =): leading
+    spaces and format characters (zero-width space, BOM, bidi marks) are skipped."""
+    for ch in value:
+        if ch.isascii() and ch != " ":  # the common case: no Unicode tables
+            return ch
+        if ch == " " or unicodedata.category(ch) == "Cf":
+            continue
+        return unicodedata.normalize("NFKC", ch)[:1] or ch
+    return ""
 
 
 def _needs_quote(value: str) -> bool:
-    return value[:1] == "'" or value.lstrip(" ")[:1] in FORMULA_STARTS
+    return value[:1] == "'" or _first_significant(value) in FORMULA_STARTS
 
 
 def neutralise_cell(value: str) -> str:
@@ -162,7 +182,7 @@ def parse_row(row: RawRow) -> SubscriberRow:
     discreet = parse_discreet(discreet) if discreet else ""
     on_key_problem = get("on_key_problem", "")
     on_key_problem = parse_key_problem(on_key_problem) if on_key_problem else ""
-    extra = {k: v for k, v in cells.items() if v and k not in _KNOWN}
+    extra = {k: v for k, v in cells.items() if v and k not in _KNOWN and k not in REJECTS_COLUMNS}
     return SubscriberRow(
         email=forms[0],
         name=" ".join(get("name", "").split())[:200],
@@ -202,6 +222,17 @@ def count_lines(path: Path) -> int:
             return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
     except OSError as e:
         raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse what is not a regular file (a pipe, a device, a folder): it would be read twice
+    (lines counted, then rows), may never end, and opening a pipe waits for a writer."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot open: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise AudienceError(f"{path}: not a regular file (a pipe, device or folder): save it first")
 
 
 def read_csv(path: Path) -> Iterator[RowResult]:

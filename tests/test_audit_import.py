@@ -86,15 +86,19 @@ def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
 
 
 def test_rows_after_an_unreadable_row_keep_their_line_numbers(tmp_path: Path) -> None:
-    """Attack: a cell over the csv module's field limit. The next row was reported one line too
+    """Attack: a row the csv module cannot read (a cell over its field limit, once; now that
+    limit is MAX_ROW_CHARS, a quote closed mid-cell). The next row was reported one line too
     early (csv.DictReader keeps its line count only for rows it returns), so the rejects file
     pointed at the wrong line. Now every row has its own line."""
     path = write(
         tmp_path / "big.csv",
-        f"email,name\nann@example.org,{'x' * 200_000}\nbob@example.org,Bob\nbad,Carl\n",
+        f'email,name\nann@example.org,"{"x" * 200_000}"x\nbob@example.org,Bob\nbad,Carl\n',
     )
     got = [(line, error.split(":")[0]) for line, _row, error in read_csv(path)]
     assert got == [(2, "unreadable row"), (3, ""), (4, "")]
+    long_cell = write(tmp_path / "long.csv", f"email,name\nann@example.org,{'x' * 200_000}\n")
+    [(line, _row, error)] = list(read_csv(long_cell))  # read whole, rejected for its length
+    assert (line, error) == (2, "column 'name': longer than 1000 characters")
 
 
 SWALLOWED = ["bob@example.org,Bob,weekly-digest", "cat@example.org,Cat,weekly-digest"]

@@ -196,7 +196,15 @@ def test_cli_import_with_a_nul_row_imports_the_rest_and_names_nobody(
     assert_names_nobody(result.stdout + result.stderr)
     with (tmp_path / "people.rejects.csv").open(encoding="utf-8", newline="") as handle:
         [header, row] = list(csv.reader(handle))
-    assert header == ["line", "reason", "email", "name", "lists", "tags", "'=city"]
+    assert header == [
+        "rejected_line",
+        "rejected_reason",
+        "email",
+        "name",
+        "lists",
+        "tags",
+        "'=city",
+    ]
     assert row[0] == "3" and "U+0000" in row[1]
     assert row[3] == "'=Nul\ufffdName"  # shown, neutralised, and no NUL in the file
     assert_names_nobody(",".join(row))

@@ -116,7 +116,15 @@ def test_cli_import_sends_bad_rows_to_the_rejects_file(tmp_path: Path, database_
     assert "Traceback" not in result.stderr
     with (tmp_path / "people.rejects.csv").open(encoding="utf-8", newline="") as handle:
         header, *rows = list(csv.reader(handle))
-    assert header == ["line", "reason", "email", "name", "lists", "discreet", "on_key_problem"]
+    assert header == [
+        "rejected_line",
+        "rejected_reason",
+        "email",
+        "name",
+        "lists",
+        "discreet",
+        "on_key_problem",
+    ]
     assert {int(r[0]): r[1] for r in rows}.keys() == bad_lines().keys()
     for row in rows:
         assert bad_lines()[int(row[0])] in row[1]

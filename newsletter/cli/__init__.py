@@ -38,6 +38,7 @@ _CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0xD800, 0xE000)]
 _BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
 _ESCAPED = {cp: f"\\u{cp:04x}" for cp in [*_CONTROLS, *_BIDI] if chr(cp) not in "\n\t"}
 _ESCAPED_ONE_LINE = {**_ESCAPED, ord("\n"): "\\n", ord("\t"): "\\t"}
+_BIDI_ESCAPED = {cp: f"\\u{cp:04x}" for cp in _BIDI}
 
 
 def printable(text: str) -> str:
@@ -46,6 +47,12 @@ def printable(text: str) -> str:
     Line breaks and tabs stay; the escapes are valid inside a JSON string too.
     """
     return text.translate(_ESCAPED)
+
+
+def terminal_text(text: str) -> str:
+    """Text already free of C0/C1 controls (a CSV export) for a terminal: only the bidi and
+    separator controls shown as \\uXXXX, so its CR LF line ends stay as they are."""
+    return text.translate(_BIDI_ESCAPED)
 
 
 def one_line(text: object) -> str:

@@ -6,26 +6,30 @@ import asyncio
 import csv
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, TextIO
 
 import typer
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 
 from newsletter.audience import list_people
-from newsletter.cli import State, app, console, err_console, print_json
+from newsletter.cli import State, app, console, err_console, print_json, say, terminal_text
 from newsletter.db import unit_of_work
 from newsletter.errors import AudienceError
-from newsletter.importer import import_rows
+from newsletter.importer import ImportReport, import_rows
 from newsletter.lists import get_list
 from newsletter.openpgp import MAX_KEY_BYTES
 from newsletter.readers import key_view, remove_key, set_key
 from newsletter.subscriber_csv import (
+    REJECTS_COLUMNS,
     RawRow,
+    check_regular_file,
     count_lines,
     export_columns,
     export_rows,
@@ -153,51 +157,113 @@ def _rejected_cells(raw: RawRow | None, header: list[str]) -> list[str]:
     return ["" if h.strip().lower() == "openpgp_key" else (raw or {}).get(h) or "" for h in header]
 
 
-@contextmanager
-def private_file(path: Path) -> Iterator[TextIO]:
-    """A text file only its owner may read, put in place whole when the block ends well.
+def check_writable_path(path: Path) -> None:
+    """Refuse to put a file in place of something that is not a regular file.
+
+    A device, a pipe, a folder, or a link to one (`/dev/stdout`, `/proc/self/fd/1`): renaming a
+    file over it would not write through it but replace it, as root even in /dev.
+    """
+    try:
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):  # a link to a regular file is replaced as before
+            mode = path.stat().st_mode
+    except FileNotFoundError:  # a new file, or a link to none: nothing is replaced
+        return
+    except OSError as e:
+        raise AudienceError(f"{path}: cannot write: {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(mode):
+        raise AudienceError(f"{path}: not a regular file (a folder, device, pipe or link to one)")
+
+
+class PrivateFile:
+    """A text file only its owner may read, written beside `path` and put in place whole.
 
     Exports and rejects hold people's addresses: written to a new file made with mode 0600 in
     the same folder, then renamed over `path`, so no other account can read it, no link or file
     someone else made there is written through, and an interruption leaves no half file.
     """
-    try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise AudienceError(f"{path}: cannot write: {e.strerror or type(e).__name__}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-        os.replace(temporary, path)
-    except OSError as e:
-        raise AudienceError(f"{path}: cannot write: {e.strerror or type(e).__name__}") from None
-    finally:
+
+    def __init__(self, path: Path) -> None:
+        check_writable_path(path)
+        self.path = path
+        try:
+            fd, temporary = tempfile.mkstemp(
+                dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+            )
+        except OSError as e:
+            raise self.error(e) from None
+        self.temporary = Path(temporary)
+        self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def error(self, e: OSError) -> AudienceError:
+        """The one line an OSError on this file becomes."""
+        return AudienceError(f"{self.path}: cannot write: {e.strerror or type(e).__name__}")
+
+    def sync(self) -> None:
+        """Write out everything and close the temporary file, on disk (fsync) before it counts."""
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+        except OSError as e:
+            raise self.error(e) from None
+
+    def put_in_place(self) -> None:
+        """Rename the synced temporary file over `path`."""
+        try:
+            os.replace(self.temporary, self.path)
+        except OSError as e:
+            raise self.error(e) from None
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (it was not put in place)."""
+        with suppress(OSError):
+            self.handle.close()
         with suppress(FileNotFoundError):
-            os.unlink(temporary)
+            os.unlink(self.temporary)
 
 
 @contextmanager
-def rejects_writer(path: Path, source: Path) -> Iterator[Any]:
-    """A sink for rejected rows: line, reason and the row's own columns, opened on first use.
+def private_file(path: Path) -> Iterator[TextIO]:
+    """A PrivateFile's handle, put in place when the block ends well, else removed."""
+    file = PrivateFile(path)
+    try:
+        try:
+            yield file.handle
+        except OSError as e:
+            raise file.error(e) from None
+        file.sync()
+        file.put_in_place()
+    finally:
+        file.discard()
+
+
+class RejectsFile:
+    """Rejected rows: their line, reason and own columns, in a PrivateFile.
 
     Cells are written as import would read them, neutralised against spreadsheet formulas, with
-    control characters and undecodable bytes shown as U+FFFD. The file (see private_file) is
-    put in place only when the import went through: one stopped imported nothing.
+    control characters and undecodable bytes shown as U+FFFD. Its own columns have names import
+    ignores (REJECTS_COLUMNS), so a source's `line` or `reason` is kept and a rejects file read
+    back stores neither. The file is written whole and synced before the import commits, and
+    put in place only after: an import that stopped leaves none, one that went through its own.
     """
-    header = [h for h in read_header(source) if h not in ("line", "reason")]
-    with ExitStack() as files:
-        writer: Any = None
 
-        def write(line: int, reason: str, raw: RawRow | None) -> None:
-            nonlocal writer
-            if writer is None:
-                writer = csv.writer(files.enter_context(private_file(path)))
-                writer.writerow([_reject_cell(c) for c in ["line", "reason", *header]])
+    def __init__(self, path: Path, source: Path) -> None:
+        self.header = [h for h in read_header(source) if h not in REJECTS_COLUMNS]
+        self.file = PrivateFile(path)  # made now: a path that cannot take it stops the import
+        self.writer: Any = None
+
+    def write(self, line: int, reason: str, raw: RawRow | None) -> None:
+        """Add one rejected row (the header first)."""
+        try:
+            if self.writer is None:
+                self.writer = csv.writer(self.file.handle)
+                self.writer.writerow([_reject_cell(c) for c in [*REJECTS_COLUMNS, *self.header]])
             # A key cell is left out: it may hold a secret key pasted by mistake.
-            cells = [str(line), reason, *_rejected_cells(raw, header)]
-            writer.writerow([_reject_cell(c) for c in cells])
-
-        yield write
+            cells = [str(line), reason, *_rejected_cells(raw, self.header)]
+            self.writer.writerow([_reject_cell(c) for c in cells])
+        except OSError as e:
+            raise self.file.error(e) from None
 
 
 def _reject_cell(value: str) -> str:
@@ -228,14 +294,65 @@ def import_(
     as_json: JsonOption = False,
 ) -> None:
     """Import subscribers from CSV; bad rows go to a rejects file, good rows go in."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     state: State = ctx.obj
     secret = state.settings.security.require_secret()
-    total = max(count_lines(file) - 1, 0)
+    check_regular_file(file)
     rejects_path = rejects or file.with_suffix(".rejects.csv")
     if rejects_path.resolve() == file.resolve():  # it would replace the file being imported
         raise AudienceError(f"{rejects_path}: the rejects file cannot be the file imported")
+    rejects_file = RejectsFile(rejects_path, file)  # before anything is written
+    try:
+        try:
+            report = _import_file(state, file, rejects_file, list_slug, confirmed, secret)
+        except BaseException:
+            rejects_file.file.discard()
+            raise
+    except KeyboardInterrupt:
+        say("interrupted:", "yellow", "nothing imported")
+        raise typer.Exit(130) from None
+    except OperationalError as e:
+        if not _busy(e):
+            raise
+        raise AudienceError("database busy: nothing imported; try again") from None
+    if report.rejected:
+        try:
+            rejects_file.file.put_in_place()
+        except AudienceError as e:
+            where = rejects_file.file.temporary
+            raise AudienceError(f"{e}; the import went through, its rejects are in {where}") from e
+    else:
+        rejects_file.file.discard()
+    counts = report.counts()
+    if as_json:
+        print_json({**counts, "rejects_file": str(rejects_path) if report.rejected else None})
+    else:
+        console.print(
+            ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()), soft_wrap=True
+        )
+    if report.rejected:
+        err_console.print(f"{report.rejected} rows rejected: see {rejects_path}", soft_wrap=True)
+    if report.kept_out:
+        err_console.print(
+            f"{report.kept_out} people kept out: they unsubscribed, bounced or were forgotten",
+            soft_wrap=True,
+        )
+    if report.pending or (report.keys and not confirmed):  # keys wait for their proof mail
+        say_confirmations(state)
+
+
+def _import_file(
+    state: State,
+    file: Path,
+    rejects_file: RejectsFile,
+    list_slug: str | None,
+    confirmed: bool,
+    secret: str,
+) -> ImportReport:
+    """Import the file in one transaction, with a progress bar; the rejects file is written
+    whole and on disk before the commit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    total = max(count_lines(file) - 1, 0)
     progress = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -244,34 +361,39 @@ def import_(
         console=err_console,
         transient=True,
     )
-    with progress, rejects_writer(rejects_path, file) as on_reject:
+    with progress, unit_of_work(state.factory()) as session:
         task = progress.add_task("importing", total=total)
-        with unit_of_work(state.factory()) as session:
-            report = import_rows(
-                session=session,
-                rows=read_csv(file),
-                default_list=list_slug,
-                confirmed=confirmed,
-                secret=secret,
-                now=state.clock.now(),
-                actor=state.actor,
-                source=file.name,
-                on_reject=on_reject,
-                on_progress=lambda line: progress.update(task, completed=min(line - 1, total)),
-            )
-    counts = report.counts()
-    if as_json:
-        print_json({**counts, "rejects_file": str(rejects_path) if report.rejected else None})
-    else:
-        console.print(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
-    if report.rejected:
-        err_console.print(f"{report.rejected} rows rejected: see {rejects_path}")
-    if report.kept_out:
-        err_console.print(
-            f"{report.kept_out} people kept out: they unsubscribed, bounced or were forgotten"
+        report = import_rows(
+            session=session,
+            rows=read_csv(file),
+            default_list=list_slug,
+            confirmed=confirmed,
+            secret=secret,
+            now=state.clock.now(),
+            actor=state.actor,
+            source=file.name,
+            on_reject=rejects_file.write,
+            on_progress=lambda line: progress.update(task, completed=min(line - 1, total)),
         )
-    if report.pending or (report.keys and not confirmed):  # keys wait for their proof mail
-        say_confirmations(state)
+        rejects_file.file.sync()  # on disk before the commit: no import without its rejects
+    return report
+
+
+def _busy(error: OperationalError) -> bool:
+    """Whether SQLite gave up waiting for another writer (its busy timeout)."""
+    name = getattr(error.orig, "sqlite_errorname", "")
+    return name in ("SQLITE_BUSY", "SQLITE_LOCKED") or "database is locked" in str(error.orig)
+
+
+class TerminalText:
+    """A text stream for a terminal: what is written passes through terminal_text first."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        """Write `text` with its bidi and separator controls escaped."""
+        return self.stream.write(terminal_text(text))
 
 
 @subscribers_app.command("export")
@@ -287,7 +409,10 @@ def export(
         columns = export_columns(session, list_id=list_id)
         rows = export_rows(session, list_id=list_id)
         if out is None:
-            n = write_csv(rows, columns, sys.stdout)
+            # On a terminal, bidi and separator controls are shown escaped as every command
+            # shows outside text; a pipe or a file gets the exact data, which import reads back.
+            handle = TerminalText(sys.stdout) if sys.stdout.isatty() else sys.stdout
+            n = write_csv(rows, columns, handle)
         else:
             with private_file(out) as handle:
                 n = write_csv(rows, columns, handle)
@@ -509,7 +634,11 @@ def forget_(
     """Erase a person's data; only a keyed hash stays, so they are never mailed again."""
     state: State = ctx.obj
     secret = state.settings.security.require_secret()
-    if not yes and sys.stdin.isatty():
+    if not yes:
+        if not sys.stdin.isatty():  # a script or a pipe: nobody to ask
+            raise AudienceError(
+                "not forgotten: there is no terminal to confirm on; add --yes to erase"
+            )
         typer.confirm("Erase this person's data for good?", abort=True)
     lang, discreet = "en", "off"
     with unit_of_work(state.factory()) as session:
