@@ -151,13 +151,18 @@ def editable_draft(session: Session, campaign_id: int) -> Campaign:
         or ":draft:" not in campaign.dedupe_key
     ):
         raise CampaignError.of(N_("no console alert draft %(id)s"), id=campaign_id)
+    require_unstarted(campaign)
+    return campaign
+
+
+def require_unstarted(campaign: Campaign) -> None:
+    """CampaignError unless the alert is still a draft and was never started."""
     if campaign.status != CampaignStatus.DRAFT or campaign.started_at is not None:
         raise CampaignError.of(
             N_("alert %(id)s is %(status)s: it can no longer change"),
-            id=campaign_id,
+            id=campaign.id,
             status=str(campaign.status),
         )
-    return campaign
 
 
 def void_revisions(session: Session, *, campaign_id: int, now: datetime) -> list[int]:

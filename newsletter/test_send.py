@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.approvals import is_training, training_recipients
 from newsletter.audit import record_event
 from newsletter.check import stored_variants
+from newsletter.compose import require_unstarted
 from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignKind, CampaignStatus
@@ -236,12 +237,7 @@ def _variant(
         or not campaign.dedupe_key.startswith("alert:")
     ):
         raise CampaignError.of(N_("no console alert draft %(id)s"), id=campaign_id)
-    if campaign.status != CampaignStatus.DRAFT or campaign.started_at is not None:
-        raise CampaignError.of(
-            N_("alert %(id)s is %(status)s: it can no longer change"),
-            id=campaign_id,
-            status=str(campaign.status),
-        )
+    require_unstarted(campaign)
     variants = stored_variants(session, campaign)
     if not variants or any(not v.nonce for v in variants):
         variants = render_campaign(campaign, settings=settings)
