@@ -30,6 +30,10 @@ from newsletter.segments import get_segment
 # of 20,000 items made a digest that took 5 minutes and 750 MB to render, then failed the size
 # check anyway. The older ones are passed over (the cursor moves past them), said in the event.
 MAX_DIGEST_ITEMS = 100
+# At most this many items are set aside for the check (each one checked, excluded and named in
+# the event); past them the rest are passed over too: a hostile feed costs a bounded amount.
+MAX_SET_ASIDE = 100
+SET_ASIDE_BY = "check"  # DigestExclusion.excluded_by of an item the check would refuse
 
 
 def assemble_digest(
@@ -47,18 +51,31 @@ def assemble_digest(
     left out (DigestExclusion, digest_control.py) are never in it; the cursor moves past them,
     as past items beyond the newest MAX_DIGEST_ITEMS. With the settings, an item the pre-send
     check would refuse (an http link, a host not allowed, a reader's page named in its text) is
-    set aside as staff would leave it out, with an event saying why, and the others go: one
+    set aside as staff would leave it out, named with why in one event, and the others go: one
     item of one source must not hold every source's news.
     """
     ml = _digest_list(session, list_slug)
     window = list(items_since(session, ml.digest_cursor))
     excluded = excluded_item_ids(session, ml.id)
-    items = [item for item in window if item.id not in excluded]
-    if settings is not None:
-        items = _set_aside_refused(session, ml, items, settings=settings, now=now)
-    newest = sorted(items, key=lambda item: (item.published_at, item.id))[-MAX_DIGEST_ITEMS:]
-    passed_over, kept = len(items) - len(newest), {item.id for item in newest}
-    items = [item for item in items if item.id in kept]
+    candidates = [item for item in window if item.id not in excluded]
+    kept, set_aside = _newest_passing(candidates, settings)
+    passed_over = len(candidates) - len(kept) - len(set_aside)
+    for item, _why in set_aside:
+        session.add(
+            DigestExclusion(
+                list_id=ml.id, item_id=item.id, excluded_by=SET_ASIDE_BY, excluded_at=now
+            )
+        )
+    if set_aside:
+        record_event(
+            session,
+            now=now,
+            actor=SET_ASIDE_BY,
+            action="digest.items_set_aside",
+            list=ml.slug,
+            items=[{"item": item.id, "reason": why} for item, why in set_aside],
+        )
+    items = [item for item in candidates if item.id in {k.id for k in kept}]  # window order
     if not items:
         # Items staff left out are passed over for good: the cursor moves past them.
         if window:
@@ -91,34 +108,24 @@ def assemble_digest(
     return campaign
 
 
-SET_ASIDE_BY = "check"  # DigestExclusion.excluded_by of an item the check would refuse
-
-
-def _set_aside_refused(
-    session: Session, ml: MailingList, items: list[Item], *, settings: Settings, now: datetime
-) -> list[Item]:
-    """The items the pre-send check would let through; the others excluded, each with why."""
-    from newsletter.check import item_problem  # the check loads lxml: only when asked for
-
-    kept = []
-    for item in items:
-        why = item_problem(item.title, item.link, item.summary_html, settings)
-        if not why:
+def _newest_passing(
+    items: list[Item], settings: Settings | None
+) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """The newest MAX_DIGEST_ITEMS items the pre-send check would let through (all of them,
+    without settings), and the items met on the way it would refuse, with why."""
+    if settings is not None:
+        from newsletter.check import item_problem  # the check loads lxml: only when asked for
+    kept: list[Item] = []
+    set_aside: list[tuple[Item, str]] = []
+    for item in sorted(items, key=lambda item: (item.published_at, item.id), reverse=True):
+        if len(kept) == MAX_DIGEST_ITEMS or len(set_aside) == MAX_SET_ASIDE:
+            break
+        why = item_problem(item.title, item.link, item.summary_html, settings) if settings else ""
+        if why:
+            set_aside.append((item, why))
+        else:
             kept.append(item)
-            continue
-        exclusion = DigestExclusion(list_id=ml.id, item_id=item.id, excluded_at=now)
-        exclusion.excluded_by = SET_ASIDE_BY
-        session.add(exclusion)
-        record_event(
-            session,
-            now=now,
-            actor=SET_ASIDE_BY,
-            action="digest.item_set_aside",
-            list=ml.slug,
-            item=item.id,
-            reason=why,
-        )
-    return kept
+    return kept, set_aside
 
 
 def excluded_item_ids(session: Session, list_id: int) -> set[int]:

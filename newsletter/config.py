@@ -172,11 +172,11 @@ class ConsoleSettings:
     # Alerts go only to the staff's own addresses; self-approval allowed (and only here).
     training: bool = False
     # Failed sign-ins allowed per 15 minutes: per (account, client address), per client address;
-    # and per UTC day: per (account, client address), and per account from every address.
+    # and per UTC day per (account, client address). No ceiling per account: a few addresses
+    # would then lock the owner out without even knowing the password.
     failures_per_account_client: int = 5
     failures_per_client: int = 20
     failures_per_account_client_day: int = 20
-    failures_per_account_day: int = 100
     # Failed second-factor codes allowed per 15 minutes: per (account, client address), and per
     # account from every address; and at an approval's step-up, per signed-in session.
     code_failures_per_account_client: int = 5
@@ -728,7 +728,6 @@ def _validate_console(settings: Settings) -> None:
         "failures_per_account_client",
         "failures_per_client",
         "failures_per_account_client_day",
-        "failures_per_account_day",
         "code_failures_per_account_client",
         "code_failures_per_account",
         "step_up_failures_per_session",
@@ -736,14 +735,6 @@ def _validate_console(settings: Settings) -> None:
     ):
         if getattr(console, key) < 1:
             raise ConfigError(f"{where}: 'console.{key}' must be at least 1")
-    # One address alone must never reach an account's limit: that would lock the owner out
-    # from everywhere else.
-    for one, every in (
-        ("failures_per_account_client_day", "failures_per_account_day"),
-        ("code_failures_per_account_client", "code_failures_per_account"),
-    ):
-        if getattr(console, every) <= getattr(console, one):
-            raise ConfigError(f"{where}: 'console.{every}' must be greater than 'console.{one}'")
     for i, proxy in enumerate(console.trusted_proxies):
         try:
             ipaddress.ip_network(proxy, strict=False)

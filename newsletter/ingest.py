@@ -19,6 +19,7 @@ import importlib.metadata
 import math
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,7 @@ def _parser_fingerprint() -> bytes:
     (a sanitiser fixed) reads every feed again, and so updates the items it changes."""
     from newsletter import parse, sanitize
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(sys.version.encode())  # expat, html.parser and urljoin are Python's
     for module in (parse, sanitize):
         digest.update(Path(module.__file__ or "").read_bytes())
     for package in ("feedparser", "nh3", "defusedxml"):

@@ -62,7 +62,8 @@ THROTTLE_WINDOW_SECONDS = 3600
 # Owed confirmations go in rounds this many seconds apart (least, most), drawn at random each
 # time (`newsletter web` and `newsletter run` alike): never right after a post, which would tell
 # whoever posted that the address was owed one, i.e. not subscribed; random, not periodic, so a
-# post cannot be timed just before a round; a reader waits at most a minute for the email.
+# post cannot be timed just before a round; a reader waits at most a minute for the email (under
+# `newsletter run`, a round that starts while a large delivery round runs waits for its end).
 CONFIRM_DELAY_SECONDS = (5.0, 60.0)
 _SALT = "newsletter.signup-form"
 

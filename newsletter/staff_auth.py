@@ -101,7 +101,9 @@ def _key(kind: str, *parts: str, secret: str) -> str:
 
 
 def _password_limits(email: str, client: str, settings: Settings) -> list[tuple[str, int, int]]:
-    """The password step's (key, limit, window) per (account, client), client and account."""
+    """The password step's (key, limit, window): per (account, client) and per client, and
+    per (account, client) each day. None per account: a few addresses would lock the owner out
+    without knowing the password; the code step bounds what a password-holder can guess."""
     secret = settings.security.require_secret()
     account, net, console = email.strip().lower(), client_net(client), settings.console
     return [
@@ -116,7 +118,6 @@ def _password_limits(email: str, client: str, settings: Settings) -> list[tuple[
             console.failures_per_account_client_day,
             DAY,
         ),
-        (_key("signin-account-day", account, secret=secret), console.failures_per_account_day, DAY),
     ]
 
 
@@ -127,7 +128,8 @@ def _code_limits(staff_id: int, client: str, settings: Settings) -> list[tuple[s
     in 15 minutes, and needs the password to get here at all. Across addresses the ceiling (15)
     bounds guessing at 15 x 96 = 1,440 codes a day, each with 3 in 1,000,000 accepted (a step
     either side), about 0.4% a day, where one address alone gets 480 (0.14%). Since 5 < 15, an
-    attacker needs three addresses to reach it: one address cannot lock the owner out.
+    attacker holding the password needs three addresses to reach it: one address cannot lock
+    the owner out (a config that sets the ceiling at or below the first limit gives that up).
     """
     secret = settings.security.require_secret()
     console = settings.console

@@ -96,7 +96,7 @@ def test_items_the_check_would_refuse_are_set_aside_and_the_digest_goes(
 ) -> None:
     """One item with an http link, or naming the readers' own pages, made the check refuse the
     whole digest (every source's news) while ingest said ok: such items are set aside, as staff
-    would leave them out, each with an event saying why, and the rest go."""
+    would leave them out, named with why in one event, and the rest go."""
     from tests.test_schedule import settings_for
 
     settings = settings_for(database_url)
@@ -122,8 +122,8 @@ def test_items_the_check_would_refuse_are_set_aside_and_the_digest_goes(
             settings=settings,
         )
         assert campaign is not None and [i.title for i in campaign.items] == ["fine"]
-        events = select(Event).where(Event.action == "digest.item_set_aside")
-        reasons = sorted(e.detail["reason"] for e in session.scalars(events))
+        [event] = session.scalars(select(Event).where(Event.action == "digest.items_set_aside"))
+        reasons = sorted(entry["reason"] for entry in event.detail["items"])
         page = f"{base}/preferences/"
         assert reasons == [
             f"it names the readers' preferences page ({page})",

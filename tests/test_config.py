@@ -47,16 +47,6 @@ def test_example_config_names_every_key() -> None:
         pytest.param("[smtp\nport = 1\n", "not valid TOML", id="broken-toml"),
         pytest.param("[smtp]\nsecurity = 'ssl'\n", "'smtp.security'", id="bad-security"),
         pytest.param(
-            "[console]\ncode_failures_per_account = 5\n",
-            "'console.code_failures_per_account' must be greater",
-            id="code-ceiling-one-address-reaches",
-        ),
-        pytest.param(
-            "[console]\nfailures_per_account_day = 20\n",
-            "'console.failures_per_account_day' must be greater",
-            id="password-ceiling-one-address-reaches",
-        ),
-        pytest.param(
             "[console]\ntrusted_proxies = ['proxy']\n",
             "'console.trusted_proxies[0]'",
             id="bad-console-proxy",
