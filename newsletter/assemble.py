@@ -52,13 +52,16 @@ def assemble_digest(
     as past items beyond the newest MAX_DIGEST_ITEMS. With the settings, an item the pre-send
     check would refuse (an http link, a host not allowed, a reader's page named in its text) is
     set aside as staff would leave it out, named with why in one event, and the others go: one
-    item of one source must not hold every source's news.
+    item of one source must not hold every source's news. When none would pass, none is set
+    aside, and the check refuses the digest, as a setting that refuses every item needs.
     """
     ml = _digest_list(session, list_slug)
     window = list(items_since(session, ml.digest_cursor))
     excluded = excluded_item_ids(session, ml.id)
     candidates = [item for item in window if item.id not in excluded]
     kept, set_aside = _newest_passing(candidates, settings)
+    if set_aside and not kept:  # a setting refuses them all (allowed_link_hosts without the
+        kept, set_aside = _newest_passing(candidates, None)  # portal): the check says so, loudly
     passed_over = len(candidates) - len(kept) - len(set_aside)
     for item, _why in set_aside:
         session.add(

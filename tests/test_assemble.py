@@ -133,6 +133,28 @@ def test_items_the_check_would_refuse_are_set_aside_and_the_digest_goes(
         assert excluded == ["check", "check"]
 
 
+def test_when_the_check_would_refuse_every_item_none_is_set_aside(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A setting that refuses every item (allowed_link_hosts without the portal) is a mistake
+    to show, not to hide: the digest keeps them all, for the check to refuse it loudly."""
+    from dataclasses import replace
+
+    from tests.test_schedule import settings_for
+
+    base = settings_for(database_url)
+    settings = replace(base, check=replace(base.check, allowed_link_hosts=("elsewhere.example",)))
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        total = session.scalar(select(func.count()).select_from(Item))
+        now = clock.now()
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=now, actor="t", settings=settings
+        )
+        assert campaign is not None and len(campaign.items) == total
+        assert session.scalar(select(func.count()).select_from(DigestExclusion)) == 0
+
+
 def test_digest_of_an_alert_list_is_refused(
     factory: sessionmaker[Session], clock: FrozenClock
 ) -> None:
