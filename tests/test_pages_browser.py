@@ -72,6 +72,15 @@ def preferences_bounced(site: Site, page: Any) -> None:
     page.click("button[value=save]")
 
 
+def preferences_refused(site: Site, page: Any) -> None:
+    """A post with a language the form never offers: the one-line refusal page."""
+    preferences_page(site, page)
+    page.eval_on_selector("input[name=language]:checked", "input => { input.value = 'xx'; }")
+    with page.expect_response(lambda response: response.request.method == "POST") as answer:
+        page.click("button[value=save]")
+    assert answer.value.status == 400  # the refusal page, not the form again
+
+
 def confirm_page(site: Site, page: Any) -> None:
     sid = add_person(site.factory, site.clock, "new@example.org", confirmed=False)
     page.goto(f"{site.url}/confirm/{site.token('confirm', sid)}")
@@ -99,6 +108,7 @@ STATES: dict[str, tuple[Callable[[Site, Any], None], str]] = {
     "preferences-saved": (preferences_saved, "[role=status], .status"),
     "preferences-expired": (preferences_expired, "[role=alert]"),
     "preferences-bounced": (preferences_bounced, "[role=alert]"),
+    "preferences-refused": (preferences_refused, "h1"),
     "confirm": (confirm_page, "form"),
     "confirmed": (confirmed_page, "h1"),
     "confirm-expired": (confirm_expired, "[role=alert], .status"),
