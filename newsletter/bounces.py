@@ -7,19 +7,22 @@ status per recipient; the original message's Message-ID (text/rfc822-headers or 
 the fallback when the bounce lost the VERP address.
 
 A hard bounce (action failed, status 5.x.x about the mailbox: X.0.0, X.1.x but the sender's
-X.1.7 and X.1.8, X.2.x; RFC 3463) with a valid VERP signature marks the delivery failed and
-suppresses the address at once. A permanent failure about anything else (policy and
-authentication X.7.x, such as a DMARC rejection, content X.6.x, routing, protocol) refused this
-message, not the address: it marks the delivery failed (a VERP signature required) and suppresses
-no one, as the sender does for a 5xx after RCPT. A relay that accepts and then forwards would
-otherwise turn one DNS mistake into every reader of a provider suppressed for good.
+X.1.7 and X.1.8, X.2.0 to X.2.2; RFC 3463) with a valid VERP signature marks the delivery failed
+and suppresses the address at once. A permanent failure about anything else (policy and
+authentication X.7.x, such as a DMARC rejection, content X.6.x, a message too large X.2.3 or
+X.3.4, routing, protocol) refused this message, not the address: it marks the delivery failed (a
+VERP signature required) and suppresses no one, as the sender does for a 5xx after RCPT. A relay
+that accepts and then forwards would otherwise turn one DNS mistake into every reader of a
+provider suppressed for good.
 
 When only the returned Message-ID names the delivery, anyone who saw that message could have
 written the bounce: a hard one is counted (an event and a note on the delivery) and suppresses only
 when a second such bounce arrives for another delivery of the same person, that is from another
 campaign. Bounces repeated for the same delivery never count twice, however far apart in time: a
-forger can repeat one bounce, but cannot make a second Message-ID. A delay (4.x.x) is noted on the
-delivery.
+forger can repeat one bounce, but cannot make a second Message-ID. A bounce applied once stays
+applied (its delivery.bounced event) when the reader later signs up again, and a hard bounce for a
+delivery that went out before the reader's latest confirmation suppresses no one: the confirmation
+email reached them since. A delay (4.x.x) is noted on the delivery.
 
 Mail from outside is read with limits (read_mail): only its first MAX_READ_BYTES, at most
 MAX_CONTENT_TYPES Content-Type fields (which bounds how deep MIME can nest before the recursive
@@ -44,8 +47,15 @@ from sqlalchemy.orm import Session
 
 from newsletter.audit import record_event
 from newsletter.config import Settings
-from newsletter.db.models import Delivery, DeliveryStatus, Event, Subscriber, SubscriberStatus
-from newsletter.errors import NewsletterError
+from newsletter.db.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+)
+from newsletter.errors import ConfigError, NewsletterError
 from newsletter.ledger import scrub, suppress_bounced
 from newsletter.message import message_id
 from newsletter.tokens import keyed_hash
@@ -216,11 +226,19 @@ def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bou
 
 def mailbox_refused(status: str) -> bool:
     """Whether a permanent status code is about the recipient's mailbox or address (RFC 3463:
-    X.0.0 undetermined, X.1.x addressing but X.1.7/X.1.8 the sender's address, X.2.x mailbox)."""
+    X.0.0 undetermined, X.1.x addressing but X.1.7/X.1.8 the sender's address, X.2.0 to X.2.2
+    mailbox status)."""
     _, subject, detail = status.split(".") if status.count(".") == 2 else ("", "", "")
     if subject == "0":
         return detail == "0"
-    return subject == "2" or (subject == "1" and detail not in ("7", "8"))
+    if subject == "2":
+        # X.2.0 other mailbox status, X.2.1 mailbox disabled, X.2.2 mailbox full: the mailbox.
+        # RFC 3463 calls a full mailbox usually transient; a 5.2.2 is a receiver saying it gave
+        # up (an abandoned mailbox over quota), and whoever empties theirs can sign up again.
+        # X.2.3 (message length over an administrative limit) and X.2.4 (mailing list
+        # expansion) refuse this message, not the address: nobody is suppressed for them.
+        return detail in ("0", "1", "2")
+    return subject == "1" and detail not in ("7", "8")
 
 
 def without_addresses(text: str) -> str:
@@ -317,8 +335,9 @@ def handle_bounce(
     now: datetime,
 ) -> str:
     """Apply one incoming bounce: "hard", "unconfirmed", "refused" (failed for good, not for the
-    mailbox: nobody suppressed), "soft", "not a bounce", "unknown delivery"; "hard again" and
-    "refused again" for a bounce already applied (nothing written).
+    mailbox: nobody suppressed), "hard before confirmation" (the delivery failed, the reader
+    confirmed since: nobody suppressed), "soft", "not a bounce", "unknown delivery"; "hard again"
+    and "refused again" for a bounce already applied (nothing written).
 
     Raises UnreadableMailError, before touching the database, when the message cannot be read.
     """
@@ -363,21 +382,34 @@ def apply_bounce(
             )
         session.flush()
         return "refused"
+    if _bounce_applied(session, delivery, subscriber):
+        return "hard again"  # whatever the reader did since: no second event for one bounce
     if bounce.delivery_id is None and not _bounced_elsewhere(session, delivery):
         _count_unconfirmed(session, delivery, reply, now=now)
         return "unconfirmed"
-    done = subscriber is None or subscriber.status == SubscriberStatus.BOUNCED
-    if delivery.status == DeliveryStatus.FAILED and done:
-        return "hard again"  # failed and suppressed already: no second event for one bounce
     delivery.last_reply = reply
     delivery.status = DeliveryStatus.FAILED
+    if _confirmed_since(session, delivery):
+        # They confirmed (signed up again) after this message went out: the mailbox took our
+        # confirmation email since, so this old bounce says nothing about it now.
+        record_event(
+            session,
+            now=now,
+            actor="bounces",
+            action=BOUNCED,
+            delivery=delivery.id,
+            suppressed=False,
+        )
+        session.flush()
+        return "hard before confirmation"
     if subscriber is not None:
         suppress_bounced(session, subscriber.id, email, settings=settings, now=now, reply=reply)
-    record_event(session, now=now, actor="bounces", action="delivery.bounced", delivery=delivery.id)
+    record_event(session, now=now, actor="bounces", action=BOUNCED, delivery=delivery.id)
     session.flush()
     return "hard"
 
 
+BOUNCED = "delivery.bounced"
 UNCONFIRMED = "delivery.bounce_unconfirmed"
 
 
@@ -401,13 +433,52 @@ def _count_unconfirmed(session: Session, delivery: Delivery, reply: str, *, now:
     session.flush()
 
 
-def _bounced_elsewhere(session: Session, delivery: Delivery) -> bool:
-    """Whether an unconfirmed hard bounce came for another delivery (campaign) of this person."""
-    others = select(func.count()).where(
-        Event.action == UNCONFIRMED,
-        Event.detail["subscriber"].as_integer() == delivery.subscriber_id,
-        Event.detail["delivery"].as_integer() != delivery.id,
+def _bounce_applied(session: Session, delivery: Delivery, subscriber: Subscriber | None) -> bool:
+    """Whether a hard bounce was applied to this delivery already (the reader suppressed then).
+
+    Failed with its reader bounced, or failed with a delivery.bounced event: the event stays
+    when the reader signs up again and is no longer bounced. Only a failed delivery is looked
+    up (a retried one is sent again, and its new bounce is new).
+    """
+    if delivery.status != DeliveryStatus.FAILED:
+        return False
+    if subscriber is None or subscriber.status == SubscriberStatus.BOUNCED:
+        return True
+    applied = select(func.count()).where(
+        Event.action == BOUNCED, Event.detail["delivery"].as_integer() == delivery.id
     )
+    return bool(session.scalar(applied))
+
+
+def _confirmed_since(session: Session, delivery: Delivery) -> bool:
+    """Whether the delivery's reader confirmed a subscription after the delivery went out."""
+    went_out = delivery.sent_at or delivery.created_at
+    later = select(func.count()).where(
+        Subscription.subscriber_id == delivery.subscriber_id,
+        Subscription.confirmed_at > went_out,
+    )
+    return bool(session.scalar(later))
+
+
+def _bounced_elsewhere(session: Session, delivery: Delivery) -> bool:
+    """Whether an unconfirmed hard bounce came for another delivery (campaign) of this person,
+    one that went out after their latest confirmation (an older one is no evidence now)."""
+    confirmed = select(func.max(Subscription.confirmed_at)).where(
+        Subscription.subscriber_id == delivery.subscriber_id
+    )
+    latest = session.scalar(confirmed)
+    others = (
+        select(func.count())
+        .select_from(Event)
+        .join(Delivery, Delivery.id == Event.detail["delivery"].as_integer())
+        .where(
+            Event.action == UNCONFIRMED,
+            Event.detail["subscriber"].as_integer() == delivery.subscriber_id,
+            Delivery.id != delivery.id,
+        )
+    )
+    if latest is not None:
+        others = others.where(func.coalesce(Delivery.sent_at, Delivery.created_at) > latest)
     return bool(session.scalar(others))
 
 
@@ -432,11 +503,13 @@ UNREADABLE = ".unreadable"
 
 @dataclass(frozen=True)
 class MaildirResult:
-    """What became of one message file: its unique name, the outcome and, if set aside, why."""
+    """What became of one message file: its unique name, the outcome and, if set aside or left
+    unmarked, why."""
 
     name: str
     outcome: str
     reason: str = ""
+    marked: bool = True  # False: applied, but still unmarked (it is read again next run)
 
 
 def process_maildir(
@@ -446,7 +519,13 @@ def process_maildir(
 
     A message that cannot be read is moved to the Maildir++ folder .unreadable and reported as
     "unreadable"; an error of apply itself (the database) stops the run, the message unmarked.
+    A missing cur/ is made first; ConfigError, before anything is applied, when messages could
+    not be marked. A message applied whose marking fails all the same (a full disk, a name too
+    long for its flags) is reported with marked False and the run goes on: applying it again
+    next run writes nothing twice (each outcome is kept per delivery), so marking comes after
+    applying, and a run killed between the two loses nothing.
     """
+    _ready_to_mark(root)
     for path in _maildir_files(root):
         name, _, info = path.name.partition(":")
         flags = info[2:] if info.startswith("2,") else ""
@@ -462,8 +541,31 @@ def process_maildir(
             yield MaildirResult(name, "unreadable", e.reason)
             continue
         seen = "".join(sorted(set(flags + "S")))
-        os.replace(path, root / "cur" / f"{name}:2,{seen}")
+        try:
+            os.replace(path, root / "cur" / f"{name}:2,{seen}")
+        except OSError as e:
+            yield MaildirResult(name, outcome, _os_reason(e), marked=False)
+            continue
         yield MaildirResult(name, outcome)
+
+
+def _ready_to_mark(root: Path) -> None:
+    """Make a missing cur/; ConfigError when new/ or cur/ cannot take a marked message."""
+    cur = root / "cur"
+    try:
+        cur.mkdir(mode=0o700, exist_ok=True)  # mail to the bounce address names readers
+    except OSError as e:
+        raise ConfigError(
+            f"{root}: cannot make cur/ to mark messages in ({_os_reason(e)})"
+        ) from None
+    for folder in (root / "new", cur):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{folder}: not writable, so processed messages cannot be marked")
+
+
+def _os_reason(error: OSError) -> str:
+    """An OSError in a few words, without the paths it quotes."""
+    return error.strerror or type(error).__name__
 
 
 def _read_head(path: Path) -> bytes | None:

@@ -9,8 +9,9 @@ check, each with the exact record to publish when something is wrong:
   a message signed now with the service's own signer verifies against it (dkimpy).
 - DMARC of the From domain: a record, its policy, and alignment through SPF or DKIM.
 - With --live: the one-click unsubscribe (RFC 8058) of a throwaway subscriber, over HTTP
-  (`one-click`, the mechanics), and whether [web] base_url is a public https URL as RFC 8058
-  requires (`one-click-https`).
+  (`one-click`, the mechanics; the whole POST within [doctor] timeout_seconds), and whether
+  [web] base_url is a public https URL as RFC 8058 requires (`one-click-https`). The throwaway
+  subscriber is forgotten afterwards, and any an earlier, killed run left is forgotten first.
 
 The checks are functions of what DNS answers (an `AuthoritativeDns`, or any object with its
 methods); DNS failures become failed findings of one line, never an exception.
@@ -18,8 +19,10 @@ methods); DNS failures become failed findings of one line, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
+import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,7 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audit import record_event
 from newsletter.config import Settings
-from newsletter.db.models import MailingList, Subscription, SubscriptionStatus
+from newsletter.db.models import MailingList, Subscriber, Subscription, SubscriptionStatus
 from newsletter.dkim import DkimSigner, load_discreet_signer, load_signer
 from newsletter.dns_records import DnsError
 from newsletter.message import ListInfo, Recipient, link_urls, plain_identity
@@ -47,8 +50,9 @@ from newsletter.spf import (
     Lookup,
     SpfPermError,
     Term,
-    check_host,
     count_lookups,
+    describe_char,
+    evaluate,
     spf_records,
     suggest_spf,
     term_cost,
@@ -141,14 +145,40 @@ def aligned(from_domain: str, other: str, mode: str) -> bool:
     return organizational_domain(a) == organizational_domain(b)
 
 
+# The white space a DKIM tag list may hold around and inside tags (FWS, RFC 6376 §3.2); DMARC
+# allows only SP and HTAB around its tags (WSP, RFC 7489 §6.4). str.strip() and str.split()
+# would also take away a non-breaking space, which a receiver keeps as part of the tag.
+_FWS = " \t\r\n"
+_NO_FWS = str.maketrans("", "", _FWS)
+_WSP = " \t"
+
+
 def parse_tags(record: str) -> dict[str, str]:
-    """The tag=value pairs of a DKIM or DMARC record (tag names lower-cased)."""
+    """The tag=value pairs of a DKIM record (tag names lower-cased, values without FWS)."""
     tags: dict[str, str] = {}
     for part in record.split(";"):
         name, eq, value = part.partition("=")
         if eq:
-            tags.setdefault(name.strip().lower(), "".join(value.split()))
+            tags.setdefault(name.strip(_FWS).lower(), value.translate(_NO_FWS))
     return tags
+
+
+def dmarc_tags(record: str) -> dict[str, str]:
+    """The tag=value pairs of a DMARC record (tag names lower-cased, SP and HTAB around each
+    name and value taken off, nothing else)."""
+    tags: dict[str, str] = {}
+    for part in record.split(";"):
+        name, eq, value = part.partition("=")
+        if eq:
+            tags.setdefault(name.strip(_WSP).lower(), value.strip(_WSP))
+    return tags
+
+
+def is_dmarc(txt: str) -> bool:
+    """Whether a TXT record is a DMARC record: its first tag is v, exactly "DMARC1" (RFC 7489
+    §6.3: the value must match precisely, and v must come first)."""
+    name, eq, value = txt.partition(";")[0].partition("=")
+    return bool(eq) and name.strip(_WSP).lower() == "v" and value.strip(_WSP) == "DMARC1"
 
 
 # --- SPF -------------------------------------------------------------------------------------
@@ -180,7 +210,8 @@ def check_spf(identity: SendingIdentity, ips: Sequence[str], dns: Lookup) -> lis
     results: dict[str, str] = {}
     for ip in ips:
         try:
-            results[ip] = check_host(ip, domain, identity.envelope_address, dns)
+            result, why = evaluate(ip, domain, identity.envelope_address, dns)
+            results[ip] = f"{result} ({why})" if why else result
         except DnsError as e:
             results[ip] = f"temperror ({e})"
         if results[ip] != "pass":
@@ -321,18 +352,21 @@ def check_dkim(identity: SendingIdentity, dns: Lookup, now: datetime) -> list[Fi
 # --- DMARC -----------------------------------------------------------------------------------
 
 
-def dmarc_record(dns: Lookup, from_domain: str) -> tuple[str, str, list[str]]:
-    """The DMARC record that governs `from_domain`: (where, policy tag, records found there).
+def dmarc_record(dns: Lookup, from_domain: str) -> tuple[str, str, list[str], list[str]]:
+    """The DMARC record that governs `from_domain`: (where, policy tag, records found there,
+    records receivers ignore on the way that look meant for DMARC).
 
     The From domain's own, else the organizational domain's (its sp=, RFC 7489 §6.6.3).
     """
     org = organizational_domain(from_domain)
+    ignored: list[str] = []
     for domain in dict.fromkeys([from_domain, org]):
         txts = dns.txt(f"_dmarc.{domain}")
-        found = [t for t in txts if t.replace(" ", "").startswith("v=DMARC1")]
+        found = [t for t in txts if is_dmarc(t)]
         if found:
-            return domain, ("p" if domain == from_domain else "sp"), found
-    return from_domain, "p", []
+            return domain, ("p" if domain == from_domain else "sp"), found, ignored
+        ignored += [f"_dmarc.{domain}: {t!r}" for t in txts if "dmarc" in t.lower()]
+    return from_domain, "p", [], ignored
 
 
 def check_dmarc(
@@ -345,16 +379,22 @@ def check_dmarc(
         f"v=DMARC1; p=none; rua=mailto:dmarc-reports@{organizational_domain(from_domain)}",
     )
     try:
-        where, policy_tag, records = dmarc_record(dns, from_domain)
+        where, policy_tag, records, ignored = dmarc_record(dns, from_domain)
     except DnsError as e:
         return [Finding(name, "dmarc", False, str(e))]
+    if not records and ignored:
+        message = (
+            f"{ignored[0]} is no DMARC record to receivers: its first tag must be v=DMARC1, "
+            "exactly so (RFC 7489 §6.3)"
+        )
+        return [Finding(name, "dmarc", False, message, suggestion)]
     if not records:
         message = f"_dmarc.{from_domain}: no DMARC record (the big providers want p=none at least)"
         return [Finding(name, "dmarc", False, message, suggestion)]
     if len(records) > 1:
         message = f"_dmarc.{where}: {len(records)} DMARC records: receivers ignore them all"
         return [Finding(name, "dmarc", False, message, suggestion)]
-    tags = parse_tags(records[0])
+    tags = dmarc_tags(records[0])
     policies = ("none", "quarantine", "reject")  # case-insensitive (RFC 7489 §6.4)
     policy = tags.get(policy_tag, "").lower()
     if policy not in policies:
@@ -365,7 +405,7 @@ def check_dmarc(
         policy, note = "none", " (no p= tag: read as p=none, RFC 7489 §6.6.3; add p=none)"
     if policy not in policies:
         message = f"_dmarc.{where}: no valid policy (p={tags.get('p') or 'missing'})"
-        return [Finding(name, "dmarc", False, message, suggestion)]
+        return [Finding(name, "dmarc", False, message + _odd_tag(tags), suggestion)]
     message = f"_dmarc.{where}: policy {policy}{note}: {records[0]}"
     findings = [Finding(name, "dmarc", True, message)]
     aspf, adkim = tags.get("aspf", "r")[:1], tags.get("adkim", "r")[:1]
@@ -401,6 +441,19 @@ def check_dmarc(
         )
     findings.append(Finding(name, "dmarc-alignment", False, message, fix))
     return findings
+
+
+def _odd_tag(tags: dict[str, str]) -> str:
+    """Why a tag name is no DMARC tag, when it holds something besides letters and digits
+    (a non-breaking space after a ";"), else ""."""
+    for tag in tags:
+        odd = next((c for c in tag if not (c.isascii() and c.isalnum())), None)
+        if odd is not None:
+            return (
+                f"; the tag {tag!r} holds {describe_char(odd)}, so receivers do not know it: "
+                "only spaces or tabs may surround a tag"
+            )
+    return ""
 
 
 def _tag_items(record: str) -> list[tuple[str, str]]:
@@ -446,16 +499,28 @@ def record_verdict(session: Session, *, now: datetime, actor: str, ok: bool, fai
 # --- one-click unsubscribe, live ------------------------------------------------------------
 
 
+# Every throwaway address is doctor-<16 hex digits>@doctor.example, a reserved domain (RFC 2606):
+# no reader can have one. Linear: a fullmatch of literals around one bounded run of hex digits.
+THROWAWAY_DOMAIN = "doctor.example"
+_THROWAWAY = re.compile(r"doctor-[0-9a-f]{16}@doctor\.example")
+
+
 def check_one_click(
     settings: Settings,
     factory: sessionmaker[Session],
     now: Callable[[], datetime],
     *,
-    client: httpx.Client,
+    timeout: float,
 ) -> Finding:
-    """Subscribe a throwaway address, POST its one-click link once, check it left; forget it."""
+    """Subscribe a throwaway address, POST its one-click link once, check it left; forget it.
+
+    The whole POST, answer included, takes at most `timeout` seconds. Throwaway subscribers an
+    earlier run left behind (killed before its cleanup) are forgotten first.
+    """
     secret = settings.security.require_secret()
-    address = f"doctor-{secrets.token_hex(8)}@doctor.example"  # reserved TLD (RFC 2606)
+    swept = forget_throwaways(factory, secret=secret, now=now())
+    note = f"; forgot {swept} throwaway subscriber(s) an earlier run left" if swept else ""
+    address = f"doctor-{secrets.token_hex(8)}@{THROWAWAY_DOMAIN}"
     with factory() as session:
         mlist = session.scalar(select(MailingList).order_by(MailingList.id).limit(1))
         if mlist is None:
@@ -481,13 +546,12 @@ def check_one_click(
         )
         url = urls["unsubscribe"]
         try:
-            response = client.post(
-                url,
-                content=b"List-Unsubscribe=One-Click",
-                headers={"Content-Type": "application/x-www-form-urlencoded"},
-            )
+            status_code = asyncio.run(post_one_click(url, timeout=timeout))
+        except TimeoutError:
+            message = f"POST {_origin(url)}: no complete answer within {timeout:g} s{note}"
+            return Finding("main", "one-click", False, message)
         except httpx.HTTPError as e:
-            message = f"POST {_origin(url)}: {type(e).__name__}: {e}"
+            message = f"POST {_origin(url)}: {type(e).__name__}: {e}{note}"
             return Finding("main", "one-click", False, message)
         with factory() as session:
             status = session.scalar(
@@ -497,13 +561,49 @@ def check_one_click(
                 )
             )
         left = status == SubscriptionStatus.UNSUBSCRIBED
-        ok = left and 200 <= response.status_code < 300
-        message = f"POST {_origin(url)}/unsubscribe/…: HTTP {response.status_code}, " + (
+        ok = left and 200 <= status_code < 300
+        message = f"POST {_origin(url)}/unsubscribe/…: HTTP {status_code}, " + (
             "unsubscribed in one request" if left else "still subscribed"
         )
-        return Finding("main", "one-click", ok, message)
+        return Finding("main", "one-click", ok, message + note)
     finally:
         remove_subscriber(factory, address, secret=secret, now=now())
+
+
+async def post_one_click(url: str, *, timeout: float) -> int:
+    """POST an RFC 8058 one-click unsubscribe; the answer's status code (its body is not read).
+
+    TimeoutError past `timeout` seconds for the whole exchange: httpx's timeout bounds each read
+    only, so a server sending a byte now and then would hold it forever. (A host name is looked
+    up by the system resolver, within its own timeouts.)
+    """
+    async with (
+        asyncio.timeout(timeout),
+        httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+        client.stream(
+            "POST",
+            url,
+            content=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ) as response,
+    ):
+        return response.status_code
+
+
+def forget_throwaways(factory: sessionmaker[Session], *, secret: str, now: datetime) -> int:
+    """Forget the throwaway subscribers earlier runs left behind; how many there were.
+
+    Only the addresses the doctor makes match. A run going on at the same moment loses its own
+    and reports its one-click check failed, which is all.
+    """
+    with factory() as session:
+        candidates = session.scalars(
+            select(Subscriber.email).where(Subscriber.email.like(f"doctor-%@{THROWAWAY_DOMAIN}"))
+        ).all()
+    left = [email for email in candidates if _THROWAWAY.fullmatch(email)]
+    for email in left:
+        remove_subscriber(factory, email, secret=secret, now=now)
+    return len(left)
 
 
 def remove_subscriber(

@@ -15,6 +15,7 @@ from typing import Protocol
 
 LOOKUP_LIMIT = 10  # RFC 7208 §4.6.4: mechanisms and modifiers that cause DNS queries
 VOID_LIMIT = 2  # RFC 7208 §4.6.4: lookups that return no answer
+MX_LIMIT = 10  # RFC 7208 §4.6.4: MX hosts of one mx mechanism; more is a permerror
 LOOKUP_TERMS = ("include", "a", "mx", "ptr", "exists")
 MECHANISMS = ("all", "include", "a", "mx", "ptr", "ip4", "ip6", "exists")
 QUALIFIERS = {"+": "pass", "-": "fail", "~": "softfail", "?": "neutral"}
@@ -65,7 +66,15 @@ def parse_spf(record: str) -> list[Term]:
     that matches still makes the record a permerror.
     """
     terms: list[Term] = []
-    for word in record.split()[1:]:
+    # Terms are separated by spaces (SP) only, RFC 7208 §4.6.1: a receiver reads a tab or a
+    # non-breaking space as part of a term, which then does not parse.
+    for word in record.split(" ")[1:]:
+        if not word:
+            continue  # several spaces in a row
+        if odd := next((c for c in word if c.isspace() or not c.isprintable()), None):
+            raise SpfPermError(
+                f"{describe_char(odd)} in {word!r}: SPF terms are separated by plain spaces only"
+            )
         name, eq, value = word.partition("=")
         modifier = eq and name[:1].isascii() and name[:1].isalpha()
         modifier = modifier and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
@@ -89,6 +98,19 @@ def parse_spf(record: str) -> list[Term]:
         _check_mechanism(name, value, bool(sep), word)
         terms.append(Term(qualifier, name, value))
     return terms
+
+
+_CHAR_NAMES = {
+    "\t": "a tab",
+    "\n": "a line feed",
+    "\r": "a carriage return",
+    "\u00a0": "a non-breaking space",
+}
+
+
+def describe_char(char: str) -> str:
+    """A character a reader of the record cannot see, named: "a tab (U+0009)"."""
+    return f"{_CHAR_NAMES.get(char, 'the character')} (U+{ord(char):04X})"
 
 
 def _check_mechanism(name: str, value: str, colon: bool, word: str) -> None:
@@ -227,11 +249,16 @@ def check_host(ip: str, domain: str, sender: str, dns: Lookup) -> str:
 
     One of pass, fail, softfail, neutral, none, permerror (DnsError propagates: temperror).
     """
+    return evaluate(ip, domain, sender, dns)[0]
+
+
+def evaluate(ip: str, domain: str, sender: str, dns: Lookup) -> tuple[str, str]:
+    """check_host's result, and for a permerror why ("" for any other result)."""
     run = _Run(ipaddress.ip_address(ip), sender, dns)
     try:
-        return _check(run, domain, depth=0)
-    except SpfPermError:
-        return "permerror"
+        return _check(run, domain, depth=0), ""
+    except SpfPermError as e:
+        return "permerror", str(e)
 
 
 def _check(run: _Run, domain: str, depth: int) -> str:
@@ -279,7 +306,12 @@ def _matches(run: _Run, term: Term, domain: str, depth: int) -> bool:
         return False
     hosts = [target]
     if term.name == "mx":
-        hosts = run.void(run.dns.mx(target))[:10]
+        hosts = run.void(run.dns.mx(target))
+        if len(hosts) > MX_LIMIT:
+            raise SpfPermError(
+                f"mx:{target} has {len(hosts)} MX hosts, more than the {MX_LIMIT} a receiver "
+                "looks up (RFC 7208 §4.6.4): list the sending hosts with ip4:/ip6: instead"
+            )
     prefix = v4 if run.ip.version == 4 else v6
     for host in hosts:
         for address in run.void(run.dns.addresses(host, run.ip.version)):

@@ -24,10 +24,20 @@ from newsletter.audience import enqueue_audience
 from newsletter.bounces import UNCONFIRMED, handle_bounce, parse_verp, verp_address
 from newsletter.clock import FrozenClock
 from newsletter.db import unit_of_work
-from newsletter.db.models import Campaign, Delivery, Event, Subscriber, Suppression, Variant
+from newsletter.db.models import (
+    Campaign,
+    Delivery,
+    Event,
+    MailingList,
+    Subscriber,
+    Suppression,
+    Variant,
+)
 from newsletter.devsmtp import free_port
 from newsletter.inbound import inbound_for
-from tests.conftest import make_settings
+from newsletter.subscriptions import confirm, subscribe, unsubscribe
+from tests.builders import run
+from tests.conftest import SECRET, make_settings
 from tests.sender_cli import NewsletterCli
 from tests.smtp_faults import FaultyHandler, faulty_smtpd
 from tests.test_send import deliver, seed, settings_for
@@ -423,3 +433,198 @@ def test_a_message_id_alone_suppresses_only_with_a_second_campaign(
         note = session.get(Delivery, first.delivery_id)
         assert note.status == "sent" and "unconfirmed" in (note.last_reply or "")
         assert session.get(Delivery, second.delivery_id).status == "failed"
+
+
+# --- replays, statuses about the message, a Maildir that cannot be marked --------------------
+
+
+def apply_hard(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    sent: Sent,
+    status: str = "5.1.1",
+) -> tuple[str, str, int]:
+    """Apply a hard VERP bounce of one delivery; (outcome, person's status, suppressions)."""
+    settings = make_settings(database_url)
+    to = sent.envelope_from
+    raw = dsn(to, "person0@example.net", "failed", status, sent.headers, "text/rfc822-headers")
+    with unit_of_work(factory) as session:
+        outcome = handle_bounce(
+            session=session, raw=raw, envelope_recipients=[to], settings=settings, now=clock.now()
+        )
+    with unit_of_work(factory) as session:
+        person = session.get(Subscriber, session.get(Delivery, sent.delivery_id).subscriber_id)
+        held = session.scalar(select(func.count()).select_from(Suppression))
+        return outcome, str(person.status), held
+
+
+def come_back(factory: sessionmaker[Session], clock: FrozenClock, email: str) -> None:
+    """The reader signs up again and clicks the confirmation link, a day later."""
+    clock.advance(days=1)
+    with unit_of_work(factory) as session:
+        lists = session.scalars(select(MailingList)).all()
+        joined = subscribe(
+            session=session, email=email, lists=lists, secret=SECRET, now=clock.now(), actor="web"
+        )
+        assert joined.pending  # bounced: only a fresh confirmation brings them back
+        confirm(session=session, subscriber_id=joined.subscriber_id, secret=SECRET, now=clock.now())
+
+
+def bounced_events(factory: sessionmaker[Session]) -> list[int]:
+    with unit_of_work(factory) as session:
+        events = session.scalars(select(Event).where(Event.action == "delivery.bounced")).all()
+        return sorted(e.detail["delivery"] for e in events)
+
+
+def test_an_old_bounce_again_leaves_a_reader_who_came_back(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A hard bounce applied, the reader back and confirmed, the same bounce again (a replayed
+    Maildir, a DSN delivered twice): nothing changes, the reader stays."""
+    sent = send_everyone(factory, clock, database_url, ["only"])["only"]
+    assert apply_hard(factory, clock, database_url, sent) == ("hard", "bounced", 1)
+    come_back(factory, clock, "person0@example.net")
+    clock.advance(days=30)
+    assert apply_hard(factory, clock, database_url, sent) == ("hard again", "active", 0)
+    assert bounced_events(factory) == [sent.delivery_id]
+
+
+def test_a_bounce_for_a_delivery_before_the_readers_confirmation_suppresses_no_one(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A late bounce for an older delivery, arriving after the reader came back, marks that
+    delivery failed and leaves them subscribed; a bounce for a later delivery still suppresses."""
+    first = send_everyone(factory, clock, database_url, ["first"])["first"]
+    clock.advance(hours=1)
+    second_campaign(factory, clock)
+    second = send_queued(factory, clock, database_url, ["second"])["second"]
+    assert apply_hard(factory, clock, database_url, second) == ("hard", "bounced", 1)
+    come_back(factory, clock, "person0@example.net")
+    assert apply_hard(factory, clock, database_url, first) == (
+        "hard before confirmation",
+        "active",
+        0,
+    )
+    assert apply_hard(factory, clock, database_url, first) == ("hard again", "active", 0)
+    with unit_of_work(factory) as session:
+        assert session.get(Delivery, first.delivery_id).status == "failed"
+    assert bounced_events(factory) == sorted([first.delivery_id, second.delivery_id])
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "person"),
+    [
+        ("5.2.3", "refused", "active"),  # message length exceeds an administrative limit
+        ("5.2.4", "refused", "active"),  # mailing list expansion problem
+        ("5.3.4", "refused", "active"),  # message too big for the system
+        ("5.2.1", "hard", "bounced"),  # mailbox disabled
+        ("5.2.2", "hard", "bounced"),  # mailbox full, and the receiver gave up
+    ],
+)
+def test_a_message_refused_as_too_large_suppresses_no_one(
+    factory: sessionmaker[Session],
+    clock: FrozenClock,
+    database_url: str,
+    status: str,
+    outcome: str,
+    person: str,
+) -> None:
+    """X.2.3 and X.2.4 are about this message (RFC 3463), not the reader's mailbox."""
+    sent = send_everyone(factory, clock, database_url, ["only"])["only"]
+    assert apply_hard(factory, clock, database_url, sent, status)[:2] == (outcome, person)
+    with unit_of_work(factory) as session:
+        assert session.get(Delivery, sent.delivery_id).status == "failed"
+
+
+def maildir_of_new_only(root: Path, sent: dict[str, Sent], names: Sequence[str]) -> None:
+    """A Maildir as some delivery agents leave it: new/ only, one hard bounce per file name."""
+    (root / "new").mkdir(parents=True)
+    for i, (name, one) in enumerate(zip(names, sent.values(), strict=True)):
+        to, rcpt = one.envelope_from, f"person{i}@example.net"
+        raw = dsn(to, rcpt, "failed", "5.1.1", one.headers, "text/rfc822-headers")
+        (root / "new" / name).write_bytes(f"Delivered-To: {one.envelope_from}\r\n".encode() + raw)
+
+
+def test_bounces_process_makes_a_missing_cur_and_marks_every_message(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """A Maildir without cur/: cur/ is made, every message applied and marked seen once."""
+    sent = send_everyone(factory, clock, database_url, ["a", "b"])
+    root = tmp_path / "bounces"
+    maildir_of_new_only(root, sent, ["1700000000.M1P1.host", "1700000001.M1P1.host"])
+    cli = NewsletterCli(tmp_path, f"[database]\nurl = '{database_url}'\n")
+    assert cli.run("bounces", "process", str(root)).strip() == "hard 2"
+    assert sorted(p.name for p in (root / "cur").iterdir()) == [
+        "1700000000.M1P1.host:2,S",
+        "1700000001.M1P1.host:2,S",
+    ]
+    assert not list((root / "new").iterdir())
+    assert cli.run("bounces", "process", str(root)).strip() == "no new messages"
+    assert bounced_events(factory) == sorted(s.delivery_id for s in sent.values())
+
+
+def test_a_message_that_cannot_be_marked_is_named_and_the_rest_applied(
+    tmp_path: Path, factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """The first file's name has no room for its flags (255 bytes at most): it is applied and
+    named in one line, the next one is applied and marked, the exit code says so; the next run
+    reads the first again and changes nothing."""
+    sent = send_everyone(factory, clock, database_url, ["long", "short"])
+    root = tmp_path / "bounces"
+    long_name = "1700000000.M1P1." + "h" * 237  # 253 bytes: with ":2,S" 257, too long
+    maildir_of_new_only(root, sent, [long_name, "1700000001.M1P1.host"])
+    args = ["--config", str(tmp_path / "config.toml"), "bounces", "process", str(root)]
+    (tmp_path / "config.toml").write_text(f"[database]\nurl = '{database_url}'\n")
+    env = {"NEWSLETTER_SECRET": SECRET}
+    first = run(args, tmp_path, env, ok=False)
+    lines = first.stdout.strip().splitlines()
+    assert first.returncode == 1, first.stderr
+    assert lines[0].startswith(f"applied {long_name} but could not mark it seen: ")
+    assert lines[1:] == ["hard 2"]
+    assert [p.name for p in (root / "cur").iterdir()] == ["1700000001.M1P1.host:2,S"]
+    again = run(args, tmp_path, env, ok=False)
+    assert again.returncode == 1 and again.stdout.strip().splitlines()[1:] == ["hard again 1"]
+    assert bounced_events(factory) == sorted(s.delivery_id for s in sent.values())
+
+
+def test_a_message_id_bounce_from_before_the_readers_confirmation_is_no_evidence_now(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Two Message-ID-only bounces suppress only when both are about deliveries after the
+    reader's latest confirmation: the confirmation email reached them in between."""
+    settings = make_settings(database_url)
+    first = send_everyone(factory, clock, database_url, ["first"])["first"]
+
+    def unsigned(sent: Sent) -> str:
+        raw = dsn(
+            BOUNCE_ADDRESS,
+            "person0@example.net",
+            "failed",
+            "5.1.1",
+            sent.headers,
+            "text/rfc822-headers",
+        )
+        with unit_of_work(factory) as session:
+            return handle_bounce(
+                session=session,
+                raw=raw,
+                envelope_recipients=[BOUNCE_ADDRESS],
+                settings=settings,
+                now=clock.now(),
+            )
+
+    assert unsigned(first) == "unconfirmed"
+    with unit_of_work(factory) as session:
+        person = session.scalars(select(Subscriber)).one()
+        unsubscribe(
+            session=session, subscriber_id=person.id, list_id=None, now=clock.now(), actor="web"
+        )
+    come_back(factory, clock, "person0@example.net")
+    clock.advance(hours=1)
+    second_campaign(factory, clock)
+    second = send_queued(factory, clock, database_url, ["second"])["second"]
+    assert unsigned(second) == "unconfirmed"
+    with unit_of_work(factory) as session:
+        assert session.scalars(select(Subscriber.status)).one() == "active"
+        assert session.scalar(select(func.count()).select_from(Suppression)) == 0

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +47,7 @@ from newsletter.doctor import (
 )
 from newsletter.lists import read_lists, sync_lists
 from newsletter.spf import SpfPermError, count_lookups, parse_spf, suggest_spf, term_cost
+from newsletter.subscriptions import subscribe
 from tests.builders import run
 from tests.conftest import SECRET
 from tests.dns_server import Zone, serve_dns, silent_dns
@@ -625,3 +634,234 @@ def test_live_needs_a_public_https_base_url(
     config = write_config(tmp_path, 53, keys[0], extra=f"[web]\nbase_url = '{base_url}'\n")
     finding = check_public_https(load_settings(config, {"NEWSLETTER_SECRET": SECRET}))
     assert finding.check == "one-click-https" and finding.ok is ok, finding
+
+
+# --- records receivers refuse, a web server that trickles, a killed run ----------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "check", "words"),
+    [
+        (f"v=spf1 ip4:{RELAY}\u00a0-all", "spf-lookups", "a non-breaking space (U+00A0) in"),
+        (f"v=spf1 ip4:{RELAY}\t-all", "spf-lookups", "a tab (U+0009) in"),
+        (f"v=spf1 ip4:{RELAY}\t-all", "spf-pass", "permerror (a tab (U+0009)"),
+    ],
+)
+def test_spf_terms_apart_by_anything_but_spaces_are_a_permerror(
+    tmp_path: Path, keys: tuple[bytes, bytes], record: str, check: str, words: str
+) -> None:
+    """RFC 7208 §4.6.1 separates terms by SP only: a receiver reads ip4:…\\u00a0-all as one
+    term, a bad address."""
+    zone = good_zone(keys[0])
+    zone[DOMAIN] = [("TXT", record)]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    (finding,) = by_check(findings, check)
+    assert not finding.ok and words in finding.message, finding
+    assert "separated by plain spaces only" in finding.message
+    assert by_check(findings, "spf-pass")[0].record_to_publish.endswith(f'ip4:{RELAY} -all"')
+    assert not passed(findings)
+
+
+def test_spf_mx_with_more_than_ten_hosts_is_a_permerror(
+    tmp_path: Path, keys: tuple[bytes, bytes]
+) -> None:
+    """RFC 7208 §4.6.4: more than 10 MX hosts for one mx is a permerror, even for the relay
+    that is the first of them."""
+    zone = good_zone(keys[0])
+    zone[DOMAIN] = [("TXT", "v=spf1 mx -all")]
+    zone[DOMAIN] += [("MX", f"{i} mx{i}.{DOMAIN}") for i in range(11)]
+    for i in range(11):
+        zone[f"mx{i}.{DOMAIN}"] = [("A", RELAY if i == 0 else f"203.0.113.{i + 1}")]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    (spf_pass,) = by_check(findings, "spf-pass")
+    assert not spf_pass.ok and "permerror" in spf_pass.message
+    assert f"mx:{DOMAIN} has 11 MX hosts" in spf_pass.message
+    zone[DOMAIN] = [r for r in zone[DOMAIN] if r[1] != f"10 mx10.{DOMAIN}"]  # ten are allowed
+    with serve_dns(zone) as port:
+        assert passed(doctor(write_config(tmp_path, port, keys[0]), port))
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        ("v=DMARC10; p=none", "its first tag must be v=DMARC1, exactly so"),
+        ("v=DMARC1.0; p=none", "its first tag must be v=DMARC1, exactly so"),
+        ("v=dmarc1; p=none", "its first tag must be v=DMARC1, exactly so"),
+        ("p=none; v=DMARC1", "its first tag must be v=DMARC1, exactly so"),
+        ("v=DMARC1;\u00a0p=none", "a non-breaking space (U+00A0)"),
+        ("v=DMARC1; p=n o n e", "no valid policy (p=n o n e)"),
+    ],
+)
+def test_dmarc_records_receivers_ignore_fail_and_say_why(
+    tmp_path: Path, keys: tuple[bytes, bytes], record: str, words: str
+) -> None:
+    zone = good_zone(keys[0])
+    zone[f"_dmarc.{DOMAIN}"] = [("TXT", record)]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    (dmarc,) = by_check(findings, "dmarc")
+    assert not dmarc.ok and words in dmarc.message, dmarc
+    assert dmarc.record_to_publish.startswith(f'_dmarc.{DOMAIN}. IN TXT "v=DMARC1; p=none;')
+    assert not passed(findings)
+
+
+@pytest.mark.parametrize(
+    "record", ["v=DMARC1;p=none", "v = DMARC1 ;\tp = none", "V=DMARC1; P=None; rua=mailto:a@b.c"]
+)
+def test_dmarc_spaces_and_tabs_around_tags_are_fine(
+    tmp_path: Path, keys: tuple[bytes, bytes], record: str
+) -> None:
+    zone = good_zone(keys[0])
+    zone[f"_dmarc.{DOMAIN}"] = [("TXT", record)]
+    with serve_dns(zone) as port:
+        findings = doctor(write_config(tmp_path, port, keys[0]), port)
+    assert passed(findings), findings
+
+
+@contextmanager
+def trickling_web() -> Iterator[str]:
+    """A web server that answers a status line, then one byte every half second, for ever."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while not stop.wait(0.5):
+                    conn.sendall(b"X")
+            except OSError:
+                pass  # the doctor hung up
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def throwaways(factory: sessionmaker[Session]) -> list[str]:
+    """The addresses of subscribers the doctor made and has not forgotten."""
+    with unit_of_work(factory) as session:
+        found = select(Subscriber.email).where(Subscriber.email.like("doctor-%@doctor.example"))
+        return list(session.scalars(found))
+
+
+def test_live_one_click_gives_up_on_a_trickling_answer(
+    tmp_path: Path, keys: tuple[bytes, bytes], lists_ready: sessionmaker[Session], database_url: str
+) -> None:
+    """A byte every half second never trips a 2 s read timeout; the whole answer has 2 s."""
+    env = {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": database_url}
+    with trickling_web() as url, serve_dns(good_zone(keys[0])) as port:
+        config = write_config(tmp_path, port, keys[0], extra=f"[web]\nbase_url = '{url}'\n")
+        started = time.monotonic()
+        result = run(
+            ["--config", str(config), "doctor", "--live"], tmp_path, env, ok=False, timeout=40
+        )
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stderr
+    assert f"FAIL main one-click: POST {url}: no complete answer within 2 s" in result.stdout
+    assert throwaways(lists_ready) == []
+
+
+def test_live_check_killed_by_sigterm_forgets_its_throwaway(
+    tmp_path: Path, keys: tuple[bytes, bytes], lists_ready: sessionmaker[Session], database_url: str
+) -> None:
+    """SIGTERM in the middle of the POST (cron, a monitor's timeout): the throwaway subscriber
+    is forgotten on the way out, not left on the first list for the next campaign."""
+    env = {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": database_url}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
+    with trickling_web() as url, serve_dns(good_zone(keys[0])) as port:
+        config = write_config(tmp_path, port, keys[0], extra=f"[web]\nbase_url = '{url}'\n")
+        config.write_text(
+            config.read_text().replace("timeout_seconds = 2.0", "timeout_seconds = 60")
+        )
+        doctor_run = subprocess.Popen(
+            [sys.executable, "-m", "newsletter", "--config", str(config), "doctor", "--live"],
+            cwd=tmp_path,
+            env=full_env | env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not throwaways(lists_ready) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert throwaways(lists_ready), "the live check never subscribed its throwaway"
+            time.sleep(0.5)  # well into the POST
+            doctor_run.send_signal(signal.SIGTERM)
+            out, err = doctor_run.communicate(timeout=20)
+        finally:
+            if doctor_run.poll() is None:
+                doctor_run.kill()
+                doctor_run.wait()
+    assert doctor_run.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM) during the live check" in out + err
+    assert throwaways(lists_ready) == []
+
+
+def test_live_check_forgets_throwaways_an_earlier_run_left(
+    tmp_path: Path,
+    keys: tuple[bytes, bytes],
+    lists_ready: sessionmaker[Session],
+    database_url: str,
+    clock: FrozenClock,
+) -> None:
+    """A throwaway a killed run left is forgotten by the next run; addresses that only look
+    like one (a real reader's) are not touched."""
+    left = "doctor-0123456789abcdef@doctor.example"
+    lookalikes = [
+        "doctor-0123456789abcdef@doctor.example.org",
+        "doctor-0123456789abcdeg@doctor.example",
+        "doctor-0123456789abcde@doctor.example",
+        "xdoctor-0123456789abcdef@doctor.example",
+        "doctor-0123456789ABCDEF@doctor.example.net",
+    ]
+    with unit_of_work(lists_ready) as session:
+        first = session.scalars(select(MailingList).order_by(MailingList.id)).first()
+        assert first is not None
+        for email in [left, *lookalikes]:
+            subscribe(
+                session=session,
+                email=email,
+                lists=[first],
+                secret=SECRET,
+                now=clock.now(),
+                actor="doctor" if email == left else "web",
+                confirmed=True,
+            )
+    env = {"NEWSLETTER_SECRET": SECRET, "NEWSLETTER_DATABASE_URL": database_url}
+    base = load_settings(None, env)
+    with serve_pages(base, lists_ready, clock) as (url, _), serve_dns(good_zone(keys[0])) as port:
+        config = write_config(tmp_path, port, keys[0], extra=f"[web]\nbase_url = '{url}'\n")
+        result = run(
+            ["--config", str(config), "doctor", "--live", "--json"], tmp_path, env, ok=False
+        )
+    (one_click,) = [f for f in json.loads(result.stdout) if f["check"] == "one-click"]
+    assert one_click["ok"], one_click
+    assert "forgot 1 throwaway subscriber(s) an earlier run left" in one_click["message"]
+    with unit_of_work(lists_ready) as session:
+        emails = session.scalars(
+            select(Subscriber.email).where(Subscriber.status == SubscriberStatus.ACTIVE)
+        ).all()
+        assert left not in emails
+        assert sorted(e.lower() for e in lookalikes) == sorted(
+            e.lower() for e in emails if "doctor" in e
+        )

@@ -32,6 +32,8 @@ def process(
     campaign, which pauses itself past [smtp] complaint_pause_rate.
 
     A message that cannot be read is moved to the Maildir's .unreadable folder, one line each.
+    A message applied that could not be marked seen is named in one line, and the exit code is 1;
+    the next run reads it again, which changes nothing twice.
     """
     state: State = ctx.obj
     if not (maildir / "cur").is_dir() and not (maildir / "new").is_dir():
@@ -44,11 +46,18 @@ def process(
                 session=session, raw=raw, settings=state.settings, now=state.clock.now()
             )
 
+    unmarked = 0
     for result in process_maildir(maildir, apply=apply, again=again):
         counts[result.outcome] += 1
         if result.outcome == "unreadable":
             line = f"set aside {result.name} in {UNREADABLE}: {result.reason}"
             console.print(line, markup=False, soft_wrap=True)
+        if not result.marked:
+            unmarked += 1
+            line = f"applied {result.name} but could not mark it seen: {result.reason}"
+            console.print(line, markup=False, soft_wrap=True)
     console.print(
         ", ".join(f"{what} {n}" for what, n in sorted(counts.items())) or "no new messages"
     )
+    if unmarked:
+        raise typer.Exit(1)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from types import FrameType
 from typing import Annotated
 
-import httpx
 import typer
 from rich.text import Text
 
@@ -46,11 +47,19 @@ def doctor(
     dns = AuthoritativeDns.from_settings(conf.nameservers, conf.timeout_seconds)
     findings = check_dns(settings, dns, state.clock.now())
     if live:
-        with httpx.Client(timeout=conf.timeout_seconds, follow_redirects=False) as client:
-            findings.append(
-                check_one_click(settings, state.factory(), state.clock.now, client=client)
+        # SIGTERM (cron, a monitor's timeout) ends the check through its cleanup: otherwise the
+        # throwaway subscriber would stay on the first list, in the next campaign's audience.
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            one_click = check_one_click(
+                settings, state.factory(), state.clock.now, timeout=conf.timeout_seconds
             )
-        findings.append(check_public_https(settings))
+        except Terminated:
+            say("stopped:", "yellow", "terminated (SIGTERM) during the live check")
+            raise typer.Exit(128 + signal.SIGTERM) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        findings += [one_click, check_public_https(settings)]
     ok = passed(findings)
     if as_json:
         print_json([f.as_json() for f in findings])
@@ -72,6 +81,16 @@ def doctor(
         console.print(Text("passes" if ok else "does not pass", style="green" if ok else "red"))
     if not ok:
         raise typer.Exit(1)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: a BaseException, so that no `except Exception` on the way swallows it."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM is ignored: it would break off the cleanup the first one runs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 def show(finding: Finding) -> None:
