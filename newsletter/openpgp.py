@@ -13,6 +13,10 @@ and flagged for encryption (the alive ones, or else, silently, the expired ones;
 is ours). The message itself is encrypted to a certificate holding only the encryption subkeys
 that are usable now, so nothing else can be chosen.
 
+What is kept of a reader's key is what names them: the primary key, their user ID, the encryption
+subkeys usable now, each with the key's own signatures, armored without Sequoia's Comment lines
+(another name, a work address, a friend's certification are dropped).
+
 encrypt_message makes a PGP/MIME message (RFC 3156) with header protection (RFC 9788): the
 original header fields go inside with the body, the outside keeps what delivery and the list
 headers need, and the Subject outside is obscured.
@@ -23,9 +27,9 @@ from __future__ import annotations
 import base64
 import secrets
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parseaddr
 from pathlib import Path
@@ -39,9 +43,22 @@ from newsletter.i18n import N_
 from newsletter.message import POLICY, set_subject
 
 MAX_KEY_BYTES = 64 * 1024
-# Each subkey binding is checked by a trial encryption (0.5-0.75 s of CPU, holding the GIL, for
-# the 250 that fit in MAX_KEY_BYTES). Real keys have a few; a key rotated yearly for decades, 30.
+# Each subkey is checked by a trial encryption (0.5-0.75 s of CPU, holding the GIL, for the 250
+# that fit in MAX_KEY_BYTES), bound or not. Real keys have a few; a key rotated yearly for
+# decades, 30. The limits count the key as given, before anything is dropped.
 MAX_SUBKEY_BINDINGS = 50
+MAX_SUBKEYS = 50
+# User IDs (and user attributes, photos) are checked once, but cost each time the key is read:
+# a real key has a handful, a much-travelled one a few dozen.
+MAX_USER_IDS = 100
+# Each trial encryption checks again every self-signature of what is kept of the key (the
+# primary key and the reader's user ID): a key extended yearly for decades has a few dozen.
+MAX_SELF_SIGNATURES = 100
+# A self-signature dated later than now counts from then (KeyInfo.recheck_at). One dated more
+# than a year ahead is no clock a minute wrong nor a change a reader plans: it is not waited
+# for, so that no key keeps a recheck pending for decades. (Ignoring it costs little: once it
+# counts, a shorter expiry it sets goes unseen until the key is given again.)
+RECHECK_HORIZON = timedelta(days=366)
 OBSCURED_SUBJECT = "[...]"  # RFC 9788's obscured Subject
 _SHOWN_CHARS = 100  # the most of a key's text (a user ID, an error) a message shows
 _SETTING = "[openpgp] signing_key_file"
@@ -62,11 +79,14 @@ class KeyInfo:
 
     fingerprint: str  # upper-case hex, no spaces
     expires_at: datetime | None  # the key's, or its last encryption subkey's if that is earlier
-    user_ids: tuple[str, ...]  # the user IDs that are not revoked, made safe to print
-    armored: str  # the public key, re-armored: never any secret material
+    user_ids: tuple[str, ...]  # the user IDs kept (those naming the reader), safe to print
+    # The key as kept (_stored_form): the primary key, the reader's user ID, the encryption
+    # subkeys usable now, their self-signatures; never any secret material, no Comment lines.
+    armored: str
     revoked: bool = False  # readers.set_key learnt the revocation of the reader's own key
-    # The first signature in it dated later than now: Sequoia counts it only from then (a new
-    # expiry, a binding), so the stored judgement holds until then and is made again after.
+    # The first self-signature kept dated later than now (within RECHECK_HORIZON): Sequoia
+    # counts it only from then (a new expiry), so the stored judgement holds until then and is
+    # made again after (readers.recheck_key).
     recheck_at: datetime | None = None
 
 
@@ -118,14 +138,14 @@ class _Key:
     """What the checks need of one parsed certificate (without the time: that is per call)."""
 
     fingerprint: str
-    armored: str
-    user_ids: tuple[str, ...]  # not revoked, as in the key
+    user_ids: tuple[str, ...]  # all that are not revoked, as in the key (to name in a refusal)
+    named: tuple[str, ...]  # those kept: naming the reader (all, when no address is given)
     revoked: bool
     expires_at: datetime | None  # the primary key's
     primary_encrypts: bool  # the primary key itself is a valid encryption key
-    head: tuple[Packet, ...]  # the primary key, its user IDs and their signatures
+    # The primary key, the kept user IDs, and their self-signatures (none of others' making).
+    head: tuple[Packet, ...]
     subkeys: tuple[_Subkey, ...]
-    signed_at: tuple[datetime, ...] = ()  # when each of its signatures was made
 
 
 def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
@@ -133,19 +153,21 @@ def read_key(data: bytes | str, *, email: str, now: datetime) -> KeyInfo:
     raw = data.encode("utf-8", "replace") if isinstance(data, str) else data
     if len(raw) > MAX_KEY_BYTES:
         raise _too_large(len(raw))
-    key = _parse(raw)
-    # What is stored is checked again before each send (key_problem): it must pass the size too.
-    if len(key.armored) > MAX_KEY_BYTES:
-        raise _too_large(len(key.armored))
+    key = _parse(raw, email=email)
+    kept = _kept_packets(key, now)
+    armored = _stored_form(kept)
     if (problem := _check(key, email=email, now=now)) is not None:
-        problem.fingerprint, problem.armored = key.fingerprint, key.armored
+        problem.fingerprint, problem.armored = key.fingerprint, armored
         raise problem
+    # What is stored is checked again when its recheck comes: it must pass the size too.
+    if len(armored) > MAX_KEY_BYTES:
+        raise _too_large(len(armored))
     return KeyInfo(
         fingerprint=key.fingerprint,
         expires_at=_expires_at(key, now),
-        recheck_at=min((t for t in key.signed_at if t > now), default=None),
-        user_ids=tuple(_printable(uid) for uid in key.user_ids),
-        armored=key.armored,
+        recheck_at=_recheck_at(kept, now),
+        user_ids=tuple(_printable(uid) for uid in key.named),
+        armored=armored,
     )
 
 
@@ -156,10 +178,33 @@ def key_problem(armored: str, *, email: str, now: datetime) -> KeyProblem | None
     try:
         # Parsed afresh, never from a cache: Sequoia judges a key at the time of day, and this
         # is the check made again once a signature dated later counts (KeyInfo.recheck_at).
-        key = _parse(armored.encode("utf-8", "replace"))
+        key = _parse(armored.encode("utf-8", "replace"), email=email)
     except KeyProblem as problem:
         return problem
     return _check(key, email=email, now=now)
+
+
+def kept_form(armored: str, *, email: str) -> str:
+    """A stored key in the form read_key keeps now, without judging it again: for a key stored
+    before, whole (Sequoia's armor: every user ID, also as a readable Comment line).
+
+    The primary key, the user IDs naming `email`, the subkeys, with their self-signatures.
+    """
+    if "Comment:" not in armored:  # only Sequoia's armor has them: the kept form already
+        return armored
+    try:
+        cert = pysequoia.Cert.from_bytes(armored.encode("utf-8", "replace"))
+        primary, components = _components(tuple(PacketPile.from_bytes(bytes(cert))))
+        own = _own_packets(primary)
+        kept = own(components[0])
+        for component in components[1:]:
+            uid = component[0].user_id if component[0].tag == Tag.UserID else None
+            if component[0].tag == Tag.PublicSubkey or (uid and _naming((uid,), email)):
+                kept += own(component)
+        return _stored_form(kept)
+    except Exception:  # stored keys were read before: at least no user ID in clear
+        lines = armored.splitlines()
+        return "\n".join(line for line in lines if not line.startswith("Comment:")) + "\n"
 
 
 def load_signing_key(path: str) -> Signer | None:
@@ -230,7 +275,7 @@ def encrypt_message(
     if checked:
         recipient = _stored_cert(armored_key)
     else:
-        key = _parse(armored_key.encode("utf-8", "replace"))
+        key = _parse(armored_key.encode("utf-8", "replace"), email=None)
         # Sequoia judges keys at the time of day, so we do: never fall back to an expired key.
         now = datetime.now(UTC)
         if (problem := _check(key, email=None, now=now)) is not None:
@@ -308,6 +353,15 @@ def _check(key: _Key, *, email: str | None, now: datetime) -> KeyProblem | None:
         return _problem("revoked", N_("this key has been revoked"))
     if key.expires_at is not None and key.expires_at <= now:
         return _problem("expired", N_("this key expired on %(date)s"), date=_day(key.expires_at))
+    if email is not None and not key.named:
+        addresses = [address for uid in key.user_ids if (address := _address(uid)) is not None]
+        named = ", ".join(addresses or key.user_ids) or "no address"
+        return _problem(
+            "wrong_address",
+            N_("this key is not for %(email)s (it names %(named)s)"),
+            email=_printable(email),
+            named=_printable(named),
+        )
     if not key.primary_encrypts and not key.subkeys:
         return _problem("no_encryption", N_("this key has no usable encryption subkey"))
     if not key.primary_encrypts and not _usable(key, now):
@@ -317,18 +371,19 @@ def _check(key: _Key, *, email: str | None, now: datetime) -> KeyProblem | None:
             N_("the encryption subkey of this key expired on %(date)s"),
             date=_day(last),
         )
+    return None
+
+
+def _naming(user_ids: tuple[str, ...], email: str | None) -> tuple[str, ...]:
+    """The user IDs whose address is `email` (in any form); all of them when email is None."""
     if email is None:
-        return None
+        return user_ids
     wanted = email.strip().lower()
-    addresses = [address for uid in key.user_ids if (address := _address(uid)) is not None]
-    if wanted in addresses or _same_mailbox(wanted, addresses):
-        return None
-    named = ", ".join(addresses or key.user_ids) or "no address"
-    return _problem(
-        "wrong_address",
-        N_("this key is not for %(email)s (it names %(named)s)"),
-        email=_printable(email),
-        named=_printable(named),
+    return tuple(
+        uid
+        for uid in user_ids
+        if (address := _address(uid)) is not None
+        and (address == wanted or _same_mailbox(wanted, [address]))
     )
 
 
@@ -372,8 +427,13 @@ def _address(user_id: str) -> str | None:
 # --- parsing ---------------------------------------------------------------------------------
 
 
-def _parse(data: bytes) -> _Key:
-    """One public certificate from what a reader gave; KeyProblem if it is not exactly that."""
+def _parse(data: bytes, *, email: str | None) -> _Key:
+    """One public certificate from what a reader gave; KeyProblem if it is not exactly that.
+
+    Only what names the reader is judged and kept: the primary key, the user IDs with their
+    address, the subkeys, each with its self-signatures. Other user IDs (another name, a work
+    address) and signatures of others' making are dropped.
+    """
     try:
         certs = pysequoia.Cert.split_bytes(data)
     except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
@@ -395,36 +455,43 @@ def _parse(data: bytes) -> _Key:
         )
     cert = certs[0]
     try:
-        user_ids = tuple(str(uid) for uid in cert.user_ids)
-        revoked = cert.is_revoked
-        expires_at = cert.expiration
         packets = tuple(PacketPile.from_bytes(bytes(cert)))
-        bindings = sum(
-            1
-            for p in packets
-            if p.tag == Tag.Signature and p.signature_type == SignatureType.SubkeyBinding
-        )
-        if bindings > MAX_SUBKEY_BINDINGS:
-            raise _problem(
-                "unreadable",
-                N_("this key cannot be used (%(reason)s)"),
-                reason=f"{bindings} subkey bindings; at most {MAX_SUBKEY_BINDINGS}",
+        _within_limits(packets)
+        user_ids = tuple(str(uid) for uid in cert.user_ids)  # each checked once, here
+        named = _naming(user_ids, email)
+        primary, components = _components(packets)
+        own = _own_packets(primary)
+        head = [*own(components[0])]
+        for component in components[1:]:
+            if component[0].tag == Tag.UserID and component[0].user_id in named:
+                head += own(component)
+        if not named:  # not the reader's key: judged as a whole, no subkey tried
+            return _Key(
+                fingerprint=cert.fingerprint.upper(),
+                user_ids=user_ids,
+                named=(),
+                revoked=cert.is_revoked,
+                expires_at=_earliest(
+                    cert.expiration, _revoked_from(head, SignatureType.KeyRevocation)
+                ),
+                primary_encrypts=False,
+                head=tuple(head),
+                subkeys=(),
             )
-        head, groups = _components(packets)
+        signatures = sum(1 for packet in head if packet.tag == Tag.Signature)
+        if signatures > MAX_SELF_SIGNATURES:
+            raise _limit_problem("self-signatures", signatures, MAX_SELF_SIGNATURES)
+        mine = pysequoia.Cert.from_packets(head)  # judged as it is kept
+        groups = [tuple(own(c)) for c in components[1:] if c[0].tag == Tag.PublicSubkey]
         return _Key(
             fingerprint=cert.fingerprint.upper(),
-            armored=str(cert),
             user_ids=user_ids,
-            revoked=revoked,
-            expires_at=_earliest(expires_at, _revoked_from(head, SignatureType.KeyRevocation)),
+            named=named,
+            revoked=mine.is_revoked,
+            expires_at=_earliest(mine.expiration, _revoked_from(head, SignatureType.KeyRevocation)),
             primary_encrypts=_encrypts(head),
-            head=head,
-            subkeys=tuple(sub for group in groups if (sub := _subkey(head, group)) is not None),
-            signed_at=tuple(
-                p.signature_created
-                for p in packets
-                if p.tag == Tag.Signature and p.signature_created is not None
-            ),
+            head=tuple(head),
+            subkeys=tuple(sub for group in groups if (sub := _subkey(tuple(head), group))),
         )
     except KeyProblem:
         raise
@@ -432,6 +499,89 @@ def _parse(data: bytes) -> _Key:
         raise _problem(
             "unreadable", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
         ) from None
+
+
+def _within_limits(packets: Sequence[Packet]) -> None:
+    """KeyProblem if the key has more subkeys, bindings or user IDs than any real key."""
+    subkeys = sum(1 for p in packets if p.tag == Tag.PublicSubkey)
+    bindings = sum(
+        1
+        for p in packets
+        if p.tag == Tag.Signature and p.signature_type == SignatureType.SubkeyBinding
+    )
+    user_ids = sum(1 for p in packets if p.tag in (Tag.UserID, Tag.UserAttribute))
+    if bindings > MAX_SUBKEY_BINDINGS:
+        raise _limit_problem("subkey bindings", bindings, MAX_SUBKEY_BINDINGS)
+    if subkeys > MAX_SUBKEYS:
+        raise _limit_problem("subkeys", subkeys, MAX_SUBKEYS)
+    if user_ids > MAX_USER_IDS:
+        raise _limit_problem("user IDs", user_ids, MAX_USER_IDS)
+
+
+def _limit_problem(what: str, count: int, limit: int) -> KeyProblem:
+    return _problem(
+        "unreadable",
+        N_("this key cannot be used (%(reason)s)"),
+        reason=f"{count} {what}; at most {limit}",
+    )
+
+
+def _own_packets(primary: Packet) -> Callable[[Sequence[Packet]], list[Packet]]:
+    """A filter keeping a component (its first packet) and the signatures the primary key made.
+
+    A signature naming no issuer is kept: Sequoia tries it as a self-signature.
+    """
+    fingerprint, key_id = primary.fingerprint, primary.key_id
+
+    def own(component: Sequence[Packet]) -> list[Packet]:
+        return [component[0]] + [
+            sig
+            for sig in component[1:]
+            if sig.tag == Tag.Signature
+            and sig.issuer_fingerprint in (None, fingerprint)
+            and sig.issuer_key_id in (None, key_id)
+        ]
+
+    return own
+
+
+def _kept_packets(key: _Key, now: datetime) -> list[Packet]:
+    """What is kept of a key: its head and the encryption subkeys usable at `now`."""
+    return list(key.head) + [p for sub in _usable(key, now) for p in sub.packets]
+
+
+def _stored_form(packets: Sequence[Packet]) -> str:
+    """These packets as one certificate, armored without the Comment lines Sequoia adds (each
+    user ID in clear, which a discreet reader's export must not show)."""
+    try:
+        data = bytes(pysequoia.Cert.from_packets(packets))
+    except Exception as e:  # pysequoia raises RuntimeError for every Sequoia error
+        raise _problem(
+            "unreadable", N_("this key cannot be used (%(reason)s)"), reason=_reason(e)
+        ) from None
+    text = base64.b64encode(data).decode("ascii")
+    crc = base64.b64encode(_crc24(data).to_bytes(3, "big")).decode("ascii")
+    lines = [text[i : i + 64] for i in range(0, len(text), 64)]
+    begin, end = "-----BEGIN PGP PUBLIC KEY BLOCK-----", "-----END PGP PUBLIC KEY BLOCK-----"
+    return "\n".join([begin, "", *lines, "=" + crc, end, ""])
+
+
+def _crc24(data: bytes) -> int:
+    """The armor checksum (RFC 4880 6.1)."""
+    crc = 0xB704CE
+    for byte in data:
+        crc ^= byte << 16
+        for _ in range(8):
+            crc <<= 1
+            if crc & 0x1000000:
+                crc ^= 0x1864CFB
+    return crc & 0xFFFFFF
+
+
+def _recheck_at(packets: Sequence[Packet], now: datetime) -> datetime | None:
+    """When the first kept self-signature dated after `now` counts, if within RECHECK_HORIZON."""
+    times = [p.signature_created for p in packets if p.tag == Tag.Signature]
+    return min((t for t in times if t and now < t <= now + RECHECK_HORIZON), default=None)
 
 
 def _revoked_from(packets: Sequence[Packet], kind: SignatureType) -> datetime | None:
@@ -470,18 +620,18 @@ def _holds_secrets(data: bytes) -> bool:
         return False
 
 
-def _components(packets: Sequence[Packet]) -> tuple[tuple[Packet, ...], list[tuple[Packet, ...]]]:
-    """The primary key's packets (key, user IDs, signatures), then each subkey's."""
-    head: list[Packet] = []
-    groups: list[list[Packet]] = []
+def _components(packets: Sequence[Packet]) -> tuple[Packet, list[tuple[Packet, ...]]]:
+    """The primary key, then each component (the primary key, a user ID or attribute, a
+    subkey) with the signatures that follow it."""
+    components: list[list[Packet]] = []
     for packet in packets:
-        if packet.tag == Tag.PublicSubkey:
-            groups.append([packet])
-        elif groups:
-            groups[-1].append(packet)
+        if packet.tag == Tag.Signature and components:
+            components[-1].append(packet)
         else:
-            head.append(packet)
-    return tuple(head), [tuple(group) for group in groups]
+            components.append([packet])
+    if not components or components[0][0].tag != Tag.PublicKey:
+        raise ValueError("no primary key first")
+    return components[0][0], [tuple(c) for c in components]
 
 
 def _subkey(head: tuple[Packet, ...], group: tuple[Packet, ...]) -> _Subkey | None:

@@ -203,6 +203,46 @@ def key_row(
     )
 
 
+def recheck_key(
+    session: Session,
+    *,
+    subscriber_id: int,
+    fingerprint: str,
+    armored: str,
+    email: str,
+    now: datetime,
+) -> KeyProblem | None:
+    """Judge a reader's active key again in full (its recheck_at has come) and store what it
+    found, so that the sender's next message to them is checked by the stored expiry only.
+
+    Good: its kept form, expiry and next recheck (None, or a later self-signature) replace the
+    stored ones. Refused: it is stored as expired from now, with no recheck left; the problem is
+    returned. Only a row still holding this very text changes: a key given meanwhile stands.
+    """
+    problem: KeyProblem | None = None
+    try:
+        info = read_key(armored, email=email, now=now)
+        values = {
+            "armored": info.armored,
+            "expires_at": info.expires_at,
+            "recheck_at": info.recheck_at,
+        }
+    except KeyProblem as refused:
+        problem, values = refused, {"expires_at": now, "recheck_at": None}
+    session.execute(
+        update(ReaderKey)
+        .where(
+            ReaderKey.subscriber_id == subscriber_id,
+            ReaderKey.status == KeyStatus.ACTIVE,
+            ReaderKey.fingerprint == fingerprint,
+            ReaderKey.armored == armored,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return problem
+
+
 # What a newly active key replaces: at most one of these is kept per reader.
 SUPERSEDED = (KeyStatus.ACTIVE, KeyStatus.REMOVED, KeyStatus.REVOKED)
 

@@ -39,7 +39,7 @@ from newsletter.db.models import (
     SubscriptionStatus,
 )
 from newsletter.errors import AudienceError
-from newsletter.openpgp import MAX_KEY_BYTES
+from newsletter.openpgp import MAX_KEY_BYTES, kept_form
 from newsletter.readers import parse_discreet, parse_key_problem
 
 KNOWN_COLUMNS = (
@@ -450,7 +450,8 @@ def export_rows(
                 "country": sub.country,
                 "discreet": sub.discreet,
                 "on_key_problem": sub.on_key_problem,
-                "openpgp_key": keys.get(sub.id, ""),
+                # A key stored before only the reader's user ID was kept: that form now.
+                "openpgp_key": kept_form(keys[sub.id], email=sub.email) if sub.id in keys else "",
             }
 
 
