@@ -3,7 +3,10 @@
 - A pending key gets one message encrypted to it with the activation link: only someone who can
   decrypt it can turn encryption on (nobody can make another person's mail unreadable).
 - A key problem found at send time (key_notices rows, one per reader, key and problem) gets one
-  neutral plaintext notice with a link to the preferences page: never one per campaign.
+  neutral plaintext notice, never one per campaign. Whoever reads it in transit or in the
+  mailbox holds its link, so the link is not the preferences page (where plain mail, no key or
+  no discreet envelope can be chosen) but its own /new-key/ page, which only takes a new key
+  (pending its proof) and works for tokens.KEY_UPDATE_MAX_AGE_DAYS.
 - An active key that expires within [openpgp] expiry_reminder_days gets one encrypted reminder.
 
 Each is owed in the database until the SMTP server accepts it or refuses it for good, so a
@@ -46,7 +49,13 @@ from newsletter.openpgp import (
     load_signing_key,
 )
 from newsletter.smtp import Result, Transport
-from newsletter.tokens import make_key_token, make_token, page_url
+from newsletter.tokens import (
+    KEY_UPDATE_MAX_AGE_DAYS,
+    make_key_token,
+    make_key_update_token,
+    make_token,
+    page_url,
+)
 
 log = logging.getLogger("newsletter.key_notices")
 
@@ -162,7 +171,8 @@ def owed_key_messages(session: Session, *, now: datetime, days: int, limit: int)
 
 
 def _preferences_url(session: Session, owed: Owed, base: str, secret: str) -> str:
-    """The reader's preferences page (a token names a list: their first one)."""
+    """The reader's preferences page (a token names a list: their first one). Only for a message
+    encrypted to their key: this link can turn encryption and the discreet envelope off."""
     list_id = session.scalar(
         select(Subscription.list_id)
         .where(Subscription.subscriber_id == owed.subscriber_id)
@@ -195,12 +205,19 @@ def key_message(
             "fingerprint": owed.fingerprint,
             "max_age_hours": settings.web.confirm_link_max_age_hours,
         }
-    elif owed.kind == "key_problem":
+    elif owed.kind == "key_problem":  # plain: a link that takes a new key and nothing else
         _ = gettext_for(lang)
+        token = make_key_update_token(
+            secret=secret,
+            subscriber_id=owed.subscriber_id,
+            fingerprint=owed.fingerprint,
+            issued_at=now,
+        )
         context = {
-            "url": _preferences_url(session, owed, identity.links_base, secret),
+            "url": page_url(identity.links_base, "key_update", token),
             "problem": _(PROBLEMS.get(owed.problem, UNUSABLE)),
             "withheld": owed.withheld,
+            "max_age_days": KEY_UPDATE_MAX_AGE_DAYS,
         }
     else:
         expires = owed.expires_at or now

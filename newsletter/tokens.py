@@ -20,13 +20,14 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from newsletter.errors import TokenError
 
-PURPOSES = ("unsubscribe", "preferences", "confirm", "key", "copy", "wrote")
+PURPOSES = ("unsubscribe", "preferences", "confirm", "key", "key_update", "copy", "wrote")
 # Where the web page for each purpose lives; the token follows.
 PAGE_PATHS = {
     "unsubscribe": "/u/",
     "preferences": "/preferences/",
     "confirm": "/confirm/",
     "key": "/key/",  # the proof that a reader can decrypt mail sent to the key they gave
+    "key_update": "/new-key/",  # a new key only: the link of the plaintext key-problem notice
     "copy": "/w/",  # a discreet reader's web copy of a campaign (no personal data in it)
     "wrote": "/wrote/",  # "I sent my letter" for an urgent-action case (counted once per reader)
 }
@@ -191,6 +192,14 @@ class KeyClaims:
     fingerprint: str
 
 
+# How long the link of a plaintext key-problem notice works. The notice travels in the clear, so
+# whoever reads it (a mail provider, a relay, a seized phone) holds the link: two weeks lets a
+# reader who checks their mail weekly or is away a while still use it, and a notice left lying
+# in a mailbox stops working after that. Later, any earlier encrypted email's settings link
+# does the same (an expired or revoked key still decrypts what was sent to it).
+KEY_UPDATE_MAX_AGE_DAYS = 14
+
+
 def make_key_token(
     *, secret: str, subscriber_id: int, fingerprint: str, issued_at: datetime
 ) -> str:
@@ -201,7 +210,31 @@ def make_key_token(
 
 def read_key_token(token: str, *, secret: str, max_age_seconds: int, now: datetime) -> KeyClaims:
     """Verify a key confirmation token; a forged, altered or expired one is refused."""
-    value = _loads(token, secret=secret, purpose="key")
+    return _key_claims(
+        token, secret=secret, purpose="key", max_age_seconds=max_age_seconds, now=now
+    )
+
+
+def make_key_update_token(
+    *, secret: str, subscriber_id: int, fingerprint: str, issued_at: datetime
+) -> str:
+    """Sign (subscriber, broken key's fingerprint): the plaintext key-problem notice's link, which
+    opens a page that takes a new key and nothing else."""
+    payload = [subscriber_id, fingerprint, int(issued_at.timestamp())]
+    return str(_serializer(secret, "key_update").dumps(payload))
+
+
+def read_key_update_token(token: str, *, secret: str, now: datetime) -> KeyClaims:
+    """Verify a key update token; a forged, altered, other-purpose or expired one is refused."""
+    max_age = KEY_UPDATE_MAX_AGE_DAYS * 24 * 3600
+    return _key_claims(token, secret=secret, purpose="key_update", max_age_seconds=max_age, now=now)
+
+
+def _key_claims(
+    token: str, *, secret: str, purpose: str, max_age_seconds: int, now: datetime
+) -> KeyClaims:
+    """What a signed (subscriber, fingerprint, time) token of this purpose names, if not expired."""
+    value = _loads(token, secret=secret, purpose=purpose)
     if (
         not isinstance(value, list)
         or len(value) != 3

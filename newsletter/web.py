@@ -1,7 +1,9 @@
-"""The supporters' pages: unsubscribe, preferences, confirmation, key activation and an urgent
-action's "I sent my letter" (/wrote/, counted once per reader, nothing else kept) behind signed
-links; a discreet reader's web copy (/w/); and the public pages: the signup form (signup.py) and
-the archive of web copies (archive.py), a case's messages with where the case stands now.
+"""The supporters' pages: unsubscribe, preferences, confirmation, key activation, a new key (the
+plaintext key-problem notice's /new-key/: a key and nothing else, for KEY_UPDATE_MAX_AGE_DAYS)
+and an urgent action's "I sent my letter" (/wrote/, counted once per reader, nothing else kept)
+behind signed links; a discreet reader's web copy (/w/); and the public pages: the signup form
+(signup.py) and the archive of web copies (archive.py), a case's messages with where the case
+stands now.
 
 GET never changes state (mail scanners follow links); every change is a POST. The signed token in
 the URL is the authority: it names the subscriber and the list and needs no login or cookie, so
@@ -87,6 +89,7 @@ from newsletter.tokens import (
     page_path,
     read_copy_token,
     read_key_token,
+    read_key_update_token,
     read_token,
     read_wrote_token,
 )
@@ -128,10 +131,11 @@ TOKEN_PATHS = tuple(PAGE_PATHS.values())
 def body_limit(path: str, web: WebSettings) -> int:
     """The largest request body a path takes: [web] max_body_bytes, more for the preferences form.
 
-    The preferences form carries a pasted public key of up to openpgp.MAX_KEY_BYTES, which the
-    browser's percent-encoding can make up to three times larger (a byte as %XX).
+    The preferences and key update forms carry a pasted public key of up to
+    openpgp.MAX_KEY_BYTES, which the browser's percent-encoding can make up to three times larger
+    (a byte as %XX).
     """
-    if path.startswith(PAGE_PATHS["preferences"]):
+    if path.startswith((PAGE_PATHS["preferences"], PAGE_PATHS["key_update"])):
         return 3 * MAX_KEY_BYTES + web.max_body_bytes
     return web.max_body_bytes
 
@@ -338,8 +342,8 @@ class Pages:
     # --- unsubscribe -----------------------------------------------------------------------
 
     async def unsubscribe_page(self, request: Request) -> Response:
-        """What you are leaving, one button, and a link to preferences (none for a reader with a
-        key or discreet mail: this link is the one that travels in the clear)."""
+        """What you are leaving, one button, and a link to preferences (none for a reader who has
+        or had a key, or has discreet mail: this link is the one that travels in the clear)."""
         claims = self.claims(request, "unsubscribe")
         person, reading = await self.step(link_view, claims, allow_gone=True)
         # Someone forgotten may have chosen discreet mail: their page names no one either.
@@ -349,10 +353,9 @@ class Pages:
                 "unsubscribed", person.language, discreet=discreet, list_name=person.list_name
             )
         # The unsubscribe link travels in the clear (List-Unsubscribe, even on encrypted mail):
-        # for a reader with a key or discreet mail it must not open the page that turns those off.
-        guarded = reading.is_discreet or bool(
-            reading.keys.active_fingerprint or reading.keys.pending_fingerprint
-        )
+        # for a reader with discreet mail or any key (a removed or revoked one too: their older
+        # encrypted mail still carries this link) it must not open the page that turns those off.
+        guarded = reading.is_discreet or _has_had_key(reading.keys)
         return self.render(
             "unsubscribe",
             person.language,
@@ -611,6 +614,97 @@ class Pages:
         except AudienceError:  # the reader is gone: the link is as good as forged
             raise TokenError("this link is not valid") from None
         return self.key_done(lang, reading, claims)
+
+    # --- a new key, from the plaintext key-problem notice -------------------------------------
+
+    def key_update_claims(self, request: Request) -> KeyClaims:
+        """Verify a /new-key/ link: signed for this page only, and not older than it may be."""
+        return read_key_update_token(
+            request.path_params["token"], secret=self.secret, now=self.clock.now()
+        )
+
+    def _key_update_state(self, claims: KeyClaims) -> tuple[str, Reading]:
+        """The reader's language and reading; the link is stale once another key is active."""
+        with unit_of_work(self.factory) as session:
+            sub = session.get(Subscriber, claims.subscriber_id)
+            reading = read_reading(session, claims.subscriber_id)
+            if sub is None or sub.status == SubscriberStatus.FORGOTTEN:
+                raise TokenError("this link is not valid")
+            active = reading.keys.active_fingerprint
+            if active and active != claims.fingerprint:  # a new key works: the notice is done
+                raise TokenError("this link is not valid")
+            lang = sub.language if sub.language in LANGUAGES else "en"
+            return lang, reading
+
+    async def key_update_page(self, request: Request) -> Response:
+        """GET /new-key/TOKEN: a form that takes a new key and nothing else; the GET changes
+        nothing."""
+        claims = self.key_update_claims(request)
+        lang, reading = await run_in_threadpool(self._key_update_state, claims)
+        # What the last post did, said only while it is still so.
+        keys = reading.keys
+        holds = {"sent": bool(keys.pending_fingerprint), "renewed": bool(keys.active_fingerprint)}
+        done = request.query_params.get("done", "")
+        return self.key_update_form(request, lang, reading, done=done if holds.get(done) else "")
+
+    def key_update_form(
+        self,
+        request: Request,
+        lang: str,
+        reading: Reading,
+        *,
+        done: str = "",
+        expired: bool = False,
+        key_problem: str = "",
+    ) -> Response:
+        """The page with one field, the new key (no fingerprint, address or list is shown);
+        `done` says what the last post did: "sent" (a proof is on its way) or "renewed"."""
+        return self.render(
+            "key_update",
+            lang,
+            discreet=reading.is_discreet,
+            form_token=self.form_token(request.path_params["token"]),
+            done=done,
+            expired=expired,
+            key_problem=key_problem,
+        )
+
+    async def key_update_post(self, request: Request) -> Response:
+        """POST /new-key/TOKEN: keep the pasted key pending its proof, as the preferences page
+        does; every other field is ignored (this link travels in the clear)."""
+        claims = self.key_update_claims(request)
+        raw = _form_bytes(await self.read_body(request))
+        fields = {name: [v.decode("utf-8", "replace") for v in vs] for name, vs in raw.items()}
+        expired = self.check_form(request, fields)
+        lang, reading = await run_in_threadpool(self._key_update_state, claims)
+        if expired:  # nothing saved: the form again, under a fresh form token
+            return self.key_update_form(request, lang, reading, expired=True)
+        try:
+            done = await run_in_threadpool(self._save_new_key, claims, (raw.get("key") or [b""])[0])
+        except KeyProblem as problem:  # nothing saved: the reason, next to the key field
+            reason = _key_reason(problem, lang)
+            return self.key_update_form(request, lang, reading, key_problem=reason)
+        except AudienceError:  # gone meanwhile (forgotten): no one to name
+            raise TokenError("this link is not valid") from None
+        return RedirectResponse(f"{request.url.path}?done={done}", status_code=303)
+
+    def _save_new_key(self, claims: KeyClaims, data: bytes) -> str:
+        """One transaction: the key, pending until proven (readers.set_key, as the preferences
+        page keeps it); a revocation is not learnt here (this page only takes a new key).
+        "sent" when a proof is owed, "renewed" when it was their active key, newer."""
+        key = _pasted_key(data)
+        with unit_of_work(self.factory) as session:
+            info = readers.set_key(
+                session,
+                subscriber_id=claims.subscriber_id,
+                data=key,
+                now=self.clock.now(),
+                actor="web",
+            )
+            if info.revoked:  # raised: the transaction is rolled back, nothing is marked
+                raise KeyProblem.of(N_("this key cannot be used any more: give a new one"))
+            pending = readers.key_view(session, claims.subscriber_id).pending_fingerprint
+            return "sent" if pending == info.fingerprint else "renewed"
 
     # --- "I sent my letter" ----------------------------------------------------------------
 
@@ -1108,6 +1202,8 @@ def create_app(
             ("confirm", "POST", pages.confirm_post),
             ("key", "GET", pages.key_page),
             ("key", "POST", pages.key_post),
+            ("key_update", "GET", pages.key_update_page),
+            ("key_update", "POST", pages.key_update_post),
             ("copy", "GET", pages.discreet_copy),
             ("wrote", "GET", pages.wrote_page),
             ("wrote", "POST", pages.wrote_post),
@@ -1308,6 +1404,16 @@ def _key_reason(problem: KeyProblem, lang: str) -> str:
 def _spaced(fingerprint: str) -> str:
     """A fingerprint in groups of four, as people read it out and as a phone can wrap it."""
     return " ".join(fingerprint[i : i + 4] for i in range(0, len(fingerprint), 4))
+
+
+def _has_had_key(keys: KeyView) -> bool:
+    """Whether a reader has a key row of any kind: active, pending, removed or revoked."""
+    return bool(
+        keys.active_fingerprint
+        or keys.pending_fingerprint
+        or keys.removed
+        or keys.revoked_fingerprint
+    )
 
 
 def _digest(url_token: str) -> str:

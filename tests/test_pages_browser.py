@@ -17,8 +17,10 @@ from newsletter.db import unit_of_work
 from newsletter.db.queries import mark_bounced
 from newsletter.lists import get_list, read_lists, sync_lists
 from newsletter.subscriptions import unsubscribe
+from newsletter.tokens import make_key_update_token
 from tests.browser_checks import check_page
-from tests.conftest import make_settings
+from tests.conftest import SECRET, make_settings
+from tests.gpg_keys import sequoia_key
 from tests.test_web import ROOT, Site, add_person
 from tests.webserver import serve_pages
 
@@ -97,6 +99,33 @@ def confirm_expired(site: Site, page: Any) -> None:
     page.click("button[type=submit]")
 
 
+def key_update_page(site: Site, page: Any) -> None:
+    """The link of a plaintext key-problem notice: a new key, and nothing else."""
+    sid = add_person(site.factory, site.clock, "reader@example.org", language="be")
+    token = make_key_update_token(
+        secret=SECRET, subscriber_id=sid, fingerprint="AB" * 20, issued_at=site.clock.now()
+    )
+    page.goto(f"{site.url}/new-key/{token}")
+
+
+def key_update_sent(site: Site, page: Any) -> None:
+    key_update_page(site, page)
+    page.fill("#key", str(sequoia_key("Reader <reader@example.org>").extract_certificate()))
+    page.click("button[type=submit]")
+
+
+def key_update_expired(site: Site, page: Any) -> None:
+    key_update_page(site, page)
+    site.clock.advance(hours=25)
+    page.click("button[type=submit]")
+
+
+def key_update_refused(site: Site, page: Any) -> None:
+    key_update_page(site, page)
+    page.fill("#key", "not a key")
+    page.click("button[type=submit]")
+
+
 def error_page(site: Site, page: Any) -> None:
     page.goto(f"{site.url}/u/not-a-real-token")
 
@@ -112,6 +141,10 @@ STATES: dict[str, tuple[Callable[[Site, Any], None], str]] = {
     "confirm": (confirm_page, "form"),
     "confirmed": (confirmed_page, "h1"),
     "confirm-expired": (confirm_expired, "[role=alert], .status"),
+    "key-update": (key_update_page, "form"),
+    "key-update-sent": (key_update_sent, "[role=status]"),
+    "key-update-expired": (key_update_expired, "[role=alert]"),
+    "key-update-refused": (key_update_refused, "#key-problem"),
     "error": (error_page, "h1"),
 }
 
