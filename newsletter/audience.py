@@ -13,14 +13,16 @@ the sender checks again when it claims each delivery.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select
+from sqlalchemy import ColumnElement, Select, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
     Campaign,
+    CampaignStatus,
     CaseLetter,
     CaseMessage,
     CaseRole,
@@ -65,8 +67,9 @@ def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
 
     A case's later messages (cases.py) go to the people still on the list who were sent an
     earlier message of the case; an update and the reminder also to those whose first message
-    is still on its way (the sender holds theirs until it went); an update `include_new` also
-    to everyone on the list now; the reminder not to those who said they wrote.
+    is still on its way (its campaign running or paused: the sender holds theirs until it went);
+    an update `include_new` also to everyone on the list now; the reminder not to those who said
+    they wrote.
     """
     everyone = select_audience(session, list_id=campaign.list_id, segment_id=campaign.segment_id)
     message = campaign.case_message
@@ -77,8 +80,14 @@ def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
     )
     reached = Delivery.status == DeliveryStatus.SENT
     if message.role != CaseRole.CLOSING:
-        first = select(CaseMessage.campaign_id).where(
-            CaseMessage.case_id == message.case_id, CaseMessage.role == CaseRole.FIRST
+        first = (
+            select(CaseMessage.campaign_id)
+            .join(Campaign, Campaign.id == CaseMessage.campaign_id)
+            .where(
+                CaseMessage.case_id == message.case_id,
+                CaseMessage.role == CaseRole.FIRST,
+                Campaign.status.in_(LIVE),
+            )
         )
         pending = and_(
             Delivery.campaign_id.in_(first.scalar_subquery()),
@@ -97,8 +106,54 @@ def campaign_audience(session: Session, campaign: Campaign) -> Select[int]:
     return audience_query(campaign.list_id, None).where(chosen)
 
 
-# A delivery not sent yet, nor given up: a case's first message still on its way.
+# A delivery not sent yet, nor given up: a case's first message still on its way, as long as
+# its campaign is LIVE (a cancelled one never sends what it had left; a finished one has none).
 PENDING = (DeliveryStatus.QUEUED, DeliveryStatus.CLAIMED, DeliveryStatus.DEFERRED)
+LIVE = (CampaignStatus.RUNNING, CampaignStatus.PAUSED)
+# Why a later message of a case is not sent to a reader none of whose earlier ones went.
+UNTHREADED = "not sent: none of the case's earlier messages reached this reader"
+
+
+def on_its_way(delivery_status: str, campaign_status: str) -> bool:
+    """Whether a delivery may still be sent: pending, in a campaign that is running or paused."""
+    return delivery_status in PENDING and campaign_status in LIVE
+
+
+def thread_states(
+    session: Session, campaign_ids: Collection[int], subscriber_ids: Collection[int]
+) -> dict[tuple[int, int], tuple[str, str]]:
+    """(delivery status, campaign status) of each (campaign, subscriber) delivery among these."""
+    stmt = (
+        select(Delivery.campaign_id, Delivery.subscriber_id, Delivery.status, Campaign.status)
+        .join(Campaign, Campaign.id == Delivery.campaign_id)
+        .where(
+            Delivery.campaign_id.in_(list(campaign_ids)),
+            Delivery.subscriber_id.in_(list(subscriber_ids)),
+        )
+    )
+    return {(c, s): (status, state) for c, s, status, state in session.execute(stmt).all()}
+
+
+def takes_newcomers(session: Session, campaign_id: int) -> bool:
+    """Whether a case's message goes to everyone on the list too (an update `include_new`)."""
+    stmt = select(CaseMessage.include_new).where(CaseMessage.campaign_id == campaign_id)
+    return bool(session.scalar(stmt))
+
+
+def give_up(session: Session, ids: Sequence[int], *, reason: str) -> None:
+    """Claimed deliveries not sent on purpose: suppressed, with the reason kept as the record."""
+    if ids:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.id.in_(list(ids)), Delivery.status == DeliveryStatus.CLAIMED)
+            .values(
+                status=DeliveryStatus.SUPPRESSED,
+                lease_until=None,
+                claimed_by=None,
+                last_reply=reason[:1000],
+            )
+            .execution_options(synchronize_session=False)
+        )
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:

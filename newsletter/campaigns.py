@@ -6,12 +6,19 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from newsletter.audit import record_event
-from newsletter.db.models import Campaign, CampaignStatus
+from newsletter.db.models import (
+    ActionCase,
+    Campaign,
+    CampaignStatus,
+    CaseMessage,
+    CaseRole,
+    CaseStatus,
+)
 from newsletter.db.queries import finish_campaign, requeue_failed, running_campaigns
 from newsletter.errors import CampaignError
 from newsletter.i18n import N_
@@ -98,6 +105,7 @@ def pause_campaign(
 def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor: str) -> Campaign:
     """Let a paused campaign be claimed again; only what was not sent goes out."""
     campaign = get_campaign(session, campaign_id)
+    refuse_for_closed_case(session, campaign_id)
     paused = (CampaignStatus.PAUSED,)
     if campaign.status != CampaignStatus.PAUSED or not change_if(
         session, campaign, when=paused, status=CampaignStatus.RUNNING, pause_reason=""
@@ -137,6 +145,7 @@ def retry_campaign(*, session: Session, campaign_id: int, now: datetime, actor: 
         raise CampaignError.of(
             N_("campaign %(id)s is cancelled; nothing is retried"), id=campaign_id
         )
+    refuse_for_closed_case(session, campaign_id)
     count = requeue_failed(session, campaign_id=campaign_id, now=now)
     if count and campaign.status == CampaignStatus.FINISHED:
         campaign.status, campaign.finished_at = CampaignStatus.RUNNING, None
@@ -150,3 +159,27 @@ def retry_campaign(*, session: Session, campaign_id: int, now: datetime, actor: 
     )
     session.flush()
     return count
+
+
+def refuse_for_closed_case(session: Session, campaign_id: int) -> None:
+    """Refuse to send more of a message of a closed case, other than its closing message.
+
+    Nobody is asked to write about a closed case: its first message, updates and reminder are
+    over once it closed (close_case dropped what they had not sent).
+    """
+    stmt = (
+        select(ActionCase.reference)
+        .join(CaseMessage, CaseMessage.case_id == ActionCase.id)
+        .where(
+            CaseMessage.campaign_id == campaign_id,
+            CaseMessage.role != CaseRole.CLOSING,
+            ActionCase.status == CaseStatus.CLOSED,
+        )
+    )
+    reference = session.scalar(stmt)
+    if reference is not None:
+        # Not N_(): the console's catalogues (.po) have no translation of it yet; shown as is.
+        raise CampaignError(
+            f"campaign {campaign_id} is a message of case {reference}, which is closed: nobody "
+            "is asked to write about a closed case; nothing is sent"
+        )

@@ -6,8 +6,10 @@ the case by a CaseMessage row. Who gets what:
 
 - the first message: the case's list (and segment), as any alert;
 - updates and the reminder: the people still on the list whom a message of the case was sent
-  to, or whose first message is still on its way (the sender holds theirs until it went); an
-  update `include_new` also everyone on the list now; the reminder not those who said they wrote;
+  to, or whose first message is still on its way (its campaign running or paused: the sender
+  holds theirs until it went, and gives it up if none of the earlier messages reached them
+  after all); an update `include_new` also everyone on the list now; the reminder not those
+  who said they wrote;
 - the closing: the people still on the list whom a message of the case was sent to; what had not
   gone yet of the others is dropped (audience.campaign_audience).
 
@@ -440,9 +442,15 @@ def send_first(
     campaign = message_campaign(
         session, case, role=CaseRole.FIRST, now=now, actor=actor, settings=settings
     )
-    if campaign.status in (CampaignStatus.FINISHED, CampaignStatus.CANCELLED):
+    if campaign.status == CampaignStatus.CANCELLED:
+        # An update goes only to those the first message reached: say so, not "send an update".
         raise CampaignError(
-            f"case {case.reference}: its first message is already {campaign.status} "
+            f"case {case.reference}: its first message was cancelled (campaign {campaign.id}); "
+            "an update reaches only the readers it was sent to"
+        )
+    if campaign.status == CampaignStatus.FINISHED:
+        raise CampaignError(
+            f"case {case.reference}: its first message is already finished "
             f"(campaign {campaign.id}); send an update instead"
         )
     queued = launch_campaign(

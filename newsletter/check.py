@@ -8,6 +8,9 @@ signed links for a made-up subscriber), then checked for:
 - the reader's personal links (unsubscribe, preferences): each exactly once in each part, in the
   place the templates give it (the whole href of a link; a word of its own in the text), and
   nowhere else: not in another attribute, not inside a URL, not twice;
+- any other reader's own page (unsubscribe, preferences, confirm, key, "I sent my letter"),
+  under the portal's address, the discreet readers' one or a mirror: someone's link pasted into
+  a text would act for them, whoever clicks it;
 - unsubscribing: a link to the recipient's unsubscribe URL in the HTML, the URL in the text, and
   the List-Unsubscribe, List-Unsubscribe-Post (RFC 8058 one-click) and List-Id headers;
 - the subject: empty, over [check] max_subject_chars, or with a line break;
@@ -23,6 +26,7 @@ override in events.
 
 from __future__ import annotations
 
+import posixpath
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,7 +34,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from email.message import EmailMessage
 from ipaddress import ip_address
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from lxml import html as lxml_html
 from sqlalchemy import select
@@ -70,6 +74,9 @@ _CSS_DANGER = re.compile(r"expression\s*\(|javascript:|url\s*\(|@import|behavior
 # "<http" then one class that stops at the next "<" or ">": the runs tried from different "<"
 # never overlap. (With [^>]+, each "<https://" without a ">" rescanned the rest: quadratic.)
 _LIST_UNSUBSCRIBE_URL = re.compile(r"<https?://[^<>]+>")
+# The pages a reader's own signed token opens (each acts for that reader: unsubscribes them,
+# counts their letter, ...). Not "copy": a web copy's token names a campaign and a language only.
+READER_PAGES = tuple(purpose for purpose in PAGE_PATHS if purpose != "copy")
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,8 @@ def check_variant(
         settings=settings,
         now=now,
     )
-    urls = link_urls(recipient=CHECK_RECIPIENT, mlist=mlist, settings=settings)
+    # As build_message made them: a case's first message carries a "wrote" link to case 0.
+    urls = link_urls(recipient=CHECK_RECIPIENT, mlist=mlist, settings=settings, case_id=0)
     found = check_message(
         message,
         lang=variant.lang,
@@ -151,7 +159,8 @@ def check_variant(
     )
     misplaced = list(_check_markers(variant))
     placed = _check_personal_links(message, urls, variant.lang, settings)
-    return [*found, *(misplaced or placed)]
+    pasted = _check_reader_pages(message, variant.lang, settings, own=urls["wrote"])
+    return [*found, *(misplaced or placed), *pasted]
 
 
 def check_message(
@@ -281,16 +290,99 @@ def _check_personal_links(
     return [replace(p, what=f"{p.what} ({SMUGGLED})") for p in dict.fromkeys(found)]
 
 
-def _html_places(tree: lxml_html.HtmlElement, needle: str) -> list[tuple[str, str, str]]:
-    """(tag, attribute or "text", value) for each occurrence of needle in the parsed HTML."""
-    places = []
+def _check_reader_pages(
+    message: EmailMessage, lang: str, settings: Settings, *, own: str
+) -> list[Problem]:
+    """A link to any reader's own page but the reader's own "I sent my letter" link (`own`,
+    placed by _check_markers) and those _check_personal_links sees (each one starting with
+    [web] base_url as written and the unsubscribe or preferences page: it allows the reader's
+    own links, once each, and nothing else that starts so).
+
+    Looked for with or without a scheme, in any letter case: in the HTML as written and as parsed
+    (entities decoded), in the text, and in every link as a browser would follow it.
+    """
+    html, text = _bodies(message)
+    tree = lxml_html.document_fromstring(html or "<html></html>")
+    base = settings.web.base_url.rstrip("/")
+    placed = tuple(base + PAGE_PATHS[key] for key in PERSONAL_LINKS)
+    blank = tuple(p for p in (*placed, own) if p)
+    html_links = [url for url, _ in _links(tree, "")]
+    text_links = [m.group(0) for m in _TEXT_URL.finditer(text)]
+    parsed = [value for _, _, value in _html_values(tree)]
+    parts = {
+        "HTML": [html, *parsed, *_followed(u for u in html_links if not _placed(u, placed, own))],
+        "text": [text, *_followed(u for u in text_links if not _placed(u, placed, own))],
+    }
+    pages = _reader_pages(settings)
+    found = []
+    for part, bodies in parts.items():
+        # One string: a page's address holds no line break, so no match spans two bodies.
+        kept = _without("\n".join(bodies), blank)
+        found += [
+            Problem("links", f"{lang} {part}", f"a link to a reader's own {key} page ({SMUGGLED})")
+            for key in dict.fromkeys(key for key, _, page in pages if page.search(kept))
+        ]
+    return found
+
+
+def _placed(url: str, placed: tuple[str, ...], own: str) -> bool:
+    """Whether another check sees to this link: the reader's own, or one _check_personal_links
+    counts (it refuses any but the reader's own link that starts so)."""
+    return url == own or url.startswith(placed)
+
+
+def _without(body: str, prefixes: Iterable[str]) -> str:
+    """The body with these prefixes blanked out (the links another check places)."""
+    for prefix in prefixes:
+        body = body.replace(prefix, " ")
+    return body
+
+
+def _followed(urls: Iterable[str]) -> Iterator[str]:
+    """Each link as the host and path a browser asks for: percent-escapes decoded, backslashes
+    read as slashes, dot segments resolved (a doubled slash is merged too: stricter, not laxer)."""
+    for url in urls:
+        parts = urlsplit(url.strip().replace("\\", "/"))
+        path = unquote(parts.path)
+        resolved = posixpath.normpath(path) if path else ""
+        tail = "/" if path.endswith("/") and resolved != "/" else ""
+        yield unquote(parts.netloc).lower() + resolved + tail
+
+
+def _reader_pages(settings: Settings) -> list[tuple[str, str, re.Pattern[str]]]:
+    """(page, its address, pattern) for each reader's page under each base of ours: [web]
+    base_url, the discreet readers' links and the mirrors."""
+    web = settings.web.base_url
+    bases = (web, settings.discreet.links_base(web), *settings.web.mirror_urls)
+    found = []
+    for base in dict.fromkeys(b.rstrip("/") for b in bases if b):
+        parts = urlsplit(base)
+        for key in READER_PAGES:
+            # Linear: a literal after a one-character lookbehind, which keeps
+            # "oldnews.example.org/u/" from counting as "news.example.org/u/".
+            where = re.escape(parts.netloc + parts.path + PAGE_PATHS[key])
+            page = re.compile(r"(?<![\w.-])" + where, re.IGNORECASE)
+            found.append((key, base + PAGE_PATHS[key], page))
+    return found
+
+
+def _html_values(tree: lxml_html.HtmlElement) -> Iterator[tuple[str, str, str]]:
+    """(tag, attribute or "text", value) for every text, tail and attribute of the parsed HTML."""
     for node in tree.iter():
         tag = node.tag if isinstance(node.tag, str) else "comment"
-        values = [("text", node.text or ""), ("text", node.tail or "")]
+        yield tag, "text", node.text or ""
+        yield tag, "text", node.tail or ""
         if isinstance(node.tag, str):
-            values += node.attrib.items()
-        places += [(tag, name, value) for name, value in values for _ in range(value.count(needle))]
-    return places
+            yield from ((tag, name, value) for name, value in node.attrib.items())
+
+
+def _html_places(tree: lxml_html.HtmlElement, needle: str) -> list[tuple[str, str, str]]:
+    """(tag, attribute or "text", value) for each occurrence of needle in the parsed HTML."""
+    return [
+        (tag, name, value)
+        for tag, name, value in _html_values(tree)
+        for _ in range(value.count(needle))
+    ]
 
 
 def _check_subject(subject: str, lang: str, settings: Settings) -> Iterator[Problem]:
@@ -367,15 +459,17 @@ def item_problem(title: str, link: str, summary_html: str, settings: Settings) -
     named anywhere in it (which the check takes for a personal link smuggled in)."""
     tree = lxml_html.document_fromstring(f"<html><body>{summary_html}</body></html>")
     text = " ".join((title, tree.text_content()))
-    for url, _where in [(link, "link"), *_links(tree, text)] if link else _links(tree, text):
+    urls = [url for url, _ in _links(tree, text)]
+    urls = [link, *urls] if link else urls
+    for url in urls:
         what = _link_problem(url, settings)
         if what:
             return f"{what}: {_short(url)}"
-    base = settings.web.base_url.rstrip("/")
-    everything = " ".join((title, link, summary_html, text))
-    for key in PERSONAL_LINKS:
-        if base + PAGE_PATHS[key] in everything:
-            return f"it names the readers' {key} page ({base + PAGE_PATHS[key]})"
+    parsed = (value for _, _, value in _html_values(tree))
+    everything = [title, link, summary_html, text, *parsed, *_followed(urls)]
+    for key, shown, page in _reader_pages(settings):
+        if any(map(page.search, everything)):
+            return f"it names the readers' {key} page ({shown})"
     return ""
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import PENDING
+from newsletter.audience import UNTHREADED, give_up, on_its_way, takes_newcomers, thread_states
 from newsletter.bounces import verp_address
 from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
@@ -43,7 +43,6 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import DeliveryStatus, DiscreetMode, KeyProblemChoice, KeyStatus
 from newsletter.db.queries import (
     ClaimedRow,
-    case_delivery_states,
     case_of,
     claim_batch,
     claim_holders,
@@ -375,6 +374,7 @@ class TemplateCache:
         self._settings = settings
         self._cache: dict[tuple[int, str, str, bool], MessageTemplate | None] = {}
         self._threads: dict[int, tuple[int, ...]] = {}
+        self._newcomers: dict[int, bool] = {}
         self._identities: dict[str, Identity] = {}
 
     def identity(self, discreet: str) -> Identity:
@@ -388,6 +388,12 @@ class TemplateCache:
         if campaign_id not in self._threads:
             self._threads[campaign_id] = earlier_case_messages(session, campaign_id)
         return self._threads[campaign_id]
+
+    def takes_newcomers(self, session: Session, campaign_id: int) -> bool:
+        """Whether the campaign is a case's update `include_new` (asked once per campaign)."""
+        if campaign_id not in self._newcomers:
+            self._newcomers[campaign_id] = takes_newcomers(session, campaign_id)
+        return self._newcomers[campaign_id]
 
     def get(
         self,
@@ -466,6 +472,8 @@ class Prepared:
     key_notices: list[tuple[int, str, str]] = field(default_factory=list)
     # A case's later message whose reader's first message is still on its way: it waits.
     held: list[int] = field(default_factory=list)
+    # A case's later message none of whose earlier messages reached its reader: never sent.
+    unthreaded: list[int] = field(default_factory=list)
 
 
 def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
@@ -519,6 +527,7 @@ def prepare_jobs(
     withhold(session, prepared.withheld)
     owe_key_notices(session, prepared.key_notices, now=now)
     postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
+    give_up(session, prepared.unthreaded, reason=UNTHREADED)
     return prepared.jobs, prepared.gone
 
 
@@ -531,16 +540,20 @@ def prepare(
     signers: Signers,
     now: datetime,
 ) -> Prepared:
-    """Each claimed row as a job, or set aside: left the list, or withheld for a key problem."""
+    """Each claimed row as a job, or set aside: left the list, withheld for a key problem, or a
+    case's later message held for an earlier one still on its way, or given up without one."""
     out = Prepared()
     rows = load_claimed(session, ids)
-    threads, waiting = _threads(session, rows, templates)
+    threads, waiting, unthreaded = _threads(session, rows, templates)
     for row in rows:
         if not row.may_be_mailed:
             out.gone.append(row.delivery_id)
             continue
         if row.delivery_id in waiting:
             out.held.append(row.delivery_id)
+            continue
+        if row.delivery_id in unthreaded:
+            out.unthreaded.append(row.delivery_id)
             continue
         trouble = key_trouble(row, now)
         if trouble is None and row.key_armored:
@@ -583,29 +596,33 @@ def prepare(
 
 def _threads(
     session: Session, rows: list[ClaimedRow], templates: TemplateCache
-) -> tuple[dict[int, tuple[int, ...]], set[int]]:
+) -> tuple[dict[int, tuple[int, ...]], set[int], set[int]]:
     """For each row of a case's later message: the earlier messages of the case its reader was
-    sent (its thread), and whether one of them is still on its way to them (then it waits, so
-    that nobody gets an update before the message it updates). One query per claim, and none
-    when the claim holds no such row."""
+    sent (its thread); whether one of them is still on its way to them (then it waits, so that
+    nobody gets an update before the message it updates); and whether none of them reached or
+    can still reach them (then it is never sent: an update is for those who got what it
+    updates, unless it is `include_new`). One query per claim, and none when the claim holds no
+    such row."""
     wanted = {row.campaign_id: templates.thread(session, row.campaign_id) for row in rows}
     earlier = {c for thread in wanted.values() for c in thread}
     if not earlier:
-        return {}, set()
-    states = case_delivery_states(session, earlier, {row.subscriber_id for row in rows})
+        return {}, set(), set()
+    states = thread_states(session, earlier, {row.subscriber_id for row in rows})
     threads: dict[int, tuple[int, ...]] = {}
     waiting: set[int] = set()
+    unthreaded: set[int] = set()
     for row in rows:
         thread = wanted[row.campaign_id]
         if not thread:
             continue
-        mine = [states.get((c, row.subscriber_id)) for c in thread]
-        threads[row.delivery_id] = tuple(
-            c for c, state in zip(thread, mine, strict=True) if state == DeliveryStatus.SENT
-        )
-        if any(state in PENDING for state in mine):
+        mine = [(c, states.get((c, row.subscriber_id))) for c in thread]
+        sent = tuple(c for c, state in mine if state and state[0] == DeliveryStatus.SENT)
+        threads[row.delivery_id] = sent
+        if any(state and on_its_way(*state) for _c, state in mine):
             waiting.add(row.delivery_id)
-    return threads, waiting
+        elif not sent and not templates.takes_newcomers(session, row.campaign_id):
+            unthreaded.add(row.delivery_id)
+    return threads, waiting, unthreaded
 
 
 def _job(
@@ -826,9 +843,11 @@ class Sender:
                 withhold(session, prepared.withheld)
                 owe_key_notices(session, prepared.key_notices, now=now)
                 postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
+                give_up(session, prepared.unthreaded, reason=UNTHREADED)
         except MissingVariantError as error:
             return self._set_aside(ids, error)
-        report = SendReport(suppressed=len(prepared.gone), withheld=len(prepared.withheld))
+        suppressed = len(prepared.gone) + len(prepared.unthreaded)
+        report = SendReport(suppressed=suppressed, withheld=len(prepared.withheld))
         return Batch(ids, prepared.jobs, report)
 
     def _set_aside(self, ids: list[int], error: MissingVariantError) -> Batch:
