@@ -77,10 +77,10 @@ from newsletter.openpgp import (
     OBSCURED_SUBJECT,
     KeyProblem,
     encrypt_message,
-    key_problem,
     load_signing_key,
 )
 from newsletter.openpgp import Signer as PgpSigner
+from newsletter.readers import recheck_key
 from newsletter.render import RenderedVariant, render_pointer
 from newsletter.smtp import Chain, Outcome, Result, Transport, open_pool
 from newsletter.smtp_wire import NotReady, Wire
@@ -476,12 +476,14 @@ class Prepared:
     unthreaded: list[int] = field(default_factory=list)
 
 
-def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
+def key_trouble(session: Session, row: ClaimedRow, now: datetime) -> KeyProblem | None:
     """Why a reader's key cannot be used now; None when they have none or it is good.
 
-    The stored key passed openpgp.read_key when it was given (readers.set_key, the only writer),
-    and what that judged cannot change for the same text but with time: so the check before
-    each send is the stored state and expiry, with no parse (which cost more than encrypting).
+    The stored key passed openpgp.read_key when it was given (readers.set_key), and what that
+    judged cannot change for the same text but with time: so the check before each send is the
+    stored state and expiry, with no parse (which cost more than encrypting). Once a signature
+    of the key dated later counts (recheck_at), the key is judged again in full and the
+    judgement stored, so only one message pays for it.
     """
     if row.key_status is None:
         return None
@@ -491,13 +493,16 @@ def key_trouble(row: ClaimedRow, now: datetime) -> KeyProblem | None:
         return _trouble("removed", N_("the key was removed"))
     if row.key_expires_at is not None and row.key_expires_at <= now:
         return _trouble("expired", N_("this key expired"))
-    if _needs_full_check(row, now):  # a signature dated later now counts: judge it again
-        return key_problem(row.key_armored, email=row.email, now=now)
+    if row.key_recheck_at is not None and row.key_recheck_at <= now:
+        return recheck_key(
+            session,
+            subscriber_id=row.subscriber_id,
+            fingerprint=row.key_fingerprint or "",
+            armored=row.key_armored,
+            email=row.email,
+            now=now,
+        )
     return None
-
-
-def _needs_full_check(row: ClaimedRow, now: datetime) -> bool:
-    return row.key_recheck_at is not None and row.key_recheck_at <= now
 
 
 def _trouble(code: str, message: str) -> KeyProblem:
@@ -555,7 +560,7 @@ def prepare(
         if row.delivery_id in unthreaded:
             out.unthreaded.append(row.delivery_id)
             continue
-        trouble = key_trouble(row, now)
+        trouble = key_trouble(session, row, now)
         if trouble is None and row.key_armored:
             try:
                 out.jobs.append(
@@ -654,7 +659,7 @@ def _job(
                 signer=signers.openpgp,
                 outer_subject=identity.subject(OBSCURED_SUBJECT, row.language),
                 autocrypt=identity.discreet is None,
-                checked=not _needs_full_check(row, now),  # key_trouble judged the rest
+                checked=True,  # key_trouble judged the key (in full, if its recheck came)
             )
             message = signers.dkim.sign(message, discreet=discreet)
         else:

@@ -612,3 +612,35 @@ def test_no_key_mail_after_leaving_every_list(
         assert session.get(Subscriber, sid).status == "active"  # type: ignore[union-attr]
     service_mail(factory, settings, now_clock)
     assert to(smtpd.messages(), KEYED) == []
+
+
+def test_a_key_whose_recheck_came_is_judged_once_and_the_judgement_kept(
+    factory: sessionmaker[Session],
+    smtpd: SmtpServer,
+    now_clock: FrozenClock,
+    database_url: str,
+    tmp_path: Path,
+) -> None:
+    """Once a key's recheck_at has come, the sender judges it again in full and stores the
+    judgement: the message goes encrypted, and the next one takes the quick path (no recheck)."""
+    settings = settings_with(database_url, smtpd)
+    clock = now_clock
+    prepare(factory, clock)
+    home, armored = reader_key(tmp_path, KEYED)
+    sid = subscriber_id(factory, KEYED)
+    with unit_of_work(factory) as session:
+        set_key(
+            session, subscriber_id=sid, data=armored, now=clock.now(), actor="t", confirmed=True
+        )
+        key = session.scalars(select(ReaderKey).where(ReaderKey.subscriber_id == sid)).one()
+        assert key.recheck_at is None
+        key.recheck_at = clock.now()  # as if a signature of the key dated later counted now
+        expires = key.expires_at
+    before = len(smtpd.messages())
+    assert send_digest(factory, settings, clock) is not None
+    [secret] = to(smtpd.messages()[before:], KEYED)
+    assert str(secret["Subject"]) == "[...]"
+    assert home.decrypt(encrypted_payload(secret)).plaintext
+    with factory() as session:
+        key = session.scalars(select(ReaderKey).where(ReaderKey.subscriber_id == sid)).one()
+        assert (key.status, key.recheck_at, key.expires_at) == ("active", None, expires)
