@@ -26,6 +26,9 @@ from newsletter.db.models import (
     Suppression,
 )
 from newsletter.db.queries import (
+    _ONE_OUTCOME,
+    _PARAMS,
+    SQLITE_OUTCOMES_PER_STATEMENT,
     OutcomeRow,
     claim_batch,
     extend_leases,
@@ -258,6 +261,69 @@ def test_an_outcome_never_overwrites_a_row_that_is_no_longer_claimed(
     write(factory, make_settings(database_url), clock, [(job, SENT, None)])
     row = delivery(factory, job.delivery_id)
     assert (row.status, row.sent_at) == (DeliveryStatus.QUEUED, None)
+
+
+def test_sqlite_writes_a_group_in_one_statement_as_it_wrote_them_row_by_row(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """More outcomes than one statement holds, of every kind, moments with and without
+    microseconds, a row no longer claimed: the rows read back as the executemany that SQLite
+    before 3.33 uses writes them."""
+    if not database_url.startswith("sqlite"):
+        pytest.skip("SQLite's statement")
+    n = SQLITE_OUTCOMES_PER_STATEMENT + 7
+    jobs = claimed_jobs(factory, clock, 2 * n)
+    with unit_of_work(factory) as session:  # one of each half released: the guard keeps it
+        release_claims(session, [jobs[3].delivery_id, jobs[n + 3].delivery_id], worker="w")
+    at = clock.now().replace(microsecond=0)
+
+    def rows(part: list[Job]) -> list[OutcomeRow]:
+        made = []
+        for i, job in enumerate(part):
+            kind = i % 3
+            status = [DeliveryStatus.SENT, DeliveryStatus.DEFERRED, DeliveryStatus.FAILED][kind]
+            moment = at + timedelta(microseconds=i % 2 * 17)
+            made.append(
+                OutcomeRow(
+                    job.delivery_id,
+                    status,
+                    moment if kind == 0 else None,
+                    moment + timedelta(minutes=i) if kind else None,
+                    f"{250 + kind * 200} 'reply' {i} ✉",
+                    None if i % 5 == 0 else "main",
+                )
+            )
+        return made
+
+    with unit_of_work(factory) as session:
+        ledger.record_outcomes(session, rows(jobs[:n]))
+        old = [dict(zip(_PARAMS, row, strict=True)) for row in rows(jobs[n:])]
+        session.connection().execute(_ONE_OUTCOME, old)
+
+    def state(part: list[Job]) -> list[tuple[object, ...]]:
+        with unit_of_work(factory) as session:
+            found = session.scalars(
+                select(Delivery)
+                .where(Delivery.id.in_([job.delivery_id for job in part]))
+                .order_by(Delivery.id)
+            )
+            return [
+                (d.status, d.sent_at, d.next_attempt_at, d.last_reply, d.relay, d.claimed_by)
+                for d in found
+            ]
+
+    one_statement, row_by_row = state(jobs[:n]), state(jobs[n:])
+    assert one_statement == row_by_row
+    assert one_statement[3][0] == DeliveryStatus.QUEUED  # released: left as it was
+    assert one_statement[0] == (
+        DeliveryStatus.SENT,
+        at,
+        one_statement[0][2],
+        "250 'reply' 0 ✉",
+        None,
+        None,
+    )
+    assert one_statement[1][1:3] == (None, at + timedelta(microseconds=17, minutes=1))
 
 
 def new_writer(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Collection, Iterable, Sequence
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -29,6 +31,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -650,8 +653,7 @@ def load_variant(
 # The ledger's writes, guarded by status = claimed, so an outcome never overwrites a row that was
 # released and recorded elsewhere meanwhile. A row's sent_at or next_attempt_at is None where
 # the outcome leaves that column as it is (sent: next_attempt_at; deferred or failed: sent_at).
-# SQLite: one executemany on the session's connection (no ORM work per row; SQLite is in the
-# process, so a statement per row costs no round trip).
+# SQLite before 3.33 (no UPDATE ... FROM): one executemany on the session's connection.
 _ONE_OUTCOME = (
     update(DELIVERIES)
     .where(
@@ -701,11 +703,57 @@ def record_outcomes(session: Session, rows: Sequence[OutcomeRow]) -> None:
     """Write outcomes to their claimed deliveries, in one statement on PostgreSQL."""
     if not rows:
         return
-    if _dialect(session) == "postgresql":
-        session.connection().exec_driver_sql(OUTCOMES_SQL, outcome_arrays(rows))
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(OUTCOMES_SQL, outcome_arrays(rows))
+    elif sqlite3.sqlite_version_info >= (3, 33):
+        stamp = _sqlite_stamp(connection.dialect)
+        for start in range(0, len(rows), SQLITE_OUTCOMES_PER_STATEMENT):
+            chunk = rows[start : start + SQLITE_OUTCOMES_PER_STATEMENT]
+            values: list[object] = []
+            for row in chunk:
+                values += (
+                    row.delivery_id,
+                    str(row.status),
+                    stamp(row.sent_at),
+                    stamp(row.next_attempt_at),
+                    row.reply,
+                    row.relay,
+                )
+            connection.exec_driver_sql(_sqlite_outcomes_sql(len(chunk)), tuple(values))
     else:
         params = [dict(zip(_PARAMS, row, strict=True)) for row in rows]
-        session.connection().execute(_ONE_OUTCOME, params)
+        connection.execute(_ONE_OUTCOME, params)
+
+
+# SQLite: a group's rows in one statement as well (UPDATE ... FROM a VALUES list, looked up by
+# primary key). An executemany ran SQLite once per row, and each run let go of the GIL and took
+# it back: in the sender, with the event loop busy, every taking back waited its turn, and a
+# commit of ten outcomes took 0.69 ms in the ledger's thread against 0.50 ms for one statement.
+# 150 rows (900 parameters) keep under the 999 that SQLite builds before 3.32 allowed.
+SQLITE_OUTCOMES_PER_STATEMENT = 150
+
+
+@functools.cache
+def _sqlite_outcomes_sql(count: int) -> str:
+    """The statement for `count` outcomes (made once per group size)."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * count)
+    return (
+        "UPDATE deliveries SET status = v.column2,"
+        " sent_at = coalesce(v.column3, deliveries.sent_at),"
+        " next_attempt_at = coalesce(v.column4, deliveries.next_attempt_at),"
+        " last_reply = v.column5, relay = v.column6, lease_until = NULL, claimed_by = NULL"
+        f" FROM (VALUES {values}) AS v"
+        " WHERE deliveries.id = v.column1 AND deliveries.status = 'claimed'"
+    )
+
+
+@functools.cache
+def _sqlite_stamp(dialect: Dialect) -> Callable[[datetime | None], object]:
+    """A moment as the dialect stores a UTCDateTime (SQLite: text in SQLAlchemy's format)."""
+    bind = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert bind is not None
+    return bind
 
 
 def outcome_arrays(rows: Sequence[OutcomeRow]) -> dict[str, list[object]]:
@@ -877,17 +925,6 @@ def earlier_case_messages(session: Session, campaign_id: int) -> tuple[int, ...]
         .order_by(CaseMessage.campaign_id)
     )
     return tuple(session.scalars(stmt))
-
-
-def case_delivery_states(
-    session: Session, campaign_ids: Collection[int], subscriber_ids: Collection[int]
-) -> dict[tuple[int, int], str]:
-    """The status of each (campaign, subscriber) delivery among these."""
-    stmt = select(Delivery.campaign_id, Delivery.subscriber_id, Delivery.status).where(
-        Delivery.campaign_id.in_(list(campaign_ids)),
-        Delivery.subscriber_id.in_(list(subscriber_ids)),
-    )
-    return {(c, s): status for c, s, status in session.execute(stmt).all()}
 
 
 def postpone_claims(session: Session, ids: Sequence[int], *, until: datetime) -> None:
