@@ -178,8 +178,11 @@ def refuse_for_closed_case(session: Session, campaign_id: int) -> None:
     )
     reference = session.scalar(stmt)
     if reference is not None:
-        # Not N_(): the console's catalogues (.po) have no translation of it yet; shown as is.
-        raise CampaignError(
-            f"campaign {campaign_id} is a message of case {reference}, which is closed: nobody "
-            "is asked to write about a closed case; nothing is sent"
+        raise CampaignError.of(
+            N_(
+                "campaign %(id)s is a message of case %(case)s, which is closed: nobody is "
+                "asked to write about a closed case; nothing is sent"
+            ),
+            id=campaign_id,
+            case=reference,
         )

@@ -89,7 +89,7 @@ def print_summary(report: SendReport, *, seconds: float) -> None:
     rate = report.sent / seconds if seconds > 0 else 0.0
     console.print(
         f"sent {report.sent}, deferred {report.deferred}, failed {report.failed}, "
-        f"skipped (left the list) {report.suppressed}"
+        f"skipped (left the list, or nothing of a case to follow) {report.suppressed}"
         + (f", withheld (key unusable) {report.withheld}" if report.withheld else "")
         + f" in {seconds:.1f}s ({rate:,.0f}/s)"
         + (f"; finished campaign {', '.join(map(str, report.finished))}" if report.finished else "")
