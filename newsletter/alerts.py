@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from newsletter.approvals import lock_alert
 from newsletter.assemble import assemble_alert
 from newsletter.audit import record_event
 from newsletter.campaigns import get_campaign
@@ -87,10 +88,21 @@ def approve_alert(
     actor: str,
     force: bool = False,
 ) -> int:
-    """Check, approve and start a held alert; returns how many deliveries were queued."""
+    """Check, approve and start a held alert; returns how many deliveries were queued.
+
+    The alert's row is locked before its status is read: approvals at once run one after
+    another, and each after the first finds it started and is refused.
+    """
+    lock_alert(session, campaign_id)
     campaign = get_campaign(session, campaign_id)
+    session.refresh(campaign)  # read before the lock (in this session), it may be stale
     if campaign.kind != CampaignKind.ALERT:
         raise CampaignError(f"campaign {campaign_id} is a {campaign.kind}, not an alert")
+    if campaign.approved_by:
+        raise CampaignError(
+            f"alert {campaign_id} was already approved by {campaign.approved_by} "
+            f"({campaign.status}); nothing to do"
+        )
     if campaign.status != CampaignStatus.DRAFT:
         raise CampaignError(f"campaign {campaign_id} is {campaign.status}, not awaiting approval")
     # The approver reviewed the item as it was when held; a feed may rewrite it (same guid)

@@ -565,6 +565,7 @@ def _validate_schedule(settings: Settings) -> None:
         raise ConfigError(
             f"{where}: 'alerts.webhook_secret' must be {MIN_SECRET_LENGTH}+ characters"
         )
+    _require_header_safe(secret, "alerts.webhook_secret", where)
     for key in ("grace_hours", "poll_minutes", "send_interval_seconds", "lock_seconds"):
         if getattr(sched, key) < 1:
             raise ConfigError(f"{where}: 'schedule.{key}' must be at least 1")
@@ -595,6 +596,17 @@ def _validate_web(settings: Settings) -> None:
     token = settings.metrics.token
     if token and len(token) < MIN_SECRET_LENGTH:
         raise ConfigError(f"{where}: 'metrics.token' must be {MIN_SECRET_LENGTH}+ characters")
+    _require_header_safe(token, "metrics.token", where)
+
+
+def _require_header_safe(secret: str, key: str, where: str) -> None:
+    """A secret an HTTP header carries: any other character than printable ASCII arrives
+    changed (headers are read as Latin-1) and never matches."""
+    if secret and not all("!" <= c <= "~" for c in secret):
+        raise ConfigError(
+            f"{where}: '{key}' must be printable ASCII without spaces "
+            "(letters, digits, punctuation), as an HTTP header carries it"
+        )
 
 
 def _validate_signup(settings: Settings) -> None:

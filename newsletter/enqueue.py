@@ -24,6 +24,9 @@ from newsletter.errors import CampaignError
 Checked = Callable[[Sequence[Problem]], None]
 # A campaign in these states is not started (a paused one is resumed, a cancelled one never).
 STOPPED = (CampaignStatus.CANCELLED, CampaignStatus.PAUSED)
+# The states a start changes to running. Never a finished campaign: a late start (an approval
+# or a send that read it before it finished) would reopen its record.
+STARTABLE = (CampaignStatus.DRAFT, CampaignStatus.SCHEDULED)
 
 
 def launch_campaign(
@@ -43,11 +46,14 @@ def launch_campaign(
     after the check lets the campaign through and before anything is queued (a confirmation,
     an approval), with the problems overridden. Safe to repeat: deliveries are unique per
     (campaign, subscriber), so a second launch queues only people who joined since, and the
-    start is recorded once.
+    start is recorded once. A finished campaign is left as it is: nothing is queued (its
+    newcomers would get an old email) and 0 is returned.
     """
+    if campaign.status == CampaignStatus.FINISHED:
+        return 0
     problems = require_clean(session, campaign, settings, force=force, actor=actor, now=now)
     if campaign.status in STOPPED:
-        raise CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")
+        raise _not_startable(campaign)
     if on_checked is not None:
         on_checked(problems)
     return _start(session, campaign=campaign, now=now, actor=actor)
@@ -57,14 +63,17 @@ def _start(session: Session, *, campaign: Campaign, now: datetime, actor: str) -
     """Queue the campaign's audience (its variants are stored: the check rendered them)."""
     added = enqueue_audience(session, campaign=campaign, now=now)
     if campaign.status != CampaignStatus.RUNNING:
-        # Only from the status read: a cancel (or pause) committed meanwhile by someone else
-        # stands, and this start, its deliveries included, is rolled back with the error.
-        startable = [s for s in CampaignStatus if s not in STOPPED]
+        # Only from the status read: a cancel (or pause, or the end) committed meanwhile by
+        # someone else stands, and this start, its deliveries included, is rolled back with the
+        # error. A start committed meanwhile is recorded already: the newcomers queued here join it.
         started_at = campaign.started_at or now
         if not change_if(
-            session, campaign, when=startable, status=CampaignStatus.RUNNING, started_at=started_at
+            session, campaign, when=STARTABLE, status=CampaignStatus.RUNNING, started_at=started_at
         ):
-            raise CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")
+            if campaign.status != CampaignStatus.RUNNING:
+                raise _not_startable(campaign)
+            session.flush()
+            return added
         record_event(
             session,
             now=now,
@@ -75,3 +84,10 @@ def _start(session: Session, *, campaign: Campaign, now: datetime, actor: str) -
         )
     session.flush()
     return added
+
+
+def _not_startable(campaign: Campaign) -> CampaignError:
+    """Why a campaign in a state a start may not change is not started, in one line."""
+    if campaign.status == CampaignStatus.FINISHED:
+        return CampaignError(f"campaign {campaign.id} finished meanwhile; it is not started again")
+    return CampaignError(f"campaign {campaign.id} is {campaign.status}; resume it first")

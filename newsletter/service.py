@@ -233,7 +233,7 @@ def create_service_app(service: Service) -> Starlette:
     async def hook_ingest(request: Request) -> Response:
         secret = service.settings.alerts.webhook_secret
         given = request.headers.get("x-newsletter-secret", "")
-        if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+        if not secret or not _same_secret(given, secret):
             return PlainTextResponse("not found", status_code=404)
         return await ingest_now(service)
 
@@ -251,10 +251,15 @@ def create_service_app(service: Service) -> Starlette:
 def _bearer_matches(authorization: str, token: str) -> bool:
     """Whether an Authorization header carries the token, compared in constant time."""
     scheme, _, given = authorization.partition(" ")
+    return _same_secret(given.strip(), token) and scheme.lower() == "bearer"
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Whether a header carries a secret, compared in constant time."""
     # Hashing first makes the comparison's time independent of the lengths as well.
-    sent = hashlib.sha256(given.strip().encode()).digest()
-    expected = hashlib.sha256(token.encode()).digest()
-    return hmac.compare_digest(sent, expected) and scheme.lower() == "bearer"
+    sent = hashlib.sha256(given.encode()).digest()
+    wanted = hashlib.sha256(expected.encode()).digest()
+    return hmac.compare_digest(sent, wanted)
 
 
 def _pages_app(service: Service) -> Any:

@@ -47,6 +47,21 @@ def test_example_config_names_every_key() -> None:
         pytest.param("[smtp\nport = 1\n", "not valid TOML", id="broken-toml"),
         pytest.param("[smtp]\nsecurity = 'ssl'\n", "'smtp.security'", id="bad-security"),
         pytest.param(
+            "[alerts]\nwebhook_secret = '" + "\u00e9" * 40 + "'\n",
+            "'alerts.webhook_secret' must be printable ASCII",
+            id="webhook-secret-not-ascii",
+        ),
+        pytest.param(
+            "[alerts]\nwebhook_secret = '" + "ab cd" * 8 + "'\n",
+            "'alerts.webhook_secret' must be printable ASCII",
+            id="webhook-secret-with-spaces",
+        ),
+        pytest.param(
+            "[metrics]\ntoken = '" + "\u0436" * 40 + "'\n",
+            "'metrics.token' must be printable ASCII",
+            id="metrics-token-not-ascii",
+        ),
+        pytest.param(
             "[console]\ntrusted_proxies = ['proxy']\n",
             "'console.trusted_proxies[0]'",
             id="bad-console-proxy",
@@ -58,7 +73,7 @@ def test_bad_config_is_refused_with_key_and_file(
 ) -> None:
     """A bad file stops loading with one line naming the file and the key."""
     path = tmp_path / "config.toml"
-    path.write_text(content)
+    path.write_text(content, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_settings(path, {})
     message = str(info.value)

@@ -23,8 +23,12 @@ from newsletter.config import Settings
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Delivery, Event
 from newsletter.enqueue import launch_campaign
+from newsletter.errors import CampaignError
+from newsletter.lists import get_list
 from newsletter.schedule import Scheduler
-from tests.conftest import SECRET, make_settings
+from newsletter.subscriptions import subscribe
+from tests.builders import deliver
+from tests.conftest import SECRET, SmtpServer, make_settings
 from tests.test_cli import SAMPLE_FEED, run
 from tests.test_flow import ROOT, prepare, weekly_digest_people
 from tests.test_schedule import MINSK_MONDAY_9, add_item, settings_for
@@ -154,6 +158,171 @@ def test_auto_alert_refused_by_the_check_is_held_then_approved_only_with_force(
     assert queued == deliveries(factory) > 0
     assert [e.actor for e in events(factory, FORCED)] == ["cli:staff"]
     assert len(events(factory, "alert.approved")) == len(events(factory, "campaign.started")) == 1
+
+
+def test_an_approval_that_read_the_alert_before_another_committed_is_refused(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Three `alert approve 1` at once each read the alert as held before the first committed:
+    all said approved, with 3 alert.approved and 3 campaign.started, approved_by the last.
+    Now the row is locked before its status is read: the later ones are refused in one line."""
+    settings = settings_for(database_url, mode="approve")
+    prepare(factory, clock)
+    add_item(factory, "act-now", clock.now() - timedelta(hours=1), urgent=True)
+    with unit_of_work(factory) as session:
+        [alert] = alerts_for_urgent_items(session=session, settings=settings, now=clock.now())
+        alert_id = alert.id
+
+    def approve(session: Session, actor: str) -> int:
+        return approve_alert(
+            session=session, campaign_id=alert_id, settings=settings, now=clock.now(), actor=actor
+        )
+
+    late = factory()
+    try:
+        held = late.get(Campaign, alert_id)  # kept: the session's copy stays as read
+        assert held is not None and held.status == CampaignStatus.DRAFT
+        with unit_of_work(factory) as session:
+            queued = approve(session, "cli:first")
+        with pytest.raises(CampaignError) as refused:
+            approve(late, "cli:second")
+        late.rollback()
+    finally:
+        late.close()
+    assert "already approved by cli:first" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert queued == deliveries(factory) > 0
+    assert len(events(factory, "alert.approved")) == len(events(factory, "campaign.started")) == 1
+    with unit_of_work(factory) as session:
+        assert session.get(Campaign, alert_id).approved_by == "cli:first"  # type: ignore[union-attr]
+
+
+def finished_digest(factory: sessionmaker[Session], clock: FrozenClock, settings: Settings) -> int:
+    """A weekly digest, started and sent to everyone: finished."""
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        campaign = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        assert campaign is not None
+        launch_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="test"
+        )
+        campaign_id = campaign.id
+    deliver(factory, settings, clock)
+    with unit_of_work(factory) as session:
+        assert session.get(Campaign, campaign_id).status == CampaignStatus.FINISHED  # type: ignore[union-attr]
+    return campaign_id
+
+
+def newcomer(factory: sessionmaker[Session], clock: FrozenClock) -> None:
+    """Someone joins the weekly digest, as `subscribers add --confirmed` does."""
+    with unit_of_work(factory) as session:
+        subscribe(
+            session=session,
+            email="newcomer@example.org",
+            lists=[get_list(session, "weekly-digest")],
+            secret=SECRET,
+            now=clock.now(),
+            actor="test",
+            confirmed=True,
+        )
+
+
+def test_a_finished_campaign_is_not_started_again(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str, smtpd: SmtpServer
+) -> None:
+    """A start after the end set the campaign running again and queued the old email to whoever
+    joined since. Now a finished campaign is left as it is: nothing queued, nothing recorded."""
+    settings = make_settings(database_url, smtpd)
+    campaign_id = finished_digest(factory, clock, settings)
+    sent = deliveries(factory)
+    newcomer(factory, clock)
+    with unit_of_work(factory) as session:
+        campaign = session.get(Campaign, campaign_id)
+        assert campaign is not None
+        queued = launch_campaign(
+            session=session, campaign=campaign, settings=settings, now=clock.now(), actor="late"
+        )
+    assert queued == 0 and deliveries(factory) == sent
+    assert len(events(factory, "campaign.started")) == 1
+    with unit_of_work(factory) as session:
+        assert session.get(Campaign, campaign_id).status == CampaignStatus.FINISHED  # type: ignore[union-attr]
+
+
+def test_a_start_that_read_the_campaign_before_it_finished_leaves_it_finished(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str, smtpd: SmtpServer
+) -> None:
+    """A start reads the campaign unstarted; meanwhile another starts and finishes it. The
+    conditional start allowed "finished" and set it running again; now it is refused."""
+    settings = make_settings(database_url, smtpd)
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        made = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        assert made is not None
+        campaign_id = made.id
+    late = factory()
+    try:
+        stale = late.get(Campaign, campaign_id)
+        assert stale is not None and stale.status == CampaignStatus.DRAFT
+        with unit_of_work(factory) as session:
+            campaign = session.get(Campaign, campaign_id)
+            assert campaign is not None
+            launch_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="a"
+            )
+        deliver(factory, settings, clock)
+        sent = deliveries(factory)
+        newcomer(factory, clock)
+        with pytest.raises(CampaignError) as refused:
+            launch_campaign(
+                session=late, campaign=stale, settings=settings, now=clock.now(), actor="late"
+            )
+        late.rollback()
+    finally:
+        late.close()
+    assert "finished meanwhile; it is not started again" in str(refused.value)
+    assert deliveries(factory) == sent
+    assert len(events(factory, "campaign.started")) == 1
+    with unit_of_work(factory) as session:
+        assert session.get(Campaign, campaign_id).status == CampaignStatus.FINISHED  # type: ignore[union-attr]
+
+
+def test_a_start_that_read_the_campaign_before_another_started_it_records_one_start(
+    factory: sessionmaker[Session], clock: FrozenClock, database_url: str
+) -> None:
+    """Two starts read the campaign unstarted; the later one recorded a second campaign.started.
+    Now it queues only whoever joined since, into the running campaign, and records nothing."""
+    settings = make_settings(database_url)
+    prepare(factory, clock)
+    with unit_of_work(factory) as session:
+        made = assemble_digest(
+            session=session, list_slug="weekly-digest", now=clock.now(), actor="test"
+        )
+        assert made is not None
+        campaign_id = made.id
+    late = factory()
+    try:
+        stale = late.get(Campaign, campaign_id)
+        assert stale is not None and stale.status == CampaignStatus.DRAFT
+        with unit_of_work(factory) as session:
+            campaign = session.get(Campaign, campaign_id)
+            assert campaign is not None
+            first = launch_campaign(
+                session=session, campaign=campaign, settings=settings, now=clock.now(), actor="a"
+            )
+        newcomer(factory, clock)
+        second = launch_campaign(
+            session=late, campaign=stale, settings=settings, now=clock.now(), actor="b"
+        )
+        late.commit()
+    finally:
+        late.close()
+    assert (first, second) == (len(weekly_digest_people()), 1)
+    assert deliveries(factory) == first + 1
+    assert [e.actor for e in events(factory, "campaign.started")] == ["a"]
 
 
 def cli_config(tmp_path: Path, database_url: str) -> dict[str, str]:

@@ -42,7 +42,7 @@ from newsletter.cases import (
 )
 from newsletter.check import CheckError, Problem
 from newsletter.cli import State, app, console, one_line, print_json, say
-from newsletter.cli.alert import read_body
+from newsletter.cli.alert import Confirmation, read_body, seen
 from newsletter.cli.check import ChromiumOption, ForceOption, print_preview, print_problems
 from newsletter.cli.progress import deliver_with_progress
 from newsletter.db.models import ActionCase, Campaign, CaseOutcome, CaseRole, CaseStatus
@@ -401,38 +401,44 @@ def show(
         say("to do:", "yellow", line)
 
 
-Start = Callable[[Session, Checked], tuple[Campaign | None, int]]
+# One sending step in a transaction: the session, the check's callback (it asks), and the
+# confirmation, for a step with a question of its own (closing a draft sends nothing to check).
+Start = Callable[[Session, Checked, Confirmation], tuple[Campaign | None, int]]
 
 
 def _launch(state: State, *, yes: bool, queue_only: bool, what: str, start: Start) -> None:
-    """Run one sending step in a transaction, asking first; then deliver unless --queue-only."""
+    """Run one sending step in a transaction, asking first; then deliver unless --queue-only.
+
+    The question is asked with no transaction open, between two passes (see Confirmation).
+    """
     if not yes and not sys.stdin.isatty():  # a script or a pipe: nobody to ask
         raise CampaignError(
             f"not sent: there is no terminal to confirm on; add --yes to send the {what}"
         )
-    session = state.factory()()
-    try:
+    confirmation = Confirmation(yes=yes)
 
+    def step(session: Session) -> tuple[int | None, int]:
         def confirm(campaign: Campaign, overridden: Sequence[Problem]) -> None:
-            if overridden:
-                print_problems(overridden, overridden=True)
             n = count_audience(session, campaign_audience(session, campaign))
             message = campaign.case_message
             named = f"{message.case.reference} ({one_line(message.case.title)})" if message else ""
-            console.print(f"{named}: the {what}, to {n} people on '{campaign.mailing_list.slug}'")
-            if not yes:
-                typer.confirm(f"Send the {what} of {named} to {n} people?", abort=True)
+            if confirmation.showing:
+                print_problems(overridden, overridden=True)
+                console.print(
+                    f"{named}: the {what}, to {n} people on '{campaign.mailing_list.slug}'"
+                )
+            question = f"Send the {what} of {named} to {n} people?"
+            shown = seen(session, campaign, question=question, recipients=n, overridden=overridden)
+            confirmation.ask(question, shown, what=f"the {what} of {named}")
 
         try:
-            campaign, queued = start(session, confirm)
+            campaign, queued = start(session, confirm, confirmation)
         except CheckError as e:
             print_problems(e.problems)
             raise
-        campaign_id = campaign.id if campaign is not None else None
-        session.commit()
-    finally:
-        session.rollback()
-        session.close()
+        return (campaign.id if campaign is not None else None), queued
+
+    campaign_id, queued = confirmation.run(state.factory(), step)
     if campaign_id is None:
         console.print(f"{what}: done; no message to send")
         return
@@ -452,7 +458,7 @@ def send(
     """Send a case's first message (checked like every alert); asked twice, sent once."""
     state: State = ctx.obj
 
-    def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+    def start(session: Session, confirm: Checked, _: Confirmation) -> tuple[Campaign | None, int]:
         case = get_case(session, case_ref)
         return send_first(
             session,
@@ -488,9 +494,12 @@ def update(
     state: State = ctx.obj
     body = read_body(body_file)
 
-    def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+    def start(
+        session: Session, confirm: Checked, confirmation: Confirmation
+    ) -> tuple[Campaign | None, int]:
         case = get_case(session, case_ref)
-        if not case.person_public and case.person.strip() and names_person(case, also=body):
+        says_name = not case.person_public and case.person.strip() and names_person(case, also=body)
+        if says_name and confirmation.showing:  # said once, before the question
             say("warning:", "yellow", "the update names the person, whose name is not to be "
                 "published: its web copy will show it")  # fmt: skip
         return send_update(
@@ -532,10 +541,13 @@ def close(
         )
     body = read_body(body_file)
 
-    def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+    def start(
+        session: Session, confirm: Checked, confirmation: Confirmation
+    ) -> tuple[Campaign | None, int]:
         case = get_case(session, case_ref)
-        if case.status == CaseStatus.DRAFT and not yes:  # no message, so no check to ask in
-            typer.confirm(f"Close the draft {case.reference} ({one_line(case.title)})?", abort=True)
+        if case.status == CaseStatus.DRAFT:  # no message, so no check to ask in
+            question = f"Close the draft {case.reference} ({one_line(case.title)})?"
+            confirmation.ask(question, question, what=f"the draft {case.reference}")
         return close_case(
             session,
             case=case,
@@ -562,7 +574,7 @@ def remind(
     """Send the deadline reminder now (the service sends it by itself when it is due)."""
     state: State = ctx.obj
 
-    def start(session: Session, confirm: Checked) -> tuple[Campaign | None, int]:
+    def start(session: Session, confirm: Checked, _: Confirmation) -> tuple[Campaign | None, int]:
         return send_reminder(
             session,
             case=get_case(session, case_ref),

@@ -4,32 +4,37 @@ from __future__ import annotations
 
 import html
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.alerts import approve_alert, is_held_for_approval
+from newsletter.approvals import revision_hash
 from newsletter.assemble import assemble_alert
 from newsletter.audience import audience_size
-from newsletter.check import CheckError
+from newsletter.check import CheckError, Problem, stored_variants
 from newsletter.cli import State, app, console, one_line
 from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
     ScreenshotOption,
-    launch,
     print_preview,
     print_problems,
 )
 from newsletter.cli.progress import deliver_with_progress
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Variant
+from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium
+
+T = TypeVar("T")
 
 alert_app = typer.Typer(help="Urgent-action alerts.", no_args_is_help=True)
 app.add_typer(alert_app, name="alert")
@@ -61,6 +66,90 @@ def read_body(path: Path | None) -> str:
         return raw
     paragraphs = [p.strip() for p in raw.replace("\r\n", "\n").split("\n\n") if p.strip()]
     return "".join(f"<p>{html.escape(p).replace(chr(10), '<br>')}</p>" for p in paragraphs)
+
+
+class Asked(Exception):
+    """The first pass of a sending step reached its question: what to ask, and what it shows."""
+
+    def __init__(self, question: str, seen: str) -> None:
+        super().__init__(question)
+        self.question, self.seen = question, seen
+
+
+@dataclass
+class Confirmation:
+    """A person's yes to one sending step, asked while no transaction is open.
+
+    Asking inside the transaction would hold SQLite's write lock while the person thinks, and
+    every other writer (an unsubscribe, the sender) would wait, then fail. So without --yes the
+    step runs twice: the first pass goes as far as the question (the campaign made, checked and
+    counted), raises Asked and is rolled back, nothing of it kept; the person is asked; the
+    second pass runs for real and goes on only if what it would send is what was confirmed.
+    """
+
+    yes: bool
+    confirmed: str | None = None  # what the person saw when they said yes
+
+    @property
+    def showing(self) -> bool:
+        """Whether this pass prints what is about to be sent (not again after the question)."""
+        return self.confirmed is None
+
+    def ask(self, question: str, seen: str, *, what: str) -> None:
+        """Stop the first pass to ask; in the second, refuse if `seen` is not what was confirmed."""
+        if self.yes:
+            return
+        if self.confirmed is None:
+            raise Asked(question, seen)
+        if seen != self.confirmed:
+            raise CampaignError(
+                f"not sent: {what} changed while you were asked (its text, its audience or "
+                "the check's findings); run the command again to see it as it is now"
+            )
+
+    def run(self, factory: sessionmaker[Session], step: Callable[[Session], T]) -> T:
+        """Run the step in a transaction and commit it; without --yes, ask between two passes."""
+        try:
+            return _committed(factory, step)
+        except Asked as asked:  # its transaction is rolled back and closed: no lock is held
+            typer.confirm(asked.question, abort=True)
+            self.confirmed = asked.seen
+        return _committed(factory, step)
+
+
+def _committed(factory: sessionmaker[Session], step: Callable[[Session], T]) -> T:
+    session = factory()
+    try:
+        result = step(session)
+        session.commit()
+        return result
+    finally:
+        session.rollback()
+        session.close()
+
+
+def seen(
+    session: Session,
+    campaign: Campaign,
+    *,
+    question: str,
+    recipients: int,
+    overridden: Sequence[Problem],
+) -> str:
+    """What a person confirms: the question, the problems overridden and the email itself.
+
+    The email as rendered for the check, hashed as an approved revision is; its web copy's
+    slug is left out as its link nonce is (both drawn anew when a campaign is made again).
+    """
+    slug = campaign.slug or ""
+    variants = [
+        replace(v, html=v.html.replace(slug, ""), text=v.text.replace(slug, "")) if slug else v
+        for v in stored_variants(session, campaign)
+    ]
+    digest = revision_hash(
+        variants, list_id=campaign.list_id, segment_id=campaign.segment_id, recipients=recipients
+    )
+    return "\n".join([question, *(str(p) for p in overridden), digest])
 
 
 def _assemble(
@@ -156,8 +245,9 @@ def send(
             "not sent: there is no terminal to confirm on; add --yes to send "
             "(see it first with `newsletter alert preview`)"
         )
-    session = state.factory()()
-    try:
+    confirmation = Confirmation(yes=yes)
+
+    def step(session: Session) -> tuple[int, int, bool] | None:
         campaign, created = _assemble(
             state, session, item, title, body_file, url, list_slug, segment
         )
@@ -166,7 +256,7 @@ def send(
                 f"this alert was already sent as campaign {campaign.id} "
                 f"({campaign.status}); nothing to do"
             )
-            return
+            return None
         if not created and is_held_for_approval(session, campaign):
             raise CampaignError(
                 f"campaign {campaign.id} is this alert, held for approval: send it with "
@@ -175,21 +265,34 @@ def send(
         if no_archive:  # before it is rendered: the emails then carry no "Open in a browser"
             campaign.archived = False
 
-        def confirm() -> None:
+        def checked(overridden: Sequence[Problem]) -> None:
             n = audience_size(session, campaign.list_id, campaign.segment_id)
-            show_summary(session, campaign, n, state.settings.render.default_language)
-            if not yes:
-                typer.confirm(
-                    f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?",
-                    abort=True,
-                )
+            if confirmation.showing:
+                print_problems(overridden, overridden=True)
+                show_summary(session, campaign, n, state.settings.render.default_language)
+            question = f"Send this alert to {n} people on '{campaign.mailing_list.slug}'?"
+            shown = seen(session, campaign, question=question, recipients=n, overridden=overridden)
+            confirmation.ask(question, shown, what="the alert")
 
-        queued = launch(state, session, campaign, force=force, confirm=confirm)
-        session.commit()
-        campaign_id = campaign.id
-    finally:
-        session.rollback()
-        session.close()
+        try:
+            queued = launch_campaign(
+                session=session,
+                campaign=campaign,
+                settings=state.settings,
+                now=state.clock.now(),
+                actor=state.actor,
+                force=force,
+                on_checked=checked,
+            )
+        except CheckError as e:
+            print_problems(e.problems)
+            raise
+        return campaign.id, queued, created
+
+    done = confirmation.run(state.factory(), step)
+    if done is None:
+        return
+    campaign_id, queued, created = done
     again = "" if created else " (resuming the existing campaign)"
     console.print(f"campaign {campaign_id}: alert queued for {queued} people{again}")
     if not queue_only:
