@@ -23,13 +23,13 @@ from newsletter.cli.check import (
     ChromiumOption,
     ForceOption,
     ScreenshotOption,
+    launch,
     print_preview,
     print_problems,
 )
 from newsletter.cli.progress import deliver_with_progress
 from newsletter.db import unit_of_work
 from newsletter.db.models import Campaign, CampaignStatus, Variant
-from newsletter.enqueue import launch_campaign
 from newsletter.errors import CampaignError
 from newsletter.preview import preview_campaign
 from newsletter.screenshot import find_chromium
@@ -274,19 +274,7 @@ def send(
             shown = seen(session, campaign, question=question, recipients=n, overridden=overridden)
             confirmation.ask(question, shown, what="the alert")
 
-        try:
-            queued = launch_campaign(
-                session=session,
-                campaign=campaign,
-                settings=state.settings,
-                now=state.clock.now(),
-                actor=state.actor,
-                force=force,
-                on_checked=checked,
-            )
-        except CheckError as e:
-            print_problems(e.problems)
-            raise
+        queued = launch(state, session, campaign, force=force, on_checked=checked)
         return campaign.id, queued, created
 
     done = confirmation.run(state.factory(), step)

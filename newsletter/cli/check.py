@@ -75,18 +75,17 @@ def launch(
     campaign: Campaign,
     *,
     force: bool,
-    confirm: Callable[[], None] | None = None,
+    on_checked: Callable[[Sequence[Problem]], None] | None = None,
 ) -> int:
     """Launch a campaign from a CLI edge through the gate: print every problem, stop unless forced.
 
-    confirm runs once the check lets the campaign through, before anything is queued.
+    on_checked runs once the check lets the campaign through, before anything is queued, with
+    the problems overridden (without it, they are printed).
     """
 
-    def checked(overridden: Sequence[Problem]) -> None:
+    def printed(overridden: Sequence[Problem]) -> None:
         if overridden:
             print_problems(overridden, overridden=True)
-        if confirm is not None:
-            confirm()
 
     try:
         return launch_campaign(
@@ -96,7 +95,7 @@ def launch(
             now=state.clock.now(),
             actor=state.actor,
             force=force,
-            on_checked=checked,
+            on_checked=on_checked or printed,
         )
     except CheckError as e:
         print_problems(e.problems)
