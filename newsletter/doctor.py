@@ -53,6 +53,7 @@ from newsletter.spf import (
     count_lookups,
     describe_char,
     evaluate,
+    parse_spf,
     spf_records,
     suggest_spf,
     term_cost,
@@ -229,7 +230,12 @@ def check_spf(identity: SendingIdentity, ips: Sequence[str], dns: Lookup) -> lis
             finding("spf", False, f"{domain}: {len(records)} SPF records (permerror): merge", fix)
         )
         return findings
-    findings.append(finding("spf", True, f"{domain}: one SPF record: {records[0]}"))
+    try:
+        parse_spf(records[0])
+    except SpfPermError as e:  # a receiver's permerror: the record is there but does not count
+        findings.append(finding("spf", False, f"{domain}: one SPF record, a permerror: {e}", fix))
+    else:
+        findings.append(finding("spf", True, f"{domain}: one SPF record: {records[0]}"))
     try:
         lookups = count_lookups(domain, dns)
     except (SpfPermError, DnsError) as e:

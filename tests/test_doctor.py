@@ -645,6 +645,7 @@ def test_live_needs_a_public_https_base_url(
         (f"v=spf1 ip4:{RELAY}\u00a0-all", "spf-lookups", "a non-breaking space (U+00A0) in"),
         (f"v=spf1 ip4:{RELAY}\t-all", "spf-lookups", "a tab (U+0009) in"),
         (f"v=spf1 ip4:{RELAY}\t-all", "spf-pass", "permerror (a tab (U+0009)"),
+        (f"v=spf1 ip4:{RELAY}\u00a0-all", "spf", "one SPF record, a permerror: a non-breaking"),
     ],
 )
 def test_spf_terms_apart_by_anything_but_spaces_are_a_permerror(
