@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from email.message import EmailMessage
 from ipaddress import ip_address
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from lxml import html as lxml_html
 from sqlalchemy import select
@@ -340,13 +340,26 @@ def _without(body: str, prefixes: Iterable[str]) -> str:
 
 def _followed(urls: Iterable[str]) -> Iterator[str]:
     """Each link as the host and path a browser asks for: percent-escapes decoded, backslashes
-    read as slashes, dot segments resolved (a doubled slash is merged too: stricter, not laxer)."""
+    read as slashes, dot segments resolved (a doubled slash is merged too: stricter, not laxer),
+    the host as _host_port writes it (no user, no trailing dot, no default port)."""
     for url in urls:
         parts = urlsplit(url.strip().replace("\\", "/"))
         path = unquote(parts.path)
         resolved = posixpath.normpath(path) if path else ""
         tail = "/" if path.endswith("/") and resolved != "/" else ""
-        yield unquote(parts.netloc).lower() + resolved + tail
+        yield _host_port(parts) + resolved + tail
+
+
+def _host_port(parts: SplitResult) -> str:
+    """A URL's host as a browser reaches it: lower case, without a user, a trailing dot, or the
+    scheme's default port ("news.example.org.:443" is "news.example.org")."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number: no browser goes there
+        port = None
+    host = unquote(parts.hostname or "").rstrip(".")
+    default = {"https": 443, "http": 80}.get(parts.scheme.lower())
+    return host if port is None or port == default else f"{host}:{port}"
 
 
 def _reader_pages(settings: Settings) -> list[tuple[str, str, re.Pattern[str]]]:
@@ -360,7 +373,7 @@ def _reader_pages(settings: Settings) -> list[tuple[str, str, re.Pattern[str]]]:
         for key in READER_PAGES:
             # Linear: a literal after a one-character lookbehind, which keeps
             # "oldnews.example.org/u/" from counting as "news.example.org/u/".
-            where = re.escape(parts.netloc + parts.path + PAGE_PATHS[key])
+            where = re.escape(_host_port(parts) + parts.path + PAGE_PATHS[key])
             page = re.compile(r"(?<![\w.-])" + where, re.IGNORECASE)
             found.append((key, base + PAGE_PATHS[key], page))
     return found

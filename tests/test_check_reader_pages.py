@@ -80,6 +80,17 @@ PASTED = [
     pytest.param(in_html(f'<a href="{NOTES}/u/{TOKEN}">x</a>'), "HTML", id="discreet-base"),
     pytest.param(in_text(f"{NOTES}/wrote/{TOKEN}"), "text", id="discreet-wrote"),
     pytest.param(in_html(f'<a href="{MIRROR}/preferences/{TOKEN}">x</a>'), "HTML", id="mirror"),
+    pytest.param(
+        in_html(f'<a href="https://news.portal.example.org:443/wrote/{TOKEN}">x</a>'),
+        "HTML",
+        id="default-port",
+    ),
+    pytest.param(in_text(f"https://news.portal.example.org./u/{TOKEN}"), "text", id="final-dot"),
+    pytest.param(
+        in_html(f'<a href="https://someone@NEWS.portal.example.org.:443/key/{TOKEN}">x</a>'),
+        "HTML",
+        id="user-dot-port",
+    ),
 ]
 
 
@@ -98,6 +109,10 @@ def test_a_pasted_link_to_a_readers_own_page_is_refused(change: Change, part: st
         pytest.param(in_html(f'<a href="{OURS}/w/{TOKEN}">web copy</a>'), id="web-copy"),
         pytest.param(in_html(f'<a href="{OURS}/archive/wrote/">archive</a>'), id="other-path"),
         pytest.param(in_text(f"https://oldnews.portal.example.org/wrote/{TOKEN}"), id="other-host"),
+        pytest.param(
+            in_html(f'<a href="https://news.portal.example.org:8443/wrote/{TOKEN}">x</a>'),
+            id="other-port",
+        ),
     ],
 )
 def test_links_to_other_pages_pass(change: Change) -> None:
@@ -132,6 +147,11 @@ def test_every_tokened_page_but_the_web_copy_is_a_readers_own() -> None:
             f"<p>news.portal.example.org/confirm/{TOKEN}</p>",
             f"confirm page ({OURS}/confirm/)",
             id="no-scheme",
+        ),
+        pytest.param(
+            f'<p><a href="https://news.portal.example.org.:443/wrote/{TOKEN}">x</a></p>',
+            f"wrote page ({OURS}/wrote/)",
+            id="dot-and-default-port",
         ),
     ],
 )
