@@ -13,11 +13,11 @@ the sender checks again when it claims each delivery.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ColumnElement, Select, and_, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.db.models import (
@@ -138,22 +138,6 @@ def takes_newcomers(session: Session, campaign_id: int) -> bool:
     """Whether a case's message goes to everyone on the list too (an update `include_new`)."""
     stmt = select(CaseMessage.include_new).where(CaseMessage.campaign_id == campaign_id)
     return bool(session.scalar(stmt))
-
-
-def give_up(session: Session, ids: Sequence[int], *, reason: str) -> None:
-    """Claimed deliveries not sent on purpose: suppressed, with the reason kept as the record."""
-    if ids:
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id.in_(list(ids)), Delivery.status == DeliveryStatus.CLAIMED)
-            .values(
-                status=DeliveryStatus.SUPPRESSED,
-                lease_until=None,
-                claimed_by=None,
-                last_reply=reason[:1000],
-            )
-            .execution_options(synchronize_session=False)
-        )
 
 
 def enqueue_audience(session: Session, *, campaign: Campaign, now: datetime) -> int:

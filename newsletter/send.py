@@ -34,7 +34,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.audience import UNTHREADED, give_up, on_its_way, takes_newcomers, thread_states
+from newsletter.audience import UNTHREADED, on_its_way, takes_newcomers, thread_states
 from newsletter.bounces import verp_address
 from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
@@ -532,7 +532,7 @@ def prepare_jobs(
     withhold(session, prepared.withheld)
     owe_key_notices(session, prepared.key_notices, now=now)
     postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
-    give_up(session, prepared.unthreaded, reason=UNTHREADED)
+    skip_left(session, prepared.unthreaded, reason=UNTHREADED)
     return prepared.jobs, prepared.gone
 
 
@@ -848,7 +848,7 @@ class Sender:
                 withhold(session, prepared.withheld)
                 owe_key_notices(session, prepared.key_notices, now=now)
                 postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
-                give_up(session, prepared.unthreaded, reason=UNTHREADED)
+                skip_left(session, prepared.unthreaded, reason=UNTHREADED)
         except MissingVariantError as error:
             return self._set_aside(ids, error)
         suppressed = len(prepared.gone) + len(prepared.unthreaded)

@@ -569,8 +569,9 @@ def load_claimed(session: Session, ids: Sequence[int]) -> list[ClaimedRow]:
     return sorted(rows, key=lambda row: order[row.delivery_id])
 
 
-def skip_left(session: Session, ids: Sequence[int]) -> None:
-    """Deliveries to people who left the list (or bounced) since enqueue are not sent.
+def skip_left(session: Session, ids: Sequence[int], *, reason: str = "left before sending") -> None:
+    """Deliveries not sent on purpose: to people who left the list (or bounced) since enqueue,
+    or a case's update none of whose earlier messages reached its reader (`reason`).
 
     Marked suppressed with the reason, not deleted: the record says who was skipped and why.
     """
@@ -582,7 +583,7 @@ def skip_left(session: Session, ids: Sequence[int]) -> None:
                 status=DeliveryStatus.SUPPRESSED,
                 lease_until=None,
                 claimed_by=None,
-                last_reply="left before sending",
+                last_reply=reason[:1000],
             )
         )
 
