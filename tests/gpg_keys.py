@@ -3,6 +3,9 @@
 GnuPG is what most readers use, so their keys are made and their mail is read by gpg itself
 (`--batch --pinentry-mode loopback` with an empty passphrase, so nothing prompts). A key in the
 past (an expired one) is made with `--faked-system-time`, as gpg refuses an expiry in the past.
+Every other key is made a minute before the real time (MADE_BEFORE), so that a test clock read
+before the key was made never finds its signatures dated later (which would count only from
+then, KeyInfo.recheck_at) when the making crosses a second.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import itertools
 import shutil
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pysequoia
@@ -20,6 +23,7 @@ import pytest
 from tests.conftest import IN_CI
 
 STATUS = "[GNUPG:] "
+MADE_BEFORE = timedelta(minutes=1)
 
 
 def require_gpg() -> str:
@@ -161,7 +165,8 @@ class GpgHome:
 
 
 def _faked(at: str) -> list[str]:
-    return ["--faked-system-time", at] if at else []
+    """gpg's clock: the time given, else a running clock a minute behind the real one."""
+    return ["--faked-system-time", at or gpg_time(datetime.now(UTC) - MADE_BEFORE)]
 
 
 def _epoch(value: str) -> datetime | None:
