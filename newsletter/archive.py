@@ -48,8 +48,9 @@ from newsletter.render import (
 from newsletter.render import web_copy_url as web_copy_url  # where emails link to
 
 PUBLIC_STATUSES = (CampaignStatus.RUNNING, CampaignStatus.PAUSED, CampaignStatus.FINISHED)
-# The class of the header paragraph with the "Open in a browser" link (email/partials/header).
-WEB_COPY_CLASS = 'class="webcopy'
+# The start of the header paragraph with the "Open in a browser" link (email/partials/header), as
+# premailer writes it: the class first, then the inlined style.
+WEB_COPY_TAG = '<p class="webcopy fine"'
 _NAMESPACE = uuid.UUID("6f1d7c3a-2b7e-4f63-9a52-4c1f0e2d9b10")
 # The unsubscribe marker of a render (render.link_markers: a nonce of 32 hex digits). Linear: a
 # literal, one bounded class, a literal; and it runs on a copy our templates rendered.
@@ -272,17 +273,16 @@ def make_web_copy(html: str, nonce: str, *, note_html: str, banner_html: str) ->
 
 
 def _drop_self_link(html: str) -> str:
-    """Remove the header's "Open in a browser" paragraph (looked for before the first heading,
-    where no feed or staff text comes)."""
-    head_end = html.find("<h1")
-    at = html.find(WEB_COPY_CLASS, 0, head_end if head_end >= 0 else len(html))
-    if at < 0:
+    """Remove the header's "Open in a browser" paragraph: the first paragraph of the body that
+    opens with the template's own start tag."""
+    # The whole start tag, in the body only: feed text is in <head> too (the subject in <title>,
+    # its quotes as written) but its "<" is "&lt;" everywhere, so it can never make a start tag.
+    body = html.find("<body")
+    at = html.find(WEB_COPY_TAG, body) if body >= 0 else -1
+    end = html.find("</p>", at) if at >= 0 else -1
+    if end < 0:
         return html
-    start = html.rfind("<p", 0, at)
-    end = html.find("</p>", at)
-    if start < 0 or end < 0:
-        return html
-    return html[:start] + html[end + len("</p>") :]
+    return html[:at] + html[end + len("</p>") :]
 
 
 def atom_feed(

@@ -20,6 +20,9 @@ _BLANK_LINES = re.compile(r"\n{3,}")
 # HTML collapses ASCII whitespace only: no-break spaces in summaries are kept on purpose.
 # One class, repeated: each run is matched once and consumed, so sub() is a single pass.
 _HTML_SPACE = re.compile(r"[ \t\n\r\f]+")
+# The number html_to_text writes before an item of an ordered list ("1. " to "999. "): matched
+# at the start of a line only and at most five characters long, so constant time per line.
+_NUMBERED_ITEM = re.compile(r"[0-9]{1,3}\. ")
 
 
 # --- shortening summaries ----------------------------------------------------------------------
@@ -130,20 +133,34 @@ class _TextExtractor(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._links: list[tuple[str, int]] = []
+        # The open lists, innermost last: the items an <ol> numbered so far, None for a <ul>.
+        self._lists: list[int | None] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _BLOCK_TAGS:
             self.parts.append(_PARAGRAPH)
-        if tag == "li":
-            self.parts.append("- ")
+        if tag in ("ol", "ul"):
+            self._lists.append(0 if tag == "ol" else None)
+        elif tag == "li":
+            self.parts.append(self._item_prefix())
         elif tag == "br":
             self.parts.append("\n")
         elif tag == "a":
             self._links.append((dict(attrs).get("href") or "", len(self.parts)))
 
+    def _item_prefix(self) -> str:
+        """A list item's prefix: "1. ", "2. " … in an ordered list, else "- "."""
+        count = self._lists[-1] if self._lists else None
+        if count is None:
+            return "- "
+        self._lists[-1] = count + 1
+        return f"{count + 1}. "
+
     def handle_endtag(self, tag: str) -> None:
         if tag in _BLOCK_TAGS:
             self.parts.append(_PARAGRAPH)
+        if tag in ("ol", "ul") and self._lists:
+            self._lists.pop()
         elif tag == "a" and self._links:
             href, start = self._links.pop()
             label = "".join(self.parts[start:]).strip()
@@ -172,16 +189,23 @@ def wrap_text(value: str, width: int = TEXT_WIDTH) -> str:
     """Wrap each line of plain text at `width` columns, never breaking a URL or a word."""
     wrapped = []
     for line in value.split("\n"):
-        indent = "  " if line.startswith("- ") else ""
         filled = textwrap.fill(
             line,
             width=width,
-            subsequent_indent=indent,
+            subsequent_indent=_hanging_indent(line),
             break_long_words=False,
             break_on_hyphens=False,
         )
         wrapped.append(filled)
     return "\n".join(wrapped)
+
+
+def _hanging_indent(line: str) -> str:
+    """Spaces as wide as a list item's "- " or "12. " prefix, so its wrapped lines align."""
+    if line.startswith("- "):
+        return "  "
+    numbered = _NUMBERED_ITEM.match(line)
+    return " " * numbered.end() if numbered else ""
 
 
 def tidy_text(text: str) -> str:

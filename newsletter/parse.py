@@ -52,8 +52,10 @@ from newsletter.errors import FeedParseError
 from newsletter.sanitize import (
     ALLOWED_ATTRIBUTES,
     MAX_HTML_DEPTH,
+    UNESCAPE_ROUNDS,
     VOID_TAGS,
     clean_html,
+    clean_line,
     clean_text,
     clean_url,
     html_depth,
@@ -217,8 +219,9 @@ def parse_feed(
     if parsed.bozo and not isinstance(parsed.bozo_exception, HARMLESS_BOZO):
         raise FeedParseError(source, f"malformed feed: {_one_line(parsed.bozo_exception)}")
     site = clean_url(parsed.feed.get("link", ""), base_url=base_url) or base_url
+    atom = str(parsed.get("version", "")).startswith("atom")
     items = (
-        _parse_entry(entry, base_url=site, urgent_category=urgent_category, now=now)
+        _parse_entry(entry, base_url=site, urgent_category=urgent_category, now=now, atom=atom)
         for entry in parsed.entries
     )
     try:
@@ -476,15 +479,17 @@ def _one_line(error: object) -> str:
     return clean_text(str(error) or type(error).__name__, max_length=200)
 
 
-def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: datetime) -> ParsedItem:
-    """Clean one feedparser entry into a ParsedItem."""
-    summary = _clean_field(entry.get("summary", ""), entry.get("summary_detail"), base_url)
+def _parse_entry(
+    entry: Any, *, base_url: str, urgent_category: str, now: datetime, atom: bool
+) -> ParsedItem:
+    """Clean one feedparser entry (of an Atom feed when `atom`) into a ParsedItem."""
+    summary = _clean_field(entry.get("summary", ""), entry.get("summary_detail"), base_url, atom)
     contents = entry.get("content") or [{}]
-    content = _clean_field(contents[0].get("value", ""), contents[0], base_url)
-    title = _text_field(_first_pass(entry.get("title", ""), entry.get("title_detail")), TITLE_MAX)
+    content = _clean_field(contents[0].get("value", ""), contents[0], base_url, atom)
+    title = _title(entry.get("title", ""), entry.get("title_detail"), atom)
     link = clean_url(entry.get("link", ""), base_url=base_url)
     link = link if len(link) <= LINK_MAX else ""
-    categories = _categories(entry)
+    categories = _categories(entry, atom)
     published = to_utc(_entry_date(entry), fallback=now)
     ahead = published is not now and published > now + FUTURE_SLACK
     dated = published is not now and not ahead
@@ -502,10 +507,29 @@ def _parse_entry(entry: Any, *, base_url: str, urgent_category: str, now: dateti
     return ParsedItem(guid=guid, content_hash=content_hash, dated=dated, ahead=ahead, **fields)
 
 
-def _clean_field(value: str, detail: Any, base_url: str) -> str:
-    """Sanitise an HTML field; its relative links resolve against its xml:base, else the site."""
+def _plain(detail: Any, atom: bool) -> bool:
+    """True for a field its feed declares plain text, to be shown as written."""
+    # Atom declares each text's type (RFC 4287 3.1.1 and 4.1.3.3: "text", its default, and any
+    # text/* but text/html are plain text), and feedparser reports it. RSS declares none:
+    # feedparser's "text/plain" there is a guess, made for any text without an end tag or with
+    # a tag it does not list (an escaped <script>), so RSS fields are read as HTML, as before.
+    kind = str((detail or {}).get("type") or "")
+    return atom and kind.startswith("text/") and kind not in HTML_TYPES
+
+
+def _title(value: str, detail: Any, atom: bool) -> str:
+    """The entry's title as one line: plain text kept as written, HTML without its tags."""
+    if _plain(detail, atom):
+        return clean_line(value, max_length=TITLE_MAX)
+    return _text_field(_first_pass(value, detail), TITLE_MAX)
+
+
+def _clean_field(value: str, detail: Any, base_url: str, atom: bool) -> str:
+    """Sanitise a field as HTML (escaped first when it is plain text); its relative links
+    resolve against its xml:base, else the site."""
     base = urljoin(base_url, (detail or {}).get("base") or "")
-    first = _first_pass(value, detail)
+    plain = _plain(detail, atom)
+    first = html.escape(value, quote=False) if plain else _first_pass(value, detail)
     _check_references(first)
     cleaned = clean_html(first, base_url=base)
     # The first pass estimates nesting as sgmllib reads it; this is nh3's exact result.
@@ -588,10 +612,10 @@ class _FirstPass(_HTMLSanitizer):  # type: ignore[misc]
 
 def _text_field(value: str, max_length: int) -> str:
     """clean_text, for a field with at most MAX_HTML_DEPTH tags however often it is unescaped."""
-    # clean_text strips tags with nh3 (quadratic in nesting), unescaping up to three times; a
+    # clean_text strips tags with nh3 (quadratic in nesting) once more than it unescapes; a
     # title, id or category never needs a hundred tags.
     unescaped = value
-    for _ in range(3):
+    for _ in range(UNESCAPE_ROUNDS + 1):
         if len(TAG_START.findall(unescaped)) > MAX_HTML_DEPTH:
             raise _TooComplex(f"an item's title, id or category has over {MAX_HTML_DEPTH} tags")
         _check_references(unescaped)
@@ -612,9 +636,15 @@ def _entry_date(entry: Any) -> Any:
     return dict.get(entry, "published_parsed") or dict.get(entry, "updated_parsed")
 
 
-def _categories(entry: Any) -> tuple[str, ...]:
+def _categories(entry: Any, atom: bool) -> tuple[str, ...]:
     """Cleaned, de-duplicated category names in feed order."""
-    names = (_text_field(tag.get("term") or "", CATEGORY_MAX) for tag in entry.get("tags", []))
+    terms = (tag.get("term") or "" for tag in entry.get("tags", []))
+    # An Atom category's term is an attribute, plain text by definition; RSS ones are read as
+    # titles are.
+    names = (
+        clean_line(term, max_length=CATEGORY_MAX) if atom else _text_field(term, CATEGORY_MAX)
+        for term in terms
+    )
     return tuple(dict.fromkeys(name for name in names if name))
 
 

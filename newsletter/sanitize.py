@@ -34,6 +34,9 @@ DROP_WITH_CONTENT = frozenset(
     }
 )  # fmt: skip
 ELLIPSIS = "…"
+# How often clean_text unescapes a line to find markup escaped within it. Bounded: each round is
+# a pass of nh3 over the line (parse.py checks as many unescapings of feed text beforehand).
+UNESCAPE_ROUNDS = 3
 # Safe characters left as they are when re-quoting a URL's path, query and fragment; "%"
 # keeps existing escapes intact.
 URL_SAFE = "/:@!$&'()*+,;=-._~%?#[]"
@@ -109,14 +112,22 @@ def clean_text(value: str, *, max_length: int) -> str:
     text = value
     # Unescaping can reveal markup that was escaped once more ("&lt;script&gt;"): repeat until
     # nothing changes, so the line never carries tags into a subject or a plain-text part.
-    for _ in range(3):
-        stripped = html.unescape(
-            nh3.clean(text, tags=set(), clean_content_tags={"script", "style"})
-        )
+    for _ in range(UNESCAPE_ROUNDS):
+        stripped = html.unescape(_strip_tags(text))
         if stripped == text:
-            break
+            return _truncate(_one_line(text), max_length)
+        text = stripped
+    # Escaped more often than that (only a hostile feed is): what the rounds revealed loses its
+    # tags once more and stays escaped ("&lt;b&gt;"), so no depth of escaping brings a tag in.
+    stripped = _strip_tags(text)
+    if html.unescape(stripped) != text:
         text = stripped
     return _truncate(_one_line(text), max_length)
+
+
+def _strip_tags(text: str) -> str:
+    """The text as HTML with every tag dropped (script and style with their content), escaped."""
+    return nh3.clean(text, tags=set(), clean_content_tags={"script", "style"})
 
 
 def clean_line(value: str, *, max_length: int) -> str:

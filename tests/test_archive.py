@@ -150,6 +150,18 @@ def test_web_copy_has_nothing_personal_and_links_only_relatively(
     assert len(smtpd.messages()) == len(PEOPLE)
 
 
+def test_web_copy_drops_its_self_link_whatever_the_title(archive: Archive) -> None:
+    """A title naming the header's class (it is in <head> too, its quotes as written) leaves
+    the "Open in a browser" paragraph out of the web copy all the same."""
+    title = 'Court date set (class="webcopy fine")'
+    campaign = archive.send_alert(title)
+    page = archive.http.get(f"{archive.url}/archive/{campaign.slug}/en")
+    assert page.status_code == 200
+    assert "Open in a browser" not in page.text
+    assert archive.url not in page.text and "127.0.0.1" not in page.text
+    assert 'Court date set (class="webcopy fine")' in page.text
+
+
 def test_each_email_links_to_its_web_copy_and_one_mirror(
     archive: Archive, smtpd: SmtpServer
 ) -> None:
