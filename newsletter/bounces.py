@@ -11,9 +11,9 @@ X.1.7 and X.1.8, X.2.0 to X.2.2; RFC 3463) with a valid VERP signature marks the
 and suppresses the address at once. A permanent failure about anything else (policy and
 authentication X.7.x, such as a DMARC rejection, content X.6.x, a message too large X.2.3 or
 X.3.4, routing, protocol) refused this message, not the address: it marks the delivery failed (a
-VERP signature required) and suppresses no one, as the sender does for a 5xx after RCPT. A relay
-that accepts and then forwards would otherwise turn one DNS mistake into every reader of a
-provider suppressed for good.
+VERP signature required) and suppresses no one, as the sender does for such a 5xx at RCPT (one
+classifier for both: smtp_wire.mailbox_refused). A relay that accepts and then forwards would
+otherwise turn one DNS mistake into every reader of a provider suppressed for good.
 
 When only the returned Message-ID names the delivery, anyone who saw that message could have
 written the bounce: a hard one is counted (an event and a note on the delivery) and suppresses only
@@ -58,6 +58,7 @@ from newsletter.db.models import (
 from newsletter.errors import ConfigError, NewsletterError
 from newsletter.ledger import scrub, suppress_bounced
 from newsletter.message import message_id
+from newsletter.smtp_wire import mailbox_refused
 from newsletter.tokens import keyed_hash
 
 # The part of a VERP address after its last "+": <delivery>-<signature>. Linear: fullmatch of two
@@ -222,23 +223,6 @@ def _bounce_of(msg: Message, envelope: Sequence[str], settings: Settings) -> Bou
         status=status,
         diagnostic=without_addresses(diagnostic)[:500],
     )
-
-
-def mailbox_refused(status: str) -> bool:
-    """Whether a permanent status code is about the recipient's mailbox or address (RFC 3463:
-    X.0.0 undetermined, X.1.x addressing but X.1.7/X.1.8 the sender's address, X.2.0 to X.2.2
-    mailbox status)."""
-    _, subject, detail = status.split(".") if status.count(".") == 2 else ("", "", "")
-    if subject == "0":
-        return detail == "0"
-    if subject == "2":
-        # X.2.0 other mailbox status, X.2.1 mailbox disabled, X.2.2 mailbox full: the mailbox.
-        # RFC 3463 calls a full mailbox usually transient; a 5.2.2 is a receiver saying it gave
-        # up (an abandoned mailbox over quota), and whoever empties theirs can sign up again.
-        # X.2.3 (message length over an administrative limit) and X.2.4 (mailing list
-        # expansion) refuse this message, not the address: nobody is suppressed for them.
-        return detail in ("0", "1", "2")
-    return subject == "1" and detail not in ("7", "8")
 
 
 def without_addresses(text: str) -> str:

@@ -18,6 +18,8 @@ from newsletter.db.models import (
     CaseMessage,
     CaseRole,
     CaseStatus,
+    Delivery,
+    DeliveryStatus,
 )
 from newsletter.db.queries import finish_campaign, requeue_failed, running_campaigns
 from newsletter.errors import CampaignError
@@ -103,7 +105,12 @@ def pause_campaign(
 
 
 def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor: str) -> Campaign:
-    """Let a paused campaign be claimed again; only what was not sent goes out."""
+    """Let a paused campaign be claimed again; only what was not sent goes out.
+
+    The retry deadline of what is still to go restarts from now (requeued_at), as for a retry:
+    the time spent paused is not the relays' fault, and would else fail a message at its first
+    4xx after a pause longer than [smtp] retry_deadline_hours.
+    """
     campaign = get_campaign(session, campaign_id)
     refuse_for_closed_case(session, campaign_id)
     paused = (CampaignStatus.PAUSED,)
@@ -115,6 +122,15 @@ def resume_campaign(*, session: Session, campaign_id: int, now: datetime, actor:
             id=campaign_id,
             status=str(campaign.status),
         )
+    session.execute(
+        update(Delivery)
+        .where(
+            Delivery.campaign_id == campaign_id,
+            Delivery.status.in_((DeliveryStatus.QUEUED, DeliveryStatus.DEFERRED)),
+        )
+        .values(requeued_at=now)
+        .execution_options(synchronize_session=False)
+    )
     record_event(session, now=now, actor=actor, action="campaign.resumed", campaign=campaign_id)
     session.flush()
     return campaign

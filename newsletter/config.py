@@ -43,6 +43,7 @@ class RelaySettings:
     password: str = ""
     security: str = "none"
     timeout_seconds: float = 30.0
+    final_reply_timeout_seconds: float = 600.0
     pool_size: int = 20
     weight: int = 1
     rate_per_second: float = 0.0
@@ -64,6 +65,8 @@ class SmtpSettings:
     password: str = ""
     security: str = "none"
     timeout_seconds: float = 30.0
+    # The wait for the reply to a message's final dot: RFC 5321 4.5.3.2.6 gives it 10 minutes.
+    final_reply_timeout_seconds: float = 600.0
     pool_size: int = 20
     batch_size: int = 200
     lease_seconds: int = 60
@@ -88,6 +91,7 @@ class SmtpSettings:
             password=self.password,
             security=self.security,
             timeout_seconds=self.timeout_seconds,
+            final_reply_timeout_seconds=self.final_reply_timeout_seconds,
             pool_size=self.pool_size,
             weight=self.weight,
             rate_per_second=self.rate_per_second,
@@ -649,8 +653,12 @@ def _validate_delivery(settings: Settings) -> None:
         raise ConfigError(
             f"{where}: 'smtp.complaint_pause_rate' must be 0-1, 'complaint_min_delivered' >= 0"
         )
+    if not smtp.final_reply_timeout_seconds > 0:
+        raise ConfigError(f"{where}: 'smtp.final_reply_timeout_seconds' must be more than 0")
     for i, relay in enumerate(smtp.relays):
         key = f"smtp.relays[{i}]"
+        if not relay.final_reply_timeout_seconds > 0:
+            raise ConfigError(f"{where}: '{key}.final_reply_timeout_seconds' must be more than 0")
         if relay.security not in ("none", "starttls", "tls"):
             raise ConfigError(f"{where}: '{key}.security' must be none, starttls or tls")
         if not 0 < relay.port < 65536 or relay.pool_size < 1 or relay.weight < 0:

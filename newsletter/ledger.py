@@ -127,14 +127,22 @@ class Plan:
 def plan_outcomes(
     results: list[tuple[Attempt, Outcome]], *, settings: Settings, now: datetime, rng: random.Random
 ) -> Plan:
-    """Each outcome's row, with its retry time; the addresses refused for good."""
+    """Each outcome's row, with its retry time; the addresses refused for good.
+
+    A temporary failure is deferred until the retry deadline has passed since `retry_from`, and
+    always on a delivery's first attempt: a campaign held back past the deadline (an hourly
+    cap, a long queue) still gets a retry for each greylisted message. `attempts` counts the
+    claim that sent this one (claim_batch adds it), so it is 1 on the first attempt.
+    """
     plan = Plan()
     deadline = timedelta(hours=settings.smtp.retry_deadline_hours)
     for job, outcome in results:
         reply, relay = scrub(outcome.reply, job.email), outcome.relay or None
         if outcome.result is Result.SENT:
             row = OutcomeRow(job.delivery_id, DeliveryStatus.SENT, now, None, reply, relay)
-        elif outcome.result is Result.TEMPORARY and now - job.retry_from < deadline:
+        elif outcome.result is Result.TEMPORARY and (
+            job.attempts <= 1 or now - job.retry_from < deadline
+        ):
             delay = retry_delay(
                 job.attempts, base_seconds=settings.smtp.retry_base_seconds, rng=rng
             )
@@ -143,6 +151,8 @@ def plan_outcomes(
             )
         else:
             row = OutcomeRow(job.delivery_id, DeliveryStatus.FAILED, None, now, reply, relay)
+            # recipient_level: the mailbox itself was refused at RCPT (smtp_wire.refuses_mailbox);
+            # a policy refusal (5.7.x) fails this delivery only, and `campaigns retry` sends it.
             if outcome.result is Result.PERMANENT and outcome.recipient_level:
                 plan.bounced.append((job.subscriber_id, job.email, reply))
         plan.rows.append(row)

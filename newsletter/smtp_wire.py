@@ -8,8 +8,13 @@ between up to eleven threads, which made the SMTP exchange most of the sender's 
 reads them as it always has.
 
 A server cannot make the client wait or grow without bound: every reply has `timeout_seconds`
-from the moment it is awaited, a reply line is at most 8,192 bytes (smtplib's own limit), a
-multi-line reply at most 64 KiB, and more than MAX_WAITING replies unread close the connection.
+from the moment it is awaited (the reply to a message's final dot `final_reply_timeout_seconds`),
+a reply line is at most 8,192 bytes (smtplib's own limit), a multi-line reply at most 64 KiB,
+and more than MAX_WAITING replies unread close the connection.
+
+A refusal at RCPT is about the reader's mailbox only when its status says so (`refuses_mailbox`,
+with `mailbox_refused`, which bounces.py applies to delivery status notifications too): a relay's
+policy refusal (554 5.7.1 Relay access denied) is the sender's problem, and nobody is suppressed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import re
 import smtplib
 import ssl
 from collections import deque
@@ -34,6 +40,13 @@ QUIT_SECONDS = 2.0
 # Characters that make an address more than a bare addr-spec: such a one goes through
 # smtplib.quoteaddr (an email.utils parse, 17 us) instead of plain angle brackets.
 NOT_BARE = frozenset('<>()",;: \t\\[]')
+# An enhanced status code (RFC 3463), e.g. 5.1.1: at most nine characters. Used with fullmatch
+# on one word of at most 16 bytes, and no quantifier is nested: constant time.
+_STATUS = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}")
+# Without an enhanced status code, the basic codes that refuse the mailbox itself: 550 mailbox
+# unavailable, 551 user not local, 553 mailbox name not allowed (RFC 5321 4.2.3). Others (552,
+# 554, 5.7.x policy) refuse this delivery, not the address.
+MAILBOX_CODES = frozenset({550, 551, 553})
 
 
 def stuff(data: bytes) -> bytes:
@@ -169,6 +182,39 @@ def _time_out(waiter: asyncio.Future[None]) -> None:
         waiter.set_exception(TimeoutError("timed out waiting for the server's reply"))
 
 
+def mailbox_refused(status: str) -> bool:
+    """Whether a permanent status code is about the recipient's mailbox or address (RFC 3463:
+    X.0.0 undetermined, X.1.x addressing but X.1.7/X.1.8 the sender's address, X.2.0 to X.2.2
+    mailbox status)."""
+    _, subject, detail = status.split(".") if status.count(".") == 2 else ("", "", "")
+    if subject == "0":
+        return detail == "0"
+    if subject == "2":
+        # X.2.0 other mailbox status, X.2.1 mailbox disabled, X.2.2 mailbox full: the mailbox.
+        # RFC 3463 calls a full mailbox usually transient; a 5.2.2 is a receiver saying it gave
+        # up (an abandoned mailbox over quota), and whoever empties theirs can sign up again.
+        # X.2.3 (message length over an administrative limit) and X.2.4 (mailing list
+        # expansion) refuse this message, not the address: nobody is suppressed for them.
+        return detail in ("0", "1", "2")
+    return subject == "1" and detail not in ("7", "8")
+
+
+def enhanced_status(text: bytes) -> str:
+    """The enhanced status code opening a reply's text (RFC 2034), e.g. "5.1.1"; "" if none."""
+    # A valid code is at most nine bytes: a first word cut at 16 that matches was not cut.
+    words = text[:16].split(maxsplit=1)
+    return words[0].decode("ascii") if words and _STATUS.fullmatch(words[0]) else ""
+
+
+def refuses_mailbox(code: int, text: bytes) -> bool:
+    """Whether a 5xx reply to RCPT refuses the recipient's mailbox itself, so that the address
+    is suppressed: by its enhanced status code (`mailbox_refused`), else by MAILBOX_CODES."""
+    if not 500 <= code < 600:
+        return False
+    status = enhanced_status(text)
+    return mailbox_refused(status) if status else code in MAILBOX_CODES
+
+
 def envelope_address(address: str) -> str:
     """The address in angle brackets for MAIL FROM / RCPT TO."""
     if NOT_BARE.isdisjoint(address):
@@ -182,6 +228,9 @@ class SmtpConnection:
     def __init__(self, protocol: SmtpProtocol, relay: RelaySettings) -> None:
         self.protocol, self.relay = protocol, relay
         self.timeout = relay.timeout_seconds
+        # RFC 5321 4.5.3.2.6 gives the server 10 minutes to answer the final dot: a server slow
+        # there may have queued the message already, and a time-out would send it again later.
+        self.final_timeout = relay.final_reply_timeout_seconds
         self.extensions: dict[str, str] = {}
         # The envelope (sender, recipient) written with the last message's final dot, whose
         # replies are still to be read: the next `send` must be for it.
@@ -289,7 +338,8 @@ class SmtpConnection:
         ready: Awaitable[object] | None = None,
         follow: Callable[[], tuple[str, str] | None] | None = None,
     ) -> tuple[int, bytes, bool]:
-        """One mail transaction: (code, reply, whether a refusal was about the recipient).
+        """One mail transaction: (code, reply, whether a refusal was about the recipient's
+        mailbox: `refuses_mailbox` of a refusal at RCPT).
 
         MAIL, RCPT and DATA go in one write when the server offers PIPELINING (RFC 2920): two
         round trips, not four. The addresses were checked first (smtp.unusable_envelope): no
@@ -329,7 +379,7 @@ class SmtpConnection:
                 if rcpt[0] == 421:
                     return (*rcpt, False)
                 if refusal is None and rcpt[0] not in (250, 251):
-                    refusal = (*rcpt, True)
+                    refusal = (*rcpt, refuses_mailbox(*rcpt))
                 data = await protocol.reply(timeout)
             except OSError:
                 if refusal is not None:  # refused, then hung up: the refusal is the answer
@@ -350,7 +400,7 @@ class SmtpConnection:
                 return await self._refused((*mail, False))
             rcpt = await self.command(f"RCPT TO:{envelope_address(recipient)}")
             if rcpt[0] not in (250, 251):
-                return await self._refused((*rcpt, True))
+                return await self._refused((*rcpt, refuses_mailbox(*rcpt)))
             data = await self.command("DATA")
         if data[0] != 354:
             raise smtplib.SMTPDataError(*data)
@@ -371,7 +421,7 @@ class SmtpConnection:
         else:
             protocol.write(body + end + _envelope(*following))
             self.carried = following
-        return (*await protocol.reply(timeout), False)
+        return (*await protocol.reply(self.final_timeout), False)
 
     async def _refused(self, refusal: tuple[int, bytes, bool]) -> tuple[int, bytes, bool]:
         """After a refusal, RSET so the connection serves the next message (a server that hung

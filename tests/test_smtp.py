@@ -226,7 +226,9 @@ def test_a_stalling_server_is_a_temporary_failure_after_the_timeout(
     handler = FaultyHandler([Fault(stage, "451 4.3.0 too late", stall_seconds=3, times=1)])
     reports: list[SendReport] = []
     with faulty_smtpd(handler) as port:
-        settings = settings_for(database_url, port, timeout_seconds=1, pool_size=1)
+        settings = settings_for(
+            database_url, port, timeout_seconds=1, final_reply_timeout_seconds=1, pool_size=1
+        )
         worker = threading.Thread(target=lambda: reports.append(deliver(factory, settings, clock)))
         worker.start()
         worker.join(timeout=20)  # bounded: a hang fails here instead of blocking the suite

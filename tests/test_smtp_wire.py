@@ -908,7 +908,7 @@ def test_a_hostile_server_gives_an_outcome_and_the_next_message_goes(
         extensions = (b"PIPELINING",) if pipelining else ()
         first = session(extensions=extensions, **dialogue)
         async with Scripted(first, session(extensions=extensions)) as srv:
-            settings = smtp_settings(srv.port, timeout_seconds=0.5)
+            settings = smtp_settings(srv.port, timeout_seconds=0.5, final_reply_timeout_seconds=0.5)
             if chained:
                 start = time.monotonic()
                 outcomes = await send_chained(settings, [body(1), body(2)])
