@@ -6,9 +6,11 @@ ledger's writer, and its next message's final dot (the moment the server may acc
 until that outcome is committed, together with whatever other lanes' outcomes wait by then: a
 sender killed at any moment leaves at most one accepted-but-unrecorded message per connection,
 and that one goes again with the same Message-ID. A watcher re-reads
-the campaigns' states twice a second (pause, cancel), renews the leases of live claims and puts
-back the claims of sender processes on this host that no longer exist. Whatever this worker
-still holds when it stops (the database knows: claimed by it) is released.
+the campaigns' states twice a second (pause, cancel, an alert due), renews the leases of live
+claims and puts back the claims of sender processes on this host that no longer exist. A message
+goes only while its campaign may send and its reader was found subscribed within the last
+second: one that waited longer (for a rate limit, an hourly cap) is looked at again first.
+Whatever this worker still holds when it stops (the database knows: claimed by it) is released.
 
 Database calls run in threads (the producer's, the watcher's, the writer's), not on the event
 loop that drives the connections; the one exception is the writer's common write on PostgreSQL,
@@ -20,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import os
 import random
 import signal
 import socket
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -32,15 +36,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.audience import UNTHREADED, on_its_way, takes_newcomers, thread_states
 from newsletter.bounces import verp_address
 from newsletter.campaigns import finish_if_done
 from newsletter.clock import Clock
-from newsletter.config import Settings
+from newsletter.config import Settings, SmtpSettings
 from newsletter.db import unit_of_work
-from newsletter.db.models import DeliveryStatus, DiscreetMode, KeyProblemChoice, KeyStatus
+from newsletter.db.models import (
+    Campaign,
+    CampaignKind,
+    CampaignStatus,
+    Delivery,
+    DeliveryStatus,
+    DiscreetMode,
+    KeyProblemChoice,
+    KeyStatus,
+)
 from newsletter.db.queries import (
     ClaimedRow,
     case_of,
@@ -49,6 +63,7 @@ from newsletter.db.queries import (
     count_due,
     earlier_case_messages,
     extend_leases,
+    is_due,
     load_claimed,
     load_variant,
     owe_key_notices,
@@ -102,6 +117,9 @@ __all__ = [
 log = logging.getLogger("newsletter.send")
 
 WATCH_SECONDS = 0.5
+# A message goes only if its reader was found still subscribed this recently: a job that waited
+# longer (for a rate limit, behind others) is looked at again, its whole claim in one read.
+FRESH_SECONDS = 1.0
 # A live worker renews its leases this many times per [smtp] lease_seconds, so a lease runs out
 # only after that many renewals in a row were missed (a database hiccup, not a slow message).
 RENEWALS_PER_LEASE = 6
@@ -144,6 +162,25 @@ class SendReport:
         )
 
 
+@dataclass(eq=False)
+class Claim:
+    """The rows of one claim made into jobs, and when their readers were last found still
+    subscribed (on the monotonic clock); the rows of those found gone since are in `left`."""
+
+    ids: list[int] = field(default_factory=list)
+    checked_at: float = field(default_factory=time.monotonic)
+    left: set[int] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one lane reads for all
+
+    def fresh(self) -> bool:
+        """Whether the last look at its readers is recent enough to send on."""
+        return time.monotonic() - self.checked_at < FRESH_SECONDS
+
+    def vouches_for(self, delivery_id: int) -> bool:
+        """Whether this row's reader was found still subscribed, recently enough."""
+        return self.fresh() and delivery_id not in self.left
+
+
 @dataclass(frozen=True)
 class Job:
     """One claimed delivery made ready to send."""
@@ -161,6 +198,7 @@ class Job:
     # one at a time, so a batch's messages are never all in memory and the builder thread
     # does not fight the lanes for the GIL. Raises PermanentDeliveryError as building does.
     build: Callable[[], bytes] | None = None
+    claim: Claim | None = None  # None: never looked at again before it goes
 
     def payload(self) -> bytes:
         """The message bytes, built now if they are built late."""
@@ -287,9 +325,11 @@ class JobQueue:
     The producer puts a batch and waits until the queue is down to a low mark, or idle; each
     lane takes one job at a time and says when it is done with it. A take wakes the producer
     only once the low mark is reached: waking it at every take cost the sender 2-3% of its CPU.
+    Urgent jobs (alerts) are taken before any other job waiting.
     """
 
     def __init__(self) -> None:
+        self._urgent: deque[Job] = deque()
         self._jobs: deque[Job] = deque()
         self._in_flight = 0
         self._open = True
@@ -298,21 +338,25 @@ class JobQueue:
         self._changed = asyncio.Event()  # the producer should look again
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._urgent) + len(self._jobs)
 
     def idle(self) -> bool:
         """Nothing waiting and nothing being sent."""
-        return not self._jobs and self._in_flight == 0
+        return not self and self._in_flight == 0
 
-    def put(self, jobs: Iterable[Job]) -> None:
-        """Add a batch's jobs for the lanes."""
-        self._jobs.extend(jobs)
-        if self._jobs:
+    def has_urgent(self) -> bool:
+        """Whether an urgent job is waiting for a lane."""
+        return bool(self._urgent)
+
+    def put(self, jobs: Iterable[Job], *, urgent: bool = False) -> None:
+        """Add a batch's jobs for the lanes; `urgent` ones go before every other job waiting."""
+        (self._urgent if urgent else self._jobs).extend(jobs)
+        if self:
             self._available.set()
 
     async def take(self) -> Job | None:
         """The next job, counted in flight; None once the queue is closed and empty."""
-        while not self._jobs:
+        while not self:
             if not self._open:
                 return None
             self._available.clear()
@@ -321,14 +365,15 @@ class JobQueue:
 
     def take_next(self, accept: Callable[[Job], bool]) -> Job | None:
         """The next job, counted in flight, if one is waiting and `accept` takes it."""
-        if not self._jobs or not accept(self._jobs[0]):
+        waiting = self._urgent or self._jobs
+        if not waiting or not accept(waiting[0]):
             return None
         return self._pop()
 
     def _pop(self) -> Job:
         self._in_flight += 1
-        job = self._jobs.popleft()
-        if len(self._jobs) <= self._low:
+        job = (self._urgent or self._jobs).popleft()
+        if len(self) <= self._low:
             self._changed.set()
         return job
 
@@ -350,7 +395,7 @@ class JobQueue:
             self._low = -1
 
     def wake(self) -> None:
-        """Let the producer look again (a stop was asked)."""
+        """Let the producer look again (a stop was asked, an alert is due)."""
         self._changed.set()
 
     def close(self) -> None:
@@ -544,9 +589,11 @@ def prepare(
     templates: TemplateCache,
     signers: Signers,
     now: datetime,
+    claim: Claim | None = None,
 ) -> Prepared:
     """Each claimed row as a job, or set aside: left the list, withheld for a key problem, or a
-    case's later message held for an earlier one still on its way, or given up without one."""
+    case's later message held for an earlier one still on its way, or given up without one.
+    Each job names `claim`, the look at its reader it goes on."""
     out = Prepared()
     rows = load_claimed(session, ids)
     threads, waiting, unthreaded = _threads(session, rows, templates)
@@ -573,6 +620,7 @@ def prepare(
                         templates=templates,
                         signers=signers,
                         now=now,
+                        claim=claim,
                     )
                 )
                 continue
@@ -594,6 +642,7 @@ def prepare(
                 templates=templates,
                 signers=signers,
                 now=now,
+                claim=claim,
             )
         )
     return out
@@ -640,6 +689,7 @@ def _job(
     templates: TemplateCache,
     signers: Signers,
     now: datetime,
+    claim: Claim | None = None,
 ) -> Job:
     """One reader's message: spliced from the template, encrypted to their key, DKIM-signed."""
     identity = templates.identity(row.discreet)
@@ -688,6 +738,7 @@ def _job(
         message,
         error,
         build,
+        claim,
     )
 
 
@@ -713,6 +764,20 @@ class Batch:
     ids: list[int]
     jobs: list[Job] = field(default_factory=list)
     report: SendReport = field(default_factory=SendReport)
+    alerts: set[int] = field(default_factory=set)  # the campaigns among them that are alerts
+
+
+def claim_size(smtp: SmtpSettings) -> int:
+    """Rows per claim: [smtp] batch_size, or about a second of sending if every relay is paced.
+
+    A paced sender's claimed messages wait their turn: the fewer there are, the less there is to
+    look at again (who left) or put back (a pause), and the sooner an alert's claim comes.
+    """
+    relays = [r for r in smtp.all_relays() if r.weight > 0]
+    if not relays or not all(r.rate_per_second > 0 for r in relays):
+        return smtp.batch_size
+    second = math.ceil(sum(r.rate_per_second for r in relays))
+    return max(1, min(smtp.batch_size, second))
 
 
 # --- the sender -----------------------------------------------------------------------------
@@ -754,6 +819,8 @@ class Sender:
         self.total = SendReport()
         self.active: set[int] = set()  # campaigns this run has claimed rows of
         self.unstarted: list[Job] = []  # taken by a lane but held back: released before a claim
+        self.is_alert: dict[int, bool] = {}  # campaign -> an alert? (read by the claim thread)
+        self.alert_due = False  # the watcher saw alert deliveries due: claim now
         self.lanes = max(sum(r.pool_size for r in settings.smtp.all_relays() if r.weight > 0), 1)
         # Claims and message building always run on this one thread, so the batches' buffers
         # reuse one malloc arena: spread over the shared pool's threads (to_thread), they raised
@@ -790,10 +857,12 @@ class Sender:
     # --- the producer: claim and prepare ahead of the lanes ---------------------------------
 
     async def _produce(self) -> None:
-        limit = self.settings.smtp.batch_size
+        limit = claim_size(self.settings.smtp)
+        to_finish: set[int] = set()
         try:
             while not self.control.stopping:
                 await self._release_unstarted()  # e.g. a campaign resumed meanwhile: claim again
+                self.alert_due = False  # this claim takes every alert row due first
                 batch = await self.loop.run_in_executor(
                     self.builder, self._claim_and_prepare, limit
                 )
@@ -802,21 +871,28 @@ class Sender:
                 self._report(batch.report)
                 cids = {job.campaign_id for job in batch.jobs}
                 self.active |= cids
-                self.jobs.put(batch.jobs)
+                to_finish |= cids
+                # Claims take alerts first, and alert jobs go before every job waiting: a
+                # digest's message starts only once every alert message claimed has started.
+                self.jobs.put((j for j in batch.jobs if j.campaign_id in batch.alerts), urgent=True)
+                self.jobs.put(j for j in batch.jobs if j.campaign_id not in batch.alerts)
                 short = len(batch.ids) < limit
-                # Nothing more due: let them finish, then close campaigns. Claims take alerts
-                # first and the queue is first in, first out: a digest's message starts only
-                # once every alert message claimed before it has started.
+                # Nothing more due: let them finish, then close campaigns; unless the watcher
+                # sees an alert's deliveries due meanwhile (claim them now).
                 if short:
-                    await self.jobs.wait_until(self.jobs.idle)
+                    await self.jobs.wait_until(lambda: self.jobs.idle() or self.alert_due)
                 else:  # claim the next batch when half of this one has gone out
                     await self.jobs.wait_until(
-                        lambda: len(self.jobs) <= limit // 2 or self.control.stopping,
+                        lambda: (
+                            len(self.jobs) <= limit // 2 or self.control.stopping or self.alert_due
+                        ),
                         low=limit // 2,
                     )
-                if short:  # what went is committed first: a campaign with nothing left finishes
+                if short and self.jobs.idle():
+                    # What went is committed first: a campaign with nothing left finishes.
                     await self.writer.flush()
-                    await self._finish_done(cids)
+                    await self._finish_done(to_finish)
+                    to_finish = set()
         finally:
             self.jobs.close()
 
@@ -833,6 +909,7 @@ class Sender:
             )
         if not ids:
             return Batch(ids)
+        claim = Claim()  # its readers are looked at now (load_claimed, in prepare)
         try:
             with unit_of_work(self.factory) as session:
                 now = self.clock.now()
@@ -843,17 +920,30 @@ class Sender:
                     templates=self.templates,
                     signers=self.signers,
                     now=now,
+                    claim=claim,
                 )
                 skip_left(session, prepared.gone)
                 withhold(session, prepared.withheld)
                 owe_key_notices(session, prepared.key_notices, now=now)
                 postpone_claims(session, prepared.held, until=now + HOLD_FOLLOW_UP)
                 skip_left(session, prepared.unthreaded, reason=UNTHREADED)
+                alerts = self._alerts_among(session, {job.campaign_id for job in prepared.jobs})
         except MissingVariantError as error:
             return self._set_aside(ids, error)
+        claim.ids = [job.delivery_id for job in prepared.jobs]
         suppressed = len(prepared.gone) + len(prepared.unthreaded)
         report = SendReport(suppressed=suppressed, withheld=len(prepared.withheld))
-        return Batch(ids, prepared.jobs, report)
+        return Batch(ids, prepared.jobs, report, alerts)
+
+    def _alerts_among(self, session: Session, cids: set[int]) -> set[int]:
+        """Which of these campaigns are alerts (each campaign asked once)."""
+        if new := cids - self.is_alert.keys():
+            stmt = select(Campaign.id).where(
+                Campaign.id.in_(new), Campaign.kind == CampaignKind.ALERT
+            )
+            alerts = set(session.scalars(stmt))
+            self.is_alert.update((cid, cid in alerts) for cid in new)
+        return {cid for cid in cids if self.is_alert[cid]}
 
     def _set_aside(self, ids: list[int], error: MissingVariantError) -> Batch:
         """A campaign no message can be built for is paused, with why; the batch goes back."""
@@ -872,7 +962,7 @@ class Sender:
         following: list[Job] = []  # the job whose envelope went with the last final dot
 
         def follow() -> tuple[str, str] | None:
-            job = self.jobs.take_next(lambda job: not job.error and self._may_send(job.campaign_id))
+            job = self.jobs.take_next(lambda job: not job.error and self._may_go(job))
             if job is None:
                 return None
             following.append(job)
@@ -905,22 +995,64 @@ class Sender:
         (and so asks for it). So a connection never has more than one accepted-but-unrecorded
         message, and the commit's latency hides behind the next message's envelope and body.
         With PIPELINING, the lane's next job's envelope goes with the final dot (`chain`).
+        A job whose reader was last found subscribed too long ago (FRESH_SECONDS) is looked at
+        again before it goes, also after waiting for a rate limit; one who left is skipped.
         """
-        if not self._may_send(job.campaign_id):
-            if recording is not None and recording.done():
-                # A failed commit (a burst's pause among them) stops the lane, as at a final
-                # dot: else a hold whose pause never reached the database would last forever.
-                await recording
-            chain.drop()  # its envelope may be waiting on the connection: nothing more goes
-            self.unstarted.append(job)
-            return None
-        outcome = await self._attempt(job, recording, chain)
-        if outcome.result is Result.UNSENT:
-            self.unstarted.append(job)
-            return None
+        while True:
+            if not self._may_send(job.campaign_id):
+                if recording is not None and recording.done():
+                    # A failed commit (a burst's pause among them) stops the lane, as at a final
+                    # dot: else a hold whose pause never reached the database would last forever.
+                    await recording
+                chain.drop()  # its envelope may be waiting on the connection: nothing more goes
+                self.unstarted.append(job)
+                return None
+            claim = job.claim
+            if (
+                claim is not None
+                and not claim.vouches_for(job.delivery_id)  # else no read: the common case
+                and not await self._still_subscribed(job, claim)
+            ):
+                chain.drop()
+                await self._skip_left(job)
+                return None
+            outcome = await self._attempt(job, recording, chain)
+            if outcome.result is not Result.UNSENT:
+                break
+            if self._may_go(job):  # the transport was interrupted: it goes back
+                self.unstarted.append(job)
+                return None
+            # Held, or its reader's look grew old while it waited: look again.
         held = job.campaign_id in self.control.held
         pause = self.guard.observe(job.campaign_id, outcome, held=held)
+        if pause is not None:  # lanes waiting for a rate limit give their messages back
+            self.transport.wake()
         return self.writer.add(job, outcome, pause=pause)
+
+    async def _still_subscribed(self, job: Job, claim: Claim) -> bool:
+        """Whether the job's reader may still be mailed: read again, for the whole claim, if
+        the claim's last look is too old (one lane reads, the others wait for its answer)."""
+        async with claim.lock:
+            if not claim.fresh():
+                claim.left |= await asyncio.to_thread(self._who_left, claim.ids)
+                # Dated when the answer came: a slow read would otherwise be old at once, and
+                # the lanes would read again and again.
+                claim.checked_at = time.monotonic()
+        return job.delivery_id not in claim.left
+
+    def _who_left(self, ids: list[int]) -> set[int]:
+        """The rows among these whose reader may no longer be mailed (a database thread)."""
+        with unit_of_work(self.factory) as session:
+            return {row.delivery_id for row in load_claimed(session, ids) if not row.may_be_mailed}
+
+    async def _skip_left(self, job: Job) -> None:
+        """A reader who left after the claim: recorded as the claim records those who left."""
+        await asyncio.to_thread(self._skip, [job.delivery_id])
+        self._report(SendReport(suppressed=1))
+
+    def _skip(self, ids: list[int]) -> None:
+        with unit_of_work(self.factory) as session:
+            skip_left(session, ids)
 
     def _committed(self, recorded: Recorded) -> None:
         """A commit of the writer: counted, and the pauses it carried are in the database."""
@@ -930,6 +1062,13 @@ class Sender:
 
     def _may_send(self, campaign_id: int) -> bool:
         return self.control.may_send(campaign_id) and not self.guard.holds(campaign_id)
+
+    def _may_go(self, job: Job) -> bool:
+        """Whether the job's message may go now: its campaign may send, and its reader was
+        found still subscribed recently enough (the transport asks it after every wait)."""
+        return self._may_send(job.campaign_id) and (
+            job.claim is None or job.claim.vouches_for(job.delivery_id)
+        )
 
     async def _attempt(self, job: Job, recording: Ticket | None, chain: Chain) -> Outcome:
         if job.error:
@@ -941,7 +1080,12 @@ class Sender:
             chain.drop()
             return Outcome(Result.PERMANENT, str(error))
         return await self.transport.send(
-            message, sender=job.envelope_from, recipient=job.email, ready=recording, chain=chain
+            message,
+            sender=job.envelope_from,
+            recipient=job.email,
+            ready=recording,
+            chain=chain,
+            may_go=functools.partial(self._may_go, job),
         )
 
     def _poke_threadsafe(self) -> None:
@@ -1003,28 +1147,56 @@ class Sender:
     async def _look(self, *, renew: bool) -> bool:
         """Campaign states into `control.held` (its one writer); False after a database error.
 
-        Recomputed, not accumulated: a campaign resumed meanwhile may be sent again. With
-        `renew`, this worker's leases are renewed and dead processes' claims put back.
+        Recomputed, not accumulated: a campaign resumed meanwhile may be sent again. Lanes
+        waiting for a rate limit are woken when it changes, and the producer when an alert's
+        deliveries are due. With `renew`, this worker's leases are renewed and dead processes'
+        claims put back.
         """
         committed = self.guard.committed_ones()
         try:
-            stopped = await asyncio.to_thread(self._read_states, set(self.active), renew)
+            stopped, alerts = await asyncio.to_thread(self._read_states, set(self.active), renew)
         except Exception as error:  # a database hiccup: the lease outlasts a few misses
             log.warning("sender could not read campaign states: %s", _first_line(error))
             return False
+        changed = stopped != self.control.held
         self.control.held = stopped
         self.guard.settle(committed)
+        if changed:
+            self.transport.wake()
+        # Alert jobs still waiting are sent first anyway; the next claim takes the rest.
+        if alerts and not self.jobs.has_urgent():
+            self.alert_due = True
+            self.jobs.wake()
         return True
 
-    def _read_states(self, active: set[int], renew: bool) -> set[int]:
-        """The watcher's one transaction (a database thread)."""
+    def _read_states(self, active: set[int], renew: bool) -> tuple[set[int], bool]:
+        """The watcher's one transaction (a database thread): the campaigns stopped, and
+        whether an alert has deliveries due."""
         with unit_of_work(self.factory) as session:
             stopped = stopped_campaigns(session, active)
+            alerts = self._alerts_due(session)
             if renew:
                 until = self.clock.now() + timedelta(seconds=self.settings.smtp.lease_seconds)
                 extend_leases(session, worker=self.worker, until=until)
                 self._put_back_dead(session)
-        return stopped
+        return stopped, alerts
+
+    def _alerts_due(self, session: Session) -> bool:
+        """Whether a running alert this sender sends has deliveries due and not claimed.
+
+        Read twice a second: the few running alerts by their state, then one row of the due
+        index, only when there is one.
+        """
+        running = select(Campaign.id).where(
+            Campaign.kind == CampaignKind.ALERT, Campaign.status == CampaignStatus.RUNNING
+        )
+        if self.campaign_id is not None:
+            running = running.where(Campaign.id == self.campaign_id)
+        alerts = list(session.scalars(running))
+        if not alerts:
+            return False
+        due = select(Delivery.id).where(Delivery.campaign_id.in_(alerts), is_due(self.clock.now()))
+        return session.scalar(due.limit(1)) is not None
 
     def _put_back_dead(self, session: Session) -> None:
         """Claims of sender processes on this host that no longer exist go back at once."""

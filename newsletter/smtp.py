@@ -67,12 +67,19 @@ class Transport(Protocol):
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
+        may_go: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Send one message; its final dot (acceptance) waits for `ready`, if given.
 
         `chain`: the calling lane's, so its next message's envelope may go with this one's
-        final dot (see Chain); a transport may ignore it.
+        final dot (see Chain); a transport may ignore it. `may_go`: asked whenever the send
+        stops waiting (for a rate limit, a connection) and right before the message goes to a
+        server; if it says no, the message is not sent and the outcome is UNSENT.
         """
+        ...
+
+    def wake(self) -> None:
+        """Let every send waiting for a limit ask its `may_go` again (e.g. a pause came)."""
         ...
 
     def interrupt(self) -> None: ...
@@ -179,13 +186,15 @@ class ConnectionPool:
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
+        may_go: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Send one message over a pooled connection (a new one if none is idle).
 
         `ready` (the previous outcome's commit): awaited before the final dot; if it fails, the
         connection is dropped mid-DATA, so the server keeps nothing, and its error raises.
         `chain`: the connection carrying this message's envelope, if the lane's last message
-        sent it; the next message's envelope may go with this one's final dot.
+        sent it; the next message's envelope may go with this one's final dot. `may_go`: asked
+        once a connection is ready, right before the message goes; no means UNSENT.
         """
         conn = chain.take(self) if chain is not None else None
         refused = unusable_envelope(sender, recipient)
@@ -193,11 +202,19 @@ class ConnectionPool:
             if conn is not None:  # not a message Chain.follow names; kept safe all the same
                 self.let_go(conn)
             return replace(refused, relay=self.relay.label)
+        chained = conn is not None
         if conn is None:
             await self._slots.acquire()
         follow = chain.follow if chain is not None and not self._closed else None
         try:
             conn = conn or self._take_idle() or await SmtpConnection.open(self.relay)
+            if may_go is not None and not may_go():  # e.g. paused while it waited for a slot
+                if chained or self._closed:  # a chained one holds this message's envelope
+                    self.let_go(conn)
+                else:
+                    self._idle.append(conn)
+                    self._slots.release()
+                return Outcome(Result.UNSENT, "stopped before sending", relay=self.relay.label)
             try:
                 code, reply, recipient_level = await conn.send(
                     message, sender, recipient, ready=ready, follow=follow
@@ -307,7 +324,8 @@ class SmtpPool:
         self._pools = [ConnectionPool(r) for r in relays]
         self._paces = [Pace(r, history.monotonic(r.label) if history else ()) for r in relays]
         self._rng = rng or random.Random()
-        self._interrupted = asyncio.Event()
+        self._interrupted = False
+        self._woken = asyncio.Event()  # replaced at each wake: set once, for those waiting then
         self._unpaced = (
             len(relays) == 1 and not relays[0].rate_per_second and not relays[0].hourly_limit
         )
@@ -325,30 +343,35 @@ class SmtpPool:
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
+        may_go: Callable[[], bool] | None = None,
     ) -> Outcome:
-        """Send through a relay under its limits; UNSENT if interrupted while waiting.
+        """Send through a relay under its limits; UNSENT if interrupted while waiting, or if
+        `may_go` says no when the wait ends or is woken (`wake`), or right before it goes.
 
         `ready`: awaited before the message's final dot (ConnectionPool.send). `chain` is used
         with one relay without limits only: elsewhere the next message's relay is chosen when
         it is due, and its envelope cannot go ahead of it.
         """
-        index = await self._pick()
+        index = await self._pick(may_go)
         if index is None:
             if chain is not None:
                 chain.drop()
             return Outcome(Result.UNSENT, "stopped before sending")
+        # A slot taken for a message that then does not go is not given back: the limits err
+        # on the safe side.
         return await self._pools[index].send(
             message,
             sender=sender,
             recipient=recipient,
             ready=ready,
             chain=chain if self._unpaced else None,
+            may_go=may_go,
         )
 
-    async def _pick(self) -> int | None:
+    async def _pick(self, may_go: Callable[[], bool] | None) -> int | None:
         if self._unpaced:  # one relay without limits: nothing to choose or wait for
-            return None if self._interrupted.is_set() else 0
-        while not self._interrupted.is_set():
+            return None if self._interrupted else 0
+        while not self._interrupted and (may_go is None or may_go()):
             now = time.monotonic()
             waits = [pace.wait_seconds(now) for pace in self._paces]
             ready = [i for i, w in enumerate(waits) if w == 0.0]
@@ -358,12 +381,18 @@ class SmtpPool:
                 self._paces[index].take(now)
                 return index
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._interrupted.wait(), timeout=min(waits))
+                await asyncio.wait_for(self._woken.wait(), timeout=min(waits))
         return None
+
+    def wake(self) -> None:
+        """Let every send waiting for a limit ask its `may_go` again (e.g. a pause came)."""
+        self._woken.set()
+        self._woken = asyncio.Event()
 
     def interrupt(self) -> None:
         """Stop waiting for rate limits: sends not yet handed to a relay come back UNSENT."""
-        self._interrupted.set()
+        self._interrupted = True
+        self.wake()
 
     async def close_idle(self) -> None:
         """Say QUIT on idle connections (a long wait ahead); the limits keep their count."""
