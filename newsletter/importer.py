@@ -9,7 +9,9 @@ savepoint: if the database refuses it, its rows are written one by one and only 
 is rejected. On PostgreSQL a chunk's last statement (its new subscriptions, which return nothing)
 is sent without waiting: the next chunk is read and checked while the database works, and the
 savepoint is released only once that statement has succeeded (see _finish).
-Nobody who unsubscribed, bounced, was forgotten or is suppressed is brought back.
+Nobody who unsubscribed, bounced, was forgotten or is suppressed is brought back. Custom
+attribute keys stored for anyone stay within MAX_ATTRIBUTES, so an export always reads back: a
+row bringing a new key past that is rejected, naming the column.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from newsletter.openpgp import KeyInfo, KeyProblem, read_key
 from newsletter.readers import key_row
 from newsletter.subscriber_csv import (
     CHUNK_ROWS,
+    MAX_ATTRIBUTES,
     RawRow,
     RowResult,
     SubscriberRow,
@@ -115,6 +118,7 @@ class _Target:
     secret: str
     now: datetime
     postgres: bool  # rows and look-ups go as JSON parameters (see _among, _PG_INSERT_...)
+    attribute_keys: set[str]  # custom keys stored for anyone, and those rows taken so far add
 
 
 Checked = tuple[int, RawRow | None, SubscriberRow]  # line, row as read, row as parsed
@@ -157,7 +161,8 @@ def import_rows(
     if default_list and default_list not in lists:
         get_list(session, default_list)  # raises with the known lists
     postgres = session.get_bind().dialect.name == "postgresql"
-    target = _Target(lists, default_list, confirmed, secret, now, postgres)
+    keys = _attribute_keys(session, postgres)
+    target = _Target(lists, default_list, confirmed, secret, now, postgres, keys)
     report = ImportReport()
     # The start is an event of its own: the audit trail is append-only, so the counts go in a
     # second event at the end rather than into this one.
@@ -220,6 +225,23 @@ def _batches(rows: Iterable[RowResult], target: _Target, chunk_rows: int) -> Ite
     yield batch
 
 
+# Every custom key stored for anyone (a JSON object's keys; anything else has none).
+_SQLITE_ATTRIBUTE_KEYS = text(
+    "SELECT DISTINCT k.key FROM subscribers, json_each(subscribers.attributes) AS k"
+    " WHERE json_type(subscribers.attributes) = 'object'"
+)
+_PG_ATTRIBUTE_KEYS = text(
+    "SELECT DISTINCT json_object_keys(attributes) FROM subscribers"
+    " WHERE json_typeof(attributes) = 'object'"
+)
+
+
+def _attribute_keys(session: Session, postgres: bool) -> set[str]:
+    """The custom attribute keys stored for anyone."""
+    statement = _PG_ATTRIBUTE_KEYS if postgres else _SQLITE_ATTRIBUTE_KEYS
+    return set(session.scalars(statement))
+
+
 def _checked(
     raw: RawRow | None, error: str, target: _Target, keys: dict[str, KeyInfo]
 ) -> SubscriberRow | str:
@@ -242,6 +264,14 @@ def _checked(
         except KeyProblem as problem:
             return f"openpgp_key: {problem}"
         key, keys[info.armored] = info.armored, info
+    new_keys = row.attributes.keys() - target.attribute_keys
+    if new_keys:  # rare: only a file's first rows with a column bring one
+        if len(target.attribute_keys) + len(new_keys) > MAX_ATTRIBUTES:
+            return (
+                f"column {min(new_keys)!r}: a custom column past the {MAX_ATTRIBUTES} "
+                "kept for everyone (export could not be imported back)"
+            )
+        target.attribute_keys.update(new_keys)  # a row the database refuses over-counts
     if wanted == row.lists and key == row.openpgp_key:
         return row  # as almost every row is: no copy
     return replace(row, lists=tuple(wanted), openpgp_key=key)

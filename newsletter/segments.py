@@ -13,7 +13,8 @@ A rule narrows a list's audience. The grammar, loosest binding first::
     value      := "text" | 'text' | YYYY-MM-DD
 
 For example ``lang in ("be", "ru") and not tag:press``, ``attr.city = "Vilnius"`` or
-``country = "LT" or subscribed_before = 2026-01-01``. Keywords are case-insensitive. Every value
+``country = "LT" or subscribed_before = 2026-01-01``. Keywords are case-insensitive, and so is
+the NAME of attr.NAME, as import stores a column's name. Every value
 reaches the database as a bound parameter; a typo stops with one line naming the column.
 """
 
@@ -36,6 +37,7 @@ from newsletter.config import LANGUAGES
 from newsletter.db.models import Segment, Subscriber
 from newsletter.errors import AudienceError
 from newsletter.sanitize import control_character
+from newsletter.subscriber_csv import column_name
 
 FIELDS = ("lang", "country", "subscribed_before", "subscribed_after", "attr.NAME", "tag:NAME")
 # Limits that keep a rule quick to parse and compile, and well within Python's recursion limit.
@@ -264,7 +266,9 @@ def _compare(rule: str, field: _Tok, op: str, values: list[_Tok]) -> ColumnEleme
         column = Subscriber.country
     else:
         # Missing attributes compare as "", so `not attr.x = "a"` includes people without x.
-        column = func.coalesce(Subscriber.attributes[name.removeprefix("attr.")].as_string(), "")
+        # The key as import stored it: `attr.City` names the column a file calls `City`.
+        key = column_name(name.removeprefix("attr."))
+        column = func.coalesce(Subscriber.attributes[key].as_string(), "")
     if op == "=":
         return column == texts[0]
     if op == "!=":

@@ -56,7 +56,12 @@ KNOWN_COLUMNS = (
 _KNOWN = frozenset(KNOWN_COLUMNS)  # for membership: a hash, not nine comparisons per cell
 CHUNK_ROWS = 1000  # rows per written chunk on import, people per page on export
 MAX_CELL_CHARS = 1000  # longer cells reject their row (names are then cut to 200)
-MAX_COLUMNS = 200  # a wider header is refused: each column may become an attribute of everyone
+# A header may have email and MAX_ATTRIBUTES custom columns (each may become an attribute of
+# everyone): the other known columns and the rejects file's own are not counted, so a file export
+# or a rejects file writes reads back. The importer keeps the stored custom keys within
+# MAX_ATTRIBUTES too, so an export's header never has more.
+MAX_COLUMNS = 200
+MAX_ATTRIBUTES = MAX_COLUMNS - 1
 MAX_ROW_CHARS = 1 << 20  # a longer row (all its lines) stops the file: no CSV row is that long
 # The csv module's own cap on a cell (131,072 by default) raises in the middle of a quoted cell,
 # and reading would go on inside it, taking the cell's text for rows. A cell cannot be longer
@@ -67,6 +72,9 @@ csv.field_size_limit(MAX_ROW_CHARS)
 REJECTS_COLUMNS = ("rejected_line", "rejected_reason")
 RawRow = dict[str, str | None]
 RowResult = tuple[int, RawRow | None, str]
+# A row with more fields than the header keeps the surplus ones in its RawRow under keys made of
+# this prefix and their position: _header refuses a NUL in a name, so no column has such a key.
+SURPLUS = "\x00"
 
 
 @dataclass(frozen=True)
@@ -294,23 +302,38 @@ class _Lines:
         self.row_chars = 0
 
 
+def column_name(text: str) -> str:
+    """A column's name as import stores it (and a segment's attr.NAME is matched): stripped,
+    its neutralising ' removed, lowercased."""
+    return restore_cell(text.strip()).lower()
+
+
 def _header(lines: _Lines, where: str) -> list[str]:
-    """The checked column names: UTF-8 text, an email column, none twice, at most MAX_COLUMNS."""
+    """The checked column names: UTF-8 text, an email column, none twice, at most MAX_COLUMNS
+    of email and custom ones."""
     try:
         first = next(csv.reader(lines, strict=True), [])
     except csv.Error as e:
         raise AudienceError(f"{where}: cannot read the header: {e}") from None
     lines.mark()
-    names = [restore_cell(h.strip()).lower() for h in first]
+    if first:  # the codec removes one BOM; files joined with `cat` bring more
+        first[0] = first[0].lstrip("\ufeff")
+    names = [column_name(h) for h in first]
+    if "email" not in names and len(names) == 1:  # what Excel saves in many locales
+        if ";" in names[0]:
+            raise AudienceError(f"{where}: columns separated by ';': save as comma-separated CSV")
+        if "\t" in names[0]:
+            raise AudienceError(f"{where}: columns separated by tabs: save as comma-separated CSV")
     if "email" not in names or any(_cell_problem(n) for n in names):
         raise AudienceError(
             f"{where}: the header must be UTF-8 text without control characters "
             "and have an 'email' column"
         )
-    if len(names) > MAX_COLUMNS:
+    counted = sum(n not in _KNOWN and n not in REJECTS_COLUMNS for n in names) + 1  # and email
+    if counted > MAX_COLUMNS:
         raise AudienceError(
-            f"{where}: the header has {len(names):,} columns, more than {MAX_COLUMNS}: "
-            "keep the columns you need"
+            f"{where}: the header has {len(names):,} columns, {counted:,} of them email or "
+            f"custom: more than {MAX_COLUMNS}; keep the columns you need"
         )
     twice = next((n for i, n in enumerate(names) if n and n in names[:i]), None)
     if twice is not None:  # a second value would silently replace the first
@@ -339,12 +362,19 @@ def _read_rows(handle: io.TextIOBase | Any, where: str) -> Iterator[RowResult]:
         lines.mark()
         if not fields:
             continue  # a blank line, as csv.DictReader skips it
-        if len(fields) > width:
-            yield start, dict(zip(names, fields, strict=False)), "more fields than the header has"
+        if len(fields) > width:  # the surplus fields are kept for the rejects file
+            longer: RawRow = dict(zip(names, fields, strict=False))
+            longer.update((f"{SURPLUS}{i}", cell) for i, cell in enumerate(fields[width:]))
+            yield start, longer, "more fields than the header has"
             continue
         # Only the cells the row has: work per row follows its length, not the header's.
         row: RawRow = dict(zip(names, fields, strict=False))
         yield start, row, _row_problem(row)
+
+
+def surplus_cells(row: RawRow) -> list[str]:
+    """The fields a row had past the header's columns (see SURPLUS), in their order."""
+    return [value or "" for key, value in row.items() if key.startswith(SURPLUS)]
 
 
 def _row_problem(row: RawRow) -> str:

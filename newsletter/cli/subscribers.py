@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import json
 import os
+import signal
 import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, TextIO
 
 import typer
@@ -37,6 +40,7 @@ from newsletter.subscriber_csv import (
     read_header,
     restore_cell,
     shown_cell,
+    surplus_cells,
     write_csv,
 )
 from newsletter.subscriptions import (
@@ -153,8 +157,11 @@ def warn_unconfigured_discreet(state: State) -> None:
 
 
 def _rejected_cells(raw: RawRow | None, header: list[str]) -> list[str]:
-    """A rejected row's cells for the rejects file, the openpgp_key cell blanked."""
-    return ["" if h.strip().lower() == "openpgp_key" else (raw or {}).get(h) or "" for h in header]
+    """A rejected row's cells for the rejects file, the openpgp_key cell blanked; fields past
+    the header's columns follow them, so a fixed row loses nothing."""
+    raw = raw or {}
+    cells = ["" if h.strip().lower() == "openpgp_key" else raw.get(h) or "" for h in header]
+    return cells + surplus_cells(raw)
 
 
 def check_writable_path(path: Path) -> None:
@@ -180,16 +187,20 @@ class PrivateFile:
 
     Exports and rejects hold people's addresses: written to a new file made with mode 0600 in
     the same folder, then renamed over `path`, so no other account can read it, no link or file
-    someone else made there is written through, and an interruption leaves no half file.
+    someone else made there is written through, and an interruption leaves no half file. The
+    temporary file stays locked (flock) while it is open, so one that a killed run (SIGKILL,
+    a power cut) left behind is told from one in use, and removed by the next run.
     """
 
     def __init__(self, path: Path) -> None:
         check_writable_path(path)
         self.path = path
+        remove_stale_temporaries(path)
         try:
             fd, temporary = tempfile.mkstemp(
                 dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
             )
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as e:
             raise self.error(e) from None
         self.temporary = Path(temporary)
@@ -200,27 +211,109 @@ class PrivateFile:
         return AudienceError(f"{self.path}: cannot write: {e.strerror or type(e).__name__}")
 
     def sync(self) -> None:
-        """Write out everything and close the temporary file, on disk (fsync) before it counts."""
+        """Write out everything, on disk (fsync) before it counts; the file stays open (locked)."""
         try:
             self.handle.flush()
             os.fsync(self.handle.fileno())
-            self.handle.close()
         except OSError as e:
             raise self.error(e) from None
 
     def put_in_place(self) -> None:
-        """Rename the synced temporary file over `path`."""
+        """Rename the synced temporary file over `path`, then close it."""
         try:
             os.replace(self.temporary, self.path)
         except OSError as e:
             raise self.error(e) from None
-
-    def discard(self) -> None:
-        """Close and remove the temporary file (it was not put in place)."""
         with suppress(OSError):
             self.handle.close()
+
+    def discard(self) -> None:
+        """Remove and close the temporary file (it was not put in place)."""
         with suppress(FileNotFoundError):
             os.unlink(self.temporary)
+        with suppress(OSError):
+            self.handle.close()
+
+
+# The characters tempfile.mkstemp draws a name's 8 random ones from.
+_TEMPORARY_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def _our_temporary(name: str, prefix: str) -> bool:
+    """Whether `name` is one PrivateFile gives: PREFIX, 8 of mkstemp's characters, .tmp."""
+    middle = name.removeprefix(prefix).removesuffix(".tmp")
+    return (
+        len(name) == len(prefix) + 8 + len(".tmp")
+        and name.startswith(prefix)
+        and name.endswith(".tmp")
+        and _TEMPORARY_CHARACTERS.issuperset(middle)
+    )
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files for `path` that runs killed outright left behind.
+
+    Only regular files named as PrivateFile names them, owned by this account and not locked:
+    a run still writing one holds its lock, and a killed run's lock went with it.
+    """
+    prefix = f".{path.name}."
+    try:
+        names = [e.name for e in os.scandir(path.parent) if _our_temporary(e.name, prefix)]
+    except OSError:
+        return  # the folder cannot be listed: mkstemp will say what is wrong
+    for name in names:
+        candidate = path.parent / name
+        with suppress(OSError):  # gone, or not ours to remove: left as it is
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: raises
+                    os.unlink(candidate)
+            finally:
+                os.close(fd)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM is ignored: it would break off the cleanup the first one runs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For the block, SIGTERM (a plain `kill`) raises KeyboardInterrupt, as Ctrl-C does.
+
+    Only while a command writes a file of addresses: its cleanup then removes the temporary
+    file. The sender has its own SIGTERM handling, so this is not installed process-wide.
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM noted, not acted on, during the block; then raised (KeyboardInterrupt).
+
+    Python runs signal handlers in the main thread only, so swapping the handlers holds them
+    whatever other threads (a progress bar's) the process has, where blocking them would not.
+    """
+    held: list[int] = []
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -300,28 +393,26 @@ def import_(
     rejects_path = rejects or file.with_suffix(".rejects.csv")
     if rejects_path.resolve() == file.resolve():  # it would replace the file being imported
         raise AudienceError(f"{rejects_path}: the rejects file cannot be the file imported")
-    rejects_file = RejectsFile(rejects_path, file)  # before anything is written
-    try:
+    with sigterm_as_interrupt():
+        rejects_file = RejectsFile(rejects_path, file)  # before anything is written
         try:
-            report = _import_file(state, file, rejects_file, list_slug, confirmed, secret)
-        except BaseException:
-            rejects_file.file.discard()
-            raise
-    except KeyboardInterrupt:
-        say("interrupted:", "yellow", "nothing imported")
-        raise typer.Exit(130) from None
-    except OperationalError as e:
-        if not _busy(e):
-            raise
-        raise AudienceError("database busy: nothing imported; try again") from None
-    if report.rejected:
+            try:
+                report = _import_file(state, file, rejects_file, list_slug, confirmed, secret)
+            except BaseException:
+                rejects_file.file.discard()
+                raise
+        except KeyboardInterrupt:
+            say("interrupted:", "yellow", "nothing imported")
+            raise typer.Exit(130) from None
+        except OperationalError as e:
+            if not _busy(e):
+                raise
+            raise AudienceError("database busy: nothing imported; try again") from None
         try:
-            rejects_file.file.put_in_place()
-        except AudienceError as e:
-            where = rejects_file.file.temporary
-            raise AudienceError(f"{e}; the import went through, its rejects are in {where}") from e
-    else:
-        rejects_file.file.discard()
+            with signals_held():  # the import went in: its rejects file goes in place with it
+                _put_rejects_in_place(rejects_file, report)
+        except KeyboardInterrupt:
+            pass  # too late to stop anything: the import is reported as it went
     counts = report.counts()
     if as_json:
         print_json({**counts, "rejects_file": str(rejects_path) if report.rejected else None})
@@ -340,6 +431,18 @@ def import_(
         say_confirmations(state)
 
 
+def _put_rejects_in_place(rejects_file: RejectsFile, report: ImportReport) -> None:
+    """After the commit: the rejects file in place (or removed, when nothing was rejected)."""
+    if not report.rejected:
+        rejects_file.file.discard()
+        return
+    try:
+        rejects_file.file.put_in_place()
+    except AudienceError as e:
+        where = rejects_file.file.temporary
+        raise AudienceError(f"{e}; the import went through, its rejects are in {where}") from e
+
+
 def _import_file(
     state: State,
     file: Path,
@@ -349,7 +452,12 @@ def _import_file(
     secret: str,
 ) -> ImportReport:
     """Import the file in one transaction, with a progress bar; the rejects file is written
-    whole and on disk before the commit."""
+    whole and on disk before the commit.
+
+    KeyboardInterrupt (Ctrl-C, or SIGTERM) means nothing was committed. One that comes during
+    the commit is held until it is recorded; one after it is too late to stop anything, so the
+    report is returned and the caller puts the rejects file in place.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     total = max(count_lines(file) - 1, 0)
@@ -361,21 +469,29 @@ def _import_file(
         console=err_console,
         transient=True,
     )
-    with progress, unit_of_work(state.factory()) as session:
-        task = progress.add_task("importing", total=total)
-        report = import_rows(
-            session=session,
-            rows=read_csv(file),
-            default_list=list_slug,
-            confirmed=confirmed,
-            secret=secret,
-            now=state.clock.now(),
-            actor=state.actor,
-            source=file.name,
-            on_reject=rejects_file.write,
-            on_progress=lambda line: progress.update(task, completed=min(line - 1, total)),
-        )
-        rejects_file.file.sync()  # on disk before the commit: no import without its rejects
+    committed = False
+    try:
+        with progress, unit_of_work(state.factory()) as session:
+            task = progress.add_task("importing", total=total)
+            report = import_rows(
+                session=session,
+                rows=read_csv(file),
+                default_list=list_slug,
+                confirmed=confirmed,
+                secret=secret,
+                now=state.clock.now(),
+                actor=state.actor,
+                source=file.name,
+                on_reject=rejects_file.write,
+                on_progress=lambda line: progress.update(task, completed=min(line - 1, total)),
+            )
+            rejects_file.file.sync()  # on disk before the commit: no import without its rejects
+            with signals_held():
+                session.commit()
+                committed = True
+    except KeyboardInterrupt:
+        if not committed:
+            raise
     return report
 
 
@@ -414,7 +530,7 @@ def export(
             handle = TerminalText(sys.stdout) if sys.stdout.isatty() else sys.stdout
             n = write_csv(rows, columns, handle)
         else:
-            with private_file(out) as handle:
+            with sigterm_as_interrupt(), private_file(out) as handle:
                 n = write_csv(rows, columns, handle)
     if out is not None:
         err_console.print(f"exported {n} subscribers to {out}")
