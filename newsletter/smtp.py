@@ -1,7 +1,8 @@
 """SMTP transport: pools of reused connections per relay, rate limits, and a reply classifier.
 
 2xx is sent, 4xx and a dropped connection are temporary (retry later), 5xx is permanent; a 5xx
-at RCPT is about the mailbox, so the address is suppressed. Transport failures (refused or
+at RCPT whose status refuses the mailbox (smtp_wire.refuses_mailbox) has the address
+suppressed, a policy refusal only fails the delivery. Transport failures (refused or
 dropped connections, time-outs, TLS errors) are outcomes too; a bug (a TypeError, an
 AttributeError) is not, and raises. Each relay ([smtp] and [smtp] relays) has its own pool of
 connections on the event loop (smtp_wire.py): no thread, no hand-off per message.
