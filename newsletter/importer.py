@@ -51,6 +51,7 @@ from newsletter.db.models import (
     SubscriptionStatus,
     UTCDateTime,
 )
+from newsletter.db.queries import stored_attribute_keys
 from newsletter.errors import AudienceError
 from newsletter.lists import get_list
 from newsletter.openpgp import KeyInfo, KeyProblem, read_key
@@ -161,7 +162,7 @@ def import_rows(
     if default_list and default_list not in lists:
         get_list(session, default_list)  # raises with the known lists
     postgres = session.get_bind().dialect.name == "postgresql"
-    keys = _attribute_keys(session, postgres)
+    keys = stored_attribute_keys(session)
     target = _Target(lists, default_list, confirmed, secret, now, postgres, keys)
     report = ImportReport()
     # The start is an event of its own: the audit trail is append-only, so the counts go in a
@@ -223,23 +224,6 @@ def _batches(rows: Iterable[RowResult], target: _Target, chunk_rows: int) -> Ite
             yield batch
             batch = _Batch(line=line)
     yield batch
-
-
-# Every custom key stored for anyone (a JSON object's keys; anything else has none).
-_SQLITE_ATTRIBUTE_KEYS = text(
-    "SELECT DISTINCT k.key FROM subscribers, json_each(subscribers.attributes) AS k"
-    " WHERE json_type(subscribers.attributes) = 'object'"
-)
-_PG_ATTRIBUTE_KEYS = text(
-    "SELECT DISTINCT json_object_keys(attributes) FROM subscribers"
-    " WHERE json_typeof(attributes) = 'object'"
-)
-
-
-def _attribute_keys(session: Session, postgres: bool) -> set[str]:
-    """The custom attribute keys stored for anyone."""
-    statement = _PG_ATTRIBUTE_KEYS if postgres else _SQLITE_ATTRIBUTE_KEYS
-    return set(session.scalars(statement))
 
 
 def _checked(

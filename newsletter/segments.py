@@ -116,6 +116,7 @@ class _Parser:
         self.i = 0
         self.depth = 0
         self.terms = 0
+        self.attributes: set[str] = set()  # the custom attribute keys named, as stored
 
     @property
     def tok(self) -> _Tok:
@@ -187,6 +188,8 @@ class _Parser:
             raise SegmentError(
                 self.rule, field.pos, f"unknown field {field.text!r} (fields: {', '.join(FIELDS)})"
             )
+        if field.text.startswith("attr."):
+            self.attributes.add(attribute_key(field.text))
         if op := self.take("op"):
             value = self.value()
             return _compare(self.rule, field, op.text, [value])
@@ -266,8 +269,7 @@ def _compare(rule: str, field: _Tok, op: str, values: list[_Tok]) -> ColumnEleme
         column = Subscriber.country
     else:
         # Missing attributes compare as "", so `not attr.x = "a"` includes people without x.
-        # The key as import stored it: `attr.City` names the column a file calls `City`.
-        key = column_name(name.removeprefix("attr."))
+        key = attribute_key(name)
         column = func.coalesce(Subscriber.attributes[key].as_string(), "")
     if op == "=":
         return column == texts[0]
@@ -298,6 +300,20 @@ def has_tag(tag: str) -> ColumnElement[bool]:
     """Subscribers whose tags include this one (a correlated EXISTS over the JSON array)."""
     values = JsonValues(Subscriber.tags).table_valued("value")
     return exists(select(1).select_from(values).where(values.c.value == tag))
+
+
+def attribute_key(field: str) -> str:
+    """The stored key an attr.NAME field names: `attr.City` is the column a file calls City."""
+    return column_name(field.removeprefix("attr."))
+
+
+def rule_attributes(rule: str) -> set[str]:
+    """The custom attribute keys a rule names, as stored; a bad rule raises SegmentError."""
+    if not rule.strip():
+        return set()
+    parser = _Parser(rule)
+    parser.parse()
+    return parser.attributes
 
 
 def compile_rule(rule: str) -> ColumnElement[bool]:

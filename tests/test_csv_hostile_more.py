@@ -233,6 +233,22 @@ def test_a_segment_names_a_custom_column_as_the_file_spells_it(
     assert selected('attr.City in ("Minsk")') == {"m@example.org"}
 
 
+def test_cli_segments_warn_of_an_attribute_nobody_has(tmp_path: Path, database_url: str) -> None:
+    """Attack: a typo in a segment's attribute (`attr.citi`) matched nobody, and its negation
+    everybody, without a word. `segments count` and `show` now warn of each attr.NAME that no
+    one has, in one line; a name someone has (in any case) brings no warning."""
+    env = cli_env(tmp_path, database_url)
+    run(["init"], tmp_path, env)
+    people = write(tmp_path / "p.csv", "email,City,lists\nv@example.org,Vilnius,weekly-digest\n")
+    run(["subscribers", "import", str(people), "--confirmed"], tmp_path, env)
+    typo = run(["segments", "count", "--rule", 'not attr.citi = "Vilnius"'], tmp_path, env)
+    assert typo.stdout.strip() == "1"
+    [warning] = typo.stderr.strip().splitlines()
+    assert warning.startswith("warning:") and "'citi'" in warning
+    shown = run(["segments", "show", "--rule", 'attr.CITY = "Vilnius"'], tmp_path, env)
+    assert "v@example.org" in shown.stdout and "warning" not in shown.stderr
+
+
 # --- 4. export then import round-trips at the column cap -----------------------------------------
 
 

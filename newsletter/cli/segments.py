@@ -10,9 +10,11 @@ from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from newsletter.audience import count_selected, segment_where, show_selected
-from newsletter.cli import State, app, console, print_json
+from newsletter.cli import State, app, console, print_json, say
 from newsletter.db import unit_of_work
 from newsletter.db.models import Segment
+from newsletter.db.queries import stored_attribute_keys
+from newsletter.segments import get_segment, rule_attributes
 
 segments_app = typer.Typer(help="Check segments: rules that narrow a list.", no_args_is_help=True)
 app.add_typer(segments_app, name="segments")
@@ -31,7 +33,20 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 def _where(session: Session, name: str | None, rule: str | None) -> ColumnElement[bool]:
     if (name is None) == (rule is None):
         raise typer.BadParameter("give a segment NAME or --rule, not both")
-    return segment_where(session, name=name, rule=rule)
+    where = segment_where(session, name=name, rule=rule)
+    _warn_unknown_attributes(
+        session, rule if rule is not None else get_segment(session, name or "").rule
+    )
+    return where
+
+
+def _warn_unknown_attributes(session: Session, rule: str) -> None:
+    """A warning for each attr.NAME nobody has: it compares as "" for everyone (a typo?)."""
+    named = rule_attributes(rule)
+    for key in sorted(named - stored_attribute_keys(session) if named else ()):
+        say(
+            "warning:", "yellow", f'nobody has the attribute {key!r}: attr.{key} is "" for everyone'
+        )
 
 
 @segments_app.command("list")

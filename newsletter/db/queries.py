@@ -974,3 +974,20 @@ def drop_pending(session: Session, campaign_id: int, *, reason: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
+
+
+# Every custom key stored for anyone (a JSON object's keys; anything else has none).
+_SQLITE_ATTRIBUTE_KEYS = text(
+    "SELECT DISTINCT k.key FROM subscribers, json_each(subscribers.attributes) AS k"
+    " WHERE json_type(subscribers.attributes) = 'object'"
+)
+_PG_ATTRIBUTE_KEYS = text(
+    "SELECT DISTINCT json_object_keys(attributes) FROM subscribers"
+    " WHERE json_typeof(attributes) = 'object'"
+)
+
+
+def stored_attribute_keys(session: Session) -> set[str]:
+    """The custom attribute keys stored for anyone (one scan of the subscribers)."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    return set(session.scalars(_PG_ATTRIBUTE_KEYS if postgres else _SQLITE_ATTRIBUTE_KEYS))
