@@ -5,13 +5,11 @@ line (SQLite, PostgreSQL, the real CLI in real processes)."""
 
 from __future__ import annotations
 
-import csv
 import fcntl
 import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.db import unit_of_work
 from newsletter.db.models import Subscriber
 from newsletter.errors import AudienceError
-from newsletter.importer import import_rows
 from newsletter.segments import compile_rule
 from newsletter.subscriber_csv import (
     KNOWN_COLUMNS,
@@ -30,23 +27,12 @@ from newsletter.subscriber_csv import (
     read_csv,
 )
 from tests.builders import run
-from tests.conftest import SECRET
+from tests.test_cli_hostile import read_rows, write
 from tests.test_csv_hostile import cli_env, emails, import_file, lists, opened
 
 __all__ = ["lists"]  # a fixture, used by name
 
-NOW = datetime(2026, 11, 23, tzinfo=UTC)
 PEOPLE = "email,name,lists\nann@example.org,Ann,weekly-digest\nnot-an-address,Bob,weekly-digest\n"
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8", newline="")
-    return path
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        return list(csv.reader(handle))
 
 
 def hidden(folder: Path) -> list[str]:
@@ -372,14 +358,5 @@ def test_two_byte_order_marks_are_read_past(lists: sessionmaker[Session], tmp_pa
     "\\ufeffemail" and the file was refused. Now extra BOMs before the header are dropped."""
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbf\xef\xbb\xbfemail,lists\r\nanna@example.org,weekly-digest\r\n")
-    with unit_of_work(lists) as session:
-        report = import_rows(
-            session=session,
-            rows=read_csv(path),
-            default_list=None,
-            confirmed=True,
-            secret=SECRET,
-            now=NOW,
-            actor="test",
-        )
-    assert report.imported == 1 and report.rejected == 0
+    counts, rejects = import_file(lists, path)
+    assert counts["imported"] == 1 and rejects == []

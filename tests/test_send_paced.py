@@ -107,8 +107,9 @@ def test_a_pause_stops_messages_waiting_for_a_rate_slot(
         at_stop = len(handler.received)
         report = running.join()
     sent = len(handler.received)
-    # The watcher reads states twice a second: one message in flight, two slots of 0.5 s.
-    assert sent - at_stop <= 4, (at_stop, sent)
+    # The watcher reads states twice a second: one message in flight, two slots of 0.5 s, and
+    # slack for a loaded machine; before, every lane's waiting message went (ten).
+    assert sent - at_stop <= 6, (at_stop, sent)
     status, by_status = counts(factory, cid)
     assert status == ("paused" if verb == "pause" else "cancelled")
     assert by_status == Counter(sent=sent, queued=30 - sent) and report.sent == sent
@@ -163,7 +164,7 @@ def test_an_unsubscribe_holds_for_messages_claimed_before_it(
         at_unsubscribe = len(mailed)
         report = running.join()
     sent = len(handler.received)
-    assert sent - at_unsubscribe <= 4, (at_unsubscribe, sent)
+    assert sent - at_unsubscribe <= 6, (at_unsubscribe, sent)  # before: all 14 went
     status, by_status = counts(factory, cid)
     assert by_status == Counter(sent=sent, suppressed=16 - sent)
     assert status == "finished" and report.sent == sent and report.suppressed == 16 - sent
@@ -216,8 +217,9 @@ def test_an_alert_goes_before_a_paced_digests_claimed_messages(
     with handler.lock:
         urgent = [n for n, (_s, _r, raw) in enumerate(handler.received) if b"URGENT" in raw]
     assert len(urgent) == 3
-    # At most about 1.5 s of the digest (the watcher's look, a claim, two lanes' messages).
-    assert urgent[0] - launched <= 15, (launched, urgent)
+    # About 1.5 s of the digest at most (the watcher's look, a claim, two lanes' messages), with
+    # slack for a loaded machine; before, every claimed digest message went first (over 30).
+    assert urgent[0] - launched <= 20, (launched, urgent)
     assert counts(factory, digest) == ("finished", Counter(sent=40))
     assert counts(factory, alert) == ("finished", Counter(sent=3))
     assert len(handler.received) == 43
