@@ -48,8 +48,6 @@ from newsletter.db import unit_of_work
 from newsletter.db.models import (
     Campaign,
     CampaignKind,
-    CampaignStatus,
-    Delivery,
     DeliveryStatus,
     DiscreetMode,
     KeyProblemChoice,
@@ -57,13 +55,13 @@ from newsletter.db.models import (
 )
 from newsletter.db.queries import (
     ClaimedRow,
+    alert_due,
     case_of,
     claim_batch,
     claim_holders,
     count_due,
     earlier_case_messages,
     extend_leases,
-    is_due,
     load_claimed,
     load_variant,
     owe_key_notices,
@@ -353,6 +351,11 @@ class JobQueue:
         (self._urgent if urgent else self._jobs).extend(jobs)
         if self:
             self._available.set()
+
+    def put_back(self, job: Job) -> None:
+        """A job a lane took and gave way with (an alert came): first of the others again."""
+        self._jobs.appendleft(job)
+        self._available.set()
 
     async def take(self) -> Job | None:
         """The next job, counted in flight; None once the queue is closed and empty."""
@@ -876,6 +879,8 @@ class Sender:
                 # digest's message starts only once every alert message claimed has started.
                 self.jobs.put((j for j in batch.jobs if j.campaign_id in batch.alerts), urgent=True)
                 self.jobs.put(j for j in batch.jobs if j.campaign_id not in batch.alerts)
+                if self.jobs.has_urgent():  # lanes waiting for a rate limit give way to them
+                    self.transport.wake()
                 short = len(batch.ids) < limit
                 # Nothing more due: let them finish, then close campaigns; unless the watcher
                 # sees an alert's deliveries due meanwhile (claim them now).
@@ -962,7 +967,7 @@ class Sender:
         following: list[Job] = []  # the job whose envelope went with the last final dot
 
         def follow() -> tuple[str, str] | None:
-            job = self.jobs.take_next(lambda job: not job.error and self._may_go(job))
+            job = self.jobs.take_next(lambda job: not job.error and self._vouched(job))
             if job is None:
                 return None
             following.append(job)
@@ -998,31 +1003,23 @@ class Sender:
         A job whose reader was last found subscribed too long ago (FRESH_SECONDS) is looked at
         again before it goes, also after waiting for a rate limit; one who left is skipped.
         """
-        while True:
-            if not self._may_send(job.campaign_id):
-                if recording is not None and recording.done():
-                    # A failed commit (a burst's pause among them) stops the lane, as at a final
-                    # dot: else a hold whose pause never reached the database would last forever.
-                    await recording
-                chain.drop()  # its envelope may be waiting on the connection: nothing more goes
-                self.unstarted.append(job)
-                return None
-            claim = job.claim
-            if (
-                claim is not None
-                and not claim.vouches_for(job.delivery_id)  # else no read: the common case
-                and not await self._still_subscribed(job, claim)
-            ):
-                chain.drop()
+        if not self._may_send(job.campaign_id):
+            if recording is not None and recording.done():
+                # A failed commit (a burst's pause among them) stops the lane, as at a final
+                # dot: else a hold whose pause never reached the database would last forever.
+                await recording
+            chain.drop()  # its envelope may be waiting on the connection: nothing more goes
+            self.unstarted.append(job)
+            return None
+        outcome = await self._attempt(job, recording, chain)
+        if outcome.result is Result.UNSENT:
+            if job.claim is not None and job.delivery_id in job.claim.left:
                 await self._skip_left(job)
-                return None
-            outcome = await self._attempt(job, recording, chain)
-            if outcome.result is not Result.UNSENT:
-                break
-            if self._may_go(job):  # the transport was interrupted: it goes back
+            elif self._gives_way(job) and not self.control.stopping:
+                self.jobs.put_back(job)  # an alert's message waits: this one goes after it
+            else:  # paused, interrupted, or its reader could not be looked at again
                 self.unstarted.append(job)
-                return None
-            # Held, or its reader's look grew old while it waited: look again.
+            return None
         held = job.campaign_id in self.control.held
         pause = self.guard.observe(job.campaign_id, outcome, held=held)
         if pause is not None:  # lanes waiting for a rate limit give their messages back
@@ -1031,19 +1028,26 @@ class Sender:
 
     async def _still_subscribed(self, job: Job, claim: Claim) -> bool:
         """Whether the job's reader may still be mailed: read again, for the whole claim, if
-        the claim's last look is too old (one lane reads, the others wait for its answer)."""
+        the claim's last look is too old (one lane reads, the others wait for its answer).
+        False, without a verdict, if the database cannot answer: the message goes back."""
         async with claim.lock:
             if not claim.fresh():
-                claim.left |= await asyncio.to_thread(self._who_left, claim.ids)
+                try:
+                    claim.left |= await asyncio.to_thread(self._who_left, claim.ids)
+                except Exception as error:  # a database hiccup: not a reason to stop the lane
+                    log.warning("sender could not look at readers again: %s", _first_line(error))
+                    return False
                 # Dated when the answer came: a slow read would otherwise be old at once, and
                 # the lanes would read again and again.
                 claim.checked_at = time.monotonic()
         return job.delivery_id not in claim.left
 
     def _who_left(self, ids: list[int]) -> set[int]:
-        """The rows among these whose reader may no longer be mailed (a database thread)."""
+        """The rows among these whose reader may no longer be mailed, or that are gone (a
+        forgotten reader's deliveries are deleted with them): a database thread."""
         with unit_of_work(self.factory) as session:
-            return {row.delivery_id for row in load_claimed(session, ids) if not row.may_be_mailed}
+            found = {row.delivery_id: row.may_be_mailed for row in load_claimed(session, ids)}
+        return {i for i in ids if not found.get(i, False)}
 
     async def _skip_left(self, job: Job) -> None:
         """A reader who left after the claim: recorded as the claim records those who left."""
@@ -1063,12 +1067,31 @@ class Sender:
     def _may_send(self, campaign_id: int) -> bool:
         return self.control.may_send(campaign_id) and not self.guard.holds(campaign_id)
 
-    def _may_go(self, job: Job) -> bool:
-        """Whether the job's message may go now: its campaign may send, and its reader was
-        found still subscribed recently enough (the transport asks it after every wait)."""
+    def _vouched(self, job: Job) -> bool:
+        """Whether the job's message may go now without a read: its campaign may send, and its
+        reader was found still subscribed recently enough."""
         return self._may_send(job.campaign_id) and (
             job.claim is None or job.claim.vouches_for(job.delivery_id)
         )
+
+    async def _may_go(self, job: Job) -> bool:
+        """Whether the job's message may go, asked right before it does: as `_vouched`, with
+        its claim's readers looked at again if that look is too old (one read per claim)."""
+        if not self._may_send(job.campaign_id):
+            return False
+        claim = job.claim
+        if claim is None or claim.vouches_for(job.delivery_id):  # the common case: no read
+            return True
+        return await self._still_subscribed(job, claim)
+
+    def _may_wait(self, job: Job) -> bool:
+        """Whether the job may go on waiting for a rate limit: its campaign may send, and no
+        alert's message waits for a lane while it is a digest's (`_gives_way`)."""
+        return self._may_send(job.campaign_id) and not self._gives_way(job)
+
+    def _gives_way(self, job: Job) -> bool:
+        """A job not of an alert, while an alert's message waits for a lane."""
+        return self.jobs.has_urgent() and not self.is_alert.get(job.campaign_id, False)
 
     async def _attempt(self, job: Job, recording: Ticket | None, chain: Chain) -> Outcome:
         if job.error:
@@ -1085,7 +1108,9 @@ class Sender:
             recipient=job.email,
             ready=recording,
             chain=chain,
+            may_wait=functools.partial(self._may_wait, job),
             may_go=functools.partial(self._may_go, job),
+            urgent=self.is_alert.get(job.campaign_id, False),
         )
 
     def _poke_threadsafe(self) -> None:
@@ -1174,29 +1199,12 @@ class Sender:
         whether an alert has deliveries due."""
         with unit_of_work(self.factory) as session:
             stopped = stopped_campaigns(session, active)
-            alerts = self._alerts_due(session)
+            alerts = alert_due(session, now=self.clock.now(), campaign_id=self.campaign_id)
             if renew:
                 until = self.clock.now() + timedelta(seconds=self.settings.smtp.lease_seconds)
                 extend_leases(session, worker=self.worker, until=until)
                 self._put_back_dead(session)
         return stopped, alerts
-
-    def _alerts_due(self, session: Session) -> bool:
-        """Whether a running alert this sender sends has deliveries due and not claimed.
-
-        Read twice a second: the few running alerts by their state, then one row of the due
-        index, only when there is one.
-        """
-        running = select(Campaign.id).where(
-            Campaign.kind == CampaignKind.ALERT, Campaign.status == CampaignStatus.RUNNING
-        )
-        if self.campaign_id is not None:
-            running = running.where(Campaign.id == self.campaign_id)
-        alerts = list(session.scalars(running))
-        if not alerts:
-            return False
-        due = select(Delivery.id).where(Delivery.campaign_id.in_(alerts), is_due(self.clock.now()))
-        return session.scalar(due.limit(1)) is not None
 
     def _put_back_dead(self, session: Session) -> None:
         """Claims of sender processes on this host that no longer exist go back at once."""

@@ -68,19 +68,22 @@ class Transport(Protocol):
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
-        may_go: Callable[[], bool] | None = None,
+        may_wait: Callable[[], bool] | None = None,
+        may_go: Callable[[], Awaitable[bool]] | None = None,
+        urgent: bool = False,
     ) -> Outcome:
         """Send one message; its final dot (acceptance) waits for `ready`, if given.
 
         `chain`: the calling lane's, so its next message's envelope may go with this one's
-        final dot (see Chain); a transport may ignore it. `may_go`: asked whenever the send
-        stops waiting (for a rate limit, a connection) and right before the message goes to a
-        server; if it says no, the message is not sent and the outcome is UNSENT.
+        final dot (see Chain); a transport may ignore it. `may_wait`: asked whenever a wait for
+        a limit wakes; `may_go`: awaited once, right before the message goes to a server. If
+        either says no, the message is not sent and the outcome is UNSENT. An `urgent` message
+        (an alert's) takes a free slot of a limit before any other waiting for one.
         """
         ...
 
     def wake(self) -> None:
-        """Let every send waiting for a limit ask its `may_go` again (e.g. a pause came)."""
+        """Let every send waiting for a limit ask its `may_wait` again (e.g. a pause came)."""
         ...
 
     def interrupt(self) -> None: ...
@@ -187,14 +190,14 @@ class ConnectionPool:
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
-        may_go: Callable[[], bool] | None = None,
+        may_go: Callable[[], Awaitable[bool]] | None = None,
     ) -> Outcome:
         """Send one message over a pooled connection (a new one if none is idle).
 
         `ready` (the previous outcome's commit): awaited before the final dot; if it fails, the
         connection is dropped mid-DATA, so the server keeps nothing, and its error raises.
         `chain`: the connection carrying this message's envelope, if the lane's last message
-        sent it; the next message's envelope may go with this one's final dot. `may_go`: asked
+        sent it; the next message's envelope may go with this one's final dot. `may_go`: awaited
         once a connection is ready, right before the message goes; no means UNSENT.
         """
         conn = chain.take(self) if chain is not None else None
@@ -209,7 +212,7 @@ class ConnectionPool:
         follow = chain.follow if chain is not None and not self._closed else None
         try:
             conn = conn or self._take_idle() or await SmtpConnection.open(self.relay)
-            if may_go is not None and not may_go():  # e.g. paused while it waited for a slot
+            if may_go is not None and not await may_go():  # e.g. paused while it waited
                 if chained or self._closed:  # a chained one holds this message's envelope
                     self.let_go(conn)
                 else:
@@ -327,6 +330,7 @@ class SmtpPool:
         self._rng = rng or random.Random()
         self._interrupted = False
         self._woken = asyncio.Event()  # replaced at each wake: set once, for those waiting then
+        self._urgent_waiting = 0  # urgent sends waiting for a slot: the others let them first
         self._unpaced = (
             len(relays) == 1 and not relays[0].rate_per_second and not relays[0].hourly_limit
         )
@@ -344,16 +348,19 @@ class SmtpPool:
         recipient: str,
         ready: Awaitable[object] | None = None,
         chain: Chain | None = None,
-        may_go: Callable[[], bool] | None = None,
+        may_wait: Callable[[], bool] | None = None,
+        may_go: Callable[[], Awaitable[bool]] | None = None,
+        urgent: bool = False,
     ) -> Outcome:
-        """Send through a relay under its limits; UNSENT if interrupted while waiting, or if
-        `may_go` says no when the wait ends or is woken (`wake`), or right before it goes.
+        """Send through a relay under its limits; UNSENT if interrupted while waiting, if
+        `may_wait` says no when the wait wakes (`wake`), or `may_go` right before it goes.
+        While an `urgent` send waits for a limit, no other takes a free slot.
 
         `ready`: awaited before the message's final dot (ConnectionPool.send). `chain` is used
         with one relay without limits only: elsewhere the next message's relay is chosen when
         it is due, and its envelope cannot go ahead of it.
         """
-        index = await self._pick(may_go)
+        index = await self._pick(may_wait, urgent)
         if index is None:
             if chain is not None:
                 chain.drop()
@@ -369,24 +376,38 @@ class SmtpPool:
             may_go=may_go,
         )
 
-    async def _pick(self, may_go: Callable[[], bool] | None) -> int | None:
+    async def _pick(self, may_wait: Callable[[], bool] | None, urgent: bool) -> int | None:
         if self._unpaced:  # one relay without limits: nothing to choose or wait for
             return None if self._interrupted else 0
-        while not self._interrupted and (may_go is None or may_go()):
+        if not urgent:
+            return await self._wait_for_slot(may_wait, urgent)
+        self._urgent_waiting += 1
+        try:
+            return await self._wait_for_slot(may_wait, urgent)
+        finally:
+            self._urgent_waiting -= 1
+            self.wake()  # the others waiting may take a slot again
+
+    async def _wait_for_slot(self, may_wait: Callable[[], bool] | None, urgent: bool) -> int | None:
+        # Only the cheap question while waiting: every waiting lane wakes at each free slot.
+        while not self._interrupted and (may_wait is None or may_wait()):
             now = time.monotonic()
             waits = [pace.wait_seconds(now) for pace in self._paces]
             ready = [i for i, w in enumerate(waits) if w == 0.0]
-            if ready:
+            timeout: float | None = min(waits)
+            if ready and (urgent or not self._urgent_waiting):
                 weights = [self._pools[i].relay.weight for i in ready]
                 index = self._rng.choices(ready, weights)[0]
                 self._paces[index].take(now)
                 return index
+            if ready:  # an urgent send takes it: woken once it has (see _pick)
+                timeout = None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), timeout=min(waits))
+                await asyncio.wait_for(self._woken.wait(), timeout=timeout)
         return None
 
     def wake(self) -> None:
-        """Let every send waiting for a limit ask its `may_go` again (e.g. a pause came)."""
+        """Let every send waiting for a limit ask its `may_wait` again (e.g. a pause came)."""
         self._woken.set()
         self._woken = asyncio.Event()
 

@@ -325,6 +325,26 @@ def _lease_expired(now: datetime) -> ColumnElement[bool]:
     return and_(Delivery.status == DeliveryStatus.CLAIMED, Delivery.lease_until < now)
 
 
+def alert_due(session: Session, *, now: datetime, campaign_id: int | None = None) -> bool:
+    """Whether a running alert (this one, if given) has deliveries due and not claimed.
+
+    Read by every sender twice a second: the few running alerts by their state, then for each
+    one row of the due index per condition, asked apart as the claim asks them (with an OR
+    SQLite read every row of the alert, 200,000 in 28-53 ms).
+    """
+    running = select(Campaign.id).where(
+        Campaign.kind == CampaignKind.ALERT, Campaign.status == CampaignStatus.RUNNING
+    )
+    if campaign_id is not None:
+        running = running.where(Campaign.id == campaign_id)
+    for alert in session.scalars(running).all():
+        for due in (_waiting_due(now), _lease_expired(now)):
+            found = select(Delivery.id).where(Delivery.campaign_id == alert, due).limit(1)
+            if session.scalar(found) is not None:
+                return True
+    return False
+
+
 def _claim(
     session: Session,
     campaign_id: int,
